@@ -1,0 +1,1493 @@
+"""
+The SLOT-48 parameter-golf record, rebuilt: an 11-layer GPT trained for 600 s on
+8xH100, packed with this file into < 16,000,000 bytes (int6 + lzma), scored in
+bits per byte on FineWeb with sliding windows and SLOT.
+
+One self-contained file: its bytes count toward the artifact. Every setting is
+an environment variable (see Hyperparameters). Runs on CUDA (bf16, compile,
+FlashAttention 3 when installed) and on CPU (float32, for tests and the demo),
+single process or under torchrun (NCCL on CUDA, gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import io
+import lzma
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+try:  # FlashAttention 3 (Hopper); PyTorch SDPA is used when it is absent.
+    from flash_attn_interface import flash_attn_func as flash_attn_3
+except ImportError:
+    flash_attn_3 = None
+
+# -----------------------------
+# HYPERPARAMETERS
+# -----------------------------
+
+
+class ConfigError(Exception):
+    """A bad setting or input file: printed as one line, no traceback."""
+
+
+CONTROL_PATTERNS_DEFAULT = (
+    "attn_scale,attn_scales,mlp_scale,mlp_scales,resid_mix,resid_mixes,q_gain,"
+    "skip_weight,skip_weights,smear,dtg_gate,ve_layer_scales,ve_shared.scale"
+)
+
+# PRESET=demo: a model and schedule small enough to train and evaluate on a
+# laptop CPU in a few minutes, on the demo corpus built by `python -m tools.data demo`.
+# Environment variables still override each value.
+PRESETS = {
+    "demo": dict(
+        DATA_PATH="./data/datasets/demo_sp1024", TOKENIZER_PATH="./data/tokenizers/demo_1024_bpe.model",
+        NUM_LAYERS="4", MODEL_DIM="128", NUM_HEADS="4", NUM_KV_HEADS="2", MLP_MULT="2",
+        BIGRAM_DIM="32", VE_DIM="32", VE_LAYERS="2,3", XSA_LAST_N="4",
+        TRAIN_SEQ_LEN="256", EVAL_SEQ_LEN="256", TRAIN_BATCH_TOKENS="16384", VAL_BATCH_SIZE="32768",
+        ITERATIONS="150", WARMUP_STEPS="0", WARMDOWN_ITERS="60", MAX_WALLCLOCK_SECONDS="0",
+        VAL_LOSS_EVERY="50", TRAIN_LOG_EVERY="10", LATE_QAT_THRESHOLD="0.15", MUON_MOMENTUM_WARMUP_STEPS="50",
+        EVAL_STRIDE="64", SLOT_STEPS="8", SLOT_MODE="both", RUN_ID="demo",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    # Data and run.
+    data_path: str = "./data/datasets/fineweb10B_sp1024"
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    run_id: str = ""  # empty: a random uuid
+    seed: int = 1337
+    preset: str = ""
+    device: str = "auto"  # auto | cpu | cuda
+    compile: str = "auto"  # auto (CUDA only) | 0 | 1
+    # Schedule.
+    iterations: int = 20000
+    max_wallclock_seconds: float = 600.0
+    warmdown_iters: int = 3500
+    warmup_steps: int = 20
+    train_batch_tokens: int = 786432
+    train_seq_len: int = 2048
+    eval_seq_len: int = 2048
+    val_batch_size: int = 524288
+    val_loss_every: int = 4000
+    train_log_every: int = 500
+    # Model.
+    vocab_size: int = 1024
+    num_layers: int = 11
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: float = 3.0
+    tie_embeddings: bool = True
+    logit_softcap: float = 30.0
+    rope_base: float = 10000.0
+    qk_gain_init: float = 4.0
+    rope_dims: int = 16
+    ln_scale: bool = True
+    xsa_last_n: int = 11
+    bigram_vocab_size: int = 1024
+    bigram_dim: int = 128
+    ve_enabled: bool = True
+    ve_dim: int = 128
+    ve_layers: str = "9,10"
+    vrl_enabled: bool = True
+    mtp_num_heads: int = 0
+    mtp_loss_weight: float = 0.2
+    dtg_enabled: bool = False
+    # Optimizers.
+    tied_embed_lr: float = 0.035
+    tied_embed_init_std: float = 0.005
+    embed_lr: float = 0.6
+    head_lr: float = 0.008
+    matrix_lr: float = 0.025
+    scalar_lr: float = 0.025
+    muon_momentum: float = 0.99
+    muon_momentum_warmup_start: float = 0.92
+    muon_momentum_warmup_steps: int = 1500
+    muon_backend_steps: int = 5
+    muon_wd: float = 0.04
+    adam_wd: float = 0.04
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip_norm: float = 0.3
+    qat_enabled: bool = False
+    late_qat_threshold: float = 0.15
+    control_tensor_name_patterns: str = CONTROL_PATTERNS_DEFAULT
+    # Export and evaluation.
+    compressor: str = "lzma"  # lzma | brotli | zstd
+    eval_only: bool = False
+    artifact: str = "final_model.int6.ptz"
+    eval_stride: int = 96
+    eval_tail: str = "once"  # once | original
+    slot_enabled: bool = True
+    slot_steps: int = 48
+    slot_lr: float = 0.012
+    slot_lr_min: float = 0.001
+    slot_batch_seqs: int = 32
+    slot_mode: str = "scored"  # scored | context | both
+    slot_interleave: int = 8
+
+    CHOICES = {
+        "device": ("auto", "cpu", "cuda"), "compile": ("auto", "0", "1"), "preset": ("", *PRESETS),
+        "compressor": ("lzma", "brotli", "zstd"), "eval_tail": ("once", "original"),
+        "slot_mode": ("scored", "context", "both"),
+    }
+
+    @classmethod
+    def from_env(cls, env=None) -> "Hyperparameters":
+        env = os.environ if env is None else env
+        preset = env.get("PRESET", "")
+        if preset not in cls.CHOICES["preset"]:
+            raise ConfigError(f"PRESET={preset!r} is not allowed; expected one of: {', '.join(PRESETS)} (or unset)")
+        defaults = PRESETS.get(preset, {})
+        values = {}
+        for f in fields(cls):
+            name = f.name.upper()
+            raw = env.get(name, defaults.get(name))
+            values[f.name] = f.default if raw is None else _parse_value(name, raw.strip(), f.type)
+        if not values["run_id"]:
+            values["run_id"] = str(uuid.uuid4())
+        h = cls(**values)
+        h.validate()
+        return h
+
+    # Derived values: one place, so nothing downstream re-derives them differently.
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.mlp_mult * self.model_dim)
+
+    @property
+    def effective_eval_seq_len(self) -> int:
+        return self.eval_seq_len if self.eval_seq_len > 0 else self.train_seq_len
+
+    @property
+    def ve_layer_ids(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.ve_layers.split(",") if s.strip()) if self.ve_enabled else ()
+
+    @property
+    def control_patterns(self) -> tuple[str, ...]:
+        return tuple(p for p in self.control_tensor_name_patterns.split(",") if p)
+
+    @property
+    def slot_modes(self) -> tuple[str, ...]:
+        return ("scored", "context") if self.slot_mode == "both" else (self.slot_mode,)
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        # The original runs 8 // world_size micro-steps; other world sizes run one.
+        return 8 // world_size if 8 % world_size == 0 else 1
+
+    def validate(self) -> None:
+        def need(ok, name, allowed):
+            if not ok:
+                raise ConfigError(f"{name}={getattr(self, name.lower())!r} is not allowed; expected {allowed}")
+
+        for name, choices in self.CHOICES.items():
+            need(getattr(self, name) in choices, name.upper(), "one of " + ", ".join(repr(c) for c in choices))
+        for name in ("ITERATIONS", "WARMUP_STEPS", "TRAIN_LOG_EVERY", "MTP_NUM_HEADS", "MUON_MOMENTUM_WARMUP_STEPS",
+                     "BIGRAM_VOCAB_SIZE", "XSA_LAST_N", "ROPE_DIMS"):
+            need(getattr(self, name.lower()) >= 0, name, "a count >= 0")
+        for name in ("TRAIN_BATCH_TOKENS", "TRAIN_SEQ_LEN", "VAL_BATCH_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS",
+                     "NUM_KV_HEADS", "BIGRAM_DIM", "VE_DIM", "MUON_BACKEND_STEPS", "SLOT_STEPS", "SLOT_BATCH_SEQS",
+                     "SLOT_INTERLEAVE"):
+            need(getattr(self, name.lower()) > 0, name, "a positive integer")
+        for name in ("MLP_MULT", "LOGIT_SOFTCAP", "ROPE_BASE"):
+            need(getattr(self, name.lower()) > 0, name, "a positive number")
+        for name in ("TIED_EMBED_LR", "EMBED_LR", "HEAD_LR", "MATRIX_LR", "SCALAR_LR", "MUON_WD", "ADAM_WD", "ADAM_EPS",
+                     "GRAD_CLIP_NORM", "TIED_EMBED_INIT_STD", "MTP_LOSS_WEIGHT", "SLOT_LR", "SLOT_LR_MIN"):
+            need(getattr(self, name.lower()) >= 0, name, "a number >= 0")
+        for name in ("BETA1", "BETA2", "MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START"):
+            need(0 <= getattr(self, name.lower()) < 1, name, "a number in [0, 1)")
+        need(2 <= self.vocab_size <= 65536, "VOCAB_SIZE", "an integer in [2, 65536] (tokens are stored as uint16)")
+        need(self.model_dim % self.num_heads == 0, "NUM_HEADS", f"a divisor of MODEL_DIM={self.model_dim}")
+        need(self.num_heads % self.num_kv_heads == 0, "NUM_KV_HEADS", f"a divisor of NUM_HEADS={self.num_heads}")
+        need(self.head_dim % 2 == 0, "NUM_HEADS", "a value that leaves an even head dimension")
+        need(self.rope_dims == 0 or (4 <= self.rope_dims <= self.head_dim and self.rope_dims % 2 == 0), "ROPE_DIMS",
+             f"0 (all dims) or an even number in [4, head_dim={self.head_dim}]")
+        need(self.xsa_last_n <= self.num_layers, "XSA_LAST_N", f"at most NUM_LAYERS={self.num_layers}")
+        need(self.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE", "0 (no bigram table) or at least 2")
+        need(self.mlp_hidden > 0, "MLP_MULT", "a value giving at least one hidden unit")
+        need(not self.dtg_enabled, "DTG_ENABLED", "0 (the record runs without the gate; it is not implemented here)")
+        if self.ve_enabled:
+            try:
+                ids = [int(s) for s in self.ve_layers.split(",") if s.strip()]
+            except ValueError:
+                ids = None
+            need(ids and all(0 <= i < self.num_layers for i in ids) and len(set(ids)) == len(ids), "VE_LAYERS",
+                 f"distinct comma-separated layer indices in [0, {self.num_layers})")
+        need(self.max_seq_len <= 1 << 20, "TRAIN_SEQ_LEN", "at most 1048576")
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(self.train_seq_len, self.effective_eval_seq_len)
+
+    def check_world(self, world_size: int) -> None:
+        """Batch divisibility depends on the world size, known only at launch."""
+        accum = self.grad_accum_steps(world_size)
+        unit = world_size * accum * self.train_seq_len
+        if self.train_batch_tokens % unit:
+            raise ConfigError(
+                f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} does not split over world_size={world_size} x "
+                f"grad_accum={accum} x TRAIN_SEQ_LEN={self.train_seq_len}; expected a multiple of {unit}")
+        if self.val_batch_size // 8 < self.max_seq_len:
+            raise ConfigError(f"VAL_BATCH_SIZE={self.val_batch_size} gives each rank {self.val_batch_size // 8} tokens "
+                              f"per batch; expected at least 8 x {self.max_seq_len} (one sequence per rank)")
+
+
+def _parse_value(name: str, raw: str, kind: str):
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            value = float(raw)
+            if not math.isfinite(value):
+                raise ValueError
+            return value
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a valid {kind}") from None
+    if kind == "bool":
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}={raw!r} is not allowed; expected a boolean: 1/0, true/false, yes/no, on/off")
+    return raw
+
+# -----------------------------
+# DATA
+# -----------------------------
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+HEADER_BYTES = HEADER_INTS * 4
+
+
+def load_data_shard(path) -> np.ndarray:
+    """A shard's tokens as a read-only uint16 memory map (no whole-file copy)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read shard ({e.strerror})") from None
+    if header.size < HEADER_INTS:
+        raise ConfigError(f"{path}: truncated header ({size} bytes; a shard starts with a {HEADER_BYTES}-byte header)")
+    if header[0] != SHARD_MAGIC:
+        raise ConfigError(f"{path}: bad magic {header[0]}; expected {SHARD_MAGIC}")
+    if header[1] != SHARD_VERSION:
+        raise ConfigError(f"{path}: unsupported version {header[1]}; expected {SHARD_VERSION}")
+    n = int(header[2])
+    if n < 0 or size != HEADER_BYTES + 2 * n:
+        raise ConfigError(f"{path}: size {size} bytes does not match header token count {n} "
+                          f"(expected {HEADER_BYTES + 2 * max(n, 0)} bytes)")
+    if n == 0:
+        return np.zeros(0, dtype=np.uint16)
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,))
+
+
+def shard_files(data_path: str, split: str) -> list[str]:
+    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    if not files:
+        raise ConfigError(f"DATA_PATH={data_path!r}: no fineweb_{split}_*.bin shards found")
+    return files
+
+
+def check_shards(files: list[str], vocab_size: int, check_ids: bool) -> None:
+    """Read every header before any work, so a bad shard stops the run at once.
+    Token ids are scanned only where asked (the validation split): the train split is 8 GB."""
+    for f in files:
+        tokens = load_data_shard(f)
+        if check_ids and tokens.size and int(tokens.max()) >= vocab_size:
+            raise ConfigError(f"{f}: token id {int(tokens.max())} is out of range for VOCAB_SIZE={vocab_size}")
+
+
+class TokenStream:
+    """The train shards in order, wrapping around at the end."""
+
+    def __init__(self, files: list[str]):
+        self.files, self.file_idx, self.pos = files, 0, 0
+        self.tokens = load_data_shard(files[0])
+
+    def take(self, n: int) -> Tensor:
+        chunks = []
+        while n > 0:
+            if self.pos >= self.tokens.size:
+                self.file_idx = (self.file_idx + 1) % len(self.files)
+                self.tokens, self.pos = load_data_shard(self.files[self.file_idx]), 0
+                continue
+            k = min(n, self.tokens.size - self.pos)
+            chunks.append(np.asarray(self.tokens[self.pos:self.pos + k], dtype=np.int64))
+            self.pos, n = self.pos + k, n - k
+        return torch.from_numpy(np.concatenate(chunks))
+
+
+class DistributedTokenLoader:
+    """Each micro-step takes one contiguous chunk; rank r reads its own (local + 1)-token slice."""
+
+    def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device):
+        self.stream, self.rank, self.world_size, self.device = TokenStream(files), rank, world_size, device
+
+    def next_batch(self, global_tokens: int, seq_len: int, grad_accum: int) -> tuple[Tensor, Tensor]:
+        local = global_tokens // (self.world_size * grad_accum)
+        chunk = self.stream.take((local + 1) * self.world_size)
+        span = chunk[self.rank * (local + 1):(self.rank + 1) * (local + 1)].to(self.device, non_blocking=True)
+        return span[:-1].reshape(-1, seq_len), span[1:].reshape(-1, seq_len)
+
+
+def load_validation_tokens(files: list[str], seq_len: int) -> Tensor:
+    tokens = np.concatenate([np.asarray(load_data_shard(f), dtype=np.int64) for f in files])
+    usable = ((tokens.size - 1) // seq_len) * seq_len
+    if usable <= 0:
+        raise ConfigError(f"validation split ({', '.join(files)}) has {tokens.size} tokens; "
+                          f"expected more than one sequence of {seq_len}")
+    return torch.from_numpy(tokens[:usable + 1])
+
+
+def load_tokenizer(h: Hyperparameters) -> spm.SentencePieceProcessor:
+    path = Path(h.tokenizer_path)
+    if not path.is_file():
+        raise ConfigError(f"TOKENIZER_PATH={h.tokenizer_path!r}: file not found; expected a SentencePiece .model")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.load(str(path))
+    except (OSError, RuntimeError):
+        raise ConfigError(f"TOKENIZER_PATH={h.tokenizer_path!r}: not a SentencePiece model") from None
+    if sp.vocab_size() != h.vocab_size:
+        raise ConfigError(f"VOCAB_SIZE={h.vocab_size} differs from the tokenizer's size {sp.vocab_size()} "
+                          f"({h.tokenizer_path}); expected VOCAB_SIZE={sp.vocab_size()}")
+    return sp
+
+
+def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token UTF-8 byte counts, leading-space flags and boundary flags for val_bpb."""
+    table = max(sp.vocab_size(), vocab_size)
+    base_bytes = np.zeros(table, dtype=np.int16)
+    leading_space = np.zeros(table, dtype=np.bool_)
+    boundary = np.ones(table, dtype=np.bool_)  # ids past the tokenizer's size count as boundaries
+    for i in range(sp.vocab_size()):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        if sp.is_byte(i):
+            base_bytes[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581"):
+            leading_space[i], piece = True, piece[1:]
+        base_bytes[i] = len(piece.encode("utf-8"))
+    return tuple(torch.from_numpy(a).to(device) for a in (base_bytes, leading_space, boundary))
+
+
+def count_bytes(luts, prev_ids: Tensor, target_ids: Tensor) -> Tensor:
+    """Bytes of each target: its piece, plus the space it opens unless it follows a boundary."""
+    base_bytes, leading_space, boundary = luts
+    return base_bytes[target_ids].double() + (leading_space[target_ids] & ~boundary[prev_ids]).double()
+
+# -----------------------------
+# MODEL
+# -----------------------------
+
+
+def rms(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))  # eps=None: the dtype's machine epsilon
+
+
+class CastedLinear(nn.Linear):
+    """A bias-free linear layer whose weight follows the input's dtype; fake int6 quantisation
+    in training once late QAT is switched on (straight-through gradient)."""
+
+    qat = False  # class-wide switch: late QAT turns every linear at once
+
+    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
+        super().__init__(in_features, out_features, bias=False)
+        self.zero_init = zero_init
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight.to(x.dtype)
+        if CastedLinear.qat and self.training:
+            with torch.no_grad():
+                w32 = self.weight.float()
+                scale = (w32.abs().amax(dim=1) / 31.0).clamp_min(1.0 / 31.0)[:, None]
+                w_q = (torch.clamp(torch.round(w32 / scale), -32, 31) * scale).to(x.dtype)
+            w = w + (w_q - w).detach()
+        return F.linear(x, w)
+
+
+def rotary_cos_sin(seq_len: int, rope_dims: int, base: float, device, dtype) -> tuple[Tensor, Tensor]:
+    """Partial-RoPE tables, in float32 then cast to the activation dtype.
+    Seed quirk kept: the rotary module believes training ran at 1024 tokens and rescales the
+    base for longer rows (always in effect at T = 2048). Seed quirk fixed: the original built
+    T <= 1024 tables from bf16 positions."""
+    if seq_len > 1024:
+        base = base * (seq_len / 1024) ** (rope_dims / (rope_dims - 2))
+    inv_freq = 1.0 / (base ** (torch.arange(0, rope_dims, 2, dtype=torch.float32, device=device) / rope_dims))
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    return freqs.cos()[None, :, None, :].to(dtype), freqs.sin()[None, :, None, :].to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = cos.size(-1)
+    a, b, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    return torch.cat((a * cos + b * sin, a * (-sin) + b * cos, rest), dim=-1)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """q [B,T,H,D], k/v [B,T,Hkv,D] -> [B,T,H,D]; query head h reads kv head h // (H/Hkv)."""
+    if flash_attn_3 is not None and q.is_cuda:
+        out = flash_attn_3(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True, enable_gqa=q.size(2) != k.size(2))
+    return y.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, h: Hyperparameters, layer: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = h.num_heads, h.num_kv_heads, h.head_dim
+        self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
+        self.vrl_gate = nn.Parameter(torch.tensor(-1.5)) if h.vrl_enabled and layer > 0 else None
+        self.xsa = layer >= h.num_layers - h.xsa_last_n
+        self.c_q = CastedLinear(h.model_dim, h.model_dim)
+        self.c_k = CastedLinear(h.model_dim, h.kv_dim)
+        self.c_v = CastedLinear(h.model_dim, h.kv_dim)
+        self.proj = CastedLinear(h.model_dim, h.model_dim, zero_init=True)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], v_first: Tensor | None, ve: Tensor | None):
+        B, T, _ = x.shape
+        q = self.c_q(x).reshape(B, T, self.num_heads, self.head_dim)
+        k = self.c_k(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+        v = self.c_v(x)
+        v_raw = v  # layer 0's raw value feeds the value residual of later layers
+        if ve is not None:
+            v = v + ve
+        if self.vrl_gate is not None and v_first is not None:
+            alpha = torch.sigmoid(self.vrl_gate.to(v.dtype))
+            v = (1 - alpha) * v + alpha * v_first
+        v = v.reshape(B, T, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(rms(q), *rope), apply_rotary(rms(k), *rope)
+        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
+        y = causal_attention(q, k, v)
+        if self.xsa:  # remove each head's component along its (normalised) value vector
+            group = self.num_heads // self.num_kv_heads
+            y = y.reshape(B, T, self.num_kv_heads, group, self.head_dim)
+            v_hat = F.normalize(v, dim=-1).unsqueeze(-2)
+            y = y - (y * v_hat).sum(dim=-1, keepdim=True) * v_hat
+        return self.proj(y.reshape(B, T, -1)), v_raw
+
+
+class MLP(nn.Module):
+    def __init__(self, h: Hyperparameters):
+        super().__init__()
+        self.fc = CastedLinear(h.model_dim, h.mlp_hidden)
+        self.proj = CastedLinear(h.mlp_hidden, h.model_dim, zero_init=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.leaky_relu(self.fc(x), negative_slope=0.5).square())
+
+
+class Block(nn.Module):
+    def __init__(self, h: Hyperparameters, layer: int):
+        super().__init__()
+        self.attn_scale = nn.Parameter(torch.ones(h.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(h.model_dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(h.model_dim), torch.zeros(h.model_dim))))
+        self.attn = Attention(h, layer)
+        self.mlp = MLP(h)
+        self.ln_scale = 1.0 / math.sqrt(layer + 1) if h.ln_scale else 1.0
+
+    def forward(self, x, x0, rope, v_first, ve):
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        attn_out, v_raw = self.attn(rms(x) * self.ln_scale, rope, v_first, ve)
+        x = x + self.attn_scale.to(x.dtype) * attn_out
+        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms(x) * self.ln_scale)
+        return x, v_raw
+
+
+class BigramHash(nn.Module):
+    """A learned embedding of a hash of (previous token, token)."""
+
+    def __init__(self, h: Hyperparameters):
+        super().__init__()
+        self.buckets = h.bigram_vocab_size
+        self.scale = nn.Parameter(torch.tensor(0.05))
+        self.embed = nn.Embedding(h.bigram_vocab_size, h.bigram_dim)
+        nn.init.zeros_(self.embed.weight)
+        self.proj = CastedLinear(h.bigram_dim, h.model_dim) if h.bigram_dim != h.model_dim else None
+        if self.proj is not None:
+            nn.init.zeros_(self.proj.weight)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        t = ids.to(torch.int32)
+        mod = self.buckets - 1
+        buckets = torch.full_like(t, mod)  # position 0 of every row has no previous token
+        buckets[:, 1:] = torch.bitwise_xor(36313 * t[:, 1:], 27191 * t[:, :-1]) % mod
+        out = self.embed(buckets.long())
+        if self.proj is not None:
+            out = self.proj(out)
+        return out * self.scale.to(out.dtype)
+
+
+class ValueEmbedding(nn.Module):
+    """A token embedding shared by the VE layers and added to their values."""
+
+    def __init__(self, h: Hyperparameters):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(0.1))
+        self.embed = nn.Embedding(h.vocab_size, h.ve_dim)
+        nn.init.normal_(self.embed.weight, std=0.01)
+        self.proj = CastedLinear(h.ve_dim, h.kv_dim) if h.ve_dim != h.kv_dim else None
+        if self.proj is not None:
+            nn.init.zeros_(self.proj.weight)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        out = self.embed(ids)
+        if self.proj is not None:
+            out = self.proj(out)
+        return out * self.scale.to(out.dtype)
+
+
+class SmearGate(nn.Module):
+    """Mixes each position with the previous one: x[t] <- (1 - g) x[t] + g x[t-1]."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        g = torch.sigmoid(self.gate.to(x.dtype))
+        x_prev = torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1]), dim=1)
+        return (1 - g) * x + g * x_prev
+
+
+class GPT(nn.Module):
+    def __init__(self, h: Hyperparameters):
+        super().__init__()
+        self.h = h
+        self.num_encoder = h.num_layers // 2
+        num_skips = min(self.num_encoder, h.num_layers - self.num_encoder)
+        # Construction order is the order of the random draws: keep it (same SEED, same weights).
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, h.model_dim))
+        self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
+        self.bigram = BigramHash(h) if h.bigram_vocab_size > 0 else None
+        self.smear = SmearGate(h.model_dim)
+        self.blocks = nn.ModuleList(Block(h, i) for i in range(h.num_layers))
+        self.ve_shared = ValueEmbedding(h) if h.ve_layer_ids else None
+        self.ve_layer_scales = nn.ParameterList(nn.Parameter(torch.ones(1)) for _ in h.ve_layer_ids)
+        self.lm_head = None if h.tie_embeddings else CastedLinear(h.model_dim, h.vocab_size, zero_init=True)
+        self.mtp_heads = nn.ModuleList(CastedLinear(h.model_dim, h.vocab_size, zero_init=True)
+                                       for _ in range(h.mtp_num_heads))
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.normal_(self.tok_emb.weight, mean=0.0, std=self.h.tied_embed_init_std)
+        for name, module in self.named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            if module.zero_init:
+                nn.init.zeros_(module.weight)
+            elif min(module.weight.shape) >= 64:
+                nn.init.orthogonal_(module.weight, gain=1.0)
+                if name.endswith(".proj"):
+                    # Seed quirk kept: this also moves bigram.proj and ve_shared.proj off zero.
+                    with torch.no_grad():
+                        module.weight.mul_(1.0 / math.sqrt(2 * self.h.num_layers))
+
+    def head_weight(self) -> Tensor:
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+
+    def hidden(self, ids: Tensor) -> Tensor:
+        """Final hidden states after the last RMS norm, [B, T, d]."""
+        h = self.h
+        x = self.tok_emb(ids)
+        if self.bigram is not None:
+            x = x + self.bigram(ids)
+        x = self.smear(rms(x))
+        x0, v_first, skips = x, None, []
+        rope = rotary_cos_sin(ids.size(1), h.rope_dims or h.head_dim, h.rope_base, ids.device, x.dtype)
+        ve_base = self.ve_shared(ids) if self.ve_shared is not None else None
+        for i, block in enumerate(self.blocks):
+            if i >= self.num_encoder and skips:  # U-Net: decoder i reads encoder outputs, last in first out
+                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
+            ve = None
+            if i in h.ve_layer_ids:
+                ve = ve_base * self.ve_layer_scales[h.ve_layer_ids.index(i)].to(ve_base.dtype)
+            x, v_raw = block(x, x0, rope, v_first, ve)
+            if v_first is None:
+                v_first = v_raw
+            if i < self.num_encoder:
+                skips.append(x)
+        return rms(x)
+
+    def logits(self, x: Tensor) -> Tensor:
+        z = F.linear(x, self.head_weight().to(x.dtype)) if self.lm_head is None else self.lm_head(x)
+        return self.h.logit_softcap * torch.tanh(z / self.h.logit_softcap)
+
+    def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
+        x = self.hidden(ids)
+        loss = F.cross_entropy(self.logits(x).float().reshape(-1, self.h.vocab_size), targets.reshape(-1))
+        if self.training and len(self.mtp_heads) and self.h.mtp_loss_weight > 0:
+            loss = loss + self.h.mtp_loss_weight * self._mtp_loss(x, targets)
+        return loss
+
+    def _mtp_loss(self, x: Tensor, targets: Tensor) -> Tensor:
+        """Head k predicts the token k + 1 places after the usual target (training only)."""
+        losses = []
+        for k, head in enumerate(self.mtp_heads):
+            n = x.size(1) - (k + 1)
+            if n > 0:
+                z = head(x[:, :n])
+                z = self.h.logit_softcap * torch.tanh(z / self.h.logit_softcap)
+                losses.append(F.cross_entropy(z.float().reshape(-1, z.size(-1)), targets[:, k + 1:].reshape(-1)))
+        return torch.stack(losses).mean() if losses else x.new_zeros(())
+
+
+def is_control(name: str, h: Hyperparameters) -> bool:
+    return any(p in name for p in h.control_patterns)
+
+
+def build_model(h: Hyperparameters, device: torch.device, seed: int | None = None) -> GPT:
+    """Build on the CPU (the original's random draws), then apply the precision of SPEC's modes:
+    every value takes the bf16 round trip; on CUDA the embedding tables stay bf16 and the rest
+    float32, on the CPU everything returns to float32."""
+    if seed is not None:
+        seed_everything(seed)
+    model = GPT(h).bfloat16()
+    if device.type != "cuda":
+        return model.float().to(device)
+    for name, module in model.named_modules():
+        if isinstance(module, CastedLinear):
+            module.float()
+    for name, p in model.named_parameters():
+        if p.ndim < 2 or is_control(name, h):
+            p.data = p.data.float()
+    return model.to(device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+# -----------------------------
+# OPTIMIZERS
+# -----------------------------
+
+
+def newton_schulz5(g: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
+    """Approximately orthogonalise g, in bf16 throughout (quintic Newton-Schulz iteration)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.bfloat16()
+    x = x / (x.norm() + eps)
+    transposed = g.size(0) > g.size(1)
+    if transposed:
+        x = x.T
+    for _ in range(steps):
+        A = x @ x.T
+        B = b * A + c * A @ A
+        x = a * x + B @ x
+    return x.T if transposed else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum, orthogonalised by Newton-Schulz. Distributed, rank k % world_size
+    orthogonalises parameter k and one all-reduce of a flat bf16 buffer shares the updates."""
+
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        distributed = dist.is_available() and dist.is_initialized()
+        world_size, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+        for group in self.param_groups:
+            params, lr, mu = group["params"], group["lr"], group["momentum"]
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.bfloat16)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % world_size == rank and p.grad is not None:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p.grad)
+                    buf = state["momentum_buffer"]
+                    buf.mul_(mu).add_(p.grad)
+                    update = newton_schulz5(p.grad.add(buf, alpha=mu), group["backend_steps"])
+                    update *= max(1, update.size(0) / update.size(1)) ** 0.5
+                    flat[offset:offset + p.numel()] = update.reshape(-1)
+                offset += p.numel()
+            if distributed:
+                all_reduce_sum(flat)
+            offset = 0
+            for p in params:
+                if group["weight_decay"] > 0:
+                    p.mul_(1.0 - lr * group["weight_decay"])
+                p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-lr)
+                offset += p.numel()
+
+
+def all_reduce_sum(t: Tensor) -> None:
+    # gloo reduces bf16 poorly: widen on the CPU. Each slot has one non-zero writer, so it is exact.
+    if t.dtype == torch.bfloat16 and t.device.type == "cpu":
+        wide = t.float()
+        dist.all_reduce(wide)
+        t.copy_(wide)
+    else:
+        dist.all_reduce(t)
+
+
+def split_params(model: GPT, h: Hyperparameters) -> dict[str, list[nn.Parameter]]:
+    """SPEC section 4's groups: Muon for matrices, AdamW for embeddings and for scalars/control tensors."""
+    groups = {"muon": [], "embed": [], "scalar": [], "head": []}
+    for name, p in model.named_parameters():
+        if name in ("tok_emb.weight", "bigram.embed.weight", "ve_shared.embed.weight"):
+            groups["embed"].append(p)
+        elif name == "lm_head.weight":
+            groups["head"].append(p)
+        elif p.ndim == 2 and not is_control(name, h):
+            groups["muon"].append(p)  # blocks' matrices, bigram.proj, ve_shared.proj, MTP heads
+        else:
+            groups["scalar"].append(p)
+    return groups
+
+
+def build_optimizers(model: GPT, h: Hyperparameters) -> tuple[list[torch.optim.Optimizer], Muon]:
+    groups = split_params(model, h)
+    fused = dict(fused=True) if next(model.parameters()).is_cuda else {}
+    adam = dict(betas=(h.beta1, h.beta2), eps=h.adam_eps, **fused)
+    embed_lr = h.tied_embed_lr if h.tie_embeddings else h.embed_lr
+    optimizers = [
+        torch.optim.AdamW([dict(params=groups["embed"], lr=embed_lr, base_lr=embed_lr)], weight_decay=h.adam_wd, **adam),
+        torch.optim.AdamW([dict(params=groups["scalar"], lr=h.scalar_lr, base_lr=h.scalar_lr)],
+                          weight_decay=h.adam_wd, **adam),
+    ]
+    muon = Muon(groups["muon"], lr=h.matrix_lr, momentum=h.muon_momentum, backend_steps=h.muon_backend_steps,
+                weight_decay=h.muon_wd)
+    for group in muon.param_groups:
+        group["base_lr"] = h.matrix_lr
+    optimizers.append(muon)
+    if groups["head"]:
+        optimizers.append(torch.optim.Adam([dict(params=groups["head"], lr=h.head_lr, base_lr=h.head_lr)], **adam))
+    return optimizers, muon
+
+
+def lr_multiplier(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
+    """Linear warm-down, by steps or (with a wall-clock cap) by the time the remaining steps will take."""
+    if h.warmdown_iters <= 0:
+        return 1.0
+    if h.max_wallclock_seconds <= 0:
+        start = max(h.iterations - h.warmdown_iters, 0)
+        return max((h.iterations - step) / h.warmdown_iters, 0.0) if start <= step < h.iterations else 1.0
+    warmdown_ms = h.warmdown_iters * (elapsed_ms / max(step, 1))
+    remaining_ms = max(1000.0 * h.max_wallclock_seconds - elapsed_ms, 0.0)
+    return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+
+
+def muon_momentum_at(h: Hyperparameters, step: int) -> float:
+    frac = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps > 0 else 1.0
+    return (1 - frac) * h.muon_momentum_warmup_start + frac * h.muon_momentum
+
+# -----------------------------
+# EXPORT: int6/int8 quantisation and the compressed artifact
+# -----------------------------
+
+INT6_CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, None)  # None: the row max
+INT8_CLIP_QUANTILE = 0.9999984
+PASSTHROUGH_MAX_NUMEL = 65536
+SIZE_LIMIT = 16_000_000
+
+
+def quantize_int6(t: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row int6 in [-31, 31] with an fp16 scale; the clip is the candidate with the least
+    squared error (first wins ties). torch.round is round-half-to-even, as the original."""
+    t32 = t.float()
+    if t32.ndim != 2:
+        amax = t32.abs().max().item()
+        scale = torch.tensor(amax / 31 if amax > 0 else 1.0, dtype=torch.float16)
+        return torch.clamp(torch.round(t32 / scale.float()), -31, 31).to(torch.int8), scale
+    best, best_err = None, float("inf")
+    for q_level in INT6_CLIP_QUANTILES:
+        clip = t32.abs().amax(dim=1) if q_level is None else torch.quantile(t32.abs(), q_level, dim=1)
+        scale = (clip / 31).clamp_min(1.0 / 31).to(torch.float16)
+        q = torch.clamp(torch.round(t32 / scale.float()[:, None]), -31, 31).to(torch.int8)
+        err = (t32 - q.float() * scale.float()[:, None]).pow(2).mean().item()
+        if err < best_err:
+            best, best_err = (q, scale), err
+    return best
+
+
+def quantize_int8(t: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row int8 with a float32 scale used for q and stored as fp16 (0-d float32 for 1-D tensors)."""
+    t32 = t.float()
+    if t32.ndim != 2:
+        clip = float(torch.quantile(t32.abs().flatten(), INT8_CLIP_QUANTILE).item()) if t32.numel() else 0.0
+        scale = torch.tensor(clip / 127 if clip > 0 else 1.0, dtype=torch.float32)
+        return torch.clamp(torch.round(torch.clamp(t32, -clip, clip) / scale), -127, 127).to(torch.int8), scale
+    clip = torch.quantile(t32.abs(), INT8_CLIP_QUANTILE, dim=1)
+    scale = (clip / 127).clamp_min(1.0 / 127)
+    clipped = torch.maximum(torch.minimum(t32, clip[:, None]), -clip[:, None])
+    q = torch.clamp(torch.round(clipped / scale[:, None]), -127, 127).to(torch.int8)
+    return q, scale.to(torch.float16)
+
+
+def quantize_state_dict(state: dict[str, Tensor], h: Hyperparameters) -> dict:
+    """SPEC section 5's rules, first match wins; returns the container {"w": tensors, "m": schemes}."""
+    tensors, schemes = {}, {}
+    for name, t in state.items():
+        if name.startswith("mtp_heads."):
+            continue  # training-only heads are not exported
+        t = t.detach().cpu().contiguous()
+        if not t.is_floating_point() or t.numel() <= PASSTHROUGH_MAX_NUMEL:
+            tensors[name], schemes[name] = (t.to(torch.float16) if t.is_floating_point() else t), "passthrough"
+        elif is_control(name, h):
+            tensors[name], schemes[name] = t.to(torch.float16), "passthrough_ctrl"
+        else:
+            int6 = "tok_emb" not in name and "lm_head" not in name and any(
+                s in name for s in (".mlp.", ".attn.", ".proj."))
+            q, scale = quantize_int6(t) if int6 else quantize_int8(t)
+            tensors[name + ".q"], tensors[name + ".scale"] = q.contiguous(), scale.contiguous()
+            schemes[name] = {"type": "int6" if int6 else "int8"}
+    return {"w": tensors, "m": schemes}
+
+
+def dequantize_state_dict(container: dict, template: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Float32 dequantisation, then each tensor in the template's dtype."""
+    tensors, schemes, out = container["w"], container["m"], {}
+    for name, ref in template.items():
+        scheme = schemes.get(name)
+        if scheme is None:
+            continue
+        if isinstance(scheme, str):  # passthrough, passthrough_ctrl, passthrough_fp16
+            out[name] = tensors[name].to(ref.dtype)
+            continue
+        q, scale = tensors[name + ".q"], tensors[name + ".scale"]
+        s = scale.float().view(-1, *([1] * (q.ndim - 1))) if scale.ndim else scale.float()
+        out[name] = (q.float() * s).to(ref.dtype)
+    return out
+
+
+BROTLI_MAGIC = b"PGBR1"  # brotli streams have no magic of their own
+
+
+def _byte_shuffle(container: dict, inverse: bool) -> dict:
+    """Groups each multi-byte tensor's bytes by significance (all low bytes, then all high bytes),
+    which brotli compresses better. The inverse restores dtype and shape from the stored record."""
+    tensors = {}
+    for name, t in container["w"].items():
+        if inverse and isinstance(t, dict):
+            tensors[name] = t["bytes"].T.contiguous().view(t["dtype"]).reshape(t["shape"])
+        elif not inverse and t.element_size() > 1:
+            planes = t.reshape(-1).view(torch.uint8).reshape(-1, t.element_size()).T.contiguous()
+            tensors[name] = {"bytes": planes, "dtype": t.dtype, "shape": tuple(t.shape)}
+        else:
+            tensors[name] = t
+    return {"w": tensors, "m": container["m"]}
+
+
+def _codec(name: str):
+    try:
+        if name == "brotli":
+            import brotli
+            return brotli
+        if name == "zstd":
+            import zstandard
+            return zstandard
+    except ImportError:
+        raise ConfigError(f"COMPRESSOR={name!r} needs the Python package "
+                          f"{'brotli' if name == 'brotli' else 'zstandard'}; install it or use COMPRESSOR=lzma") from None
+    return lzma
+
+
+def pack_artifact(container: dict, compressor: str) -> bytes:
+    buf = io.BytesIO()
+    torch.save(_byte_shuffle(container, inverse=False) if compressor == "brotli" else container, buf)
+    raw, codec = buf.getvalue(), _codec(compressor)
+    if compressor == "brotli":
+        return BROTLI_MAGIC + codec.compress(raw, quality=11)
+    if compressor == "zstd":
+        return codec.ZstdCompressor(level=22).compress(raw)
+    return lzma.compress(raw, preset=6)
+
+
+def unpack_artifact(blob: bytes, path) -> dict:
+    """Detects the compressor from the bytes; a foreign or damaged file names itself."""
+    try:
+        if blob.startswith(b"\xfd7zXZ\x00"):
+            raw, shuffled = lzma.decompress(blob), False
+        elif blob.startswith(b"\x28\xb5\x2f\xfd"):
+            raw, shuffled = _codec("zstd").ZstdDecompressor().decompress(blob, max_output_size=1 << 31), False
+        elif blob.startswith(BROTLI_MAGIC):
+            raw, shuffled = _codec("brotli").decompress(blob[len(BROTLI_MAGIC):]), True
+        else:
+            raise ConfigError(f"{path}: not an artifact of this format (no xz, zstd or brotli header)")
+        container = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except ConfigError:
+        raise
+    except Exception as e:  # lzma.LZMAError, zstd/brotli errors, unpickling errors
+        raise ConfigError(f"{path}: damaged or truncated artifact ({type(e).__name__}: {e})") from None
+    if not (isinstance(container, dict) and isinstance(container.get("w"), dict) and isinstance(container.get("m"), dict)):
+        raise ConfigError(f"{path}: not a quantised model container (expected keys 'w' and 'm')")
+    return _byte_shuffle(container, inverse=True) if shuffled else container
+
+
+def load_artifact_into(model: GPT, path) -> None:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"ARTIFACT={str(path)!r}: file not found")
+    container = unpack_artifact(path.read_bytes(), path)
+    template = model.state_dict()  # an evaluation model: built without MTP heads
+    expected = set(template)
+    missing, unexpected = expected - set(container["m"]), set(container["m"]) - expected
+    if missing or unexpected:
+        raise ConfigError(f"{path}: artifact does not fit this configuration (missing {sorted(missing)[:3]}, "
+                          f"unexpected {sorted(unexpected)[:3]}); set the model variables it was trained with")
+    state = dequantize_state_dict(container, template)
+    bad = [k for k, v in state.items() if v.shape != template[k].shape]
+    if bad:
+        raise ConfigError(f"{path}: tensor {bad[0]} has shape {tuple(state[bad[0]].shape)}, this configuration "
+                          f"expects {tuple(template[bad[0]].shape)}")
+    model.load_state_dict(state, strict=True)
+
+
+def write_atomic(path, data: bytes) -> None:
+    """Write beside the target, then rename: a crash never leaves a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+# -----------------------------
+# EVALUATION
+# -----------------------------
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs, and its log."""
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    log_path: str | None = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def log(self, msg: str, console: bool = True) -> None:
+        if not self.master:
+            return
+        if console:
+            print(msg, flush=True)
+        if self.log_path is not None:
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                print(msg, file=f)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def reduce(self, values: list[float] | Tensor) -> Tensor:
+        t = torch.as_tensor(values, dtype=torch.float64, device=self.device).clone()
+        if self.distributed:
+            dist.all_reduce(t)
+        return t
+
+
+class Sums:
+    """Float64 sums of nll, scored targets and their bytes; optionally every target's nll."""
+
+    def __init__(self, device, collect_targets: int = 0):
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.tokens = torch.zeros((), dtype=torch.float64, device=device)
+        self.bytes = torch.zeros((), dtype=torch.float64, device=device)
+        self.nll = torch.zeros(collect_targets, dtype=torch.float64, device=device) if collect_targets else None
+
+    def add(self, nll: Tensor, prev: Tensor, tgt: Tensor, luts, where: Tensor | None = None) -> None:
+        self.loss += nll.double().sum()
+        self.tokens += nll.numel()
+        self.bytes += count_bytes(luts, prev, tgt).sum()
+        if self.nll is not None:
+            self.nll[where] = nll.double()
+
+    def result(self, rt: Runtime) -> tuple[float, float]:
+        loss, tokens, nbytes = rt.reduce(torch.stack((self.loss, self.tokens, self.bytes))).tolist()
+        val_loss = loss / tokens
+        return val_loss, val_loss / math.log(2.0) * (tokens / nbytes)
+
+    def per_target(self, rt: Runtime) -> Tensor:
+        return rt.reduce(self.nll).cpu()  # each target is scored by exactly one rank
+
+
+def eval_standard(model: GPT, hidden_fn, tokens: Tensor, seq_len: int, h: Hyperparameters, rt: Runtime, luts,
+                  collect: bool = False) -> Sums:
+    """Non-overlapping windows: rank r takes a contiguous share of the sequences, in batches of
+    VAL_BATCH_SIZE / 8 tokens; each batch adds its float32 mean nll times its token count."""
+    n_seqs = (tokens.numel() - 1) // seq_len
+    first, last = n_seqs * rt.rank // rt.world_size, n_seqs * (rt.rank + 1) // rt.world_size
+    batch_seqs = max(h.val_batch_size // 8 // seq_len, 1)
+    sums = Sums(rt.device, tokens.numel() - 1 if collect else 0)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for s in range(first, last, batch_seqs):
+            e = min(s + batch_seqs, last)
+            chunk = tokens[s * seq_len:e * seq_len + 1].to(rt.device)
+            x, y = chunk[:-1].reshape(-1, seq_len), chunk[1:].reshape(-1, seq_len)
+            with rt.autocast():
+                nll = F.cross_entropy(model.logits(hidden_fn(x)).float().reshape(-1, h.vocab_size), y.reshape(-1),
+                                      reduction="none")
+            sums.loss += nll.mean().double() * nll.numel()
+            sums.tokens += nll.numel()
+            sums.bytes += count_bytes(luts, x.reshape(-1), y.reshape(-1)).sum()
+            if collect:
+                sums.nll[s * seq_len:e * seq_len] = nll.double()
+    model.train(was_training)
+    return sums
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """Evaluation windows: window i reads targets [start, start + length) and scores
+    its positions [score_from, length) (targets start + score_from ...)."""
+    start: np.ndarray
+    length: np.ndarray
+    score_from: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+
+def sliding_windows(n_targets: int, seq_len: int, stride: int, tail: str) -> WindowPlan:
+    """Each window after the first scores only its last `stride` targets, so every scored target
+    sees at least seq_len - stride tokens of context."""
+    if tail == "original":
+        # The original's rule: a window at every multiple of the stride; the short ones at the
+        # end re-score targets already scored (kept to reproduce its published figures).
+        start = np.arange(0, n_targets, stride, dtype=np.int64)
+        length = np.minimum(seq_len, n_targets - start)
+        score_from = np.where(start == 0, 0, np.maximum(length - stride, 0))
+        return WindowPlan(start, length, score_from)
+    if n_targets <= seq_len:
+        return WindowPlan(np.zeros(1, np.int64), np.array([n_targets]), np.zeros(1, np.int64))
+    start = np.arange(0, n_targets - seq_len + 1, stride, dtype=np.int64)
+    score_from = np.where(start == 0, 0, seq_len - stride)
+    remaining = n_targets - (start[-1] + seq_len)
+    if remaining > 0:  # one last full-length window scores exactly the targets left over
+        start = np.append(start, n_targets - seq_len)
+        score_from = np.append(score_from, seq_len - remaining)
+    return WindowPlan(start, np.full(len(start), seq_len), score_from)
+
+
+def window_batches(n_windows: int, batch_seqs: int, interleave: int) -> list[np.ndarray]:
+    """SLOT's grouping: deal the windows round-robin into `interleave` lists (the original's 8
+    ranks), then cut each list into consecutive batches. SLOT's loss is normalised per batch
+    and AdamW's eps makes that scale matter, so this grouping is part of the result."""
+    batches = []
+    for v in range(interleave):
+        ids = np.arange(v, n_windows, interleave)
+        batches += [ids[i:i + batch_seqs] for i in range(0, len(ids), batch_seqs)]
+    return batches
+
+
+def slot_logits(h: Tensor, delta: Tensor, bias: Tensor, weight: Tensor, softcap: float) -> Tensor:
+    return softcap * torch.tanh((F.linear(h + delta, weight) + bias) / softcap)
+
+
+def slot_fit_and_score(hid: Tensor, y: Tensor, fit: Tensor, score: Tensor, weight: Tensor,
+                       h: Hyperparameters) -> Tensor:
+    """SLOT on one batch: a per-window hidden delta [1, d] and logit bias [1, V], fitted by AdamW
+    to the `fit` positions, then used to score the `score` positions. Only those rows'
+    logits are computed: the other positions never enter the loss."""
+    B = hid.size(0)
+    delta = torch.zeros(B, 1, hid.size(-1), device=hid.device, requires_grad=True)
+    bias = torch.zeros(B, 1, weight.size(0), device=hid.device, requires_grad=True)
+    fb, ft = fit.nonzero(as_tuple=True)
+    if fb.numel():
+        opt = torch.optim.AdamW([delta, bias], lr=h.slot_lr, betas=(0.9, 0.999), eps=1e-5, weight_decay=1e-8)
+        h_fit, y_fit = hid[fb, ft], y[fb, ft]
+        for i in range(h.slot_steps):
+            for group in opt.param_groups:
+                group["lr"] = h.slot_lr_min + 0.5 * (h.slot_lr - h.slot_lr_min) * (1 + math.cos(math.pi * i / h.slot_steps))
+            opt.zero_grad(set_to_none=True)
+            logits = slot_logits(h_fit, delta[fb, 0], bias[fb, 0], weight, h.logit_softcap)
+            loss = F.cross_entropy(logits, y_fit, reduction="sum") / fb.numel()
+            loss.backward()
+            opt.step()
+    sb, st = score.nonzero(as_tuple=True)
+    with torch.no_grad():
+        return F.cross_entropy(slot_logits(hid[sb, st], delta[sb, 0], bias[sb, 0], weight, h.logit_softcap),
+                               y[sb, st], reduction="none")
+
+
+def eval_windows(model: GPT, hidden_fn, tokens: Tensor, plan: WindowPlan, h: Hyperparameters, rt: Runtime, luts,
+                 sliding: bool, slot_modes: tuple[str, ...] = (), collect: bool = False,
+                 label: str = "eval") -> dict[str, tuple[Sums, float]]:
+    """One frozen hidden-state pass over the windows, shared by the sliding-window score and
+    every SLOT mode asked for. Batches are spread over ranks; which rank runs a batch does not
+    change its numbers. Returns {"sliding" | mode: (Sums, seconds)}."""
+    L, n_targets = h.effective_eval_seq_len, tokens.numel() - 1
+    batches = window_batches(len(plan), h.slot_batch_seqs, h.slot_interleave if slot_modes else 1)
+    mine = batches[rt.rank::rt.world_size]
+    parts = (["sliding"] if sliding else []) + list(slot_modes)
+    sums = {p: Sums(rt.device, n_targets if collect else 0) for p in parts}
+    seconds = dict.fromkeys(parts, 0.0)
+    weight = model.head_weight().detach().float()
+    ar = torch.arange(L)
+    t_start = last_report = time.perf_counter()
+    model.eval()
+    for done, idx in enumerate(mine):
+        start = torch.from_numpy(plan.start[idx])[:, None]
+        valid = ar[None] < torch.from_numpy(plan.length[idx])[:, None]
+        score_from = torch.from_numpy(plan.score_from[idx])[:, None]
+        pos = (start + ar[None]).clamp(max=n_targets - 1)
+        x = torch.where(valid, tokens[pos], 0).to(rt.device)  # short windows are right-padded with id 0
+        y = torch.where(valid, tokens[pos + 1], 0).to(rt.device)
+        scored = (valid & (ar[None] >= score_from)).to(rt.device)
+        context = (ar[None] < score_from).to(rt.device)
+        where = (start + ar[None]).to(rt.device)[scored] if collect else None
+        t0 = time.perf_counter()
+        with torch.no_grad(), rt.autocast():
+            hid = hidden_fn(x)
+            if sliding:
+                sums["sliding"].add(F.cross_entropy(model.logits(hid[scored]).float(), y[scored], reduction="none"),
+                                    x[scored], y[scored], luts, where)
+        rt.sync()
+        t1 = time.perf_counter()
+        if sliding:
+            seconds["sliding"] += t1 - t0
+        hid = hid.float()
+        for mode in slot_modes:
+            fit = scored if mode == "scored" else context
+            nll = slot_fit_and_score(hid, y, fit, scored, weight, h)
+            sums[mode].add(nll, x[scored], y[scored], luts, where)
+            rt.sync()
+            t2 = time.perf_counter()
+            seconds[mode] += t2 - t1 + (0.0 if sliding else (t1 - t0) / len(slot_modes))
+            t1 = t2
+        if rt.master and time.perf_counter() - last_report >= 30:
+            last_report = time.perf_counter()
+            elapsed, frac = last_report - t_start, (done + 1) / len(mine)
+            rt.log(f"eval_progress:{label} {frac:.1%} elapsed:{elapsed:.0f}s eta:{elapsed / frac - elapsed:.0f}s")
+    return {p: (sums[p], seconds[p]) for p in parts}
+
+# -----------------------------
+# TRAINING
+# -----------------------------
+
+
+def start_runtime(h: Hyperparameters) -> Runtime:
+    """torchrun sets RANK/WORLD_SIZE: NCCL on CUDA, gloo on CPU; otherwise a single process."""
+    use_cuda = h.device == "cuda" or (h.device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ConfigError("DEVICE='cuda' but no CUDA device is available; expected DEVICE=auto or cpu")
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # the original's setting (SLOT's fp32 logit matmul too)
+        torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    return Runtime(rank=rank, world_size=world_size, device=device)
+
+
+def use_compile(h: Hyperparameters, rt: Runtime) -> bool:
+    return h.compile == "1" or (h.compile == "auto" and rt.device.type == "cuda")
+
+
+def log_header(h: Hyperparameters, rt: Runtime, code: str) -> None:
+    rt.log(code, console=False)
+    rt.log("=" * 100, console=False)
+    rt.log(f"Running Python {sys.version}", console=False)
+    rt.log(f"Running PyTorch {torch.__version__}", console=False)
+    if shutil.which("nvidia-smi"):
+        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False)
+        rt.log(smi.stdout, console=False)
+    rt.log("=" * 100, console=False)
+
+
+def log_config(h: Hyperparameters, rt: Runtime, model: GPT, n_val_targets: int, n_train_shards: int) -> None:
+    rt.log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={h.tokenizer_path}")
+    rt.log(f"train_loader:dataset:{Path(h.data_path).name} train_shards:{n_train_shards}")
+    rt.log(f"val_loader:shards pattern={os.path.join(h.data_path, 'fineweb_val_*.bin')} tokens:{n_val_targets}")
+    rt.log(f"model_params:{sum(p.numel() for n, p in model.named_parameters() if not n.startswith('mtp_heads.'))}")
+    mtp_params = sum(p.numel() for p in model.mtp_heads.parameters())
+    rt.log(f"mtp_num_heads:{h.mtp_num_heads} mtp_loss_weight:{h.mtp_loss_weight} mtp_params:{mtp_params}")
+    xsa = [i for i, b in enumerate(model.blocks) if b.attn.xsa]
+    rt.log(f"XSA:last_{h.xsa_last_n} active_layers:{xsa}")
+    rt.log(f"world_size:{rt.world_size} grad_accum_steps:{h.grad_accum_steps(rt.world_size)}")
+    kernel = "flash_attn_3" if flash_attn_3 is not None and rt.device.type == "cuda" else "sdpa"
+    rt.log(f"attention_kernel:{kernel} device:{rt.device.type} compile:{use_compile(h, rt)}")
+    rt.log(f"attention_mode:{'gqa' if h.num_kv_heads != h.num_heads else 'mha'} num_heads:{h.num_heads} "
+           f"num_kv_heads:{h.num_kv_heads}")
+    rt.log(f"tie_embeddings:{h.tie_embeddings} embed_lr:{h.tied_embed_lr if h.tie_embeddings else h.embed_lr} "
+           f"head_lr:{0.0 if h.tie_embeddings else h.head_lr} matrix_lr:{h.matrix_lr} scalar_lr:{h.scalar_lr}")
+    rt.log(f"train_batch_tokens:{h.train_batch_tokens} train_seq_len:{h.train_seq_len} iterations:{h.iterations} "
+           f"warmup_steps:{h.warmup_steps} max_wallclock_seconds:{h.max_wallclock_seconds:.3f}")
+    rt.log(f"seed:{h.seed}")
+
+
+def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts, train_files: list[str]) -> None:
+    """The record's loop: compile warm-up and reset, then steps until ITERATIONS or the wall-clock
+    cap, with EMA, late QAT and the warm-down. Leaves the EMA weights loaded in `model`."""
+    compiled = torch.compile(model, dynamic=False, fullgraph=True) if use_compile(h, rt) else model
+    hidden_fn = torch.compile(model.hidden, dynamic=False, fullgraph=True) if use_compile(h, rt) else model.hidden
+    ddp = DDP(compiled, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+              broadcast_buffers=False) if rt.distributed else compiled
+    optimizers, muon = build_optimizers(model, h)
+    accum = h.grad_accum_steps(rt.world_size)
+    loader = DistributedTokenLoader(train_files, rt.rank, rt.world_size, rt.device)
+
+    def step_gradients() -> Tensor:
+        total = torch.zeros((), device=rt.device)
+        for micro in range(accum):
+            x, y = loader.next_batch(h.train_batch_tokens, h.train_seq_len, accum)
+            sync = micro == accum - 1 or not rt.distributed  # all-reduce gradients on the last micro-step only
+            with (ddp.no_sync() if not sync else torch.enable_grad()), rt.autocast():
+                loss = ddp(x, y)
+            total += loss.detach()
+            with ddp.no_sync() if not sync else torch.enable_grad():
+                (loss / accum).backward()
+        return total / accum
+
+    def zero_grad() -> None:
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    if h.warmup_steps > 0:  # compile and warm the kernels, then restore the initial state exactly
+        initial_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        initial_opt = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+        model.train()
+        for i in range(h.warmup_steps):
+            zero_grad()
+            step_gradients()
+            for opt in optimizers:
+                opt.step()
+            if h.warmup_steps <= 20 or (i + 1) % 10 == 0 or i + 1 == h.warmup_steps:
+                rt.log(f"warmup_step:{i + 1}/{h.warmup_steps}")
+        model.load_state_dict(initial_model, strict=True)
+        for opt, state in zip(optimizers, initial_opt):
+            opt.load_state_dict(state)
+        zero_grad()
+        loader = DistributedTokenLoader(train_files, rt.rank, rt.world_size, rt.device)
+
+    ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+    ema_decay = 0.997
+    cap_ms = 1000.0 * h.max_wallclock_seconds if h.max_wallclock_seconds > 0 else None
+    CastedLinear.qat = h.qat_enabled
+    train_ms, stop_after, step = 0.0, None, 0
+    rt.sync()
+    t0 = time.perf_counter()
+    while True:
+        last = step == h.iterations or (stop_after is not None and step >= stop_after)
+        if last or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
+            rt.sync()
+            train_ms += 1000.0 * (time.perf_counter() - t0)  # validation time is not training time
+            val_loss, val_bpb = eval_standard(model, hidden_fn, val_tokens, h.train_seq_len, h, rt, luts).result(rt)
+            rt.log(f"step:{step}/{h.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                   f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+            rt.sync()
+            t0 = time.perf_counter()
+        if last:
+            if stop_after is not None and step < h.iterations:
+                rt.log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{h.iterations}")
+            break
+        scale = lr_multiplier(h, step, train_ms + 1000.0 * (time.perf_counter() - t0))
+        if 0 < h.late_qat_threshold and scale < h.late_qat_threshold and not CastedLinear.qat:
+            CastedLinear.qat = True
+            rt.log(f"late_qat:enabled step:{step} scale:{scale:.4f}")
+        zero_grad()
+        train_loss = step_gradients()
+        for group in muon.param_groups:
+            group["momentum"] = muon_momentum_at(h, step)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * scale
+        if h.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), h.grad_clip_norm)
+        for opt in optimizers:
+            opt.step()
+        zero_grad()
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                ema[k].mul_(ema_decay).add_(v.detach().float(), alpha=1.0 - ema_decay)
+        step += 1
+        approx_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
+        if h.train_log_every > 0 and (step <= 10 or step % h.train_log_every == 0 or stop_after is not None):
+            rt.log(f"step:{step}/{h.iterations} train_loss:{train_loss.item():.4f} "
+                   f"train_time:{approx_ms:.0f}ms step_avg:{approx_ms / step:.2f}ms")
+        reached = cap_ms is not None and approx_ms >= cap_ms
+        if rt.distributed and cap_ms is not None:  # stop together: any rank over the cap stops all
+            flag = torch.tensor(int(reached), device=rt.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            reached = bool(flag.item())
+        if stop_after is None and reached:
+            stop_after = step
+
+    if rt.device.type == "cuda":
+        rt.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 1024 // 1024} MiB "
+               f"reserved: {torch.cuda.max_memory_reserved() // 1024 // 1024} MiB")
+    rt.log("ema:applying EMA weights")
+    current = model.state_dict()
+    model.load_state_dict({k: v.to(current[k].dtype) for k, v in ema.items()}, strict=True)
+    CastedLinear.qat = False
+
+# -----------------------------
+# EXPORT, EVALUATIONS, MAIN
+# -----------------------------
+
+
+def export(h: Hyperparameters, rt: Runtime, model: GPT, code: str) -> None:
+    """Quantise and compress the trained weights; only rank 0 writes, every rank waits for it."""
+    code_bytes = len(code.encode("utf-8"))
+    if rt.master:
+        blob = pack_artifact(quantize_state_dict(model.state_dict(), h), h.compressor)
+        write_atomic(h.artifact, blob)
+        rt.log(f"Serialized model: {os.path.getsize('final_model.pt')} bytes")
+        rt.log(f"Code size: {code_bytes} bytes")
+        total = len(blob) + code_bytes
+        rt.log(f"Serialized model int6+{h.compressor}: {len(blob)} bytes")
+        rt.log(f"Total submission size int6+{h.compressor}: {total} bytes")
+        rt.log(f"Total submission size: {total} bytes")
+        if total >= SIZE_LIMIT:
+            rt.log(f"WARNING: total submission size {total} bytes is over the {SIZE_LIMIT:,}-byte limit")
+    if rt.distributed:
+        dist.barrier()
+
+
+def log_result(rt: Runtime, name: str, sums: Sums, seconds: float, extra: str = "", suffix: str = "") -> tuple:
+    val_loss, val_bpb = sums.result(rt)
+    rt.log(f"{name} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f}{extra} eval_time:{1000 * seconds:.0f}ms{suffix}")
+    rt.log(f"{name}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
+    return val_loss, val_bpb
+
+
+def evaluate_artifact(h: Hyperparameters, rt: Runtime, val_tokens: Tensor, luts) -> None:
+    """Every evaluation of SPEC section 6, on a fresh model loaded from the artifact."""
+    model = build_model(replace(h, mtp_num_heads=0), rt.device)
+    load_artifact_into(model, h.artifact)
+    model.eval()
+    hidden_fn = torch.compile(model.hidden, dynamic=False, fullgraph=True) if use_compile(h, rt) else model.hidden
+    L, n_targets = h.effective_eval_seq_len, val_tokens.numel() - 1
+
+    t0 = time.perf_counter()
+    sums = eval_standard(model, hidden_fn, val_tokens, L, h, rt, luts)
+    rt.sync()
+    log_result(rt, "final_int6_roundtrip", sums, time.perf_counter() - t0)
+
+    def sliding(stride: int, name: str, slot_modes=()):
+        plan = sliding_windows(n_targets, L, stride, h.eval_tail)
+        results = eval_windows(model, hidden_fn, val_tokens, plan, h, rt, luts, sliding=True, slot_modes=slot_modes,
+                               label=name)
+        loss, bpb = log_result(rt, name, *results["sliding"], extra=f" stride:{stride}")
+        # The original repeats each sliding result as a roundtrip line; tools read the last one.
+        rt.log(f"final_int6_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+        return results
+
+    slot_stride = h.eval_stride if h.eval_stride > 0 else 64
+    slot_results = None
+    if 0 < h.eval_stride < L:
+        share = h.slot_enabled and slot_stride == h.eval_stride  # one hidden pass serves both
+        results = sliding(h.eval_stride, "final_int6_sliding_window", h.slot_modes if share else ())
+        slot_results = results if share else None
+    if h.eval_stride != 64 and 64 < L:
+        sliding(64, "final_int6_sliding_window_s64")
+    if h.slot_enabled:
+        if slot_results is None:
+            plan = sliding_windows(n_targets, L, slot_stride, h.eval_tail)
+            slot_results = eval_windows(model, hidden_fn, val_tokens, plan, h, rt, luts, sliding=False,
+                                        slot_modes=h.slot_modes, label="final_slot")
+        for mode in h.slot_modes:
+            name = "final_slot" if mode == "scored" else "final_slot_context"
+            log_result(rt, name, *slot_results[mode], extra=f" steps:{h.slot_steps} lr:{h.slot_lr}",
+                       suffix=f" mode:{mode}")
+
+
+def run(h: Hyperparameters) -> None:
+    rt = start_runtime(h)
+    h.check_world(rt.world_size)
+    sp = load_tokenizer(h)
+    val_files = shard_files(h.data_path, "val")
+    check_shards(val_files, h.vocab_size, check_ids=True)
+    train_files = [] if h.eval_only else shard_files(h.data_path, "train")
+    check_shards(train_files, h.vocab_size, check_ids=False)
+    if h.eval_only:  # check the artifact before anything is written
+        load_artifact_into(build_model(replace(h, mtp_num_heads=0), torch.device("cpu")), h.artifact)
+
+    # Every input is valid: from here on the run writes its log and outputs.
+    if rt.master:
+        os.makedirs("logs", exist_ok=True)
+    rt = replace(rt, log_path=f"logs/{h.run_id}.txt")
+    code = Path(__file__).read_text(encoding="utf-8")
+    log_header(h, rt, code)
+    val_tokens = load_validation_tokens(val_files, h.max_seq_len)
+    luts = build_byte_luts(sp, h.vocab_size, rt.device)
+    model = build_model(h, rt.device, seed=h.seed)
+    log_config(h, rt, model, val_tokens.numel() - 1, len(train_files))
+
+    if not h.eval_only:
+        train(h, rt, model, val_tokens, luts, train_files)
+        if rt.master:  # saved before anything that can fail after training
+            buf = io.BytesIO()
+            torch.save(model.state_dict(), buf)
+            write_atomic("final_model.pt", buf.getvalue())
+        t0 = time.perf_counter()
+        val_loss, val_bpb = eval_standard(model, model.hidden, val_tokens, h.train_seq_len, h, rt, luts).result(rt)
+        rt.log(f"DIAGNOSTIC post_ema val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+               f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+        export(h, rt, model, code)
+    del model
+    evaluate_artifact(h, rt, val_tokens, luts)
+
+
+def main() -> None:
+    try:
+        run(Hyperparameters.from_env())
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
