@@ -61,9 +61,9 @@ PRESETS = {
         DATA_PATH="./data/datasets/demo_sp1024", TOKENIZER_PATH="./data/tokenizers/demo_1024_bpe.model",
         NUM_LAYERS="4", MODEL_DIM="128", NUM_HEADS="4", NUM_KV_HEADS="2", MLP_MULT="2",
         BIGRAM_DIM="32", VE_DIM="32", VE_LAYERS="2,3", XSA_LAST_N="4",
-        TRAIN_SEQ_LEN="256", EVAL_SEQ_LEN="256", TRAIN_BATCH_TOKENS="16384", VAL_BATCH_SIZE="32768",
-        ITERATIONS="150", WARMUP_STEPS="0", WARMDOWN_ITERS="60", MAX_WALLCLOCK_SECONDS="0",
-        VAL_LOSS_EVERY="50", TRAIN_LOG_EVERY="10", LATE_QAT_THRESHOLD="0.15", MUON_MOMENTUM_WARMUP_STEPS="50",
+        TRAIN_SEQ_LEN="256", EVAL_SEQ_LEN="256", TRAIN_BATCH_TOKENS="8192", VAL_BATCH_SIZE="32768",
+        ITERATIONS="120", WARMUP_STEPS="0", WARMDOWN_ITERS="50", MAX_WALLCLOCK_SECONDS="0",
+        VAL_LOSS_EVERY="60", TRAIN_LOG_EVERY="10", MUON_MOMENTUM_WARMUP_STEPS="40",
         EVAL_STRIDE="64", SLOT_STEPS="8", SLOT_MODE="both", RUN_ID="demo",
     ),
 }
@@ -243,6 +243,10 @@ class Hyperparameters:
             need(ids and all(0 <= i < self.num_layers for i in ids) and len(set(ids)) == len(ids), "VE_LAYERS",
                  f"distinct comma-separated layer indices in [0, {self.num_layers})")
         need(self.max_seq_len <= 1 << 20, "TRAIN_SEQ_LEN", "at most 1048576")
+        need(0 <= self.seed < 2**32, "SEED", "an integer in [0, 2**32 - 1] (numpy's seed range)")
+        need(self.run_id not in (".", "..") and not set(self.run_id) & set("/\\\0"), "RUN_ID",
+             "a file name without path separators")
+        need(bool(self.artifact) and not self.artifact.endswith(("/", os.sep)), "ARTIFACT", "a file path")
 
     @property
     def max_seq_len(self) -> int:

@@ -163,11 +163,24 @@ def load_tokenizer(path: str | os.PathLike) -> spm.SentencePieceProcessor:
 
 def train_tokenizer(sentences: Iterable[str], vocab_size: int, out: Path) -> spm.SentencePieceProcessor:
     """Train a BPE model with the challenge settings and save it atomically."""
+    errors = []
+
+    def guarded():
+        try:
+            yield from sentences
+        except DataError as e:
+            errors.append(e)
+            raise
+
     model = io.BytesIO()
-    # model_writer keeps input and output paths out of the stored trainer spec.
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
-        minloglevel=2, **TOKENIZER_SETTINGS, **DETERMINISTIC_TRAINING)
+    try:
+        # model_writer keeps input and output paths out of the stored trainer spec.
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=guarded(), model_writer=model, vocab_size=vocab_size,
+            minloglevel=2, **TOKENIZER_SETTINGS, **DETERMINISTIC_TRAINING)
+    except RuntimeError as e:
+        # SentencePiece turns an error raised while reading input into a RuntimeError.
+        raise (errors[0] if errors else DataError(f"{out}: tokenizer training failed ({e})")) from None
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
     # hard_vocab_limit off lets a small corpus end up with fewer pieces.
     if sp.vocab_size() != vocab_size:
@@ -312,6 +325,7 @@ def _jsonl_documents(path: Path) -> Iterator[str]:
 def build_shards(inputs: list[Path], out_dir: Path, *, tokenizer: Path | None,
                  train_vocab: int | None, tokenizer_out: Path | None,
                  val_docs: int, shard_tokens: int) -> dict:
+    """Shards from .txt/.jsonl inputs, with a given or a freshly trained tokenizer."""
     for path in inputs:
         if path.suffix not in (".txt", ".jsonl"):
             raise DataError(f"{path}: unsupported input (expected .txt or .jsonl)")
@@ -516,6 +530,8 @@ def download(root: Path, variant: str, train_shards: int, val_shards: int | None
 
 def verify_dir(folder: Path, vocab_size: int | None) -> dict[str, int]:
     """Check every .bin shard in folder; return token totals per split."""
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder")
     paths = sorted(folder.glob("*.bin"))
     if not paths:
         raise DataError(f"{folder}: no .bin shards")

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The whole pipeline on the embedded demo corpus, on a CPU, in a few minutes:
+# install -> data -> train -> artifact -> every evaluation -> submission.json.
+# Outputs: logs/demo.txt, final_model.pt, final_model.int6.ptz, runs/demo/.
+set -euo pipefail
+cd "$(dirname "$0")"
+python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
+python -m pip install -q -r requirements.txt
+python -m tools.data demo
+PRESET=demo python train_gpt.py
+python -m tools.submission logs/demo.txt --out runs/demo --name "CPU demo (not a record)" \
+    --blurb "PRESET=demo on the embedded demo corpus, one CPU process: a pipeline check, not a record."

@@ -1,0 +1,521 @@
+"""Tests for tools/data.py: shard format, shards/demo/verify/download
+commands, and the byte accounting behind val_bpb."""
+import hashlib
+import importlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tools import data
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT.parent / "shared" / "reference"
+REFERENCE_MODEL = REFERENCE / "fineweb_1024_bpe.model"
+
+
+def import_train_gpt():
+    # Skip only while the file is missing: a broken train_gpt.py must fail.
+    if not (ROOT / "train_gpt.py").exists():
+        pytest.skip("train_gpt.py is not written yet")
+    return importlib.import_module("train_gpt")
+
+
+def shard_bytes(magic=data.MAGIC, version=data.VERSION, count=None, tokens=(1, 2, 3)):
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = magic, version, len(tokens) if count is None else count
+    return header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes()
+
+
+# ---------------------------------------------------------------- shard format
+
+@pytest.mark.parametrize("tokens", [[1, 0, 65535, 7, 1023], list(range(3000)), []])
+def test_shard_round_trip(tmp_path, tokens):
+    path = tmp_path / "fineweb_train_000000.bin"
+    data.write_shard(path, np.array(tokens, dtype=np.int64))
+
+    # Read back independently of tools.data.
+    header = np.fromfile(path, dtype="<i4", count=256)
+    assert header[:3].tolist() == [20240520, 1, len(tokens)]
+    assert not header[3:].any()
+    assert path.stat().st_size == 1024 + 2 * len(tokens)
+    assert np.fromfile(path, dtype="<u2", offset=1024).tolist() == tokens
+
+    assert data.read_shard_header(path) == len(tokens)
+    assert data.read_shard(path).tolist() == tokens
+    assert data.verify_shard(path, vocab_size=65536) == (len(tokens), max(tokens, default=-1))
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left
+
+
+@pytest.mark.parametrize("content, reason", [
+    (shard_bytes(magic=20240521), "bad magic 20240521"),
+    (shard_bytes(version=2), "unsupported version 2"),
+    (shard_bytes(count=4), "truncated"),
+    (shard_bytes()[:-1], "truncated"),
+    (shard_bytes() + b"\0\0", "wrong size"),
+    (shard_bytes()[:600], "truncated header"),
+])
+def test_bad_shards_rejected_naming_file(tmp_path, content, reason):
+    path = tmp_path / "fineweb_val_000000.bin"
+    path.write_bytes(content)
+    for check in (data.read_shard_header, data.read_shard, data.verify_shard):
+        with pytest.raises(data.DataError, match=reason) as err:
+            check(path)
+        assert str(path) in str(err.value)
+
+
+def test_out_of_range_ids_rejected_naming_file(tmp_path):
+    path = tmp_path / "fineweb_train_000003.bin"
+    data.write_shard(path, [1, 5, 1024, 6])
+    assert data.verify_shard(path)[1] == 1024
+    with pytest.raises(data.DataError, match=r"token id 1024 at position 2 .* 1024") as err:
+        data.verify_shard(path, vocab_size=1024)
+    assert str(path) in str(err.value)
+    for bad in ([1, 65536], [-1, 2]):
+        with pytest.raises(data.DataError, match="0..65535") as err:
+            data.write_shard(path, bad)
+        assert str(path) in str(err.value)
+    assert data.read_shard(path).tolist() == [1, 5, 1024, 6]  # old file untouched
+
+
+def test_verify_command(tmp_path, capsys):
+    data.write_shard(tmp_path / "fineweb_val_000000.bin", [1, 2, 3])
+    data.write_shard(tmp_path / "fineweb_train_000000.bin", [1, 4])
+    data.write_shard(tmp_path / "fineweb_train_000001.bin", [1, 9, 9])
+    assert data.main(["verify", str(tmp_path), "--vocab-size", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "fineweb_train_000001.bin: 3 tokens, max id 9" in out
+    assert "total train: 5 tokens" in out and "total val: 3 tokens" in out
+
+    assert data.main(["verify", str(tmp_path), "--vocab-size", "9"]) == 1
+    assert "fineweb_train_000001.bin: token id 9" in capsys.readouterr().err
+
+
+def test_cli_error_has_no_traceback(tmp_path):
+    (tmp_path / "fineweb_val_000000.bin").write_bytes(shard_bytes(magic=7))
+    run = subprocess.run([sys.executable, "-m", "tools.data", "verify", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 1
+    assert run.stderr.startswith("error: ") and "fineweb_val_000000.bin: bad magic 7" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("command", [[], ["download"], ["shards"], ["demo"], ["verify"]])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        data.main(command + ["--help"])
+    assert done.value.code == 0
+    assert "usage: python -m tools.data" in capsys.readouterr().out
+
+
+def test_reads_challenge_shards():
+    shards = sorted((REFERENCE / "trajectory").glob("fineweb_*.bin"))
+    if not shards:
+        pytest.skip("no challenge shards in shared/reference")
+    for path in shards:
+        count, top = data.verify_shard(path, vocab_size=1024)
+        assert count > 0 and top < 1024
+    assert data.read_shard(REFERENCE / "trajectory" / "fineweb_val_000000.bin")[0] == 1  # BOS
+
+
+# ---------------------------------------------------------------- shards command
+
+WORDS = ("the model reads tokens from shards and learns to predict the next one while "
+         "a tokenizer splits text into pieces with merges learned from data 2024").split()
+
+
+def corpus(count, seed):
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=40)) + "." for _ in range(count)]
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    docs = corpus(6, seed=1) + ["Une dernière phrase, en   français.\n\nFin."]
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": d, "id": i}) + "\n\n" for i, d in enumerate(docs[:6])))
+    txt = tmp_path / "last.txt"
+    txt.write_text(docs[6], encoding="utf-8")
+    return [jsonl, txt], docs
+
+
+def test_shards_command(tmp_path, inputs, capsys):
+    (jsonl, txt), docs = inputs
+    out, model = tmp_path / "out", tmp_path / "tok" / "small.model"
+    out.mkdir()
+    data.write_shard(out / "fineweb_train_000099.bin", [1])  # stale, from an older build
+    argv = ["shards", str(jsonl), str(txt), "--out", str(out), "--val-docs", "2",
+            "--shard-tokens", "50"]
+    assert data.main(argv + ["--train-tokenizer", "--vocab-size", "64",
+                             "--tokenizer-out", str(model)]) == 0
+    assert "removed stale" in capsys.readouterr().out
+    assert not (out / "fineweb_train_000099.bin").exists()
+
+    sp = data.load_tokenizer(model)
+    assert sp.vocab_size() == 64
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tokenizer"] == {"file": "small.model", "vocab_size": 64,
+                                     "sha256": hashlib.sha256(model.read_bytes()).hexdigest()}
+    for split, split_docs in (("val", docs[:2]), ("train", docs[2:])):
+        expected = [t for d in split_docs for t in [1] + sp.encode(d)]
+        info = manifest["splits"][split]
+        shards = [data.read_shard(out / name) for name in info["files"]]
+        assert info["files"] == [f"fineweb_{split}_{i:06d}.bin" for i in range(len(shards))]
+        assert np.concatenate(shards).tolist() == expected
+        assert [len(s) for s in shards[:-1]] == [50] * (len(shards) - 1)
+        assert (info["documents"], info["tokens"], info["shards"]) == \
+               (len(split_docs), len(expected), len(shards))
+    assert sorted(p.name for p in out.glob("*.bin")) == sorted(
+        manifest["splits"]["val"]["files"] + manifest["splits"]["train"]["files"])
+
+    # The same tokenizer given with --tokenizer rebuilds the same shards.
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert data.main(argv + ["--tokenizer", str(model)]) == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("line, reason", [
+    ('{"txt": "x"}', 'docs.jsonl:3: no "text" string field'),
+    ("{broken", "docs.jsonl:3: not valid JSON"),
+])
+@pytest.mark.parametrize("train", [True, False])
+def test_shards_bad_jsonl(tmp_path, inputs, capsys, line, reason, train):
+    (jsonl, _), _ = inputs
+    jsonl.write_text(json.dumps({"text": " ".join(corpus(30, seed=3))}) + "\n\n" + line + "\n")
+    model = tmp_path / "t.model"
+    argv = ["shards", str(jsonl), "--out", str(tmp_path / "o")]
+    if train:
+        argv += ["--train-tokenizer", "--vocab-size", "64", "--tokenizer-out", str(model)]
+    else:
+        data.train_tokenizer(corpus(20, seed=2), 64, model)
+        argv += ["--tokenizer", str(model)]
+    assert data.main(argv) == 1
+    assert capsys.readouterr().err.startswith(f"error: {jsonl}:{reason.split(':', 1)[1]}")
+
+
+def test_shards_input_and_split_errors(tmp_path, inputs, capsys):
+    (jsonl, txt), _ = inputs
+    out = str(tmp_path / "o")
+    assert data.main(["shards", str(tmp_path / "x.csv"), "--out", out, "--tokenizer", "m"]) == 1
+    assert "x.csv: unsupported input" in capsys.readouterr().err
+    assert data.main(["shards", str(tmp_path / "gone.txt"), "--out", out, "--tokenizer", "m"]) == 1
+    assert "gone.txt: no such file" in capsys.readouterr().err
+    assert data.main(["shards", str(txt), "--out", out, "--tokenizer", str(tmp_path / "m")]) == 1
+    assert "not a usable SentencePiece model" in capsys.readouterr().err
+
+    model = tmp_path / "t.model"
+    argv = ["shards", str(jsonl), str(txt), "--out", out, "--val-docs", "7",
+            "--train-tokenizer", "--vocab-size", "64", "--tokenizer-out", str(model)]
+    assert data.main(argv) == 1
+    assert "no train documents (7 documents in all, the first 7 for val)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        data.main(argv[:-2])  # --train-tokenizer without --tokenizer-out
+
+
+def test_tokenizer_too_little_text(tmp_path):
+    with pytest.raises(data.DataError, match="only supports .* pieces, not 1024"):
+        data.train_tokenizer(["tiny text"], 1024, tmp_path / "t.model")
+    assert not (tmp_path / "t.model").exists()
+
+
+# ---------------------------------------------------------------- demo
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo_a")
+    assert data.main(["demo", "--root", str(root)]) == 0
+    return root
+
+
+def tree_bytes(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_demo_build_is_deterministic(demo_root, tmp_path):
+    assert data.main(["demo", "--root", str(tmp_path)]) == 0
+    first, second = tree_bytes(demo_root), tree_bytes(tmp_path)
+    assert sorted(first) == [
+        "data/datasets/demo_sp1024/fineweb_train_000000.bin",
+        "data/datasets/demo_sp1024/fineweb_val_000000.bin",
+        "data/datasets/demo_sp1024/manifest.json",
+        "data/tokenizers/demo_1024_bpe.model",
+    ]
+    assert first == second
+
+
+def test_demo_contents(demo_root):
+    folder = demo_root / "data" / "datasets" / "demo_sp1024"
+    model = demo_root / "data" / "tokenizers" / "demo_1024_bpe.model"
+    sp = data.load_tokenizer(model)
+    assert sp.vocab_size() == 1024
+    assert [sp.id_to_piece(i) for i in range(4)] == ["<pad>", "<s>", "</s>", "<unk>"]
+    assert not any(sp.is_byte(i) for i in range(1024))
+    assert str(demo_root).encode() not in model.read_bytes()  # no paths of this machine
+
+    totals = data.verify_dir(folder, vocab_size=1024)
+    assert 60_000 <= totals["val"] <= 120_000
+    assert totals["train"] >= 1_000_000
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["splits"]["val"]["tokens"] == totals["val"]
+    assert manifest["tokenizer"]["sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    for split in ("val", "train"):
+        tokens = data.read_shard(folder / f"fineweb_{split}_000000.bin")
+        assert tokens[0] == 1
+        assert (tokens == 1).sum() == manifest["splits"][split]["documents"]
+
+
+# ---------------------------------------------------------------- byte accounting
+
+COVERED = [  # text the challenge tokenizer covers without <unk>
+    "Hello, world! The quick brown fox jumps over the lazy dog.",
+    "Prices rose 12.5% in 2024: 1,234,567 units at $3.99 each.",
+    "Runs   of    spaces,\ttabs\n\nand new   lines   ",
+    "   leading and trailing whitespace   ",
+    "He said “yes” – then left—fast, didn’t he?",
+]
+UNCOVERED = [
+    "Café déjà vu: a naïve façade in Zürich.",
+    "日本語のテキストと中文。",
+    "Emoji 😀🎉 party 👍🏽 time",
+    "Mixed: résumé, 東京 2024 🚀, ½ and Ⅻ.",
+]
+
+
+def reference_luts(sp, table_size):
+    """base bytes, leading space, boundary, computed from the spec's wording."""
+    base = np.zeros(table_size, dtype=np.int64)
+    space = np.zeros(table_size, dtype=bool)
+    boundary = np.ones(table_size, dtype=bool)
+    for i in range(sp.vocab_size()):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        piece = sp.id_to_piece(i)
+        if sp.is_byte(i):
+            base[i] = 1
+        else:
+            space[i] = piece.startswith("▁")
+            base[i] = len(piece.removeprefix("▁").encode("utf-8"))
+    return base, space, boundary
+
+
+def counted_bytes(stream, luts):
+    base, space, boundary = luts
+    prev, target = stream[:-1], stream[1:]
+    return int((base[target] + (space[target] & ~boundary[prev])).sum())
+
+
+def normalised_bytes(sp, text):
+    """UTF-8 length of the normalised text, and how much of it goes uncounted:
+    <unk> pieces count 0, and as boundaries they also hide the leading space
+    of the piece after them."""
+    pieces, ids = sp.encode(text, out_type=str), sp.encode(text)
+    normalised = sp.normalize(text)
+    assert "".join(pieces) == normalised
+    uncounted, after_unknown = 0, False
+    for piece, i in zip(pieces, ids):
+        if sp.is_unknown(i):
+            uncounted += len(piece.replace("▁", " ").encode())
+        elif after_unknown and piece.startswith("▁"):
+            uncounted += 1
+        after_unknown = sp.is_unknown(i)
+    return len(normalised.replace("▁", " ").encode("utf-8")), uncounted
+
+
+@pytest.fixture(params=["challenge", "demo"])
+def tokenizer(request):
+    if request.param == "demo":
+        return data.load_tokenizer(request.getfixturevalue("demo_root") / "data" / "tokenizers"
+                                   / "demo_1024_bpe.model")
+    if not REFERENCE_MODEL.exists():
+        pytest.skip("the challenge tokenizer is not in shared/reference")
+    return data.load_tokenizer(REFERENCE_MODEL)
+
+
+def test_byte_accounting(tokenizer):
+    sp = tokenizer
+    luts = reference_luts(sp, sp.vocab_size())
+    texts = COVERED + UNCOVERED
+    encoded = list(data.encode_documents(sp, texts))
+    expected = []
+    for text, tokens in zip(texts, encoded):
+        total, uncounted = normalised_bytes(sp, text)
+        expected.append(total - uncounted)
+        assert tokens[0] == 1
+        assert counted_bytes(tokens, luts) == total - uncounted
+    # Documents back to back, as in a shard: BOS keeps them apart.
+    assert counted_bytes(np.concatenate(encoded), luts) == sum(expected)
+
+
+def test_challenge_tokenizer_unknowns():
+    """The counted bytes equal the normalised text's UTF-8 length only where
+    the text has no <unk>: the challenge model has no byte fallback, so
+    accented letters, CJK and emoji are <unk> and go uncounted."""
+    if not REFERENCE_MODEL.exists():
+        pytest.skip("the challenge tokenizer is not in shared/reference")
+    sp = data.load_tokenizer(REFERENCE_MODEL)
+    assert not any(sp.is_byte(i) for i in range(sp.vocab_size()))
+    assert all(normalised_bytes(sp, text)[1] == 0 for text in COVERED)
+    assert all(normalised_bytes(sp, text)[1] > 0 for text in UNCOVERED)
+
+
+def test_train_gpt_byte_luts_match(tokenizer):
+    train_gpt = import_train_gpt()
+    sp = tokenizer
+    size = sp.vocab_size() + 8  # ids past the tokenizer are boundaries
+    got = [t.cpu().numpy() for t in train_gpt.build_byte_luts(sp, size, "cpu")]
+    want = reference_luts(sp, size)
+    assert str(got[0].dtype) == "int16" and got[1].dtype == bool and got[2].dtype == bool
+    for g, w in zip(got, want):
+        assert g.tolist() == w.tolist()
+    stream = np.concatenate(list(data.encode_documents(sp, COVERED + UNCOVERED)))
+    assert counted_bytes(stream, got) == counted_bytes(stream, want)
+
+
+def test_train_gpt_reads_shards(tmp_path):
+    train_gpt = import_train_gpt()
+    path = tmp_path / "fineweb_val_000000.bin"
+    data.write_shard(path, [1, 2, 1023, 65535])
+    assert np.asarray(train_gpt.load_data_shard(path)).tolist() == [1, 2, 1023, 65535]
+    for content in (shard_bytes(magic=1), shard_bytes(version=3), shard_bytes()[:-2]):
+        path.write_bytes(content)
+        with pytest.raises(Exception) as err:
+            train_gpt.load_data_shard(path)
+        assert path.name in str(err.value)
+
+
+# ---------------------------------------------------------------- download
+
+class FakeHub:
+    """Stands in for hf_hub_download, serving files from a local folder."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.calls = []
+        self.fail = {}  # filename -> exception to raise
+
+    def __call__(self, repo_id, filename, *, repo_type=None, local_dir=None, **kwargs):
+        assert (repo_id, repo_type) == ("willdepueoai/parameter-golf", "dataset")
+        self.calls.append(filename)
+        if filename in self.fail:
+            raise self.fail[filename]
+        source = self.folder / filename
+        if not source.exists():
+            raise FileNotFoundError(f"404: {filename}")
+        target = Path(local_dir) / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        return str(target)
+
+
+HUB_MANIFEST = {
+    "datasets": [{"name": "fineweb10B_sp1024", "tokenizer_name": "sp_bpe_1024",
+                  "stats": {"files_train": 3, "files_val": 1}}],
+    "tokenizers": [{"name": "sp_bpe_1024", "model_path": "tokenizers/fineweb_1024_bpe.model"}],
+}
+SHARD_DIR = "datasets/datasets/fineweb10B_sp1024"
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    folder = tmp_path / "hub"
+    (folder / SHARD_DIR).mkdir(parents=True)
+    (folder / "datasets" / "tokenizers").mkdir()
+    (folder / "datasets" / "manifest.json").write_text(json.dumps(HUB_MANIFEST))
+    data.write_shard(folder / SHARD_DIR / "fineweb_val_000000.bin", [1, 2, 3])
+    for i in range(3):
+        data.write_shard(folder / SHARD_DIR / f"fineweb_train_{i:06d}.bin", [1] + [i] * 10)
+    data.train_tokenizer(corpus(20, seed=2), 64, folder / "datasets/tokenizers/fineweb_1024_bpe.model")
+    fake = FakeHub(folder)
+    monkeypatch.setattr(data, "HUB_DOWNLOAD", fake)
+    return fake
+
+
+def run_download(root, *extra):
+    return data.main(["download", "--root", str(root), "--train-shards", "2", *extra])
+
+
+def local_files(root):
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+EXPECTED_LOCAL = [
+    "data/datasets/fineweb10B_sp1024/fineweb_train_000000.bin",
+    "data/datasets/fineweb10B_sp1024/fineweb_train_000001.bin",
+    "data/datasets/fineweb10B_sp1024/fineweb_val_000000.bin",
+    "data/manifest.json",
+    "data/tokenizers/fineweb_1024_bpe.model",
+]
+
+
+def test_download_then_skip_complete_files(hub, tmp_path, capsys):
+    root = tmp_path / "repo"
+    assert run_download(root) == 0
+    assert local_files(root) == EXPECTED_LOCAL
+    for name in EXPECTED_LOCAL:
+        assert (root / name).read_bytes() == (hub.folder / name.replace("data/", "datasets/", 1)).read_bytes()
+    assert len(hub.calls) == 5
+    out = capsys.readouterr().out
+    assert "[2/4] fineweb_train_000000.bin: 1,046 bytes (downloaded)" in out
+
+    assert run_download(root) == 0
+    assert len(hub.calls) == 5  # nothing fetched again
+    assert "[4/4] fineweb_1024_bpe.model" in capsys.readouterr().out
+
+
+def test_download_replaces_partial_file(hub, tmp_path, capsys):
+    root = tmp_path / "repo"
+    assert run_download(root) == 0
+    shard = root / "data/datasets/fineweb10B_sp1024/fineweb_train_000001.bin"
+    good = shard.read_bytes()
+    shard.write_bytes(good[:-5])
+    (root / "data/tokenizers/fineweb_1024_bpe.model").write_bytes(b"junk")
+    hub.calls.clear()
+    assert run_download(root) == 0
+    assert hub.calls == [f"{SHARD_DIR}/fineweb_train_000001.bin",
+                         "datasets/tokenizers/fineweb_1024_bpe.model"]
+    assert shard.read_bytes() == good
+    assert "(replaced)" in capsys.readouterr().out
+    assert local_files(root) == EXPECTED_LOCAL  # no scratch files left
+
+
+def test_download_offline(hub, tmp_path, capsys):
+    hub.fail["datasets/manifest.json"] = ConnectionError("[Errno -2] Name or service not known")
+    root = tmp_path / "repo"
+    assert run_download(root) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: could not download datasets/manifest.json from the Hugging "
+                          "Face hub dataset willdepueoai/parameter-golf")
+    assert "Name or service not known" in err and "Traceback" not in err
+    assert local_files(root) == []
+
+
+def test_download_failure_keeps_no_partial_file(hub, tmp_path, capsys):
+    hub.fail[f"{SHARD_DIR}/fineweb_train_000001.bin"] = TimeoutError("timed out")
+    root = tmp_path / "repo"
+    assert run_download(root) == 1
+    assert "fineweb_train_000001.bin" in capsys.readouterr().err
+    assert local_files(root) == EXPECTED_LOCAL[:1] + EXPECTED_LOCAL[2:4]
+
+
+def test_download_rejects_corrupt_file(hub, tmp_path, capsys):
+    (hub.folder / SHARD_DIR / "fineweb_val_000000.bin").write_bytes(shard_bytes(magic=5))
+    assert run_download(tmp_path / "repo") == 1
+    assert "downloaded datasets/datasets/fineweb10B_sp1024/fineweb_val_000000.bin is unusable" \
+        in capsys.readouterr().err
+    assert local_files(tmp_path / "repo") == ["data/manifest.json"]
+
+
+def test_download_checks_manifest_counts(hub, tmp_path, capsys):
+    assert data.main(["download", "--root", str(tmp_path), "--train-shards", "4"]) == 1
+    assert "the hub has 3 training shards, 4 were asked for" in capsys.readouterr().err
+
+
+def test_download_without_manifest_file_list(hub, tmp_path):
+    (hub.folder / "datasets" / "manifest.json").write_text('{"something": "else"}')
+    assert run_download(tmp_path / "repo") == 0
+    assert local_files(tmp_path / "repo") == EXPECTED_LOCAL

@@ -1,0 +1,162 @@
+"""Tests of the reviewer tools: the flip-test audit and the preflight check."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import pytest
+
+from tools import audit, preflight
+from tools._common import import_train_gpt
+
+tg = import_train_gpt()
+
+# A small valid configuration: every optional part of the record's model, world size 8.
+SMALL_ENV = dict(
+    NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", MLP_MULT="2", VOCAB_SIZE="256",
+    BIGRAM_VOCAB_SIZE="256", BIGRAM_DIM="32", VE_DIM="16", VE_LAYERS="1", XSA_LAST_N="2",
+    TRAIN_SEQ_LEN="128", EVAL_SEQ_LEN="128", TRAIN_BATCH_TOKENS="8192", VAL_BATCH_SIZE="8192", RUN_ID="t",
+)
+FAST = ["--compile-backend", "aot_eager"]  # finds graph breaks like inductor, without C++ builds
+
+
+def expected_params(V=1024, d=512, L=11, H=8, Hkv=4, mlp_mult=3.0, Vb=1024, bd=128, ve_dim=128, ve_layers=(9, 10)):
+    """Parameter count from SPEC section 3, written out by hand (independent of train_gpt.py)."""
+    kv, hidden = Hkv * (d // H), int(mlp_mult * d)
+    n = V * d + d  # tok_emb, smear gate
+    n += Vb * bd + (bd * d if bd != d else 0) + 1  # bigram table, projection, scale
+    n += min(L // 2, L - L // 2) * d  # U-Net skip weights
+    for i in range(L):
+        n += 2 * d * d + 2 * d * kv + 2 * d * hidden  # c_q, attn.proj, c_k, c_v, fc, mlp.proj
+        n += H + 4 * d + (1 if i > 0 else 0)  # q_gain, attn/mlp scales, resid_mix (2 x d), vrl_gate
+    if ve_layers:
+        n += V * ve_dim + (ve_dim * kv if ve_dim != kv else 0) + 1 + len(ve_layers)
+    return n
+
+
+def run_preflight(env, *args):
+    out = io.StringIO()
+    code = preflight.main(list(args), env=env, out=out)
+    return code, out.getvalue()
+
+
+def status_of(text: str, check: str) -> str:
+    m = re.search(rf"^(PASS|FAIL|SKIP)\s+{check}\b", text, re.M)
+    assert m, f"no line for check {check!r} in:\n{text}"
+    return m.group(1)
+
+# -----------------------------
+# audit
+# -----------------------------
+
+
+@pytest.fixture(scope="module")
+def audit_report():
+    return audit.run_audit(audit.AuditSettings())
+
+
+def test_audit_verdicts(audit_report):
+    verdicts = {r.mode: r.verdict for r in audit_report.results}
+    assert verdicts == {"standard": "causal", "sliding": "causal", "scored": "NOT causal", "context": "causal"}
+    for r in audit_report.results:
+        assert r.flips == len(audit_report.positions) >= 4
+        assert r.min_effect > 1e-3  # every flip changed the flipped target or a later one
+    scored = next(r for r in audit_report.results if r.mode == "scored")
+    assert scored.max_earlier > 1e-3  # far above float32 noise: the original SLOT reads the targets it scores
+    assert audit.exit_code(audit_report.results, strict=False) == 0
+    assert audit.exit_code(audit_report.results, strict=True) == 1
+
+
+def test_audit_table_lists_four_modes(audit_report):
+    table = audit.format_table(audit_report.results)
+    lines = table.splitlines()
+    assert len(lines) == 5
+    for label, verdict in (("standard", "causal"), ("sliding window", "causal"), ("SLOT scored", "NOT causal"),
+                           ("SLOT context", "causal")):
+        assert any(line.startswith(label) and f"  {verdict}  " in line for line in lines[1:]), table
+
+
+def test_flip_positions_are_in_later_scored_spans():
+    plan = tg.sliding_windows(320, 64, 16, "once")
+    positions = audit.flip_positions(plan, 8, seed=5)
+    assert positions == audit.flip_positions(plan, 8, seed=5)
+    for p in positions:
+        spans = [(s + f, s + n) for s, n, f in zip(plan.start[1:], plan.length[1:], plan.score_from[1:])]
+        assert any(lo < p < hi for lo, hi in spans)  # inside a later window's span, not its first target
+
+
+def test_audit_cli_exit_codes(capsys):
+    assert audit.main(["--modes", "context,sliding", "--positions", "2", "--slot-steps", "4"]) == 0
+    assert audit.main(["--modes", "scored", "--positions", "2", "--slot-steps", "4"]) == 0  # expected: not causal
+    assert audit.main(["--strict", "--modes", "scored", "--positions", "2", "--slot-steps", "4"]) == 1
+    assert audit.main(["--modes", "bogus"]) == 2
+    out = capsys.readouterr().out
+    assert "result: FAIL (SLOT scored: not causal)" in out
+
+# -----------------------------
+# preflight
+# -----------------------------
+
+
+def test_param_formula_matches_the_record():
+    assert expected_params() == preflight.RECORD_PARAMS == 26_862_694
+
+
+def test_preflight_small_config_passes():
+    code, text = run_preflight(SMALL_ENV, *FAST)
+    assert code == 0, text
+    for check, _ in preflight.CHECKS:
+        assert status_of(text, check) == "PASS", text
+    count = int(re.search(r"PASS\s+model\s+([\d,]+) parameters", text).group(1).replace(",", ""))
+    assert count == expected_params(V=256, d=64, L=2, H=4, Hkv=2, mlp_mult=2, Vb=256, bd=32, ve_dim=16, ve_layers=(1,))
+    assert "preflight: PASS" in text
+
+
+def test_preflight_invalid_config_fails():
+    code, text = run_preflight(dict(SMALL_ENV, NUM_HEADS="3"), "--no-compile", "--no-artifact")
+    assert code == 1
+    assert status_of(text, "config") == "FAIL"
+    assert "NUM_HEADS=3" in text and "MODEL_DIM=64" in text
+    for check in ("world", "model", "forward", "artifact"):
+        assert status_of(text, check) == "SKIP"
+    assert "preflight: FAIL (config)" in text
+
+
+def test_preflight_world_split_fails():
+    code, text = run_preflight(dict(SMALL_ENV, TRAIN_BATCH_TOKENS="1000"), "--no-compile", "--no-artifact")
+    assert code == 1 and status_of(text, "world") == "FAIL" and "TRAIN_BATCH_TOKENS=1000" in text
+    assert status_of(text, "model") == "PASS"  # the model checks still run
+    code, text = run_preflight(SMALL_ENV, "--world-size", "3", "--no-compile", "--no-artifact")
+    assert code == 1 and "world_size=3" in text
+
+
+def test_preflight_forward_catches_a_bad_init():
+    code, text = run_preflight(dict(SMALL_ENV, TIED_EMBED_INIT_STD="1.0"), "--no-compile", "--no-artifact")
+    assert code == 1 and status_of(text, "forward") == "FAIL"
+
+
+def test_preflight_flags_misspelt_variables():
+    notes = preflight.suspicious_vars(tg, {"NUM_LAYER": "3", "SWA_ENABLED": "1", "HOME": "x", "NUM_LAYERS": "2"})
+    assert any("NUM_LAYER " in n and "NUM_LAYERS" in n for n in notes)
+    assert any(n.startswith("SWA_ENABLED") for n in notes)
+    assert len(notes) == 2
+
+
+def test_artifact_estimate_is_deterministic():
+    h = tg.Hyperparameters.from_env(SMALL_ENV)
+    state = preflight.perturbed_model(tg, h, seed=0).state_dict()
+    first = preflight.estimate_artifact(tg, h, state, seed=0)
+    second = preflight.estimate_artifact(tg, h, state, seed=0)
+    assert first.model_bytes == second.model_bytes
+    assert 0 < first.model_bytes < tg.SIZE_LIMIT
+    assert first.total_params == expected_params(V=256, d=64, L=2, H=4, Hkv=2, mlp_mult=2, Vb=256, bd=32, ve_dim=16,
+                                                 ve_layers=(1,))
+
+
+def test_shrunk_config_keeps_the_architecture():
+    h = tg.Hyperparameters.from_env({"RUN_ID": "t"})
+    small = preflight.shrunk_config(h)
+    assert (small.num_layers, small.num_heads, small.num_kv_heads, small.head_dim) == (2, 8, 4, 16)
+    assert small.bigram_dim != small.model_dim and small.ve_dim != small.kv_dim  # both projections exist
+    assert small.ve_layer_ids == (1,) and small.xsa_last_n == 2 and small.vrl_enabled

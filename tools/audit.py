@@ -1,0 +1,266 @@
+"""The community "flip test" (SPEC section 7) on every evaluation mode of train_gpt.py.
+
+A mode is causal when the score of a target depends only on the tokens before it.
+The test: score every target of a random token stream with a small random model,
+change the target token at position p, score again; in a causal mode no target
+before p moves. The original's SLOT ("scored") fits its delta and bias to the
+very targets it then scores, so it fails; the context-only variant passes.
+
+    python -m tools.audit                       # all four modes, exit 0 if as expected
+    python -m tools.audit --strict              # exit 1 if any mode is not causal
+    python -m tools.audit --modes context,sliding --positions 16 --seed 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tools._common import import_train_gpt, kept_global_rng, torch_threads
+
+MODES = ("standard", "sliding", "scored", "context")
+LABELS = {"standard": "standard", "sliding": "sliding window", "scored": "SLOT scored", "context": "SLOT context"}
+EXPECTED_CAUSAL = {"standard": True, "sliding": True, "scored": False, "context": True}
+# Float32 on the CPU is deterministic row by row: a causal mode repeats earlier targets' nll
+# bit for bit (measured: 0.0), so any threshold well above rounding noise works.
+THRESHOLD = 1e-6
+WEIGHT_NOISE = 0.05  # added to every parameter so the tiny model's predictions depend on its input
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    seed: int = 0
+    positions: int = 8
+    seq_len: int = 64
+    stride: int = 16
+    targets: int = 320
+    slot_steps: int = 48
+    eval_tail: str = "once"
+    modes: tuple[str, ...] = MODES
+    threshold: float = THRESHOLD
+
+
+@dataclass
+class ModeResult:
+    mode: str
+    max_earlier: float  # largest |change| of the nll of a target before a flipped one
+    min_effect: float  # smallest, over flips, of the largest |change| at or after p
+    worst_position: int  # the flip that moved an earlier target most
+    flips: int
+    threshold: float
+
+    @property
+    def verdict(self) -> str:
+        if self.max_earlier > self.threshold:
+            return "NOT causal"
+        # A flip that changes nothing anywhere proves nothing about causality.
+        return "causal" if self.min_effect > self.threshold else "inconclusive"
+
+    @property
+    def as_expected(self) -> bool:
+        return self.verdict == ("causal" if EXPECTED_CAUSAL[self.mode] else "NOT causal")
+
+
+@dataclass
+class AuditReport:
+    settings: AuditSettings
+    config: object  # train_gpt.Hyperparameters of the tiny model
+    n_windows: int
+    positions: list[int]
+    results: list[ModeResult]
+    seconds: float
+
+
+def tiny_config(tg, s: AuditSettings):
+    """A small model with every feature of the record's (bigram and VE projections, VRL, XSA,
+    U-Net skip, GQA, partial RoPE) and the record's SLOT settings."""
+    env = dict(
+        VOCAB_SIZE="64", NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1", MLP_MULT="2",
+        BIGRAM_VOCAB_SIZE="64", BIGRAM_DIM="16", VE_DIM="8", VE_LAYERS="1", XSA_LAST_N="2",
+        TRAIN_SEQ_LEN=str(s.seq_len), EVAL_SEQ_LEN=str(s.seq_len), EVAL_STRIDE=str(s.stride),
+        VAL_BATCH_SIZE=str(8 * 2 * s.seq_len),  # two sequences per standard batch: batching is exercised
+        SLOT_STEPS=str(s.slot_steps), EVAL_TAIL=s.eval_tail, RUN_ID="audit", SEED=str(s.seed),
+    )
+    return tg.Hyperparameters.from_env(env)
+
+
+def random_model(tg, h, seed: int):
+    """The seeded initial model plus seeded noise: at initialisation the output projections are
+    zero and the embeddings tiny, so every target would score about ln V whatever the input."""
+    with kept_global_rng():
+        model = tg.build_model(h, torch.device("cpu"), seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(WEIGHT_NOISE * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+def unit_luts(vocab_size: int):
+    """Byte tables without a tokenizer: every token one byte, no spaces, no boundaries."""
+    return (torch.ones(vocab_size, dtype=torch.int16), torch.zeros(vocab_size, dtype=torch.bool),
+            torch.zeros(vocab_size, dtype=torch.bool))
+
+
+def flip_positions(plan, k: int, seed: int) -> list[int]:
+    """K targets inside later windows' scored spans, each with an earlier target in the same span
+    (else a mode that only looks within its span could not show a dependence)."""
+    rng = np.random.default_rng(seed)
+    candidates = [w for w in range(1, len(plan)) if plan.length[w] - plan.score_from[w] >= 2]
+    if not candidates:
+        raise ValueError("no window after the first scores two targets or more; use more targets or a larger stride")
+    windows = rng.choice(candidates, size=k, replace=k > len(candidates))
+    positions = {int(plan.start[w] + rng.integers(plan.score_from[w] + 1, plan.length[w])) for w in windows}
+    return sorted(positions)
+
+
+def score_targets(tg, model, tokens, h, luts, modes) -> dict[str, torch.Tensor]:
+    """Every target's nll (float64, 0 where a mode scores nothing) for each mode asked for."""
+    rt = tg.Runtime()
+    L, n_targets = h.effective_eval_seq_len, tokens.numel() - 1
+    out = {}
+    if "standard" in modes:
+        out["standard"] = tg.eval_standard(model, model.hidden, tokens, L, h, rt, luts, collect=True).per_target(rt)
+    slot_modes = tuple(m for m in ("scored", "context") if m in modes)
+    if "sliding" in modes or slot_modes:
+        plan = tg.sliding_windows(n_targets, L, h.eval_stride, h.eval_tail)
+        results = tg.eval_windows(model, model.hidden, tokens, plan, h, rt, luts, sliding="sliding" in modes,
+                                  slot_modes=slot_modes, collect=True, label="audit")
+        out.update({mode: sums.per_target(rt) for mode, (sums, _) in results.items()})
+    return out
+
+
+def flipped(tokens: torch.Tensor, p: int, vocab_size: int, rng: np.random.Generator) -> torch.Tensor:
+    """Target p is token p + 1: replace it by a different token."""
+    out = tokens.clone()
+    out[p + 1] = (int(out[p + 1]) + int(rng.integers(1, vocab_size))) % vocab_size
+    return out
+
+
+def run_audit(s: AuditSettings = AuditSettings()) -> AuditReport:
+    check_settings(s)
+    tg = import_train_gpt()
+    t0 = time.perf_counter()
+    h = tiny_config(tg, s)
+    n_targets = s.targets
+    plan = tg.sliding_windows(n_targets, s.seq_len, s.stride, s.eval_tail)
+    positions = flip_positions(plan, s.positions, s.seed)
+    rng = np.random.default_rng(s.seed + 1)
+    tokens = torch.from_numpy(rng.integers(0, h.vocab_size, n_targets + 1))
+    luts = unit_luts(h.vocab_size)
+    modes = [m for m in MODES if m in s.modes]
+    stats = {m: dict(max_earlier=0.0, min_effect=float("inf"), worst_position=positions[0]) for m in modes}
+    with torch_threads(1):  # not no_grad: SLOT fits its delta and bias by gradient
+        model = random_model(tg, h, s.seed)
+        base = score_targets(tg, model, tokens, h, luts, modes)
+        for p in positions:
+            after = score_targets(tg, model, flipped(tokens, p, h.vocab_size, rng), h, luts, modes)
+            for m in modes:
+                diff = (after[m] - base[m]).abs()
+                earlier, effect = diff[:p].max().item() if p else 0.0, diff[p:].max().item()
+                if earlier > stats[m]["max_earlier"]:
+                    stats[m].update(max_earlier=earlier, worst_position=p)
+                stats[m]["min_effect"] = min(stats[m]["min_effect"], effect)
+    results = [ModeResult(m, flips=len(positions), threshold=s.threshold, **stats[m]) for m in modes]
+    return AuditReport(s, h, len(plan), positions, results, time.perf_counter() - t0)
+
+
+def check_settings(s: AuditSettings) -> None:
+    unknown = [m for m in s.modes if m not in MODES]
+    if unknown or not s.modes:
+        raise ValueError(f"--modes {','.join(s.modes)!r}: expected a comma-separated subset of {','.join(MODES)}")
+    if not 0 < s.stride < s.seq_len:
+        raise ValueError(f"--stride {s.stride}: expected 0 < stride < seq_len={s.seq_len}")
+    if s.targets <= s.seq_len:
+        raise ValueError(f"--targets {s.targets}: expected more than seq_len={s.seq_len} (flips go in later windows)")
+    if s.positions < 1 or s.seq_len < 4 or s.slot_steps < 1:
+        raise ValueError("--positions, --slot-steps must be >= 1 and --seq-len >= 4")
+
+
+def format_report(r: AuditReport) -> str:
+    s, h = r.settings, r.config
+    lines = [
+        "flip test (SPEC section 7): change the target at p, look for a change before p",
+        f"model: {h.num_layers} layers, d={h.model_dim}, {h.num_heads} heads ({h.num_kv_heads} kv), V={h.vocab_size}, "
+        f"bigram, VE, VRL, XSA; weights: SEED={s.seed} init + N(0, {WEIGHT_NOISE}^2) noise",
+        f"stream: {s.targets} random targets; windows of {s.seq_len}, stride {s.stride}, EVAL_TAIL={s.eval_tail} "
+        f"({r.n_windows} windows); SLOT {h.slot_steps} steps, lr {h.slot_lr}, batches of {h.slot_batch_seqs} "
+        f"dealt over {h.slot_interleave}",
+        f"flipped targets ({len(r.positions)}): {', '.join(map(str, r.positions))}",
+        "",
+        format_table(r.results),
+        "",
+        f"threshold {s.threshold:g}: a larger change of an earlier target's nll means the mode reads later tokens; "
+        f"'at/after p' shows each flip did change something",
+    ]
+    causal_noise = [x.max_earlier for x in r.results if x.verdict == "causal"]
+    if causal_noise:
+        lines.append(f"largest change of an earlier target in the causal modes: {max(causal_noise):.3g} "
+                     f"(float32 on the CPU repeats them exactly)")
+    lines.append(f"time: {r.seconds:.1f} s")
+    return "\n".join(lines)
+
+
+def format_table(results: list[ModeResult]) -> str:
+    header = ("mode", "verdict", "max |dnll| before p", "min |dnll| at/after p", "positions", "expected")
+    rows = [header] + [(LABELS[x.mode], x.verdict, f"{x.max_earlier:.3g}", f"{x.min_effect:.3g}", str(x.flips),
+                        "causal" if EXPECTED_CAUSAL[x.mode] else "NOT causal") for x in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def exit_code(results: list[ModeResult], strict: bool) -> int:
+    if strict:
+        return 0 if all(x.verdict == "causal" for x in results) else 1
+    return 0 if all(x.as_expected for x in results) else 1
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="python -m tools.audit",
+        description="Flip test (SPEC section 7) of train_gpt.py's evaluation modes on a small random model. "
+                    "Exit 0 when the verdicts are as expected (standard, sliding and SLOT context causal; "
+                    "SLOT scored not causal); with --strict, exit 1 when any mode is not causal.")
+    d = AuditSettings()
+    p.add_argument("--seed", type=int, default=d.seed, help="model, stream and flip positions (default %(default)s)")
+    p.add_argument("--positions", type=int, default=d.positions, help="targets to flip (default %(default)s)")
+    p.add_argument("--stride", type=int, default=d.stride, help="sliding/SLOT stride (default %(default)s)")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="window length (default %(default)s)")
+    p.add_argument("--targets", type=int, default=d.targets, help="targets in the stream (default %(default)s)")
+    p.add_argument("--slot-steps", type=int, default=d.slot_steps, help="SLOT steps (default %(default)s, the record's)")
+    p.add_argument("--eval-tail", choices=("once", "original"), default=d.eval_tail, help="EVAL_TAIL rule")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of %(default)s")
+    p.add_argument("--threshold", type=float, default=d.threshold, help="largest allowed change (default %(default)g)")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any mode is not causal")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    modes = tuple(m.strip() for m in a.modes.split(",") if m.strip())
+    settings = AuditSettings(seed=a.seed, positions=a.positions, seq_len=a.seq_len, stride=a.stride,
+                             targets=a.targets, slot_steps=a.slot_steps, eval_tail=a.eval_tail, modes=modes,
+                             threshold=a.threshold)
+    tg = import_train_gpt()
+    try:
+        report = run_audit(settings)
+    except (ValueError, tg.ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    code = exit_code(report.results, a.strict)
+    if code == 0:
+        print("result: PASS" + ("" if a.strict else " (verdicts as expected; SLOT scored fits the targets it scores)"))
+    else:
+        bad = [LABELS[x.mode] for x in report.results if (x.verdict != "causal" if a.strict else not x.as_expected)]
+        print(f"result: FAIL ({', '.join(bad)}: " + ("not causal" if a.strict else "not as expected") + ")")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

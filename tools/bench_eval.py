@@ -1,0 +1,283 @@
+"""Time train_gpt.py's evaluations on a random-weight model with 2048-token windows.
+
+    python -m tools.bench_eval                      # CPU-sized defaults, a random stream
+    python -m tools.bench_eval --val data/datasets/demo_sp1024 --tokenizer data/tokenizers/demo_1024_bpe.model
+    python -m tools.bench_eval --compressors final_model.pt   # also: artifact bytes per compressor
+
+Times (a) the stride-S sliding evaluation alone, (b) SLOT alone, (c) the whole
+suite as train_gpt.evaluate_artifact runs it (artifact load, round trip, one
+shared sliding + SLOT pass, stride 64), and (d) a straightforward
+original-style SLOT (logits over all L positions of every window), measured on
+a few windows and extrapolated to all of them. Prints seconds and the ratios
+SLOT/sliding, suite/sliding and original-style/fast SLOT.
+
+--compressors FILE: FILE is a torch.save'd state dict (final_model.pt of a run);
+the model configuration comes from the environment (PRESET and the model
+variables, as for train_gpt.py), so set them as for the run that wrote it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import train_gpt as tg  # noqa: E402
+
+TARGETS = {"slot/sliding": (1.5, 7.5), "suite/sliding": (3.0, 10.0)}  # (this project's target, the original's)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m tools.bench_eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=2,
+                   help="NUM_LAYERS (default 2; a deeper body makes SLOT's share, and so the ratios, more like "
+                        "the record's)")
+    p.add_argument("--dim", type=int, default=128, help="MODEL_DIM (default 128; 4 heads, 2 kv heads)")
+    p.add_argument("--vocab", type=int, default=1024, help="VOCAB_SIZE (default 1024)")
+    p.add_argument("--seq-len", type=int, default=2048, help="EVAL_SEQ_LEN = TRAIN_SEQ_LEN (default 2048)")
+    p.add_argument("--stride", type=int, default=96, help="EVAL_STRIDE (default 96)")
+    p.add_argument("--slot-steps", type=int, default=48, help="SLOT_STEPS (default 48)")
+    p.add_argument("--slot-batch", type=int, default=32, help="SLOT_BATCH_SEQS (default 32)")
+    p.add_argument("--tokens", type=int, default=16384,
+                   help="validation targets to use (default 16384; 0 skips the timing, e.g. with --compressors)")
+    p.add_argument("--val", default=None, help="a folder of fineweb_val_*.bin shards (default: a random stream)")
+    p.add_argument("--tokenizer", default=None, help="SentencePiece model for the byte tables (default: random)")
+    p.add_argument("--orig-windows", type=int, default=2,
+                   help="windows on which to time the original-style SLOT (default 2; 0 skips it)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: small kernels on a shared CPU run steadier on one thread; "
+                        "0 keeps torch's choice)")
+    p.add_argument("--skip-suite", action="store_true", help="do not time (c), the whole suite")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compressors", metavar="STATE_DICT", default=None,
+                   help="print the artifact bytes of lzma/brotli/zstd for this state dict (default: skip)")
+    p.add_argument("--verbose", action="store_true", help="show the suite's own log lines")
+    return p.parse_args(argv)
+
+
+def bench_config(a: argparse.Namespace, device: torch.device) -> tg.Hyperparameters:
+    ve_layers = ",".join(str(i) for i in range(max(a.layers - 2, 0), a.layers))
+    env = dict(
+        VOCAB_SIZE=a.vocab, NUM_LAYERS=a.layers, MODEL_DIM=a.dim, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=3,
+        BIGRAM_VOCAB_SIZE=a.vocab, BIGRAM_DIM=32, VE_DIM=32, VE_LAYERS=ve_layers, XSA_LAST_N=a.layers,
+        TRAIN_SEQ_LEN=a.seq_len, EVAL_SEQ_LEN=a.seq_len, EVAL_STRIDE=a.stride, SLOT_STEPS=a.slot_steps,
+        SLOT_BATCH_SEQS=a.slot_batch, SLOT_MODE="scored", DEVICE=device.type, RUN_ID="bench_eval",
+    )
+    return tg.Hyperparameters.from_env({k: str(v) for k, v in env.items()})
+
+
+def random_weights(model: tg.GPT, seed: int) -> tg.GPT:
+    """Every matrix random (the zero-initialised projections too), so nothing is trivially cheap."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                std = 0.05 if name.endswith("embed.weight") or name == "tok_emb.weight" else p.size(1) ** -0.5
+                p.copy_((torch.randn(p.shape, generator=g) * std).to(p.dtype))
+    return model
+
+
+def stream_and_luts(a: argparse.Namespace, h: tg.Hyperparameters, device: torch.device):
+    g = torch.Generator().manual_seed(a.seed + 1)
+    if a.val:
+        tokens = tg.load_validation_tokens(tg.shard_files(a.val, "val"), 1)[: a.tokens + 1]
+    else:
+        tokens = torch.randint(0, h.vocab_size, (a.tokens + 1,), generator=g)
+    if tokens.numel() <= h.effective_eval_seq_len:
+        raise tg.ConfigError(f"--tokens={tokens.numel() - 1}: expected more than one window of {h.eval_seq_len}")
+    if a.tokenizer:
+        sp = tg.load_tokenizer(replace(h, tokenizer_path=a.tokenizer))
+        luts = tg.build_byte_luts(sp, h.vocab_size, device)
+    else:
+        base = torch.randint(1, 5, (h.vocab_size,), generator=g).to(torch.int16)
+        lead = torch.rand(h.vocab_size, generator=g) < 0.4
+        boundary = torch.zeros(h.vocab_size, dtype=torch.bool)
+        boundary[:4] = True
+        luts = (base.to(device), lead.to(device), boundary.to(device))
+    return tokens, luts
+
+
+def timed(rt: tg.Runtime, fn):
+    rt.sync()
+    t0 = time.perf_counter()
+    out = fn()
+    rt.sync()
+    return out, time.perf_counter() - t0
+
+
+def original_style_slot(hid: torch.Tensor, y: torch.Tensor, scored: torch.Tensor, weight: torch.Tensor,
+                        h: tg.Hyperparameters) -> torch.Tensor:
+    """The original's SLOT: logits for all L positions of every window at every step, the loss
+    masked to the scored positions."""
+    B, L, _ = hid.shape
+    V, cap = weight.size(0), h.logit_softcap
+    delta = torch.zeros(B, 1, hid.size(-1), device=hid.device, requires_grad=True)
+    bias = torch.zeros(B, 1, V, device=hid.device, requires_grad=True)
+    mask = scored.float()
+    opt = torch.optim.AdamW([delta, bias], lr=h.slot_lr, betas=(0.9, 0.999), eps=1e-5, weight_decay=1e-8)
+
+    def nll():
+        logits = cap * torch.tanh((F.linear(hid + delta, weight) + bias) / cap)
+        return F.cross_entropy(logits.reshape(-1, V), y.reshape(-1), reduction="none").reshape(B, L)
+
+    for i in range(h.slot_steps):
+        for group in opt.param_groups:
+            group["lr"] = h.slot_lr_min + 0.5 * (h.slot_lr - h.slot_lr_min) * (1 + math.cos(math.pi * i / h.slot_steps))
+        opt.zero_grad(set_to_none=True)
+        loss = (nll() * mask).sum() / mask.sum()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return nll()[scored]
+
+
+def window_batch(tokens, plan, idx, L, device):
+    """Inputs, targets and the scored mask of some windows (as eval_windows builds them)."""
+    ar = torch.arange(L)
+    start = torch.from_numpy(plan.start[idx])[:, None]
+    valid = ar[None] < torch.from_numpy(plan.length[idx])[:, None]
+    pos = (start + ar[None]).clamp(max=tokens.numel() - 2)
+    x = torch.where(valid, tokens[pos], 0).to(device)
+    y = torch.where(valid, tokens[pos + 1], 0).to(device)
+    scored = (valid & (ar[None] >= torch.from_numpy(plan.score_from[idx])[:, None])).to(device)
+    return x, y, scored
+
+
+def compare_slot_styles(model, hidden_fn, tokens, plan, h, rt, k: int):
+    """Per-window seconds of the fast and the original-style SLOT fit on the same k windows
+    (windows 1..k: full-length ones that score the last `stride` targets)."""
+    idx = torch.arange(1, min(k, len(plan) - 1) + 1).numpy()
+    x, y, scored = window_batch(tokens, plan, idx, h.effective_eval_seq_len, rt.device)
+    weight = model.head_weight().detach().float()
+    with torch.no_grad(), rt.autocast():
+        hid = hidden_fn(x).float()
+    fast, t_fast = timed(rt, lambda: tg.slot_fit_and_score(hid, y, scored, scored, weight, h))
+    orig, t_orig = timed(rt, lambda: original_style_slot(hid, y, scored, weight, h))
+    gap = float(((fast - orig).abs() / orig.abs().clamp_min(1e-6)).max())
+    return t_fast / len(idx), t_orig / len(idx), len(idx), gap
+
+
+def run_suite(h, rt, tokens, luts, model, verbose: bool):
+    """train_gpt.evaluate_artifact on this model's artifact, as the record runs it; returns
+    (seconds, {log name: eval seconds})."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "bench.int6.ptz")
+        tg.write_atomic(path, tg.pack_artifact(tg.quantize_state_dict(model.state_dict(), h), h.compressor))
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            _, seconds = timed(rt, lambda: tg.evaluate_artifact(replace(h, artifact=path), rt, tokens, luts))
+    parts = {m.group(1): int(m.group(2)) / 1000 for m in re.finditer(r"^(\w+) val_loss:\S+ .*eval_time:(\d+)ms",
+                                                                       out.getvalue(), re.M)}
+    if verbose:
+        print(out.getvalue(), end="")
+    return seconds, parts
+
+
+def compressor_sizes(path: str) -> None:
+    h = tg.Hyperparameters.from_env()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    container = tg.quantize_state_dict(state, h)
+    code = len((REPO / "train_gpt.py").read_bytes())
+    print(f"\nartifact bytes for {path} ({sum(t.numel() for t in state.values()):,} values; "
+          f"train_gpt.py {code:,} bytes)")
+    print(f"{'compressor':<12}{'artifact':>14}{'+ code':>14}{'pack s':>10}{'unpack s':>10}  round trip")
+    for name in ("lzma", "brotli", "zstd"):
+        t0 = time.perf_counter()
+        blob = tg.pack_artifact(container, name)
+        t1 = time.perf_counter()
+        back = tg.unpack_artifact(blob, path)
+        t2 = time.perf_counter()
+        same = back["m"] == container["m"] and all(torch.equal(back["w"][k], v) for k, v in container["w"].items())
+        print(f"{name:<12}{len(blob):>14,}{len(blob) + code:>14,}{t1 - t0:>10.2f}{t2 - t1:>10.2f}  "
+              f"{'exact' if same else 'MISMATCH'}")
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    use_cuda = a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
+    try:
+        if a.tokens > 0:
+            bench(a, device)
+        if a.compressors is not None:
+            compressor_sizes(a.compressors)
+    except tg.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def bench(a: argparse.Namespace, device: torch.device) -> None:
+    h = bench_config(a, device)
+    rt = tg.Runtime(device=device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model = random_weights(tg.build_model(h, device, seed=a.seed), a.seed).eval()
+    tokens, luts = stream_and_luts(a, h, device)
+    hidden_fn = (torch.compile(model.hidden, dynamic=False, fullgraph=True) if tg.use_compile(h, rt)
+                 else model.hidden)
+    L, n = h.effective_eval_seq_len, tokens.numel() - 1
+    plan = tg.sliding_windows(n, L, h.eval_stride, h.eval_tail)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"device:{device} threads:{torch.get_num_threads()} layers:{h.num_layers} dim:{h.model_dim} "
+          f"vocab:{h.vocab_size} params:{n_params:,} L:{L} stride:{h.eval_stride} targets:{n:,} "
+          f"windows:{len(plan)} slot_steps:{h.slot_steps} slot_batch:{h.slot_batch_seqs} "
+          f"stream:{'val shards' if a.val else 'random'}")
+
+    def windows(sliding, modes, p=plan):
+        return tg.eval_windows(model, hidden_fn, tokens, p, h, rt, luts, sliding=sliding, slot_modes=modes,
+                               label="bench")
+
+    warm = tg.WindowPlan(plan.start[:2], plan.length[:2], plan.score_from[:2])
+    windows(True, ("scored",), warm)  # kernels (and compilation) warm before any timing
+    res_a, t_a = timed(rt, lambda: windows(True, ()))
+    res_b, t_b = timed(rt, lambda: windows(False, ("scored",)))
+    rows = [("(a) sliding s%d" % h.eval_stride, t_a, res_a["sliding"][0].result(rt)[1]),
+            ("(b) SLOT-%d (fast)" % h.slot_steps, t_b, res_b["scored"][0].result(rt)[1])]
+    suite_parts = {}
+    if not a.skip_suite:
+        t_c, suite_parts = run_suite(h, rt, tokens, luts, model, a.verbose)
+        rows.append(("(c) suite (evaluate_artifact)", t_c, None))
+    t_d = None
+    if a.orig_windows > 0:
+        fast_w, orig_w, k, gap = compare_slot_styles(model, hidden_fn, tokens, plan, h, rt, a.orig_windows)
+        t_d = t_b + (orig_w - fast_w) * len(plan)
+        rows.append((f"(d) original-style SLOT (est. from {k} windows)", t_d, None))
+
+    print(f"\n{'evaluation':<46}{'seconds':>10}{'val_bpb':>10}")
+    for name, sec, bpb in rows:
+        print(f"{name:<46}{sec:>10.2f}{'' if bpb is None else f'{bpb:.4f}':>10}")
+    for name, sec in suite_parts.items():
+        print(f"    {name:<42}{sec:>10.2f}")
+    print(f"\n{'ratio':<46}{'value':>10}{'target':>10}{'original':>10}")
+    print(f"{'SLOT / sliding':<46}{t_b / t_a:>10.2f}{'<= 1.5':>10}{'7.5':>10}")
+    if not a.skip_suite:
+        print(f"{'suite / sliding':<46}{rows[2][1] / t_a:>10.2f}{'<= 3':>10}{'10':>10}")
+    if t_d is not None:
+        print(f"{'original-style SLOT / fast SLOT':<46}{t_d / t_b:>10.2f}")
+        print(f"{'  SLOT fit per window: original / fast':<46}{orig_w / fast_w:>10.2f}"
+              f"   ({orig_w:.3f}s vs {fast_w:.3f}s; max rel. nll gap {gap:.1e})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

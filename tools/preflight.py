@@ -1,0 +1,446 @@
+"""Preflight: check a train_gpt.py configuration on a CPU, with no data, before a GPU run.
+
+Reads the same environment variables as train_gpt.py (PRESET included), then checks:
+the configuration and its split over the world size, the model's parameter count,
+a forward pass (loss at initialisation near ln V), a torch.compile(fullgraph=True)
+of a shrunk copy of the architecture, the code bytes, and an estimate of the
+artifact size of a trained model of this shape against the 16,000,000-byte limit.
+Prints PASS/FAIL per check; exits 1 if any check fails.
+
+    python -m tools.preflight
+    PRESET=demo python -m tools.preflight --no-compile
+    NUM_LAYERS=12 MODEL_DIM=576 python -m tools.preflight --world-size 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import io
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+
+from tools._common import import_train_gpt, kept_global_rng
+
+DEFAULT_WORLD_SIZE = 8  # the record's 8xH100
+FORWARD_TOLERANCE = 0.1  # |loss - ln V| at initialisation; see check_forward
+COMPILE_TOLERANCE = 1e-4
+# Variables the original reads that change nothing (SPEC section 1): not typos.
+IGNORED_VARS = ("MUON_BETA2", "SWA_ENABLED", "SWA_EVERY")
+
+# Trained-like weights for the artifact estimate. Muon's orthogonalised update of a rows x cols
+# matrix has entries of RMS 1/sqrt(cols) (after its sqrt(max(1, rows/cols)) factor), so trained
+# matrices are drawn with rows of L2 norm ~ ROW_NORM: entries N(0, (ROW_NORM / sqrt(cols))^2), each
+# row's norm spread lognormally. int6's scale floor of 1/31 makes the absolute scale matter, so
+# ROW_NORM is calibrated: with it the default configuration gives the seed-42 record's artifact.
+ROW_NORM = 4.1
+ROW_NORM_SPREAD = 0.3  # sigma of the row norm's log
+VECTOR_JITTER = 0.1  # vectors and scalars: their initial value times (1 + 0.1 N(0, 1))
+RECORD_PARAMS, RECORD_MODEL_BYTES, RECORD_CODE_BYTES = 26_862_694, 15_689_612, 61_983
+
+
+@dataclass
+class Outcome:
+    name: str
+    status: str  # PASS | FAIL | SKIP
+    summary: str
+    details: list[str] = field(default_factory=list)
+
+
+class CheckSkipped(Exception):
+    """A check that did not run (asked not to, or an earlier check it needs failed)."""
+
+
+class CheckFailed(Exception):
+    """A check's negative result: summary and detail lines."""
+
+    def __init__(self, summary: str, details: list[str] | None = None):
+        super().__init__(summary)
+        self.details = details or []
+
+
+@dataclass
+class Context:
+    env: dict
+    world_size: int | None
+    compile: bool
+    backend: str
+    artifact: bool
+    seed: int
+    tg: object = None
+    h: object = None
+    model: object = None
+    code_bytes: int | None = None
+
+# -----------------------------
+# CHECKS: each returns (summary, details), raises CheckFailed or CheckSkipped, or returns
+# None when an earlier check it needs failed
+# -----------------------------
+
+
+def check_import(ctx: Context):
+    ctx.tg = import_train_gpt()
+    return f"train_gpt.py imported (torch {torch.__version__}, Python {sys.version.split()[0]})", []
+
+
+def check_config(ctx: Context):
+    tg = ctx.tg
+    try:
+        h = tg.Hyperparameters.from_env(ctx.env)
+    except tg.ConfigError as e:
+        raise CheckFailed(str(e)) from None
+    ctx.h = h
+    details = [f"set: {', '.join(f'{k}={ctx.env[k]}' for k in known_vars(tg) if k in ctx.env) or '(nothing)'}"]
+    details += [f"note: {n}" for n in suspicious_vars(tg, ctx.env)]
+    slot = f"SLOT {h.slot_mode} {h.slot_steps} steps" if h.slot_enabled else "SLOT off"
+    summary = (f"PRESET={h.preset or '(none)'}: {h.num_layers} layers, d={h.model_dim}, {h.num_heads} heads "
+               f"({h.num_kv_heads} kv), MLP x{h.mlp_mult:g}, V={h.vocab_size}, seq {h.train_seq_len}/"
+               f"{h.effective_eval_seq_len}, {slot}, COMPRESSOR={h.compressor}")
+    return summary, details
+
+
+def known_vars(tg) -> list[str]:
+    return [f.name.upper() for f in fields(tg.Hyperparameters)]  # PRESET included
+
+
+def suspicious_vars(tg, env) -> list[str]:
+    """Variables train_gpt.py does not read but that look like one it does (a typo is silently ignored)."""
+    known = set(known_vars(tg))
+    notes = []
+    for name in sorted(env):
+        if name in known or not name.isupper():
+            continue
+        if name in IGNORED_VARS:
+            notes.append(f"{name} is read by the original but changes nothing; train_gpt.py ignores it")
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
+        if close:
+            notes.append(f"{name} is not a train_gpt.py variable (did you mean {close[0]}?)")
+    return notes
+
+
+def check_world(ctx: Context):
+    if ctx.h is None:
+        return None
+    world = ctx.world_size
+    if world is None:
+        raw = ctx.env.get("WORLD_SIZE", str(DEFAULT_WORLD_SIZE))
+        try:
+            world = int(raw)
+        except ValueError:
+            raise CheckFailed(f"WORLD_SIZE={raw!r} is not an integer") from None
+    if world < 1:
+        raise CheckFailed(f"world size {world}: expected at least 1")
+    h = ctx.h
+    try:
+        h.check_world(world)
+    except ctx.tg.ConfigError as e:
+        raise CheckFailed(str(e)) from None
+    accum = h.grad_accum_steps(world)
+    local = h.train_batch_tokens // (world * accum)
+    details = [] if 8 % world == 0 else [
+        f"note: {world} does not divide 8, so grad_accum is 1 (the original requires a divisor of 8)"]
+    return (f"world_size={world}: grad_accum {accum}, {local:,} tokens per rank per micro-step "
+            f"({local // h.train_seq_len} rows of {h.train_seq_len}); validation {h.val_batch_size // 8:,} "
+            f"tokens per rank per batch"), details
+
+
+def check_model(ctx: Context):
+    if ctx.h is None:
+        return None
+    t0 = time.perf_counter()
+    with kept_global_rng():
+        ctx.model = ctx.tg.build_model(ctx.h, torch.device("cpu"), seed=ctx.h.seed)
+    n = count_params(ctx.model)
+    mtp = sum(p.numel() for p in ctx.model.mtp_heads.parameters())
+    extra = f" (+{mtp:,} in MTP heads, training only)" if mtp else ""
+    note = " - the record's count" if n == RECORD_PARAMS else ""
+    return f"{n:,} parameters{extra}{note} (built in {time.perf_counter() - t0:.1f} s)", []
+
+
+def count_params(model) -> int:
+    """As train_gpt.py's model_params log line: the exported model, MTP heads left out."""
+    return sum(p.numel() for name, p in model.named_parameters() if not name.startswith("mtp_heads."))
+
+
+def sample_batch(h, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    T = min(h.train_seq_len, 256)
+    x = torch.randint(0, h.vocab_size, (2, T), generator=gen)
+    y = torch.randint(0, h.vocab_size, (2, T), generator=gen)
+    return x, y
+
+
+def check_forward(ctx: Context):
+    """At initialisation the output projections are zero and the tied embedding tiny (std
+    TIED_EMBED_INIT_STD), so the logits are near 0 and the loss on random targets near ln V. The
+    input token's own logit is about std * d / sqrt(2) (1.8 at the default), which moves the loss
+    by ~0.01 at V = 1024; a wrong init scale, a broken norm or a NaN moves it much more."""
+    if ctx.model is None:
+        return None
+    h, model = ctx.h, ctx.model
+    x, y = sample_batch(h, ctx.seed)
+    model.eval()
+    with torch.no_grad():
+        loss = model(x, y).item()
+    ln_v = math.log(h.vocab_size)
+    line = f"loss {loss:.4f} at init on 2x{x.size(1)} random tokens, ln V = {ln_v:.4f}, |diff| {abs(loss - ln_v):.4f}"
+    if not math.isfinite(loss) or abs(loss - ln_v) >= FORWARD_TOLERANCE:
+        raise CheckFailed(line + f" >= {FORWARD_TOLERANCE}")
+    return line + f" < {FORWARD_TOLERANCE}", []
+
+
+def shrunk_config(h):
+    """The user's architecture with 2 layers and 16-dim heads (same head counts, MLP ratio, vocab,
+    bigram table, RoPE dims, softcap...), keeping which optional parts exist: bigram/VE projections,
+    VE on a layer, XSA on all or only the last layer, VRL."""
+    head_dim = min(h.head_dim, max(16, h.rope_dims))
+    d, kv = h.num_heads * head_dim, h.num_kv_heads * head_dim
+    ve_ids = sorted({0 if i == 0 else 1 for i in h.ve_layer_ids}) or [1]
+    xsa = 0 if h.xsa_last_n == 0 else (2 if h.xsa_last_n >= h.num_layers else 1)
+    small = replace(
+        h, num_layers=2, model_dim=d, xsa_last_n=xsa, ve_layers=",".join(map(str, ve_ids)),
+        bigram_dim=d if h.bigram_dim == h.model_dim else _other_than(d, 32),
+        ve_dim=kv if h.ve_dim == h.kv_dim else _other_than(kv, 32))
+    small.validate()
+    return small
+
+
+def _other_than(width: int, preferred: int) -> int:
+    """A small embedding width that differs from `width`, so the projection still exists."""
+    return preferred if preferred != width else preferred // 2
+
+
+def check_compile(ctx: Context):
+    if ctx.h is None:
+        return None
+    if not ctx.compile:
+        raise CheckSkipped("--no-compile")
+    tg, small = ctx.tg, shrunk_config(ctx.h)
+    model = perturbed_model(tg, small, ctx.seed)
+    x, y = sample_batch(small, ctx.seed)
+    desc = (f"GPT.forward (train mode, late-QAT path on) of a shrunk copy: 2 layers, d={small.model_dim} "
+            f"({small.num_heads}x{small.head_dim} heads, {small.num_kv_heads} kv), MLP x{small.mlp_mult:g}, "
+            f"bigram_dim {small.bigram_dim}, ve_dim {small.ve_dim} on layer(s) {small.ve_layers}, "
+            f"XSA last {small.xsa_last_n}, MTP heads {small.mtp_num_heads}; batch 2x{x.size(1)}; "
+            f"torch.compile(fullgraph=True, dynamic=False, backend={ctx.backend!r}); weights perturbed")
+    qat_before = tg.CastedLinear.qat
+    tg.CastedLinear.qat = True  # the late-QAT branch is the superset of the training forward
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            eager = model(x, y).item()
+            compiled = torch.compile(model, dynamic=False, fullgraph=True, backend=ctx.backend)(x, y).item()
+    except Exception as e:  # a graph break under fullgraph, a lowering error, no C++ compiler...
+        raise CheckFailed(f"{type(e).__name__}: {first_line(e)}", [f"compiled: {desc}"]) from None
+    finally:
+        tg.CastedLinear.qat = qat_before
+        torch._dynamo.reset()
+    diff = abs(eager - compiled)
+    line = (f"no graph break; loss eager {eager:.6f}, compiled {compiled:.6f}, |diff| {diff:.2e} "
+            f"(compile + run {time.perf_counter() - t0:.0f} s)")
+    if not diff < COMPILE_TOLERANCE:
+        raise CheckFailed(line + f" >= {COMPILE_TOLERANCE}", [f"compiled: {desc}"])
+    return line, [f"compiled: {desc}"]
+
+
+def first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+def perturbed_model(tg, h, seed: int, noise: float = 0.05):
+    """Seeded init plus seeded noise: at init the loss is ~ln V whatever the code computes."""
+    with kept_global_rng():
+        model = tg.build_model(h, torch.device("cpu"), seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(noise * torch.randn(p.shape, generator=gen))
+    return model.train()
+
+
+def check_code(ctx: Context):
+    ctx.code_bytes = len(Path(ctx.tg.__file__).read_text(encoding="utf-8").encode("utf-8"))
+    return (f"{ctx.code_bytes:,} bytes of train_gpt.py (UTF-8); leaves "
+            f"{ctx.tg.SIZE_LIMIT - ctx.code_bytes:,} bytes for the compressed model"), []
+
+
+def check_artifact(ctx: Context):
+    if ctx.model is None or ctx.code_bytes is None:
+        return None
+    if not ctx.artifact:
+        raise CheckSkipped("--no-artifact")
+    tg, h = ctx.tg, ctx.h
+    t0 = time.perf_counter()
+    est = estimate_artifact(tg, h, ctx.model.state_dict(), seed=ctx.seed)
+    total = est.model_bytes + ctx.code_bytes
+    margin = tg.SIZE_LIMIT - total
+    details = [
+        f"quantised: {est.counts['int6']:,} int6 + {est.counts['int8']:,} int8 + "
+        f"{est.counts['fp16']:,} fp16 values; {est.raw_bytes:,} bytes serialised, "
+        f"{est.model_bytes:,} after {h.compressor} ({8 * est.model_bytes / max(est.total_params, 1):.2f} bits/param)",
+        *basis_lines(h),
+        f"estimated in {time.perf_counter() - t0:.0f} s",
+    ]
+    line = (f"estimated {est.model_bytes:,} model + {ctx.code_bytes:,} code = {total:,} bytes "
+            f"{'<' if margin > 0 else '>='} {tg.SIZE_LIMIT:,}")
+    if margin <= 0:
+        raise CheckFailed(f"{line} (over by {-margin:,})", details)
+    return f"{line} (margin {margin:,}, {100 * margin / tg.SIZE_LIMIT:.1f}%)", details
+
+# -----------------------------
+# ARTIFACT ESTIMATE
+# -----------------------------
+
+
+@dataclass
+class ArtifactEstimate:
+    model_bytes: int  # the compressed container, as pack_artifact writes it
+    raw_bytes: int  # the serialised container before compression
+    counts: dict  # values stored as int6 / int8 / fp16 (passthrough)
+
+    @property
+    def total_params(self) -> int:
+        return sum(self.counts.values())
+
+
+def trained_like_state(tg, h, state: dict, seed: int = 0, row_norm: float = ROW_NORM) -> dict:
+    """A state dict of the same names and shapes with trained-like values (see ROW_NORM)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, t in state.items():
+        if not t.is_floating_point():
+            out[name] = t.clone()
+        elif t.ndim == 2 and not tg.is_control(name, h):
+            rows, cols = t.shape
+            norm = row_norm * torch.exp(ROW_NORM_SPREAD * torch.randn(rows, 1, generator=gen))
+            out[name] = torch.randn(rows, cols, generator=gen) * (norm / math.sqrt(cols))
+        else:
+            out[name] = t.float() * (1 + VECTOR_JITTER * torch.randn(t.shape, generator=gen))
+    return out
+
+
+def estimate_artifact(tg, h, state: dict, seed: int = 0, row_norm: float = ROW_NORM) -> ArtifactEstimate:
+    """Quantise trained-like weights of this shape with train_gpt's own quantize_state_dict and
+    compress them with pack_artifact and the configured COMPRESSOR."""
+    container = tg.quantize_state_dict(trained_like_state(tg, h, state, seed, row_norm), h)
+    counts = dict(int6=0, int8=0, fp16=0)
+    for name, scheme in container["m"].items():
+        if isinstance(scheme, dict):
+            counts[scheme["type"]] += container["w"][name + ".q"].numel()
+        elif container["w"][name].is_floating_point():
+            counts["fp16"] += container["w"][name].numel()
+    raw = len(pack_raw(container))
+    return ArtifactEstimate(len(tg.pack_artifact(container, h.compressor)), raw, counts)
+
+
+def pack_raw(container: dict) -> bytes:
+    buf = io.BytesIO()
+    torch.save(container, buf)
+    return buf.getvalue()
+
+
+def basis_lines(h) -> list[str]:
+    lines = [
+        f"basis: every weight matrix (rows x cols) drawn N(0, (c/sqrt(cols))^2) per entry, i.e. rows of L2 norm "
+        f"~c (Muon's update scale, 1/sqrt(fan-in)), each row's norm times lognormal(0, {ROW_NORM_SPREAD}); "
+        f"vectors and scalars: init x (1 + {VECTOR_JITTER} N(0,1)); c = {ROW_NORM:g}",
+        f"calibration: c chosen so that the default configuration ({RECORD_PARAMS:,} params, lzma) lands on the "
+        f"seed-42 record's {RECORD_MODEL_BYTES:,} compressed bytes; int6's 1/31 scale floor makes the weights' "
+        f"absolute scale, not only their shape, set the size",
+    ]
+    if h.compressor != "lzma":
+        lines.append(f"note: calibrated with lzma; COMPRESSOR={h.compressor} is estimated with the same weights")
+    return lines
+
+# -----------------------------
+# RUNNER
+# -----------------------------
+
+
+CHECKS = (
+    ("import", check_import),
+    ("config", check_config),
+    ("world", check_world),
+    ("model", check_model),
+    ("forward", check_forward),
+    ("compile", check_compile),
+    ("code", check_code),
+    ("artifact", check_artifact),
+)
+
+
+def run_check(name: str, fn, ctx: Context) -> Outcome:
+    try:
+        result = fn(ctx)
+    except CheckFailed as e:
+        return Outcome(name, "FAIL", str(e), e.details)
+    except CheckSkipped as e:
+        return Outcome(name, "SKIP", str(e))
+    except Exception as e:  # an unexpected error is a failed check, not a crash of the tool
+        return Outcome(name, "FAIL", f"{type(e).__name__}: {first_line(e)}")
+    if result is None:
+        return Outcome(name, "SKIP", "skipped: an earlier check failed")
+    return Outcome(name, "PASS", *result)
+
+
+def print_outcome(o: Outcome, out) -> None:
+    print(f"{o.status:<4}  {o.name:<8}  {o.summary}", file=out, flush=True)
+    for line in o.details:
+        print(f"{'':<16}{line}", file=out, flush=True)
+
+
+def run_preflight(ctx: Context, out) -> list[Outcome]:
+    outcomes = []
+    for name, fn in CHECKS:
+        outcome = run_check(name, fn, ctx)
+        print_outcome(outcome, out)
+        outcomes.append(outcome)
+        if name == "import" and outcome.status == "FAIL":
+            break  # nothing else can run without train_gpt
+    return outcomes
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="python -m tools.preflight",
+        description="Check the train_gpt.py configuration set in the environment (the same variables, PRESET "
+                    "included) on a CPU with no data: config, world split, parameter count, forward pass, "
+                    "torch.compile of a shrunk copy, code bytes and an artifact-size estimate. "
+                    "Exit 1 if any check fails.")
+    p.add_argument("--world-size", type=int, default=None,
+                   help=f"GPUs of the planned run (default: $WORLD_SIZE, else {DEFAULT_WORLD_SIZE} like the record)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile check (the slowest)")
+    p.add_argument("--compile-backend", default="inductor", choices=("inductor", "aot_eager", "eager"),
+                   help="torch.compile backend (default %(default)s, the record's; aot_eager is faster and still "
+                        "finds graph breaks)")
+    p.add_argument("--no-artifact", action="store_true", help="skip the artifact-size estimate")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random tokens and weights (default %(default)s)")
+    return p.parse_args(argv)
+
+
+def main(argv=None, env=None, out=None) -> int:
+    a = parse_args(argv)
+    out = sys.stdout if out is None else out
+    ctx = Context(env=dict(os.environ if env is None else env), world_size=a.world_size,
+                  compile=not a.no_compile, backend=a.compile_backend, artifact=not a.no_artifact, seed=a.seed)
+    t0 = time.perf_counter()
+    print("preflight: train_gpt.py configuration from the environment, on the CPU, no data", file=out)
+    outcomes = run_preflight(ctx, out)
+    failed = [o.name for o in outcomes if o.status == "FAIL"]
+    passed = sum(o.status == "PASS" for o in outcomes)
+    verdict = f"FAIL ({', '.join(failed)})" if failed else "PASS"
+    print(f"preflight: {verdict} - {passed} passed, {len(failed)} failed, "
+          f"{sum(o.status == 'SKIP' for o in outcomes)} skipped in {time.perf_counter() - t0:.0f} s", file=out)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
