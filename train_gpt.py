@@ -243,6 +243,8 @@ class Hyperparameters:
             need(ids and all(0 <= i < self.num_layers for i in ids) and len(set(ids)) == len(ids), "VE_LAYERS",
                  f"distinct comma-separated layer indices in [0, {self.num_layers})")
         need(self.max_seq_len <= 1 << 20, "TRAIN_SEQ_LEN", "at most 1048576")
+        need(not self.slot_enabled or self.eval_stride <= self.effective_eval_seq_len, "EVAL_STRIDE",
+             f"at most EVAL_SEQ_LEN={self.effective_eval_seq_len} with SLOT on (a longer stride leaves targets unscored)")
         need(0 <= self.seed < 2**32, "SEED", "an integer in [0, 2**32 - 1] (numpy's seed range)")
         need(self.run_id not in (".", "..") and not set(self.run_id) & set("/\\\0"), "RUN_ID",
              "a file name without path separators")
@@ -972,6 +974,11 @@ def load_artifact_into(model: GPT, path) -> None:
     if missing or unexpected:
         raise ConfigError(f"{path}: artifact does not fit this configuration (missing {sorted(missing)[:3]}, "
                           f"unexpected {sorted(unexpected)[:3]}); set the model variables it was trained with")
+    stored = set(container["w"])
+    absent = [n for n, m in container["m"].items()
+              if not ({n} if isinstance(m, str) else {n + ".q", n + ".scale"}) <= stored]
+    if absent:
+        raise ConfigError(f"{path}: damaged artifact (no stored tensor for {absent[0]})")
     state = dequantize_state_dict(container, template)
     bad = [k for k, v in state.items() if v.shape != template[k].shape]
     if bad:
@@ -1130,34 +1137,36 @@ def window_batches(n_windows: int, batch_seqs: int, interleave: int) -> list[np.
     return batches
 
 
-def slot_logits(h: Tensor, delta: Tensor, bias: Tensor, weight: Tensor, softcap: float) -> Tensor:
-    return softcap * torch.tanh((F.linear(h + delta, weight) + bias) / softcap)
-
-
 def slot_fit_and_score(hid: Tensor, y: Tensor, fit: Tensor, score: Tensor, weight: Tensor,
                        h: Hyperparameters) -> Tensor:
     """SLOT on one batch: a per-window hidden delta [1, d] and logit bias [1, V], fitted by AdamW
-    to the `fit` positions, then used to score the `score` positions. Only those rows'
-    logits are computed: the other positions never enter the loss."""
-    B = hid.size(0)
-    delta = torch.zeros(B, 1, hid.size(-1), device=hid.device, requires_grad=True)
-    bias = torch.zeros(B, 1, weight.size(0), device=hid.device, requires_grad=True)
+    to the `fit` positions, then used to score the `score` positions. The logits
+    30 tanh(((h + delta) W^T + bias) / 30) are computed as h W^T (frozen: once per batch, and
+    only at the rows the loss or the score reads) plus the per-window shift delta W^T + bias,
+    so each step costs elementwise work on those rows instead of a matmul over every position."""
+    B, softcap = hid.size(0), h.logit_softcap
+    delta = torch.zeros(B, hid.size(-1), device=hid.device, requires_grad=True)
+    bias = torch.zeros(B, weight.size(0), device=hid.device, requires_grad=True)
+
+    def logits(base: Tensor, rows: Tensor) -> Tensor:
+        return softcap * torch.tanh((base + (F.linear(delta, weight) + bias)[rows]) / softcap)
+
     fb, ft = fit.nonzero(as_tuple=True)
+    sb, st = score.nonzero(as_tuple=True)
+    fit_base = F.linear(hid[fb, ft], weight)
     if fb.numel():
         opt = torch.optim.AdamW([delta, bias], lr=h.slot_lr, betas=(0.9, 0.999), eps=1e-5, weight_decay=1e-8)
-        h_fit, y_fit = hid[fb, ft], y[fb, ft]
+        y_fit = y[fb, ft]
         for i in range(h.slot_steps):
             for group in opt.param_groups:
                 group["lr"] = h.slot_lr_min + 0.5 * (h.slot_lr - h.slot_lr_min) * (1 + math.cos(math.pi * i / h.slot_steps))
             opt.zero_grad(set_to_none=True)
-            logits = slot_logits(h_fit, delta[fb, 0], bias[fb, 0], weight, h.logit_softcap)
-            loss = F.cross_entropy(logits, y_fit, reduction="sum") / fb.numel()
+            loss = F.cross_entropy(logits(fit_base, fb), y_fit, reduction="sum") / fb.numel()
             loss.backward()
             opt.step()
-    sb, st = score.nonzero(as_tuple=True)
-    with torch.no_grad():
-        return F.cross_entropy(slot_logits(hid[sb, st], delta[sb, 0], bias[sb, 0], weight, h.logit_softcap),
-                               y[sb, st], reduction="none")
+    with torch.no_grad():  # scored mode fits the scored rows themselves: reuse their base logits
+        score_base = fit_base if torch.equal(fit, score) else F.linear(hid[sb, st], weight)
+        return F.cross_entropy(logits(score_base, sb), y[sb, st], reduction="none")
 
 
 def eval_windows(model: GPT, hidden_fn, tokens: Tensor, plan: WindowPlan, h: Hyperparameters, rt: Runtime, luts,
@@ -1490,6 +1499,7 @@ def main() -> None:
         sys.exit(2)
     finally:
         if dist.is_initialized():
+            dist.barrier()  # no rank tears gloo down while another still talks to it
             dist.destroy_process_group()
 
 

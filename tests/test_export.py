@@ -19,12 +19,12 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 MEDIUM = dict(
     VOCAB_SIZE="520", NUM_LAYERS="2", MODEL_DIM="128", NUM_HEADS="2", NUM_KV_HEADS="1", MLP_MULT="4.5",
     BIGRAM_VOCAB_SIZE="1040", BIGRAM_DIM="64", VE_DIM="32", VE_LAYERS="1", XSA_LAST_N="2",
-    TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64", RUN_ID="test",
+    TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64", EVAL_STRIDE="32", RUN_ID="test",
 )
 SMALL = dict(
     VOCAB_SIZE="64", NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1", BIGRAM_VOCAB_SIZE="64",
     BIGRAM_DIM="16", VE_DIM="16", VE_LAYERS="1", XSA_LAST_N="2", TRAIN_SEQ_LEN="32", EVAL_SEQ_LEN="32",
-    RUN_ID="test",
+    EVAL_STRIDE="16", RUN_ID="test",
 )
 
 
@@ -186,9 +186,10 @@ def test_int8_scale_floor_and_one_dimensional_tensors():
 
 
 @pytest.fixture(scope="module")
-def default_state():
-    h = hparams(RUN_ID="test")
-    return h, quick_model(h).state_dict()
+def default_state(default_model):
+    """The default model's state dict (the model is built once per session, tests/conftest.py)."""
+    h, model = default_model
+    return h, model.state_dict()
 
 
 def test_rule_order_on_the_default_model(default_state, monkeypatch):

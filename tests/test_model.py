@@ -25,7 +25,7 @@ DEFAULT_PARAMS = 26_862_694
 TINY = dict(
     VOCAB_SIZE="64", NUM_LAYERS="5", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", MLP_MULT="2",
     ROPE_DIMS="8", XSA_LAST_N="3", BIGRAM_VOCAB_SIZE="50", BIGRAM_DIM="24", VE_DIM="8", VE_LAYERS="0,3",
-    TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64",
+    TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64", EVAL_STRIDE="32",
 )
 
 
@@ -69,7 +69,7 @@ def test_trajectory_config_parameter_count():
     """The reference trajectory's tiny config has 186,764 parameters (its logged model_params)."""
     h = tg.Hyperparameters.from_env(dict(
         VOCAB_SIZE="1024", NUM_LAYERS="3", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", MLP_MULT="2",
-        BIGRAM_DIM="16", VE_DIM="16", VE_LAYERS="1,2", XSA_LAST_N="3", TRAIN_SEQ_LEN="128", EVAL_SEQ_LEN="128"))
+        BIGRAM_DIM="16", VE_DIM="16", VE_LAYERS="1,2", XSA_LAST_N="3", TRAIN_SEQ_LEN="128", EVAL_SEQ_LEN="128", EVAL_STRIDE="64"))
     model = tg.build_model(h, CPU, seed=7)
     assert sum(p.numel() for p in model.parameters()) == 186_764 == expected_param_count(h)
 

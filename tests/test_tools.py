@@ -6,6 +6,7 @@ import io
 import re
 
 import pytest
+import torch
 
 from tools import audit, preflight
 from tools._common import import_train_gpt
@@ -84,6 +85,17 @@ def test_flip_positions_are_in_later_scored_spans():
     for p in positions:
         spans = [(s + f, s + n) for s, n, f in zip(plan.start[1:], plan.length[1:], plan.score_from[1:])]
         assert any(lo < p < hi for lo, hi in spans)  # inside a later window's span, not its first target
+
+
+def test_mode_result_verdicts():
+    r = audit.ModeResult("context", threshold=1e-6)
+    r.record(3, torch.tensor([0.0, 0.0, 0.0, 0.5, 0.1], dtype=torch.float64))
+    assert r.verdict == "causal" and r.as_expected
+    r.record(2, torch.tensor([0.0, 2e-6, 0.3, 0.0, 0.0], dtype=torch.float64))
+    assert r.verdict == "NOT causal" and (r.worst_position, r.worst_target) == (2, 1) and not r.as_expected
+    silent = audit.ModeResult("sliding", threshold=1e-6)
+    silent.record(3, torch.zeros(5, dtype=torch.float64))  # a flip that changed nothing proves nothing
+    assert silent.verdict == "inconclusive" and audit.exit_code([silent], strict=False) == 1
 
 
 def test_audit_cli_exit_codes(capsys):

@@ -48,11 +48,20 @@ class AuditSettings:
 @dataclass
 class ModeResult:
     mode: str
-    max_earlier: float  # largest |change| of the nll of a target before a flipped one
-    min_effect: float  # smallest, over flips, of the largest |change| at or after p
-    worst_position: int  # the flip that moved an earlier target most
-    flips: int
     threshold: float
+    flips: int = 0
+    max_earlier: float = 0.0  # largest |change| of the nll of a target before a flipped one
+    min_effect: float = float("inf")  # smallest, over flips, of the largest |change| at or after p
+    worst_position: int = -1  # the flip that moved an earlier target most
+    worst_target: int = -1  # and the earlier target it moved
+
+    def record(self, p: int, diff: torch.Tensor) -> None:
+        """One flip at target p; diff = |change| of every target's nll."""
+        self.flips += 1
+        if p > 0 and diff[:p].max().item() > self.max_earlier:
+            self.max_earlier, self.worst_position = diff[:p].max().item(), p
+            self.worst_target = int(diff[:p].argmax())
+        self.min_effect = min(self.min_effect, diff[p:].max().item())
 
     @property
     def verdict(self) -> str:
@@ -143,30 +152,25 @@ def flipped(tokens: torch.Tensor, p: int, vocab_size: int, rng: np.random.Genera
 
 
 def run_audit(s: AuditSettings = AuditSettings()) -> AuditReport:
+    """Score every target, then again after each flip, and compare, mode by mode."""
     check_settings(s)
     tg = import_train_gpt()
     t0 = time.perf_counter()
     h = tiny_config(tg, s)
-    n_targets = s.targets
-    plan = tg.sliding_windows(n_targets, s.seq_len, s.stride, s.eval_tail)
+    plan = tg.sliding_windows(s.targets, s.seq_len, s.stride, s.eval_tail)
     positions = flip_positions(plan, s.positions, s.seed)
     rng = np.random.default_rng(s.seed + 1)
-    tokens = torch.from_numpy(rng.integers(0, h.vocab_size, n_targets + 1))
+    tokens = torch.from_numpy(rng.integers(0, h.vocab_size, s.targets + 1))
     luts = unit_luts(h.vocab_size)
-    modes = [m for m in MODES if m in s.modes]
-    stats = {m: dict(max_earlier=0.0, min_effect=float("inf"), worst_position=positions[0]) for m in modes}
+    results = [ModeResult(m, s.threshold) for m in MODES if m in s.modes]
+    modes = [r.mode for r in results]
     with torch_threads(1):  # not no_grad: SLOT fits its delta and bias by gradient
         model = random_model(tg, h, s.seed)
         base = score_targets(tg, model, tokens, h, luts, modes)
         for p in positions:
             after = score_targets(tg, model, flipped(tokens, p, h.vocab_size, rng), h, luts, modes)
-            for m in modes:
-                diff = (after[m] - base[m]).abs()
-                earlier, effect = diff[:p].max().item() if p else 0.0, diff[p:].max().item()
-                if earlier > stats[m]["max_earlier"]:
-                    stats[m].update(max_earlier=earlier, worst_position=p)
-                stats[m]["min_effect"] = min(stats[m]["min_effect"], effect)
-    results = [ModeResult(m, flips=len(positions), threshold=s.threshold, **stats[m]) for m in modes]
+            for r in results:
+                r.record(p, (after[r.mode] - base[r.mode]).abs())
     return AuditReport(s, h, len(plan), positions, results, time.perf_counter() - t0)
 
 
@@ -198,6 +202,10 @@ def format_report(r: AuditReport) -> str:
         f"threshold {s.threshold:g}: a larger change of an earlier target's nll means the mode reads later tokens; "
         f"'at/after p' shows each flip did change something",
     ]
+    for x in r.results:
+        if x.verdict == "NOT causal":
+            lines.append(f"{LABELS[x.mode]}: flipping target {x.worst_position} moved the nll of target "
+                         f"{x.worst_target} by {x.max_earlier:.3g}")
     causal_noise = [x.max_earlier for x in r.results if x.verdict == "causal"]
     if causal_noise:
         lines.append(f"largest change of an earlier target in the causal modes: {max(causal_noise):.3g} "
@@ -232,7 +240,8 @@ def parse_args(argv):
     p.add_argument("--stride", type=int, default=d.stride, help="sliding/SLOT stride (default %(default)s)")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="window length (default %(default)s)")
     p.add_argument("--targets", type=int, default=d.targets, help="targets in the stream (default %(default)s)")
-    p.add_argument("--slot-steps", type=int, default=d.slot_steps, help="SLOT steps (default %(default)s, the record's)")
+    p.add_argument("--slot-steps", type=int, default=d.slot_steps,
+                   help="SLOT steps (default %(default)s, the record's)")
     p.add_argument("--eval-tail", choices=("once", "original"), default=d.eval_tail, help="EVAL_TAIL rule")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of %(default)s")
     p.add_argument("--threshold", type=float, default=d.threshold, help="largest allowed change (default %(default)g)")
