@@ -11,8 +11,10 @@ single process or under torchrun (NCCL on CUDA, gloo on CPU).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import glob
+import importlib
 import io
 import lzma
 import math
@@ -268,23 +270,15 @@ class Hyperparameters:
 
 
 def _parse_value(name: str, raw: str, kind: str):
+    booleans = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
     try:
-        if kind == "int":
-            return int(raw)
-        if kind == "float":
-            value = float(raw)
-            if not math.isfinite(value):
-                raise ValueError
-            return value
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a valid {kind}") from None
-    if kind == "bool":
-        if raw.lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{name}={raw!r} is not allowed; expected a boolean: 1/0, true/false, yes/no, on/off")
-    return raw
+        value = {"int": int, "float": float, "bool": lambda r: booleans[r.lower()], "str": str}[kind](raw)
+    except (ValueError, KeyError):
+        allowed = "a boolean: 1/0, true/false, yes/no, on/off" if kind == "bool" else f"a valid {kind}"
+        raise ConfigError(f"{name}={raw!r} is not allowed; expected {allowed}") from None
+    if kind == "float" and not math.isfinite(value):
+        raise ConfigError(f"{name}={raw!r} is not allowed; expected a finite number")
+    return value
 
 # -----------------------------
 # DATA
@@ -537,39 +531,19 @@ class Block(nn.Module):
         return x, v_raw
 
 
-class BigramHash(nn.Module):
-    """A learned embedding of a hash of (previous token, token)."""
+class ScaledEmbedding(nn.Module):
+    """An embedding table, projected to out_dim when its width differs (zero init), times a
+    learned scalar. The value embedding as is; the hashed bigram embedding below."""
 
-    def __init__(self, h: Hyperparameters):
+    def __init__(self, rows: int, dim: int, out_dim: int, scale: float, init_std: float):
         super().__init__()
-        self.buckets = h.bigram_vocab_size
-        self.scale = nn.Parameter(torch.tensor(0.05))
-        self.embed = nn.Embedding(h.bigram_vocab_size, h.bigram_dim)
-        nn.init.zeros_(self.embed.weight)
-        self.proj = CastedLinear(h.bigram_dim, h.model_dim) if h.bigram_dim != h.model_dim else None
-        if self.proj is not None:
-            nn.init.zeros_(self.proj.weight)
-
-    def forward(self, ids: Tensor) -> Tensor:
-        t = ids.to(torch.int32)
-        mod = self.buckets - 1
-        buckets = torch.full_like(t, mod)  # position 0 of every row has no previous token
-        buckets[:, 1:] = torch.bitwise_xor(36313 * t[:, 1:], 27191 * t[:, :-1]) % mod
-        out = self.embed(buckets.long())
-        if self.proj is not None:
-            out = self.proj(out)
-        return out * self.scale.to(out.dtype)
-
-
-class ValueEmbedding(nn.Module):
-    """A token embedding shared by the VE layers and added to their values."""
-
-    def __init__(self, h: Hyperparameters):
-        super().__init__()
-        self.scale = nn.Parameter(torch.tensor(0.1))
-        self.embed = nn.Embedding(h.vocab_size, h.ve_dim)
-        nn.init.normal_(self.embed.weight, std=0.01)
-        self.proj = CastedLinear(h.ve_dim, h.kv_dim) if h.ve_dim != h.kv_dim else None
+        self.scale = nn.Parameter(torch.tensor(scale))
+        self.embed = nn.Embedding(rows, dim)
+        if init_std > 0:
+            nn.init.normal_(self.embed.weight, std=init_std)
+        else:
+            nn.init.zeros_(self.embed.weight)
+        self.proj = CastedLinear(dim, out_dim) if dim != out_dim else None
         if self.proj is not None:
             nn.init.zeros_(self.proj.weight)
 
@@ -578,6 +552,20 @@ class ValueEmbedding(nn.Module):
         if self.proj is not None:
             out = self.proj(out)
         return out * self.scale.to(out.dtype)
+
+
+class BigramHash(ScaledEmbedding):
+    """A learned embedding of a hash of (previous token, token), added to the token embedding."""
+
+    def __init__(self, h: Hyperparameters):
+        super().__init__(h.bigram_vocab_size, h.bigram_dim, h.model_dim, scale=0.05, init_std=0.0)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        t = ids.to(torch.int32)  # the hash wraps in int32, as the original's
+        mod = self.embed.num_embeddings - 1
+        buckets = torch.full_like(t, mod)  # position 0 of every row has no previous token
+        buckets[:, 1:] = torch.bitwise_xor(36313 * t[:, 1:], 27191 * t[:, :-1]) % mod
+        return super().forward(buckets.long())
 
 
 class SmearGate(nn.Module):
@@ -605,7 +593,8 @@ class GPT(nn.Module):
         self.bigram = BigramHash(h) if h.bigram_vocab_size > 0 else None
         self.smear = SmearGate(h.model_dim)
         self.blocks = nn.ModuleList(Block(h, i) for i in range(h.num_layers))
-        self.ve_shared = ValueEmbedding(h) if h.ve_layer_ids else None
+        self.ve_shared = ScaledEmbedding(h.vocab_size, h.ve_dim, h.kv_dim, scale=0.1, init_std=0.01) \
+            if h.ve_layer_ids else None
         self.ve_layer_scales = nn.ParameterList(nn.Parameter(torch.ones(1)) for _ in h.ve_layer_ids)
         self.lm_head = None if h.tie_embeddings else CastedLinear(h.model_dim, h.vocab_size, zero_init=True)
         self.mtp_heads = nn.ModuleList(CastedLinear(h.model_dim, h.vocab_size, zero_init=True)
@@ -918,17 +907,12 @@ def _byte_shuffle(container: dict, inverse: bool) -> dict:
 
 
 def _codec(name: str):
+    module = {"lzma": "lzma", "brotli": "brotli", "zstd": "zstandard"}[name]
     try:
-        if name == "brotli":
-            import brotli
-            return brotli
-        if name == "zstd":
-            import zstandard
-            return zstandard
+        return importlib.import_module(module)
     except ImportError:
-        raise ConfigError(f"COMPRESSOR={name!r} needs the Python package "
-                          f"{'brotli' if name == 'brotli' else 'zstandard'}; install it or use COMPRESSOR=lzma") from None
-    return lzma
+        raise ConfigError(f"COMPRESSOR={name!r} needs the Python package {module}; install it or use "
+                          f"COMPRESSOR=lzma") from None
 
 
 def pack_artifact(container: dict, compressor: str) -> bytes:
@@ -1246,15 +1230,10 @@ def use_compile(h: Hyperparameters, rt: Runtime) -> bool:
     return h.compile == "1" or (h.compile == "auto" and rt.device.type == "cuda")
 
 
-def log_header(h: Hyperparameters, rt: Runtime, code: str) -> None:
-    rt.log(code, console=False)
-    rt.log("=" * 100, console=False)
-    rt.log(f"Running Python {sys.version}", console=False)
-    rt.log(f"Running PyTorch {torch.__version__}", console=False)
-    if shutil.which("nvidia-smi"):
-        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False)
-        rt.log(smi.stdout, console=False)
-    rt.log("=" * 100, console=False)
+def log_header(rt: Runtime, code: str) -> None:
+    smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout if shutil.which("nvidia-smi") else None
+    lines = [code, "=" * 100, f"Running Python {sys.version}", f"Running PyTorch {torch.__version__}", smi, "=" * 100]
+    rt.log("\n".join(line for line in lines if line is not None), console=False)
 
 
 def log_config(h: Hyperparameters, rt: Runtime, model: GPT, n_val_targets: int, n_train_shards: int) -> None:
@@ -1278,13 +1257,14 @@ def log_config(h: Hyperparameters, rt: Runtime, model: GPT, n_val_targets: int, 
     rt.log(f"seed:{h.seed}")
 
 
-def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts, train_files: list[str]) -> None:
+def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts, train_files: list[str]):
     """The record's loop: compile warm-up and reset, then steps until ITERATIONS or the wall-clock
-    cap, with EMA, late QAT and the warm-down. Leaves the EMA weights loaded in `model`."""
+    cap, with EMA, late QAT and the warm-down. Leaves the EMA weights loaded in `model` and
+    returns the (compiled) hidden-state function used for validation."""
     compiled = torch.compile(model, dynamic=False, fullgraph=True) if use_compile(h, rt) else model
     hidden_fn = torch.compile(model.hidden, dynamic=False, fullgraph=True) if use_compile(h, rt) else model.hidden
-    ddp = DDP(compiled, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-              broadcast_buffers=False) if rt.distributed else compiled
+    ddp = DDP(compiled, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) \
+        if rt.distributed else compiled  # the model has no buffers to broadcast
     optimizers, muon = build_optimizers(model, h)
     accum = h.grad_accum_steps(rt.world_size)
     loader = DistributedTokenLoader(train_files, rt.rank, rt.world_size, rt.device)
@@ -1293,12 +1273,13 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts,
         total = torch.zeros((), device=rt.device)
         for micro in range(accum):
             x, y = loader.next_batch(h.train_batch_tokens, h.train_seq_len, accum)
-            sync = micro == accum - 1 or not rt.distributed  # all-reduce gradients on the last micro-step only
-            with (ddp.no_sync() if not sync else torch.enable_grad()), rt.autocast():
-                loss = ddp(x, y)
+            # DDP all-reduces the gradients on the last micro-step only.
+            no_sync = rt.distributed and micro < accum - 1
+            with ddp.no_sync() if no_sync else contextlib.nullcontext():
+                with rt.autocast():
+                    loss = ddp(x, y)
+                (loss * (1.0 / accum)).backward()
             total += loss.detach()
-            with ddp.no_sync() if not sync else torch.enable_grad():
-                (loss / accum).backward()
         return total / accum
 
     def zero_grad() -> None:
@@ -1382,6 +1363,7 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts,
     current = model.state_dict()
     model.load_state_dict({k: v.to(current[k].dtype) for k, v in ema.items()}, strict=True)
     CastedLinear.qat = False
+    return hidden_fn
 
 # -----------------------------
 # EXPORT, EVALUATIONS, MAIN
@@ -1413,11 +1395,15 @@ def log_result(rt: Runtime, name: str, sums: Sums, seconds: float, extra: str = 
     return val_loss, val_bpb
 
 
-def evaluate_artifact(h: Hyperparameters, rt: Runtime, val_tokens: Tensor, luts) -> None:
-    """Every evaluation of SPEC section 6, on a fresh model loaded from the artifact."""
-    model = build_model(replace(h, mtp_num_heads=0), rt.device)
+def load_eval_model(h: Hyperparameters, device: torch.device) -> GPT:
+    """A fresh model (no training-only heads) with the artifact's dequantised weights."""
+    model = build_model(replace(h, mtp_num_heads=0), device)
     load_artifact_into(model, h.artifact)
-    model.eval()
+    return model.eval()
+
+
+def evaluate_artifact(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts) -> None:
+    """Every evaluation of SPEC section 6, on the round-tripped model."""
     hidden_fn = torch.compile(model.hidden, dynamic=False, fullgraph=True) if use_compile(h, rt) else model.hidden
     L, n_targets = h.effective_eval_seq_len, val_tokens.numel() - 1
 
@@ -1462,33 +1448,36 @@ def run(h: Hyperparameters) -> None:
     check_shards(val_files, h.vocab_size, check_ids=True)
     train_files = [] if h.eval_only else shard_files(h.data_path, "train")
     check_shards(train_files, h.vocab_size, check_ids=False)
-    if h.eval_only:  # check the artifact before anything is written
-        load_artifact_into(build_model(replace(h, mtp_num_heads=0), torch.device("cpu")), h.artifact)
+    # An artifact to evaluate is read now: a bad one stops the run before anything is written.
+    eval_model = load_eval_model(h, rt.device) if h.eval_only else None
 
     # Every input is valid: from here on the run writes its log and outputs.
     if rt.master:
         os.makedirs("logs", exist_ok=True)
     rt = replace(rt, log_path=f"logs/{h.run_id}.txt")
     code = Path(__file__).read_text(encoding="utf-8")
-    log_header(h, rt, code)
+    log_header(rt, code)
     val_tokens = load_validation_tokens(val_files, h.max_seq_len)
     luts = build_byte_luts(sp, h.vocab_size, rt.device)
-    model = build_model(h, rt.device, seed=h.seed)
-    log_config(h, rt, model, val_tokens.numel() - 1, len(train_files))
-
-    if not h.eval_only:
-        train(h, rt, model, val_tokens, luts, train_files)
+    if h.eval_only:
+        log_config(h, rt, eval_model, val_tokens.numel() - 1, 0)
+        rt.log(f"eval_only artifact:{h.artifact} bytes:{os.path.getsize(h.artifact)}")
+    else:
+        model = build_model(h, rt.device, seed=h.seed)
+        log_config(h, rt, model, val_tokens.numel() - 1, len(train_files))
+        hidden_fn = train(h, rt, model, val_tokens, luts, train_files)
         if rt.master:  # saved before anything that can fail after training
             buf = io.BytesIO()
             torch.save(model.state_dict(), buf)
             write_atomic("final_model.pt", buf.getvalue())
         t0 = time.perf_counter()
-        val_loss, val_bpb = eval_standard(model, model.hidden, val_tokens, h.train_seq_len, h, rt, luts).result(rt)
+        val_loss, val_bpb = eval_standard(model, hidden_fn, val_tokens, h.train_seq_len, h, rt, luts).result(rt)
         rt.log(f"DIAGNOSTIC post_ema val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
         export(h, rt, model, code)
-    del model
-    evaluate_artifact(h, rt, val_tokens, luts)
+        del model
+        eval_model = load_eval_model(h, rt.device)
+    evaluate_artifact(h, rt, eval_model, val_tokens, luts)
 
 
 def main() -> None:

@@ -297,7 +297,7 @@ def check_artifact(ctx: Context):
         f"{est.model_bytes:,} after {h.compressor} ({8 * est.model_bytes / max(est.total_params, 1):.2f} bits/param)",
         *basis_lines(h),
         *record_comparison(est, h),
-        f"estimated in {seconds:.0f} s (alongside the compile check)",
+        f"estimate took {seconds:.0f} s (in the background while the other checks ran)",
     ]
     line = (f"estimated {est.model_bytes:,} model + {ctx.code_bytes:,} code = {total:,} bytes "
             f"{'<' if margin > 0 else '>='} {tg.SIZE_LIMIT:,}")
