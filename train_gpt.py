@@ -1138,15 +1138,16 @@ def slot_fit_and_score(hid: Tensor, y: Tensor, fit: Tensor, score: Tensor, weigh
     fb, ft = fit.nonzero(as_tuple=True)
     sb, st = score.nonzero(as_tuple=True)
     fit_base = F.linear(hid[fb, ft], weight)
-    if fb.numel():
+    if fb.numel():  # (the fit needs autograd whatever the caller's grad mode)
         opt = torch.optim.AdamW([delta, bias], lr=h.slot_lr, betas=(0.9, 0.999), eps=1e-5, weight_decay=1e-8)
         y_fit = y[fb, ft]
         for i in range(h.slot_steps):
             for group in opt.param_groups:
                 group["lr"] = h.slot_lr_min + 0.5 * (h.slot_lr - h.slot_lr_min) * (1 + math.cos(math.pi * i / h.slot_steps))
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(logits(fit_base, fb), y_fit, reduction="sum") / fb.numel()
-            loss.backward()
+            with torch.enable_grad():
+                loss = F.cross_entropy(logits(fit_base, fb), y_fit, reduction="sum") / fb.numel()
+                loss.backward()
             opt.step()
     with torch.no_grad():  # scored mode fits the scored rows themselves: reuse their base logits
         score_base = fit_base if torch.equal(fit, score) else F.linear(hid[sb, st], weight)
@@ -1168,6 +1169,7 @@ def eval_windows(model: GPT, hidden_fn, tokens: Tensor, plan: WindowPlan, h: Hyp
     weight = model.head_weight().detach().float()
     ar = torch.arange(L)
     t_start = last_report = time.perf_counter()
+    was_training = model.training
     model.eval()
     for done, idx in enumerate(mine):
         start = torch.from_numpy(plan.start[idx])[:, None]
@@ -1202,6 +1204,7 @@ def eval_windows(model: GPT, hidden_fn, tokens: Tensor, plan: WindowPlan, h: Hyp
             last_report = time.perf_counter()
             elapsed, frac = last_report - t_start, (done + 1) / len(mine)
             rt.log(f"eval_progress:{label} {frac:.1%} elapsed:{elapsed:.0f}s eta:{elapsed / frac - elapsed:.0f}s")
+    model.train(was_training)
     return {p: (sums[p], seconds[p]) for p in parts}
 
 # -----------------------------

@@ -112,6 +112,15 @@ def test_eval_only_reproduces_and_keeps_inputs(tiny_data, tmp_path):
     # EVAL_SEQ_LEN is 64).
     assert len(re.findall(r"^final_int6_roundtrip_exact ", log, re.M)) == 2
 
+    # The submission builder reads this log's own figures.
+    from tools.submission import parse_log
+    record = parse_log(tmp_path / "logs" / "train.txt")
+    assert (record.steps, record.seed, record.num_gpus, record.gpu_type) == (12, 3, 0, "cpu")
+    total = int(re.search(r"^Total submission size int6\+lzma: (\d+) bytes$", log, re.M).group(1))
+    assert record.artifact_bytes == total
+    assert (record.evals["slot"].val_loss, record.evals["slot"].val_bpb) == figures(log, "final_slot_exact")
+    assert record.evals["slot_context"].val_bpb == figures(log, "final_slot_context_exact")[1]
+
     log2 = run_script(tmp_path, dict(tiny_env(tiny_data, "evalonly"), EVAL_ONLY="1"))
     assert re.search(r"^model_params:\d+$", log2, re.M)
     assert not re.search(r"^step:\d+/\d+ train_loss", log2, re.M)
