@@ -1,4 +1,4 @@
-"""Fixtures shared by the model and optimizer tests."""
+"""Fixtures shared by the test modules."""
 
 import pytest
 import torch
@@ -12,3 +12,12 @@ def default_model():
     orthogonal initialisation alone takes seconds."""
     h = tg.Hyperparameters.from_env({})
     return h, tg.build_model(h, torch.device("cpu"), seed=h.seed)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster, and immune to other processes on the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

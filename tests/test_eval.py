@@ -20,13 +20,7 @@ TINY = dict(
 N_TARGETS = 301  # 34 whole windows of 32 at stride 8, then a tail window scoring the last 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster, and immune to other processes on the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hparams(**change):

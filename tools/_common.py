@@ -42,3 +42,16 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def perturbed_model(tg, h, seed: int, noise: float):
+    """The seeded initial model plus seeded noise on every parameter: at initialisation the output
+    projections are zero and the embeddings tiny, so every target would score about ln V
+    whatever the input (or the code) does."""
+    with kept_global_rng():
+        model = tg.build_model(h, torch.device("cpu"), seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(noise * torch.randn(p.shape, generator=gen))
+    return model

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tools._common import import_train_gpt, kept_global_rng, torch_threads
+from tools._common import import_train_gpt, perturbed_model, torch_threads
 
 MODES = ("standard", "sliding", "scored", "context")
 LABELS = {"standard": "standard", "sliding": "sliding window", "scored": "SLOT scored", "context": "SLOT context"}
@@ -99,15 +99,7 @@ def tiny_config(tg, s: AuditSettings):
 
 
 def random_model(tg, h, seed: int):
-    """The seeded initial model plus seeded noise: at initialisation the output projections are
-    zero and the embeddings tiny, so every target would score about ln V whatever the input."""
-    with kept_global_rng():
-        model = tg.build_model(h, torch.device("cpu"), seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(WEIGHT_NOISE * torch.randn(p.shape, generator=gen))
-    return model.eval()
+    return perturbed_model(tg, h, seed, WEIGHT_NOISE).eval()
 
 
 def unit_luts(vocab_size: int):

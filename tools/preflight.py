@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from tools._common import import_train_gpt, kept_global_rng
+from tools._common import import_train_gpt, kept_global_rng, perturbed_model
 
 DEFAULT_WORLD_SIZE = 8  # the record's 8xH100
 FORWARD_TOLERANCE = 0.1  # |loss - ln V| at initialisation; see check_forward
@@ -233,7 +233,7 @@ def check_compile(ctx: Context):
     if not ctx.compile:
         raise CheckSkipped("--no-compile")
     tg, small = ctx.tg, shrunk_config(ctx.h)
-    model = perturbed_model(tg, small, ctx.seed)
+    model = perturbed_model(tg, small, ctx.seed, noise=0.05).train()
     x, y = sample_batch(small, ctx.seed)
     desc = (f"GPT.forward (train mode, late-QAT path on) of a shrunk copy: 2 layers, d={small.model_dim} "
             f"({small.num_heads}x{small.head_dim} heads, {small.num_kv_heads} kv), MLP x{small.mlp_mult:g}, "
@@ -263,17 +263,6 @@ def check_compile(ctx: Context):
 def first_line(e: Exception) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else "(no message)"
-
-
-def perturbed_model(tg, h, seed: int, noise: float = 0.05):
-    """Seeded init plus seeded noise: at init the loss is ~ln V whatever the code computes."""
-    with kept_global_rng():
-        model = tg.build_model(h, torch.device("cpu"), seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(noise * torch.randn(p.shape, generator=gen))
-    return model.train()
 
 
 def check_code(ctx: Context):
