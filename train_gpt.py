@@ -1448,6 +1448,7 @@ def run(h: Hyperparameters) -> None:
     check_shards(val_files, h.vocab_size, check_ids=True)
     train_files = [] if h.eval_only else shard_files(h.data_path, "train")
     check_shards(train_files, h.vocab_size, check_ids=False)
+    val_tokens = load_validation_tokens(val_files, h.max_seq_len)
     # An artifact to evaluate is read now: a bad one stops the run before anything is written.
     eval_model = load_eval_model(h, rt.device) if h.eval_only else None
 
@@ -1457,7 +1458,6 @@ def run(h: Hyperparameters) -> None:
     rt = replace(rt, log_path=f"logs/{h.run_id}.txt")
     code = Path(__file__).read_text(encoding="utf-8")
     log_header(rt, code)
-    val_tokens = load_validation_tokens(val_files, h.max_seq_len)
     luts = build_byte_luts(sp, h.vocab_size, rt.device)
     if h.eval_only:
         log_config(h, rt, eval_model, val_tokens.numel() - 1, 0)
