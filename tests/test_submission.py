@@ -338,3 +338,16 @@ def test_artifact_over_cap_flagged(tmp_path, capsys):
         is False
     )
     assert "OVER the 16,000,000-byte cap" in printed
+
+
+def test_committed_cpu_demo_example_matches_its_log():
+    """The committed example (a real demo run of this project) parses to the figures of the
+    submission.json built from it: every figure there comes from the log."""
+    example = REPO / "examples" / "cpu_demo"
+    record = parse_log(example / "demo.txt")
+    built = json.loads((example / "submission.json").read_text())
+    seed = built["seed_results"][str(record.seed)]
+    assert (seed["steps"], seed["artifact_bytes"]) == (record.steps, record.artifact_bytes) == (120, 1084354)
+    assert (built["val_loss"], built["val_bpb"]) == (record.evals["slot"].val_loss, record.evals["slot"].val_bpb)
+    assert built["score_line"] == "final_slot_exact" and built["gpu_type"] == "cpu"
+    assert record.evals["slot_context"].val_bpb > record.evals["slot"].val_bpb  # causal SLOT gains less
