@@ -679,15 +679,18 @@ def build_model(h: Hyperparameters, device: torch.device, seed: int | None = Non
         np.random.seed(seed)
         torch.manual_seed(seed)
     model = GPT(h).bfloat16()
-    if device.type != "cuda":
-        return model.float().to(device)
-    for name, module in model.named_modules():
+    return (cuda_precision(model, h) if device.type == "cuda" else model.float()).to(device)
+
+
+def cuda_precision(model: GPT, h: Hyperparameters) -> GPT:
+    """The original's CUDA dtypes: linear weights, vectors and control tensors back to float32."""
+    for module in model.modules():
         if isinstance(module, CastedLinear):
             module.float()
     for name, p in model.named_parameters():
         if p.ndim < 2 or is_control(name, h):
             p.data = p.data.float()
-    return model.to(device)
+    return model
 
 
 # -----------------------------
@@ -1027,9 +1030,7 @@ class Sums:
     """Float64 sums of nll, scored targets and their bytes; optionally every target's nll."""
 
     def __init__(self, device, collect_targets: int = 0):
-        self.loss = torch.zeros((), dtype=torch.float64, device=device)
-        self.tokens = torch.zeros((), dtype=torch.float64, device=device)
-        self.bytes = torch.zeros((), dtype=torch.float64, device=device)
+        self.loss, self.tokens, self.bytes = (torch.zeros((), dtype=torch.float64, device=device) for _ in range(3))
         self.nll = torch.zeros(collect_targets, dtype=torch.float64, device=device) if collect_targets else None
 
     def add(self, nll: Tensor, prev: Tensor, tgt: Tensor, luts, where: Tensor | None = None) -> None:

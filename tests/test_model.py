@@ -511,3 +511,13 @@ def test_qat_applies_to_every_linear_of_the_model():
         want = manual(ids, targets)
     assert abs(qat_loss.item() - want.item()) <= 1e-5 * want.item()
     assert abs(qat_loss.item() - plain.item()) > 1e-4
+
+
+def test_cuda_precision_keeps_only_the_embedding_tables_in_bf16():
+    """SPEC's CUDA mode (checkable without a GPU): after the bf16 cast, exactly tok_emb,
+    bigram.embed and ve_shared.embed stay bf16; every other tensor is float32 again."""
+    h = tiny_h()
+    model = tg.cuda_precision(tg.GPT(h).bfloat16(), h)
+    bf16 = {name for name, p in model.state_dict().items() if p.dtype == torch.bfloat16}
+    assert bf16 == {"tok_emb.weight", "bigram.embed.weight", "ve_shared.embed.weight"}
+    assert all(p.dtype in (torch.bfloat16, torch.float32) for p in model.state_dict().values())
