@@ -320,13 +320,10 @@ def shard_files(data_path: str, split: str) -> list[str]:
     return files
 
 
-def check_shards(files: list[str], vocab_size: int, check_ids: bool) -> None:
-    """Read every header before any work, so a bad shard stops the run at once.
-    Token ids are scanned only where asked (the validation split): the train split is 8 GB."""
+def check_shards(files: list[str]) -> None:
+    """Every header before any work (ids are scanned only in the validation split, as it loads)."""
     for f in files:
-        tokens = load_data_shard(f)
-        if check_ids and tokens.size and int(tokens.max()) >= vocab_size:
-            raise ConfigError(f"{f}: token id {int(tokens.max())} is out of range for VOCAB_SIZE={vocab_size}")
+        load_data_shard(f)
 
 
 class TokenStream:
@@ -362,8 +359,14 @@ class DistributedTokenLoader:
         return span[:-1].reshape(-1, seq_len), span[1:].reshape(-1, seq_len)
 
 
-def load_validation_tokens(files: list[str], seq_len: int) -> Tensor:
-    tokens = np.concatenate([np.asarray(load_data_shard(f), dtype=np.int64) for f in files])
+def load_validation_tokens(files: list[str], seq_len: int, vocab_size: int) -> Tensor:
+    parts = []
+    for f in files:
+        part = np.asarray(load_data_shard(f), dtype=np.int64)
+        if part.size and int(part.max()) >= vocab_size:
+            raise ConfigError(f"{f}: token id {int(part.max())} is out of range for VOCAB_SIZE={vocab_size}")
+        parts.append(part)
+    tokens = np.concatenate(parts)
     usable = ((tokens.size - 1) // seq_len) * seq_len
     if usable <= 0:
         raise ConfigError(f"validation split ({', '.join(files)}) has {tokens.size} tokens; "
@@ -1164,9 +1167,7 @@ def eval_windows(model: GPT, hidden_fn, tokens: Tensor, plan: WindowPlan, h: Hyp
     mine = batches[rt.rank::rt.world_size]
     parts = (["sliding"] if sliding else []) + list(slot_modes)
     sums = {p: Sums(rt.device, n_targets if collect else 0) for p in parts}
-    seconds = dict.fromkeys(parts, 0.0)
-    weight = model.head_weight().detach().float()
-    ar = torch.arange(L)
+    seconds, weight, ar = dict.fromkeys(parts, 0.0), model.head_weight().detach().float(), torch.arange(L)
     t_start = last_report = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -1446,10 +1447,9 @@ def run(h: Hyperparameters) -> None:
     h.check_world(rt.world_size)
     sp = load_tokenizer(h)
     val_files = shard_files(h.data_path, "val")
-    check_shards(val_files, h.vocab_size, check_ids=True)
     train_files = [] if h.eval_only else shard_files(h.data_path, "train")
-    check_shards(train_files, h.vocab_size, check_ids=False)
-    val_tokens = load_validation_tokens(val_files, h.max_seq_len)
+    check_shards(train_files)
+    val_tokens = load_validation_tokens(val_files, h.max_seq_len, h.vocab_size)
     # An artifact to evaluate is read now: a bad one stops the run before anything is written.
     eval_model = load_eval_model(h, rt.device) if h.eval_only else None
 

@@ -104,7 +104,7 @@ def random_weights(model: tg.GPT, seed: int) -> tg.GPT:
 def stream_and_luts(a: argparse.Namespace, h: tg.Hyperparameters, device: torch.device):
     g = torch.Generator().manual_seed(a.seed + 1)
     if a.val:
-        tokens = tg.load_validation_tokens(tg.shard_files(a.val, "val"), 1)[: a.tokens + 1]
+        tokens = tg.load_validation_tokens(tg.shard_files(a.val, "val"), 1, a.vocab)[: a.tokens + 1]
     else:
         tokens = torch.randint(0, h.vocab_size, (a.tokens + 1,), generator=g)
     if tokens.numel() <= h.effective_eval_seq_len:
