@@ -347,7 +347,7 @@ def test_committed_cpu_demo_example_matches_its_log():
     record = parse_log(example / "demo.txt")
     built = json.loads((example / "submission.json").read_text())
     seed = built["seed_results"][str(record.seed)]
-    assert (seed["steps"], seed["artifact_bytes"]) == (record.steps, record.artifact_bytes) == (120, 1084412)
+    assert (seed["steps"], seed["artifact_bytes"]) == (record.steps, record.artifact_bytes) == (120, 1084274)
     assert (built["val_loss"], built["val_bpb"]) == (record.evals["slot"].val_loss, record.evals["slot"].val_bpb)
     assert built["score_line"] == "final_slot_exact" and built["gpu_type"] == "cpu"
     assert record.evals["slot_context"].val_bpb > record.evals["slot"].val_bpb  # causal SLOT gains less
