@@ -1,4 +1,4 @@
-"""Tests of the reviewer tools: the flip-test audit and the preflight check."""
+"""Tests of the reviewer tools: the flip-test audit, the preflight check and the TF32 emulation."""
 
 from __future__ import annotations
 
@@ -172,3 +172,54 @@ def test_shrunk_config_keeps_the_architecture():
     assert (small.num_layers, small.num_heads, small.num_kv_heads, small.head_dim) == (2, 8, 4, 16)
     assert small.bigram_dim != small.model_dim and small.ve_dim != small.kv_dim  # both projections exist
     assert small.ve_layer_ids == (1,) and small.xsa_last_n == 2 and small.vrl_enabled
+
+# -----------------------------
+# slot_tf32
+# -----------------------------
+
+
+def test_tf32_rounding_by_hand():
+    from tools.slot_tf32 import round_tf32
+
+    u = 2.0 ** -10  # TF32's unit in the last place at 1.0
+    x = torch.tensor([1 + u / 2, 1 + 3 * u / 2, 1 + u / 2 + 2.0 ** -20, 1 + u / 2 - 2.0 ** -20, -(1 + 3 * u / 2), 3.0])
+    want = torch.tensor([1.0, 1 + 2 * u, 1 + u, 1.0, -(1 + 2 * u), 3.0])  # ties go to the even mantissa
+    assert torch.equal(round_tf32(x), want)
+    r = torch.randn(10_000) * 100
+    assert (round_tf32(r).view(torch.int32) & 0x1FFF).eq(0).all()
+    assert ((round_tf32(r) - r).abs() <= r.abs() * 2.0 ** -11).all()
+
+
+def test_tf32_linear_rounds_forward_and_backward():
+    from tools.slot_tf32 import TF32Linear, round_tf32
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 7, generator=g, requires_grad=True)
+    w, grad = torch.randn(3, 7, generator=g), torch.randn(5, 3, generator=g)
+    y = TF32Linear.apply(x, w)
+    y.backward(grad)
+    xr, wr, gr = (t.double() for t in (round_tf32(x.detach()), round_tf32(w), round_tf32(grad)))
+    torch.testing.assert_close(y.double(), xr @ wr.T, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), gr @ wr, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(y, x.detach() @ w.T)  # the rounding is real
+
+
+def test_slot_tf32_compare_on_a_small_model(one_thread):
+    from tools.slot_tf32 import compare
+
+    h = tg.Hyperparameters.from_env({**SMALL_ENV, "SLOT_STEPS": "4"})
+    model = tg.build_model(h, torch.device("cpu"), seed=3).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, h.vocab_size, (4, 128), generator=g)
+    y = torch.randint(0, h.vocab_size, (4, 128), generator=g)
+    scored = torch.zeros(4, 128, dtype=torch.bool)
+    scored[0] = True  # a first window scores everything, later ones their last 32 targets
+    scored[1:, 96:] = True
+    with torch.no_grad():
+        hid = model.hidden(x).float()
+    r = compare([(hid, y, scored)], model.head_weight().detach().float(), h)
+    assert r["targets"] == 128 + 3 * 32
+    assert r["script_vs_tool"] < 1e-5  # the tool's written-out SLOT is the script's
+    assert abs(r["split_vs_full_f32"]) < 1e-6  # in float32 the split is exact to rounding
+    assert 0 < abs(r["tf32_vs_f32_original"]) < 1e-3  # TF32 moves the loss, a little
+    assert 0 < abs(r["split_vs_full_tf32"]) < 1e-3
