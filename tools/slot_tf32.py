@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from tools._common import import_train_gpt
+from tools.bench_eval import window_batch
 
 tg = import_train_gpt()
 
@@ -116,16 +117,10 @@ def artifact_batches(h, n_batches: int):
     """The first SLOT batches of the validation stream, as eval_windows groups them."""
     model = tg.load_eval_model(h, torch.device("cpu"))
     tokens = tg.load_validation_tokens(tg.shard_files(h.data_path, "val"), h.train_seq_len, h.vocab_size)
-    L, n = h.effective_eval_seq_len, tokens.numel() - 1
-    plan = tg.sliding_windows(n, L, h.eval_stride, h.eval_tail)
-    ar = torch.arange(L)
+    plan = tg.sliding_windows(tokens.numel() - 1, h.effective_eval_seq_len, h.eval_stride, h.eval_tail)
     out = []
     for idx in tg.window_batches(len(plan), h.slot_batch_seqs, h.slot_interleave)[:n_batches]:
-        start = torch.from_numpy(plan.start[idx])[:, None]
-        valid = ar[None] < torch.from_numpy(plan.length[idx])[:, None]
-        pos = (start + ar[None]).clamp(max=n - 1)
-        x, y = torch.where(valid, tokens[pos], 0), torch.where(valid, tokens[pos + 1], 0)
-        scored = valid & (ar[None] >= torch.from_numpy(plan.score_from[idx])[:, None])
+        x, y, scored = window_batch(tokens, plan, idx, h.effective_eval_seq_len, torch.device("cpu"))
         with torch.no_grad():
             out.append((model.hidden(x).float(), y, scored))
     return out, model.head_weight().detach().float()
