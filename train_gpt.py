@@ -424,18 +424,18 @@ def rms(x: Tensor) -> Tensor:
 
 
 class CastedLinear(nn.Linear):
-    """A bias-free linear layer whose weight follows the input's dtype; fake int6 quantisation
-    in training once late QAT is switched on (straight-through gradient)."""
-
-    qat = False  # class-wide switch: late QAT turns every linear at once
+    """A bias-free linear layer whose weight follows the input's dtype; with `qat`, a fake int6
+    quantised weight (straight-through gradient). `qat` is an argument the training loop passes
+    down, not a switch on the class: the compiled graph is specialised on it, and both graphs are
+    built during the warm-up instead of recompiling when late QAT starts."""
 
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
         self.zero_init = zero_init
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, qat: bool = False) -> Tensor:
         w = self.weight.to(x.dtype)
-        if CastedLinear.qat and self.training:
+        if qat:
             with torch.no_grad():
                 w32 = self.weight.float()
                 scale = (w32.abs().amax(dim=1) / 31.0).clamp_min(1.0 / 31.0)[:, None]
@@ -484,11 +484,11 @@ class Attention(nn.Module):
         self.c_v = CastedLinear(h.model_dim, h.kv_dim)
         self.proj = CastedLinear(h.model_dim, h.model_dim, zero_init=True)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], v_first: Tensor | None, ve: Tensor | None):
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], v_first: Tensor | None, ve: Tensor | None, qat: bool):
         B, T, _ = x.shape
-        q = self.c_q(x).reshape(B, T, self.num_heads, self.head_dim)
-        k = self.c_k(x).reshape(B, T, self.num_kv_heads, self.head_dim)
-        v = self.c_v(x)
+        q = self.c_q(x, qat).reshape(B, T, self.num_heads, self.head_dim)
+        k = self.c_k(x, qat).reshape(B, T, self.num_kv_heads, self.head_dim)
+        v = self.c_v(x, qat)
         v_raw = v  # layer 0's raw value feeds the value residual of later layers
         if ve is not None:
             v = v + ve
@@ -504,7 +504,7 @@ class Attention(nn.Module):
             y = y.reshape(B, T, self.num_kv_heads, group, self.head_dim)
             v_hat = F.normalize(v, dim=-1).unsqueeze(-2)
             y = y - (y * v_hat).sum(dim=-1, keepdim=True) * v_hat
-        return self.proj(y.reshape(B, T, -1)), v_raw
+        return self.proj(y.reshape(B, T, -1), qat), v_raw
 
 
 class MLP(nn.Module):
@@ -513,8 +513,8 @@ class MLP(nn.Module):
         self.fc = CastedLinear(h.model_dim, h.mlp_hidden)
         self.proj = CastedLinear(h.mlp_hidden, h.model_dim, zero_init=True)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(F.leaky_relu(self.fc(x), negative_slope=0.5).square())
+    def forward(self, x: Tensor, qat: bool) -> Tensor:
+        return self.proj(F.leaky_relu(self.fc(x, qat), negative_slope=0.5).square(), qat)
 
 
 class Block(nn.Module):
@@ -527,12 +527,12 @@ class Block(nn.Module):
         self.mlp = MLP(h)
         self.ln_scale = 1.0 / math.sqrt(layer + 1) if h.ln_scale else 1.0
 
-    def forward(self, x, x0, rope, v_first, ve):
+    def forward(self, x, x0, rope, v_first, ve, qat: bool):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        attn_out, v_raw = self.attn(rms(x) * self.ln_scale, rope, v_first, ve)
+        attn_out, v_raw = self.attn(rms(x) * self.ln_scale, rope, v_first, ve, qat)
         x = x + self.attn_scale.to(x.dtype) * attn_out
-        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms(x) * self.ln_scale)
+        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms(x) * self.ln_scale, qat)
         return x, v_raw
 
 
@@ -552,10 +552,10 @@ class ScaledEmbedding(nn.Module):
         if self.proj is not None:
             nn.init.zeros_(self.proj.weight)
 
-    def forward(self, ids: Tensor) -> Tensor:
+    def forward(self, ids: Tensor, qat: bool = False) -> Tensor:
         out = self.embed(ids)
         if self.proj is not None:
-            out = self.proj(out)
+            out = self.proj(out, qat)
         return out * self.scale.to(out.dtype)
 
 
@@ -565,12 +565,12 @@ class BigramHash(ScaledEmbedding):
     def __init__(self, h: Hyperparameters):
         super().__init__(h.bigram_vocab_size, h.bigram_dim, h.model_dim, scale=0.05, init_std=0.0)
 
-    def forward(self, ids: Tensor) -> Tensor:
+    def forward(self, ids: Tensor, qat: bool = False) -> Tensor:
         t = ids.to(torch.int32)  # the hash wraps in int32, as the original's
         mod = self.embed.num_embeddings - 1
         buckets = torch.full_like(t, mod)  # position 0 of every row has no previous token
         buckets[:, 1:] = torch.bitwise_xor(36313 * t[:, 1:], 27191 * t[:, :-1]) % mod
-        return super().forward(buckets.long())
+        return super().forward(buckets.long(), qat)
 
 
 class SmearGate(nn.Module):
@@ -623,47 +623,48 @@ class GPT(nn.Module):
     def head_weight(self) -> Tensor:
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
-    def hidden(self, ids: Tensor) -> Tensor:
-        """Final hidden states after the last RMS norm, [B, T, d]."""
+    def hidden(self, ids: Tensor, qat: bool = False) -> Tensor:
+        """Final hidden states after the last RMS norm, [B, T, d]; `qat`: late QAT's fake int6 weights."""
         h = self.h
         x = self.tok_emb(ids)
         if self.bigram is not None:
-            x = x + self.bigram(ids)
+            x = x + self.bigram(ids, qat)
         x = self.smear(rms(x))
         x0, v_first, skips = x, None, []
         rope = rotary_cos_sin(ids.size(1), h.rope_dims or h.head_dim, h.rope_base, ids.device, x.dtype)
-        ve_base = self.ve_shared(ids) if self.ve_shared is not None else None
+        ve_base = self.ve_shared(ids, qat) if self.ve_shared is not None else None
         for i, block in enumerate(self.blocks):
             if i >= self.num_encoder and skips:  # U-Net: decoder i reads encoder outputs, last in first out
                 x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
             ve = None
             if i in h.ve_layer_ids:
                 ve = ve_base * self.ve_layer_scales[h.ve_layer_ids.index(i)].to(ve_base.dtype)
-            x, v_raw = block(x, x0, rope, v_first, ve)
+            x, v_raw = block(x, x0, rope, v_first, ve, qat)
             if v_first is None:
                 v_first = v_raw
             if i < self.num_encoder:
                 skips.append(x)
         return rms(x)
 
-    def logits(self, x: Tensor) -> Tensor:
-        z = F.linear(x, self.head_weight().to(x.dtype)) if self.lm_head is None else self.lm_head(x)
+    def logits(self, x: Tensor, qat: bool = False) -> Tensor:
+        z = F.linear(x, self.head_weight().to(x.dtype)) if self.lm_head is None else self.lm_head(x, qat)
         return self.h.logit_softcap * torch.tanh(z / self.h.logit_softcap)
 
-    def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
-        x = self.hidden(ids)
-        loss = F.cross_entropy(self.logits(x).float().reshape(-1, self.h.vocab_size), targets.reshape(-1))
+    def forward(self, ids: Tensor, targets: Tensor, qat: bool = False) -> Tensor:
+        """The training loss: mean cross-entropy (plus the MTP heads' when training)."""
+        x = self.hidden(ids, qat)
+        loss = F.cross_entropy(self.logits(x, qat).float().reshape(-1, self.h.vocab_size), targets.reshape(-1))
         if self.training and len(self.mtp_heads) and self.h.mtp_loss_weight > 0:
-            loss = loss + self.h.mtp_loss_weight * self._mtp_loss(x, targets)
+            loss = loss + self.h.mtp_loss_weight * self._mtp_loss(x, targets, qat)
         return loss
 
-    def _mtp_loss(self, x: Tensor, targets: Tensor) -> Tensor:
+    def _mtp_loss(self, x: Tensor, targets: Tensor, qat: bool) -> Tensor:
         """Head k predicts the token k + 1 places after the usual target (training only)."""
         losses = []
         for k, head in enumerate(self.mtp_heads):
             n = x.size(1) - (k + 1)
             if n > 0:
-                z = head(x[:, :n])
+                z = head(x[:, :n], qat)
                 z = self.h.logit_softcap * torch.tanh(z / self.h.logit_softcap)
                 losses.append(F.cross_entropy(z.float().reshape(-1, z.size(-1)), targets[:, k + 1:].reshape(-1)))
         return torch.stack(losses).mean() if losses else x.new_zeros(())
@@ -1272,7 +1273,7 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts,
     accum = h.grad_accum_steps(rt.world_size)
     loader = DistributedTokenLoader(train_files, rt.rank, rt.world_size, rt.device)
 
-    def step_gradients() -> Tensor:
+    def step_gradients(qat: bool) -> Tensor:
         total = torch.zeros((), device=rt.device)
         for micro in range(accum):
             x, y = loader.next_batch(h.train_batch_tokens, h.train_seq_len, accum)
@@ -1280,7 +1281,7 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts,
             no_sync = rt.distributed and micro < accum - 1
             with ddp.no_sync() if no_sync else contextlib.nullcontext():
                 with rt.autocast():
-                    loss = ddp(x, y)
+                    loss = ddp(x, y, qat=qat)
                 (loss * (1.0 / accum)).backward()
             total += loss.detach()
         return total / accum
@@ -1289,13 +1290,16 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts,
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
 
+    # Late QAT can switch on mid-run: its graph is compiled in the second half of the warm-up,
+    # so no compilation happens once the training timer runs.
+    qat_later = not h.qat_enabled and h.late_qat_threshold > 0
     if h.warmup_steps > 0:  # compile and warm the kernels, then restore the initial state exactly
         initial_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         initial_opt = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
         model.train()
         for i in range(h.warmup_steps):
             zero_grad()
-            step_gradients()
+            step_gradients(h.qat_enabled or (qat_later and i >= h.warmup_steps // 2))
             for opt in optimizers:
                 opt.step()
             if h.warmup_steps <= 20 or (i + 1) % 10 == 0 or i + 1 == h.warmup_steps:
@@ -1308,7 +1312,7 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts,
 
     ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
     cap_ms = 1000.0 * h.max_wallclock_seconds if h.max_wallclock_seconds > 0 else None
-    CastedLinear.qat = h.qat_enabled
+    qat = h.qat_enabled
     train_ms, stop_after, step = 0.0, None, 0
     rt.sync()
     t0 = time.perf_counter()
@@ -1327,11 +1331,11 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts,
                 rt.log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{h.iterations}")
             break
         scale = lr_multiplier(h, step, train_ms + 1000.0 * (time.perf_counter() - t0))
-        if 0 < h.late_qat_threshold and scale < h.late_qat_threshold and not CastedLinear.qat:
-            CastedLinear.qat = True
+        if 0 < h.late_qat_threshold and scale < h.late_qat_threshold and not qat:
+            qat = True  # never switched off again
             rt.log(f"late_qat:enabled step:{step} scale:{scale:.4f}")
         zero_grad()
-        train_loss = step_gradients()
+        train_loss = step_gradients(qat)
         for group in muon.param_groups:
             group["momentum"] = muon_momentum_at(h, step)
         for opt in optimizers:
@@ -1364,7 +1368,6 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts,
     rt.log("ema:applying EMA weights")
     current = model.state_dict()
     model.load_state_dict({k: v.to(current[k].dtype) for k, v in ema.items()}, strict=True)
-    CastedLinear.qat = False
     return hidden_fn
 
 # -----------------------------

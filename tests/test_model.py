@@ -453,8 +453,8 @@ def fake_quant(w):
 
 
 def test_qat_linear_fake_quantises_with_straight_through_gradient():
-    """With QAT on, a training-mode CastedLinear uses the quantised weight; gradients are straight-through;
-    evaluation mode is untouched."""
+    """With qat=True a CastedLinear uses the quantised weight; gradients are straight-through;
+    without it (the default, what evaluation calls) the plain weight."""
     g = torch.Generator().manual_seed(0)
     lin = tg.CastedLinear(16, 6)
     with torch.no_grad():
@@ -466,20 +466,12 @@ def test_qat_linear_fake_quantises_with_straight_through_gradient():
     wq = fake_quant(w)
     assert not torch.allclose(wq, w)
     assert (w[:3].abs().amax(dim=1) > 1).all() and (w[3:].abs().amax(dim=1) < 1).all()
-    try:
-        tg.CastedLinear.qat = True
-        lin.train()
-        y = lin(x)
-        torch.testing.assert_close(y, F.linear(x, wq), rtol=0, atol=1e-6)
-        y.backward(gy)
-        torch.testing.assert_close(x.grad, gy @ wq, rtol=0, atol=1e-6)
-        torch.testing.assert_close(lin.weight.grad, gy.T @ x.detach(), rtol=0, atol=1e-6)
-        lin.eval()
-        with torch.no_grad():
-            torch.testing.assert_close(lin(x), F.linear(x, w), rtol=0, atol=1e-6)
-    finally:
-        tg.CastedLinear.qat = False
     lin.train()
+    y = lin(x, qat=True)
+    torch.testing.assert_close(y, F.linear(x, wq), rtol=0, atol=1e-6)
+    y.backward(gy)
+    torch.testing.assert_close(x.grad, gy @ wq, rtol=0, atol=1e-6)
+    torch.testing.assert_close(lin.weight.grad, gy.T @ x.detach(), rtol=0, atol=1e-6)
     with torch.no_grad():
         torch.testing.assert_close(lin(x), F.linear(x, w), rtol=0, atol=1e-6)
 
@@ -500,13 +492,8 @@ def test_qat_applies_to_every_linear_of_the_model():
             manual.get_submodule(n).weight.copy_(fake_quant(model.get_submodule(n).weight))
     model.train()
     manual.train()
-    try:
-        tg.CastedLinear.qat = True
-        with torch.no_grad():
-            qat_loss = model(ids, targets)
-    finally:
-        tg.CastedLinear.qat = False
     with torch.no_grad():
+        qat_loss = model(ids, targets, qat=True)
         plain = model(ids, targets)
         want = manual(ids, targets)
     assert abs(qat_loss.item() - want.item()) <= 1e-5 * want.item()

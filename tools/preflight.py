@@ -240,17 +240,14 @@ def check_compile(ctx: Context):
             f"{_optional_parts(small)}, "
             f"XSA last {small.xsa_last_n}, MTP heads {small.mtp_num_heads}; batch 2x{x.size(1)}; "
             f"torch.compile(fullgraph=True, dynamic=False, backend={ctx.backend!r}); weights perturbed")
-    qat_before = tg.CastedLinear.qat
-    tg.CastedLinear.qat = True  # the late-QAT branch is the superset of the training forward
     t0 = time.perf_counter()
-    try:
+    try:  # the late-QAT branch is the superset of the training forward
         with torch.no_grad():
-            eager = model(x, y).item()
-            compiled = torch.compile(model, dynamic=False, fullgraph=True, backend=ctx.backend)(x, y).item()
+            eager = model(x, y, qat=True).item()
+            compiled = torch.compile(model, dynamic=False, fullgraph=True, backend=ctx.backend)(x, y, qat=True).item()
     except Exception as e:  # a graph break under fullgraph, a lowering error, no C++ compiler...
         raise CheckFailed(f"{type(e).__name__}: {first_line(e)}", [f"compiled: {desc}"]) from None
     finally:
-        tg.CastedLinear.qat = qat_before
         torch._dynamo.reset()
     diff = abs(eager - compiled)
     line = (f"no graph break; loss eager {eager:.6f}, compiled {compiled:.6f}, |diff| {diff:.2e} "
