@@ -150,6 +150,15 @@ class Hyperparameters:
     slot_batch_seqs: int = 32
     slot_mode: str = "scored"  # scored | context | both
     slot_interleave: int = 8
+    ttt_enabled: bool = False  # legal score-first test-time training, SPEC section 8
+    ttt_lr: float = 0.002
+    ttt_epochs: int = 3
+    ttt_chunk_tokens: int = 32768
+    ttt_freeze_blocks: int = 0
+    ttt_momentum: float = 0.9
+    ttt_batch_seqs: int = 32
+    ttt_grad_clip: float = 1.0  # 0: no clipping
+    ttt_qat: bool = True
 
     CHOICES = {
         "device": ("auto", "cpu", "cuda"), "compile": ("auto", "0", "1"), "preset": ("", *PRESETS),
@@ -201,6 +210,10 @@ class Hyperparameters:
         return tuple(p for p in self.control_tensor_name_patterns.split(",") if p)
 
     @property
+    def window_stride(self) -> int:  # SLOT's and TTT's windows
+        return self.eval_stride if self.eval_stride > 0 else 64
+
+    @property
     def slot_modes(self) -> tuple[str, ...]:
         return ("scored", "context") if self.slot_mode == "both" else (self.slot_mode,)
 
@@ -216,18 +229,19 @@ class Hyperparameters:
         for name, choices in self.CHOICES.items():
             need(getattr(self, name) in choices, name.upper(), "one of " + ", ".join(repr(c) for c in choices))
         for name in ("ITERATIONS", "WARMUP_STEPS", "TRAIN_LOG_EVERY", "MTP_NUM_HEADS", "MUON_MOMENTUM_WARMUP_STEPS",
-                     "BIGRAM_VOCAB_SIZE", "XSA_LAST_N", "ROPE_DIMS"):
+                     "BIGRAM_VOCAB_SIZE", "XSA_LAST_N", "ROPE_DIMS", "TTT_EPOCHS"):
             need(getattr(self, name.lower()) >= 0, name, "a count >= 0")
         for name in ("TRAIN_BATCH_TOKENS", "TRAIN_SEQ_LEN", "VAL_BATCH_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS",
                      "NUM_KV_HEADS", "BIGRAM_DIM", "VE_DIM", "MUON_BACKEND_STEPS", "SLOT_STEPS", "SLOT_BATCH_SEQS",
-                     "SLOT_INTERLEAVE"):
+                     "SLOT_INTERLEAVE", "TTT_BATCH_SEQS"):
             need(getattr(self, name.lower()) > 0, name, "a positive integer")
         for name in ("MLP_MULT", "LOGIT_SOFTCAP", "ROPE_BASE"):
             need(getattr(self, name.lower()) > 0, name, "a positive number")
         for name in ("TIED_EMBED_LR", "EMBED_LR", "HEAD_LR", "MATRIX_LR", "SCALAR_LR", "MUON_WD", "ADAM_WD", "ADAM_EPS",
-                     "GRAD_CLIP_NORM", "TIED_EMBED_INIT_STD", "MTP_LOSS_WEIGHT", "SLOT_LR", "SLOT_LR_MIN"):
+                     "GRAD_CLIP_NORM", "TIED_EMBED_INIT_STD", "MTP_LOSS_WEIGHT", "SLOT_LR", "SLOT_LR_MIN",
+                     "TTT_LR", "TTT_GRAD_CLIP"):
             need(getattr(self, name.lower()) >= 0, name, "a number >= 0")
-        for name in ("BETA1", "BETA2", "MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START", "EMA_DECAY"):
+        for name in ("BETA1", "BETA2", "MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START", "EMA_DECAY", "TTT_MOMENTUM"):
             need(0 <= getattr(self, name.lower()) < 1, name, "a number in [0, 1)")
         need(2 <= self.vocab_size <= 65536, "VOCAB_SIZE", "an integer in [2, 65536] (tokens are stored as uint16)")
         need(self.model_dim % self.num_heads == 0, "NUM_HEADS", f"a divisor of MODEL_DIM={self.model_dim}")
@@ -247,8 +261,12 @@ class Hyperparameters:
             need(ids and all(0 <= i < self.num_layers for i in ids) and len(set(ids)) == len(ids), "VE_LAYERS",
                  f"distinct comma-separated layer indices in [0, {self.num_layers})")
         need(self.max_seq_len <= 1 << 20, "TRAIN_SEQ_LEN", "at most 1048576")
-        need(not self.slot_enabled or self.eval_stride <= self.effective_eval_seq_len, "EVAL_STRIDE",
-             f"at most EVAL_SEQ_LEN={self.effective_eval_seq_len} with SLOT on (a longer stride leaves targets unscored)")
+        need(not (self.slot_enabled or self.ttt_enabled) or self.window_stride <= self.effective_eval_seq_len,
+             "EVAL_STRIDE", f"at most EVAL_SEQ_LEN={self.effective_eval_seq_len} with SLOT or TTT on (a longer "
+             "stride leaves targets unscored; EVAL_STRIDE <= 0 means 64)")
+        need(not self.ttt_enabled or self.ttt_chunk_tokens >= self.effective_eval_seq_len, "TTT_CHUNK_TOKENS",
+             f"at least EVAL_SEQ_LEN={self.effective_eval_seq_len} (a chunk holds whole sequences to train on)")
+        need(0 <= self.ttt_freeze_blocks <= self.num_layers, "TTT_FREEZE_BLOCKS", f"in [0, NUM_LAYERS={self.num_layers}]")
         need(0 <= self.seed < 2**32, "SEED", "an integer in [0, 2**32 - 1] (numpy's seed range)")
         need(self.run_id not in (".", "..") and not set(self.run_id) & set("/\\\0"), "RUN_ID",
              "a file name without path separators")
@@ -1056,26 +1074,27 @@ class Sums:
 def eval_standard(model: GPT, hidden_fn, tokens: Tensor, seq_len: int, h: Hyperparameters, rt: Runtime, luts,
                   collect: bool = False) -> Sums:
     """Non-overlapping windows: rank r takes a contiguous share of the sequences, in batches of
-    VAL_BATCH_SIZE / 8 tokens; each batch adds its float32 mean nll times its token count."""
+    VAL_BATCH_SIZE / 8 tokens (fewer if no rank has that many); each batch adds its float32 mean nll
+    times its token count. A short batch is padded with rows that score nothing: one input shape."""
     n_seqs = (tokens.numel() - 1) // seq_len
     first, last = n_seqs * rt.rank // rt.world_size, n_seqs * (rt.rank + 1) // rt.world_size
-    batch_seqs = max(h.val_batch_size // 8 // seq_len, 1)
+    batch_seqs = max(min(h.val_batch_size // 8 // seq_len, -(-n_seqs // rt.world_size)), 1)
     sums = Sums(rt.device, tokens.numel() - 1 if collect else 0)
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for s in range(first, last, batch_seqs):
-            e = min(s + batch_seqs, last)
-            chunk = tokens[s * seq_len:e * seq_len + 1].to(rt.device)
+        for s in range(first * seq_len, last * seq_len, batch_seqs * seq_len):
+            n = min(batch_seqs * seq_len, last * seq_len - s)
+            chunk = F.pad(tokens[s:s + n + 1], (0, batch_seqs * seq_len - n)).to(rt.device)
             x, y = chunk[:-1].reshape(-1, seq_len), chunk[1:].reshape(-1, seq_len)
             with rt.autocast():
                 nll = F.cross_entropy(model.logits(hidden_fn(x)).float().reshape(-1, h.vocab_size), y.reshape(-1),
-                                      reduction="none")
-            sums.loss += nll.mean().double() * nll.numel()
-            sums.tokens += nll.numel()
-            sums.bytes += count_bytes(luts, x.reshape(-1), y.reshape(-1)).sum()
+                                      reduction="none")[:n]
+            sums.loss += nll.mean().double() * n
+            sums.tokens += n
+            sums.bytes += count_bytes(luts, chunk[:n], chunk[1:n + 1]).sum()
             if collect:
-                sums.nll[s * seq_len:e * seq_len] = nll.double()
+                sums.nll[s:s + n] = nll.double()
     model.train(was_training)
     return sums
 
@@ -1090,6 +1109,9 @@ class WindowPlan:
 
     def __len__(self) -> int:
         return len(self.start)
+
+    def __getitem__(self, s: slice) -> "WindowPlan":
+        return WindowPlan(self.start[s], self.length[s], self.score_from[s])
 
 
 def sliding_windows(n_targets: int, seq_len: int, stride: int, tail: str) -> WindowPlan:
@@ -1124,89 +1146,206 @@ def window_batches(n_windows: int, batch_seqs: int, interleave: int) -> list[np.
     return batches
 
 
-def slot_fit_and_score(hid: Tensor, y: Tensor, fit: Tensor, score: Tensor, weight: Tensor,
-                       h: Hyperparameters) -> Tensor:
+def window_batch(tokens: np.ndarray, plan: WindowPlan, idx: np.ndarray, rows: int, L: int) -> tuple[np.ndarray, ...]:
+    """Windows idx as `rows` rows of L, built on the host: inputs and targets (short windows and missing
+    rows padded with id 0), the scored and the context masks (padding is neither) and target indices."""
+    ar, k = np.arange(L), len(idx)
+    start, score_from = plan.start[idx, None], plan.score_from[idx, None]
+    valid = ar < plan.length[idx, None]
+    pos = np.minimum(start + ar, len(tokens) - 2)
+    xy, masks, where = np.zeros((2, rows, L), np.int64), np.zeros((2, rows, L), bool), np.zeros((rows, L), np.int64)
+    xy[:, :k] = np.where(valid, tokens[pos], 0), np.where(valid, tokens[pos + 1], 0)
+    masks[:, :k] = valid & (ar >= score_from), ar < score_from
+    where[:k] = start + ar
+    return xy, masks, where
+
+
+def slot_loss(delta: Tensor, bias: Tensor, base: Tensor, rows: Tensor, y: Tensor, w: Tensor, weight: Tensor,
+              softcap: float) -> Tensor:
+    """SLOT's loss at the fit positions; w is 1/n there and 0 on padding, so the shapes can stay fixed."""
+    z = base + (F.linear(delta, weight) + bias)[rows]
+    return (F.cross_entropy(softcap * torch.tanh(z / softcap), y, reduction="none") * w).sum()
+
+
+def slot_fit_and_score(hid: Tensor, y: Tensor, fit, score, weight: Tensor, h: Hyperparameters, size: int = 0,
+                       loss_fn=slot_loss) -> Tensor:
     """SLOT on one batch: a per-window hidden delta [1, d] and logit bias [1, V], fitted by AdamW
-    to the `fit` positions, then used to score the `score` positions. The logits
-    30 tanh(((h + delta) W^T + bias) / 30) are computed as h W^T (frozen: once per batch, and
-    only at the rows the loss or the score reads) plus the per-window shift delta W^T + bias,
-    so each step costs elementwise work on those rows instead of a matmul over every position."""
-    B, softcap = hid.size(0), h.logit_softcap
-    delta = torch.zeros(B, hid.size(-1), device=hid.device, requires_grad=True)
-    bias = torch.zeros(B, weight.size(0), device=hid.device, requires_grad=True)
-
-    def logits(base: Tensor, rows: Tensor) -> Tensor:
-        return softcap * torch.tanh((base + (F.linear(delta, weight) + bias)[rows]) / softcap)
-
-    fb, ft = fit.nonzero(as_tuple=True)
-    sb, st = score.nonzero(as_tuple=True)
-    fit_base = F.linear(hid[fb, ft], weight)
-    if fb.numel():  # (the fit needs autograd whatever the caller's grad mode)
-        opt = torch.optim.AdamW([delta, bias], lr=h.slot_lr, betas=(0.9, 0.999), eps=1e-5, weight_decay=1e-8)
-        y_fit = y[fb, ft]
+    to the `fit` positions, then used to score the `score` positions (host masks [B, L]; scored mode
+    passes the same mask twice). The logits 30 tanh(((h + delta) W^T + bias) / 30) are computed as
+    h W^T (frozen: once per batch, and only at the rows the loss or the score reads) plus the
+    per-window shift delta W^T + bias, so each step costs elementwise work on those rows instead of
+    a matmul over every position. The index lists come from the host (no device sync) and the fit
+    list is padded to `size` entries of weight 0, so a compiled `loss_fn` sees few shapes."""
+    B, L, dev, softcap = hid.size(0), hid.size(1), hid.device, h.logit_softcap
+    hid, y = hid.reshape(B * L, -1), y.reshape(-1)
+    fit_pos = np.flatnonzero(torch.as_tensor(fit).cpu().numpy())
+    n = len(fit_pos)
+    pos = torch.from_numpy(np.pad(fit_pos, (0, max(size - n, 0)))).to(dev)
+    w = (torch.arange(len(pos), device=dev) < n).float() / max(n, 1)
+    delta = torch.zeros(B, hid.size(-1), device=dev, requires_grad=True)
+    bias = torch.zeros(B, weight.size(0), device=dev, requires_grad=True)
+    fit_base = F.linear(hid[pos], weight)
+    if n:  # (the fit needs autograd whatever the caller's grad mode)
+        opt = torch.optim.AdamW([delta, bias], lr=h.slot_lr, betas=(0.9, 0.999), eps=1e-5, weight_decay=1e-8,
+                                **(dict(fused=True) if hid.is_cuda else {}))
+        rows, y_fit = pos // L, y[pos]
         for i in range(h.slot_steps):
             for group in opt.param_groups:
                 group["lr"] = h.slot_lr_min + 0.5 * (h.slot_lr - h.slot_lr_min) * (1 + math.cos(math.pi * i / h.slot_steps))
             opt.zero_grad(set_to_none=True)
             with torch.enable_grad():
-                loss = F.cross_entropy(logits(fit_base, fb), y_fit, reduction="sum") / fb.numel()
-                loss.backward()
+                loss_fn(delta, bias, fit_base, rows, y_fit, w, weight, softcap).backward()
             opt.step()
     with torch.no_grad():  # scored mode fits the scored rows themselves: reuse their base logits
-        score_base = fit_base if torch.equal(fit, score) else F.linear(hid[sb, st], weight)
-        return F.cross_entropy(logits(score_base, sb), y[sb, st], reduction="none")
+        pos = pos[:n] if score is fit else torch.from_numpy(np.flatnonzero(torch.as_tensor(score).cpu().numpy())).to(dev)
+        z = (fit_base[:n] if score is fit else F.linear(hid[pos], weight)) + (F.linear(delta, weight) + bias)[pos // L]
+        return F.cross_entropy(softcap * torch.tanh(z / softcap), y[pos], reduction="none")
 
 
 def eval_windows(model: GPT, hidden_fn, tokens: Tensor, plan: WindowPlan, h: Hyperparameters, rt: Runtime, luts,
-                 sliding: bool, slot_modes: tuple[str, ...] = (), collect: bool = False,
-                 label: str = "eval") -> dict[str, tuple[Sums, float]]:
-    """One frozen hidden-state pass over the windows, shared by the sliding-window score and
-    every SLOT mode asked for. Batches are spread over ranks; which rank runs a batch does not
-    change its numbers. Returns {"sliding" | mode: (Sums, seconds)}."""
-    L, n_targets = h.effective_eval_seq_len, tokens.numel() - 1
-    batches = window_batches(len(plan), h.slot_batch_seqs, h.slot_interleave if slot_modes else 1)
+                 sliding: bool, slot_modes: tuple[str, ...] = (), collect: bool = False, label: str = "eval",
+                 sums: dict[str, Sums] | None = None) -> dict[str, tuple[Sums, float]]:
+    """One frozen hidden-state pass over the windows, shared by the sliding-window score, every SLOT
+    mode asked for and TTT's chunks (which accumulate into their running `sums`). Batches are spread
+    over ranks; which rank runs a batch does not change its numbers. Every batch has SLOT_BATCH_SEQS
+    rows and every SLOT fit one of two padded sizes per mode: few compiled graphs, whatever the data.
+    Returns {"sliding" | mode: (Sums, seconds)}."""
+    L, n_targets, rows = h.effective_eval_seq_len, tokens.numel() - 1, h.slot_batch_seqs
+    batches = window_batches(len(plan), rows, h.slot_interleave if slot_modes else 1)
     mine = batches[rt.rank::rt.world_size]
     parts = (["sliding"] if sliding else []) + list(slot_modes)
-    sums = {p: Sums(rt.device, n_targets if collect else 0) for p in parts}
-    seconds, weight, ar = dict.fromkeys(parts, 0.0), model.head_weight().detach().float(), torch.arange(L)
-    t_start = last_report = time.perf_counter()
+    sums = sums or {p: Sums(rt.device, n_targets if collect else 0) for p in parts}
+    seconds, weight = dict.fromkeys(parts, 0.0), model.head_weight().detach().float()
+    counts = {m: plan.length - plan.score_from if m == "scored" else plan.score_from for m in slot_modes}
+    # A fit pads to a typical batch's size, or (the batch with the first or the tail window) to the largest.
+    sizes = {m: (rows * int(np.median(c)), max(int(c[b].sum()) for b in batches)) for m, c in counts.items()}
+    loss_fn = torch.compile(slot_loss, dynamic=False, fullgraph=True) if slot_modes and use_compile(h, rt) \
+        else slot_loss
+    split = len(parts) > 1  # timing each part needs a sync per batch; a single part is timed whole
+    lap = rt.sync if split else lambda: None
+    tok, t_start = tokens.numpy(), time.perf_counter()
+    last_report = t_start
     was_training = model.training
     model.eval()
     for done, idx in enumerate(mine):
-        start = torch.from_numpy(plan.start[idx])[:, None]
-        valid = ar[None] < torch.from_numpy(plan.length[idx])[:, None]
-        score_from = torch.from_numpy(plan.score_from[idx])[:, None]
-        pos = (start + ar[None]).clamp(max=n_targets - 1)
-        x = torch.where(valid, tokens[pos], 0).to(rt.device)  # short windows are right-padded with id 0
-        y = torch.where(valid, tokens[pos + 1], 0).to(rt.device)
-        scored = (valid & (ar[None] >= score_from)).to(rt.device)
-        context = (ar[None] < score_from).to(rt.device)
-        where = (start + ar[None]).to(rt.device)[scored] if collect else None
         t0 = time.perf_counter()
+        xy, (scored, context), where = window_batch(tok, plan, idx, rows, L)
+        x, y = torch.from_numpy(xy).to(rt.device)
+        pos = torch.from_numpy(np.flatnonzero(scored)).to(rt.device)
+        where = torch.from_numpy(where[scored]).to(rt.device) if collect else None
+        x_pos, y_pos = x.reshape(-1)[pos], y.reshape(-1)[pos]
         with torch.no_grad(), rt.autocast():
             hid = hidden_fn(x)
             if sliding:
-                sums["sliding"].add(F.cross_entropy(model.logits(hid[scored]).float(), y[scored], reduction="none"),
-                                    x[scored], y[scored], luts, where)
-        rt.sync()
+                nll = F.cross_entropy(model.logits(hid.reshape(-1, hid.size(-1))[pos]).float(), y_pos, reduction="none")
+                sums["sliding"].add(nll, x_pos, y_pos, luts, where)
+        lap()
         t1 = time.perf_counter()
         if sliding:
             seconds["sliding"] += t1 - t0
         hid = hid.float() if slot_modes else hid
         for mode in slot_modes:
-            fit = scored if mode == "scored" else context
-            nll = slot_fit_and_score(hid, y, fit, scored, weight, h)
-            sums[mode].add(nll, x[scored], y[scored], luts, where)
-            rt.sync()
+            n = int(counts[mode][idx].sum())
+            size = sizes[mode][0] if n <= sizes[mode][0] else sizes[mode][1]
+            nll = slot_fit_and_score(hid, y, scored if mode == "scored" else context, scored, weight, h, size, loss_fn)
+            sums[mode].add(nll, x_pos, y_pos, luts, where)
+            lap()
             t2 = time.perf_counter()
             seconds[mode] += t2 - t1 + (0.0 if sliding else (t1 - t0) / len(slot_modes))
             t1 = t2
-        if rt.master and time.perf_counter() - last_report >= 30:
+        if label and rt.master and time.perf_counter() - last_report >= 30:
             last_report = time.perf_counter()
             elapsed, frac = last_report - t_start, (done + 1) / len(mine)
             rt.log(f"eval_progress:{label} {frac:.1%} elapsed:{elapsed:.0f}s eta:{elapsed / frac - elapsed:.0f}s")
+    rt.sync()
+    if not split:
+        seconds[parts[0]] = time.perf_counter() - t_start
     model.train(was_training)
     return {p: (sums[p], seconds[p]) for p in parts}
+
+
+def ttt_chunk_windows(plan: WindowPlan, n_targets: int, chunk: int) -> np.ndarray:
+    """TTT's chunks as window-index bounds: a window belongs to the chunk holding its first scored
+    target; first scored targets grow with the window index, so each chunk's windows are consecutive."""
+    n_chunks = -(-n_targets // chunk)
+    owner = np.minimum((plan.start + plan.score_from) // chunk, n_chunks - 1)
+    return np.searchsorted(owner, np.arange(n_chunks + 1))
+
+
+def ttt_train_chunk(model: GPT, loss_fn, opt, params: list[nn.Parameter], chunk: Tensor, lr: float,
+                    h: Hyperparameters, rt: Runtime) -> int:
+    """SPEC 8.2b on one scored chunk (its targets' tokens and the one before): TTT_EPOCHS passes over
+    its whole sequences (not the remainder), in steps of TTT_BATCH_SEQS sequences split over the ranks.
+    A rank's share is padded to ceil(n / world) rows that weigh nothing (fixed step shapes) and its loss
+    weighted 1 / (the step's targets), so the summed gradient is that of the step's mean loss."""
+    L, W = h.effective_eval_seq_len, rt.world_size
+    n_seqs, steps = (chunk.numel() - 1) // L, 0
+    for group in opt.param_groups:
+        group["lr"] = lr
+    model.train()
+    for _ in range(h.ttt_epochs):
+        for s in range(0, n_seqs, h.ttt_batch_seqs):
+            n = min(h.ttt_batch_seqs, n_seqs - s)
+            lo, hi, rows = s + n * rt.rank // W, s + n * (rt.rank + 1) // W, -(-n // W)
+            seq = F.pad(chunk[lo * L:hi * L + 1], (0, (rows - hi + lo) * L)).to(rt.device)
+            w = (torch.arange(rows * L, device=rt.device) < (hi - lo) * L).float() / (n * L)
+            opt.zero_grad(set_to_none=True)
+            loss_fn(seq[:-1].view(rows, L), seq[1:].view(rows, L), w).backward()
+            if rt.distributed:  # one collective: the summed gradients, in a flat float32 buffer
+                grads = [p.grad for p in params if p.grad is not None]
+                flat = torch.cat([g.float().reshape(-1) for g in grads])
+                dist.all_reduce(flat)
+                for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+                    g.copy_(part.view_as(g))
+            if h.ttt_grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, h.ttt_grad_clip)
+            opt.step()
+            steps += 1
+    model.eval()
+    return steps
+
+
+def eval_ttt(model: GPT, tokens: Tensor, h: Hyperparameters, rt: Runtime, luts,
+             collect: bool = False) -> tuple[Sums, float]:
+    """Legal score-first test-time training (SPEC section 8), adapting `model` in place: chunk by
+    chunk, the chunk's sliding windows are scored (final scores), then the chunk is trained on,
+    except the last. Blocks below TTT_FREEZE_BLOCKS keep their weights. Returns (Sums, seconds)."""
+    L, C, n_targets = h.effective_eval_seq_len, h.ttt_chunk_tokens, tokens.numel() - 1
+    plan = sliding_windows(n_targets, L, h.window_stride, h.eval_tail)
+    bounds = ttt_chunk_windows(plan, n_targets, C)
+    n_chunks, frozen, params = len(bounds) - 1, tuple(f"blocks.{i}." for i in range(h.ttt_freeze_blocks)), []
+    for name, p in model.named_parameters():
+        p.requires_grad_(not name.startswith(frozen))
+        params += [p] if p.requires_grad else []
+    opt = torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
+
+    def step_loss(x: Tensor, y: Tensor, w: Tensor) -> Tensor:  # the training loss, rows weighted by w
+        with rt.autocast():
+            logits = model.logits(model.hidden(x, h.ttt_qat), h.ttt_qat)
+        return (F.cross_entropy(logits.float().reshape(-1, h.vocab_size), y.reshape(-1), reduction="none") * w).sum()
+
+    # Scoring batches cut the fullest chunk evenly over the ranks: little padding, and no rank waits.
+    most = int(np.diff(bounds).max())
+    hs = replace(h, slot_batch_seqs=-(-most // (-(-most // (h.slot_batch_seqs * rt.world_size)) * rt.world_size)))
+    compiled = use_compile(h, rt)
+    hidden_fn = torch.compile(model.hidden, dynamic=False, fullgraph=True) if compiled else model.hidden
+    loss_fn = torch.compile(step_loss, dynamic=False, fullgraph=True) if compiled else step_loss
+    sums, steps = {"sliding": Sums(rt.device, n_targets if collect else 0)}, 0
+    rt.log(f"legal_ttt:start chunks:{n_chunks} windows:{len(plan)} chunk_tokens:{C} stride:{h.window_stride} lr:{h.ttt_lr} "
+           f"epochs:{h.ttt_epochs} freeze_blocks:{h.ttt_freeze_blocks} trained_params:{sum(p.numel() for p in params)}")
+    t0 = time.perf_counter()
+    for ci in range(n_chunks):
+        eval_windows(model, hidden_fn, tokens, plan[bounds[ci]:bounds[ci + 1]], hs, rt, luts, True, collect=collect,
+                     label="", sums=sums)
+        if ci < n_chunks - 1 and h.ttt_epochs > 0:
+            lr = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * ci / max(n_chunks - 1, 1)))
+            steps += ttt_train_chunk(model, loss_fn, opt, params, tokens[ci * C:(ci + 1) * C + 1], lr, h, rt)
+        if ci % 10 == 0 or ci == n_chunks - 1:
+            elapsed = time.perf_counter() - t0
+            rt.log(f"legal_ttt:chunk {ci + 1}/{n_chunks} bpb:{sums['sliding'].result(rt)[1]:.6f} "
+                   f"elapsed:{elapsed:.1f}s eta:{elapsed / (ci + 1) * (n_chunks - ci - 1):.1f}s")
+    rt.log(f"legal_ttt:done optimizer_steps:{steps}")
+    return sums["sliding"], time.perf_counter() - t0
 
 # -----------------------------
 # TRAINING
@@ -1426,23 +1565,24 @@ def evaluate_artifact(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: T
         rt.log(f"final_int6_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
         return results
 
-    slot_stride = h.eval_stride if h.eval_stride > 0 else 64
     slot_results = None
     if 0 < h.eval_stride < L:
-        share = h.slot_enabled and slot_stride == h.eval_stride  # one hidden pass serves both
+        share = h.slot_enabled and h.window_stride == h.eval_stride  # one hidden pass serves both
         results = sliding(h.eval_stride, "final_int6_sliding_window", h.slot_modes if share else ())
         slot_results = results if share else None
     if h.eval_stride != 64 and 64 < L:
         sliding(64, "final_int6_sliding_window_s64")
     if h.slot_enabled:
         if slot_results is None:
-            plan = sliding_windows(n_targets, L, slot_stride, h.eval_tail)
+            plan = sliding_windows(n_targets, L, h.window_stride, h.eval_tail)
             slot_results = eval_windows(model, hidden_fn, val_tokens, plan, h, rt, luts, sliding=False,
                                         slot_modes=h.slot_modes, label="final_slot")
         for mode in h.slot_modes:
             name = "final_slot" if mode == "scored" else "final_slot_context"
             log_result(rt, name, *slot_results[mode], extra=f" steps:{h.slot_steps} lr:{h.slot_lr}",
                        suffix=f" mode:{mode}")
+    if h.ttt_enabled:  # last, and on a copy: no other evaluation sees adapted weights
+        log_result(rt, "legal_ttt", *eval_ttt(copy.deepcopy(model), val_tokens, h, rt, luts))
 
 
 def run(h: Hyperparameters) -> None:

@@ -59,7 +59,8 @@ def audit_report():
 
 def test_audit_verdicts(audit_report):
     verdicts = {r.mode: r.verdict for r in audit_report.results}
-    assert verdicts == {"standard": "causal", "sliding": "causal", "scored": "NOT causal", "context": "causal"}
+    assert verdicts == {"standard": "causal", "sliding": "causal", "scored": "NOT causal", "context": "causal",
+                        "ttt": "causal"}
     for r in audit_report.results:
         assert r.flips == len(audit_report.positions) >= 4
         assert r.min_effect > 1e-3  # every flip changed the flipped target or a later one
@@ -69,12 +70,12 @@ def test_audit_verdicts(audit_report):
     assert audit.exit_code(audit_report.results, strict=True) == 1
 
 
-def test_audit_table_lists_four_modes(audit_report):
+def test_audit_table_lists_five_modes(audit_report):
     table = audit.format_table(audit_report.results)
     lines = table.splitlines()
-    assert len(lines) == 5
+    assert len(lines) == 6
     for label, verdict in (("standard", "causal"), ("sliding window", "causal"), ("SLOT scored", "NOT causal"),
-                           ("SLOT context", "causal")):
+                           ("SLOT context", "causal"), ("legal TTT", "causal")):
         assert any(line.startswith(label) and f"  {verdict}  " in line for line in lines[1:]), table
 
 

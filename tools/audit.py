@@ -4,9 +4,10 @@ A mode is causal when the score of a target depends only on the tokens before it
 The test: score every target of a random token stream with a small random model,
 change the target token at position p, score again; in a causal mode no target
 before p moves. The original's SLOT ("scored") fits its delta and bias to the
-very targets it then scores, so it fails; the context-only variant passes.
+very targets it then scores, so it fails; the context-only variant passes, and so
+does legal score-first TTT (SPEC section 8), which trains only on chunks already scored.
 
-    python -m tools.audit                       # all four modes, exit 0 if as expected
+    python -m tools.audit                       # all five modes, exit 0 if as expected
     python -m tools.audit --strict              # exit 1 if any mode is not causal
     python -m tools.audit --modes context,sliding --positions 16 --seed 3
 """
@@ -14,6 +15,9 @@ very targets it then scores, so it fails; the context-only variant passes.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import io
 import sys
 import time
 from dataclasses import dataclass
@@ -23,9 +27,10 @@ import torch
 
 from tools._common import import_train_gpt, perturbed_model, torch_threads
 
-MODES = ("standard", "sliding", "scored", "context")
-LABELS = {"standard": "standard", "sliding": "sliding window", "scored": "SLOT scored", "context": "SLOT context"}
-EXPECTED_CAUSAL = {"standard": True, "sliding": True, "scored": False, "context": True}
+MODES = ("standard", "sliding", "scored", "context", "ttt")
+LABELS = {"standard": "standard", "sliding": "sliding window", "scored": "SLOT scored", "context": "SLOT context",
+          "ttt": "legal TTT"}
+EXPECTED_CAUSAL = {"standard": True, "sliding": True, "scored": False, "context": True, "ttt": True}
 # Float32 on the CPU is deterministic row by row: a causal mode repeats earlier targets' nll
 # bit for bit (measured: 0.0), so any threshold well above rounding noise works.
 THRESHOLD = 1e-6
@@ -94,6 +99,7 @@ def tiny_config(tg, s: AuditSettings):
         TRAIN_SEQ_LEN=str(s.seq_len), EVAL_SEQ_LEN=str(s.seq_len), EVAL_STRIDE=str(s.stride),
         VAL_BATCH_SIZE=str(8 * 2 * s.seq_len),  # two sequences per standard batch: batching is exercised
         SLOT_STEPS=str(s.slot_steps), EVAL_TAIL=s.eval_tail, RUN_ID="audit", SEED=str(s.seed),
+        TTT_CHUNK_TOKENS=str(2 * s.seq_len),  # chunks of two sequences: several are trained on
     )
     return tg.Hyperparameters.from_env(env)
 
@@ -133,6 +139,9 @@ def score_targets(tg, model, tokens, h, luts, modes) -> dict[str, torch.Tensor]:
         results = tg.eval_windows(model, model.hidden, tokens, plan, h, rt, luts, sliding="sliding" in modes,
                                   slot_modes=slot_modes, collect=True, label="audit")
         out.update({mode: sums.per_target(rt) for mode, (sums, _) in results.items()})
+    if "ttt" in modes:  # on a copy (TTT adapts the model it runs on); its progress lines are not the report's
+        with contextlib.redirect_stdout(io.StringIO()):
+            out["ttt"] = tg.eval_ttt(copy.deepcopy(model), tokens, h, rt, luts, collect=True)[0].per_target(rt)
     return out
 
 
@@ -186,7 +195,7 @@ def format_report(r: AuditReport) -> str:
         f"bigram, VE, VRL, XSA; weights: SEED={s.seed} init + N(0, {WEIGHT_NOISE}^2) noise",
         f"stream: {s.targets} random targets; windows of {s.seq_len}, stride {s.stride}, EVAL_TAIL={s.eval_tail} "
         f"({r.n_windows} windows); SLOT {h.slot_steps} steps, lr {h.slot_lr}, batches of {h.slot_batch_seqs} "
-        f"dealt over {h.slot_interleave}",
+        f"dealt over {h.slot_interleave}; TTT chunks of {h.ttt_chunk_tokens}, {h.ttt_epochs} epochs, lr {h.ttt_lr}",
         f"flipped targets ({len(r.positions)}): {', '.join(map(str, r.positions))}",
         "",
         format_table(r.results),
@@ -224,7 +233,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="python -m tools.audit",
         description="Flip test (SPEC section 7) of train_gpt.py's evaluation modes on a small random model. "
-                    "Exit 0 when the verdicts are as expected (standard, sliding and SLOT context causal; "
+                    "Exit 0 when the verdicts are as expected (standard, sliding, SLOT context and TTT causal; "
                     "SLOT scored not causal); with --strict, exit 1 when any mode is not causal.")
     d = AuditSettings()
     p.add_argument("--seed", type=int, default=d.seed, help="model, stream and flip positions (default %(default)s)")
