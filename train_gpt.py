@@ -58,7 +58,8 @@ CONTROL_PATTERNS_DEFAULT = (
 # PRESET=demo: a model and schedule small enough to train and evaluate on a
 # laptop CPU in a few minutes, on the demo corpus built by `python -m tools.data demo`
 # (a short EMA: the record's 0.997 would still hold 70% of the initial weights after
-# 120 steps). Environment variables still override each value.
+# 120 steps; TTT chunks of four sequences, one step per epoch as the record's, and the best lr
+# measured on the demo). Environment variables still override each value.
 PRESETS = {
     "demo": dict(
         DATA_PATH="./data/datasets/demo_sp1024", TOKENIZER_PATH="./data/tokenizers/demo_1024_bpe.model",
@@ -68,6 +69,7 @@ PRESETS = {
         ITERATIONS="120", WARMUP_STEPS="0", WARMDOWN_ITERS="50", MAX_WALLCLOCK_SECONDS="0",
         VAL_LOSS_EVERY="60", TRAIN_LOG_EVERY="10", MUON_MOMENTUM_WARMUP_STEPS="40",
         EMA_DECAY="0.9", EVAL_STRIDE="64", SLOT_STEPS="8", SLOT_MODE="both", RUN_ID="demo",
+        TTT_ENABLED="1", TTT_LR="0.01", TTT_CHUNK_TOKENS="1024",
     ),
 }
 
@@ -261,9 +263,9 @@ class Hyperparameters:
             need(ids and all(0 <= i < self.num_layers for i in ids) and len(set(ids)) == len(ids), "VE_LAYERS",
                  f"distinct comma-separated layer indices in [0, {self.num_layers})")
         need(self.max_seq_len <= 1 << 20, "TRAIN_SEQ_LEN", "at most 1048576")
-        need(not (self.slot_enabled or self.ttt_enabled) or self.window_stride <= self.effective_eval_seq_len,
-             "EVAL_STRIDE", f"at most EVAL_SEQ_LEN={self.effective_eval_seq_len} with SLOT or TTT on (a longer "
-             "stride leaves targets unscored; EVAL_STRIDE <= 0 means 64)")
+        windows = self.slot_enabled or self.ttt_enabled
+        need(not windows or self.window_stride <= self.effective_eval_seq_len, "EVAL_STRIDE",
+             f"at most EVAL_SEQ_LEN={self.effective_eval_seq_len} with SLOT or TTT on (<= 0 means 64; longer leaves gaps)")
         need(not self.ttt_enabled or self.ttt_chunk_tokens >= self.effective_eval_seq_len, "TTT_CHUNK_TOKENS",
              f"at least EVAL_SEQ_LEN={self.effective_eval_seq_len} (a chunk holds whole sequences to train on)")
         need(0 <= self.ttt_freeze_blocks <= self.num_layers, "TTT_FREEZE_BLOCKS", f"in [0, NUM_LAYERS={self.num_layers}]")
@@ -1219,17 +1221,15 @@ def eval_windows(model: GPT, hidden_fn, tokens: Tensor, plan: WindowPlan, h: Hyp
     counts = {m: plan.length - plan.score_from if m == "scored" else plan.score_from for m in slot_modes}
     # A fit pads to a typical batch's size, or (the batch with the first or the tail window) to the largest.
     sizes = {m: (rows * int(np.median(c)), max(int(c[b].sum()) for b in batches)) for m, c in counts.items()}
-    loss_fn = torch.compile(slot_loss, dynamic=False, fullgraph=True) if slot_modes and use_compile(h, rt) \
-        else slot_loss
+    loss_fn = torch.compile(slot_loss, dynamic=False, fullgraph=True) if use_compile(h, rt) else slot_loss
     split = len(parts) > 1  # timing each part needs a sync per batch; a single part is timed whole
     lap = rt.sync if split else lambda: None
-    tok, t_start = tokens.numpy(), time.perf_counter()
-    last_report = t_start
+    t_start = last_report = time.perf_counter()
     was_training = model.training
     model.eval()
     for done, idx in enumerate(mine):
         t0 = time.perf_counter()
-        xy, (scored, context), where = window_batch(tok, plan, idx, rows, L)
+        xy, (scored, context), where = window_batch(tokens.numpy(), plan, idx, rows, L)
         x, y = torch.from_numpy(xy).to(rt.device)
         pos = torch.from_numpy(np.flatnonzero(scored)).to(rt.device)
         where = torch.from_numpy(where[scored]).to(rt.device) if collect else None

@@ -401,3 +401,79 @@ def test_bpb_from_per_target_nll(setup):
         val_loss, val_bpb = sums.result(tg.Runtime())
         assert float(sums.bytes) == nbytes
         assert math.isclose(val_loss, loss, rel_tol=rel) and math.isclose(val_bpb, bpb, rel_tol=rel)
+
+
+# -----------------------------
+# fixed shapes: one compiled graph per evaluation, whatever the data and the world size
+# -----------------------------
+
+
+def recording(fn, shapes):
+    def wrapped(x, *args, **kwargs):
+        shapes.append(tuple(x.shape))
+        return fn(x, *args, **kwargs)
+    return wrapped
+
+
+@pytest.mark.parametrize("n_targets", [N_TARGETS, 150])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_one_input_shape_per_evaluation(setup, n_targets, world):
+    """Standard batches (short ones padded with rows that score nothing) have one shape on every rank,
+    window batches always SLOT_BATCH_SEQS rows; the per-target numbers are those of one process."""
+    h, model, tokens, luts = setup
+    tokens = tokens[:n_targets + 1]
+    plan = tg.sliding_windows(n_targets, 32, 8, "once")
+    std_shapes, win_shapes, std, win = [], [], [], []
+    for r in range(world):
+        rt = tg.Runtime(rank=r, world_size=world)
+        std.append(tg.eval_standard(model, recording(model.hidden, std_shapes), tokens, 32, h, rt, luts, collect=True))
+        win.append(tg.eval_windows(model, recording(model.hidden, win_shapes), tokens, plan, h, rt, luts, True,
+                                   slot_modes=("context",), collect=True))
+    n_seqs = n_targets // 32
+    assert len(set(std_shapes)) == 1 and std_shapes[0][1] == 32
+    assert std_shapes[0][0] == min(3, -(-n_seqs // world))  # VAL_BATCH_SIZE gives 3 rows, unless no rank has 3
+    assert sum(int(s.tokens) for s in std) == n_seqs * 32
+    assert set(win_shapes) == {(4, 32)}
+    one_std = tg.eval_standard(model, model.hidden, tokens, 32, h, tg.Runtime(), luts, collect=True)
+    one_win = run_windows(model, tokens, h, luts, modes=("context",))
+    assert torch.allclose(sum(s.nll for s in std), one_std.nll, rtol=1e-6, atol=0)
+    for part in ("sliding", "context"):
+        assert torch.equal(sum(w[part][0].nll for w in win), one_win[part].nll)
+
+
+@pytest.mark.parametrize("n_targets", [N_TARGETS, 150, 77])
+def test_slot_fit_shapes_are_bounded(setup, n_targets, monkeypatch):
+    """Each SLOT fit list is padded to one of two sizes per mode (a typical batch's, or the largest
+    batch's), its weights summing to one over the real positions and zero on the padding."""
+    h, model, tokens, luts = setup
+    seen = {}
+    loss = tg.slot_loss
+
+    def spy(delta, bias, base, rows, y, w, weight, softcap):
+        seen.setdefault(tuple(base.shape), []).append(w)
+        return loss(delta, bias, base, rows, y, w, weight, softcap)
+
+    monkeypatch.setattr(tg, "slot_loss", spy)
+    for mode in ("scored", "context"):
+        seen.clear()
+        run_windows(model, tokens[:n_targets + 1], h, luts, sliding=False, modes=(mode,))
+        assert 1 <= len(seen) <= 2
+        for ws in seen.values():
+            for w in ws:
+                n = int((w > 0).sum())
+                assert torch.all(w[n:] == 0) and math.isclose(float(w.double().sum()), 1.0, rel_tol=1e-6)
+
+
+def test_padded_slot_fit_equals_the_unpadded_one(setup):
+    """Padding the fit list with weight-0 entries leaves SLOT's scores unchanged."""
+    h, model, tokens, luts = setup
+    plan = tg.sliding_windows(N_TARGETS, 32, 8, "once")
+    xy, (scored, context), _ = tg.window_batch(tokens.numpy(), plan, np.array([0, 5, 9]), 4, 32)
+    x, y = torch.from_numpy(xy)
+    with torch.no_grad():
+        hid = model.hidden(x).float()
+    weight = model.head_weight().detach().float()
+    for fit in (scored, context):
+        plain = tg.slot_fit_and_score(hid, y, fit, scored, weight, h)
+        padded = tg.slot_fit_and_score(hid, y, fit, scored, weight, h, size=int(fit.sum()) + 37)
+        assert plain.numel() == 32 + 2 * 8 and torch.equal(plain, padded)
