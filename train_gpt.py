@@ -21,8 +21,10 @@ import math
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, fields, replace
@@ -48,6 +50,10 @@ except ImportError:
 
 class ConfigError(Exception):
     """A bad setting or input file: printed as one line, no traceback."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM: the run stops with one line, logged (`interrupted at step N`)."""
 
 
 CONTROL_PATTERNS_DEFAULT = (
@@ -81,6 +87,7 @@ class Hyperparameters:
     seed: int = 1337
     preset: str = ""
     device: str = "auto"  # auto | cpu | cuda
+    cpu_threads: int = 1  # per process, CPU runs only; 0: torch's default
     compile: str = "auto"  # auto (CUDA only) | 0 | 1
     # Schedule.
     iterations: int = 20000
@@ -138,7 +145,7 @@ class Hyperparameters:
     late_qat_threshold: float = 0.15
     control_tensor_name_patterns: str = CONTROL_PATTERNS_DEFAULT
     # Export and evaluation.
-    compressor: str = "lzma"  # lzma | brotli | zstd
+    compressor: str = "lzma"  # lzma | brotli
     eval_only: bool = False
     artifact: str = "final_model.int6.ptz"
     eval_stride: int = 96
@@ -153,7 +160,7 @@ class Hyperparameters:
 
     CHOICES = {
         "device": ("auto", "cpu", "cuda"), "compile": ("auto", "0", "1"), "preset": ("", *PRESETS),
-        "compressor": ("lzma", "brotli", "zstd"), "eval_tail": ("once", "original"),
+        "compressor": ("lzma", "brotli"), "eval_tail": ("once", "original"),
         "slot_mode": ("scored", "context", "both"),
     }
 
@@ -215,8 +222,8 @@ class Hyperparameters:
 
         for name, choices in self.CHOICES.items():
             need(getattr(self, name) in choices, name.upper(), "one of " + ", ".join(repr(c) for c in choices))
-        for name in ("ITERATIONS", "WARMUP_STEPS", "TRAIN_LOG_EVERY", "MTP_NUM_HEADS", "MUON_MOMENTUM_WARMUP_STEPS",
-                     "BIGRAM_VOCAB_SIZE", "XSA_LAST_N", "ROPE_DIMS"):
+        for name in ("CPU_THREADS", "ITERATIONS", "WARMUP_STEPS", "TRAIN_LOG_EVERY", "MTP_NUM_HEADS",
+                     "MUON_MOMENTUM_WARMUP_STEPS", "BIGRAM_VOCAB_SIZE", "XSA_LAST_N", "ROPE_DIMS"):
             need(getattr(self, name.lower()) >= 0, name, "a count >= 0")
         for name in ("TRAIN_BATCH_TOKENS", "TRAIN_SEQ_LEN", "VAL_BATCH_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS",
                      "NUM_KV_HEADS", "BIGRAM_DIM", "VE_DIM", "MUON_BACKEND_STEPS", "SLOT_STEPS", "SLOT_BATCH_SEQS",
@@ -314,6 +321,9 @@ def load_data_shard(path) -> np.ndarray:
 
 
 def shard_files(data_path: str, split: str) -> list[str]:
+    if not os.path.isdir(data_path):
+        what = "is a file" if os.path.exists(data_path) else "does not exist"
+        raise ConfigError(f"DATA_PATH={data_path!r}: {what}; expected a folder of fineweb_{split}_*.bin shards")
     files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
     if not files:
         raise ConfigError(f"DATA_PATH={data_path!r}: no fineweb_{split}_*.bin shards found")
@@ -355,7 +365,10 @@ class DistributedTokenLoader:
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum: int) -> tuple[Tensor, Tensor]:
         local = global_tokens // (self.world_size * grad_accum)
         chunk = self.stream.take((local + 1) * self.world_size)
-        span = chunk[self.rank * (local + 1):(self.rank + 1) * (local + 1)].to(self.device, non_blocking=True)
+        span = chunk[self.rank * (local + 1):(self.rank + 1) * (local + 1)]
+        if self.device.type == "cuda":  # pinned: the copy overlaps the previous micro-step's work
+            span = span.pin_memory()
+        span = span.to(self.device, non_blocking=True)
         return span[:-1].reshape(-1, seq_len), span[1:].reshape(-1, seq_len)
 
 
@@ -377,7 +390,8 @@ def load_validation_tokens(files: list[str], seq_len: int, vocab_size: int) -> T
 def load_tokenizer(h: Hyperparameters) -> spm.SentencePieceProcessor:
     path = Path(h.tokenizer_path)
     if not path.is_file():
-        raise ConfigError(f"TOKENIZER_PATH={h.tokenizer_path!r}: file not found; expected a SentencePiece .model")
+        what = "is a directory" if path.is_dir() else "file not found"
+        raise ConfigError(f"TOKENIZER_PATH={h.tokenizer_path!r}: {what}; expected a SentencePiece .model file")
     sp = spm.SentencePieceProcessor()
     try:
         sp.load(str(path))
@@ -465,7 +479,9 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """q [B,T,H,D], k/v [B,T,Hkv,D] -> [B,T,H,D]; query head h reads kv head h // (H/Hkv)."""
     if flash_attn_3 is not None and q.is_cuda:
-        out = flash_attn_3(q, k, v, causal=True)
+        # FA3 needs one dtype; torch >= 2.12's CUDA autocast keeps rms_norm (q, k) in float32.
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else v.dtype
+        out = flash_attn_3(q.to(dtype), k.to(dtype), v.to(dtype), causal=True)
         return out[0] if isinstance(out, tuple) else out
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        is_causal=True, enable_gqa=q.size(2) != k.size(2))
@@ -721,8 +737,10 @@ class Muon(torch.optim.Optimizer):
     """Nesterov momentum, orthogonalised by Newton-Schulz. Distributed, rank k % world_size
     orthogonalises parameter k and one all-reduce of a flat bf16 buffer shares the updates."""
 
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float):
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
+                 orthogonalize=newton_schulz5):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay))
+        self.orthogonalize = orthogonalize
 
     @torch.no_grad()
     def step(self):
@@ -739,7 +757,7 @@ class Muon(torch.optim.Optimizer):
                         state["momentum_buffer"] = torch.zeros_like(p.grad)
                     buf = state["momentum_buffer"]
                     buf.mul_(mu).add_(p.grad)
-                    update = newton_schulz5(p.grad.add(buf, alpha=mu), group["backend_steps"])
+                    update = self.orthogonalize(p.grad.add(buf, alpha=mu), group["backend_steps"])
                     update *= max(1, update.size(0) / update.size(1)) ** 0.5
                     flat[offset:offset + p.numel()] = update.reshape(-1)
                 offset += p.numel()
@@ -778,7 +796,7 @@ def split_params(model: GPT, h: Hyperparameters) -> dict[str, list[nn.Parameter]
     return groups
 
 
-def build_optimizers(model: GPT, h: Hyperparameters) -> tuple[list[torch.optim.Optimizer], Muon]:
+def build_optimizers(model: GPT, h: Hyperparameters, compiled: bool = False) -> tuple[list, Muon]:
     groups = split_params(model, h)
     fused = dict(fused=True) if next(model.parameters()).is_cuda else {}
     adam = dict(betas=(h.beta1, h.beta2), eps=h.adam_eps, **fused)
@@ -788,8 +806,9 @@ def build_optimizers(model: GPT, h: Hyperparameters) -> tuple[list[torch.optim.O
         torch.optim.AdamW([dict(params=groups["scalar"], lr=h.scalar_lr, base_lr=h.scalar_lr)],
                           weight_decay=h.adam_wd, **adam),
     ]
+    # Compiled on CUDA, as the original: eagerly, Newton-Schulz is thousands of small launches a step.
     muon = Muon(groups["muon"], lr=h.matrix_lr, momentum=h.muon_momentum, backend_steps=h.muon_backend_steps,
-                weight_decay=h.muon_wd)
+                weight_decay=h.muon_wd, orthogonalize=torch.compile(newton_schulz5) if compiled else newton_schulz5)
     for group in muon.param_groups:
         group["base_lr"] = h.matrix_lr
     optimizers.append(muon)
@@ -822,6 +841,7 @@ INT6_CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, None)  # None: the row ma
 INT8_CLIP_QUANTILE = 0.9999984
 PASSTHROUGH_MAX_NUMEL = 65536
 SIZE_LIMIT = 16_000_000
+MODEL_PATH = "final_model.pt"  # the trained (EMA) weights, unquantised
 
 
 def quantize_int6(t: Tensor) -> tuple[Tensor, Tensor]:
@@ -912,11 +932,10 @@ def _byte_shuffle(container: dict, inverse: bool) -> dict:
 
 
 def _codec(name: str):
-    module = {"lzma": "lzma", "brotli": "brotli", "zstd": "zstandard"}[name]
     try:
-        return importlib.import_module(module)
+        return importlib.import_module(name)
     except ImportError:
-        raise ConfigError(f"COMPRESSOR={name!r} needs the Python package {module}; install it or use "
+        raise ConfigError(f"COMPRESSOR={name!r} needs the Python package {name}; install it or use "
                           f"COMPRESSOR=lzma") from None
 
 
@@ -926,8 +945,6 @@ def pack_artifact(container: dict, compressor: str) -> bytes:
     raw, codec = buf.getvalue(), _codec(compressor)
     if compressor == "brotli":
         return BROTLI_MAGIC + codec.compress(raw, quality=11)
-    if compressor == "zstd":
-        return codec.ZstdCompressor(level=22).compress(raw)
     return lzma.compress(raw, preset=6)
 
 
@@ -936,16 +953,14 @@ def unpack_artifact(blob: bytes, path) -> dict:
     try:
         if blob.startswith(b"\xfd7zXZ\x00"):
             raw, shuffled = lzma.decompress(blob), False
-        elif blob.startswith(b"\x28\xb5\x2f\xfd"):
-            raw, shuffled = _codec("zstd").ZstdDecompressor().decompress(blob, max_output_size=1 << 31), False
         elif blob.startswith(BROTLI_MAGIC):
             raw, shuffled = _codec("brotli").decompress(blob[len(BROTLI_MAGIC):]), True
         else:
-            raise ConfigError(f"{path}: not an artifact of this format (no xz, zstd or brotli header)")
+            raise ConfigError(f"{path}: not an artifact of this format (no xz or brotli header)")
         container = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except ConfigError:
         raise
-    except Exception as e:  # lzma.LZMAError, zstd/brotli errors, unpickling errors
+    except Exception as e:  # lzma.LZMAError, brotli errors, unpickling errors
         raise ConfigError(f"{path}: damaged or truncated artifact ({type(e).__name__}: {e})") from None
     if not (isinstance(container, dict) and isinstance(container.get("w"), dict) and isinstance(container.get("m"), dict)):
         raise ConfigError(f"{path}: not a quantised model container (expected keys 'w' and 'm')")
@@ -955,7 +970,8 @@ def unpack_artifact(blob: bytes, path) -> dict:
 def load_artifact_into(model: GPT, path) -> None:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"ARTIFACT={str(path)!r}: file not found")
+        raise ConfigError(f"ARTIFACT={str(path)!r}: {'is a directory' if path.is_dir() else 'file not found'}; "
+                          f"expected an artifact file")
     container = unpack_artifact(path.read_bytes(), path)
     template = model.state_dict()  # an evaluation model: built without MTP heads
     expected = set(template)
@@ -1221,6 +1237,10 @@ def start_runtime(h: Hyperparameters) -> Runtime:
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if not use_cuda and h.cpu_threads > 0:
+        # Deliberate: one thread per process by default. More threads than free cores (a busy
+        # machine, several ranks) ran several times slower; results then also follow no machine's core count.
+        torch.set_num_threads(h.cpu_threads)
     if use_cuda:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # the original's setting (SLOT's fp32 logit matmul too)
@@ -1259,6 +1279,7 @@ def log_config(h: Hyperparameters, rt: Runtime, model: GPT, n_val_targets: int, 
     rt.log(f"train_batch_tokens:{h.train_batch_tokens} train_seq_len:{h.train_seq_len} iterations:{h.iterations} "
            f"warmup_steps:{h.warmup_steps} max_wallclock_seconds:{h.max_wallclock_seconds:.3f}")
     rt.log(f"seed:{h.seed}")
+    rt.log(f"preset:{h.preset or 'none'} cpu_threads:{torch.get_num_threads() if rt.device.type == 'cpu' else 0}")
 
 
 def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts, train_files: list[str]):
@@ -1269,7 +1290,7 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts,
     hidden_fn = torch.compile(model.hidden, dynamic=False, fullgraph=True) if use_compile(h, rt) else model.hidden
     ddp = DDP(compiled, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) \
         if rt.distributed else compiled  # the model has no buffers to broadcast
-    optimizers, muon = build_optimizers(model, h)
+    optimizers, muon = build_optimizers(model, h, compiled=use_compile(h, rt))
     accum = h.grad_accum_steps(rt.world_size)
     loader = DistributedTokenLoader(train_files, rt.rank, rt.world_size, rt.device)
 
@@ -1290,8 +1311,8 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts,
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
 
-    # Late QAT can switch on mid-run: its graph is compiled in the second half of the warm-up,
-    # so no compilation happens once the training timer runs.
+    # Every graph the timed loop uses is compiled here, before its timer starts: the training step
+    # without and with late QAT's fake quantisation (second half of the warm-up) and validation.
     qat_later = not h.qat_enabled and h.late_qat_threshold > 0
     if h.warmup_steps > 0:  # compile and warm the kernels, then restore the initial state exactly
         initial_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -1302,6 +1323,9 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts,
             step_gradients(h.qat_enabled or (qat_later and i >= h.warmup_steps // 2))
             for opt in optimizers:
                 opt.step()
+            if i == 0:
+                warm_tokens = val_tokens[:rt.world_size * h.val_batch_size // 8 + 1]
+                eval_standard(model, hidden_fn, warm_tokens, h.train_seq_len, h, rt, luts)
             if h.warmup_steps <= 20 or (i + 1) % 10 == 0 or i + 1 == h.warmup_steps:
                 rt.log(f"warmup_step:{i + 1}/{h.warmup_steps}")
         model.load_state_dict(initial_model, strict=True)
@@ -1310,64 +1334,68 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts,
         zero_grad()
         loader = DistributedTokenLoader(train_files, rt.rank, rt.world_size, rt.device)
 
-    ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+    weights = list(model.state_dict().values())  # views of the parameters, updated in place
+    ema = [w.detach().float().clone() for w in weights]
     cap_ms = 1000.0 * h.max_wallclock_seconds if h.max_wallclock_seconds > 0 else None
     qat = h.qat_enabled
     train_ms, stop_after, step = 0.0, None, 0
     rt.sync()
     t0 = time.perf_counter()
-    while True:
-        last = step == h.iterations or (stop_after is not None and step >= stop_after)
-        if last or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
-            rt.sync()
-            train_ms += 1000.0 * (time.perf_counter() - t0)  # validation time is not training time
-            val_loss, val_bpb = eval_standard(model, hidden_fn, val_tokens, h.train_seq_len, h, rt, luts).result(rt)
-            rt.log(f"step:{step}/{h.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
-                   f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
-            rt.sync()
-            t0 = time.perf_counter()
-        if last:
-            if stop_after is not None and step < h.iterations:
-                rt.log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{h.iterations}")
-            break
-        scale = lr_multiplier(h, step, train_ms + 1000.0 * (time.perf_counter() - t0))
-        if 0 < h.late_qat_threshold and scale < h.late_qat_threshold and not qat:
-            qat = True  # never switched off again
-            rt.log(f"late_qat:enabled step:{step} scale:{scale:.4f}")
-        zero_grad()
-        train_loss = step_gradients(qat)
-        for group in muon.param_groups:
-            group["momentum"] = muon_momentum_at(h, step)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * scale
-        if h.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), h.grad_clip_norm)
-        for opt in optimizers:
-            opt.step()
-        zero_grad()
-        with torch.no_grad():
-            for k, v in model.state_dict().items():
-                ema[k].mul_(h.ema_decay).add_(v.detach().float(), alpha=1.0 - h.ema_decay)
-        step += 1
-        approx_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
-        if h.train_log_every > 0 and (step <= 10 or step % h.train_log_every == 0 or stop_after is not None):
-            rt.log(f"step:{step}/{h.iterations} train_loss:{train_loss.item():.4f} "
-                   f"train_time:{approx_ms:.0f}ms step_avg:{approx_ms / step:.2f}ms")
-        reached = cap_ms is not None and approx_ms >= cap_ms
-        if rt.distributed and cap_ms is not None:  # stop together: any rank over the cap stops all
-            flag = torch.tensor(int(reached), device=rt.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            reached = bool(flag.item())
-        if stop_after is None and reached:
-            stop_after = step
+    try:
+        while True:
+            last = step == h.iterations or (stop_after is not None and step >= stop_after)
+            if last or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
+                rt.sync()
+                train_ms += 1000.0 * (time.perf_counter() - t0)  # validation time is not training time
+                val_loss, val_bpb = eval_standard(model, hidden_fn, val_tokens, h.train_seq_len, h, rt, luts).result(rt)
+                rt.log(f"step:{step}/{h.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                       f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+                rt.sync()
+                t0 = time.perf_counter()
+            if last:
+                if stop_after is not None and step < h.iterations:
+                    rt.log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{h.iterations}")
+                break
+            scale = lr_multiplier(h, step, train_ms + 1000.0 * (time.perf_counter() - t0))
+            if 0 < h.late_qat_threshold and scale < h.late_qat_threshold and not qat:
+                qat = True  # never switched off again
+                rt.log(f"late_qat:enabled step:{step} scale:{scale:.4f}")
+            zero_grad()
+            train_loss = step_gradients(qat)
+            for group in muon.param_groups:
+                group["momentum"] = muon_momentum_at(h, step)
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = group["base_lr"] * scale
+            if h.grad_clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), h.grad_clip_norm)
+            for opt in optimizers:
+                opt.step()
+            zero_grad()
+            with torch.no_grad():  # one fused launch per op for all ~135 tensors
+                torch._foreach_mul_(ema, h.ema_decay)
+                torch._foreach_add_(ema, [w.float() for w in weights], alpha=1.0 - h.ema_decay)
+            step += 1
+            approx_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
+            if h.train_log_every > 0 and (step <= 10 or step % h.train_log_every == 0 or stop_after is not None):
+                rt.log(f"step:{step}/{h.iterations} train_loss:{train_loss.item():.4f} "
+                       f"train_time:{approx_ms:.0f}ms step_avg:{approx_ms / step:.2f}ms")
+            reached = cap_ms is not None and approx_ms >= cap_ms
+            if rt.distributed and cap_ms is not None:  # stop together: any rank over the cap stops all
+                flag = torch.tensor(int(reached), device=rt.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                reached = bool(flag.item())
+            if stop_after is None and reached:
+                stop_after = step
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted at step {step}/{h.iterations}") from None
 
     if rt.device.type == "cuda":
         rt.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 1024 // 1024} MiB "
                f"reserved: {torch.cuda.max_memory_reserved() // 1024 // 1024} MiB")
     rt.log("ema:applying EMA weights")
     current = model.state_dict()
-    model.load_state_dict({k: v.to(current[k].dtype) for k, v in ema.items()}, strict=True)
+    model.load_state_dict({k: e.to(current[k].dtype) for k, e in zip(current, ema)}, strict=True)
     return hidden_fn
 
 # -----------------------------
@@ -1381,7 +1409,7 @@ def export(h: Hyperparameters, rt: Runtime, model: GPT, code: str) -> None:
     if rt.master:
         blob = pack_artifact(quantize_state_dict(model.state_dict(), h), h.compressor)
         write_atomic(h.artifact, blob)
-        rt.log(f"Serialized model: {os.path.getsize('final_model.pt')} bytes")
+        rt.log(f"Serialized model: {os.path.getsize(MODEL_PATH)} bytes")
         rt.log(f"Code size: {code_bytes} bytes")
         total = len(blob) + code_bytes
         rt.log(f"Serialized model int6+{h.compressor}: {len(blob)} bytes")
@@ -1445,9 +1473,41 @@ def evaluate_artifact(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: T
                        suffix=f" mode:{mode}")
 
 
+def check_outputs(h: Hyperparameters) -> None:
+    """Every folder the run writes into, before any work: a training run is never lost at its end."""
+    places = {"logs/": Path("logs") if Path("logs").is_dir() else Path(".")}
+    if not h.eval_only:
+        places |= {MODEL_PATH: Path("."), f"ARTIFACT={h.artifact!r}": Path(h.artifact).parent}
+        if Path(h.artifact).is_dir():
+            raise ConfigError(f"ARTIFACT={h.artifact!r} is a directory; expected a file path")
+    for what, folder in places.items():
+        try:
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as e:
+            raise ConfigError(f"{what}: cannot write in {str(folder)!r} ({e.strerror}); expected a writable "
+                              f"folder (run from one, or set ARTIFACT)") from None
+
+
+def create_log(run_id: str) -> str:
+    """logs/<RUN_ID>.txt, created exclusively: a run never appends to another run's log (a name
+    already taken becomes <RUN_ID>-2, -3, ...)."""
+    os.makedirs("logs", exist_ok=True)
+    for n in range(1, 1 << 20):
+        path = f"logs/{run_id}.txt" if n == 1 else f"logs/{run_id}-{n}.txt"
+        try:
+            open(path, "x").close()
+            return path
+        except FileExistsError:
+            continue
+    raise ConfigError(f"RUN_ID={run_id!r}: every log name in logs/ is taken")
+
+
 def run(h: Hyperparameters) -> None:
     rt = start_runtime(h)
     h.check_world(rt.world_size)
+    if not h.eval_only:
+        _codec(h.compressor)  # a missing codec would otherwise fail at export, after training
+    check_outputs(h)
     sp = load_tokenizer(h)
     val_files = shard_files(h.data_path, "val")
     train_files = [] if h.eval_only else shard_files(h.data_path, "train")
@@ -1457,43 +1517,71 @@ def run(h: Hyperparameters) -> None:
     eval_model = load_eval_model(h, rt.device) if h.eval_only else None
 
     # Every input is valid: from here on the run writes its log and outputs.
+    rt = replace(rt, log_path=create_log(h.run_id) if rt.master else None)
     if rt.master:
-        os.makedirs("logs", exist_ok=True)
-    rt = replace(rt, log_path=f"logs/{h.run_id}.txt")
+        print(f"log: {rt.log_path}", flush=True)
+        if not h.eval_only:  # a stale model must never pass for this run's if it stops early
+            for stale in (MODEL_PATH, h.artifact):
+                Path(stale).unlink(missing_ok=True)
     code = Path(__file__).read_text(encoding="utf-8")
     log_header(rt, code)
     luts = build_byte_luts(sp, h.vocab_size, rt.device)
-    if h.eval_only:
-        log_config(h, rt, eval_model, val_tokens.numel() - 1, 0)
-        rt.log(f"eval_only artifact:{h.artifact} bytes:{os.path.getsize(h.artifact)}")
-    else:
-        model = build_model(h, rt.device, seed=h.seed)
-        log_config(h, rt, model, val_tokens.numel() - 1, len(train_files))
-        hidden_fn = train(h, rt, model, val_tokens, luts, train_files)
-        if rt.master:  # saved before anything that can fail after training
-            buf = io.BytesIO()
-            torch.save(model.state_dict(), buf)
-            write_atomic("final_model.pt", buf.getvalue())
-        t0 = time.perf_counter()
-        val_loss, val_bpb = eval_standard(model, hidden_fn, val_tokens, h.train_seq_len, h, rt, luts).result(rt)
-        rt.log(f"DIAGNOSTIC post_ema val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
-               f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
-        export(h, rt, model, code)
-        del model
-        eval_model = load_eval_model(h, rt.device)
-    evaluate_artifact(h, rt, eval_model, val_tokens, luts)
+    stage = "evaluation"
+    try:
+        if h.eval_only:
+            log_config(h, rt, eval_model, val_tokens.numel() - 1, 0)
+            rt.log(f"eval_only artifact:{h.artifact} bytes:{os.path.getsize(h.artifact)}")
+        else:
+            model = build_model(h, rt.device, seed=h.seed)
+            log_config(h, rt, model, val_tokens.numel() - 1, len(train_files))
+            stage = "training"
+            hidden_fn = train(h, rt, model, val_tokens, luts, train_files)
+            stage = "export"
+            if rt.master:  # saved before anything that can fail after training
+                buf = io.BytesIO()
+                torch.save(model.state_dict(), buf)
+                write_atomic(MODEL_PATH, buf.getvalue())
+            t0 = time.perf_counter()
+            val_loss, val_bpb = eval_standard(model, hidden_fn, val_tokens, h.train_seq_len, h, rt, luts).result(rt)
+            rt.log(f"DIAGNOSTIC post_ema val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                   f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+            export(h, rt, model, code)
+            del model
+            eval_model = load_eval_model(h, rt.device)
+            stage = "evaluation"
+        evaluate_artifact(h, rt, eval_model, val_tokens, luts)
+    except (KeyboardInterrupt, Interrupted) as e:
+        msg = str(e) if isinstance(e, Interrupted) else f"interrupted during {stage}"
+        rt.log(msg)
+        raise Interrupted(msg) from None
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (torchrun stopping its workers, a scheduler) stops like Ctrl-C
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, _interrupt)
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0  # every rank meets the same bad input: say it once
+    status = 0
     try:
         run(Hyperparameters.from_env())
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if dist.is_initialized():
-            dist.barrier()  # no rank tears gloo down while another still talks to it
-            dist.destroy_process_group()
+        status = 2
+        if first:
+            print(f"error: {e}", file=sys.stderr)
+    except Interrupted:
+        status = 130  # already logged and printed
+    except KeyboardInterrupt:
+        status = 130
+        if first:
+            print("interrupted before the run started", file=sys.stderr)
+    # A failing rank leaves at once (no barrier while others may wait in a collective): torchrun
+    # then stops the others. Only a run that succeeded everywhere meets at the barrier.
+    if dist.is_initialized() and status == 0:
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.exit(status)
 
 
 if __name__ == "__main__":
