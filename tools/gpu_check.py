@@ -1,8 +1,10 @@
 """The one-shot GPU proof: on one CUDA GPU, in under 8 minutes, everything the record's
 configuration needs to show before a real run.
 
-A session with a GPU runs, from the repository root (nothing beyond the repo and torch;
-the demo corpus is built offline in seconds, and again here when missing):
+A session with a GPU runs this one line from the repository root (about 8 minutes: give
+the command a 540 s limit). It needs the repo and what train_gpt.py imports (torch, numpy,
+sentencepiece) and nothing else: no network, no FlashAttention 3, brotli or zstandard; the
+demo corpus is built offline in seconds (gpu_check also builds it when missing):
 
     python3 -m tools.data demo && python3 -m tools.gpu_check --out "$OUT/gpu_check.json"
 
@@ -87,7 +89,7 @@ COMPILE_ID = re.compile(r"\] \[(\d+)/(\d+)(?:_\d+)?\] ")
 START_TRACING = re.compile(r"torchdynamo start tracing (\S+) (\S+)")
 RECOMPILING = re.compile(r"Recompiling function (\S+) in (\S+)")
 GUARD_FAILURE = re.compile(r"\[__recompiles\]\s+- \d+/\d+: (.*)")
-LIMIT_HIT = re.compile(r"recompile_limit|cache_size_limit|FailOnRecompileLimitHit")
+LIMIT_HIT = re.compile(r"hit config\.(?:recompile|cache_size)_limit|FailOnRecompileLimitHit")
 WARMUP_LINE = re.compile(r"^warmup_step:\d+/\d+")
 CONFIG_END = re.compile(r"^seed:\d+")
 TRAIN_STEP = re.compile(r"^step:\d+/\d+ train_loss:")
@@ -269,7 +271,7 @@ def compile_failures(parsed: dict, log: str, expect_compile: bool) -> list[str]:
             failures.append(f"{what} during the timed training steps{why}")
         elif c["phase"] == VALIDATION and c["recompile"]:
             failures.append(f"{what} after the warm-up, in the in-loop validation before ema:{why}")
-    failures += [f"recompile limit hit: {line}" for line in parsed["limit_hits"]]
+    failures += [f"recompile limit hit: {line}" for line in dict.fromkeys(parsed["limit_hits"])]
     if expect_compile and parsed["total"] == 0:
         failures.append("no dynamo compilation in the log (TORCH_LOGS output missing?)")
     if not re.search(TRAIN_STEP.pattern, log, re.M):
@@ -507,7 +509,8 @@ def run_training(cfg: CheckConfig, timeout_s: float, log_path: Path, echo: bool)
         cmd = [sys.executable, "-c", cfg.bootstrap, script] if cfg.bootstrap else [sys.executable, script]
         with tempfile.TemporaryDirectory(prefix="gpu_check_") as work:
             if cfg.val_tokens:
-                env["DATA_PATH"] = trimmed_data(Path(cfg.train_env["DATA_PATH"]), Path(work) / "data", cfg.val_tokens)
+                source = Path(cfg.train_env["DATA_PATH"])
+                env["DATA_PATH"] = trimmed_data(source, Path(work) / source.name, cfg.val_tokens)
             proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True, errors="replace", start_new_session=True)
             lines: list[str] = []
@@ -610,9 +613,7 @@ def run_stage(name: str, fn, *args) -> dict:
         tb = traceback.format_exc().strip().splitlines()
         stage = dict(ok=False, failures=[f"{type(e).__name__}: {e}"[:400]], traceback=tb[-8:])
     stage["seconds"] = round(time.perf_counter() - t0, 2)
-    print(f"[gpu_check] {name}: {'ok' if stage['ok'] else 'FAILED'} ({stage['seconds']:.1f} s)", flush=True)
-    for f in stage["failures"]:
-        print(f"[gpu_check]   {f}", flush=True)
+    print("\n".join(stage_text(name, stage)), flush=True)  # now: a check cut short still shows it
     return stage
 
 
@@ -624,17 +625,21 @@ def render_text(summary: dict) -> str:
     out = [f"gpu_check ({summary['mode']}), {summary['started']}, {summary['seconds']:.0f} s: "
            + ("every stage passed" if not failed else "FAILED: " + ", ".join(failed))]
     for name, stage in st.items():
-        out.append("")
-        out.append(f"[{name}] {'ok' if stage['ok'] else 'FAILED'} ({stage['seconds']:.1f} s)")
-        out += [f"  failure: {f}" for f in stage["failures"]]
-        # A failed stage may hold only part of its fields: show what renders.
-        with contextlib.suppress(*(() if stage["ok"] else (KeyError, TypeError, ValueError, AttributeError))):
-            out += STAGE_TEXT[name](stage)
-    run = summary.get("train_run", {})
-    out += ["", f"training run: exit {run.get('returncode')}, {run.get('seconds', 0):.0f} s"
-            f"{', stopped at its time budget' if run.get('timed_out') else ''}; log: {run.get('log')}",
-            "settings: " + " ".join(f"{k}={v}" for k, v in sorted(run.get("env", {}).items()) if "PATH" not in k)]
+        out += ["", *stage_text(name, stage)]
+    run = summary["train_run"]
+    out += ["", f"training run: exit {run['returncode']}, {run['seconds']:.0f} s of {run['timeout_s']:.0f} s allowed"
+            f"{', stopped at its time budget' if run['timed_out'] else ''}; log: {run['log']}",
+            "settings: " + " ".join(f"{k}={v}" for k, v in sorted(run["env"].items()) if "PATH" not in k)]
     return "\n".join(out) + "\n"
+
+
+def stage_text(name: str, stage: dict) -> list[str]:
+    out = [f"[{name}] {'ok' if stage['ok'] else 'FAILED'} ({stage['seconds']:.1f} s)"]
+    out += [f"  failure: {f}" for f in stage["failures"]]
+    # A failed stage may hold only part of its fields: show what renders.
+    with contextlib.suppress(*(() if stage["ok"] else (KeyError, TypeError, ValueError, AttributeError))):
+        out += STAGE_TEXT[name](stage)
+    return out
 
 
 def _text_versions(s: dict) -> list[str]:
@@ -725,15 +730,16 @@ def output_paths(out: str | None) -> tuple[Path, Path, Path]:
 def check(cfg: CheckConfig, tg, paths: tuple[Path, Path, Path], echo: bool) -> dict:
     started = time.monotonic()
     deadline = started + cfg.budget_s
-    summary = dict(tool="tools.gpu_check", mode=cfg.mode,
-                   started=datetime.datetime.now().isoformat(timespec="seconds"), budget_s=cfg.budget_s, stages={})
+    summary = dict(tool="tools.gpu_check", mode=cfg.mode, started=datetime.datetime.now().isoformat(timespec="seconds"),
+                   budget_s=cfg.budget_s, sdpa_budget_s=cfg.sdpa_budget_s, stages={})
     stages = summary["stages"]
     stages["versions"] = run_stage("versions", stage_versions, tg)
     stages["sdpa"] = run_stage("sdpa", stage_sdpa, tg, cfg)
     reserve = 15.0  # parsing and writing the summary
-    run = run_training(cfg, deadline - time.monotonic() - reserve, paths[2], echo)
+    timeout = deadline - time.monotonic() - reserve
+    run = run_training(cfg, timeout, paths[2], echo)
     summary["train_run"] = dict(returncode=run.returncode, timed_out=run.timed_out, seconds=round(run.seconds, 1),
-                                error=run.error, log=str(paths[2]), env=cfg.train_env,
+                                timeout_s=round(timeout, 1), error=run.error, log=str(paths[2]), env=cfg.train_env,
                                 command="train_gpt.py" + (" (dynamo eager backend)" if cfg.bootstrap else ""))
     stages["compile"] = run_stage("compile", stage_compile, run, cfg)
     stages["training"] = run_stage("training", stage_training, run, cfg)
@@ -778,8 +784,7 @@ def main(argv=None) -> int:
     write_atomic(paths[0], json.dumps(summary, indent=1, default=str) + "\n")
     text = render_text(summary)
     write_atomic(paths[1], text)
-    print(text, end="")
-    print(f"[gpu_check] summary: {paths[0]} and {paths[1].name}", flush=True)
+    print(f"\n{text.splitlines()[0]}\nsummary: {paths[0]} (text: {paths[1].name}, run log: {paths[2].name})")
     return 0 if summary["ok"] else 1
 
 
