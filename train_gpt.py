@@ -478,10 +478,13 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """q [B,T,H,D], k/v [B,T,Hkv,D] -> [B,T,H,D]; query head h reads kv head h // (H/Hkv)."""
+    if torch.is_autocast_enabled(q.device.type):
+        # One dtype for all three: torch >= 2.12's CUDA autocast keeps rms_norm, so q and k, in
+        # float32 while v is bf16, and FA3 (not an autocast op) refuses mixed dtypes.
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if flash_attn_3 is not None and q.is_cuda:
-        # FA3 needs one dtype; torch >= 2.12's CUDA autocast keeps rms_norm (q, k) in float32.
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else v.dtype
-        out = flash_attn_3(q.to(dtype), k.to(dtype), v.to(dtype), causal=True)
+        out = flash_attn_3(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        is_causal=True, enable_gqa=q.size(2) != k.size(2))
