@@ -33,10 +33,11 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import sentencepiece as spm
 
-MAGIC = 20240520
-VERSION = 1
-HEADER_INTS = 256
-HEADER_BYTES = HEADER_INTS * 4
+from tools._common import import_train_gpt
+
+# The shard format, and its reader and the atomic writer, are train_gpt.py's own.
+tg = import_train_gpt()
+MAGIC, VERSION, HEADER_INTS = tg.SHARD_MAGIC, tg.SHARD_VERSION, tg.HEADER_INTS
 MAX_VOCAB = 1 << 16  # tokens are stored as uint16
 
 SHARD_TOKENS = 10**8
@@ -83,23 +84,10 @@ class DataError(Exception):
 
 # ---------------------------------------------------------------- shard files
 
-@contextlib.contextmanager
-def _atomic_file(path: Path):
-    """Write beside the target, then rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _save_file(path: Path, data: bytes) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _atomic_file(path) as f:
-            f.write(data)
+        tg.write_atomic(path, data)
     except OSError as e:
         raise DataError(f"{path}: cannot write ({e.strerror})") from None
 
@@ -156,17 +144,12 @@ def write_shard(path: str | os.PathLike, tokens) -> None:
                         f"got {tokens.min()}..{tokens.max()}")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = MAGIC, VERSION, tokens.size
-    with _atomic_file(path) as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype("<u2").tobytes())
+    tg.write_atomic(path, header.tobytes() + tokens.astype("<u2").tobytes())
 
 
 def read_shard(path: str | os.PathLike) -> np.ndarray:
     """The shard's tokens (uint16, memory-mapped), checked by train_gpt's own reader, so that
     the tools accept exactly the shards training accepts."""
-    # Imported here: only the commands that read shards pay for loading torch.
-    from tools._common import import_train_gpt
-    tg = import_train_gpt()
     try:
         return tg.load_data_shard(path)
     except tg.ConfigError as e:
@@ -329,8 +312,7 @@ def write_dataset(token_docs: Iterable[np.ndarray], out_dir: Path, *, val_docs: 
                           "vocab_size": _tokenizer_from(model_bytes, tokenizer).vocab_size()},
             "splits": {split: writer.summary() for split, writer in writers.items()},
         }
-        with _atomic_file(stage / "manifest.json") as f:
-            f.write((json.dumps(manifest, indent=2) + "\n").encode())
+        tg.write_atomic(stage / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
         if model is not None:
             _save_file(tokenizer, model)
             print(f"trained {tokenizer} ({manifest['tokenizer']['vocab_size']} pieces)")

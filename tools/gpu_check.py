@@ -709,9 +709,8 @@ STAGE_TEXT = dict(versions=_text_versions, sdpa=_text_sdpa, compile=_text_compil
 
 
 def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    from tools._common import import_train_gpt
+    import_train_gpt().write_atomic(path, text.encode("utf-8"))
 
 
 def output_paths(out: str | None) -> tuple[Path, Path, Path]:

@@ -20,7 +20,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -527,17 +526,9 @@ def results_table(records: Sequence[RunRecord], score: str) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and os.replace, so a
-    reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """train_gpt.py's atomic writer: a reader never sees half a file."""
+    from tools._common import import_train_gpt  # here: parsing logs needs no torch
+    import_train_gpt().write_atomic(path, text.encode("utf-8"))
 
 
 def _figures(block: dict) -> str:
