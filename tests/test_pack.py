@@ -119,3 +119,25 @@ def test_interface_check_catches_a_changed_field():
     changed = pack.ast.parse("from dataclasses import dataclass\n@dataclass\nclass H:\n    a: float = 1\n")
     assert pack.interface(tree) != pack.interface(changed)
     assert pack.interface(tree) == {"names": {"H"}, "fields": {"H": [("a", "int")]}}
+
+
+def test_preflight_counts_the_packed_file_and_lists_the_budget():
+    """--packed counts tools.pack's file in the total; the budget lines add up to it."""
+    from tools import preflight
+    env = dict(NUM_LAYERS="1", MODEL_DIM="256", NUM_HEADS="2", NUM_KV_HEADS="1", MLP_MULT="2", XSA_LAST_N="1",
+               VE_LAYERS="0", TRAIN_SEQ_LEN="128", EVAL_SEQ_LEN="128", TRAIN_BATCH_TOKENS="8192",
+               VAL_BATCH_SIZE="8192", RUN_ID="t")
+    out = io.StringIO()
+    assert preflight.main(["--no-compile", "--packed"], env=env, out=out) == 0
+    text = out.getvalue()
+    _, codec, sizes = pack.pack(SOURCE)
+    packed = sizes[codec]
+    assert re.search(rf"^PASS\s+code\s+{packed:,} bytes of train_gpt.py \(packed; plain {len(SOURCE.encode()):,}", text,
+                     re.M)
+    stored = {k: int(v.replace(",", "")) for k, v in re.findall(r"budget (int6|int8|passthrough): ([\d,]+) bytes", text)}
+    assert set(stored) == {"int6", "int8", "passthrough"} and stored["int6"] > 0
+    model = int(re.search(r"budget model: ([\d,]+) bytes after lzma", text).group(1).replace(",", ""))
+    assert f"budget code: {packed:,} bytes (packed script; source {len(SOURCE.encode()):,} bytes)" in text
+    total = model + packed
+    assert f"budget total: {total:,} bytes, margin {16_000_000 - total:,} to the 16,000,000-byte limit" in text
+    assert re.search(rf"^PASS\s+artifact\s+estimated {model:,} model \+ {packed:,} code = {total:,} bytes", text, re.M)

@@ -377,7 +377,7 @@ def basis_lines(h) -> list[str]:
         lines.append(f"note: calibrated with lzma; COMPRESSOR={h.compressor} is estimated with the same weights")
     if h.gptq_enabled:
         lines.append("note: GPTQ_ENABLED=1 is estimated with the clip search: GPTQ needs the trained weights and "
-                     "their Hessians (its codes compress about as well; see README)")
+                     "their Hessians (on a trained 4-layer d=288 demo model its lzma artifact was 0.7% larger)")
     return lines
 
 
