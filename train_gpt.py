@@ -146,6 +146,9 @@ class Hyperparameters:
     control_tensor_name_patterns: str = CONTROL_PATTERNS_DEFAULT
     # Export and evaluation.
     compressor: str = "lzma"  # lzma | brotli
+    gptq_enabled: bool = False  # full-Hessian GPTQ for the int6 matrices (SPEC section 9)
+    gptq_calibration_batches: int = 64
+    gptq_reserve_seconds: float = 10.0  # taken off the training cap for the calibration
     eval_only: bool = False
     artifact: str = "final_model.int6.ptz"
     eval_stride: int = 96
@@ -227,12 +230,13 @@ class Hyperparameters:
             need(getattr(self, name.lower()) >= 0, name, "a count >= 0")
         for name in ("TRAIN_BATCH_TOKENS", "TRAIN_SEQ_LEN", "VAL_BATCH_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS",
                      "NUM_KV_HEADS", "BIGRAM_DIM", "VE_DIM", "MUON_BACKEND_STEPS", "SLOT_STEPS", "SLOT_BATCH_SEQS",
-                     "SLOT_INTERLEAVE"):
+                     "SLOT_INTERLEAVE", "GPTQ_CALIBRATION_BATCHES"):
             need(getattr(self, name.lower()) > 0, name, "a positive integer")
         for name in ("MLP_MULT", "LOGIT_SOFTCAP", "ROPE_BASE"):
             need(getattr(self, name.lower()) > 0, name, "a positive number")
         for name in ("TIED_EMBED_LR", "EMBED_LR", "HEAD_LR", "MATRIX_LR", "SCALAR_LR", "MUON_WD", "ADAM_WD", "ADAM_EPS",
-                     "GRAD_CLIP_NORM", "TIED_EMBED_INIT_STD", "MTP_LOSS_WEIGHT", "SLOT_LR", "SLOT_LR_MIN"):
+                     "GRAD_CLIP_NORM", "TIED_EMBED_INIT_STD", "MTP_LOSS_WEIGHT", "SLOT_LR", "SLOT_LR_MIN",
+                     "GPTQ_RESERVE_SECONDS"):
             need(getattr(self, name.lower()) >= 0, name, "a number >= 0")
         for name in ("BETA1", "BETA2", "MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START", "EMA_DECAY"):
             need(0 <= getattr(self, name.lower()) < 1, name, "a number in [0, 1)")
@@ -260,6 +264,8 @@ class Hyperparameters:
         need(self.run_id not in (".", "..") and not set(self.run_id) & set("/\\\0"), "RUN_ID",
              "a file name without path separators")
         need(bool(self.artifact) and not self.artifact.endswith(("/", os.sep)), "ARTIFACT", "a file path")
+        need(not self.gptq_enabled or self.max_wallclock_seconds <= 0 or self.gptq_reserve_seconds <
+             self.max_wallclock_seconds, "GPTQ_RESERVE_SECONDS", "less than MAX_WALLCLOCK_SECONDS with GPTQ on")
 
     @property
     def max_seq_len(self) -> int:
@@ -856,14 +862,19 @@ def quantize_int6(t: Tensor) -> tuple[Tensor, Tensor]:
         scale = torch.tensor(amax / 31 if amax > 0 else 1.0, dtype=torch.float16)
         return torch.clamp(torch.round(t32 / scale.float()), -31, 31).to(torch.int8), scale
     best, best_err = None, float("inf")
-    for q_level in INT6_CLIP_QUANTILES:
-        clip = t32.abs().amax(dim=1) if q_level is None else torch.quantile(t32.abs(), q_level, dim=1)
-        scale = (clip / 31).clamp_min(1.0 / 31).to(torch.float16)
+    for scale in int6_clip_scales(t32):
         q = torch.clamp(torch.round(t32 / scale.float()[:, None]), -31, 31).to(torch.int8)
         err = (t32 - q.float() * scale.float()[:, None]).pow(2).mean().item()
         if err < best_err:
             best, best_err = (q, scale), err
     return best
+
+
+def int6_clip_scales(t32: Tensor):
+    """The per-row fp16 scale of each clip candidate, in order: the row quantiles of |w|, then the row max."""
+    for q_level in INT6_CLIP_QUANTILES:
+        clip = t32.abs().amax(dim=1) if q_level is None else torch.quantile(t32.abs(), q_level, dim=1)
+        yield (clip / 31).clamp_min(1.0 / 31).to(torch.float16)
 
 
 def quantize_int8(t: Tensor) -> tuple[Tensor, Tensor]:
@@ -880,8 +891,9 @@ def quantize_int8(t: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale.to(torch.float16)
 
 
-def quantize_state_dict(state: dict[str, Tensor], h: Hyperparameters) -> dict:
-    """SPEC section 5's rules, first match wins; returns the container {"w": tensors, "m": schemes}."""
+def quantize_state_dict(state: dict[str, Tensor], h: Hyperparameters, hessians: dict | None = None) -> dict:
+    """SPEC section 5's rules, first match wins (GPTQ for int6 matrices with a Hessian, on its device);
+    returns the container {"w": tensors, "m": schemes}."""
     tensors, schemes = {}, {}
     for name, t in state.items():
         if name.startswith("mtp_heads."):
@@ -894,8 +906,9 @@ def quantize_state_dict(state: dict[str, Tensor], h: Hyperparameters) -> dict:
         else:
             int6 = "tok_emb" not in name and "lm_head" not in name and any(
                 s in name for s in (".mlp.", ".attn.", ".proj."))
-            q, scale = quantize_int6(t) if int6 else quantize_int8(t)
-            tensors[name + ".q"], tensors[name + ".scale"] = q.contiguous(), scale.contiguous()
+            q, scale = (gptq_quantize(t.to(hessians[name].device), hessians[name]) if int6 and name in (hessians or {})
+                        else quantize_int6(t) if int6 else quantize_int8(t))
+            tensors[name + ".q"], tensors[name + ".scale"] = q.cpu().contiguous(), scale.cpu().contiguous()
             schemes[name] = {"type": "int6" if int6 else "int8"}
     return {"w": tensors, "m": schemes}
 
@@ -1004,6 +1017,94 @@ def write_atomic(path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+# -----------------------------
+# GPTQ (GPTQ_ENABLED=1, SPEC section 9) and the byte budget
+# -----------------------------
+
+
+def gptq_quantize(weight: Tensor, hessian: Tensor, block: int = 128) -> tuple[Tensor, Tensor]:
+    """int6 codes [rows, cols] and fp16 row scales for the output error under `hessian` (record 2026-03-29's solver)."""
+    w32, H = weight.float(), hessian.float().clone()
+    dead = H.diagonal() == 0  # an input that is always zero: unit curvature, its weights dropped below
+    H.diagonal()[dead] = 1
+    H.diagonal().add_(0.01 * H.diagonal().mean())  # damping keeps the Cholesky factors well conditioned
+    perm = torch.argsort(H.diagonal(), descending=True)  # act-order: inputs with the most energy first
+    W, H = w32[:, perm].clone(), H[perm][:, perm]
+    W[:, dead[perm]] = 0
+    try:  # the upper Cholesky factor of H^-1 holds each step's error weights
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    except torch.linalg.LinAlgError:  # not positive definite in float32: the clip search
+        return quantize_int6(weight)
+    found = [(gptq_round(W, Hinv, s.float(), block), s) for s in int6_clip_scales(w32)]  # the clip candidates
+    errs = [(W - q.float() * s.float()[:, None]).pow(2).mean().item() for q, s in found]
+    q, scale = found[errs.index(min(errs))]  # the least error after GPTQ, the first of equals
+    return q[:, torch.argsort(perm)], scale
+
+
+def gptq_round(W: Tensor, Hinv: Tensor, sf: Tensor, block: int) -> Tensor:
+    """Column by column, each rounding error moved onto the later columns by Hinv's row (lazily past the block)."""
+    W, q = W.clone(), torch.zeros(W.shape, dtype=torch.int8, device=W.device)
+    for i1 in range(0, W.size(1), block):
+        i2 = min(i1 + block, W.size(1))
+        err = torch.zeros(W.size(0), i2 - i1, device=W.device)
+        for j in range(i1, i2):
+            qj = torch.clamp(torch.round(W[:, j] / sf), -31, 31)
+            q[:, j] = qj.to(torch.int8)
+            err[:, j - i1] = (W[:, j] - qj * sf) / Hinv[j, j]
+            W[:, j:i2] -= err[:, j - i1, None] * Hinv[j, j:i2]
+        W[:, i2:] -= err @ Hinv[i1:i2, i2:]
+    return q
+
+
+def calibrate(h: Hyperparameters, rt: Runtime, model: GPT, train_files: list[str], train_ms: float) -> dict:
+    """H = mean of X^T X over GPTQ_CALIBRATION_BATCHES global training batches, X each linear's input; micro-batches
+    read as in training and float64 sums, so the world size cannot change the artifact."""
+    t0, sums, last = time.perf_counter(), {}, {}
+
+    def hook(name):
+        def accumulate(module, args, out):
+            if last.get("x") is not args[0]:  # c_q, c_k and c_v read one tensor: one product for the three
+                with torch.autocast(rt.device.type, enabled=False):
+                    x = args[0].reshape(-1, args[0].size(-1)).float()
+                    last.update(x=args[0], xtx=(x.T @ x).double())
+            sums[name] = sums.get(name, 0) + last["xtx"]
+        return accumulate
+
+    handles = [m.register_forward_hook(hook(n + ".weight")) for n, m in model.named_modules()
+               if isinstance(m, CastedLinear)]  # the int6 ones are among them; export picks them
+    loader = DistributedTokenLoader(train_files, rt.rank, rt.world_size, rt.device)
+    accum = h.grad_accum_steps(rt.world_size)
+    model.eval()
+    with torch.no_grad(), rt.autocast():
+        for _ in range(h.gptq_calibration_batches * accum):
+            model.hidden(loader.next_batch(h.train_batch_tokens, h.train_seq_len, accum)[0])
+    for handle in handles:
+        handle.remove()
+    for H in sums.values() if rt.distributed else ():
+        dist.all_reduce(H)
+    hessians = {name: (H / h.gptq_calibration_batches).float() for name, H in sums.items()}
+    rt.sync()
+    ms = 1000.0 * (time.perf_counter() - t0)
+    rt.log(f"gptq:calibration batches:{h.gptq_calibration_batches} inputs:{len(sums)} time:{ms:.0f}ms")
+    total, cap = train_ms + ms, 1000.0 * h.max_wallclock_seconds
+    if cap > 0:  # training stopped GPTQ_RESERVE_SECONDS early to leave this room
+        rt.log(f"{'gptq:' if total <= cap else 'WARNING: '}training+calibration {total:.0f}ms "
+               f"{'under' if total <= cap else 'over'} MAX_WALLCLOCK_SECONDS ({cap:.0f}ms)")
+    return hessians
+
+
+def budget_lines(container: dict, model_bytes: int, compressor: str, code_bytes: int, source_bytes: int) -> list[str]:
+    """The submission's bytes line by line: the stored tensors by scheme (before compression), then the totals."""
+    stored = dict.fromkeys(("int6", "int8", "passthrough"), 0)
+    for name, t in container["w"].items():
+        scheme = container["m"].get(name) or container["m"][name.rsplit(".", 1)[0]]
+        stored[scheme["type"] if isinstance(scheme, dict) else "passthrough"] += t.numel() * t.element_size()
+    total, packed = model_bytes + code_bytes, "packed" if code_bytes != source_bytes else "plain"
+    return [f"budget {kind}: {n:,} bytes stored" for kind, n in stored.items()] + [
+        f"budget model: {model_bytes:,} bytes after {compressor}",
+        f"budget code: {code_bytes:,} bytes ({packed} script; source {source_bytes:,} bytes)",
+        f"budget total: {total:,} bytes, margin {SIZE_LIMIT - total:,} to the {SIZE_LIMIT:,}-byte limit"]
 
 # -----------------------------
 # EVALUATION
@@ -1399,18 +1500,24 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts,
     rt.log("ema:applying EMA weights")
     current = model.state_dict()
     model.load_state_dict({k: e.to(current[k].dtype) for k, e in zip(current, ema)}, strict=True)
-    return hidden_fn
+    return hidden_fn, train_ms
 
 # -----------------------------
 # EXPORT, EVALUATIONS, MAIN
 # -----------------------------
 
 
-def export(h: Hyperparameters, rt: Runtime, model: GPT, code: str) -> None:
+def export(h: Hyperparameters, rt: Runtime, model: GPT, code: str, hessians: dict | None = None) -> None:
     """Quantise and compress the trained weights; only rank 0 writes, every rank waits for it."""
-    code_bytes = len(code.encode("utf-8"))
+    code_bytes = os.path.getsize(__file__)  # this file as run: a packed file counts its packed bytes
     if rt.master:
-        blob = pack_artifact(quantize_state_dict(model.state_dict(), h), h.compressor)
+        t0, tf32 = time.perf_counter(), torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False  # GPTQ solves in float32, as the record did (on the CPU)
+        container = quantize_state_dict(model.state_dict(), h, hessians)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        if hessians:
+            rt.log(f"gptq:solved on {rt.device.type} in {1000 * (time.perf_counter() - t0):.0f}ms")
+        blob = pack_artifact(container, h.compressor)
         write_atomic(h.artifact, blob)
         rt.log(f"Serialized model: {os.path.getsize(MODEL_PATH)} bytes")
         rt.log(f"Code size: {code_bytes} bytes")
@@ -1418,6 +1525,7 @@ def export(h: Hyperparameters, rt: Runtime, model: GPT, code: str) -> None:
         rt.log(f"Serialized model int6+{h.compressor}: {len(blob)} bytes")
         rt.log(f"Total submission size int6+{h.compressor}: {total} bytes")
         rt.log(f"Total submission size: {total} bytes")
+        rt.log("\n".join(budget_lines(container, len(blob), h.compressor, code_bytes, len(code.encode("utf-8")))))
         if total >= SIZE_LIMIT:
             rt.log(f"WARNING: total submission size {total} bytes is over the {SIZE_LIMIT:,}-byte limit")
     if rt.distributed:
@@ -1526,7 +1634,7 @@ def run(h: Hyperparameters) -> None:
         if not h.eval_only:  # a stale model must never pass for this run's if it stops early
             for stale in (MODEL_PATH, h.artifact):
                 Path(stale).unlink(missing_ok=True)
-    code = Path(__file__).read_text(encoding="utf-8")
+    code = globals().get("PACKED_SOURCE") or Path(__file__).read_text(encoding="utf-8")  # see tools/pack.py
     log_header(rt, code)
     luts = build_byte_luts(sp, h.vocab_size, rt.device)
     stage = "evaluation"
@@ -1538,17 +1646,19 @@ def run(h: Hyperparameters) -> None:
             model = build_model(h, rt.device, seed=h.seed)
             log_config(h, rt, model, val_tokens.numel() - 1, len(train_files))
             stage = "training"
-            hidden_fn = train(h, rt, model, val_tokens, luts, train_files)
+            cap = h.max_wallclock_seconds - h.gptq_reserve_seconds * (h.gptq_enabled and h.max_wallclock_seconds > 0)
+            hidden_fn, train_ms = train(replace(h, max_wallclock_seconds=cap), rt, model, val_tokens, luts, train_files)
             stage = "export"
             if rt.master:  # saved before anything that can fail after training
                 buf = io.BytesIO()
                 torch.save(model.state_dict(), buf)
                 write_atomic(MODEL_PATH, buf.getvalue())
+            hessians = calibrate(h, rt, model, train_files, train_ms) if h.gptq_enabled else None
             t0 = time.perf_counter()
             val_loss, val_bpb = eval_standard(model, hidden_fn, val_tokens, h.train_seq_len, h, rt, luts).result(rt)
             rt.log(f"DIAGNOSTIC post_ema val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                    f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
-            export(h, rt, model, code)
+            export(h, rt, model, code, hessians)
             del model
             eval_model = load_eval_model(h, rt.device)
             stage = "evaluation"
