@@ -146,7 +146,7 @@ class Hyperparameters:
     control_tensor_name_patterns: str = CONTROL_PATTERNS_DEFAULT
     # Export and evaluation.
     compressor: str = "lzma"  # lzma | brotli
-    gptq_enabled: bool = False  # full-Hessian GPTQ for the int6 matrices (SPEC section 9)
+    gptq_enabled: bool = False  # full-Hessian GPTQ for the int6 matrices (record 2026-03-29)
     gptq_calibration_batches: int = 64
     gptq_reserve_seconds: float = 10.0  # taken off the training cap for the calibration
     eval_only: bool = False
@@ -700,7 +700,7 @@ def is_control(name: str, h: Hyperparameters) -> bool:
 
 
 def build_model(h: Hyperparameters, device: torch.device, seed: int | None = None) -> GPT:
-    """Build on the CPU (the original's random draws), then apply the precision of SPEC's modes:
+    """Build on the CPU (the original's random draws), then apply the precision mode (docs/evaluation.md):
     every value takes the bf16 round trip; on CUDA the embedding tables stay bf16 and the rest
     float32, on the CPU everything returns to float32."""
     if seed is not None:  # torch.manual_seed seeds the CUDA generators too
@@ -791,7 +791,7 @@ def all_reduce_sum(t: Tensor) -> None:
 
 
 def split_params(model: GPT, h: Hyperparameters) -> dict[str, list[nn.Parameter]]:
-    """SPEC section 4's groups: Muon for matrices, AdamW for embeddings and for scalars/control tensors."""
+    """The original's groups: Muon for matrices, AdamW for embeddings and for scalars/control tensors."""
     groups = {"muon": [], "embed": [], "scalar": [], "head": []}
     for name, p in model.named_parameters():
         if name in ("tok_emb.weight", "bigram.embed.weight", "ve_shared.embed.weight"):
@@ -892,7 +892,7 @@ def quantize_int8(t: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def quantize_state_dict(state: dict[str, Tensor], h: Hyperparameters, hessians: dict | None = None) -> dict:
-    """SPEC section 5's rules, first match wins (GPTQ for int6 matrices with a Hessian, on its device);
+    """The original's export rules, first match wins (GPTQ for int6 matrices with a Hessian, on its device);
     returns the container {"w": tensors, "m": schemes}."""
     tensors, schemes = {}, {}
     for name, t in state.items():
@@ -1019,7 +1019,7 @@ def write_atomic(path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 # -----------------------------
-# GPTQ (GPTQ_ENABLED=1, SPEC section 9) and the byte budget
+# GPTQ (GPTQ_ENABLED=1, as the accepted record 2026-03-29) and the byte budget
 # -----------------------------
 
 
@@ -1547,7 +1547,7 @@ def load_eval_model(h: Hyperparameters, device: torch.device) -> GPT:
 
 
 def evaluate_artifact(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts) -> None:
-    """Every evaluation of SPEC section 6, on the round-tripped model."""
+    """Every evaluation (docs/evaluation.md), on the round-tripped model."""
     hidden_fn = torch.compile(model.hidden, dynamic=False, fullgraph=True) if use_compile(h, rt) else model.hidden
     L, n_targets = h.effective_eval_seq_len, val_tokens.numel() - 1
 

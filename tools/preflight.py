@@ -34,7 +34,7 @@ from tools._common import import_train_gpt, kept_global_rng, perturbed_model
 DEFAULT_WORLD_SIZE = 8  # the record's 8xH100
 FORWARD_TOLERANCE = 0.1  # |loss - ln V| at initialisation; see check_forward
 COMPILE_TOLERANCE = 1e-4
-# Variables the original reads that change nothing (SPEC section 1): not typos.
+# Variables the original reads that change nothing: not typos.
 IGNORED_VARS = ("MUON_BETA2", "SWA_ENABLED", "SWA_EVERY")
 
 # Trained-like weights for the artifact estimate. Muon's orthogonalised update of a rows x cols
