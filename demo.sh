@@ -7,6 +7,7 @@ cd "$(dirname "$0")"
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
 python -m pip install -q -r requirements.txt
 python -m tools.data demo
+rm -f logs/demo.txt  # a taken log name would send this run to logs/demo-2.txt
 PRESET=demo python train_gpt.py
 python -m tools.submission logs/demo.txt --out runs/demo --name "CPU demo (not a record)" --track cpu_demo \
     --blurb "PRESET=demo on the embedded demo corpus, one CPU process: a pipeline check, not a record."

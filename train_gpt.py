@@ -21,8 +21,10 @@ import math
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, fields, replace
@@ -48,6 +50,10 @@ except ImportError:
 
 class ConfigError(Exception):
     """A bad setting or input file: printed as one line, no traceback."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM: the run stops with one line, logged (`interrupted at step N`)."""
 
 
 CONTROL_PATTERNS_DEFAULT = (
@@ -83,6 +89,7 @@ class Hyperparameters:
     seed: int = 1337
     preset: str = ""
     device: str = "auto"  # auto | cpu | cuda
+    cpu_threads: int = 1  # per process, CPU runs only; 0: torch's default
     compile: str = "auto"  # auto (CUDA only) | 0 | 1
     # Schedule.
     iterations: int = 20000
@@ -140,7 +147,10 @@ class Hyperparameters:
     late_qat_threshold: float = 0.15
     control_tensor_name_patterns: str = CONTROL_PATTERNS_DEFAULT
     # Export and evaluation.
-    compressor: str = "lzma"  # lzma | brotli | zstd
+    compressor: str = "lzma"  # lzma | brotli
+    gptq_enabled: bool = False  # full-Hessian GPTQ for the int6 matrices (record 2026-03-29)
+    gptq_calibration_batches: int = 64
+    gptq_reserve_seconds: float = 10.0  # taken off the training cap for the calibration
     eval_only: bool = False
     artifact: str = "final_model.int6.ptz"
     eval_stride: int = 96
@@ -152,7 +162,7 @@ class Hyperparameters:
     slot_batch_seqs: int = 32
     slot_mode: str = "scored"  # scored | context | both
     slot_interleave: int = 8
-    ttt_enabled: bool = False  # legal score-first test-time training, SPEC section 8
+    ttt_enabled: bool = False  # legal score-first test-time training (record 2026-03-23)
     ttt_lr: float = 0.002
     ttt_epochs: int = 3
     ttt_chunk_tokens: int = 32768
@@ -164,7 +174,7 @@ class Hyperparameters:
 
     CHOICES = {
         "device": ("auto", "cpu", "cuda"), "compile": ("auto", "0", "1"), "preset": ("", *PRESETS),
-        "compressor": ("lzma", "brotli", "zstd"), "eval_tail": ("once", "original"),
+        "compressor": ("lzma", "brotli"), "eval_tail": ("once", "original"),
         "slot_mode": ("scored", "context", "both"),
     }
 
@@ -230,18 +240,18 @@ class Hyperparameters:
 
         for name, choices in self.CHOICES.items():
             need(getattr(self, name) in choices, name.upper(), "one of " + ", ".join(repr(c) for c in choices))
-        for name in ("ITERATIONS", "WARMUP_STEPS", "TRAIN_LOG_EVERY", "MTP_NUM_HEADS", "MUON_MOMENTUM_WARMUP_STEPS",
-                     "BIGRAM_VOCAB_SIZE", "XSA_LAST_N", "ROPE_DIMS", "TTT_EPOCHS"):
+        for name in ("CPU_THREADS", "ITERATIONS", "WARMUP_STEPS", "TRAIN_LOG_EVERY", "MTP_NUM_HEADS",
+                     "MUON_MOMENTUM_WARMUP_STEPS", "BIGRAM_VOCAB_SIZE", "XSA_LAST_N", "ROPE_DIMS", "TTT_EPOCHS"):
             need(getattr(self, name.lower()) >= 0, name, "a count >= 0")
         for name in ("TRAIN_BATCH_TOKENS", "TRAIN_SEQ_LEN", "VAL_BATCH_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS",
                      "NUM_KV_HEADS", "BIGRAM_DIM", "VE_DIM", "MUON_BACKEND_STEPS", "SLOT_STEPS", "SLOT_BATCH_SEQS",
-                     "SLOT_INTERLEAVE", "TTT_BATCH_SEQS"):
+                     "SLOT_INTERLEAVE", "GPTQ_CALIBRATION_BATCHES", "TTT_BATCH_SEQS"):
             need(getattr(self, name.lower()) > 0, name, "a positive integer")
         for name in ("MLP_MULT", "LOGIT_SOFTCAP", "ROPE_BASE"):
             need(getattr(self, name.lower()) > 0, name, "a positive number")
         for name in ("TIED_EMBED_LR", "EMBED_LR", "HEAD_LR", "MATRIX_LR", "SCALAR_LR", "MUON_WD", "ADAM_WD", "ADAM_EPS",
                      "GRAD_CLIP_NORM", "TIED_EMBED_INIT_STD", "MTP_LOSS_WEIGHT", "SLOT_LR", "SLOT_LR_MIN",
-                     "TTT_LR", "TTT_GRAD_CLIP"):
+                     "GPTQ_RESERVE_SECONDS", "TTT_LR", "TTT_GRAD_CLIP"):
             need(getattr(self, name.lower()) >= 0, name, "a number >= 0")
         for name in ("BETA1", "BETA2", "MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START", "EMA_DECAY", "TTT_MOMENTUM"):
             need(0 <= getattr(self, name.lower()) < 1, name, "a number in [0, 1)")
@@ -273,6 +283,8 @@ class Hyperparameters:
         need(self.run_id not in (".", "..") and not set(self.run_id) & set("/\\\0"), "RUN_ID",
              "a file name without path separators")
         need(bool(self.artifact) and not self.artifact.endswith(("/", os.sep)), "ARTIFACT", "a file path")
+        need(not self.gptq_enabled or self.max_wallclock_seconds <= 0 or self.gptq_reserve_seconds <
+             self.max_wallclock_seconds, "GPTQ_RESERVE_SECONDS", "less than MAX_WALLCLOCK_SECONDS with GPTQ on")
 
     @property
     def max_seq_len(self) -> int:
@@ -334,6 +346,9 @@ def load_data_shard(path) -> np.ndarray:
 
 
 def shard_files(data_path: str, split: str) -> list[str]:
+    if not os.path.isdir(data_path):
+        what = "is a file" if os.path.exists(data_path) else "does not exist"
+        raise ConfigError(f"DATA_PATH={data_path!r}: {what}; expected a folder of fineweb_{split}_*.bin shards")
     files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
     if not files:
         raise ConfigError(f"DATA_PATH={data_path!r}: no fineweb_{split}_*.bin shards found")
@@ -375,7 +390,10 @@ class DistributedTokenLoader:
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum: int) -> tuple[Tensor, Tensor]:
         local = global_tokens // (self.world_size * grad_accum)
         chunk = self.stream.take((local + 1) * self.world_size)
-        span = chunk[self.rank * (local + 1):(self.rank + 1) * (local + 1)].to(self.device, non_blocking=True)
+        span = chunk[self.rank * (local + 1):(self.rank + 1) * (local + 1)]
+        if self.device.type == "cuda":  # pinned: the copy overlaps the previous micro-step's work
+            span = span.pin_memory()
+        span = span.to(self.device, non_blocking=True)
         return span[:-1].reshape(-1, seq_len), span[1:].reshape(-1, seq_len)
 
 
@@ -397,7 +415,8 @@ def load_validation_tokens(files: list[str], seq_len: int, vocab_size: int) -> T
 def load_tokenizer(h: Hyperparameters) -> spm.SentencePieceProcessor:
     path = Path(h.tokenizer_path)
     if not path.is_file():
-        raise ConfigError(f"TOKENIZER_PATH={h.tokenizer_path!r}: file not found; expected a SentencePiece .model")
+        what = "is a directory" if path.is_dir() else "file not found"
+        raise ConfigError(f"TOKENIZER_PATH={h.tokenizer_path!r}: {what}; expected a SentencePiece .model file")
     sp = spm.SentencePieceProcessor()
     try:
         sp.load(str(path))
@@ -484,6 +503,11 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """q [B,T,H,D], k/v [B,T,Hkv,D] -> [B,T,H,D]; query head h reads kv head h // (H/Hkv)."""
+    if torch.is_autocast_enabled(q.device.type):
+        # One dtype for all three: torch >= 2.12's CUDA autocast keeps rms_norm, so q and k, in
+        # float32 while v is bf16, and FA3 (not an autocast op) refuses mixed dtypes.
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if flash_attn_3 is not None and q.is_cuda:
         out = flash_attn_3(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
@@ -695,7 +719,7 @@ def is_control(name: str, h: Hyperparameters) -> bool:
 
 
 def build_model(h: Hyperparameters, device: torch.device, seed: int | None = None) -> GPT:
-    """Build on the CPU (the original's random draws), then apply the precision of SPEC's modes:
+    """Build on the CPU (the original's random draws), then apply the precision mode (docs/evaluation.md):
     every value takes the bf16 round trip; on CUDA the embedding tables stay bf16 and the rest
     float32, on the CPU everything returns to float32."""
     if seed is not None:  # torch.manual_seed seeds the CUDA generators too
@@ -741,8 +765,10 @@ class Muon(torch.optim.Optimizer):
     """Nesterov momentum, orthogonalised by Newton-Schulz. Distributed, rank k % world_size
     orthogonalises parameter k and one all-reduce of a flat bf16 buffer shares the updates."""
 
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float):
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
+                 orthogonalize=newton_schulz5):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay))
+        self.orthogonalize = orthogonalize
 
     @torch.no_grad()
     def step(self):
@@ -759,7 +785,7 @@ class Muon(torch.optim.Optimizer):
                         state["momentum_buffer"] = torch.zeros_like(p.grad)
                     buf = state["momentum_buffer"]
                     buf.mul_(mu).add_(p.grad)
-                    update = newton_schulz5(p.grad.add(buf, alpha=mu), group["backend_steps"])
+                    update = self.orthogonalize(p.grad.add(buf, alpha=mu), group["backend_steps"])
                     update *= max(1, update.size(0) / update.size(1)) ** 0.5
                     flat[offset:offset + p.numel()] = update.reshape(-1)
                 offset += p.numel()
@@ -784,7 +810,7 @@ def all_reduce_sum(t: Tensor) -> None:
 
 
 def split_params(model: GPT, h: Hyperparameters) -> dict[str, list[nn.Parameter]]:
-    """SPEC section 4's groups: Muon for matrices, AdamW for embeddings and for scalars/control tensors."""
+    """The original's groups: Muon for matrices, AdamW for embeddings and for scalars/control tensors."""
     groups = {"muon": [], "embed": [], "scalar": [], "head": []}
     for name, p in model.named_parameters():
         if name in ("tok_emb.weight", "bigram.embed.weight", "ve_shared.embed.weight"):
@@ -798,7 +824,7 @@ def split_params(model: GPT, h: Hyperparameters) -> dict[str, list[nn.Parameter]
     return groups
 
 
-def build_optimizers(model: GPT, h: Hyperparameters) -> tuple[list[torch.optim.Optimizer], Muon]:
+def build_optimizers(model: GPT, h: Hyperparameters, compiled: bool = False) -> tuple[list, Muon]:
     groups = split_params(model, h)
     fused = dict(fused=True) if next(model.parameters()).is_cuda else {}
     adam = dict(betas=(h.beta1, h.beta2), eps=h.adam_eps, **fused)
@@ -808,8 +834,9 @@ def build_optimizers(model: GPT, h: Hyperparameters) -> tuple[list[torch.optim.O
         torch.optim.AdamW([dict(params=groups["scalar"], lr=h.scalar_lr, base_lr=h.scalar_lr)],
                           weight_decay=h.adam_wd, **adam),
     ]
+    # Compiled on CUDA, as the original: eagerly, Newton-Schulz is thousands of small launches a step.
     muon = Muon(groups["muon"], lr=h.matrix_lr, momentum=h.muon_momentum, backend_steps=h.muon_backend_steps,
-                weight_decay=h.muon_wd)
+                weight_decay=h.muon_wd, orthogonalize=torch.compile(newton_schulz5) if compiled else newton_schulz5)
     for group in muon.param_groups:
         group["base_lr"] = h.matrix_lr
     optimizers.append(muon)
@@ -842,6 +869,7 @@ INT6_CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, None)  # None: the row ma
 INT8_CLIP_QUANTILE = 0.9999984
 PASSTHROUGH_MAX_NUMEL = 65536
 SIZE_LIMIT = 16_000_000
+MODEL_PATH = "final_model.pt"  # the trained (EMA) weights, unquantised
 
 
 def quantize_int6(t: Tensor) -> tuple[Tensor, Tensor]:
@@ -853,14 +881,19 @@ def quantize_int6(t: Tensor) -> tuple[Tensor, Tensor]:
         scale = torch.tensor(amax / 31 if amax > 0 else 1.0, dtype=torch.float16)
         return torch.clamp(torch.round(t32 / scale.float()), -31, 31).to(torch.int8), scale
     best, best_err = None, float("inf")
-    for q_level in INT6_CLIP_QUANTILES:
-        clip = t32.abs().amax(dim=1) if q_level is None else torch.quantile(t32.abs(), q_level, dim=1)
-        scale = (clip / 31).clamp_min(1.0 / 31).to(torch.float16)
+    for scale in int6_clip_scales(t32):
         q = torch.clamp(torch.round(t32 / scale.float()[:, None]), -31, 31).to(torch.int8)
         err = (t32 - q.float() * scale.float()[:, None]).pow(2).mean().item()
         if err < best_err:
             best, best_err = (q, scale), err
     return best
+
+
+def int6_clip_scales(t32: Tensor):
+    """The per-row fp16 scale of each clip candidate, in order: the row quantiles of |w|, then the row max."""
+    for q_level in INT6_CLIP_QUANTILES:
+        clip = t32.abs().amax(dim=1) if q_level is None else torch.quantile(t32.abs(), q_level, dim=1)
+        yield (clip / 31).clamp_min(1.0 / 31).to(torch.float16)
 
 
 def quantize_int8(t: Tensor) -> tuple[Tensor, Tensor]:
@@ -877,8 +910,9 @@ def quantize_int8(t: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale.to(torch.float16)
 
 
-def quantize_state_dict(state: dict[str, Tensor], h: Hyperparameters) -> dict:
-    """SPEC section 5's rules, first match wins; returns the container {"w": tensors, "m": schemes}."""
+def quantize_state_dict(state: dict[str, Tensor], h: Hyperparameters, hessians: dict | None = None) -> dict:
+    """The original's export rules, first match wins (GPTQ for int6 matrices with a Hessian, on its device);
+    returns the container {"w": tensors, "m": schemes}."""
     tensors, schemes = {}, {}
     for name, t in state.items():
         if name.startswith("mtp_heads."):
@@ -891,8 +925,9 @@ def quantize_state_dict(state: dict[str, Tensor], h: Hyperparameters) -> dict:
         else:
             int6 = "tok_emb" not in name and "lm_head" not in name and any(
                 s in name for s in (".mlp.", ".attn.", ".proj."))
-            q, scale = quantize_int6(t) if int6 else quantize_int8(t)
-            tensors[name + ".q"], tensors[name + ".scale"] = q.contiguous(), scale.contiguous()
+            q, scale = (gptq_quantize(t.to(hessians[name].device), hessians[name]) if int6 and name in (hessians or {})
+                        else quantize_int6(t) if int6 else quantize_int8(t))
+            tensors[name + ".q"], tensors[name + ".scale"] = q.cpu().contiguous(), scale.cpu().contiguous()
             schemes[name] = {"type": "int6" if int6 else "int8"}
     return {"w": tensors, "m": schemes}
 
@@ -932,11 +967,10 @@ def _byte_shuffle(container: dict, inverse: bool) -> dict:
 
 
 def _codec(name: str):
-    module = {"lzma": "lzma", "brotli": "brotli", "zstd": "zstandard"}[name]
     try:
-        return importlib.import_module(module)
+        return importlib.import_module(name)
     except ImportError:
-        raise ConfigError(f"COMPRESSOR={name!r} needs the Python package {module}; install it or use "
+        raise ConfigError(f"COMPRESSOR={name!r} needs the Python package {name}; install it or use "
                           f"COMPRESSOR=lzma") from None
 
 
@@ -946,8 +980,6 @@ def pack_artifact(container: dict, compressor: str) -> bytes:
     raw, codec = buf.getvalue(), _codec(compressor)
     if compressor == "brotli":
         return BROTLI_MAGIC + codec.compress(raw, quality=11)
-    if compressor == "zstd":
-        return codec.ZstdCompressor(level=22).compress(raw)
     return lzma.compress(raw, preset=6)
 
 
@@ -956,16 +988,14 @@ def unpack_artifact(blob: bytes, path) -> dict:
     try:
         if blob.startswith(b"\xfd7zXZ\x00"):
             raw, shuffled = lzma.decompress(blob), False
-        elif blob.startswith(b"\x28\xb5\x2f\xfd"):
-            raw, shuffled = _codec("zstd").ZstdDecompressor().decompress(blob, max_output_size=1 << 31), False
         elif blob.startswith(BROTLI_MAGIC):
             raw, shuffled = _codec("brotli").decompress(blob[len(BROTLI_MAGIC):]), True
         else:
-            raise ConfigError(f"{path}: not an artifact of this format (no xz, zstd or brotli header)")
+            raise ConfigError(f"{path}: not an artifact of this format (no xz or brotli header)")
         container = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except ConfigError:
         raise
-    except Exception as e:  # lzma.LZMAError, zstd/brotli errors, unpickling errors
+    except Exception as e:  # lzma.LZMAError, brotli errors, unpickling errors
         raise ConfigError(f"{path}: damaged or truncated artifact ({type(e).__name__}: {e})") from None
     if not (isinstance(container, dict) and isinstance(container.get("w"), dict) and isinstance(container.get("m"), dict)):
         raise ConfigError(f"{path}: not a quantised model container (expected keys 'w' and 'm')")
@@ -975,7 +1005,8 @@ def unpack_artifact(blob: bytes, path) -> dict:
 def load_artifact_into(model: GPT, path) -> None:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"ARTIFACT={str(path)!r}: file not found")
+        raise ConfigError(f"ARTIFACT={str(path)!r}: {'is a directory' if path.is_dir() else 'file not found'}; "
+                          f"expected an artifact file")
     container = unpack_artifact(path.read_bytes(), path)
     template = model.state_dict()  # an evaluation model: built without MTP heads
     expected = set(template)
@@ -1005,6 +1036,94 @@ def write_atomic(path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+# -----------------------------
+# GPTQ (GPTQ_ENABLED=1, as the accepted record 2026-03-29) and the byte budget
+# -----------------------------
+
+
+def gptq_quantize(weight: Tensor, hessian: Tensor, block: int = 128) -> tuple[Tensor, Tensor]:
+    """int6 codes [rows, cols] and fp16 row scales for the output error under `hessian` (record 2026-03-29's solver)."""
+    w32, H = weight.float(), hessian.float().clone()
+    dead = H.diagonal() == 0  # an input that is always zero: unit curvature, its weights dropped below
+    H.diagonal()[dead] = 1
+    H.diagonal().add_(0.01 * H.diagonal().mean())  # damping keeps the Cholesky factors well conditioned
+    perm = torch.argsort(H.diagonal(), descending=True)  # act-order: inputs with the most energy first
+    W, H = w32[:, perm].clone(), H[perm][:, perm]
+    W[:, dead[perm]] = 0
+    try:  # the upper Cholesky factor of H^-1 holds each step's error weights
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    except torch.linalg.LinAlgError:  # not positive definite in float32: the clip search
+        return quantize_int6(weight)
+    found = [(gptq_round(W, Hinv, s.float(), block), s) for s in int6_clip_scales(w32)]  # the clip candidates
+    errs = [(W - q.float() * s.float()[:, None]).pow(2).mean().item() for q, s in found]
+    q, scale = found[errs.index(min(errs))]  # the least error after GPTQ, the first of equals
+    return q[:, torch.argsort(perm)], scale
+
+
+def gptq_round(W: Tensor, Hinv: Tensor, sf: Tensor, block: int) -> Tensor:
+    """Column by column, each rounding error moved onto the later columns by Hinv's row (lazily past the block)."""
+    W, q = W.clone(), torch.zeros(W.shape, dtype=torch.int8, device=W.device)
+    for i1 in range(0, W.size(1), block):
+        i2 = min(i1 + block, W.size(1))
+        err = torch.zeros(W.size(0), i2 - i1, device=W.device)
+        for j in range(i1, i2):
+            qj = torch.clamp(torch.round(W[:, j] / sf), -31, 31)
+            q[:, j] = qj.to(torch.int8)
+            err[:, j - i1] = (W[:, j] - qj * sf) / Hinv[j, j]
+            W[:, j:i2] -= err[:, j - i1, None] * Hinv[j, j:i2]
+        W[:, i2:] -= err @ Hinv[i1:i2, i2:]
+    return q
+
+
+def calibrate(h: Hyperparameters, rt: Runtime, model: GPT, train_files: list[str], train_ms: float) -> dict:
+    """H = mean of X^T X over GPTQ_CALIBRATION_BATCHES global training batches, X each linear's input; micro-batches
+    read as in training and float64 sums, so the world size cannot change the artifact."""
+    t0, sums, last = time.perf_counter(), {}, {}
+
+    def hook(name):
+        def accumulate(module, args, out):
+            if last.get("x") is not args[0]:  # c_q, c_k and c_v read one tensor: one product for the three
+                with torch.autocast(rt.device.type, enabled=False):
+                    x = args[0].reshape(-1, args[0].size(-1)).float()
+                    last.update(x=args[0], xtx=(x.T @ x).double())
+            sums[name] = sums.get(name, 0) + last["xtx"]
+        return accumulate
+
+    handles = [m.register_forward_hook(hook(n + ".weight")) for n, m in model.named_modules()
+               if isinstance(m, CastedLinear)]  # the int6 ones are among them; export picks them
+    loader = DistributedTokenLoader(train_files, rt.rank, rt.world_size, rt.device)
+    accum = h.grad_accum_steps(rt.world_size)
+    model.eval()
+    with torch.no_grad(), rt.autocast():
+        for _ in range(h.gptq_calibration_batches * accum):
+            model.hidden(loader.next_batch(h.train_batch_tokens, h.train_seq_len, accum)[0])
+    for handle in handles:
+        handle.remove()
+    for H in sums.values() if rt.distributed else ():
+        dist.all_reduce(H)
+    hessians = {name: (H / h.gptq_calibration_batches).float() for name, H in sums.items()}
+    rt.sync()
+    ms = 1000.0 * (time.perf_counter() - t0)
+    rt.log(f"gptq:calibration batches:{h.gptq_calibration_batches} inputs:{len(sums)} time:{ms:.0f}ms")
+    total, cap = train_ms + ms, 1000.0 * h.max_wallclock_seconds
+    if cap > 0:  # training stopped GPTQ_RESERVE_SECONDS early to leave this room
+        rt.log(f"{'gptq:' if total <= cap else 'WARNING: '}training+calibration {total:.0f}ms "
+               f"{'under' if total <= cap else 'over'} MAX_WALLCLOCK_SECONDS ({cap:.0f}ms)")
+    return hessians
+
+
+def budget_lines(container: dict, model_bytes: int, compressor: str, code_bytes: int, source_bytes: int) -> list[str]:
+    """The submission's bytes line by line: the stored tensors by scheme (before compression), then the totals."""
+    stored = dict.fromkeys(("int6", "int8", "passthrough"), 0)
+    for name, t in container["w"].items():
+        scheme = container["m"].get(name) or container["m"][name.rsplit(".", 1)[0]]
+        stored[scheme["type"] if isinstance(scheme, dict) else "passthrough"] += t.numel() * t.element_size()
+    total, packed = model_bytes + code_bytes, "packed" if code_bytes != source_bytes else "plain"
+    return [f"budget {kind}: {n:,} bytes stored" for kind, n in stored.items()] + [
+        f"budget model: {model_bytes:,} bytes after {compressor}",
+        f"budget code: {code_bytes:,} bytes ({packed} script; source {source_bytes:,} bytes)",
+        f"budget total: {total:,} bytes, margin {SIZE_LIMIT - total:,} to the {SIZE_LIMIT:,}-byte limit"]
 
 # -----------------------------
 # EVALUATION
@@ -1274,7 +1393,7 @@ def ttt_chunk_windows(plan: WindowPlan, n_targets: int, chunk: int) -> np.ndarra
 
 def ttt_train_chunk(model: GPT, loss_fn, opt, params: list[nn.Parameter], chunk: Tensor, lr: float,
                     h: Hyperparameters, rt: Runtime) -> int:
-    """SPEC 8.2b on one scored chunk (its targets' tokens and the one before): TTT_EPOCHS passes over
+    """Training on one scored chunk (its targets' tokens and the one before): TTT_EPOCHS passes over
     its whole sequences (not the remainder), in steps of TTT_BATCH_SEQS sequences split over the ranks.
     A rank's share is padded to ceil(n / world) rows that weigh nothing (fixed step shapes) and its loss
     weighted 1 / (the step's targets), so the summed gradient is that of the step's mean loss."""
@@ -1307,7 +1426,7 @@ def ttt_train_chunk(model: GPT, loss_fn, opt, params: list[nn.Parameter], chunk:
 
 def eval_ttt(model: GPT, tokens: Tensor, h: Hyperparameters, rt: Runtime, luts,
              collect: bool = False) -> tuple[Sums, float]:
-    """Legal score-first test-time training (SPEC section 8), adapting `model` in place: chunk by
+    """Legal score-first TTT (record 2026-03-23, docs/evaluation.md), adapting `model` in place: chunk by
     chunk, the chunk's sliding windows are scored (final scores), then the chunk is trained on,
     except the last. Blocks below TTT_FREEZE_BLOCKS keep their weights. Returns (Sums, seconds)."""
     L, C, n_targets = h.effective_eval_seq_len, h.ttt_chunk_tokens, tokens.numel() - 1
@@ -1360,6 +1479,10 @@ def start_runtime(h: Hyperparameters) -> Runtime:
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if not use_cuda and h.cpu_threads > 0:
+        # Deliberate: one thread per process by default. More threads than free cores (a busy
+        # machine, several ranks) ran several times slower; results then also follow no machine's core count.
+        torch.set_num_threads(h.cpu_threads)
     if use_cuda:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # the original's setting (SLOT's fp32 logit matmul too)
@@ -1398,6 +1521,7 @@ def log_config(h: Hyperparameters, rt: Runtime, model: GPT, n_val_targets: int, 
     rt.log(f"train_batch_tokens:{h.train_batch_tokens} train_seq_len:{h.train_seq_len} iterations:{h.iterations} "
            f"warmup_steps:{h.warmup_steps} max_wallclock_seconds:{h.max_wallclock_seconds:.3f}")
     rt.log(f"seed:{h.seed}")
+    rt.log(f"preset:{h.preset or 'none'} cpu_threads:{torch.get_num_threads() if rt.device.type == 'cpu' else 0}")
 
 
 def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts, train_files: list[str]):
@@ -1408,7 +1532,7 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts,
     hidden_fn = torch.compile(model.hidden, dynamic=False, fullgraph=True) if use_compile(h, rt) else model.hidden
     ddp = DDP(compiled, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) \
         if rt.distributed else compiled  # the model has no buffers to broadcast
-    optimizers, muon = build_optimizers(model, h)
+    optimizers, muon = build_optimizers(model, h, compiled=use_compile(h, rt))
     accum = h.grad_accum_steps(rt.world_size)
     loader = DistributedTokenLoader(train_files, rt.rank, rt.world_size, rt.device)
 
@@ -1429,8 +1553,8 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts,
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
 
-    # Late QAT can switch on mid-run: its graph is compiled in the second half of the warm-up,
-    # so no compilation happens once the training timer runs.
+    # Every graph the timed loop uses is compiled here, before its timer starts: the training step
+    # without and with late QAT's fake quantisation (second half of the warm-up) and validation.
     qat_later = not h.qat_enabled and h.late_qat_threshold > 0
     if h.warmup_steps > 0:  # compile and warm the kernels, then restore the initial state exactly
         initial_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -1441,6 +1565,9 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts,
             step_gradients(h.qat_enabled or (qat_later and i >= h.warmup_steps // 2))
             for opt in optimizers:
                 opt.step()
+            if i == 0:
+                warm_tokens = val_tokens[:rt.world_size * h.val_batch_size // 8 + 1]
+                eval_standard(model, hidden_fn, warm_tokens, h.train_seq_len, h, rt, luts)
             if h.warmup_steps <= 20 or (i + 1) % 10 == 0 or i + 1 == h.warmup_steps:
                 rt.log(f"warmup_step:{i + 1}/{h.warmup_steps}")
         model.load_state_dict(initial_model, strict=True)
@@ -1449,83 +1576,94 @@ def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts,
         zero_grad()
         loader = DistributedTokenLoader(train_files, rt.rank, rt.world_size, rt.device)
 
-    ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+    weights = list(model.state_dict().values())  # views of the parameters, updated in place
+    ema = [w.detach().float().clone() for w in weights]
     cap_ms = 1000.0 * h.max_wallclock_seconds if h.max_wallclock_seconds > 0 else None
     qat = h.qat_enabled
     train_ms, stop_after, step = 0.0, None, 0
     rt.sync()
     t0 = time.perf_counter()
-    while True:
-        last = step == h.iterations or (stop_after is not None and step >= stop_after)
-        if last or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
-            rt.sync()
-            train_ms += 1000.0 * (time.perf_counter() - t0)  # validation time is not training time
-            val_loss, val_bpb = eval_standard(model, hidden_fn, val_tokens, h.train_seq_len, h, rt, luts).result(rt)
-            rt.log(f"step:{step}/{h.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
-                   f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
-            rt.sync()
-            t0 = time.perf_counter()
-        if last:
-            if stop_after is not None and step < h.iterations:
-                rt.log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{h.iterations}")
-            break
-        scale = lr_multiplier(h, step, train_ms + 1000.0 * (time.perf_counter() - t0))
-        if 0 < h.late_qat_threshold and scale < h.late_qat_threshold and not qat:
-            qat = True  # never switched off again
-            rt.log(f"late_qat:enabled step:{step} scale:{scale:.4f}")
-        zero_grad()
-        train_loss = step_gradients(qat)
-        for group in muon.param_groups:
-            group["momentum"] = muon_momentum_at(h, step)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * scale
-        if h.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), h.grad_clip_norm)
-        for opt in optimizers:
-            opt.step()
-        zero_grad()
-        with torch.no_grad():
-            for k, v in model.state_dict().items():
-                ema[k].mul_(h.ema_decay).add_(v.detach().float(), alpha=1.0 - h.ema_decay)
-        step += 1
-        approx_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
-        if h.train_log_every > 0 and (step <= 10 or step % h.train_log_every == 0 or stop_after is not None):
-            rt.log(f"step:{step}/{h.iterations} train_loss:{train_loss.item():.4f} "
-                   f"train_time:{approx_ms:.0f}ms step_avg:{approx_ms / step:.2f}ms")
-        reached = cap_ms is not None and approx_ms >= cap_ms
-        if rt.distributed and cap_ms is not None:  # stop together: any rank over the cap stops all
-            flag = torch.tensor(int(reached), device=rt.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            reached = bool(flag.item())
-        if stop_after is None and reached:
-            stop_after = step
+    try:
+        while True:
+            last = step == h.iterations or (stop_after is not None and step >= stop_after)
+            if last or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
+                rt.sync()
+                train_ms += 1000.0 * (time.perf_counter() - t0)  # validation time is not training time
+                val_loss, val_bpb = eval_standard(model, hidden_fn, val_tokens, h.train_seq_len, h, rt, luts).result(rt)
+                rt.log(f"step:{step}/{h.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                       f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+                rt.sync()
+                t0 = time.perf_counter()
+            if last:
+                if stop_after is not None and step < h.iterations:
+                    rt.log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{h.iterations}")
+                break
+            scale = lr_multiplier(h, step, train_ms + 1000.0 * (time.perf_counter() - t0))
+            if 0 < h.late_qat_threshold and scale < h.late_qat_threshold and not qat:
+                qat = True  # never switched off again
+                rt.log(f"late_qat:enabled step:{step} scale:{scale:.4f}")
+            zero_grad()
+            train_loss = step_gradients(qat)
+            for group in muon.param_groups:
+                group["momentum"] = muon_momentum_at(h, step)
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = group["base_lr"] * scale
+            if h.grad_clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), h.grad_clip_norm)
+            for opt in optimizers:
+                opt.step()
+            zero_grad()
+            with torch.no_grad():  # one fused launch per op for all ~135 tensors
+                torch._foreach_mul_(ema, h.ema_decay)
+                torch._foreach_add_(ema, [w.float() for w in weights], alpha=1.0 - h.ema_decay)
+            step += 1
+            approx_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
+            if h.train_log_every > 0 and (step <= 10 or step % h.train_log_every == 0 or stop_after is not None):
+                rt.log(f"step:{step}/{h.iterations} train_loss:{train_loss.item():.4f} "
+                       f"train_time:{approx_ms:.0f}ms step_avg:{approx_ms / step:.2f}ms")
+            reached = cap_ms is not None and approx_ms >= cap_ms
+            if rt.distributed and cap_ms is not None:  # stop together: any rank over the cap stops all
+                flag = torch.tensor(int(reached), device=rt.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                reached = bool(flag.item())
+            if stop_after is None and reached:
+                stop_after = step
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted at step {step}/{h.iterations}") from None
 
     if rt.device.type == "cuda":
         rt.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 1024 // 1024} MiB "
                f"reserved: {torch.cuda.max_memory_reserved() // 1024 // 1024} MiB")
     rt.log("ema:applying EMA weights")
     current = model.state_dict()
-    model.load_state_dict({k: v.to(current[k].dtype) for k, v in ema.items()}, strict=True)
-    return hidden_fn
+    model.load_state_dict({k: e.to(current[k].dtype) for k, e in zip(current, ema)}, strict=True)
+    return hidden_fn, train_ms
 
 # -----------------------------
 # EXPORT, EVALUATIONS, MAIN
 # -----------------------------
 
 
-def export(h: Hyperparameters, rt: Runtime, model: GPT, code: str) -> None:
+def export(h: Hyperparameters, rt: Runtime, model: GPT, code: str, hessians: dict | None = None) -> None:
     """Quantise and compress the trained weights; only rank 0 writes, every rank waits for it."""
-    code_bytes = len(code.encode("utf-8"))
+    code_bytes = os.path.getsize(__file__)  # this file as run: a packed file counts its packed bytes
     if rt.master:
-        blob = pack_artifact(quantize_state_dict(model.state_dict(), h), h.compressor)
+        t0, tf32 = time.perf_counter(), torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False  # GPTQ solves in float32, as the record did (on the CPU)
+        container = quantize_state_dict(model.state_dict(), h, hessians)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        if hessians:
+            rt.log(f"gptq:solved on {rt.device.type} in {1000 * (time.perf_counter() - t0):.0f}ms")
+        blob = pack_artifact(container, h.compressor)
         write_atomic(h.artifact, blob)
-        rt.log(f"Serialized model: {os.path.getsize('final_model.pt')} bytes")
+        rt.log(f"Serialized model: {os.path.getsize(MODEL_PATH)} bytes")
         rt.log(f"Code size: {code_bytes} bytes")
         total = len(blob) + code_bytes
         rt.log(f"Serialized model int6+{h.compressor}: {len(blob)} bytes")
         rt.log(f"Total submission size int6+{h.compressor}: {total} bytes")
         rt.log(f"Total submission size: {total} bytes")
+        rt.log("\n".join(budget_lines(container, len(blob), h.compressor, code_bytes, len(code.encode("utf-8")))))
         if total >= SIZE_LIMIT:
             rt.log(f"WARNING: total submission size {total} bytes is over the {SIZE_LIMIT:,}-byte limit")
     if rt.distributed:
@@ -1547,7 +1685,7 @@ def load_eval_model(h: Hyperparameters, device: torch.device) -> GPT:
 
 
 def evaluate_artifact(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts) -> None:
-    """Every evaluation of SPEC section 6, on the round-tripped model."""
+    """Every evaluation (docs/evaluation.md), on the round-tripped model."""
     hidden_fn = torch.compile(model.hidden, dynamic=False, fullgraph=True) if use_compile(h, rt) else model.hidden
     L, n_targets = h.effective_eval_seq_len, val_tokens.numel() - 1
 
@@ -1585,9 +1723,41 @@ def evaluate_artifact(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: T
         log_result(rt, "legal_ttt", *eval_ttt(copy.deepcopy(model), val_tokens, h, rt, luts))
 
 
+def check_outputs(h: Hyperparameters) -> None:
+    """Every folder the run writes into, before any work: a training run is never lost at its end."""
+    places = {"logs/": Path("logs") if Path("logs").is_dir() else Path(".")}
+    if not h.eval_only:
+        places |= {MODEL_PATH: Path("."), f"ARTIFACT={h.artifact!r}": Path(h.artifact).parent}
+        if Path(h.artifact).is_dir():
+            raise ConfigError(f"ARTIFACT={h.artifact!r} is a directory; expected a file path")
+    for what, folder in places.items():
+        try:
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as e:
+            raise ConfigError(f"{what}: cannot write in {str(folder)!r} ({e.strerror}); expected a writable "
+                              f"folder (run from one, or set ARTIFACT)") from None
+
+
+def create_log(run_id: str) -> str:
+    """logs/<RUN_ID>.txt, created exclusively: a run never appends to another run's log (a name
+    already taken becomes <RUN_ID>-2, -3, ...)."""
+    os.makedirs("logs", exist_ok=True)
+    for n in range(1, 1 << 20):
+        path = f"logs/{run_id}.txt" if n == 1 else f"logs/{run_id}-{n}.txt"
+        try:
+            open(path, "x").close()
+            return path
+        except FileExistsError:
+            continue
+    raise ConfigError(f"RUN_ID={run_id!r}: every log name in logs/ is taken")
+
+
 def run(h: Hyperparameters) -> None:
     rt = start_runtime(h)
     h.check_world(rt.world_size)
+    if not h.eval_only:
+        _codec(h.compressor)  # a missing codec would otherwise fail at export, after training
+    check_outputs(h)
     sp = load_tokenizer(h)
     val_files = shard_files(h.data_path, "val")
     train_files = [] if h.eval_only else shard_files(h.data_path, "train")
@@ -1597,43 +1767,73 @@ def run(h: Hyperparameters) -> None:
     eval_model = load_eval_model(h, rt.device) if h.eval_only else None
 
     # Every input is valid: from here on the run writes its log and outputs.
+    rt = replace(rt, log_path=create_log(h.run_id) if rt.master else None)
     if rt.master:
-        os.makedirs("logs", exist_ok=True)
-    rt = replace(rt, log_path=f"logs/{h.run_id}.txt")
-    code = Path(__file__).read_text(encoding="utf-8")
+        print(f"log: {rt.log_path}", flush=True)
+        if not h.eval_only:  # a stale model must never pass for this run's if it stops early
+            for stale in (MODEL_PATH, h.artifact):
+                Path(stale).unlink(missing_ok=True)
+    code = globals().get("PACKED_SOURCE") or Path(__file__).read_text(encoding="utf-8")  # see tools/pack.py
     log_header(rt, code)
     luts = build_byte_luts(sp, h.vocab_size, rt.device)
-    if h.eval_only:
-        log_config(h, rt, eval_model, val_tokens.numel() - 1, 0)
-        rt.log(f"eval_only artifact:{h.artifact} bytes:{os.path.getsize(h.artifact)}")
-    else:
-        model = build_model(h, rt.device, seed=h.seed)
-        log_config(h, rt, model, val_tokens.numel() - 1, len(train_files))
-        hidden_fn = train(h, rt, model, val_tokens, luts, train_files)
-        if rt.master:  # saved before anything that can fail after training
-            buf = io.BytesIO()
-            torch.save(model.state_dict(), buf)
-            write_atomic("final_model.pt", buf.getvalue())
-        t0 = time.perf_counter()
-        val_loss, val_bpb = eval_standard(model, hidden_fn, val_tokens, h.train_seq_len, h, rt, luts).result(rt)
-        rt.log(f"DIAGNOSTIC post_ema val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
-               f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
-        export(h, rt, model, code)
-        del model
-        eval_model = load_eval_model(h, rt.device)
-    evaluate_artifact(h, rt, eval_model, val_tokens, luts)
+    stage = "evaluation"
+    try:
+        if h.eval_only:
+            log_config(h, rt, eval_model, val_tokens.numel() - 1, 0)
+            rt.log(f"eval_only artifact:{h.artifact} bytes:{os.path.getsize(h.artifact)}")
+        else:
+            model = build_model(h, rt.device, seed=h.seed)
+            log_config(h, rt, model, val_tokens.numel() - 1, len(train_files))
+            stage = "training"
+            cap = h.max_wallclock_seconds - h.gptq_reserve_seconds * (h.gptq_enabled and h.max_wallclock_seconds > 0)
+            hidden_fn, train_ms = train(replace(h, max_wallclock_seconds=cap), rt, model, val_tokens, luts, train_files)
+            stage = "export"
+            if rt.master:  # saved before anything that can fail after training
+                buf = io.BytesIO()
+                torch.save(model.state_dict(), buf)
+                write_atomic(MODEL_PATH, buf.getvalue())
+            hessians = calibrate(h, rt, model, train_files, train_ms) if h.gptq_enabled else None
+            t0 = time.perf_counter()
+            val_loss, val_bpb = eval_standard(model, hidden_fn, val_tokens, h.train_seq_len, h, rt, luts).result(rt)
+            rt.log(f"DIAGNOSTIC post_ema val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                   f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+            export(h, rt, model, code, hessians)
+            del model
+            eval_model = load_eval_model(h, rt.device)
+            stage = "evaluation"
+        evaluate_artifact(h, rt, eval_model, val_tokens, luts)
+    except (KeyboardInterrupt, Interrupted) as e:
+        msg = str(e) if isinstance(e, Interrupted) else f"interrupted during {stage}"
+        rt.log(msg)
+        raise Interrupted(msg) from None
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (torchrun stopping its workers, a scheduler) stops like Ctrl-C
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, _interrupt)
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0  # every rank meets the same bad input: say it once
+    status = 0
     try:
         run(Hyperparameters.from_env())
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if dist.is_initialized():
-            dist.barrier()  # no rank tears gloo down while another still talks to it
-            dist.destroy_process_group()
+        status = 2
+        if first:
+            print(f"error: {e}", file=sys.stderr)
+    except Interrupted:
+        status = 130  # already logged and printed
+    except KeyboardInterrupt:
+        status = 130
+        if first:
+            print("interrupted before the run started", file=sys.stderr)
+    # A failing rank leaves at once (no barrier while others may wait in a collective): torchrun
+    # then stops the others. Only a run that succeeded everywhere meets at the barrier.
+    if dist.is_initialized() and status == 0:
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.exit(status)
 
 
 if __name__ == "__main__":

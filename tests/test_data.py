@@ -45,7 +45,6 @@ def test_shard_round_trip(tmp_path, tokens):
     assert path.stat().st_size == 1024 + 2 * len(tokens)
     assert np.fromfile(path, dtype="<u2", offset=1024).tolist() == tokens
 
-    assert data.read_shard_header(path) == len(tokens)
     assert data.read_shard(path).tolist() == tokens
     assert data.verify_shard(path, vocab_size=65536) == (len(tokens), max(tokens, default=-1))
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left
@@ -54,18 +53,27 @@ def test_shard_round_trip(tmp_path, tokens):
 @pytest.mark.parametrize("content, reason", [
     (shard_bytes(magic=20240521), "bad magic 20240521"),
     (shard_bytes(version=2), "unsupported version 2"),
-    (shard_bytes(count=4), "truncated"),
-    (shard_bytes()[:-1], "truncated"),
-    (shard_bytes() + b"\0\0", "wrong size"),
+    (shard_bytes(count=4), "size 1030 bytes does not match header token count 4"),
+    (shard_bytes()[:-1], "size 1029 bytes does not match header token count 3"),
+    (shard_bytes() + b"\0\0", "size 1032 bytes does not match header token count 3"),
     (shard_bytes()[:600], "truncated header"),
-])
-def test_bad_shards_rejected_naming_file(tmp_path, content, reason):
+    (None, "cannot read shard"),
+], ids=["magic", "version", "count", "short", "long", "header", "folder"])
+def test_bad_shards_rejected_as_training_rejects_them(tmp_path, content, reason):
+    """One shard reader: the tool's verdict is train_gpt's, word for word."""
+    train_gpt = import_train_gpt()
     path = tmp_path / "fineweb_val_000000.bin"
-    path.write_bytes(content)
-    for check in (data.read_shard_header, data.read_shard, data.verify_shard):
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(train_gpt.ConfigError) as training:
+        train_gpt.load_data_shard(path)
+    for check in (data.read_shard, data.verify_shard):
         with pytest.raises(data.DataError, match=reason) as err:
             check(path)
-        assert str(path) in str(err.value)
+        assert str(err.value) == str(training.value)
+        assert str(err.value).startswith(f"{path}: ")
 
 
 def test_out_of_range_ids_rejected_naming_file(tmp_path):
@@ -93,6 +101,87 @@ def test_verify_command(tmp_path, capsys):
 
     assert data.main(["verify", str(tmp_path), "--vocab-size", "9"]) == 1
     assert "fineweb_train_000001.bin: token id 9" in capsys.readouterr().err
+
+
+def test_verify_reports_every_problem(tmp_path, capsys):
+    data.write_shard(tmp_path / "fineweb_train_000000.bin", [1, 4, 12])
+    (tmp_path / "fineweb_train_000002.bin").write_bytes(shard_bytes(magic=7))
+    data.write_shard(tmp_path / "fineweb_train_000003.bin", [1, 2])
+    data.write_shard(tmp_path / "fineweb_train_000006.bin", [1, 11])
+    assert data.main(["verify", str(tmp_path), "--vocab-size", "12"]) == 1
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()
+    assert err == [
+        f"error: {tmp_path / 'fineweb_train_000000.bin'}: token id 12 at position 2 is outside "
+        "the vocabulary of 12",
+        f"error: {tmp_path / 'fineweb_train_000002.bin'}: bad magic 7; expected 20240520",
+        f"error: {tmp_path}: no fineweb_val_*.bin shards",
+        f"error: {tmp_path}: fineweb_train_000001.bin, fineweb_train_000004.bin, "
+        "fineweb_train_000005.bin missing (shards are numbered from 000000 without gaps)",
+        f"error: {tmp_path}: 4 problems (listed above)",
+    ]
+    # The good shards are still counted.
+    assert "fineweb_train_000006.bin: 2 tokens, max id 11" in captured.out
+    assert "total train: 4 tokens" in captured.out
+
+
+def built_folder(tmp_path, inputs):
+    """A small dataset as the shards command writes it: 64 pieces, 5 val shards."""
+    (jsonl, txt), _ = inputs
+    out = tmp_path / "out"
+    assert data.main(["shards", str(jsonl), str(txt), "--out", str(out), "--val-docs", "2",
+                      "--shard-tokens", "50", "--train-tokenizer", "--vocab-size", "64",
+                      "--tokenizer-out", str(tmp_path / "t.model")]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"]["val"]["shards"] == 5 and manifest["splits"]["train"]["shards"] > 2
+    return out
+
+
+def test_verify_takes_vocab_and_counts_from_folder_manifest(tmp_path, inputs, capsys):
+    out = built_folder(tmp_path, inputs)
+    capsys.readouterr()
+    assert data.main(["verify", str(out)]) == 0
+    assert f"vocabulary: 64 pieces (from {out / 'manifest.json'})" in capsys.readouterr().out
+
+    data.write_shard(out / "fineweb_train_000001.bin", [1, 63, 64])
+    (out / "fineweb_val_000004.bin").unlink()  # the tail of val: no gap shows it
+    assert data.main(["verify", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "fineweb_train_000001.bin: token id 64 at position 2 is outside the vocabulary of 64" in err
+    assert f"4 val shards, but {out / 'manifest.json'} lists 5" in err
+    assert data.main(["verify", str(out), "--vocab-size", "65"]) == 1  # the option wins
+    assert "token id" not in capsys.readouterr().err
+
+
+def test_verify_download_layout(tmp_path, capsys):
+    """A download keeps the hub manifest in data/: all of val, a prefix of train."""
+    folder = tmp_path / "data" / "datasets" / "fineweb10B_sp1024"
+    folder.mkdir(parents=True)
+    manifest = json.loads(json.dumps(HUB_MANIFEST))
+    manifest["datasets"][0]["stats"]["files_val"] = 2
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps(manifest))
+    data.write_shard(folder / "fineweb_val_000000.bin", [1, 1023])
+    data.write_shard(folder / "fineweb_train_000000.bin", [1, 1024])
+    assert data.main(["verify", str(folder)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3
+    assert err[0].endswith("fineweb_train_000000.bin: token id 1024 at position 1 is outside "
+                           "the vocabulary of 1024")
+    assert err[1] == f"error: {folder}: 1 val shards, but {tmp_path / 'data' / 'manifest.json'} lists 2"
+
+    data.write_shard(folder / "fineweb_val_000001.bin", [1, 5])
+    data.write_shard(folder / "fineweb_train_000000.bin", [1, 5])
+    assert data.main(["verify", str(folder)]) == 0  # 1 of 3 train shards is a valid download
+    data.write_shard(folder / "fineweb_train_000003.bin", [1, 5])
+    assert data.main(["verify", str(folder)]) == 1
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"error: {folder}: fineweb_train_000001.bin, fineweb_train_000002.bin missing "
+        "(shards are numbered from 000000 without gaps)")
+    data.write_shard(folder / "fineweb_train_000001.bin", [1, 5])
+    data.write_shard(folder / "fineweb_train_000002.bin", [1, 5])
+    assert data.main(["verify", str(folder)]) == 1
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"error: {folder}: 4 train shards, but {tmp_path / 'data' / 'manifest.json'} lists 3")
 
 
 def test_cli_error_has_no_traceback(tmp_path):
@@ -205,15 +294,117 @@ def test_shards_input_and_split_errors(tmp_path, inputs, capsys):
     assert data.main(["shards", str(tmp_path / "gone.txt"), "--out", out, "--tokenizer", "m"]) == 1
     assert "gone.txt: no such file" in capsys.readouterr().err
     assert data.main(["shards", str(txt), "--out", out, "--tokenizer", str(tmp_path / "m")]) == 1
-    assert "not a usable SentencePiece model" in capsys.readouterr().err
+    assert capsys.readouterr().err == f"error: {tmp_path / 'm'}: no such file\n"
+    txt.with_suffix(".model").write_bytes(b"junk")
+    assert data.main(["shards", str(txt), "--out", out, "--tokenizer", str(txt.with_suffix(".model"))]) == 1
+    assert "last.model: not a usable SentencePiece model" in capsys.readouterr().err
 
-    model = tmp_path / "t.model"
-    argv = ["shards", str(jsonl), str(txt), "--out", out, "--val-docs", "7",
-            "--train-tokenizer", "--vocab-size", "64", "--tokenizer-out", str(model)]
+
+def tree(root):
+    """Every path under root, hidden ones included, with file contents."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() if p.is_file() else None
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("extra, reason", [
+    (["--val-docs", "7"], "no train documents (7 documents in all, the first 7 for val)"),
+    (["--val-docs", "0"], "no val documents (7 documents in all, the first 0 for val)"),
+    (["--val-docs", "2", "--bad-line"], 'docs.jsonl:13: no "text" string field'),
+])
+@pytest.mark.parametrize("train", [True, False])
+def test_failed_shards_build_leaves_nothing(tmp_path, inputs, capsys, extra, reason, train):
+    (jsonl, txt), _ = inputs
+    if "--bad-line" in extra:  # after the val documents and some train shards
+        extra = extra[:-1]
+        jsonl.write_text(jsonl.read_text() + '{"txt": "late"}\n')
+    given = tmp_path / "given.model"
+    data.train_tokenizer(corpus(20, seed=2), 64, given)
+    before = tree(tmp_path)
+    argv = ["shards", str(jsonl), str(txt), "--out", str(tmp_path / "new" / "out"),
+            "--shard-tokens", "50", *extra]
+    argv += (["--train-tokenizer", "--vocab-size", "64", "--tokenizer-out",
+              str(tmp_path / "tok" / "t.model")] if train else ["--tokenizer", str(given)])
     assert data.main(argv) == 1
-    assert "no train documents (7 documents in all, the first 7 for val)" in capsys.readouterr().err
+    assert capsys.readouterr().err.endswith(f"{reason}\n")
+    assert tree(tmp_path) == before
+
+
+def test_failed_rebuild_keeps_the_previous_output(tmp_path, inputs, capsys):
+    out = built_folder(tmp_path, inputs)
+    before = tree(tmp_path)
+    (jsonl, txt), _ = inputs
+    # A different tokenizer, then no train documents: neither may replace the old files.
+    assert data.main(["shards", str(jsonl), str(txt), "--out", str(out), "--val-docs", "7",
+                      "--train-tokenizer", "--vocab-size", "48",
+                      "--tokenizer-out", str(tmp_path / "t.model")]) == 1
+    assert "no train documents" in capsys.readouterr().err
+    assert tree(tmp_path) == before
+
+
+def test_failed_demo_leaves_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "demo_documents", lambda: corpus(40, seed=4))
+    monkeypatch.setattr(data, "DEMO_VOCAB", 64)
+    monkeypatch.setattr(data, "DEMO_VAL_TOKENS", 10**9)  # every document goes to val
+    assert data.main(["demo", "--root", str(tmp_path)]) == 1
+    assert "demo_sp64: no train documents (40 documents in all" in capsys.readouterr().err
+    assert tree(tmp_path) == {}
+
+
+def test_shards_path_errors_are_one_line(tmp_path, inputs, capsys):
+    (jsonl, txt), _ = inputs
+    afile, folder = tmp_path / "afile", tmp_path / "folder.txt"
+    afile.write_text("x")
+    folder.mkdir()
+    model = tmp_path / "t.model"
+    data.train_tokenizer(corpus(20, seed=2), 64, model)
+    train = ["--train-tokenizer", "--vocab-size", "64", "--tokenizer-out"]
+    cases = [
+        ([str(txt), "--out", str(afile), *train, str(tmp_path / "new.model")],
+         f"{afile}: exists and is not a folder"),
+        ([str(txt), "--out", str(afile / "sub"), "--tokenizer", str(model)],
+         f"{afile / 'sub'}: {afile} is a file, not a folder"),
+        ([str(folder), "--out", str(tmp_path / "o"), "--tokenizer", str(model)],
+         f"{folder}: is a folder; expected a .txt or .jsonl file"),
+        ([str(jsonl), "--out", str(tmp_path / "o"), "--tokenizer", str(tmp_path)],
+         f"{tmp_path}: is a folder; expected a SentencePiece .model file"),
+        ([str(jsonl), "--out", str(tmp_path / "o"), *train, str(folder)],
+         f"{folder}: is a folder; expected a file path"),
+    ]
+    before = tree(tmp_path)
+    for argv, message in cases:
+        assert data.main(["shards", *argv]) == 1
+        assert capsys.readouterr().err == f"error: {message}\n"
+    assert tree(tmp_path) == before  # refused before any work
+
+    run = subprocess.run([sys.executable, "-m", "tools.data", "shards", *cases[0][0]],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert (run.returncode, run.stderr) == (1, f"error: {cases[0][1]}\n")
+
+
+def test_train_tokenizer_needs_tokenizer_out(tmp_path, inputs, capsys):
     with pytest.raises(SystemExit):
-        data.main(argv[:-2])  # --train-tokenizer without --tokenizer-out
+        data.main(["shards", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--train-tokenizer train a BPE tokenizer on the inputs with the challenge settings; " \
+           "needs --tokenizer-out" in help_text
+    assert "--tokenizer-out PATH where the trained model is saved (required with --train-tokenizer)" \
+        in help_text
+
+    (jsonl, _), _ = inputs
+    out = ["shards", str(jsonl), "--out", str(tmp_path / "o")]
+    for argv, message in [
+        (["--train-tokenizer"], "--train-tokenizer needs --tokenizer-out PATH, where the trained model "
+                                "is saved"),
+        (["--tokenizer", "m", "--tokenizer-out", "t.model"],
+         "--tokenizer-out applies to --train-tokenizer, not to --tokenizer"),
+        (["--tokenizer", "m", "--vocab-size", "64"],
+         "--vocab-size applies to --train-tokenizer, not to --tokenizer"),
+    ]:
+        with pytest.raises(SystemExit) as done:
+            data.main(out + argv)
+        assert done.value.code == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_tokenizer_too_little_text(tmp_path):
@@ -391,48 +582,79 @@ def test_train_gpt_reads_shards(tmp_path):
 # ---------------------------------------------------------------- download
 
 class FakeHub:
-    """Stands in for hf_hub_download, serving files from a local folder."""
+    """Stands in for hf_hub_download, serving files from a local folder. Like
+    huggingface_hub before 1.18, it resumes from a partial file that an earlier
+    attempt left in local_dir unless force_download is set."""
 
     def __init__(self, folder):
         self.folder = folder
-        self.calls = []
+        self.calls = []  # (repo_id, filename)
         self.fail = {}  # filename -> exception to raise
+        self.cut = {}  # filename -> bytes delivered before the connection drops
+        self.resumed = []  # (filename, bytes found from an earlier attempt)
 
-    def __call__(self, repo_id, filename, *, repo_type=None, local_dir=None, **kwargs):
-        assert (repo_id, repo_type) == ("willdepueoai/parameter-golf", "dataset")
-        self.calls.append(filename)
+    def __call__(self, repo_id, filename, *, repo_type=None, local_dir=None, force_download=False,
+                 **kwargs):
+        assert repo_type == "dataset" and not kwargs
+        self.calls.append((repo_id, filename))
         if filename in self.fail:
             raise self.fail[filename]
-        source = self.folder / filename
+        source = self.folder / repo_id / filename
         if not source.exists():
             raise FileNotFoundError(f"404: {filename}")
+        content = source.read_bytes()
+        partial = Path(local_dir) / ".cache" / "huggingface" / "download" / f"{filename}.incomplete"
+        if force_download:
+            partial.unlink(missing_ok=True)
+        if partial.exists():
+            self.resumed.append((filename, partial.stat().st_size))
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        if filename in self.cut:
+            partial.write_bytes(content[:self.cut.pop(filename)])
+            raise TimeoutError("The read operation timed out")
         target = Path(local_dir) / filename
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target)
+        partial.write_bytes(content)
+        partial.replace(target)
         return str(target)
 
+    def names(self):
+        return [name for _, name in self.calls]
 
+
+REPO = "willdepueoai/parameter-golf"
+# The challenge downloader's variables (data/cached_challenge_fineweb.py).
+REPO_ENV, ROOT_ENV = "MATCHED_FINEWEB_REPO_ID", "MATCHED_FINEWEB_REMOTE_ROOT_PREFIX"
 HUB_MANIFEST = {
-    "datasets": [{"name": "fineweb10B_sp1024", "tokenizer_name": "sp_bpe_1024",
+    "datasets": [{"name": "fineweb10B_sp1024", "tokenizer_name": "sp_bpe_1024", "vocab_size": 1024,
                   "stats": {"files_train": 3, "files_val": 1}}],
-    "tokenizers": [{"name": "sp_bpe_1024", "model_path": "tokenizers/fineweb_1024_bpe.model"}],
+    "tokenizers": [{"name": "sp_bpe_1024", "model_path": "tokenizers/fineweb_1024_bpe.model",
+                    "vocab_path": "tokenizers/fineweb_1024_bpe.vocab"}],
 }
 SHARD_DIR = "datasets/datasets/fineweb10B_sp1024"
 
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
+    for name in (REPO_ENV, ROOT_ENV):
+        monkeypatch.delenv(name, raising=False)
     folder = tmp_path / "hub"
-    (folder / SHARD_DIR).mkdir(parents=True)
-    (folder / "datasets" / "tokenizers").mkdir()
-    (folder / "datasets" / "manifest.json").write_text(json.dumps(HUB_MANIFEST))
-    data.write_shard(folder / SHARD_DIR / "fineweb_val_000000.bin", [1, 2, 3])
+    export = folder / REPO
+    (export / SHARD_DIR).mkdir(parents=True)
+    (export / "datasets" / "tokenizers").mkdir()
+    (export / "datasets" / "manifest.json").write_text(json.dumps(HUB_MANIFEST))
+    data.write_shard(export / SHARD_DIR / "fineweb_val_000000.bin", [1, 2, 3])
     for i in range(3):
-        data.write_shard(folder / SHARD_DIR / f"fineweb_train_{i:06d}.bin", [1] + [i] * 10)
-    data.train_tokenizer(corpus(20, seed=2), 64, folder / "datasets/tokenizers/fineweb_1024_bpe.model")
+        data.write_shard(export / SHARD_DIR / f"fineweb_train_{i:06d}.bin", [1] + [i] * 10)
+    data.train_tokenizer(corpus(20, seed=2), 64, export / "datasets/tokenizers/fineweb_1024_bpe.model")
+    (export / "datasets/tokenizers/fineweb_1024_bpe.vocab").write_text("<pad>\t0\n<s>\t0\n")
     fake = FakeHub(folder)
     monkeypatch.setattr(data, "HUB_DOWNLOAD", fake)
     return fake
+
+
+def set_manifest(hub, manifest):
+    (hub.folder / REPO / "datasets" / "manifest.json").write_text(json.dumps(manifest))
 
 
 def run_download(root, *extra):
@@ -449,6 +671,7 @@ EXPECTED_LOCAL = [
     "data/datasets/fineweb10B_sp1024/fineweb_val_000000.bin",
     "data/manifest.json",
     "data/tokenizers/fineweb_1024_bpe.model",
+    "data/tokenizers/fineweb_1024_bpe.vocab",
 ]
 
 
@@ -457,14 +680,19 @@ def test_download_then_skip_complete_files(hub, tmp_path, capsys):
     assert run_download(root) == 0
     assert local_files(root) == EXPECTED_LOCAL
     for name in EXPECTED_LOCAL:
-        assert (root / name).read_bytes() == (hub.folder / name.replace("data/", "datasets/", 1)).read_bytes()
-    assert len(hub.calls) == 5
+        remote = hub.folder / REPO / name.replace("data/", "datasets/", 1)
+        assert (root / name).read_bytes() == remote.read_bytes()
+    assert hub.names() == ["datasets/manifest.json", f"{SHARD_DIR}/fineweb_val_000000.bin",
+                           f"{SHARD_DIR}/fineweb_train_000000.bin", f"{SHARD_DIR}/fineweb_train_000001.bin",
+                           "datasets/tokenizers/fineweb_1024_bpe.model",
+                           "datasets/tokenizers/fineweb_1024_bpe.vocab"]
     out = capsys.readouterr().out
-    assert "[2/4] fineweb_train_000000.bin: 1,046 bytes (downloaded)" in out
+    assert "[2/5] fineweb_train_000000.bin: 1,046 bytes (downloaded)" in out
 
     assert run_download(root) == 0
-    assert len(hub.calls) == 5  # nothing fetched again
-    assert "[4/4] fineweb_1024_bpe.model" in capsys.readouterr().out
+    assert len(hub.calls) == 6  # nothing fetched again
+    assert "[5/5] fineweb_1024_bpe.vocab: 14 bytes (present)" in capsys.readouterr().out
+    assert data.main(["verify", str(root / "data/datasets/fineweb10B_sp1024")]) == 0
 
 
 def test_download_replaces_partial_file(hub, tmp_path, capsys):
@@ -476,8 +704,8 @@ def test_download_replaces_partial_file(hub, tmp_path, capsys):
     (root / "data/tokenizers/fineweb_1024_bpe.model").write_bytes(b"junk")
     hub.calls.clear()
     assert run_download(root) == 0
-    assert hub.calls == [f"{SHARD_DIR}/fineweb_train_000001.bin",
-                         "datasets/tokenizers/fineweb_1024_bpe.model"]
+    assert hub.names() == [f"{SHARD_DIR}/fineweb_train_000001.bin",
+                           "datasets/tokenizers/fineweb_1024_bpe.model"]
     assert shard.read_bytes() == good
     assert "(replaced)" in capsys.readouterr().out
     assert local_files(root) == EXPECTED_LOCAL  # no scratch files left
@@ -494,16 +722,23 @@ def test_download_offline(hub, tmp_path, capsys):
     assert local_files(root) == []
 
 
-def test_download_failure_keeps_no_partial_file(hub, tmp_path, capsys):
-    hub.fail[f"{SHARD_DIR}/fineweb_train_000001.bin"] = TimeoutError("timed out")
+def test_interrupted_download_resumes(hub, tmp_path, capsys):
+    """The hub's partial file survives a failed attempt, and the next one continues it."""
+    shard = f"{SHARD_DIR}/fineweb_train_000001.bin"
+    hub.cut[shard] = 700
     root = tmp_path / "repo"
     assert run_download(root) == 1
     assert "fineweb_train_000001.bin" in capsys.readouterr().err
-    assert local_files(root) == EXPECTED_LOCAL[:1] + EXPECTED_LOCAL[2:4]
+    assert local_files(root) == [
+        "data/datasets/fineweb10B_sp1024/.fineweb_train_000001.bin.download/.cache/huggingface/"
+        f"download/{shard}.incomplete", *EXPECTED_LOCAL[:1], *EXPECTED_LOCAL[2:4]]
+    assert run_download(root) == 0
+    assert hub.resumed == [(shard, 700)]
+    assert local_files(root) == EXPECTED_LOCAL
 
 
 def test_download_rejects_corrupt_file(hub, tmp_path, capsys):
-    (hub.folder / SHARD_DIR / "fineweb_val_000000.bin").write_bytes(shard_bytes(magic=5))
+    (hub.folder / REPO / SHARD_DIR / "fineweb_val_000000.bin").write_bytes(shard_bytes(magic=5))
     assert run_download(tmp_path / "repo") == 1
     assert "downloaded datasets/datasets/fineweb10B_sp1024/fineweb_val_000000.bin is unusable" \
         in capsys.readouterr().err
@@ -513,9 +748,57 @@ def test_download_rejects_corrupt_file(hub, tmp_path, capsys):
 def test_download_checks_manifest_counts(hub, tmp_path, capsys):
     assert data.main(["download", "--root", str(tmp_path), "--train-shards", "4"]) == 1
     assert "the hub has 3 training shards, 4 were asked for" in capsys.readouterr().err
+    assert data.main(["download", "--root", str(tmp_path), "--train-shards", "1",
+                      "--val-shards", "2"]) == 1
+    assert "the hub has 1 val shards, 2 were asked for" in capsys.readouterr().err
 
 
-def test_download_without_manifest_file_list(hub, tmp_path):
-    (hub.folder / "datasets" / "manifest.json").write_text('{"something": "else"}')
-    assert run_download(tmp_path / "repo") == 0
-    assert local_files(tmp_path / "repo") == EXPECTED_LOCAL
+def broken(change):
+    manifest = json.loads(json.dumps(HUB_MANIFEST))
+    change(manifest)
+    return manifest
+
+
+@pytest.mark.parametrize("manifest, reason", [
+    ({"something": "else"}, "no dataset 'fineweb10B_sp1024' (it lists none); check --variant and "
+                            "--remote-root"),
+    (broken(lambda m: m["datasets"][0].update(name="fineweb10B_sp2048")),
+     "no dataset 'fineweb10B_sp1024' (it lists ['fineweb10B_sp2048']); check --variant and --remote-root"),
+    (broken(lambda m: m["datasets"][0].pop("stats")),
+     "dataset 'fineweb10B_sp1024' has no shard counts (stats.files_train and stats.files_val missing)"),
+    (broken(lambda m: m["datasets"][0]["stats"].pop("files_val")),
+     "dataset 'fineweb10B_sp1024' has no shard counts (stats.files_val missing)"),
+    (broken(lambda m: m.pop("tokenizers")),
+     "no tokenizer 'sp_bpe_1024' (named by dataset 'fineweb10B_sp1024')"),
+    (broken(lambda m: m["tokenizers"][0].update(model_path="", vocab_path=None)),
+     "tokenizer 'sp_bpe_1024' lists no files (model_path, vocab_path or path)"),
+    (broken(lambda m: m["tokenizers"][0].update(vocab_path="../../x.vocab")),
+     "tokenizer file '../../x.vocab' is not a path inside the export"),
+])
+def test_download_stops_on_incomplete_manifest(hub, tmp_path, capsys, manifest, reason):
+    set_manifest(hub, manifest)
+    root = tmp_path / "repo"
+    assert run_download(root) == 1
+    local = root / "data" / "manifest.json"
+    assert capsys.readouterr().err == (f"error: {local} (hub dataset {REPO}, datasets/manifest.json): "
+                                       f"{reason}\n")
+    assert hub.names() == ["datasets/manifest.json"]  # not one shard
+    assert local_files(root) == ["data/manifest.json"]
+
+
+def test_download_from_another_export(hub, tmp_path, monkeypatch):
+    mirror = hub.folder / "someone/mirror"
+    shutil.copytree(hub.folder / REPO / "datasets", mirror / "exports/v2")
+    monkeypatch.setenv(REPO_ENV, "someone/mirror")
+    monkeypatch.setenv(ROOT_ENV, "exports/v2")
+    assert run_download(tmp_path / "a") == 0
+    assert local_files(tmp_path / "a") == EXPECTED_LOCAL
+    assert {call[0] for call in hub.calls} == {"someone/mirror"}
+    assert all(name.startswith("exports/v2/") for name in hub.names())
+
+    # The options win over the environment.
+    hub.calls.clear()
+    assert run_download(tmp_path / "b", "--repo-id", REPO, "--remote-root", "datasets/") == 0
+    assert local_files(tmp_path / "b") == EXPECTED_LOCAL
+    assert {call[0] for call in hub.calls} == {REPO}
+    assert hub.names()[0] == "datasets/manifest.json"

@@ -1,23 +1,32 @@
 """train_gpt.py run as users run it: the original's reference trajectory on the CPU,
-torchrun with two processes against one, and EVAL_ONLY on the artifact a run wrote."""
+torchrun with two processes against one, a run stopped by its wall-clock cap, and EVAL_ONLY
+on the artifact a run wrote."""
 
 import json
+import math
 import os
 import re
-import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
+import sentencepiece as spm
+import torch
+
+import train_gpt as tg
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "train_gpt.py"
 REF = ROOT.parent / "shared" / "reference"
 TRAJ = REF / "trajectory"
+# A guard against a hung run, not a speed test: these runs take 1-3 minutes on a loaded 2-core machine.
+HANG_GUARD_S = 1200
 
 
-def run_script(cwd: Path, env: dict, torchrun: int = 0, timeout: int = 240) -> str:
+def run_script(cwd: Path, env: dict, torchrun: int = 0, timeout: int = HANG_GUARD_S) -> str:
     cmd = [sys.executable, str(SCRIPT)]
     if torchrun:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
@@ -39,7 +48,7 @@ def tiny_data(tmp_path_factory) -> Path:
     """The demo corpus (built offline from CPython's own prose) in a temporary root."""
     root = tmp_path_factory.mktemp("demo_root")
     subprocess.run([sys.executable, "-m", "tools.data", "demo", "--root", str(root)], cwd=ROOT, check=True,
-                   capture_output=True, timeout=180)
+                   capture_output=True, timeout=HANG_GUARD_S)
     return root
 
 
@@ -81,7 +90,9 @@ def test_reference_trajectory(tmp_path):
 def test_two_processes_match_one(tiny_data, tmp_path):
     """torchrun --nproc_per_node=2 (gloo) with the same global batch: the same data in a
     different micro-step order, so the final validation loss agrees within 1e-3; SLOT's
-    grouping makes its figures agree too."""
+    grouping makes its figures agree too. The one-process run's log has the original's line
+    formats (lzma, the default compressor), with the scored and context SLOT lines labelled,
+    and the submission builder reads its own figures."""
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     log1 = run_script(one, tiny_env(tiny_data, "p1"))
@@ -91,42 +102,109 @@ def test_two_processes_match_one(tiny_data, tmp_path):
         a, b = figures(log1, name), figures(log2, name)
         assert abs(a[0] - b[0]) < 1e-3, (name, a, b)
 
-
-def test_eval_only_reproduces_and_keeps_inputs(tiny_data, tmp_path):
-    """EVAL_ONLY=1 reads the artifact a run wrote and gives the same evaluation figures
-    (same artifact, same code path); the run saved the EMA weights and the log has the
-    original's line formats, with the scored and context SLOT lines labelled."""
-    log = run_script(tmp_path, tiny_env(tiny_data, "train"))
-    assert (tmp_path / "final_model.pt").is_file() and (tmp_path / "final_model.int6.ptz").is_file()
+    assert (one / "final_model.pt").is_file()
+    assert (one / "final_model.int6.ptz").read_bytes().startswith(b"\xfd7zXZ\x00")  # lzma's xz container
     for pattern in (r"^model_params:\d+$", r"^world_size:1 grad_accum_steps:8$",
                     r"^step:12/12 train_loss:\d+\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms$",
                     r"^step:12/12 val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms$",
-                    r"^late_qat:enabled step:\d+ scale:\d\.\d{4}$", r"^DIAGNOSTIC post_ema val_loss:\S+ val_bpb:\S+ eval_time:\d+ms$",
+                    r"^late_qat:enabled step:\d+ scale:\d\.\d{4}$",
+                    r"^DIAGNOSTIC post_ema val_loss:\S+ val_bpb:\S+ eval_time:\d+ms$",
                     r"^Serialized model int6\+lzma: \d+ bytes$", r"^Total submission size int6\+lzma: \d+ bytes$",
                     r"^final_int6_sliding_window val_loss:\S+ val_bpb:\S+ stride:32 eval_time:\d+ms$",
                     r"^final_slot val_loss:\S+ val_bpb:\S+ steps:2 lr:0.012 eval_time:\d+ms mode:scored$",
                     r"^final_slot_context val_loss:\S+ val_bpb:\S+ steps:2 lr:0.012 eval_time:\d+ms mode:context$"):
-        assert re.search(pattern, log, re.M), pattern
-    assert log.startswith(SCRIPT.read_text()[:200])  # the log opens with the full source
+        assert re.search(pattern, log1, re.M), pattern
+    assert log1.startswith(SCRIPT.read_text()[:200])  # the log opens with the full source
     # Two roundtrip_exact lines: the round trip, then the sliding result repeated (no s64 pass:
     # EVAL_SEQ_LEN is 64).
-    assert len(re.findall(r"^final_int6_roundtrip_exact ", log, re.M)) == 2
+    assert len(re.findall(r"^final_int6_roundtrip_exact ", log1, re.M)) == 2
 
-    # The submission builder reads this log's own figures.
     from tools.submission import parse_log
-    record = parse_log(tmp_path / "logs" / "train.txt")
+    record = parse_log(one / "logs" / "p1.txt")
     assert (record.steps, record.seed, record.num_gpus, record.gpu_type) == (12, 3, 0, "cpu")
-    total = int(re.search(r"^Total submission size int6\+lzma: (\d+) bytes$", log, re.M).group(1))
+    total = int(re.search(r"^Total submission size int6\+lzma: (\d+) bytes$", log1, re.M).group(1))
     assert record.artifact_bytes == total
-    assert (record.evals["slot"].val_loss, record.evals["slot"].val_bpb) == figures(log, "final_slot_exact")
-    assert record.evals["slot_context"].val_bpb == figures(log, "final_slot_context_exact")[1]
+    assert (record.evals["slot"].val_loss, record.evals["slot"].val_bpb) == figures(log1, "final_slot_exact")
+    assert record.evals["slot_context"].val_bpb == figures(log1, "final_slot_context_exact")[1]
 
-    log2 = run_script(tmp_path, dict(tiny_env(tiny_data, "evalonly"), EVAL_ONLY="1"))
+
+def independent_loss(model, tokens: torch.Tensor, seq_len: int) -> tuple[float, int]:
+    """(mean loss, targets) over non-overlapping windows of seq_len, through the model's own
+    training loss (its forward), not the script's evaluation code."""
+    n = (tokens.numel() - 1) // seq_len
+    x, y = tokens[: n * seq_len].view(n, seq_len), tokens[1 : n * seq_len + 1].view(n, seq_len)
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, n, 64):
+            total += float(model(x[i : i + 64], y[i : i + 64])) * x[i : i + 64].numel()
+    return total / (n * seq_len), n * seq_len
+
+
+def independent_bytes(tokenizer: Path, tokens: torch.Tensor, n_targets: int) -> int:
+    """UTF-8 bytes of the first n_targets targets: each piece's text with its '▁' as a space, that
+    space left out after a control or unknown token (the start of a document)."""
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    special = [sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i) for i in range(sp.vocab_size())]
+    text = [" " if special[i] else sp.id_to_piece(i).replace("\u2581", " ") for i in range(sp.vocab_size())]
+    size = np.array([0 if special[i] else 1 if sp.is_byte(i) else len(text[i].encode()) for i in range(len(text))])
+    opens = np.array([not special[i] and not sp.is_byte(i) and text[i].startswith(" ") for i in range(len(text))])
+    prev, tgt = tokens[:n_targets].numpy(), tokens[1 : n_targets + 1].numpy()
+    return int(size[tgt].sum() - (opens[tgt] & np.array(special)[prev]).sum())
+
+
+def test_capped_brotli_run_and_eval_only(tiny_data, tmp_path):
+    """One run capped at 1 s of training (MAX_WALLCLOCK_SECONDS=1, ITERATIONS=1000), a validation
+    after every step, COMPRESSOR=brotli; then EVAL_ONLY on its artifact:
+    - it stops at the cap: a stopping_early line, train_time >= 1000 ms, far fewer steps than 1000;
+    - validation is not training time: the run validated after every step, each validation as long
+      as the post-EMA one, yet its training time is less than half of them together;
+    - final_model.pt holds the EMA weights: their loss, computed here, is the post-EMA line's, not the
+      last raw weights' validation loss, and the artifact is their quantisation;
+    - the artifact is a brotli container, and EVAL_ONLY (told COMPRESSOR=lzma: the reader goes by the
+      bytes) gives the run's own figures, which equal a round trip evaluated here independently."""
+    env = dict(tiny_env(tiny_data, "capped"), COMPRESSOR="brotli", MAX_WALLCLOCK_SECONDS="1", ITERATIONS="1000",
+               VAL_LOSS_EVERY="1")
+    log = run_script(tmp_path, env)
+
+    stop = re.search(r"^stopping_early: wallclock_cap train_time:(\d+)ms step:(\d+)/1000$", log, re.M)
+    assert stop, "no stopping_early line"
+    train_ms, steps = int(stop.group(1)), int(stop.group(2))
+    assert train_ms >= 1000 and 1 <= steps < 1000
+    vals = [(int(s), int(t)) for s, t in re.findall(r"^step:(\d+)/1000 val_loss:\S+ val_bpb:\S+ train_time:(\d+)ms",
+                                                   log, re.M)]
+    assert [s for s, _ in vals] == list(range(steps + 1)) and vals[-1][1] == train_ms
+    validation_ms = int(re.search(r"^DIAGNOSTIC post_ema val_loss:\S+ val_bpb:\S+ eval_time:(\d+)ms$", log,
+                                  re.M).group(1))
+    assert train_ms < 0.5 * steps * validation_ms, (train_ms, steps, validation_ms)  # steps validations ran within
+
+    h = tg.Hyperparameters.from_env(env)
+    tokens = tg.load_validation_tokens(tg.shard_files(h.data_path, "val"), h.max_seq_len, h.vocab_size)
+    saved = torch.load(tmp_path / "final_model.pt", map_location="cpu", weights_only=True)
+    model = tg.build_model(h, torch.device("cpu"), seed=h.seed)
+    model.load_state_dict(saved)
+    ema_loss, _ = independent_loss(model.eval(), tokens, h.train_seq_len)
+    assert abs(ema_loss - figures(log, "DIAGNOSTIC post_ema")[0]) < 1e-4
+    last_raw_loss = float(re.findall(r"^step:\d+/1000 val_loss:(\S+)", log, re.M)[-1])
+    assert abs(ema_loss - last_raw_loss) > 1e-2
+
+    artifact = (tmp_path / "final_model.int6.ptz").read_bytes()
+    assert artifact.startswith(b"PGBR1")  # brotli streams have no magic: the script's container adds one
+    assert re.search(rf"^Serialized model int6\+brotli: {len(artifact)} bytes$", log, re.M)
+    container, expected = tg.unpack_artifact(artifact, "artifact"), tg.quantize_state_dict(saved, h)
+    assert container["m"] == expected["m"] and list(container["w"]) == list(expected["w"])
+    assert all(torch.equal(container["w"][k], v) for k, v in expected["w"].items())
+
+    log2 = run_script(tmp_path, dict(env, RUN_ID="evalonly", EVAL_ONLY="1", COMPRESSOR="lzma"))
     assert re.search(r"^model_params:\d+$", log2, re.M)
     assert not re.search(r"^step:\d+/\d+ train_loss", log2, re.M)
     for name in ("final_int6_roundtrip_exact", "final_int6_sliding_window_exact", "final_slot_exact",
                  "final_slot_context_exact"):
         assert figures(log, name) == figures(log2, name), name
+    loaded = tg.load_eval_model(replace(h, artifact=str(tmp_path / "final_model.int6.ptz")), torch.device("cpu"))
+    loss, n = independent_loss(loaded, tokens, h.effective_eval_seq_len)
+    bpb = loss / math.log(2) * n / independent_bytes(Path(h.tokenizer_path), tokens, n)
+    got = figures(log2, "final_int6_roundtrip_exact")
+    assert got == pytest.approx((loss, bpb), rel=1e-5)
 
 
 def test_eval_only_bad_artifact_writes_nothing(tiny_data, tmp_path):
@@ -135,7 +213,7 @@ def test_eval_only_bad_artifact_writes_nothing(tiny_data, tmp_path):
     bad.write_bytes(b"\xfd7zXZ\x00" + b"\x00" * 50)
     env = {**os.environ, **tiny_env(tiny_data, "x"), "EVAL_ONLY": "1", "ARTIFACT": str(bad)}
     p = subprocess.run([sys.executable, str(SCRIPT)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       timeout=120)
+                       timeout=HANG_GUARD_S)
     assert p.returncode == 2
     assert "bad.ptz" in p.stderr and "Traceback" not in p.stderr
     assert sorted(x.name for x in tmp_path.iterdir()) == ["bad.ptz"]
@@ -144,9 +222,6 @@ def test_eval_only_bad_artifact_writes_nothing(tiny_data, tmp_path):
 def test_compiled_small_model_trains_on_real_text(tiny_data):
     """torch.compile(fullgraph=True) on the CPU (a graph break would raise) trains a small model
     with the record's optimizers, clipping and late-QAT path: the loss on real text falls."""
-    import torch
-    import train_gpt as tg
-
     torch._dynamo.reset()
     h = tg.Hyperparameters.from_env({**tiny_env(tiny_data, "compiled"), "QAT_ENABLED": "1"})
     model = tg.build_model(h, torch.device("cpu"), seed=h.seed)

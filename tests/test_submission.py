@@ -42,13 +42,16 @@ def make_log(
     s64=(1.89198560, 1.12054341),
     slot=(1.24104846, 0.73502047),
     slot_context=None,
+    legal_ttt=None,
+    gpus=0,
 ):
-    """A complete CPU-run log in train_gpt.py's format (no nvidia-smi block)."""
+    """A complete log in train_gpt.py's format; a CPU run (no nvidia-smi block) unless gpus > 0."""
     lines = [
         FAKE_SOURCE,
         SEPARATOR,
         "Running Python 3.11.7",
         "Running PyTorch 2.9.1+cpu",
+        *(f"|   {i}  NVIDIA H100 80GB HBM3          On  |   00000000:{i:02X}:00.0 Off |      0 |" for i in range(gpus)),
         SEPARATOR,
         f"model_params:{model_params}",
         "world_size:1 grad_accum_steps:8",
@@ -69,10 +72,13 @@ def make_log(
         "eval_time:7486ms",
         f"final_int6_roundtrip_exact val_loss:{roundtrip[0]:.8f} val_bpb:{roundtrip[1]:.8f}",
     ]
-    for tag, (loss, bpb), stride in (
+    for tag, figures, stride in (
         ("final_int6_sliding_window", sliding, 96),
         ("final_int6_sliding_window_s64", s64, 64),
     ):
+        if figures is None:
+            continue
+        loss, bpb = figures
         lines += [
             f"{tag} val_loss:{loss:.4f} val_bpb:{bpb:.4f} stride:{stride} eval_time:54469ms",
             f"{tag}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}",
@@ -90,6 +96,16 @@ def make_log(
                 f"eval_time:408741ms mode:{mode}",
                 f"{tag}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} mode:{mode}",
             ]
+    if legal_ttt:
+        loss, bpb = legal_ttt
+        lines += [
+            # the accepted record's progress lines, which are not results
+            "ttt_sliding:start chunks=8 chunk_tokens=32768 total_windows=646018 stride=96 ttt_lr=0.002",
+            "  ttt_chunk [1/8] bpb=1.348943",
+            f"ttt_sliding:done val_loss={loss - 0.5:.6f} val_bpb={bpb - 0.5:.6f}",
+            f"legal_ttt val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:291234ms",
+            f"legal_ttt_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -174,9 +190,10 @@ def test_cpu_log_without_nvidia_smi(tmp_path):
 
 
 def test_three_seeds_build_submission(tmp_path, three_logs, capsys):
+    """--score slot: the non-causal SLOT as the score, labelled so, with the best causal figure beside it."""
     out = tmp_path / "out"
-    code, printed, _ = run_cli(
-        [*three_logs, "--out", str(out), "--name", "SLOT-48", "--date", "2026-04-04"], capsys
+    code, printed, err = run_cli(
+        [*three_logs, "--out", str(out), "--name", "SLOT-48", "--date", "2026-04-04", "--score", "slot"], capsys
     )
     assert code == 0
     sub = json.loads((out / "submission.json").read_text())
@@ -189,19 +206,96 @@ def test_three_seeds_build_submission(tmp_path, three_logs, capsys):
     assert sub["training_time_seconds"] == pytest.approx(600.002)
     assert (sub["num_gpus"], sub["gpu_type"], sub["code_bytes"]) == (0, "cpu", 61_983)
     assert (sub["name"], sub["date"], sub["track"]) == ("SLOT-48", "2026-04-04", "10min_16mb")
-    assert sub["score_line"] == "final_slot_exact"
+    assert (sub["score"], sub["score_causal"], sub["score_line"]) == ("slot", False, "final_slot_exact")
+    assert sub["best_causal"]["score"] == "sliding_s64" and sub["best_causal"]["val_bpb"] == 1.12054341
+    assert "not_causal" not in sub
+    assert sub["warnings"][0].startswith("score 'slot' is not causal")
     assert list(sub["seed_results"]) == [str(s) for s in SEEDS]
     assert sub["seed_results"]["1337"]["val_loss"] == SLOT_LOSSES[1]
     assert "p_value" not in sub
+    assert "warning: score 'slot' is not causal" in err
+    assert "score: SLOT scored (NOT causal)" in printed
+    assert "beside it, the best causal: s64, final_int6_sliding_window_s64_exact" in printed
 
     table = (out / "results_table.md").read_text()
     rows = table.splitlines()
     assert len(rows) == 2 + 3 + 1  # header, rule, seeds, mean
+    assert rows[0].split(" | ")[-2:] == ["s64 bpb", "SLOT scored bpb (NOT causal) (score) |"]
     assert rows[2].split(" | ")[:4] == ["| 42", "6576", "600.000", "15751595"]
+    assert rows[2].endswith("| 0.73500000 |")  # no SLOT-context line in these logs: no such column
     assert rows[-1].startswith("| mean | ")
     assert f"{bpbs.mean():.8f}" in rows[-1]
-    assert rows[2].endswith("| 0.73500000 |  |")  # no SLOT-context line: blank cell
     assert table in printed
+
+
+def test_default_score_is_the_best_causal_evaluation(tmp_path, capsys):
+    """Without --score: the causal evaluation with the lowest mean val_bpb that every log has; the
+    non-causal SLOT stands beside it, labelled, in the JSON, the table and the summary."""
+    figures = {  # seed: (SLOT context, legal TTT); legal TTT wins on the mean, not on every seed
+        1: ((1.880, 1.110), (1.870, 1.105)),
+        2: ((1.882, 1.104), (1.871, 1.107)),
+    }
+    paths = write_logs(tmp_path, [make_log(seed, slot_context=c, legal_ttt=t) for seed, (c, t) in figures.items()])
+    out = tmp_path / "out"
+    code, printed, _ = run_cli([*paths, "--out", str(out)], capsys)
+    assert code == 0
+    sub = json.loads((out / "submission.json").read_text())
+    assert (sub["score"], sub["score_causal"], sub["score_line"]) == ("legal_ttt", True, "legal_ttt_exact")
+    assert sub["val_bpb"] == pytest.approx(1.106, abs=1e-12) and sub["val_loss"] == pytest.approx(1.8705)
+    assert sub["seed_results"]["2"]["val_bpb"] == 1.107
+    slot = sub["not_causal"]["slot"]
+    assert (slot["line"], slot["val_bpb"], slot["val_loss"]) == ("final_slot_exact", 0.73502047, 1.24104846)
+    assert "fits delta and bias to the very targets it then scores" in slot["why"]
+    assert "score_causal" in sub and "best_causal" not in sub
+
+    header = (out / "results_table.md").read_text().splitlines()[0].strip("| ").split(" | ")
+    assert header[4:] == ["roundtrip bpb", "sliding bpb", "s64 bpb", "SLOT context bpb", "legal TTT bpb (score)",
+                          "SLOT scored bpb (NOT causal)"]
+    assert "score: legal TTT (causal), legal_ttt_exact over 2 seed(s)" in printed
+    assert "beside it, NOT causal: SLOT scored, final_slot_exact: val_loss 1.24104846" in printed
+
+    # Without legal TTT the SLOT context wins; without it too, the stride-64 sliding window.
+    assert build_submission([parse_log(p) for p in write_logs(
+        tmp_path, [make_log(1, slot_context=(1.88, 1.11))])])["score"] == "slot_context"
+    assert build_submission([parse_log(p) for p in write_logs(tmp_path, [make_log(1)])])["score"] == "sliding_s64"
+
+
+def test_legal_ttt_lines_and_score(tmp_path):
+    """legal_ttt lines are read by their names; the record's progress lines are not results."""
+    (path,) = write_logs(tmp_path, [make_log(1, legal_ttt=(1.89012345, 1.11943210))])
+    record = parse_log(path)
+    ttt = record.evals["legal_ttt"]
+    assert (ttt.val_loss, ttt.val_bpb, ttt.line, ttt.eval_time_ms) == (1.89012345, 1.11943210, "legal_ttt_exact",
+                                                                      291234)
+    sub = build_submission([record], "legal_ttt", track="x")
+    assert (sub["score_causal"], sub["val_bpb"], sub["warnings"]) == (True, 1.1194321, [])
+
+
+@pytest.mark.parametrize(
+    "log, track, expected",
+    [
+        (dict(), "10min_16mb", []),
+        # a CPU run of 3,516 s: both its time and its hardware break the track
+        (dict(gpus=0, train_ms=3_516_240), "10min_16mb", ["trained on cpu", "training took 3,516.2 s, over"]),
+        (dict(train_ms=600_200), "10min_16mb", ["training took 600.2 s, over the 10min_16mb track's 600 s"]),
+        (dict(artifact=16_000_000), "10min_16mb", ["artifact 16,000,000 bytes, not under"]),
+        (dict(gpus=0, train_ms=3_516_240, artifact=16_000_000), "cpu_demo", []),  # a track without limits
+    ],
+)
+def test_track_limit_warnings(tmp_path, capsys, log, track, expected):
+    """Warnings on stderr and in submission.json. An 8xH100 run stopped by the wall-clock cap like the
+    record (600.031 s: its last step ends 31 ms past the cap, less than one step) gets none."""
+    log = {"gpus": 8, **log}
+    (path,) = write_logs(tmp_path, [make_log(1, **log)])
+    code, _, err = run_cli([path, "--out", str(tmp_path / "out"), "--track", track], capsys)
+    assert code == 0
+    warnings = json.loads((tmp_path / "out" / "submission.json").read_text())["warnings"]
+    assert len(warnings) == len(expected)
+    for warning, part in zip(warnings, expected):
+        assert warning.startswith(f"{path}: ") and part in warning
+        assert f"warning: {warning}" in err
+    if not expected:
+        assert "warning" not in err
 
 
 def test_steps_equal_the_logs_last_step(tmp_path, three_logs, capsys):
@@ -229,7 +323,7 @@ def test_truncated_log_refused(tmp_path, capsys, cut_before, reason):
     truncated = text[: text.index(cut_before, body_start)]
     good, cut = write_logs(tmp_path, [make_log(2), truncated])
     code, _, err = run_cli([good, cut, "--out", str(tmp_path / "out")], capsys)
-    assert code == 1
+    assert code == 2
     assert err.startswith(f"error: {cut}: ") and reason in err
     assert not (tmp_path / "out").exists()
 
@@ -239,14 +333,14 @@ def test_missing_chosen_score_refused(tmp_path, capsys):
     code, _, err = run_cli(
         [*paths, "--out", str(tmp_path / "out"), "--score", "slot_context"], capsys
     )
-    assert code == 1
+    assert code == 2
     assert f"error: {paths[0]}: no final_slot_context_exact line" in err
 
 
 def test_mixed_configurations_refused(tmp_path, capsys):
     paths = write_logs(tmp_path, [make_log(1), make_log(2, model_params=26_000_000)])
     code, _, err = run_cli([*paths, "--out", str(tmp_path / "out")], capsys)
-    assert code == 1
+    assert code == 2
     assert f"error: {paths[1]}: config differs" in err
     assert "model_params 26862694 vs 26000000" in err
 
@@ -254,13 +348,13 @@ def test_mixed_configurations_refused(tmp_path, capsys):
 def test_different_script_refused(tmp_path, capsys):
     paths = write_logs(tmp_path, [make_log(1), make_log(2, code=60_000)])
     code, _, err = run_cli([*paths, "--out", str(tmp_path / "out")], capsys)
-    assert code == 1 and "code_bytes 61983 vs 60000" in err
+    assert code == 2 and "code_bytes 61983 vs 60000" in err
 
 
 def test_duplicate_seeds_refused(tmp_path, capsys):
     paths = write_logs(tmp_path, [make_log(5), make_log(5, slot=(1.25, 0.74))])
     code, _, err = run_cli([*paths, "--out", str(tmp_path / "out")], capsys)
-    assert code == 1
+    assert code == 2
     assert f"error: {paths[1]}: seed 5 duplicates {paths[0]}" in err
 
 
@@ -272,7 +366,7 @@ def test_cli_exit_status_without_traceback(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert done.stderr.startswith(f"error: {cut}: ") and "Traceback" not in done.stderr
 
 
@@ -280,7 +374,7 @@ def test_p_value_against_baseline_mean(tmp_path, three_logs, capsys):
     out = tmp_path / "out"
     baseline, gain = 1.2600, 0.005
     code, printed, _ = run_cli(
-        [*three_logs, "--out", str(out), "--baseline-mean", str(baseline)], capsys
+        [*three_logs, "--out", str(out), "--score", "slot", "--baseline-mean", str(baseline)], capsys
     )
     assert code == 0
     sub = json.loads((out / "submission.json").read_text())
@@ -315,18 +409,30 @@ def test_score_selection(tmp_path):
     with_slot, without_slot, both = (
         parse_log(p)
         for p in write_logs(
-            tmp_path, [make_log(1), make_log(2, slot=None), make_log(3, slot_context=(1.86, 1.10))]
+            tmp_path, [make_log(1), make_log(2, slot=None, s64=None), make_log(3, slot_context=(1.86, 1.10))]
         )
     )
-    assert build_submission([with_slot])["score_line"] == "final_slot_exact"
+    assert build_submission([with_slot], "slot")["score_line"] == "final_slot_exact"
     sliding = build_submission([without_slot])
     assert sliding["score_line"] == "final_int6_sliding_window_exact"
     assert sliding["val_bpb"] == 1.12057665
+    assert "not_causal" not in sliding  # no SLOT line: nothing to show beside it
     context = build_submission([both], "slot_context")
     assert (context["score_line"], context["val_loss"]) == ("final_slot_context_exact", 1.86)
     # The round trip is the first round-trip line, not the repeats carrying sliding results.
     assert build_submission([both], "roundtrip")["val_bpb"] == 1.14417082
     assert build_submission([both], "sliding_s64")["val_bpb"] == 1.12054341
+
+
+def test_no_causal_line_refused(tmp_path, capsys):
+    """A log whose only evaluation is the non-causal SLOT has no default score."""
+    text = "\n".join(line for line in make_log(1).splitlines()
+                     if not line.startswith(("final_int6", "final_slot_context"))) + "\n"
+    (path,) = write_logs(tmp_path, [text])
+    code, _, err = run_cli([path, "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and err == f"error: {path}: no causal evaluation line present in every log " \
+                                "(the non-causal SLOT needs --score slot)\n"
+    assert run_cli([path, "--out", str(tmp_path / "out"), "--score", "slot"], capsys)[0] == 0
 
 
 def test_artifact_over_cap_flagged(tmp_path, capsys):
@@ -342,12 +448,16 @@ def test_artifact_over_cap_flagged(tmp_path, capsys):
 
 def test_committed_cpu_demo_example_matches_its_log():
     """The committed example (a real demo run of this project) parses to the figures of the
-    submission.json built from it: every figure there comes from the log."""
+    submission.json built from it: every figure there comes from the log, the score is the causal
+    SLOT and the non-causal one stands beside it."""
     example = REPO / "examples" / "cpu_demo"
     record = parse_log(example / "demo.txt")
     built = json.loads((example / "submission.json").read_text())
     seed = built["seed_results"][str(record.seed)]
     assert (seed["steps"], seed["artifact_bytes"]) == (record.steps, record.artifact_bytes) == (120, 1084274)
-    assert (built["val_loss"], built["val_bpb"]) == (record.evals["slot"].val_loss, record.evals["slot"].val_bpb)
-    assert built["score_line"] == "final_slot_exact" and built["gpu_type"] == "cpu"
-    assert record.evals["slot_context"].val_bpb > record.evals["slot"].val_bpb  # causal SLOT gains less
+    context, slot = record.evals["slot_context"], record.evals["slot"]
+    assert (built["val_loss"], built["val_bpb"]) == (context.val_loss, context.val_bpb)
+    assert (built["score_line"], built["score_causal"], built["gpu_type"]) == ("final_slot_context_exact", True, "cpu")
+    assert built["not_causal"]["slot"]["val_bpb"] == slot.val_bpb
+    assert (built["track"], built["warnings"]) == ("cpu_demo", [])
+    assert context.val_bpb > slot.val_bpb  # causal SLOT gains less

@@ -1,11 +1,11 @@
-"""The community "flip test" (SPEC section 7) on every evaluation mode of train_gpt.py.
+"""The community "flip test" (docs/evaluation.md) on every evaluation mode of train_gpt.py.
 
 A mode is causal when the score of a target depends only on the tokens before it.
 The test: score every target of a random token stream with a small random model,
 change the target token at position p, score again; in a causal mode no target
 before p moves. The original's SLOT ("scored") fits its delta and bias to the
 very targets it then scores, so it fails; the context-only variant passes, and so
-does legal score-first TTT (SPEC section 8), which trains only on chunks already scored.
+does legal score-first TTT (docs/evaluation.md), which trains only on chunks already scored.
 
     python -m tools.audit                       # all five modes, exit 0 if as expected
     python -m tools.audit --strict              # exit 1 if any mode is not causal
@@ -190,7 +190,7 @@ def check_settings(s: AuditSettings) -> None:
 def format_report(r: AuditReport) -> str:
     s, h = r.settings, r.config
     lines = [
-        "flip test (SPEC section 7): change the target at p, look for a change before p",
+        "flip test (docs/evaluation.md): change the target at p, look for a change before p",
         f"model: {h.num_layers} layers, d={h.model_dim}, {h.num_heads} heads ({h.num_kv_heads} kv), V={h.vocab_size}, "
         f"bigram, VE, VRL, XSA; weights: SEED={s.seed} init + N(0, {WEIGHT_NOISE}^2) noise",
         f"stream: {s.targets} random targets; windows of {s.seq_len}, stride {s.stride}, EVAL_TAIL={s.eval_tail} "
@@ -232,7 +232,7 @@ def exit_code(results: list[ModeResult], strict: bool) -> int:
 def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="python -m tools.audit",
-        description="Flip test (SPEC section 7) of train_gpt.py's evaluation modes on a small random model. "
+        description="Flip test (docs/evaluation.md) of train_gpt.py's evaluation modes on a small random model. "
                     "Exit 0 when the verdicts are as expected (standard, sliding, SLOT context and TTT causal; "
                     "SLOT scored not causal); with --strict, exit 1 when any mode is not causal.")
     d = AuditSettings()

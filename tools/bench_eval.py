@@ -9,7 +9,7 @@ suite as train_gpt.evaluate_artifact runs it (artifact load, round trip, one
 shared sliding + SLOT pass, stride 64), and (d) a straightforward
 original-style SLOT (logits over all L positions of every window), measured on
 a few windows and extrapolated to all of them, and (e) legal score-first TTT
-(SPEC section 8: the defaults' epochs, chunks of --ttt-chunk targets). Prints
+(the accepted record's recipe: the defaults' epochs, chunks of --ttt-chunk targets). Prints
 seconds and the ratios SLOT/sliding, TTT/sliding, suite/sliding and
 original-style/fast SLOT. The last TTT chunk is never trained on: the default
 chunk leaves 3 of the default stream's 4 chunks trained, so TTT/sliding there
@@ -80,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-suite", action="store_true", help="do not time (c), the whole suite")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compressors", metavar="STATE_DICT", default=None,
-                   help="print the artifact bytes of lzma/brotli/zstd for this state dict (default: skip)")
+                   help="print the artifact bytes of lzma and brotli for this state dict (default: skip)")
     p.add_argument("--verbose", action="store_true", help="show the suite's own log lines")
     return p.parse_args(argv)
 
@@ -198,9 +198,11 @@ def run_suite(h, rt, tokens, luts, model, verbose: bool):
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "bench.int6.ptz")
         tg.write_atomic(path, tg.pack_artifact(tg.quantize_state_dict(model.state_dict(), h), h.compressor))
+        suite = replace(h, artifact=path)
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
-            _, seconds = timed(rt, lambda: tg.evaluate_artifact(replace(h, artifact=path), rt, tokens, luts))
+            _, seconds = timed(rt, lambda: tg.evaluate_artifact(suite, rt, tg.load_eval_model(suite, rt.device),
+                                                                tokens, luts))
     parts = {m.group(1): int(m.group(2)) / 1000 for m in re.finditer(r"^(\w+) val_loss:\S+ .*eval_time:(\d+)ms",
                                                                        out.getvalue(), re.M)}
     if verbose:
@@ -216,7 +218,7 @@ def compressor_sizes(path: str) -> None:
     print(f"\nartifact bytes for {path} ({sum(t.numel() for t in state.values()):,} values; "
           f"train_gpt.py {code:,} bytes)")
     print(f"{'compressor':<12}{'artifact':>14}{'+ code':>14}{'pack s':>10}{'unpack s':>10}  round trip")
-    for name in ("lzma", "brotli", "zstd"):
+    for name in ("lzma", "brotli"):
         t0 = time.perf_counter()
         blob = tg.pack_artifact(container, name)
         t1 = time.perf_counter()

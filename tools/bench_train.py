@@ -2,12 +2,13 @@
 subprocess for a few steps and reads its own log lines.
 
     python -m tools.bench_train                 # a config that fits the device found
-    python -m tools.bench_train --end-to-end    # also every evaluation, with its time (the GPU check)
+    python -m tools.bench_train --end-to-end    # also every evaluation, with its time
 
 Prints step time, tokens per second, peak memory and, on CUDA, model FLOPs
 utilisation; on the CPU also the seconds from launch to the first step (start-up
 cost: compilation is off there by default). Needs shards: by default the demo
-corpus (`python -m tools.data demo`), built when missing.
+corpus (`python -m tools.data demo`), built when missing. The log readers below are
+shared with tools.gpu_check.
 """
 
 from __future__ import annotations
@@ -33,6 +34,39 @@ CUDA_ENV = dict(TRAIN_BATCH_TOKENS="786432")
 CPU_ENV = dict(PRESET="demo")
 
 
+STEP_LINE = re.compile(r"^step:(\d+)/\d+ train_loss:\S+ train_time:(\d+)ms", re.M)
+EVAL_LINE = re.compile(r"^(?P<name>\S.*?) val_loss:\S+ val_bpb:(?P<bpb>\S+)(?P<extra>.*?) eval_time:(?P<ms>\d+)ms"
+                       r"(?P<suffix>.*)$", re.M)
+PEAK_LINE = re.compile(r"^peak memory allocated: (\d+) MiB reserved: (\d+) MiB", re.M)
+
+
+def ensure_demo_data(data: Path) -> None:
+    if data == DEMO_DATA and not DEMO_DATA.exists():
+        subprocess.run([sys.executable, "-m", "tools.data", "demo", "--root", str(ROOT)], check=True, cwd=ROOT)
+
+
+def step_times(log: str) -> list[tuple[int, float]]:
+    """(step, cumulative train_time ms) of every logged training step."""
+    return [(int(s), float(t)) for s, t in STEP_LINE.findall(log)]
+
+
+def mean_step_ms(steps: list[tuple[int, float]], skip: int) -> tuple[float, int, int]:
+    """Mean ms per step from the `skip`-th logged step to the last (the first steps include
+    compilation for new shapes): (ms, first step, last step)."""
+    if len(steps) < 2:
+        raise ValueError(f"{len(steps)} training step line(s) in the log; expected at least 2")
+    skip = min(skip, len(steps) - 2)
+    (s0, t0), (s1, t1) = steps[skip], steps[-1]
+    return (t1 - t0) / (s1 - s0), s0, s1
+
+
+def eval_times(log: str) -> list[dict]:
+    """Every evaluation line with an eval_time, in log order: name, ms, val_bpb and the rest
+    of the line (stride, steps, mode)."""
+    return [dict(name=m["name"], ms=int(m["ms"]), val_bpb=float(m["bpb"]),
+                 detail=(m["extra"] + m["suffix"]).strip()) for m in EVAL_LINE.finditer(log)]
+
+
 def bench_env(args, cuda: bool) -> dict[str, str]:
     env = dict(CUDA_ENV if cuda else CPU_ENV)
     env.update(ITERATIONS=str(args.steps), WARMUP_STEPS=str(args.warmup), MAX_WALLCLOCK_SECONDS="0",
@@ -56,8 +90,7 @@ def run(args) -> int:
     import torch
 
     cuda = torch.cuda.is_available()
-    if args.data == DEMO_DATA and not DEMO_DATA.exists():
-        subprocess.run([sys.executable, "-m", "tools.data", "demo", "--root", str(ROOT)], check=True, cwd=ROOT)
+    ensure_demo_data(args.data)
     env = bench_env(args, cuda)
     work = tempfile.mkdtemp(prefix="bench_train_")
     cmd = [sys.executable, str(ROOT / "train_gpt.py")]
@@ -86,10 +119,7 @@ def run(args) -> int:
 
 
 def report(log: str, env: dict[str, str], cuda: bool, first_step: float | None, args) -> None:
-    steps = [(int(s), float(t)) for s, t in re.findall(r"^step:(\d+)/\d+ train_loss:\S+ train_time:(\d+)ms", log, re.M)]
-    skip = min(args.skip, len(steps) - 2)  # the first steps include compilation for new shapes
-    (s0, t0), (s1, t1) = steps[skip], steps[-1]
-    ms_per_step = (t1 - t0) / (s1 - s0)
+    ms_per_step, s0, s1 = mean_step_ms(step_times(log), args.skip)
     tokens = int(re.search(r"^train_batch_tokens:(\d+)", log, re.M).group(1))
     world = int(re.search(r"^world_size:(\d+)", log, re.M).group(1))
     tok_s_gpu = tokens / (ms_per_step / 1000) / world
@@ -98,7 +128,7 @@ def report(log: str, env: dict[str, str], cuda: bool, first_step: float | None, 
     print(f"step time: {ms_per_step:.2f} ms (steps {s0}..{s1})   tokens/s per process: {tok_s_gpu:,.0f}")
     if first_step is not None:
         print(f"launch to first step: {first_step:.1f} s")
-    peak = re.search(r"^peak memory allocated: (\d+) MiB", log, re.M)
+    peak = PEAK_LINE.search(log)
     if peak:
         print(f"peak memory: {peak.group(1)} MiB (original: {ORIGINAL_PEAK_MIB} MiB per GPU)")
     if cuda:
@@ -106,8 +136,8 @@ def report(log: str, env: dict[str, str], cuda: bool, first_step: float | None, 
         original_tok_s = 786432 / (ORIGINAL_MS_PER_STEP / 1000) / 8
         print(f"MFU (vs H100 dense bf16 peak): {mfu:.1%}   tokens/s per GPU vs original "
               f"{original_tok_s:,.0f}: {tok_s_gpu / original_tok_s:.2f}x")
-    for name, ms in re.findall(r"^(final_\w+|DIAGNOSTIC post_ema) val_loss:\S+ val_bpb:\S+.*?eval_time:(\d+)ms", log, re.M):
-        print(f"eval {name}: {int(ms) / 1000:.1f} s")
+    for ev in eval_times(log):
+        print(f"eval {ev['name']}: {ev['ms'] / 1000:.1f} s")
 
 
 def main(argv=None) -> int:

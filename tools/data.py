@@ -2,7 +2,9 @@
 from local text, an offline demo corpus, and shard checks.
 
     python -m tools.data download [--variant sp1024] [--train-shards 80] [--root .]
-    python -m tools.data shards INPUT... --out DIR (--tokenizer MODEL | --train-tokenizer ...)
+                                  [--repo-id OWNER/NAME] [--remote-root FOLDER]
+    python -m tools.data shards INPUT... --out DIR
+                                (--tokenizer MODEL | --train-tokenizer --tokenizer-out PATH)
     python -m tools.data demo [--root .]
     python -m tools.data verify DIR [--vocab-size N]
 
@@ -24,20 +26,23 @@ import shutil
 import sys
 import sysconfig
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import sentencepiece as spm
 
-MAGIC = 20240520
-VERSION = 1
-HEADER_INTS = 256
-HEADER_BYTES = HEADER_INTS * 4
+from tools._common import import_train_gpt
+
+# The shard format, and its reader and the atomic writer, are train_gpt.py's own.
+tg = import_train_gpt()
+MAGIC, VERSION, HEADER_INTS = tg.SHARD_MAGIC, tg.SHARD_VERSION, tg.HEADER_INTS
 MAX_VOCAB = 1 << 16  # tokens are stored as uint16
 
 SHARD_TOKENS = 10**8
 VAL_DOCS = 50_000
+TRAIN_VOCAB = 1024
 
 # The challenge tokenizer's trainer settings, as stored in the published
 # fineweb_1024_bpe.model. byte_fallback is off there (the model has no byte
@@ -59,7 +64,9 @@ TOKENIZER_SETTINGS = dict(
 DETERMINISTIC_TRAINING = dict(num_threads=1, input_sentence_size=0, shuffle_input_sentence=False)
 
 HUB_REPO = "willdepueoai/parameter-golf"
-HUB_PREFIX = "datasets"  # the hub repo keeps everything under this folder
+HUB_ROOT = "datasets"  # the hub repo keeps the export under this folder
+# The challenge's own downloader reads these to point at another export.
+REPO_ENV, ROOT_ENV = "MATCHED_FINEWEB_REPO_ID", "MATCHED_FINEWEB_REMOTE_ROOT_PREFIX"
 # Tests put a stand-in here; it is called like huggingface_hub.hf_hub_download.
 HUB_DOWNLOAD: Callable[..., str] | None = None
 
@@ -77,16 +84,53 @@ class DataError(Exception):
 
 # ---------------------------------------------------------------- shard files
 
-@contextlib.contextmanager
-def _atomic_file(path: Path):
-    """Write beside the target, then rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def _save_file(path: Path, data: bytes) -> None:
     try:
-        with open(tmp, "wb") as f:
-            yield f
-        os.replace(tmp, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tg.write_atomic(path, data)
+    except OSError as e:
+        raise DataError(f"{path}: cannot write ({e.strerror})") from None
+
+
+def _require_file(path: Path, expected: str) -> None:
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; expected {expected}")
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+
+
+def _check_target(path: Path, *, folder: bool) -> None:
+    """Refuse an output path that cannot be made, before any work."""
+    if folder and path.exists() and not path.is_dir():
+        raise DataError(f"{path}: exists and is not a folder")
+    if not folder and path.is_dir():
+        raise DataError(f"{path}: is a folder; expected a file path")
+    ancestor = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+    if not ancestor.is_dir():
+        raise DataError(f"{path}: {ancestor} is a file, not a folder")
+
+
+@contextlib.contextmanager
+def _staged(dest: Path):
+    """A scratch folder beside dest, on its file system so that moving results in is a
+    rename. It goes on exit; after a failure so do the parent folders made for it."""
+    made = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]
+    stage = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir()
+    except OSError as e:
+        raise DataError(f"{dest}: cannot write beside it ({e.strerror})") from None
+    done = False
+    try:
+        yield stage
+        done = True
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(stage, ignore_errors=True)
+        for folder in made if not done else ():  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def write_shard(path: str | os.PathLike, tokens) -> None:
@@ -100,39 +144,16 @@ def write_shard(path: str | os.PathLike, tokens) -> None:
                         f"got {tokens.min()}..{tokens.max()}")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = MAGIC, VERSION, tokens.size
-    with _atomic_file(path) as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype("<u2").tobytes())
-
-
-def read_shard_header(path: str | os.PathLike) -> int:
-    """Check magic, version and file size; return the token count."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(HEADER_BYTES)
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    if len(raw) < HEADER_BYTES:
-        raise DataError(f"{path}: truncated header ({len(raw)} of {HEADER_BYTES} bytes)")
-    magic, version, count = (int(x) for x in np.frombuffer(raw, dtype="<i4", count=3))
-    if magic != MAGIC:
-        raise DataError(f"{path}: bad magic {magic} (expected {MAGIC})")
-    if version != VERSION:
-        raise DataError(f"{path}: unsupported version {version} (expected {VERSION})")
-    expected = HEADER_BYTES + 2 * count
-    if count < 0 or size != expected:
-        state = "truncated" if size < expected else "wrong size"
-        raise DataError(f"{path}: {state}: {size} bytes, but the header's {count} tokens "
-                        f"need {expected}")
-    return count
+    tg.write_atomic(path, header.tobytes() + tokens.astype("<u2").tobytes())
 
 
 def read_shard(path: str | os.PathLike) -> np.ndarray:
-    """The checked shard's tokens as a uint16 array."""
-    count = read_shard_header(path)
-    return np.fromfile(path, dtype="<u2", count=count, offset=HEADER_BYTES)
+    """The shard's tokens (uint16, memory-mapped), checked by train_gpt's own reader, so that
+    the tools accept exactly the shards training accepts."""
+    try:
+        return tg.load_data_shard(path)
+    except tg.ConfigError as e:
+        raise DataError(str(e)) from None
 
 
 def verify_shard(path: str | os.PathLike, vocab_size: int | None = None) -> tuple[int, int]:
@@ -150,8 +171,14 @@ def verify_shard(path: str | os.PathLike, vocab_size: int | None = None) -> tupl
 
 def load_tokenizer(path: str | os.PathLike) -> spm.SentencePieceProcessor:
     path = Path(path)
+    _require_file(path, "a SentencePiece .model file")
+    return _tokenizer_from(path.read_bytes(), path)
+
+
+def _tokenizer_from(model: bytes, path: Path) -> spm.SentencePieceProcessor:
+    """The model's processor, checked for what shards need; messages name path."""
     try:
-        sp = spm.SentencePieceProcessor(model_file=str(path))
+        sp = spm.SentencePieceProcessor(model_proto=model)
     except (OSError, RuntimeError) as e:
         raise DataError(f"{path}: not a usable SentencePiece model ({e})") from None
     if sp.vocab_size() > MAX_VOCAB:
@@ -163,6 +190,14 @@ def load_tokenizer(path: str | os.PathLike) -> spm.SentencePieceProcessor:
 
 def train_tokenizer(sentences: Iterable[str], vocab_size: int, out: Path) -> spm.SentencePieceProcessor:
     """Train a BPE model with the challenge settings and save it atomically."""
+    model, sp = _train_model(sentences, vocab_size, out)
+    _save_file(out, model)
+    return sp
+
+
+def _train_model(sentences: Iterable[str], vocab_size: int,
+                 out: Path) -> tuple[bytes, spm.SentencePieceProcessor]:
+    """The trained model's bytes, not yet saved anywhere; messages name out, its destination."""
     errors = []
 
     def guarded():
@@ -186,10 +221,7 @@ def train_tokenizer(sentences: Iterable[str], vocab_size: int, out: Path) -> spm
     if sp.vocab_size() != vocab_size:
         raise DataError(f"{out}: the text only supports {sp.vocab_size()} pieces, "
                         f"not {vocab_size}; give more text or a smaller --vocab-size")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic_file(out) as f:
-        f.write(model.getvalue())
-    return sp
+    return model.getvalue(), sp
 
 
 def _sentences(documents: Iterable[str]) -> Iterator[str]:
@@ -211,10 +243,6 @@ def encode_documents(sp: spm.SentencePieceProcessor, documents: Iterable[str],
             yield tokens.astype(np.uint16)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 # ---------------------------------------------------------------- datasets
 
 class _SplitWriter:
@@ -226,6 +254,7 @@ class _SplitWriter:
         self.pending: list[np.ndarray] = []
         self.pending_tokens = 0
         self.files: list[str] = []
+        self.sizes: list[int] = []
         self.documents = 0
         self.tokens = 0
 
@@ -249,7 +278,7 @@ class _SplitWriter:
         name = f"fineweb_{self.split}_{len(self.files):06d}.bin"
         write_shard(self.out_dir / name, tokens)
         self.files.append(name)
-        print(f"wrote {self.out_dir / name}: {tokens.size:,} tokens")
+        self.sizes.append(tokens.size)
 
     def summary(self) -> dict:
         return {"documents": self.documents, "tokens": self.tokens,
@@ -257,32 +286,56 @@ class _SplitWriter:
 
 
 def write_dataset(token_docs: Iterable[np.ndarray], out_dir: Path, *, val_docs: int,
-                  shard_tokens: int, tokenizer: Path) -> dict:
+                  shard_tokens: int, tokenizer: Path, model: bytes | None = None) -> dict:
     """The first val_docs documents go to val shards, the rest to train
-    shards; manifest.json records what was written."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    writers = {split: _SplitWriter(out_dir, split, shard_tokens) for split in ("val", "train")}
-    for i, tokens in enumerate(token_docs):
-        writers["val" if i < val_docs else "train"].add(tokens)
-    for writer in writers.values():
-        writer.close()
-    total = sum(w.documents for w in writers.values())
-    for split, writer in writers.items():
-        if not writer.documents:
-            raise DataError(f"{out_dir}: no {split} documents ({total} documents in all, "
-                            f"the first {val_docs} for val)")
-    _remove_stale_shards(out_dir, {name for w in writers.values() for name in w.files})
-    manifest = {
-        "format": {"magic": MAGIC, "version": VERSION, "header_int32": HEADER_INTS,
-                   "token_dtype": "uint16 little-endian", "bos_before_each_document": True},
-        "shard_tokens": shard_tokens,
-        "tokenizer": {"file": tokenizer.name, "sha256": _sha256(tokenizer),
-                      "vocab_size": load_tokenizer(tokenizer).vocab_size()},
-        "splits": {split: writer.summary() for split, writer in writers.items()},
-    }
-    with _atomic_file(out_dir / "manifest.json") as f:
-        f.write((json.dumps(manifest, indent=2) + "\n").encode())
+    shards; manifest.json records what was written. All of it is built in a
+    scratch folder beside out_dir and moves in only when complete; model, a
+    tokenizer trained for this dataset, is saved to tokenizer at that point."""
+    _check_target(out_dir, folder=True)
+    model_bytes = model if model is not None else _read_tokenizer(tokenizer)
+    with _staged(out_dir) as stage:
+        writers = {split: _SplitWriter(stage, split, shard_tokens) for split in ("val", "train")}
+        for i, tokens in enumerate(token_docs):
+            writers["val" if i < val_docs else "train"].add(tokens)
+        for writer in writers.values():
+            writer.close()
+        total = sum(w.documents for w in writers.values())
+        for split, writer in writers.items():
+            if not writer.documents:
+                raise DataError(f"{out_dir}: no {split} documents ({total} documents in all, "
+                                f"the first {val_docs} for val)")
+        manifest = {
+            "format": {"magic": MAGIC, "version": VERSION, "header_int32": HEADER_INTS,
+                       "token_dtype": "uint16 little-endian", "bos_before_each_document": True},
+            "shard_tokens": shard_tokens,
+            "tokenizer": {"file": tokenizer.name, "sha256": hashlib.sha256(model_bytes).hexdigest(),
+                          "vocab_size": _tokenizer_from(model_bytes, tokenizer).vocab_size()},
+            "splits": {split: writer.summary() for split, writer in writers.items()},
+        }
+        tg.write_atomic(stage / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+        if model is not None:
+            _save_file(tokenizer, model)
+            print(f"trained {tokenizer} ({manifest['tokenizer']['vocab_size']} pieces)")
+        _move_in(stage, out_dir, writers.values())
     return manifest
+
+
+def _read_tokenizer(path: Path) -> bytes:
+    _require_file(path, "a SentencePiece .model file")
+    return path.read_bytes()
+
+
+def _move_in(stage: Path, out_dir: Path, writers: Iterable[_SplitWriter]) -> None:
+    """Shards first, the manifest last; files of out_dir that are not shards stay."""
+    out_dir.mkdir(exist_ok=True)
+    keep = set()
+    for writer in writers:
+        for name, size in zip(writer.files, writer.sizes):
+            os.replace(stage / name, out_dir / name)
+            keep.add(name)
+            print(f"wrote {out_dir / name}: {size:,} tokens")
+    _remove_stale_shards(out_dir, keep)
+    os.replace(stage / "manifest.json", out_dir / "manifest.json")
 
 
 def _remove_stale_shards(out_dir: Path, keep: set[str]) -> None:
@@ -327,18 +380,22 @@ def build_shards(inputs: list[Path], out_dir: Path, *, tokenizer: Path | None,
                  val_docs: int, shard_tokens: int) -> dict:
     """Shards from .txt/.jsonl inputs, with a given or a freshly trained tokenizer."""
     for path in inputs:
+        if path.is_dir():
+            raise DataError(f"{path}: is a folder; expected a .txt or .jsonl file")
         if path.suffix not in (".txt", ".jsonl"):
             raise DataError(f"{path}: unsupported input (expected .txt or .jsonl)")
-        if not path.is_file():
-            raise DataError(f"{path}: no such file")
+        _require_file(path, "a .txt or .jsonl file")
+    _check_target(out_dir, folder=True)
+    model = None
     if tokenizer is None:
-        train_tokenizer(_sentences(read_documents(inputs)), train_vocab, tokenizer_out)
+        _check_target(tokenizer_out, folder=False)
+        model, sp = _train_model(_sentences(read_documents(inputs)), train_vocab, tokenizer_out)
         tokenizer = tokenizer_out
-        print(f"trained {tokenizer} ({train_vocab} pieces)")
-    sp = load_tokenizer(tokenizer)
+    else:
+        sp = load_tokenizer(tokenizer)
     token_docs = encode_documents(sp, read_documents(inputs))
     return write_dataset(token_docs, out_dir, val_docs=val_docs, shard_tokens=shard_tokens,
-                         tokenizer=tokenizer)
+                         tokenizer=tokenizer, model=model)
 
 
 # ---------------------------------------------------------------- demo corpus
@@ -413,23 +470,46 @@ def _comment_blocks(source: str, skip_lines: set[int]) -> list[tuple[int, str]]:
 
 def build_demo(root: Path) -> dict:
     data = root / "data"
+    model = data / "tokenizers" / f"demo_{DEMO_VOCAB}_bpe.model"
+    out = data / "datasets" / f"demo_sp{DEMO_VOCAB}"
+    _check_target(model, folder=False)
+    _check_target(out, folder=True)
     docs = demo_documents()
     print(f"demo corpus: {len(docs)} documents, {sum(len(d.encode()) for d in docs):,} bytes")
-    model = data / "tokenizers" / f"demo_{DEMO_VOCAB}_bpe.model"
-    sp = train_tokenizer(_sentences(docs), DEMO_VOCAB, model)
-    print(f"trained {model} ({DEMO_VOCAB} pieces)")
+    model_bytes, sp = _train_model(_sentences(docs), DEMO_VOCAB, model)
     token_docs = list(encode_documents(sp, docs))
     # Val: the first documents up to DEMO_VAL_TOKENS, enough for a CPU eval.
     val_tokens = np.cumsum([t.size for t in token_docs])
     val_docs = int(np.searchsorted(val_tokens, DEMO_VAL_TOKENS)) + 1
-    out = data / "datasets" / f"demo_sp{DEMO_VOCAB}"
     manifest = write_dataset(token_docs, out, val_docs=val_docs, shard_tokens=SHARD_TOKENS,
-                             tokenizer=model)
+                             tokenizer=model, model=model_bytes)
     print(f"to train on it: DATA_PATH={out} TOKENIZER_PATH={model} python train_gpt.py")
     return manifest
 
 
 # ---------------------------------------------------------------- download
+
+@dataclass(frozen=True)
+class HubSource:
+    """Where the challenge export lives: a hub dataset and the folder in it."""
+    repo: str = HUB_REPO
+    root: str = HUB_ROOT
+
+    @classmethod
+    def resolve(cls, repo: str | None, root: str | None) -> "HubSource":
+        """Options first, then the challenge downloader's environment variables."""
+        repo = repo if repo is not None else os.environ.get(REPO_ENV, HUB_REPO)
+        root = (root if root is not None else os.environ.get(ROOT_ENV, HUB_ROOT)).strip("/")
+        if not repo.strip():
+            raise DataError(f"hub repository id is empty (--repo-id or {REPO_ENV})")
+        if ".." in root.split("/"):
+            raise DataError(f"remote root {root!r} (--remote-root or {ROOT_ENV}) "
+                            "must stay inside the repository")
+        return cls(repo, root)
+
+    def path(self, relative: str) -> str:
+        return f"{self.root}/{relative}" if self.root else relative
+
 
 def _hub_download() -> Callable[..., str]:
     if HUB_DOWNLOAD is not None:
@@ -438,8 +518,8 @@ def _hub_download() -> Callable[..., str]:
     return hf_hub_download
 
 
-def _fetch(remote: str, dest: Path, check: Callable[[Path], object]) -> str:
-    """Bring HUB_PREFIX/remote to dest unless a complete copy is there;
+def _fetch(hub: HubSource, remote: str, dest: Path, check: Callable[[Path], object]) -> str:
+    """Bring remote (relative to the hub root) to dest unless a complete copy is there;
     returns what happened."""
     state = "downloaded"
     if dest.exists():
@@ -449,24 +529,27 @@ def _fetch(remote: str, dest: Path, check: Callable[[Path], object]) -> str:
         except DataError as e:
             print(f"replacing incomplete file: {e}")
             state = "replaced"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # The hub writes into a scratch folder beside dest; only a checked file moves.
-    scratch = dest.with_name(f".{dest.name}.download.tmp")
-    shutil.rmtree(scratch, ignore_errors=True)
     try:
-        try:
-            got = _hub_download()(repo_id=HUB_REPO, filename=f"{HUB_PREFIX}/{remote}",
-                                  repo_type="dataset", local_dir=str(scratch))
-        except OSError as e:
-            # huggingface_hub's connection, not-found and HTTP errors are all OSErrors.
-            raise DataError(f"could not download {HUB_PREFIX}/{remote} from the Hugging Face "
-                            f"hub dataset {HUB_REPO}: {e}") from None
-        try:
-            check(Path(got))
-        except DataError as e:
-            raise DataError(f"downloaded {HUB_PREFIX}/{remote} is unusable: {e}") from None
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{dest.parent}: cannot create ({e.strerror})") from None
+    # The hub downloads into this folder beside dest. A failed attempt leaves it, with
+    # the hub's partial file, so that the next attempt resumes from it (huggingface_hub
+    # resumes when force_download is off; versions 1.18 and later restart instead).
+    scratch = dest.with_name(f".{dest.name}.download")
+    try:
+        got = _hub_download()(repo_id=hub.repo, filename=hub.path(remote),
+                              repo_type="dataset", local_dir=str(scratch))
+    except Exception as e:  # connection, HTTP and not-found errors have no common base
+        raise DataError(f"could not download {hub.path(remote)} from the Hugging Face "
+                        f"hub dataset {hub.repo}: {e}") from None
+    try:
+        check(Path(got))
         os.replace(got, dest)
+    except DataError as e:
+        raise DataError(f"downloaded {hub.path(remote)} is unusable: {e}") from None
     finally:
+        # Whole, good or bad: the hub would hand a bad file back again unchanged.
         shutil.rmtree(scratch, ignore_errors=True)
     return state
 
@@ -478,72 +561,206 @@ def _check_json(path: Path) -> None:
         raise DataError(f"{path}: not readable JSON ({e})") from None
 
 
-def _hub_plan(manifest: dict, variant: str, train_shards: int,
-              val_shards: int | None) -> list[str]:
-    """The files to fetch, as paths under HUB_PREFIX.
+def _check_text(path: Path) -> None:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not readable UTF-8 text ({e})") from None
+    if not text.strip():
+        raise DataError(f"{path}: empty")
 
-    The manifest's layout is not documented. We assume what the challenge's
-    own downloader reads: "datasets" entries with "name" (fineweb10B_<variant>),
-    "tokenizer_name" and "stats" {"files_train", "files_val"}, and
-    "tokenizers" entries with "name" and "model_path". Whatever is missing
-    falls back to the naming convention and the command-line counts (one val
-    shard unless --val-shards says otherwise)."""
+
+def _artifact_check(name: str) -> Callable[[Path], object]:
+    if name.endswith(".model"):
+        return load_tokenizer
+    return _check_json if name.endswith(".json") else _check_text
+
+
+def _hub_plan(manifest, where: str, variant: str, train_shards: int,
+              val_shards: int | None) -> list[tuple[str, str]]:
+    """The files to fetch as (path under the hub root, path under data/), read from the
+    manifest the way the challenge's downloader reads it: the "datasets" entry named
+    fineweb10B_<variant> gives the shard counts in "stats" and a "tokenizer_name"; that
+    "tokenizers" entry lists the tokenizer files under model_path, vocab_path and path.
+    Anything missing stops the download, naming where (the manifest) and what."""
     dataset_dir = f"fineweb10B_{variant}"
     dataset = _named_entry(manifest, "datasets", dataset_dir)
+    if dataset is None:
+        names = [e.get("name") for e in _entries(manifest, "datasets")]
+        raise DataError(f"{where}: no dataset {dataset_dir!r} (it lists {names or 'none'}); "
+                        "check --variant and --remote-root")
     stats = dataset.get("stats") if isinstance(dataset.get("stats"), dict) else {}
-    available = stats.get("files_train")
-    if isinstance(available, int) and train_shards > available:
-        raise DataError(f"{variant}: the hub has {available} training shards, "
+    counts = {key: stats.get(key) for key in ("files_train", "files_val")}
+    missing = [f"stats.{key}" for key, value in counts.items() if not isinstance(value, int)]
+    if missing:
+        raise DataError(f"{where}: dataset {dataset_dir!r} has no shard counts "
+                        f"({' and '.join(missing)} missing)")
+    if train_shards > counts["files_train"]:
+        raise DataError(f"{variant}: the hub has {counts['files_train']} training shards, "
                         f"{train_shards} were asked for")
     if val_shards is None:
-        val_shards = stats.get("files_val") if isinstance(stats.get("files_val"), int) else 1
-    tokenizer = _named_entry(manifest, "tokenizers", dataset.get("tokenizer_name"))
-    model = tokenizer.get("model_path") or f"fineweb_{variant[2:]}_bpe.model"
-    return ([f"datasets/{dataset_dir}/fineweb_val_{i:06d}.bin" for i in range(val_shards)]
-            + [f"datasets/{dataset_dir}/fineweb_train_{i:06d}.bin" for i in range(train_shards)]
-            # Only the file name is trusted, so the model lands in data/tokenizers.
-            + [f"tokenizers/{Path(str(model)).name}"])
+        val_shards = counts["files_val"]
+    elif val_shards > counts["files_val"]:
+        raise DataError(f"{variant}: the hub has {counts['files_val']} val shards, "
+                        f"{val_shards} were asked for")
+    elif val_shards < counts["files_val"]:
+        print(f"note: {val_shards} of {counts['files_val']} val shards; "
+              "a val_bpb on part of the val split is not the challenge's")
+    shards = ([f"datasets/{dataset_dir}/fineweb_val_{i:06d}.bin" for i in range(val_shards)]
+              + [f"datasets/{dataset_dir}/fineweb_train_{i:06d}.bin" for i in range(train_shards)])
+    return [(name, name) for name in shards] + _tokenizer_files(manifest, where, dataset)
 
 
-def _named_entry(manifest: dict, section: str, name) -> dict:
+def _tokenizer_files(manifest, where: str, dataset: dict) -> list[tuple[str, str]]:
+    name = dataset.get("tokenizer_name")
+    tokenizer = _named_entry(manifest, "tokenizers", name) if isinstance(name, str) else None
+    if tokenizer is None:
+        raise DataError(f"{where}: no tokenizer {name!r} (named by dataset {dataset['name']!r})")
+    files = [tokenizer[key] for key in ("model_path", "vocab_path", "path")
+             if isinstance(tokenizer.get(key), str) and tokenizer[key]]
+    if not files:
+        raise DataError(f"{where}: tokenizer {name!r} lists no files "
+                        "(model_path, vocab_path or path)")
+    for remote in files:
+        if remote.startswith("/") or ".." in remote.split("/"):
+            raise DataError(f"{where}: tokenizer file {remote!r} is not a path inside the export")
+    # Whatever folder the manifest names, the files land in data/tokenizers.
+    return [(remote, f"tokenizers/{remote.rsplit('/', 1)[-1]}") for remote in files]
+
+
+def _entries(manifest, section: str) -> list[dict]:
     entries = manifest.get(section) if isinstance(manifest, dict) else None
-    for entry in entries if isinstance(entries, list) else []:
-        if isinstance(entry, dict) and entry.get("name") == name:
-            return entry
-    return {}
+    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
 
 
-def download(root: Path, variant: str, train_shards: int, val_shards: int | None) -> None:
+def _named_entry(manifest, section: str, name) -> dict | None:
+    return next((e for e in _entries(manifest, section) if e.get("name") == name), None)
+
+
+def download(root: Path, variant: str, train_shards: int, val_shards: int | None,
+             hub: HubSource = HubSource()) -> None:
     data = root / "data"
-    state = _fetch("manifest.json", data / "manifest.json", _check_json)
-    print(f"manifest.json: {(data / 'manifest.json').stat().st_size:,} bytes ({state})")
-    manifest = json.loads((data / "manifest.json").read_text(encoding="utf-8"))
-    plan = _hub_plan(manifest, variant, train_shards, val_shards)
-    for i, remote in enumerate(plan, 1):
-        dest = data / remote
-        check = load_tokenizer if remote.endswith(".model") else read_shard_header
-        state = _fetch(remote, dest, check)
+    _check_target(data, folder=True)
+    local_manifest = data / "manifest.json"
+    state = _fetch(hub, "manifest.json", local_manifest, _check_json)
+    print(f"manifest.json: {local_manifest.stat().st_size:,} bytes ({state})")
+    manifest = json.loads(local_manifest.read_text(encoding="utf-8"))
+    where = f"{local_manifest} (hub dataset {hub.repo}, {hub.path('manifest.json')})"
+    plan = _hub_plan(manifest, where, variant, train_shards, val_shards)
+    for i, (remote, local) in enumerate(plan, 1):
+        dest = data / local
+        check = read_shard if local.endswith(".bin") else _artifact_check(local)
+        state = _fetch(hub, remote, dest, check)
         print(f"[{i}/{len(plan)}] {dest.name}: {dest.stat().st_size:,} bytes ({state})")
 
 
 # ---------------------------------------------------------------- verify
 
+_SHARD_NAME = re.compile(r"fineweb_(train|val)_(\d{6})\.bin")
+
+
+@dataclass(frozen=True)
+class _Listing:
+    """What a manifest says a shard folder holds."""
+    source: Path
+    vocab_size: int | None
+    shards: dict[str, int | None]  # per split
+    prefixes: frozenset[str] = frozenset()  # splits that may hold only their first shards
+
+
+def _listing(folder: Path) -> _Listing | None:
+    """The folder's manifest.json as this tool writes it, or else, for a download
+    (data/datasets/NAME), the hub manifest's entry NAME in data/manifest.json."""
+    own, hub = folder / "manifest.json", folder.parent.parent / "manifest.json"
+    if own.is_file():
+        manifest = _load_json(own)
+        splits = manifest.get("splits") if isinstance(manifest.get("splits"), dict) else {}
+        return _Listing(own, _int_field(manifest.get("tokenizer"), "vocab_size"),
+                        {split: _int_field(splits.get(split), "shards") for split in ("val", "train")})
+    if folder.parent.name == "datasets" and hub.is_file():
+        entry = _named_entry(_load_json(hub), "datasets", folder.name)
+        if entry is not None:
+            stats = entry.get("stats")
+            # A download takes the first --train-shards of the training shards.
+            return _Listing(hub, _int_field(entry, "vocab_size"),
+                            {split: _int_field(stats, f"files_{split}") for split in ("val", "train")},
+                            frozenset({"train"}))
+    return None
+
+
+def _load_json(path: Path) -> dict:
+    _check_json(path)
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: not a JSON object")
+    return manifest
+
+
+def _int_field(entry, key: str) -> int | None:
+    value = entry.get(key) if isinstance(entry, dict) else None
+    return value if isinstance(value, int) else None
+
+
 def verify_dir(folder: Path, vocab_size: int | None) -> dict[str, int]:
-    """Check every .bin shard in folder; return token totals per split."""
+    """Check every .bin shard in folder, the shard numbering and the counts its manifest
+    lists; print every problem, then fail if there was one. Returns token totals per split."""
     if not folder.is_dir():
-        raise DataError(f"{folder}: no such folder")
+        raise DataError(f"{folder}: {'not a folder' if folder.exists() else 'no such folder'}")
     paths = sorted(folder.glob("*.bin"))
     if not paths:
         raise DataError(f"{folder}: no .bin shards")
+    listing = _listing(folder)
+    if vocab_size is None and listing is not None and listing.vocab_size is not None:
+        vocab_size = listing.vocab_size
+        print(f"vocabulary: {vocab_size} pieces (from {listing.source})")
+    problems: list[str] = []
     totals: dict[str, int] = {}
+    numbers: dict[str, list[int]] = {"val": [], "train": []}
     for path in paths:
-        count, top = verify_shard(path, vocab_size)
-        split = next((s for s in ("train", "val") if path.name.startswith(f"fineweb_{s}_")), "other")
+        named = _SHARD_NAME.fullmatch(path.name)
+        split = named.group(1) if named else "other"
+        if named:
+            numbers[split].append(int(named.group(2)))
+        try:
+            count, top = verify_shard(path, vocab_size)
+        except DataError as e:
+            _report(problems, str(e))
+            continue
         totals[split] = totals.get(split, 0) + count
         print(f"{path.name}: {count:,} tokens, max id {top}")
+    for problem in _layout_problems(folder, numbers, listing):
+        _report(problems, problem)
     for split, count in totals.items():
         print(f"total {split}: {count:,} tokens")
+    if problems:
+        count = f"{len(problems)} problems" if len(problems) > 1 else "1 problem"
+        raise DataError(f"{folder}: {count} (listed above)")
     return totals
+
+
+def _report(problems: list[str], problem: str) -> None:
+    problems.append(problem)
+    print(f"error: {problem}", file=sys.stderr)
+
+
+def _layout_problems(folder: Path, numbers: dict[str, list[int]],
+                     listing: _Listing | None) -> Iterator[str]:
+    """train_gpt.py reads whatever fineweb_<split>_*.bin it finds: a missing split stops
+    it, but a missing shard would go unnoticed (in val, a val_bpb on part of the data)."""
+    for split, present in numbers.items():
+        if not present:
+            yield f"{folder}: no fineweb_{split}_*.bin shards"
+            continue
+        gaps = sorted(set(range(max(present))) - set(present))
+        if gaps:
+            names = ", ".join(f"fineweb_{split}_{i:06d}.bin" for i in gaps[:5])
+            more = f" and {len(gaps) - 5} more" if len(gaps) > 5 else ""
+            yield f"{folder}: {names}{more} missing (shards are numbered from 000000 without gaps)"
+        listed = listing.shards.get(split) if listing is not None else None
+        if listed is None or len(present) == listed:
+            continue
+        if len(present) > listed or split not in listing.prefixes:
+            yield f"{folder}: {len(present)} {split} shards, but {listing.source} lists {listed}"
 
 
 # ---------------------------------------------------------------- command line
@@ -567,14 +784,19 @@ def _variant(text: str) -> str:
 
 
 def _run_download(args) -> None:
-    download(args.root, args.variant, args.train_shards, args.val_shards)
+    download(args.root, args.variant, args.train_shards, args.val_shards,
+             HubSource.resolve(args.repo_id, args.remote_root))
 
 
 def _run_shards(args) -> None:
     if args.train_tokenizer and args.tokenizer_out is None:
-        args.parser.error("--train-tokenizer needs --tokenizer-out")
+        args.parser.error("--train-tokenizer needs --tokenizer-out PATH, where the trained "
+                          "model is saved (the shards' manifest refers to it)")
+    for option, value in (("--tokenizer-out", args.tokenizer_out), ("--vocab-size", args.vocab_size)):
+        if args.tokenizer and value is not None:
+            args.parser.error(f"{option} applies to --train-tokenizer, not to --tokenizer")
     build_shards(args.inputs, args.out, tokenizer=args.tokenizer,
-                 train_vocab=args.vocab_size if args.train_tokenizer else None,
+                 train_vocab=(args.vocab_size or TRAIN_VOCAB) if args.train_tokenizer else None,
                  tokenizer_out=args.tokenizer_out, val_docs=args.val_docs,
                  shard_tokens=args.shard_tokens)
 
@@ -593,28 +815,40 @@ def _parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("download", help="fetch the challenge shards and tokenizer from the hub",
                             description="Fetch the whole val split, the first N train shards and the "
-                            f"tokenizer of hub dataset {HUB_REPO} into ROOT/data. Complete files "
-                            "are kept; partial or corrupt ones are fetched again.")
+                            "tokenizer files of the challenge export into ROOT/data, as its "
+                            "manifest.json lists them. Complete files are kept; corrupt ones "
+                            "are fetched again. A failed download leaves the hub's partial file "
+                            "in a hidden folder beside the target for the next attempt "
+                            "(huggingface_hub before 1.18 resumes from it).")
     p.add_argument("--variant", type=_variant, default="sp1024", help="tokenizer variant (default sp1024)")
     p.add_argument("--train-shards", type=_count(0), default=80, help="train shards to fetch (default 80)")
     p.add_argument("--val-shards", type=_count(1), default=None,
-                   help="val shards to fetch (default: the manifest's count, else 1)")
+                   help="val shards to fetch (default: all the manifest lists; fewer give a "
+                   "val_bpb that is not the challenge's)")
     p.add_argument("--root", type=Path, default=Path("."), help="folder that holds data/ (default .)")
+    p.add_argument("--repo-id", default=None, metavar="OWNER/NAME",
+                   help=f"hub dataset (default ${REPO_ENV}, else {HUB_REPO})")
+    p.add_argument("--remote-root", default=None, metavar="FOLDER",
+                   help=f"folder of the export in the dataset (default ${ROOT_ENV}, else {HUB_ROOT})")
     p.set_defaults(run=_run_download)
 
     p = commands.add_parser("shards", help="tokenize .txt/.jsonl documents into shards",
                             description="Tokenize documents into shards: a .txt file is one "
                             "document, a .jsonl file one per line (its \"text\" field). Each "
                             "document is BOS + ids without a dummy prefix; the first --val-docs "
-                            "documents form the val split. Writes DIR/manifest.json.")
+                            "documents form the val split. Writes DIR/manifest.json. Everything "
+                            "is built beside DIR and moved in only when complete.")
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help=".txt or .jsonl file")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--tokenizer", type=Path, metavar="MODEL", help="SentencePiece model to use")
     source.add_argument("--train-tokenizer", action="store_true",
-                        help="train a BPE tokenizer on the inputs with the challenge settings")
-    p.add_argument("--vocab-size", type=_count(5), default=1024, help="pieces when training (default 1024)")
-    p.add_argument("--tokenizer-out", type=Path, metavar="PATH", help="where the trained model goes")
+                        help="train a BPE tokenizer on the inputs with the challenge settings; "
+                        "needs --tokenizer-out")
+    p.add_argument("--vocab-size", type=_count(5), default=None,
+                   help=f"pieces when training (default {TRAIN_VOCAB})")
+    p.add_argument("--tokenizer-out", type=Path, metavar="PATH",
+                   help="where the trained model is saved (required with --train-tokenizer)")
     p.add_argument("--val-docs", type=_count(0), default=VAL_DOCS, help=f"val documents (default {VAL_DOCS})")
     p.add_argument("--shard-tokens", type=_count(1), default=SHARD_TOKENS,
                    help=f"tokens per shard (default {SHARD_TOKENS})")
@@ -629,10 +863,13 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_run_demo)
 
     p = commands.add_parser("verify", help="check every shard in a folder",
-                            description="Check magic, version and size of every .bin shard in "
-                            "DIR (and ids below --vocab-size) and print token counts.")
+                            description="Check magic, version, size and ids of every .bin shard "
+                            "in DIR, that each split is there and numbered without gaps, and the "
+                            "shard counts DIR's manifest lists (DIR/manifest.json, or for a "
+                            "download data/manifest.json); print token counts and every problem.")
     p.add_argument("dir", type=Path, metavar="DIR")
-    p.add_argument("--vocab-size", type=_count(1), default=None, help="reject ids at or above this")
+    p.add_argument("--vocab-size", type=_count(1), default=None,
+                   help="reject ids at or above this (default: the manifest's vocabulary size)")
     p.set_defaults(run=_run_verify)
     return parser
 
@@ -644,6 +881,9 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -2,7 +2,11 @@
 
 Every figure is read from the logs train_gpt.py writes, so the submission
 cannot disagree with them (the original record's submission reported step
-counts its logs did not show).
+counts its logs did not show). The score is, by default, the best causal
+evaluation the logs have (sliding window, SLOT context, legal TTT); the
+non-causal SLOT figure, when present, stands beside it, labelled. A run that
+breaks its track's limits (time, bytes, hardware) gets a warning, on stderr and
+in submission.json's "warnings".
 
     python -m tools.submission logs/a.txt logs/b.txt logs/c.txt --out records/x
 """
@@ -16,7 +20,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,17 +27,41 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-ARTIFACT_CAP = 16_000_000  # bytes, decimal: the challenge's limit
 SEPARATOR = "=" * 100
 
-# --score choice -> summary line tag; the precise figures are on tag + "_exact".
-SCORE_TAGS = {
-    "slot": "final_slot",
-    "slot_context": "final_slot_context",
-    "sliding": "final_int6_sliding_window",
-    "sliding_s64": "final_int6_sliding_window_s64",
-    "roundtrip": "final_int6_roundtrip",
+
+@dataclass(frozen=True)
+class Score:
+    tag: str  # the summary line's name; the precise figures are on tag + "_exact"
+    label: str
+    causal: bool  # passes the flip test: no target's score reads later tokens (docs/evaluation.md)
+
+
+# --score choices, in the results table's column order.
+SCORES = {
+    "roundtrip": Score("final_int6_roundtrip", "roundtrip", True),
+    "sliding": Score("final_int6_sliding_window", "sliding", True),
+    "sliding_s64": Score("final_int6_sliding_window_s64", "s64", True),
+    "slot_context": Score("final_slot_context", "SLOT context", True),
+    "legal_ttt": Score("legal_ttt", "legal TTT", True),
+    "slot": Score("final_slot", "SLOT scored", False),
 }
+NOT_CAUSAL_WHY = (
+    "SLOT in its scored mode fits delta and bias to the very targets it then scores (it fails the flip "
+    "test, docs/evaluation.md): not a compression result"
+)
+
+
+@dataclass(frozen=True)
+class TrackLimits:
+    train_seconds: float
+    artifact_bytes: int  # the total must stay under it
+    hardware: str  # what the time limit is measured on
+
+
+TRACK_LIMITS = {"10min_16mb": TrackLimits(600.0, 16_000_000, "8xH100")}
+ARTIFACT_CAP = TRACK_LIMITS["10min_16mb"].artifact_bytes  # bytes, decimal: the challenge's limit
+
 # Config lines (named by their first key) that all seeds of a submission share.
 CONFIG_LINES = (
     "model_params",
@@ -43,15 +70,32 @@ CONFIG_LINES = (
     "attention_mode",
     "tie_embeddings",
 )
+_EVAL_TAGS = "|".join(s.tag for s in SCORES.values())
 
-STEP_RE = re.compile(r"^step:(\d+)/(\d+)\s+(.*)$")
-SEED_RE = re.compile(r"^seed:(\d+)\s*$")
-ARTIFACT_RE = re.compile(r"^Total submission size int6\+(\w+): (\d+) bytes")
-MODEL_RE = re.compile(r"^Serialized model int6\+\w+: (\d+) bytes")
-CODE_RE = re.compile(r"^Code size: (\d+) bytes")
-STOP_RE = re.compile(r"^stopping_early:\s*(\S+)")
-# nvidia-smi device row: "|   0  NVIDIA H100 80GB HBM3   On  |   00000000:19:00.0 Off |"
-GPU_RE = re.compile(r"^\|\s+(\d+)\s+(\S.*?)\s+(?:On|Off)\s+\|\s+[0-9A-Fa-f]+:[0-9A-Fa-f:]+\.\d")
+# Every log line this tool reads, in the format train_gpt.py writes it: a parsed line is a
+# contract, so a change of format there is a change of this table. Further figures of the step
+# and evaluation lines are read by name from their key:value words (group "rest").
+LOG_LINES = {
+    # step:N/M train_loss:… train_time:…ms step_avg:…ms
+    # step:N/M val_loss:… val_bpb:… train_time:…ms step_avg:…ms
+    "step": re.compile(r"^step:(?P<step>\d+)/(?P<iterations>\d+)\s+(?P<rest>.*)$"),
+    "seed": re.compile(r"^seed:(?P<seed>\d+)\s*$"),
+    "config": re.compile(rf"^(?P<key>{'|'.join(CONFIG_LINES)}):"),
+    "stop": re.compile(r"^stopping_early:\s*(?P<reason>\S+)"),
+    "code": re.compile(r"^Code size: (?P<bytes>\d+) bytes"),
+    "model": re.compile(r"^Serialized model int6\+\w+: (?P<bytes>\d+) bytes"),
+    "artifact": re.compile(r"^Total submission size int6\+(?P<compressor>\w+): (?P<bytes>\d+) bytes"),
+    # <tag> val_loss:%.4f val_bpb:%.4f [stride:… | steps:… lr:…] eval_time:…ms [mode:…]
+    # <tag>_exact val_loss:%.8f val_bpb:%.8f
+    "eval": re.compile(
+        rf"^(?P<tag>{_EVAL_TAGS})(?P<exact>_exact)? "
+        r"val_loss:(?P<val_loss>\S+) val_bpb:(?P<val_bpb>\S+)(?P<rest>.*)$"
+    ),
+    # nvidia-smi device row: "|   0  NVIDIA H100 80GB HBM3   On  |   00000000:19:00.0 Off |"
+    "gpu": re.compile(
+        r"^\|\s+(?P<index>\d+)\s+(?P<name>\S.*?)\s+(?:On|Off)\s+\|\s+[0-9A-Fa-f]+:[0-9A-Fa-f:]+\.\d"
+    ),
+}
 
 
 class SubmissionError(Exception):
@@ -62,7 +106,7 @@ class SubmissionError(Exception):
 class EvalResult:
     val_loss: float
     val_bpb: float
-    line: str  # the log tag the figures were read from
+    line: str  # the log line the figures were read from
     eval_time_ms: float | None = None
     params: dict[str, str] = field(default_factory=dict)  # stride, steps, lr, mode...
 
@@ -74,19 +118,24 @@ class RunRecord:
     steps: int  # steps actually run: the last step line's N
     iterations: int
     training_time_ms: float
+    step_avg_ms: float  # on the line training_time_ms was read from
     artifact_bytes: int
     model_bytes: int | None
     code_bytes: int
     compressor: str
     num_gpus: int
     gpu_type: str
-    config: dict[str, str]  # key:value tokens of the CONFIG_LINES
+    config: dict[str, str]  # key:value words of the CONFIG_LINES
     evals: dict[str, EvalResult]  # keyed by --score choice
     stop_reason: str | None = None
 
     @property
     def training_time_seconds(self) -> float:
         return self.training_time_ms / 1000.0
+
+    @property
+    def hardware(self) -> str:
+        return f"{self.num_gpus}x {self.gpu_type}" if self.num_gpus else self.gpu_type
 
 
 def _tokens(text: str) -> dict[str, str]:
@@ -95,11 +144,14 @@ def _tokens(text: str) -> dict[str, str]:
     return {key: value for key, colon, value in pairs if colon}
 
 
-def _figure(tokens: dict[str, str], key: str, where: str) -> float:
+def _figure(words: dict[str, str], key: str, where: str) -> float:
     try:
-        return float(tokens[key].removesuffix("ms"))
+        value = float(words[key].removesuffix("ms"))
     except (KeyError, ValueError):
         raise ValueError(f"malformed '{where}' line: no number for {key}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"'{where}' line: {key} is {words[key]}, not a finite number")
+    return value
 
 
 def _split_log(lines: list[str]) -> tuple[list[str], list[str]]:
@@ -113,69 +165,69 @@ def _split_log(lines: list[str]) -> tuple[list[str], list[str]]:
     return lines[start : rows[-1]], lines[rows[-1] + 1 :]
 
 
-def _last_match(regex: re.Pattern, lines: list[str]) -> re.Match | None:
-    found = None
-    for line in lines:
-        found = regex.match(line) or found
-    return found
+def _matches(kind: str, lines: list[str]) -> list[re.Match]:
+    return [m for m in map(LOG_LINES[kind].match, lines) if m]
 
 
-def _require(regex: re.Pattern, lines: list[str], reason: str) -> re.Match:
-    found = _last_match(regex, lines)
+def _last(kind: str, lines: list[str]) -> re.Match | None:
+    found = _matches(kind, lines)
+    return found[-1] if found else None
+
+
+def _require(kind: str, lines: list[str], reason: str) -> re.Match:
+    found = _last(kind, lines)
     if found is None:
         raise ValueError(reason)
     return found
 
 
 def _gpus(env: list[str]) -> tuple[int, str]:
-    names = {}
-    for line in env:
-        row = GPU_RE.match(line)
-        if row:
-            names[int(row.group(1))] = row.group(2)
+    names = {int(m["index"]): m["name"] for m in _matches("gpu", env)}
     if not names:
         return 0, "cpu"
     return len(names), ", ".join(sorted(set(names.values())))
 
 
-def _training(body: list[str]) -> tuple[int, int, float]:
-    """(steps run, iterations, training ms): the last step line's N/M and the
-    last validation line's train_time."""
-    steps = [(m, _tokens(m.group(3))) for m in map(STEP_RE.match, body) if m]
+def _training(body: list[str]) -> tuple[int, int, float, float]:
+    """(steps run, iterations, training ms, step average ms): the last step line's N/M and
+    the last validation line's train_time and step_avg."""
+    steps = [(m, _tokens(m["rest"])) for m in _matches("step", body)]
     if not steps:
         raise ValueError("no 'step:N/M' line: training did not run or the log is cut")
     last = steps[-1][0]
-    timed = [tokens for _, tokens in steps if "val_loss" in tokens] or [steps[-1][1]]
-    return int(last.group(1)), int(last.group(2)), _figure(timed[-1], "train_time", "step")
+    timed = [words for _, words in steps if "val_loss" in words] or [steps[-1][1]]
+    train_ms, step_avg_ms = (_figure(timed[-1], key, "step") for key in ("train_time", "step_avg"))
+    return int(last["step"]), int(last["iterations"]), train_ms, step_avg_ms
 
 
 def _config(body: list[str]) -> dict[str, str]:
     config = {}
     for line in body:
-        if line.partition(":")[0] in CONFIG_LINES:
+        if LOG_LINES["config"].match(line):
             config.update(_tokens(line))
     return config
 
 
-def _final_lines(body: list[str]) -> dict[str, list[dict[str, str]]]:
-    finals: dict[str, list[dict[str, str]]] = {}
-    for line in body:
-        if line.startswith("final_"):
-            tag, _, rest = line.partition(" ")
-            finals.setdefault(tag, []).append(_tokens(rest))
-    return finals
+def _eval_lines(body: list[str]) -> dict[str, list[dict[str, str]]]:
+    """The key:value words of every evaluation line, by line name (tag or tag_exact), in log order."""
+    lines: dict[str, list[dict[str, str]]] = {}
+    for m in _matches("eval", body):
+        words = {**_tokens(m["rest"]), "val_loss": m["val_loss"], "val_bpb": m["val_bpb"]}
+        lines.setdefault(m["tag"] + (m["exact"] or ""), []).append(words)
+    return lines
 
 
-def _eval_result(finals: dict[str, list[dict[str, str]]], tag: str) -> EvalResult | None:
-    # The original repeats final_int6_roundtrip_exact after each sliding
-    # result, carrying that result: the round trip's own line is the first.
-    pick = 0 if tag == SCORE_TAGS["roundtrip"] else -1
-    source = tag + "_exact" if tag + "_exact" in finals else tag
-    if source not in finals:
+def _eval_result(lines: dict[str, list[dict[str, str]]], score: Score) -> EvalResult | None:
+    # The original repeats final_int6_roundtrip_exact after each sliding result, carrying that
+    # result: the round trip's own line is the first.
+    pick = 0 if score is SCORES["roundtrip"] else -1
+    exact = score.tag + "_exact"
+    source = exact if exact in lines else score.tag
+    if source not in lines:
         return None
-    figures = finals[source][pick]
-    summary = finals[tag][pick] if tag in finals else {}
-    eval_time = _figure(summary, "eval_time", tag) if "eval_time" in summary else None
+    figures = lines[source][pick]
+    summary = lines[score.tag][pick] if score.tag in lines else {}
+    eval_time = _figure(summary, "eval_time", score.tag) if "eval_time" in summary else None
     params = {k: v for k, v in summary.items() if k not in ("val_loss", "val_bpb", "eval_time")}
     return EvalResult(
         val_loss=_figure(figures, "val_loss", source),
@@ -188,36 +240,35 @@ def _eval_result(finals: dict[str, list[dict[str, str]]], tag: str) -> EvalResul
 
 def _parse(path: str, text: str) -> RunRecord:
     env, body = _split_log(text.splitlines())
-    seed = _require(SEED_RE, body, "no 'seed:S' line")
-    steps, iterations, train_ms = _training(body)
+    seed = _require("seed", body, "no 'seed:S' line")
+    steps, iterations, train_ms, step_avg_ms = _training(body)
     artifact = _require(
-        ARTIFACT_RE,
-        body,
-        "no 'Total submission size int6+...' line (artifact size): the log stops before it",
+        "artifact", body, "no 'Total submission size int6+...' line (artifact size): the log stops before it"
     )
-    code = _require(CODE_RE, body, "no 'Code size' line")
-    finals = _final_lines(body)
-    evals = {name: r for name, tag in SCORE_TAGS.items() if (r := _eval_result(finals, tag))}
+    code = _require("code", body, "no 'Code size' line")
+    lines = _eval_lines(body)
+    evals = {name: r for name, score in SCORES.items() if (r := _eval_result(lines, score))}
     if not evals:
         raise ValueError("no final evaluation line: the log is cut before evaluation")
-    model = _last_match(MODEL_RE, body)
-    stop = _last_match(STOP_RE, body)
+    model = _last("model", body)
+    stop = _last("stop", body)
     num_gpus, gpu_type = _gpus(env)
     return RunRecord(
         path=path,
-        seed=int(seed.group(1)),
+        seed=int(seed["seed"]),
         steps=steps,
         iterations=iterations,
         training_time_ms=train_ms,
-        artifact_bytes=int(artifact.group(2)),
-        model_bytes=int(model.group(1)) if model else None,
-        code_bytes=int(code.group(1)),
-        compressor=artifact.group(1),
+        step_avg_ms=step_avg_ms,
+        artifact_bytes=int(artifact["bytes"]),
+        model_bytes=int(model["bytes"]) if model else None,
+        code_bytes=int(code["bytes"]),
+        compressor=artifact["compressor"],
         num_gpus=num_gpus,
         gpu_type=gpu_type,
         config=_config(body),
         evals=evals,
-        stop_reason=stop.group(1) if stop else None,
+        stop_reason=stop["reason"] if stop else None,
     )
 
 
@@ -235,11 +286,7 @@ def parse_log(path: str | os.PathLike) -> RunRecord:
 
 def _identity(record: RunRecord) -> dict[str, str]:
     """What the seeds of one submission share: configuration, script (by its size), hardware."""
-    return {
-        **record.config,
-        "code_bytes": str(record.code_bytes),
-        "gpus": f"{record.num_gpus}x {record.gpu_type}",
-    }
+    return {**record.config, "code_bytes": str(record.code_bytes), "gpus": record.hardware}
 
 
 def check_consistent(records: Sequence[RunRecord]) -> None:
@@ -259,22 +306,95 @@ def check_consistent(records: Sequence[RunRecord]) -> None:
         seen[record.seed] = record.path
 
 
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    a = np.asarray(values, dtype=float)
+    return float(a.mean()), (float(a.std(ddof=1)) if a.size > 1 else 0.0)
+
+
+def _mean_bpb(records: Sequence[RunRecord], score: str) -> float:
+    return _mean_std([r.evals[score].val_bpb for r in records])[0]
+
+
+def _shared(records: Sequence[RunRecord], causal: bool) -> list[str]:
+    """The scores of this causality that every log has, in SCORES order."""
+    return [
+        name
+        for name, s in SCORES.items()
+        if s.causal == causal and all(name in r.evals for r in records)
+    ]
+
+
 def resolve_score(records: Sequence[RunRecord], score: str | None = None) -> str:
-    """The --score choice; by default SLOT when the logs have it, else the stride sliding window."""
+    """The --score choice; by default the causal evaluation with the lowest mean val_bpb
+    among those every log has."""
     if score is None:
-        score = "slot" if any("slot" in r.evals for r in records) else "sliding"
+        causal = _shared(records, causal=True)
+        if not causal:
+            raise SubmissionError(
+                f"{', '.join(r.path for r in records)}: no causal evaluation line present in every log "
+                "(the non-causal SLOT needs --score slot)"
+            )
+        return min(causal, key=lambda name: _mean_bpb(records, name))
     for record in records:
         if score not in record.evals:
             raise SubmissionError(
-                f"{record.path}: no {SCORE_TAGS[score]}_exact line for score '{score}': "
+                f"{record.path}: no {SCORES[score].tag}_exact line for score '{score}': "
                 "the log is cut or that evaluation was off"
             )
     return score
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    a = np.asarray(values, dtype=float)
-    return float(a.mean()), (float(a.std(ddof=1)) if a.size > 1 else 0.0)
+def _aggregate(records: Sequence[RunRecord], score: str) -> dict:
+    results = [r.evals[score] for r in records]
+    loss_mean, loss_std = _mean_std([e.val_loss for e in results])
+    bpb_mean, bpb_std = _mean_std([e.val_bpb for e in results])
+    return {
+        "line": ", ".join(sorted({e.line for e in results})),
+        "val_loss": loss_mean,
+        "val_bpb": bpb_mean,
+        "val_loss_std": loss_std,
+        "val_bpb_std": bpb_std,
+    }
+
+
+def _beside(records: Sequence[RunRecord], score: str) -> dict:
+    """The figures shown beside the score, labelled: the non-causal ones beside a causal score,
+    the best causal one beside a non-causal score."""
+    if SCORES[score].causal:
+        others = _shared(records, causal=False)
+        if not others:
+            return {}
+        return {"not_causal": {name: {**_aggregate(records, name), "why": NOT_CAUSAL_WHY} for name in others}}
+    causal = _shared(records, causal=True)
+    if not causal:
+        return {}
+    best = min(causal, key=lambda name: _mean_bpb(records, name))
+    return {"best_causal": {"score": best, **_aggregate(records, best)}}
+
+
+def track_warnings(records: Sequence[RunRecord], track: str) -> list[str]:
+    """The runs that break the track's limits (none for a track without known limits)."""
+    limits = TRACK_LIMITS.get(track)
+    if limits is None:
+        return []
+    warnings = []
+    for r in records:
+        if r.num_gpus != 8 or "H100" not in r.gpu_type:
+            warnings.append(
+                f"{r.path}: trained on {r.hardware}; the {track} track's time limit is on {limits.hardware}"
+            )
+        # The wall-clock cap is checked after each step: a capped run ends within one step past it.
+        if r.training_time_seconds > limits.train_seconds + r.step_avg_ms / 1000.0:
+            warnings.append(
+                f"{r.path}: training took {r.training_time_seconds:,.1f} s, over the {track} track's "
+                f"{limits.train_seconds:g} s"
+            )
+        if r.artifact_bytes >= limits.artifact_bytes:
+            warnings.append(
+                f"{r.path}: artifact {r.artifact_bytes:,} bytes, not under the {track} track's "
+                f"{limits.artifact_bytes:,}-byte cap"
+            )
+    return warnings
 
 
 def acceptance_p_value(
@@ -320,9 +440,9 @@ def build_submission(
     check_consistent(records)
     score = resolve_score(records, score)
     results = [r.evals[score] for r in records]
-    loss_mean, loss_std = _mean_std([e.val_loss for e in results])
-    bpb_mean, bpb_std = _mean_std([e.val_bpb for e in results])
+    head = _aggregate(records, score)
     artifact_bytes = max(r.artifact_bytes for r in records)
+    warnings = [] if SCORES[score].causal else [f"score '{score}' is not causal: {NOT_CAUSAL_WHY}"]
     submission = {
         "name": name,
         "author": author,
@@ -343,14 +463,18 @@ def build_submission(
             }
             for r, e in zip(records, results, strict=True)
         },
-        "val_loss": loss_mean,
-        "val_bpb": bpb_mean,
-        "val_loss_std": loss_std,
-        "val_bpb_std": bpb_std,
+        "val_loss": head["val_loss"],
+        "val_bpb": head["val_bpb"],
+        "val_loss_std": head["val_loss_std"],
+        "val_bpb_std": head["val_bpb_std"],
+        "score": score,
+        "score_causal": SCORES[score].causal,
+        "score_line": head["line"],
+        **_beside(records, score),
         "artifact_bytes": artifact_bytes,
         "artifact_under_cap": artifact_bytes < ARTIFACT_CAP,
         "code_bytes": records[0].code_bytes,
-        "score_line": ", ".join(sorted({e.line for e in results})),
+        "warnings": warnings + track_warnings(records, track),
         "blurb": blurb,
     }
     if baseline_mean is not None or baseline_losses is not None:
@@ -367,16 +491,16 @@ def _bpb(score: str) -> Callable[[RunRecord], float | None]:
 
 
 # (header, value of a run, format of a float cell); ints print as they are.
-TABLE_COLUMNS = (
+RUN_COLUMNS = (
     ("steps", lambda r: r.steps, "{:.1f}"),
     ("train time (s)", lambda r: r.training_time_seconds, "{:.3f}"),
     ("artifact bytes", lambda r: r.artifact_bytes, "{:.1f}"),
-    ("roundtrip bpb", _bpb("roundtrip"), "{:.8f}"),
-    ("sliding bpb", _bpb("sliding"), "{:.8f}"),
-    ("s64 bpb", _bpb("sliding_s64"), "{:.8f}"),
-    ("SLOT bpb", _bpb("slot"), "{:.8f}"),
-    ("SLOT-context bpb", _bpb("slot_context"), "{:.8f}"),
 )
+
+
+def _score_header(name: str, score: str) -> str:
+    s = SCORES[name]
+    return f"{s.label} bpb" + ("" if s.causal else " (NOT causal)") + (" (score)" if name == score else "")
 
 
 def _cell(value: float | int | None, fmt: str) -> str:
@@ -385,13 +509,16 @@ def _cell(value: float | int | None, fmt: str) -> str:
     return str(value) if isinstance(value, int) else fmt.format(value)
 
 
-def results_table(records: Sequence[RunRecord]) -> str:
-    """Markdown table: a row per seed, then each column's mean over the seeds that have it."""
-    rows = [["seed", *(h for h, _, _ in TABLE_COLUMNS)], ["---:"] * (len(TABLE_COLUMNS) + 1)]
+def results_table(records: Sequence[RunRecord], score: str) -> str:
+    """Markdown table: a row per seed, then each column's mean over the seeds that have it. One
+    column per evaluation some log has, the non-causal ones and the score marked."""
+    present = [name for name in SCORES if any(name in r.evals for r in records)]
+    columns = [*RUN_COLUMNS, *((_score_header(name, score), _bpb(name), "{:.8f}") for name in present)]
+    rows = [["seed", *(h for h, _, _ in columns)], ["---:"] * (len(columns) + 1)]
     for r in records:
-        rows.append([str(r.seed), *(_cell(get(r), fmt) for _, get, fmt in TABLE_COLUMNS)])
+        rows.append([str(r.seed), *(_cell(get(r), fmt) for _, get, fmt in columns)])
     means = ["mean"]
-    for _, get, fmt in TABLE_COLUMNS:
+    for _, get, fmt in columns:
         values = [v for v in map(get, records) if v is not None]
         means.append(_cell(float(np.mean(values)) if values else None, fmt))
     rows.append(means)
@@ -399,34 +526,33 @@ def results_table(records: Sequence[RunRecord]) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and os.replace, so a
-    reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """train_gpt.py's atomic writer: a reader never sees half a file."""
+    from tools._common import import_train_gpt  # here: parsing logs needs no torch
+    import_train_gpt().write_atomic(path, text.encode("utf-8"))
+
+
+def _figures(block: dict) -> str:
+    return (
+        f"val_loss {block['val_loss']:.8f} (std {block['val_loss_std']:.8f}), "
+        f"val_bpb {block['val_bpb']:.8f} (std {block['val_bpb_std']:.8f})"
+    )
 
 
 def _summary(submission: dict, runs: int) -> str:
     s = submission
+    label = SCORES[s["score"]].label
+    causality = "causal" if s["score_causal"] else "NOT causal"
     cap = "under" if s["artifact_under_cap"] else "OVER"
-    lines = [
-        f"score: {s['score_line']} over {runs} seed(s): "
-        f"val_loss {s['val_loss']:.8f} (std {s['val_loss_std']:.8f}), "
-        f"val_bpb {s['val_bpb']:.8f} (std {s['val_bpb_std']:.8f})",
-        f"artifact: {s['artifact_bytes']:,} bytes (max of the seeds), "
-        f"{cap} the {ARTIFACT_CAP:,}-byte cap",
-    ]
-    if s["score_line"].removesuffix("_exact") == SCORE_TAGS["slot"]:
-        lines.append(
-            "note: SLOT (scored) fits the targets it scores; reviewers hold it non-causal "
-            "(see --score slot_context)"
-        )
+    lines = [f"score: {label} ({causality}), {s['score_line']} over {runs} seed(s): {_figures(s)}"]
+    for name, block in s.get("not_causal", {}).items():
+        lines.append(f"beside it, NOT causal: {SCORES[name].label}, {block['line']}: {_figures(block)}")
+    if "best_causal" in s:
+        block = s["best_causal"]
+        label = SCORES[block["score"]].label
+        lines.append(f"beside it, the best causal: {label}, {block['line']}: {_figures(block)}")
+    lines.append(
+        f"artifact: {s['artifact_bytes']:,} bytes (max of the seeds), {cap} the {ARTIFACT_CAP:,}-byte cap"
+    )
     if "p_value" in s:
         p = s["p_value"]
         value = f"{p:.6g}" if p is not None else f"needs at least 2 runs with spread (got {runs})"
@@ -458,14 +584,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder (created when missing)")
     p.add_argument(
         "--score",
-        choices=tuple(SCORE_TAGS),
-        help="evaluation that is the score (default: slot when the logs have it, else sliding)",
+        choices=tuple(SCORES),
+        help="evaluation that is the score (default: the causal one with the lowest mean val_bpb "
+        "that every log has; 'slot' is not causal, see docs/evaluation.md)",
     )
     p.add_argument("--name", default="", help="submission name")
     p.add_argument("--author", default="")
     p.add_argument("--github-id", default="")
     p.add_argument("--blurb", default="", help="one-paragraph description")
-    p.add_argument("--track", default="10min_16mb")
+    p.add_argument(
+        "--track",
+        default="10min_16mb",
+        help="challenge track (default %(default)s: warns when a run is not on 8xH100, trains over "
+        "600 s or has an artifact of 16,000,000 bytes or more)",
+    )
     p.add_argument("--date", type=_iso_date, help="YYYY-MM-DD (default: today)")
     baseline = p.add_mutually_exclusive_group()
     baseline.add_argument(
@@ -499,19 +631,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             baseline_losses=args.baseline_losses,
             min_gain=args.min_gain,
         )
-        table = results_table(records)
+        table = results_table(records, submission["score"])
         args.out.mkdir(parents=True, exist_ok=True)
         text = json.dumps(submission, indent=2, allow_nan=False) + "\n"
         write_atomic(args.out / "submission.json", text)
         write_atomic(args.out / "results_table.md", table)
     except SubmissionError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     except OSError as exc:
         print(f"error: cannot write {args.out}: {exc}", file=sys.stderr)
-        return 1
+        return 2
     print(table)
     print(_summary(submission, len(records)))
+    for warning in submission["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 

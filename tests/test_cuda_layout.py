@@ -1,0 +1,132 @@
+"""The CUDA precision path, on the CPU: the original's CUDA dtype layout (`cuda_precision`) under a
+bf16 autocast whose policy mirrors CUDA's (ops CUDA runs in float32 are registered as float32 rules
+of CPU autocast), for torch 2.11's policy and for >= 2.12's, which also keeps rms_norm in float32.
+A training step, the export round trip and every evaluation run without a dtype error, attention
+always receives one dtype, and the figures stay near the float32 ones."""
+
+import math
+import re
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_gpt as tg
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = dict(
+    VOCAB_SIZE="64", NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1", BIGRAM_VOCAB_SIZE="64",
+    BIGRAM_DIM="16", VE_DIM="8", VE_LAYERS="1", XSA_LAST_N="2", TRAIN_SEQ_LEN="32", EVAL_SEQ_LEN="64",
+    EVAL_STRIDE="16", VAL_BATCH_SIZE=str(8 * 64 * 2), TRAIN_BATCH_TOKENS=str(8 * 32 * 2), SLOT_STEPS="3",
+    SLOT_BATCH_SEQS="4", SLOT_MODE="both", TTT_ENABLED="1", TTT_CHUNK_TOKENS="256", TTT_EPOCHS="1",
+    TTT_BATCH_SEQS="4", RUN_ID="layout",
+)
+# Ops of CUDA autocast's float32 list that this model reaches (F.normalize, .square(), rsqrt).
+CUDA_FP32_OPS = ("linalg_vector_norm.default", "pow.Tensor_Scalar", "rsqrt.default")
+CUDA_FP32_OPS_212 = CUDA_FP32_OPS + ("rms_norm.default",)
+
+
+@dataclass(frozen=True)
+class EmulatedCudaRuntime(tg.Runtime):
+    def autocast(self):
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+@pytest.fixture(params=["2.11", "2.12"])
+def cuda_policy(request):
+    """Registers float32 rules for the policy's ops in CPU autocast; removed after the test."""
+    lib = torch.library.Library("aten", "IMPL")
+    below_autocast = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+
+    def fp32_rule(op):
+        def kernel(*args, **kwargs):
+            wide = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+            with torch._C._ExcludeDispatchKeyGuard(below_autocast):
+                return op(*wide, **kwargs)
+        return kernel
+
+    for name in CUDA_FP32_OPS_212 if request.param == "2.12" else CUDA_FP32_OPS:
+        packet, overload = name.split(".")
+        lib.impl(f"{packet}.{overload}" if overload != "default" else packet,
+                 fp32_rule(getattr(getattr(torch.ops.aten, packet), overload)), "AutocastCPU")
+    yield request.param
+    lib._destroy()
+
+
+def cuda_layout_model(h):
+    return tg.cuda_precision(tg.GPT(h).bfloat16(), h)
+
+
+def test_training_export_and_every_evaluation_under_cuda_policy(cuda_policy, tmp_path, monkeypatch):
+    h = tg.Hyperparameters.from_env({**TINY, "ARTIFACT": str(tmp_path / "m.ptz")})
+    torch.manual_seed(0)
+    model = cuda_layout_model(h)
+    assert model.tok_emb.weight.dtype == torch.bfloat16 and model.blocks[0].attn.c_q.weight.dtype == torch.float32
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # trained-like weights: the zero-initialised projections would hide the paths
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.copy_((torch.randn(p.shape, generator=g) * p.size(1) ** -0.5).to(p.dtype))
+    rt = EmulatedCudaRuntime(log_path=str(tmp_path / "log.txt"))
+
+    entry, kernel = [], []
+    attention, sdpa = tg.causal_attention, F.scaled_dot_product_attention
+
+    def spy_attention(q, k, v):
+        entry.append((q.dtype, k.dtype, v.dtype))
+        return attention(q, k, v)
+
+    def spy_sdpa(q, k, v, **kwargs):
+        kernel.append((q.dtype, k.dtype, v.dtype))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(tg, "causal_attention", spy_attention)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy_sdpa)
+
+    # One training step with late QAT's fake quantisation, as the record's loop runs it.
+    optimizers, _ = tg.build_optimizers(model, h)
+    x = torch.randint(0, h.vocab_size, (4, h.train_seq_len), generator=g)
+    y = torch.roll(x, -1, dims=1)
+    model.train()
+    with rt.autocast():
+        loss = model(x, y, qat=True)
+    loss.backward()
+    assert loss.dtype == torch.float32 and math.isfinite(loss.item())
+    for opt in optimizers:
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert model.tok_emb.weight.dtype == torch.bfloat16  # the optimizers keep the layout
+
+    # rms_norm stays float32 under >= 2.12's policy: q and k reach attention wider than v...
+    want_entry = (torch.float32, torch.float32, torch.bfloat16) if cuda_policy == "2.12" else (torch.bfloat16,) * 3
+    assert set(entry) == {want_entry}
+    # ...and the kernel gets one dtype all the same (FA3 would refuse a mix).
+    assert set(kernel) == {(torch.bfloat16,) * 3}
+
+    # Export, round trip into a fresh CUDA-layout model, every evaluation.
+    tg.write_atomic(h.artifact, tg.pack_artifact(tg.quantize_state_dict(model.state_dict(), h), h.compressor))
+    evaluated = cuda_layout_model(h)
+    tg.load_artifact_into(evaluated, h.artifact)
+    assert evaluated.tok_emb.weight.dtype == torch.bfloat16
+    tokens = torch.randint(0, h.vocab_size, (3000,), generator=g)
+    luts = (torch.ones(h.vocab_size, dtype=torch.int16), torch.zeros(h.vocab_size, dtype=torch.bool),
+            torch.zeros(h.vocab_size, dtype=torch.bool))
+    kernel.clear()
+    tg.evaluate_artifact(h, rt, evaluated.eval(), tokens, luts)
+    assert set(kernel) == {(torch.bfloat16,) * 3}
+    log = (tmp_path / "log.txt").read_text()
+
+    # The same artifact in float32 (the CPU mode): the bf16 figures stay close.
+    reference = tg.load_eval_model(h, torch.device("cpu"))
+    rt32 = tg.Runtime(log_path=str(tmp_path / "log32.txt"))
+    tg.evaluate_artifact(h, rt32, reference, tokens, luts)
+    log32 = (tmp_path / "log32.txt").read_text()
+    names = re.findall(r"^(\w+)_exact val_loss", log32, re.M)
+    assert {"final_int6_roundtrip", "final_int6_sliding_window", "final_slot", "final_slot_context",
+            "legal_ttt"} <= set(names)
+    for name in set(names):
+        got = float(re.search(rf"^{name}_exact val_loss:(\S+)", log, re.M).group(1))
+        want = float(re.search(rf"^{name}_exact val_loss:(\S+)", log32, re.M).group(1))
+        assert math.isfinite(got) and abs(got - want) <= 0.02 * want, (name, got, want)
