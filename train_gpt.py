@@ -16,6 +16,7 @@ import copy
 import glob
 import importlib
 import io
+import itertools
 import lzma
 import math
 import os
@@ -60,25 +61,6 @@ CONTROL_PATTERNS_DEFAULT = (
     "attn_scale,attn_scales,mlp_scale,mlp_scales,resid_mix,resid_mixes,q_gain,"
     "skip_weight,skip_weights,smear,dtg_gate,ve_layer_scales,ve_shared.scale"
 )
-
-# PRESET=demo: a model and schedule small enough to train and evaluate on a
-# laptop CPU in a few minutes, on the demo corpus built by `python -m tools.data demo`
-# (a short EMA: the record's 0.997 would still hold 70% of the initial weights after
-# 120 steps; TTT chunks of four sequences, one step per epoch as the record's, and the best lr
-# measured on the demo). Environment variables still override each value.
-PRESETS = {
-    "demo": dict(
-        DATA_PATH="./data/datasets/demo_sp1024", TOKENIZER_PATH="./data/tokenizers/demo_1024_bpe.model",
-        NUM_LAYERS="4", MODEL_DIM="128", NUM_HEADS="4", NUM_KV_HEADS="2", MLP_MULT="2",
-        BIGRAM_DIM="32", VE_DIM="32", VE_LAYERS="2,3", XSA_LAST_N="4",
-        TRAIN_SEQ_LEN="256", EVAL_SEQ_LEN="256", TRAIN_BATCH_TOKENS="8192", VAL_BATCH_SIZE="32768",
-        ITERATIONS="120", WARMUP_STEPS="0", WARMDOWN_ITERS="50", MAX_WALLCLOCK_SECONDS="0",
-        VAL_LOSS_EVERY="60", TRAIN_LOG_EVERY="10", MUON_MOMENTUM_WARMUP_STEPS="40",
-        EMA_DECAY="0.9", EVAL_STRIDE="64", SLOT_STEPS="8", SLOT_MODE="both", RUN_ID="demo",
-        TTT_ENABLED="1", TTT_LR="0.01", TTT_CHUNK_TOKENS="1024",
-    ),
-}
-
 
 @dataclass(frozen=True)
 class Hyperparameters:
@@ -173,7 +155,7 @@ class Hyperparameters:
     ttt_qat: bool = True
 
     CHOICES = {
-        "device": ("auto", "cpu", "cuda"), "compile": ("auto", "0", "1"), "preset": ("", *PRESETS),
+        "device": ("auto", "cpu", "cuda"), "compile": ("auto", "0", "1"),
         "compressor": ("lzma", "brotli"), "eval_tail": ("once", "original"),
         "slot_mode": ("scored", "context", "both"),
     }
@@ -181,10 +163,7 @@ class Hyperparameters:
     @classmethod
     def from_env(cls, env=None) -> "Hyperparameters":
         env = os.environ if env is None else env
-        preset = env.get("PRESET", "")
-        if preset not in cls.CHOICES["preset"]:
-            raise ConfigError(f"PRESET={preset!r} is not allowed; expected one of: {', '.join(PRESETS)} (or unset)")
-        defaults = PRESETS.get(preset, {})
+        defaults = preset_defaults(env["PRESET"]) if env.get("PRESET") else {}
         values = {}
         for f in fields(cls):
             name = f.name.upper()
@@ -240,8 +219,8 @@ class Hyperparameters:
 
         for name, choices in self.CHOICES.items():
             need(getattr(self, name) in choices, name.upper(), "one of " + ", ".join(repr(c) for c in choices))
-        for name in ("CPU_THREADS", "ITERATIONS", "WARMUP_STEPS", "TRAIN_LOG_EVERY", "MTP_NUM_HEADS",
-                     "MUON_MOMENTUM_WARMUP_STEPS", "BIGRAM_VOCAB_SIZE", "XSA_LAST_N", "ROPE_DIMS", "TTT_EPOCHS"):
+        for name in ("CPU_THREADS", "ITERATIONS", "WARMUP_STEPS", "TRAIN_LOG_EVERY", "MUON_MOMENTUM_WARMUP_STEPS",
+                     "BIGRAM_VOCAB_SIZE", "XSA_LAST_N", "ROPE_DIMS", "TTT_EPOCHS"):
             need(getattr(self, name.lower()) >= 0, name, "a count >= 0")
         for name in ("TRAIN_BATCH_TOKENS", "TRAIN_SEQ_LEN", "VAL_BATCH_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS",
                      "NUM_KV_HEADS", "BIGRAM_DIM", "VE_DIM", "MUON_BACKEND_STEPS", "SLOT_STEPS", "SLOT_BATCH_SEQS",
@@ -265,6 +244,7 @@ class Hyperparameters:
         need(self.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE", "0 (no bigram table) or at least 2")
         need(self.mlp_hidden > 0, "MLP_MULT", "a value giving at least one hidden unit")
         need(not self.dtg_enabled, "DTG_ENABLED", "0 (the record runs without the gate; it is not implemented here)")
+        need(self.mtp_num_heads == 0, "MTP_NUM_HEADS", "0 (the record trains no multi-token heads; not implemented here)")
         if self.ve_enabled:
             try:
                 ids = [int(s) for s in self.ve_layers.split(",") if s.strip()]
@@ -301,6 +281,18 @@ class Hyperparameters:
         if self.val_batch_size // 8 < self.max_seq_len:
             raise ConfigError(f"VAL_BATCH_SIZE={self.val_batch_size} gives each rank {self.val_batch_size // 8} tokens "
                               f"per batch; expected at least 8 x {self.max_seq_len} (one sequence per rank)")
+
+
+def preset_defaults(name: str) -> dict[str, str]:
+    """PRESET=NAME: defaults from presets/NAME.env beside this file (KEY=VALUE lines). The CPU demo's
+    configuration lives there, not in the record's code."""
+    path = Path(__file__).resolve().with_name("presets") / f"{name}.env"
+    try:
+        lines = [line.split("#", 1)[0].strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, ValueError):
+        names = sorted(p.stem for p in path.parent.glob("*.env"))
+        raise ConfigError(f"PRESET={name!r} is not allowed; expected one of: {', '.join(names)} (or unset)") from None
+    return dict(line.split("=", 1) for line in lines if "=" in line)
 
 
 def _parse_value(name: str, raw: str, kind: str):
@@ -353,12 +345,6 @@ def shard_files(data_path: str, split: str) -> list[str]:
     if not files:
         raise ConfigError(f"DATA_PATH={data_path!r}: no fineweb_{split}_*.bin shards found")
     return files
-
-
-def check_shards(files: list[str]) -> None:
-    """Every header before any work (ids are scanned only in the validation split, as it loads)."""
-    for f in files:
-        load_data_shard(f)
 
 
 class TokenStream:
@@ -646,8 +632,6 @@ class GPT(nn.Module):
             if h.ve_layer_ids else None
         self.ve_layer_scales = nn.ParameterList(nn.Parameter(torch.ones(1)) for _ in h.ve_layer_ids)
         self.lm_head = None if h.tie_embeddings else CastedLinear(h.model_dim, h.vocab_size, zero_init=True)
-        self.mtp_heads = nn.ModuleList(CastedLinear(h.model_dim, h.vocab_size, zero_init=True)
-                                       for _ in range(h.mtp_num_heads))
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -695,23 +679,9 @@ class GPT(nn.Module):
         return self.h.logit_softcap * torch.tanh(z / self.h.logit_softcap)
 
     def forward(self, ids: Tensor, targets: Tensor, qat: bool = False) -> Tensor:
-        """The training loss: mean cross-entropy (plus the MTP heads' when training)."""
-        x = self.hidden(ids, qat)
-        loss = F.cross_entropy(self.logits(x, qat).float().reshape(-1, self.h.vocab_size), targets.reshape(-1))
-        if self.training and len(self.mtp_heads) and self.h.mtp_loss_weight > 0:
-            loss = loss + self.h.mtp_loss_weight * self._mtp_loss(x, targets, qat)
-        return loss
-
-    def _mtp_loss(self, x: Tensor, targets: Tensor, qat: bool) -> Tensor:
-        """Head k predicts the token k + 1 places after the usual target (training only)."""
-        losses = []
-        for k, head in enumerate(self.mtp_heads):
-            n = x.size(1) - (k + 1)
-            if n > 0:
-                z = head(x[:, :n], qat)
-                z = self.h.logit_softcap * torch.tanh(z / self.h.logit_softcap)
-                losses.append(F.cross_entropy(z.float().reshape(-1, z.size(-1)), targets[:, k + 1:].reshape(-1)))
-        return torch.stack(losses).mean() if losses else x.new_zeros(())
+        """The training loss: mean cross-entropy over every target."""
+        logits = self.logits(self.hidden(ids, qat), qat)
+        return F.cross_entropy(logits.float().reshape(-1, self.h.vocab_size), targets.reshape(-1))
 
 
 def is_control(name: str, h: Hyperparameters) -> bool:
@@ -818,7 +788,7 @@ def split_params(model: GPT, h: Hyperparameters) -> dict[str, list[nn.Parameter]
         elif name == "lm_head.weight":
             groups["head"].append(p)
         elif p.ndim == 2 and not is_control(name, h):
-            groups["muon"].append(p)  # blocks' matrices, bigram.proj, ve_shared.proj, MTP heads
+            groups["muon"].append(p)  # blocks' matrices, bigram.proj, ve_shared.proj
         else:
             groups["scalar"].append(p)
     return groups
@@ -915,8 +885,6 @@ def quantize_state_dict(state: dict[str, Tensor], h: Hyperparameters, hessians: 
     returns the container {"w": tensors, "m": schemes}."""
     tensors, schemes = {}, {}
     for name, t in state.items():
-        if name.startswith("mtp_heads."):
-            continue  # training-only heads are not exported
         t = t.detach().cpu().contiguous()
         if not t.is_floating_point() or t.numel() <= PASSTHROUGH_MAX_NUMEL:
             tensors[name], schemes[name] = (t.to(torch.float16) if t.is_floating_point() else t), "passthrough"
@@ -1008,18 +976,16 @@ def load_artifact_into(model: GPT, path) -> None:
         raise ConfigError(f"ARTIFACT={str(path)!r}: {'is a directory' if path.is_dir() else 'file not found'}; "
                           f"expected an artifact file")
     container = unpack_artifact(path.read_bytes(), path)
-    template = model.state_dict()  # an evaluation model: built without MTP heads
+    template = model.state_dict()
     expected = set(template)
     missing, unexpected = expected - set(container["m"]), set(container["m"]) - expected
     if missing or unexpected:
         raise ConfigError(f"{path}: artifact does not fit this configuration (missing {sorted(missing)[:3]}, "
                           f"unexpected {sorted(unexpected)[:3]}); set the model variables it was trained with")
-    stored = set(container["w"])
-    absent = [n for n, m in container["m"].items()
-              if not ({n} if isinstance(m, str) else {n + ".q", n + ".scale"}) <= stored]
-    if absent:
-        raise ConfigError(f"{path}: damaged artifact (no stored tensor for {absent[0]})")
-    state = dequantize_state_dict(container, template)
+    try:
+        state = dequantize_state_dict(container, template)
+    except KeyError as e:
+        raise ConfigError(f"{path}: damaged artifact (no stored tensor {e})") from None
     bad = [k for k, v in state.items() if v.shape != template[k].shape]
     if bad:
         raise ConfigError(f"{path}: tensor {bad[0]} has shape {tuple(state[bad[0]].shape)}, this configuration "
@@ -1506,9 +1472,8 @@ def log_config(h: Hyperparameters, rt: Runtime, model: GPT, n_val_targets: int, 
     rt.log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={h.tokenizer_path}")
     rt.log(f"train_loader:dataset:{Path(h.data_path).name} train_shards:{n_train_shards}")
     rt.log(f"val_loader:shards pattern={os.path.join(h.data_path, 'fineweb_val_*.bin')} tokens:{n_val_targets}")
-    rt.log(f"model_params:{sum(p.numel() for n, p in model.named_parameters() if not n.startswith('mtp_heads.'))}")
-    mtp_params = sum(p.numel() for p in model.mtp_heads.parameters())
-    rt.log(f"mtp_num_heads:{h.mtp_num_heads} mtp_loss_weight:{h.mtp_loss_weight} mtp_params:{mtp_params}")
+    rt.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    rt.log(f"mtp_num_heads:{h.mtp_num_heads} mtp_loss_weight:{h.mtp_loss_weight} mtp_params:0")
     xsa = [i for i, b in enumerate(model.blocks) if b.attn.xsa]
     rt.log(f"XSA:last_{h.xsa_last_n} active_layers:{xsa}")
     rt.log(f"world_size:{rt.world_size} grad_accum_steps:{h.grad_accum_steps(rt.world_size)}")
@@ -1678,8 +1643,8 @@ def log_result(rt: Runtime, name: str, sums: Sums, seconds: float, extra: str = 
 
 
 def load_eval_model(h: Hyperparameters, device: torch.device) -> GPT:
-    """A fresh model (no training-only heads) with the artifact's dequantised weights."""
-    model = build_model(replace(h, mtp_num_heads=0), device)
+    """A fresh model with the artifact's dequantised weights."""
+    model = build_model(h, device)
     load_artifact_into(model, h.artifact)
     return model.eval()
 
@@ -1742,14 +1707,11 @@ def create_log(run_id: str) -> str:
     """logs/<RUN_ID>.txt, created exclusively: a run never appends to another run's log (a name
     already taken becomes <RUN_ID>-2, -3, ...)."""
     os.makedirs("logs", exist_ok=True)
-    for n in range(1, 1 << 20):
+    for n in itertools.count(1):
         path = f"logs/{run_id}.txt" if n == 1 else f"logs/{run_id}-{n}.txt"
-        try:
+        with contextlib.suppress(FileExistsError):
             open(path, "x").close()
             return path
-        except FileExistsError:
-            continue
-    raise ConfigError(f"RUN_ID={run_id!r}: every log name in logs/ is taken")
 
 
 def run(h: Hyperparameters) -> None:
@@ -1761,7 +1723,8 @@ def run(h: Hyperparameters) -> None:
     sp = load_tokenizer(h)
     val_files = shard_files(h.data_path, "val")
     train_files = [] if h.eval_only else shard_files(h.data_path, "train")
-    check_shards(train_files)
+    for f in train_files:  # every header before any work (validation ids are checked as they load)
+        load_data_shard(f)
     val_tokens = load_validation_tokens(val_files, h.max_seq_len, h.vocab_size)
     # An artifact to evaluate is read now: a bad one stops the run before anything is written.
     eval_model = load_eval_model(h, rt.device) if h.eval_only else None
@@ -1808,26 +1771,20 @@ def run(h: Hyperparameters) -> None:
         raise Interrupted(msg) from None
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM (torchrun stopping its workers, a scheduler) stops like Ctrl-C
-
-
 def main() -> None:
-    signal.signal(signal.SIGTERM, _interrupt)
-    first = int(os.environ.get("LOCAL_RANK", "0")) == 0  # every rank meets the same bad input: say it once
-    status = 0
+    # SIGTERM (torchrun stopping its workers, a scheduler) stops the run like Ctrl-C.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    status, message = 0, None
     try:
         run(Hyperparameters.from_env())
     except ConfigError as e:
-        status = 2
-        if first:
-            print(f"error: {e}", file=sys.stderr)
+        status, message = 2, f"error: {e}"
     except Interrupted:
         status = 130  # already logged and printed
     except KeyboardInterrupt:
-        status = 130
-        if first:
-            print("interrupted before the run started", file=sys.stderr)
+        status, message = 130, "interrupted before the run started"
+    if message and int(os.environ.get("LOCAL_RANK", "0")) == 0:  # every rank meets the same bad input
+        print(message, file=sys.stderr)
     # A failing rank leaves at once (no barrier while others may wait in a collective): torchrun
     # then stops the others. Only a run that succeeded everywhere meets at the barrier.
     if dist.is_initialized() and status == 0:

