@@ -227,7 +227,7 @@ def test_dry_run_end_to_end(tmp_path, monkeypatch, one_thread):
 
     e = st["evaluation"]
     logged = dict(re.findall(r"^(\S+(?: post_ema)?) val_loss:\S+ val_bpb:\S+.*? eval_time:(\d+)ms", log, re.M))
-    assert e["ok"] and [x["name"] for x in e["evaluations"]] == list(gpu_check.EXPECTED_EVALS)
+    assert e["ok"] and [x["name"] for x in e["evaluations"]] == [*gpu_check.EXPECTED_EVALS, "legal_ttt"]
     assert {x["name"]: x["ms"] for x in e["evaluations"]} == {k: int(v) for k, v in logged.items()}
     assert s["train_run"]["env"]["VAL_BATCH_SIZE"] == "65536" and s["train_run"]["returncode"] == 0
 
