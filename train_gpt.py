@@ -1784,12 +1784,14 @@ def main() -> None:
     except KeyboardInterrupt:
         status, message = 130, "interrupted before the run started"
     if message and int(os.environ.get("LOCAL_RANK", "0")) == 0:  # every rank meets the same bad input
-        print(message, file=sys.stderr)
+        print(message, file=sys.stderr, flush=True)
     # A failing rank leaves at once (no barrier while others may wait in a collective): torchrun
     # then stops the others. Only a run that succeeded everywhere meets at the barrier.
-    if dist.is_initialized() and status == 0:
-        dist.barrier()
-        dist.destroy_process_group()
+    if dist.is_initialized():
+        if status == 0:
+            dist.barrier()
+            dist.destroy_process_group()
+        os._exit(status)  # every print flushed; no interpreter teardown, where gloo's threads can abort
     sys.exit(status)
 
 

@@ -355,7 +355,8 @@ def test_gpu_check_refuses_without_cuda(monkeypatch, capsys):
     monkeypatch.setattr(bench_train, "main", lambda argv: pytest.fail("gpu_check ran the benchmark without CUDA"))
     assert gpu_check.main([]) == 1
     out, err = capsys.readouterr()
-    assert (out, err) == ("", "error: no CUDA device; on a CPU use `python -m tools.bench_train`\n")
+    assert (out, err) == ("", "error: no CUDA device; this check needs a GPU (on a CPU: `python -m tools.gpu_check "
+                              "--dry-run`, or `python -m tools.bench_train`)\n")
 
 
 TINY_SLOT_ENV = dict(

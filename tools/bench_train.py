@@ -109,7 +109,7 @@ def run(args) -> int:
         if not args.end_to_end and line.startswith("ema:applying"):  # training is over: skip the evaluations
             proc.terminate()
             break
-    if proc.wait() not in (0, -15):
+    if proc.wait() not in (0, 130):  # 130: stopped by our SIGTERM, which the script logs as an interrupt
         print("".join(lines[-20:]), file=sys.stderr)
         print(f"error: train_gpt.py exited {proc.returncode}", file=sys.stderr)
         return 1
