@@ -136,3 +136,19 @@ def test_a_directory_given_for_a_file_says_so(tiny_data, tmp_path, var):
     assert rc == 2
     assert err.strip() == (f"error: {var}={str(tmp_path)!r}: is a directory; expected "
                            + ("a SentencePiece .model file" if var == "TOKENIZER_PATH" else "an artifact file")), err
+
+
+def test_missing_codec_stops_before_training(tiny_data, tmp_path):
+    """COMPRESSOR=brotli without the brotli package: one line naming the setting and the package,
+    before any log or training (the export at the end would otherwise fail after the run)."""
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "brotli.py").write_text("raise ImportError('no brotli here')\n")
+    cwd = tmp_path / "run"
+    cwd.mkdir()
+    env = {**tiny_env(tiny_data, "codec"), "COMPRESSOR": "brotli", "PYTHONPATH": str(shadow)}
+    rc, out, err = finish(launch(cwd, env))
+    assert rc == 2
+    assert err.strip() == ("error: COMPRESSOR='brotli' needs the Python package brotli; install it or use "
+                           "COMPRESSOR=lzma"), err
+    assert list(cwd.iterdir()) == []
