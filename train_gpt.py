@@ -1294,11 +1294,12 @@ def eval_windows(model: GPT, hidden_fn, tokens: Tensor, plan: WindowPlan, h: Hyp
                  sums: dict[str, Sums] | None = None) -> dict[str, tuple[Sums, float]]:
     """One frozen hidden-state pass over the windows, shared by the sliding-window score, every SLOT
     mode asked for and TTT's chunks (which accumulate into their running `sums`). Batches are spread
-    over ranks; which rank runs a batch does not change its numbers. Every batch has SLOT_BATCH_SEQS
-    rows and every SLOT fit one of two padded sizes per mode: few compiled graphs, whatever the data.
-    Returns {"sliding" | mode: (Sums, seconds)}."""
-    L, n_targets, rows = h.effective_eval_seq_len, tokens.numel() - 1, h.slot_batch_seqs
-    batches = window_batches(len(plan), rows, h.slot_interleave if slot_modes else 1)
+    over ranks; which rank runs a batch does not change its numbers. A pass pads its batches to its
+    longest (TTT's chunks to SLOT_BATCH_SEQS) and every SLOT fit to one of two sizes per mode: few
+    compiled graphs, whatever the data. Returns {"sliding" | mode: (Sums, seconds)}."""
+    L, n_targets = h.effective_eval_seq_len, tokens.numel() - 1
+    batches = window_batches(len(plan), h.slot_batch_seqs, h.slot_interleave if slot_modes else 1)
+    rows = h.slot_batch_seqs if sums is not None else max(len(b) for b in batches)
     mine = batches[rt.rank::rt.world_size]
     parts = (["sliding"] if sliding else []) + list(slot_modes)
     sums = sums or {p: Sums(rt.device, n_targets if collect else 0) for p in parts}
@@ -1446,8 +1447,7 @@ def start_runtime(h: Hyperparameters) -> Runtime:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if not use_cuda and h.cpu_threads > 0:
-        # Deliberate: one thread per process by default. More threads than free cores (a busy
-        # machine, several ranks) ran several times slower; results then also follow no machine's core count.
+        # One thread per process by default: more threads than free cores ran several times slower.
         torch.set_num_threads(h.cpu_threads)
     if use_cuda:
         torch.cuda.set_device(device)
