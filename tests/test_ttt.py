@@ -320,7 +320,7 @@ def test_reference_figures(tmp_path):
     exp = json.loads((REF / "ttt" / "expected.json").read_text())
     case = exp["cases"]["public"]
     env = dict(case["env"], EVAL_ONLY="1", ARTIFACT=str(REF / "ttt" / "model.int6.ptz"), DATA_PATH=str(REF / "ttt"),
-               TOKENIZER_PATH=str(REF / "fineweb_1024_bpe.model"), RUN_ID="ref")
+               TOKENIZER_PATH=str(REF / "fineweb_1024_bpe.model"), RUN_ID="ref", CPU_THREADS="2")  # CI's two cores
     log = run_script(tmp_path, env)
     for name, want in (("legal_ttt_exact", case["legal_ttt_exact"]),
                        ("final_int6_sliding_window_exact", case["control_sliding"])):
