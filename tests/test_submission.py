@@ -454,7 +454,7 @@ def test_committed_cpu_demo_example_matches_its_log():
     record = parse_log(example / "demo.txt")
     built = json.loads((example / "submission.json").read_text())
     seed = built["seed_results"][str(record.seed)]
-    assert (seed["steps"], seed["artifact_bytes"]) == (record.steps, record.artifact_bytes) == (120, 1104303)
+    assert (seed["steps"], seed["artifact_bytes"]) == (record.steps, record.artifact_bytes) == (120, 1104435)
     context, slot = record.evals["slot_context"], record.evals["slot"]
     assert (built["val_loss"], built["val_bpb"]) == (context.val_loss, context.val_bpb)
     assert (built["score_line"], built["score_causal"], built["gpu_type"]) == ("final_slot_context_exact", True, "cpu")
