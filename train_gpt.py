@@ -1,26 +1,36 @@
 """
 The SLOT-48 parameter-golf record, rebuilt: an 11-layer GPT trained for 600 s on
 8xH100, packed with this file into < 16,000,000 bytes (int6 + lzma), scored in
-bits per byte on FineWeb with sliding windows and SLOT.
+bits per byte on FineWeb with the round trip, sliding windows, SLOT and legal TTT.
 
 One self-contained file: its bytes count toward the artifact. Every setting is
-an environment variable (see Hyperparameters). Runs on CUDA (bf16, compile,
+an environment variable (the config sections below). Runs on CUDA (bf16, compile,
 FlashAttention 3 when installed) and on CPU (float32, for tests and the demo),
 single process or under torchrun (NCCL on CUDA, gloo on CPU).
+
+The sections follow the run: setup -> data -> model -> optimizers and schedule ->
+training -> export -> evaluation -> main. `run()` at the end reads as the table of
+contents: each stage is one call that returns a small result.
+
+Entry points for tools and tests: Config.from_env, build_model, train, export_artifact,
+read_artifact / eval_model, evaluate, and the window pass (sliding_pass, score_windows).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
+import difflib
 import glob
+import hashlib
 import importlib
 import io
 import itertools
+import json
 import lzma
 import math
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -28,8 +38,9 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import sentencepiece as spm
@@ -45,8 +56,12 @@ except ImportError:
     flash_attn_3 = None
 
 # -----------------------------
-# HYPERPARAMETERS
+# SETUP: errors, settings, runtime, logging, atomic writes
 # -----------------------------
+# Everything a run can get wrong from outside (a setting, a file, a signal) is one of the two
+# exceptions below, printed as one line. Settings are read once from the environment into
+# frozen sections, one per stage, each field with the values it accepts beside it; a stage
+# receives only its own section. Runtime says where this process runs and owns its log.
 
 
 class ConfigError(Exception):
@@ -57,125 +72,148 @@ class Interrupted(Exception):
     """Ctrl-C or SIGTERM: the run stops with one line, logged (`interrupted at step N`)."""
 
 
-CONTROL_PATTERNS_DEFAULT = (
-    "attn_scale,attn_scales,mlp_scale,mlp_scales,resid_mix,resid_mixes,q_gain,"
-    "skip_weight,skip_weights,smear,dtg_gate,ve_layer_scales,ve_shared.scale"
-)
+def setting(default, expect: str = "", ok=None, env: str = ""):
+    """A field with the values it accepts: `ok(value)` must hold, else the run stops with
+    `NAME=value is not allowed; expected <expect>`. `env` overrides the variable's name."""
+    return field(default=default, metadata=dict(ok=ok, expect=expect, env=env))
 
-@dataclass(frozen=True)
-class Hyperparameters:
-    # Data and run.
-    data_path: str = "./data/datasets/fineweb10B_sp1024"
-    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
-    run_id: str = ""  # empty: a random uuid
-    seed: int = 1337
-    preset: str = ""
-    device: str = "auto"  # auto | cpu | cuda
-    cpu_threads: int = 1  # per process, CPU runs only; 0: torch's default
-    compile: str = "auto"  # auto (CUDA only) | 0 | 1
-    # Schedule.
-    iterations: int = 20000
-    max_wallclock_seconds: float = 600.0
-    warmdown_iters: int = 3500
-    warmup_steps: int = 20
-    train_batch_tokens: int = 786432
-    train_seq_len: int = 2048
-    eval_seq_len: int = 2048
-    val_batch_size: int = 524288
-    val_loss_every: int = 4000
-    train_log_every: int = 500
-    # Model.
-    vocab_size: int = 1024
-    num_layers: int = 11
-    model_dim: int = 512
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    mlp_mult: float = 3.0
-    tie_embeddings: bool = True
-    logit_softcap: float = 30.0
-    rope_base: float = 10000.0
-    qk_gain_init: float = 4.0
-    rope_dims: int = 16
-    ln_scale: bool = True
-    xsa_last_n: int = 11
-    bigram_vocab_size: int = 1024
-    bigram_dim: int = 128
-    ve_enabled: bool = True
-    ve_dim: int = 128
-    ve_layers: str = "9,10"
-    vrl_enabled: bool = True
-    mtp_num_heads: int = 0
-    mtp_loss_weight: float = 0.2
-    dtg_enabled: bool = False
-    # Optimizers.
-    tied_embed_lr: float = 0.035
-    tied_embed_init_std: float = 0.005
-    embed_lr: float = 0.6
-    head_lr: float = 0.008
-    matrix_lr: float = 0.025
-    scalar_lr: float = 0.025
-    muon_momentum: float = 0.99
-    muon_momentum_warmup_start: float = 0.92
-    muon_momentum_warmup_steps: int = 1500
-    muon_backend_steps: int = 5
-    muon_wd: float = 0.04
-    adam_wd: float = 0.04
-    beta1: float = 0.9
-    beta2: float = 0.95
-    adam_eps: float = 1e-8
-    grad_clip_norm: float = 0.3
-    ema_decay: float = 0.997
-    qat_enabled: bool = False
-    late_qat_threshold: float = 0.15
-    control_tensor_name_patterns: str = CONTROL_PATTERNS_DEFAULT
-    # Export and evaluation.
-    compressor: str = "lzma"  # lzma | brotli
-    gptq_enabled: bool = False  # full-Hessian GPTQ for the int6 matrices (record 2026-03-29)
-    gptq_calibration_batches: int = 64
-    gptq_reserve_seconds: float = 10.0  # taken off the training cap for the calibration
-    eval_only: bool = False
-    artifact: str = "final_model.int6.ptz"
-    eval_stride: int = 96
-    eval_tail: str = "once"  # once | original
-    slot_enabled: bool = True
-    slot_steps: int = 48
-    slot_lr: float = 0.012
-    slot_lr_min: float = 0.001
-    slot_batch_seqs: int = 32
-    slot_mode: str = "scored"  # scored | context | both
-    slot_interleave: int = 8
-    ttt_enabled: bool = False  # legal score-first test-time training (record 2026-03-23)
-    ttt_lr: float = 0.002
-    ttt_epochs: int = 3
-    ttt_chunk_tokens: int = 32768
-    ttt_freeze_blocks: int = 0
-    ttt_momentum: float = 0.9
-    ttt_batch_seqs: int = 32
-    ttt_grad_clip: float = 1.0  # 0: no clipping
-    ttt_qat: bool = True
 
-    CHOICES = {
-        "device": ("auto", "cpu", "cuda"), "compile": ("auto", "0", "1"),
-        "compressor": ("lzma", "brotli"), "eval_tail": ("once", "original"),
-        "slot_mode": ("scored", "context", "both"),
-    }
+def choice(default: str, *choices: str):
+    return setting(default, "one of " + ", ".join(repr(c) for c in choices), lambda v: v in choices)
+
+
+def count(default: int):
+    return setting(default, "a count >= 0", lambda v: v >= 0)
+
+
+def positive(default: int):
+    return setting(default, "a positive integer", lambda v: v > 0)
+
+
+def positive_number(default: float):
+    return setting(default, "a positive number", lambda v: v > 0)
+
+
+def nonneg(default: float):
+    return setting(default, "a number >= 0", lambda v: v >= 0)
+
+
+def unit(default: float):
+    return setting(default, "a number in [0, 1)", lambda v: 0 <= v < 1)
+
+
+def free(default, env: str = ""):
+    return setting(default, env=env)
+
+
+def need(ok: bool, name: str, value, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r} is not allowed; expected {expected}")
+
+
+class Section:
+    """A frozen group of settings; each field's variable is PREFIX + its name in capitals."""
+    PREFIX = ""
 
     @classmethod
-    def from_env(cls, env=None) -> "Hyperparameters":
-        env = os.environ if env is None else env
-        defaults = preset_defaults(env["PRESET"]) if env.get("PRESET") else {}
-        values = {}
-        for f in fields(cls):
-            name = f.name.upper()
-            raw = env.get(name, defaults.get(name))
-            values[f.name] = f.default if raw is None else _parse_value(name, raw.strip(), f.type)
-        if not values["run_id"]:
-            values["run_id"] = str(uuid.uuid4())
-        h = cls(**values)
-        h.validate()
-        return h
+    def env_name(cls, f) -> str:
+        return f.metadata.get("env") or cls.PREFIX + f.name.upper()
 
-    # Derived values: one place, so nothing downstream re-derives them differently.
+    @classmethod
+    def settings(cls) -> dict[str, object]:
+        """Variable name -> field, this section's own (nested sections excluded)."""
+        return {cls.env_name(f): f for f in fields(cls) if "ok" in f.metadata}
+
+    @classmethod
+    def from_values(cls, raw: dict[str, str], **nested):
+        values = {}
+        for name, f in cls.settings().items():
+            value = f.default if name not in raw else parse_value(name, raw[name].strip(), f.type)
+            if f.metadata["ok"] is not None:
+                need(f.metadata["ok"](value), name, value, f.metadata["expect"])
+            values[f.name] = value
+        section = cls(**values, **nested)
+        section.check()
+        return section
+
+    def check(self) -> None:
+        """Constraints between this section's fields (one field's own are beside it)."""
+
+
+def parse_value(name: str, raw: str, kind: str):
+    booleans = {"1": True, "true": True, "yes": True, "on": True,
+                "0": False, "false": False, "no": False, "off": False}
+    parsers = {"int": int, "float": float, "bool": lambda r: booleans[r.lower()], "str": str}
+    try:
+        value = parsers[kind](raw)
+    except (ValueError, KeyError):
+        allowed = "a boolean: 1/0, true/false, yes/no, on/off" if kind == "bool" else f"a valid {kind}"
+        raise ConfigError(f"{name}={raw!r} is not allowed; expected {allowed}") from None
+    if kind == "float" and not math.isfinite(value):
+        raise ConfigError(f"{name}={raw!r} is not allowed; expected a finite number")
+    return value
+
+
+def is_file_name(name: str) -> bool:
+    return name not in (".", "..") and not set(name) & set("/\\\0") and len(name.encode()) <= 200
+
+
+@dataclass(frozen=True)
+class RunConfig(Section):
+    run_id: str = setting("", "a file name without path separators, at most 200 bytes",
+                          is_file_name)  # empty: a random uuid
+    seed: int = setting(1337, "an integer in [0, 2**32 - 1] (numpy's seed range)",
+                        lambda v: 0 <= v < 2**32)
+    preset: str = free("")  # read before the others: see read_settings
+    device: str = choice("auto", "auto", "cpu", "cuda")
+    cpu_threads: int = count(1)  # per process, CPU runs only; 0: torch's default
+    compile: str = choice("auto", "auto", "0", "1")  # auto: on CUDA only
+    eval_only: bool = free(False)
+    export_only: bool = free(False)  # make the artifact from MODEL_PATH, then evaluate it
+    collective_timeout_seconds: float = positive_number(300.0)
+
+    def check(self) -> None:
+        need(not (self.eval_only and self.export_only), "EXPORT_ONLY", self.export_only,
+             "0 with EVAL_ONLY=1 (one of the two)")
+
+
+@dataclass(frozen=True)
+class DataConfig(Section):
+    data_path: str = free("./data/datasets/fineweb10B_sp1024")
+    tokenizer_path: str = free("./data/tokenizers/fineweb_1024_bpe.model")
+
+
+# The original's control patterns, less those that name no parameter of this model.
+CONTROL_PATTERNS_DEFAULT = ("attn_scale,mlp_scale,resid_mix,q_gain,skip_weight,skip_weights,"
+                            "smear,ve_layer_scales,ve_shared.scale")
+
+
+@dataclass(frozen=True)
+class GPTConfig(Section):
+    """Everything the model reads, and nothing else (nanoGPT's GPTConfig)."""
+    vocab_size: int = setting(1024, "an integer in [2, 65536] (tokens are stored as uint16)",
+                              lambda v: 2 <= v <= 65536)
+    num_layers: int = positive(11)
+    model_dim: int = positive(512)
+    num_heads: int = positive(8)
+    num_kv_heads: int = positive(4)
+    mlp_mult: float = positive_number(3.0)
+    tie_embeddings: bool = free(True)
+    logit_softcap: float = positive_number(30.0)
+    rope_base: float = positive_number(10000.0)
+    qk_gain_init: float = free(4.0)
+    rope_dims: int = count(16)  # 0: all of each head's dims
+    ln_scale: bool = free(True)
+    xsa_last_n: int = count(11)
+    bigram_vocab_size: int = setting(1024, "0 (no bigram table) or at least 2", lambda v: v == 0 or v >= 2)
+    bigram_dim: int = positive(128)
+    ve_enabled: bool = free(True)
+    ve_dim: int = positive(128)
+    ve_layers: str = free("9,10")
+    vrl_enabled: bool = free(True)
+    tied_embed_init_std: float = nonneg(0.005)
+    control_tensor_name_patterns: str = free(CONTROL_PATTERNS_DEFAULT)
+
     @property
     def head_dim(self) -> int:
         return self.model_dim // self.num_heads
@@ -189,911 +227,269 @@ class Hyperparameters:
         return int(self.mlp_mult * self.model_dim)
 
     @property
-    def effective_eval_seq_len(self) -> int:
-        return self.eval_seq_len if self.eval_seq_len > 0 else self.train_seq_len
-
-    @property
     def ve_layer_ids(self) -> tuple[int, ...]:
-        return tuple(int(s) for s in self.ve_layers.split(",") if s.strip()) if self.ve_enabled else ()
+        if not self.ve_enabled:
+            return ()
+        return tuple(int(s) for s in self.ve_layers.split(",") if s.strip())
 
     @property
     def control_patterns(self) -> tuple[str, ...]:
         return tuple(p for p in self.control_tensor_name_patterns.split(",") if p)
 
-    @property
-    def window_stride(self) -> int:  # SLOT's and TTT's windows
-        return self.eval_stride if self.eval_stride > 0 else 64
-
-    @property
-    def slot_modes(self) -> tuple[str, ...]:
-        return ("scored", "context") if self.slot_mode == "both" else (self.slot_mode,)
-
-    def grad_accum_steps(self, world_size: int) -> int:
-        # The original runs 8 // world_size micro-steps; other world sizes run one.
-        return 8 // world_size if 8 % world_size == 0 else 1
-
-    def validate(self) -> None:
-        def need(ok, name, allowed):
-            if not ok:
-                raise ConfigError(f"{name}={getattr(self, name.lower())!r} is not allowed; expected {allowed}")
-
-        for name, choices in self.CHOICES.items():
-            need(getattr(self, name) in choices, name.upper(), "one of " + ", ".join(repr(c) for c in choices))
-        for name in ("CPU_THREADS", "ITERATIONS", "WARMUP_STEPS", "TRAIN_LOG_EVERY", "MUON_MOMENTUM_WARMUP_STEPS",
-                     "BIGRAM_VOCAB_SIZE", "XSA_LAST_N", "ROPE_DIMS", "TTT_EPOCHS"):
-            need(getattr(self, name.lower()) >= 0, name, "a count >= 0")
-        for name in ("TRAIN_BATCH_TOKENS", "TRAIN_SEQ_LEN", "VAL_BATCH_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS",
-                     "NUM_KV_HEADS", "BIGRAM_DIM", "VE_DIM", "MUON_BACKEND_STEPS", "SLOT_STEPS", "SLOT_BATCH_SEQS",
-                     "SLOT_INTERLEAVE", "GPTQ_CALIBRATION_BATCHES", "TTT_BATCH_SEQS"):
-            need(getattr(self, name.lower()) > 0, name, "a positive integer")
-        for name in ("MLP_MULT", "LOGIT_SOFTCAP", "ROPE_BASE"):
-            need(getattr(self, name.lower()) > 0, name, "a positive number")
-        for name in ("TIED_EMBED_LR", "EMBED_LR", "HEAD_LR", "MATRIX_LR", "SCALAR_LR", "MUON_WD", "ADAM_WD", "ADAM_EPS",
-                     "GRAD_CLIP_NORM", "TIED_EMBED_INIT_STD", "MTP_LOSS_WEIGHT", "SLOT_LR", "SLOT_LR_MIN",
-                     "GPTQ_RESERVE_SECONDS", "TTT_LR", "TTT_GRAD_CLIP"):
-            need(getattr(self, name.lower()) >= 0, name, "a number >= 0")
-        for name in ("BETA1", "BETA2", "MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START", "EMA_DECAY", "TTT_MOMENTUM"):
-            need(0 <= getattr(self, name.lower()) < 1, name, "a number in [0, 1)")
-        need(2 <= self.vocab_size <= 65536, "VOCAB_SIZE", "an integer in [2, 65536] (tokens are stored as uint16)")
-        need(self.model_dim % self.num_heads == 0, "NUM_HEADS", f"a divisor of MODEL_DIM={self.model_dim}")
-        need(self.num_heads % self.num_kv_heads == 0, "NUM_KV_HEADS", f"a divisor of NUM_HEADS={self.num_heads}")
-        need(self.head_dim % 2 == 0, "NUM_HEADS", "a value that leaves an even head dimension")
-        need(self.rope_dims == 0 or (4 <= self.rope_dims <= self.head_dim and self.rope_dims % 2 == 0), "ROPE_DIMS",
-             f"0 (all dims) or an even number in [4, head_dim={self.head_dim}]")
-        need(self.xsa_last_n <= self.num_layers, "XSA_LAST_N", f"at most NUM_LAYERS={self.num_layers}")
-        need(self.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE", "0 (no bigram table) or at least 2")
-        need(self.mlp_hidden > 0, "MLP_MULT", "a value giving at least one hidden unit")
-        need(not self.dtg_enabled, "DTG_ENABLED", "0 (the record runs without the gate; it is not implemented here)")
-        need(self.mtp_num_heads == 0, "MTP_NUM_HEADS", "0 (the record trains no multi-token heads; not implemented here)")
+    def check(self) -> None:
+        need(self.model_dim % self.num_heads == 0, "NUM_HEADS", self.num_heads,
+             f"a divisor of MODEL_DIM={self.model_dim}")
+        need(self.num_heads % self.num_kv_heads == 0, "NUM_KV_HEADS", self.num_kv_heads,
+             f"a divisor of NUM_HEADS={self.num_heads}")
+        need(self.head_dim % 2 == 0, "NUM_HEADS", self.num_heads,
+             "a value that leaves an even head dimension")
+        need(self.rope_dims == 0 or (4 <= self.rope_dims <= self.head_dim and self.rope_dims % 2 == 0),
+             "ROPE_DIMS", self.rope_dims, f"0 (all dims) or an even number in [4, head_dim={self.head_dim}]")
+        need(self.xsa_last_n <= self.num_layers, "XSA_LAST_N", self.xsa_last_n,
+             f"at most NUM_LAYERS={self.num_layers}")
+        need(self.mlp_hidden > 0, "MLP_MULT", self.mlp_mult, "a value giving at least one hidden unit")
         if self.ve_enabled:
             try:
                 ids = [int(s) for s in self.ve_layers.split(",") if s.strip()]
             except ValueError:
                 ids = None
-            need(ids and all(0 <= i < self.num_layers for i in ids) and len(set(ids)) == len(ids), "VE_LAYERS",
+            fits = ids and all(0 <= i < self.num_layers for i in ids) and len(set(ids)) == len(ids)
+            need(fits, "VE_LAYERS", self.ve_layers,
                  f"distinct comma-separated layer indices in [0, {self.num_layers})")
-        need(self.max_seq_len <= 1 << 20, "TRAIN_SEQ_LEN", "at most 1048576")
-        windows = self.slot_enabled or self.ttt_enabled
-        need(not windows or self.window_stride <= self.effective_eval_seq_len, "EVAL_STRIDE",
-             f"at most EVAL_SEQ_LEN={self.effective_eval_seq_len} with SLOT or TTT on (<= 0 means 64; longer leaves gaps)")
-        need(not self.ttt_enabled or self.ttt_chunk_tokens >= self.effective_eval_seq_len, "TTT_CHUNK_TOKENS",
-             f"at least EVAL_SEQ_LEN={self.effective_eval_seq_len} (a chunk holds whole sequences to train on)")
-        need(0 <= self.ttt_freeze_blocks <= self.num_layers, "TTT_FREEZE_BLOCKS", f"in [0, NUM_LAYERS={self.num_layers}]")
-        need(0 <= self.seed < 2**32, "SEED", "an integer in [0, 2**32 - 1] (numpy's seed range)")
-        need(self.run_id not in (".", "..") and not set(self.run_id) & set("/\\\0"), "RUN_ID",
-             "a file name without path separators")
-        need(bool(self.artifact) and not self.artifact.endswith(("/", os.sep)), "ARTIFACT", "a file path")
-        need(not self.gptq_enabled or self.max_wallclock_seconds <= 0 or self.gptq_reserve_seconds <
-             self.max_wallclock_seconds, "GPTQ_RESERVE_SECONDS", "less than MAX_WALLCLOCK_SECONDS with GPTQ on")
+
+
+@dataclass(frozen=True)
+class OptimConfig(Section):
+    tied_embed_lr: float = nonneg(0.035)
+    embed_lr: float = nonneg(0.6)  # untied only
+    head_lr: float = nonneg(0.008)  # untied only
+    matrix_lr: float = nonneg(0.025)
+    scalar_lr: float = nonneg(0.025)
+    muon_momentum: float = unit(0.99)
+    muon_momentum_warmup_start: float = unit(0.92)
+    muon_momentum_warmup_steps: int = count(1500)
+    muon_backend_steps: int = positive(5)
+    muon_wd: float = nonneg(0.04)
+    adam_wd: float = nonneg(0.04)
+    beta1: float = unit(0.9)
+    beta2: float = unit(0.95)
+    adam_eps: float = nonneg(1e-8)
+    grad_clip_norm: float = nonneg(0.3)  # 0: none
+
+
+@dataclass(frozen=True)
+class TrainConfig(Section):
+    iterations: int = count(20000)
+    max_wallclock_seconds: float = free(600.0)  # <= 0: no cap
+    warmdown_iters: int = free(3500)  # <= 0: no warm-down
+    warmup_steps: int = count(20)
+    train_batch_tokens: int = positive(786432)
+    train_seq_len: int = setting(2048, "a positive integer at most 1048576", lambda v: 0 < v <= 1 << 20)
+    val_batch_size: int = positive(524288)  # each rank takes VAL_BATCH_SIZE / 8 tokens a batch
+    val_loss_every: int = free(4000)  # <= 0: only at the end
+    train_log_every: int = count(500)
+    ema_decay: float = unit(0.997)
+    qat_enabled: bool = free(False)
+    late_qat_threshold: float = free(0.15)  # <= 0: never
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        # The original runs 8 // world_size micro-steps; other world sizes run one.
+        return ORIGINAL_WORLD // world_size if ORIGINAL_WORLD % world_size == 0 else 1
+
+
+@dataclass(frozen=True)
+class ExportConfig(Section):
+    compressor: str = choice("lzma", "lzma", "brotli")
+    gptq_enabled: bool = free(False)  # full-Hessian GPTQ for the int6 matrices (record 2026-03-29)
+    gptq_calibration_batches: int = positive(64)
+    gptq_reserve_seconds: float = nonneg(10.0)  # taken off the training cap for the calibration
+    artifact: str = setting("final_model.int6.ptz", "a file path",
+                            lambda v: bool(v) and not v.endswith(("/", os.sep)))
+    model_path: str = setting("final_model.pt", "a file path",
+                              lambda v: bool(v) and not v.endswith(("/", os.sep)))
+
+    def check(self) -> None:
+        need(Path(self.artifact).resolve() != Path(self.model_path).resolve(), "ARTIFACT",
+             self.artifact, f"a path other than MODEL_PATH={self.model_path!r}")
+
+
+@dataclass(frozen=True)
+class SlotConfig(Section):
+    PREFIX = "SLOT_"
+    enabled: bool = free(True)
+    steps: int = positive(48)
+    lr: float = nonneg(0.012)  # peak, cosine to LR_MIN
+    lr_min: float = nonneg(0.001)
+    batch_seqs: int = positive(32)  # windows per SLOT (and sliding) batch
+    mode: str = choice("scored", "scored", "context", "both")
+    interleave: int = positive(8)  # windows dealt round-robin into this many lists (8 GPUs)
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return ("scored", "context") if self.mode == "both" else (self.mode,)
+
+
+@dataclass(frozen=True)
+class TTTConfig(Section):
+    PREFIX = "TTT_"
+    enabled: bool = free(False)  # legal score-first test-time training (record 2026-03-23)
+    lr: float = nonneg(0.002)
+    epochs: int = count(3)
+    chunk_tokens: int = positive(32768)
+    freeze_blocks: int = count(0)
+    momentum: float = unit(0.9)
+    batch_seqs: int = positive(32)
+    grad_clip: float = nonneg(1.0)  # 0: no clipping
+    qat: bool = free(True)
+    float32: bool = free(False)  # train the copy in float32 (the CPU reference's layout) on CUDA
+
+
+@dataclass(frozen=True)
+class EvalConfig(Section):
+    PREFIX = "EVAL_"
+    seq_len: int = setting(2048, "an integer at most 1048576 (<= 0: TRAIN_SEQ_LEN)",
+                           lambda v: v <= 1 << 20)
+    stride: int = free(96)  # <= 0 or >= SEQ_LEN: no stride-S sliding pass
+    tail: str = choice("once", "once", "original")
+    slot: SlotConfig = field(default_factory=SlotConfig)
+    ttt: TTTConfig = field(default_factory=TTTConfig)
+
+    @property
+    def window_stride(self) -> int:  # SLOT's and TTT's windows
+        return self.stride if self.stride > 0 else 64
+
+    def check(self) -> None:
+        windows = self.slot.enabled or self.ttt.enabled
+        need(not windows or self.window_stride <= self.seq_len, "EVAL_STRIDE", self.stride,
+             f"at most EVAL_SEQ_LEN={self.seq_len} with SLOT or TTT on (<= 0 means 64; "
+             f"longer leaves gaps)")
+        need(not self.ttt.enabled or self.ttt.chunk_tokens >= self.seq_len, "TTT_CHUNK_TOKENS",
+             self.ttt.chunk_tokens,
+             f"at least EVAL_SEQ_LEN={self.seq_len} (a chunk holds whole sequences to train on)")
+
+
+ORIGINAL_WORLD = 8  # the original's 8 GPUs: its batch split, validation batch and SLOT grouping
+# Settings the original had and this script does not: set to anything but their default, a
+# run stops instead of silently ignoring them.
+REMOVED_SETTINGS = {"MTP_NUM_HEADS": ("0", "the record trains no multi-token heads"),
+                    "MTP_LOSS_WEIGHT": ("0.2", "it weighted the multi-token heads"),
+                    "DTG_ENABLED": ("0", "the record runs without the gate")}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting, by the stage that reads it."""
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: GPTConfig = field(default_factory=GPTConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    SECTIONS = (RunConfig, DataConfig, GPTConfig, OptimConfig, TrainConfig, ExportConfig,
+                EvalConfig, SlotConfig, TTTConfig)
+
+    @classmethod
+    def variables(cls) -> set[str]:
+        return {name for section in cls.SECTIONS for name in section.settings()}
+
+    @classmethod
+    def from_env(cls, env=None) -> "Config":
+        raw = read_settings(os.environ if env is None else env)
+        train = TrainConfig.from_values(raw)
+        if parse_value("EVAL_SEQ_LEN", raw.get("EVAL_SEQ_LEN", "2048").strip(), "int") <= 0:
+            raw["EVAL_SEQ_LEN"] = str(train.train_seq_len)  # <= 0 means TRAIN_SEQ_LEN
+        evaluation = EvalConfig.from_values(raw, slot=SlotConfig.from_values(raw),
+                                            ttt=TTTConfig.from_values(raw))
+        run = RunConfig.from_values(raw)
+        if not run.run_id:
+            run = RunConfig.from_values({**raw, "RUN_ID": str(uuid.uuid4())})
+        cfg = cls(run, DataConfig.from_values(raw), GPTConfig.from_values(raw),
+                  OptimConfig.from_values(raw), train, ExportConfig.from_values(raw), evaluation)
+        cfg.check()
+        return cfg
 
     @property
     def max_seq_len(self) -> int:
-        return max(self.train_seq_len, self.effective_eval_seq_len)
+        return max(self.train.train_seq_len, self.eval.seq_len)
+
+    def check(self) -> None:
+        """Constraints across sections."""
+        need(self.eval.ttt.freeze_blocks <= self.model.num_layers, "TTT_FREEZE_BLOCKS",
+             self.eval.ttt.freeze_blocks, f"in [0, NUM_LAYERS={self.model.num_layers}]")
+        cap, reserve = self.train.max_wallclock_seconds, self.export.gptq_reserve_seconds
+        need(not self.export.gptq_enabled or cap <= 0 or reserve < cap, "GPTQ_RESERVE_SECONDS",
+             reserve, "less than MAX_WALLCLOCK_SECONDS with GPTQ on")
 
     def check_world(self, world_size: int) -> None:
         """Batch divisibility depends on the world size, known only at launch."""
-        accum = self.grad_accum_steps(world_size)
-        unit = world_size * accum * self.train_seq_len
-        if self.train_batch_tokens % unit:
+        t = self.train
+        accum = t.grad_accum_steps(world_size)
+        unit_tokens = world_size * accum * t.train_seq_len
+        if t.train_batch_tokens % unit_tokens:
             raise ConfigError(
-                f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} does not split over world_size={world_size} x "
-                f"grad_accum={accum} x TRAIN_SEQ_LEN={self.train_seq_len}; expected a multiple of {unit}")
-        if self.val_batch_size // 8 < self.max_seq_len:
-            raise ConfigError(f"VAL_BATCH_SIZE={self.val_batch_size} gives each rank {self.val_batch_size // 8} tokens "
-                              f"per batch; expected at least 8 x {self.max_seq_len} (one sequence per rank)")
+                f"TRAIN_BATCH_TOKENS={t.train_batch_tokens} does not split over world_size="
+                f"{world_size} x grad_accum={accum} x TRAIN_SEQ_LEN={t.train_seq_len}; "
+                f"expected a multiple of {unit_tokens}")
+        per_rank = t.val_batch_size // ORIGINAL_WORLD
+        if per_rank < self.max_seq_len:
+            raise ConfigError(
+                f"VAL_BATCH_SIZE={t.val_batch_size} gives each rank {per_rank} tokens per batch; "
+                f"expected at least 8 x {self.max_seq_len} (one sequence per rank)")
+
+
+def read_settings(env) -> dict[str, str]:
+    """The variables this script reads, from the environment over PRESET's file."""
+    preset = env.get("PRESET", "").strip()
+    raw = {**(preset_defaults(preset) if preset else {}), **env}
+    for name, (default, why) in REMOVED_SETTINGS.items():
+        if name in raw and raw[name].strip() not in (default, "false", "off", "no"):
+            raise ConfigError(f"{name}={raw[name]!r} is not allowed: the setting was removed "
+                              f"({why}); unset it")
+    known = Config.variables()
+    return {k: v for k, v in raw.items() if k in known}
+
+
+def misspelt_settings(env) -> list[str]:
+    """Warnings for variables within two edits of a setting (SLOT_STPES): silently ignored
+    otherwise. Only upper-case names are compared."""
+    known = Config.variables() | set(REMOVED_SETTINGS) | {"PRESET"}
+    warnings = []
+    for name in sorted(env):
+        if name in known or not name.isupper():
+            continue
+        close = [k for k in known if edit_distance(name, k) <= 2]
+        if close:
+            warnings.append(f"WARNING: {name} is not a setting of this script; did you mean "
+                            f"{min(close, key=lambda k: edit_distance(name, k))}?")
+    return warnings
+
+
+def edit_distance(a: str, b: str) -> int:
+    if abs(len(a) - len(b)) > 2:
+        return 3
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
 
 
 def preset_defaults(name: str) -> dict[str, str]:
-    """PRESET=NAME: defaults from presets/NAME.env beside this file (KEY=VALUE lines). The CPU demo's
-    configuration lives there, not in the record's code."""
+    """PRESET=NAME: defaults from presets/NAME.env beside this file (KEY=VALUE lines). The CPU
+    demo's configuration lives there, not in the record's code."""
     path = Path(__file__).resolve().with_name("presets") / f"{name}.env"
     try:
-        lines = [line.split("#", 1)[0].strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        text = path.read_text(encoding="utf-8")
     except (OSError, ValueError):
         names = sorted(p.stem for p in path.parent.glob("*.env"))
-        raise ConfigError(f"PRESET={name!r} is not allowed; expected one of: {', '.join(names)} (or unset)") from None
+        found = f"one of: {', '.join(names)} (or unset)" if names else "unset (no presets found)"
+        raise ConfigError(f"PRESET={name!r} is not allowed; expected {found}; presets are read "
+                          f"from {path.parent}") from None
+    lines = [line.split("#", 1)[0].strip() for line in text.splitlines()]
     return dict(line.split("=", 1) for line in lines if "=" in line)
-
-
-def _parse_value(name: str, raw: str, kind: str):
-    booleans = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
-    try:
-        value = {"int": int, "float": float, "bool": lambda r: booleans[r.lower()], "str": str}[kind](raw)
-    except (ValueError, KeyError):
-        allowed = "a boolean: 1/0, true/false, yes/no, on/off" if kind == "bool" else f"a valid {kind}"
-        raise ConfigError(f"{name}={raw!r} is not allowed; expected {allowed}") from None
-    if kind == "float" and not math.isfinite(value):
-        raise ConfigError(f"{name}={raw!r} is not allowed; expected a finite number")
-    return value
-
-# -----------------------------
-# DATA
-# -----------------------------
-
-SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
-HEADER_BYTES = HEADER_INTS * 4
-
-
-def load_data_shard(path) -> np.ndarray:
-    """A shard's tokens as a read-only uint16 memory map (no whole-file copy)."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read shard ({e.strerror})") from None
-    if header.size < HEADER_INTS:
-        raise ConfigError(f"{path}: truncated header ({size} bytes; a shard starts with a {HEADER_BYTES}-byte header)")
-    if header[0] != SHARD_MAGIC:
-        raise ConfigError(f"{path}: bad magic {header[0]}; expected {SHARD_MAGIC}")
-    if header[1] != SHARD_VERSION:
-        raise ConfigError(f"{path}: unsupported version {header[1]}; expected {SHARD_VERSION}")
-    n = int(header[2])
-    if n < 0 or size != HEADER_BYTES + 2 * n:
-        raise ConfigError(f"{path}: size {size} bytes does not match header token count {n} "
-                          f"(expected {HEADER_BYTES + 2 * max(n, 0)} bytes)")
-    if n == 0:
-        return np.zeros(0, dtype=np.uint16)
-    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,))
-
-
-def shard_files(data_path: str, split: str) -> list[str]:
-    if not os.path.isdir(data_path):
-        what = "is a file" if os.path.exists(data_path) else "does not exist"
-        raise ConfigError(f"DATA_PATH={data_path!r}: {what}; expected a folder of fineweb_{split}_*.bin shards")
-    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
-    if not files:
-        raise ConfigError(f"DATA_PATH={data_path!r}: no fineweb_{split}_*.bin shards found")
-    return files
-
-
-class TokenStream:
-    """The train shards in order, wrapping around at the end."""
-
-    def __init__(self, files: list[str]):
-        self.files, self.file_idx, self.pos = files, 0, 0
-        self.tokens = load_data_shard(files[0])
-
-    def take(self, n: int) -> Tensor:
-        chunks = []
-        while n > 0:
-            if self.pos >= self.tokens.size:
-                self.file_idx = (self.file_idx + 1) % len(self.files)
-                self.tokens, self.pos = load_data_shard(self.files[self.file_idx]), 0
-                continue
-            k = min(n, self.tokens.size - self.pos)
-            chunks.append(np.asarray(self.tokens[self.pos:self.pos + k], dtype=np.int64))
-            self.pos, n = self.pos + k, n - k
-        return torch.from_numpy(np.concatenate(chunks))
-
-
-class DistributedTokenLoader:
-    """Each micro-step takes one contiguous chunk; rank r reads its own (local + 1)-token slice."""
-
-    def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device):
-        self.stream, self.rank, self.world_size, self.device = TokenStream(files), rank, world_size, device
-
-    def next_batch(self, global_tokens: int, seq_len: int, grad_accum: int) -> tuple[Tensor, Tensor]:
-        local = global_tokens // (self.world_size * grad_accum)
-        chunk = self.stream.take((local + 1) * self.world_size)
-        span = chunk[self.rank * (local + 1):(self.rank + 1) * (local + 1)]
-        if self.device.type == "cuda":  # pinned: the copy overlaps the previous micro-step's work
-            span = span.pin_memory()
-        span = span.to(self.device, non_blocking=True)
-        return span[:-1].reshape(-1, seq_len), span[1:].reshape(-1, seq_len)
-
-
-def load_validation_tokens(files: list[str], seq_len: int, vocab_size: int) -> Tensor:
-    parts = []
-    for f in files:
-        part = np.asarray(load_data_shard(f), dtype=np.int64)
-        if part.size and int(part.max()) >= vocab_size:
-            raise ConfigError(f"{f}: token id {int(part.max())} is out of range for VOCAB_SIZE={vocab_size}")
-        parts.append(part)
-    tokens = np.concatenate(parts)
-    usable = ((tokens.size - 1) // seq_len) * seq_len
-    if usable <= 0:
-        raise ConfigError(f"validation split ({', '.join(files)}) has {tokens.size} tokens; "
-                          f"expected more than one sequence of {seq_len}")
-    return torch.from_numpy(tokens[:usable + 1])
-
-
-def load_tokenizer(h: Hyperparameters) -> spm.SentencePieceProcessor:
-    path = Path(h.tokenizer_path)
-    if not path.is_file():
-        what = "is a directory" if path.is_dir() else "file not found"
-        raise ConfigError(f"TOKENIZER_PATH={h.tokenizer_path!r}: {what}; expected a SentencePiece .model file")
-    sp = spm.SentencePieceProcessor()
-    try:
-        sp.load(str(path))
-    except (OSError, RuntimeError):
-        raise ConfigError(f"TOKENIZER_PATH={h.tokenizer_path!r}: not a SentencePiece model") from None
-    if sp.vocab_size() != h.vocab_size:
-        raise ConfigError(f"VOCAB_SIZE={h.vocab_size} differs from the tokenizer's size {sp.vocab_size()} "
-                          f"({h.tokenizer_path}); expected VOCAB_SIZE={sp.vocab_size()}")
-    return sp
-
-
-def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int, device) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-token UTF-8 byte counts, leading-space flags and boundary flags for val_bpb."""
-    table = max(sp.vocab_size(), vocab_size)
-    base_bytes = np.zeros(table, dtype=np.int16)
-    leading_space = np.zeros(table, dtype=np.bool_)
-    boundary = np.ones(table, dtype=np.bool_)  # ids past the tokenizer's size count as boundaries
-    for i in range(sp.vocab_size()):
-        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
-            continue
-        boundary[i] = False
-        if sp.is_byte(i):
-            base_bytes[i] = 1
-            continue
-        piece = sp.id_to_piece(i)
-        if piece.startswith("\u2581"):
-            leading_space[i], piece = True, piece[1:]
-        base_bytes[i] = len(piece.encode("utf-8"))
-    return tuple(torch.from_numpy(a).to(device) for a in (base_bytes, leading_space, boundary))
-
-
-def count_bytes(luts, prev_ids: Tensor, target_ids: Tensor) -> Tensor:
-    """Bytes of each target: its piece, plus the space it opens unless it follows a boundary."""
-    base_bytes, leading_space, boundary = luts
-    return base_bytes[target_ids].double() + (leading_space[target_ids] & ~boundary[prev_ids]).double()
-
-# -----------------------------
-# MODEL
-# -----------------------------
-
-
-def rms(x: Tensor) -> Tensor:
-    return F.rms_norm(x, (x.size(-1),))  # eps=None: the dtype's machine epsilon
-
-
-class CastedLinear(nn.Linear):
-    """A bias-free linear layer whose weight follows the input's dtype; with `qat`, a fake int6
-    quantised weight (straight-through gradient). `qat` is an argument the training loop passes
-    down, not a switch on the class: the compiled graph is specialised on it, and both graphs are
-    built during the warm-up instead of recompiling when late QAT starts."""
-
-    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
-        super().__init__(in_features, out_features, bias=False)
-        self.zero_init = zero_init
-
-    def forward(self, x: Tensor, qat: bool = False) -> Tensor:
-        w = self.weight.to(x.dtype)
-        if qat:
-            with torch.no_grad():
-                w32 = self.weight.float()
-                scale = (w32.abs().amax(dim=1) / 31.0).clamp_min(1.0 / 31.0)[:, None]
-                w_q = (torch.clamp(torch.round(w32 / scale), -32, 31) * scale).to(x.dtype)
-            w = w + (w_q - w).detach()
-        return F.linear(x, w)
-
-
-def rotary_cos_sin(seq_len: int, rope_dims: int, base: float, device, dtype) -> tuple[Tensor, Tensor]:
-    """Partial-RoPE tables, in float32 then cast to the activation dtype.
-    Seed quirk kept: the rotary module believes training ran at 1024 tokens and rescales the
-    base for longer rows (always in effect at T = 2048). Seed quirk fixed: the original built
-    T <= 1024 tables from bf16 positions."""
-    if seq_len > 1024:
-        base = base * (seq_len / 1024) ** (rope_dims / (rope_dims - 2))
-    inv_freq = 1.0 / (base ** (torch.arange(0, rope_dims, 2, dtype=torch.float32, device=device) / rope_dims))
-    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
-    return freqs.cos()[None, :, None, :].to(dtype), freqs.sin()[None, :, None, :].to(dtype)
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = cos.size(-1)
-    a, b, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
-    return torch.cat((a * cos + b * sin, a * (-sin) + b * cos, rest), dim=-1)
-
-
-def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """q [B,T,H,D], k/v [B,T,Hkv,D] -> [B,T,H,D]; query head h reads kv head h // (H/Hkv)."""
-    if torch.is_autocast_enabled(q.device.type):
-        # One dtype for all three: torch >= 2.12's CUDA autocast keeps rms_norm, so q and k, in
-        # float32 while v is bf16, and FA3 (not an autocast op) refuses mixed dtypes.
-        dtype = torch.get_autocast_dtype(q.device.type)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    if flash_attn_3 is not None and q.is_cuda:
-        out = flash_attn_3(q, k, v, causal=True)
-        return out[0] if isinstance(out, tuple) else out
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       is_causal=True, enable_gqa=q.size(2) != k.size(2))
-    return y.transpose(1, 2)
-
-
-class Attention(nn.Module):
-    def __init__(self, h: Hyperparameters, layer: int):
-        super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = h.num_heads, h.num_kv_heads, h.head_dim
-        self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
-        self.vrl_gate = nn.Parameter(torch.tensor(-1.5)) if h.vrl_enabled and layer > 0 else None
-        self.xsa = layer >= h.num_layers - h.xsa_last_n
-        self.c_q = CastedLinear(h.model_dim, h.model_dim)
-        self.c_k = CastedLinear(h.model_dim, h.kv_dim)
-        self.c_v = CastedLinear(h.model_dim, h.kv_dim)
-        self.proj = CastedLinear(h.model_dim, h.model_dim, zero_init=True)
-
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], v_first: Tensor | None, ve: Tensor | None, qat: bool):
-        B, T, _ = x.shape
-        q = self.c_q(x, qat).reshape(B, T, self.num_heads, self.head_dim)
-        k = self.c_k(x, qat).reshape(B, T, self.num_kv_heads, self.head_dim)
-        v = self.c_v(x, qat)
-        v_raw = v  # layer 0's raw value feeds the value residual of later layers
-        if ve is not None:
-            v = v + ve
-        if self.vrl_gate is not None and v_first is not None:
-            alpha = torch.sigmoid(self.vrl_gate.to(v.dtype))
-            v = (1 - alpha) * v + alpha * v_first
-        v = v.reshape(B, T, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(rms(q), *rope), apply_rotary(rms(k), *rope)
-        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        y = causal_attention(q, k, v)
-        if self.xsa:  # remove each head's component along its (normalised) value vector
-            group = self.num_heads // self.num_kv_heads
-            y = y.reshape(B, T, self.num_kv_heads, group, self.head_dim)
-            v_hat = F.normalize(v, dim=-1).unsqueeze(-2)
-            y = y - (y * v_hat).sum(dim=-1, keepdim=True) * v_hat
-        return self.proj(y.reshape(B, T, -1), qat), v_raw
-
-
-class MLP(nn.Module):
-    def __init__(self, h: Hyperparameters):
-        super().__init__()
-        self.fc = CastedLinear(h.model_dim, h.mlp_hidden)
-        self.proj = CastedLinear(h.mlp_hidden, h.model_dim, zero_init=True)
-
-    def forward(self, x: Tensor, qat: bool) -> Tensor:
-        return self.proj(F.leaky_relu(self.fc(x, qat), negative_slope=0.5).square(), qat)
-
-
-class Block(nn.Module):
-    def __init__(self, h: Hyperparameters, layer: int):
-        super().__init__()
-        self.attn_scale = nn.Parameter(torch.ones(h.model_dim))
-        self.mlp_scale = nn.Parameter(torch.ones(h.model_dim))
-        self.resid_mix = nn.Parameter(torch.stack((torch.ones(h.model_dim), torch.zeros(h.model_dim))))
-        self.attn = Attention(h, layer)
-        self.mlp = MLP(h)
-        self.ln_scale = 1.0 / math.sqrt(layer + 1) if h.ln_scale else 1.0
-
-    def forward(self, x, x0, rope, v_first, ve, qat: bool):
-        mix = self.resid_mix.to(x.dtype)
-        x = mix[0] * x + mix[1] * x0
-        attn_out, v_raw = self.attn(rms(x) * self.ln_scale, rope, v_first, ve, qat)
-        x = x + self.attn_scale.to(x.dtype) * attn_out
-        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms(x) * self.ln_scale, qat)
-        return x, v_raw
-
-
-class ScaledEmbedding(nn.Module):
-    """An embedding table, projected to out_dim when its width differs (zero init), times a
-    learned scalar. The value embedding as is; the hashed bigram embedding below."""
-
-    def __init__(self, rows: int, dim: int, out_dim: int, scale: float, init_std: float):
-        super().__init__()
-        self.scale = nn.Parameter(torch.tensor(scale))
-        self.embed = nn.Embedding(rows, dim)
-        if init_std > 0:
-            nn.init.normal_(self.embed.weight, std=init_std)
-        else:
-            nn.init.zeros_(self.embed.weight)
-        self.proj = CastedLinear(dim, out_dim) if dim != out_dim else None
-        if self.proj is not None:
-            nn.init.zeros_(self.proj.weight)
-
-    def forward(self, ids: Tensor, qat: bool = False) -> Tensor:
-        out = self.embed(ids)
-        if self.proj is not None:
-            out = self.proj(out, qat)
-        return out * self.scale.to(out.dtype)
-
-
-class BigramHash(ScaledEmbedding):
-    """A learned embedding of a hash of (previous token, token), added to the token embedding."""
-
-    def __init__(self, h: Hyperparameters):
-        super().__init__(h.bigram_vocab_size, h.bigram_dim, h.model_dim, scale=0.05, init_std=0.0)
-
-    def forward(self, ids: Tensor, qat: bool = False) -> Tensor:
-        t = ids.to(torch.int32)  # the hash wraps in int32, as the original's
-        mod = self.embed.num_embeddings - 1
-        buckets = torch.full_like(t, mod)  # position 0 of every row has no previous token
-        buckets[:, 1:] = torch.bitwise_xor(36313 * t[:, 1:], 27191 * t[:, :-1]) % mod
-        return super().forward(buckets.long(), qat)
-
-
-class SmearGate(nn.Module):
-    """Mixes each position with the previous one: x[t] <- (1 - g) x[t] + g x[t-1]."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.gate = nn.Parameter(torch.zeros(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        g = torch.sigmoid(self.gate.to(x.dtype))
-        x_prev = torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1]), dim=1)
-        return (1 - g) * x + g * x_prev
-
-
-class GPT(nn.Module):
-    def __init__(self, h: Hyperparameters):
-        super().__init__()
-        self.h = h
-        self.num_encoder = h.num_layers // 2
-        num_skips = min(self.num_encoder, h.num_layers - self.num_encoder)
-        # Construction order is the order of the random draws: keep it (same SEED, same weights).
-        self.skip_weights = nn.Parameter(torch.ones(num_skips, h.model_dim))
-        self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
-        self.bigram = BigramHash(h) if h.bigram_vocab_size > 0 else None
-        self.smear = SmearGate(h.model_dim)
-        self.blocks = nn.ModuleList(Block(h, i) for i in range(h.num_layers))
-        self.ve_shared = ScaledEmbedding(h.vocab_size, h.ve_dim, h.kv_dim, scale=0.1, init_std=0.01) \
-            if h.ve_layer_ids else None
-        self.ve_layer_scales = nn.ParameterList(nn.Parameter(torch.ones(1)) for _ in h.ve_layer_ids)
-        self.lm_head = None if h.tie_embeddings else CastedLinear(h.model_dim, h.vocab_size, zero_init=True)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        nn.init.normal_(self.tok_emb.weight, mean=0.0, std=self.h.tied_embed_init_std)
-        for name, module in self.named_modules():
-            if not isinstance(module, nn.Linear):
-                continue
-            if module.zero_init:
-                nn.init.zeros_(module.weight)
-            elif min(module.weight.shape) >= 64:
-                nn.init.orthogonal_(module.weight, gain=1.0)
-                if name.endswith(".proj"):
-                    # Seed quirk kept: this also moves bigram.proj and ve_shared.proj off zero.
-                    with torch.no_grad():
-                        module.weight.mul_(1.0 / math.sqrt(2 * self.h.num_layers))
-
-    def head_weight(self) -> Tensor:
-        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-
-    def hidden(self, ids: Tensor, qat: bool = False) -> Tensor:
-        """Final hidden states after the last RMS norm, [B, T, d]; `qat`: late QAT's fake int6 weights."""
-        h = self.h
-        x = self.tok_emb(ids)
-        if self.bigram is not None:
-            x = x + self.bigram(ids, qat)
-        x = self.smear(rms(x))
-        x0, v_first, skips = x, None, []
-        rope = rotary_cos_sin(ids.size(1), h.rope_dims or h.head_dim, h.rope_base, ids.device, x.dtype)
-        ve_base = self.ve_shared(ids, qat) if self.ve_shared is not None else None
-        for i, block in enumerate(self.blocks):
-            if i >= self.num_encoder and skips:  # U-Net: decoder i reads encoder outputs, last in first out
-                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
-            ve = None
-            if i in h.ve_layer_ids:
-                ve = ve_base * self.ve_layer_scales[h.ve_layer_ids.index(i)].to(ve_base.dtype)
-            x, v_raw = block(x, x0, rope, v_first, ve, qat)
-            if v_first is None:
-                v_first = v_raw
-            if i < self.num_encoder:
-                skips.append(x)
-        return rms(x)
-
-    def logits(self, x: Tensor, qat: bool = False) -> Tensor:
-        z = F.linear(x, self.head_weight().to(x.dtype)) if self.lm_head is None else self.lm_head(x, qat)
-        return self.h.logit_softcap * torch.tanh(z / self.h.logit_softcap)
-
-    def forward(self, ids: Tensor, targets: Tensor, qat: bool = False) -> Tensor:
-        """The training loss: mean cross-entropy over every target."""
-        logits = self.logits(self.hidden(ids, qat), qat)
-        return F.cross_entropy(logits.float().reshape(-1, self.h.vocab_size), targets.reshape(-1))
-
-
-def is_control(name: str, h: Hyperparameters) -> bool:
-    return any(p in name for p in h.control_patterns)
-
-
-def build_model(h: Hyperparameters, device: torch.device, seed: int | None = None) -> GPT:
-    """Build on the CPU (the original's random draws), then apply the precision mode (docs/evaluation.md):
-    every value takes the bf16 round trip; on CUDA the embedding tables stay bf16 and the rest
-    float32, on the CPU everything returns to float32."""
-    if seed is not None:  # torch.manual_seed seeds the CUDA generators too
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-    model = GPT(h).bfloat16()
-    return (cuda_precision(model, h) if device.type == "cuda" else model.float()).to(device)
-
-
-def cuda_precision(model: GPT, h: Hyperparameters) -> GPT:
-    """The original's CUDA dtypes: linear weights, vectors and control tensors back to float32."""
-    for module in model.modules():
-        if isinstance(module, CastedLinear):
-            module.float()
-    for name, p in model.named_parameters():
-        if p.ndim < 2 or is_control(name, h):
-            p.data = p.data.float()
-    return model
-
-
-# -----------------------------
-# OPTIMIZERS
-# -----------------------------
-
-
-def newton_schulz5(g: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
-    """Approximately orthogonalise g, in bf16 throughout (quintic Newton-Schulz iteration)."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.bfloat16()
-    x = x / (x.norm() + eps)
-    transposed = g.size(0) > g.size(1)
-    if transposed:
-        x = x.T
-    for _ in range(steps):
-        A = x @ x.T
-        B = b * A + c * A @ A
-        x = a * x + B @ x
-    return x.T if transposed else x
-
-
-class Muon(torch.optim.Optimizer):
-    """Nesterov momentum, orthogonalised by Newton-Schulz. Distributed, rank k % world_size
-    orthogonalises parameter k and one all-reduce of a flat bf16 buffer shares the updates."""
-
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
-                 orthogonalize=newton_schulz5):
-        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay))
-        self.orthogonalize = orthogonalize
-
-    @torch.no_grad()
-    def step(self):
-        distributed = dist.is_available() and dist.is_initialized()
-        world_size, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
-        for group in self.param_groups:
-            params, lr, mu = group["params"], group["lr"], group["momentum"]
-            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.bfloat16)
-            offset = 0
-            for i, p in enumerate(params):
-                if i % world_size == rank and p.grad is not None:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p.grad)
-                    buf = state["momentum_buffer"]
-                    buf.mul_(mu).add_(p.grad)
-                    update = self.orthogonalize(p.grad.add(buf, alpha=mu), group["backend_steps"])
-                    update *= max(1, update.size(0) / update.size(1)) ** 0.5
-                    flat[offset:offset + p.numel()] = update.reshape(-1)
-                offset += p.numel()
-            if distributed:
-                all_reduce_sum(flat)
-            offset = 0
-            for p in params:
-                if group["weight_decay"] > 0:
-                    p.mul_(1.0 - lr * group["weight_decay"])
-                p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-lr)
-                offset += p.numel()
-
-
-def all_reduce_sum(t: Tensor) -> None:
-    # gloo reduces bf16 poorly: widen on the CPU. Each slot has one non-zero writer, so it is exact.
-    if t.dtype == torch.bfloat16 and t.device.type == "cpu":
-        wide = t.float()
-        dist.all_reduce(wide)
-        t.copy_(wide)
-    else:
-        dist.all_reduce(t)
-
-
-def split_params(model: GPT, h: Hyperparameters) -> dict[str, list[nn.Parameter]]:
-    """The original's groups: Muon for matrices, AdamW for embeddings and for scalars/control tensors."""
-    groups = {"muon": [], "embed": [], "scalar": [], "head": []}
-    for name, p in model.named_parameters():
-        if name in ("tok_emb.weight", "bigram.embed.weight", "ve_shared.embed.weight"):
-            groups["embed"].append(p)
-        elif name == "lm_head.weight":
-            groups["head"].append(p)
-        elif p.ndim == 2 and not is_control(name, h):
-            groups["muon"].append(p)  # blocks' matrices, bigram.proj, ve_shared.proj
-        else:
-            groups["scalar"].append(p)
-    return groups
-
-
-def build_optimizers(model: GPT, h: Hyperparameters, compiled: bool = False) -> tuple[list, Muon]:
-    groups = split_params(model, h)
-    fused = dict(fused=True) if next(model.parameters()).is_cuda else {}
-    adam = dict(betas=(h.beta1, h.beta2), eps=h.adam_eps, **fused)
-    embed_lr = h.tied_embed_lr if h.tie_embeddings else h.embed_lr
-    optimizers = [
-        torch.optim.AdamW([dict(params=groups["embed"], lr=embed_lr, base_lr=embed_lr)], weight_decay=h.adam_wd, **adam),
-        torch.optim.AdamW([dict(params=groups["scalar"], lr=h.scalar_lr, base_lr=h.scalar_lr)],
-                          weight_decay=h.adam_wd, **adam),
-    ]
-    # Compiled on CUDA, as the original: eagerly, Newton-Schulz is thousands of small launches a step.
-    muon = Muon(groups["muon"], lr=h.matrix_lr, momentum=h.muon_momentum, backend_steps=h.muon_backend_steps,
-                weight_decay=h.muon_wd, orthogonalize=torch.compile(newton_schulz5) if compiled else newton_schulz5)
-    for group in muon.param_groups:
-        group["base_lr"] = h.matrix_lr
-    optimizers.append(muon)
-    if groups["head"]:
-        optimizers.append(torch.optim.Adam([dict(params=groups["head"], lr=h.head_lr, base_lr=h.head_lr)], **adam))
-    return optimizers, muon
-
-
-def lr_multiplier(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
-    """Linear warm-down, by steps or (with a wall-clock cap) by the time the remaining steps will take."""
-    if h.warmdown_iters <= 0:
-        return 1.0
-    if h.max_wallclock_seconds <= 0:
-        start = max(h.iterations - h.warmdown_iters, 0)
-        return max((h.iterations - step) / h.warmdown_iters, 0.0) if start <= step < h.iterations else 1.0
-    warmdown_ms = h.warmdown_iters * (elapsed_ms / max(step, 1))
-    remaining_ms = max(1000.0 * h.max_wallclock_seconds - elapsed_ms, 0.0)
-    return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
-
-
-def muon_momentum_at(h: Hyperparameters, step: int) -> float:
-    frac = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps > 0 else 1.0
-    return (1 - frac) * h.muon_momentum_warmup_start + frac * h.muon_momentum
-
-# -----------------------------
-# EXPORT: int6/int8 quantisation and the compressed artifact
-# -----------------------------
-
-INT6_CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, None)  # None: the row max
-INT8_CLIP_QUANTILE = 0.9999984
-PASSTHROUGH_MAX_NUMEL = 65536
-SIZE_LIMIT = 16_000_000
-MODEL_PATH = "final_model.pt"  # the trained (EMA) weights, unquantised
-
-
-def quantize_int6(t: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row int6 in [-31, 31] with an fp16 scale; the clip is the candidate with the least
-    squared error (first wins ties). torch.round is round-half-to-even, as the original."""
-    t32 = t.float()
-    if t32.ndim != 2:
-        amax = t32.abs().max().item()
-        scale = torch.tensor(amax / 31 if amax > 0 else 1.0, dtype=torch.float16)
-        return torch.clamp(torch.round(t32 / scale.float()), -31, 31).to(torch.int8), scale
-    best, best_err = None, float("inf")
-    for scale in int6_clip_scales(t32):
-        q = torch.clamp(torch.round(t32 / scale.float()[:, None]), -31, 31).to(torch.int8)
-        err = (t32 - q.float() * scale.float()[:, None]).pow(2).mean().item()
-        if err < best_err:
-            best, best_err = (q, scale), err
-    return best
-
-
-def int6_clip_scales(t32: Tensor):
-    """The per-row fp16 scale of each clip candidate, in order: the row quantiles of |w|, then the row max."""
-    for q_level in INT6_CLIP_QUANTILES:
-        clip = t32.abs().amax(dim=1) if q_level is None else torch.quantile(t32.abs(), q_level, dim=1)
-        yield (clip / 31).clamp_min(1.0 / 31).to(torch.float16)
-
-
-def quantize_int8(t: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row int8 with a float32 scale used for q and stored as fp16 (0-d float32 for 1-D tensors)."""
-    t32 = t.float()
-    if t32.ndim != 2:
-        clip = float(torch.quantile(t32.abs().flatten(), INT8_CLIP_QUANTILE).item()) if t32.numel() else 0.0
-        scale = torch.tensor(clip / 127 if clip > 0 else 1.0, dtype=torch.float32)
-        return torch.clamp(torch.round(torch.clamp(t32, -clip, clip) / scale), -127, 127).to(torch.int8), scale
-    clip = torch.quantile(t32.abs(), INT8_CLIP_QUANTILE, dim=1)
-    scale = (clip / 127).clamp_min(1.0 / 127)
-    clipped = torch.maximum(torch.minimum(t32, clip[:, None]), -clip[:, None])
-    q = torch.clamp(torch.round(clipped / scale[:, None]), -127, 127).to(torch.int8)
-    return q, scale.to(torch.float16)
-
-
-def quantize_state_dict(state: dict[str, Tensor], h: Hyperparameters, hessians: dict | None = None) -> dict:
-    """The original's export rules, first match wins (GPTQ for int6 matrices with a Hessian, on its device);
-    returns the container {"w": tensors, "m": schemes}."""
-    tensors, schemes = {}, {}
-    for name, t in state.items():
-        t = t.detach().cpu().contiguous()
-        if not t.is_floating_point() or t.numel() <= PASSTHROUGH_MAX_NUMEL:
-            tensors[name], schemes[name] = (t.to(torch.float16) if t.is_floating_point() else t), "passthrough"
-        elif is_control(name, h):
-            tensors[name], schemes[name] = t.to(torch.float16), "passthrough_ctrl"
-        else:
-            int6 = "tok_emb" not in name and "lm_head" not in name and any(
-                s in name for s in (".mlp.", ".attn.", ".proj."))
-            q, scale = (gptq_quantize(t.to(hessians[name].device), hessians[name]) if int6 and name in (hessians or {})
-                        else quantize_int6(t) if int6 else quantize_int8(t))
-            tensors[name + ".q"], tensors[name + ".scale"] = q.cpu().contiguous(), scale.cpu().contiguous()
-            schemes[name] = {"type": "int6" if int6 else "int8"}
-    return {"w": tensors, "m": schemes}
-
-
-def dequantize_state_dict(container: dict, template: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Float32 dequantisation, then each tensor in the template's dtype."""
-    tensors, schemes, out = container["w"], container["m"], {}
-    for name, ref in template.items():
-        scheme = schemes.get(name)
-        if scheme is None:
-            continue
-        if isinstance(scheme, str):  # passthrough, passthrough_ctrl, passthrough_fp16
-            out[name] = tensors[name].to(ref.dtype)
-            continue
-        q, scale = tensors[name + ".q"], tensors[name + ".scale"]
-        s = scale.float().view(-1, *([1] * (q.ndim - 1))) if scale.ndim else scale.float()
-        out[name] = (q.float() * s).to(ref.dtype)
-    return out
-
-
-BROTLI_MAGIC = b"PGBR1"  # brotli streams have no magic of their own
-
-
-def _byte_shuffle(container: dict, inverse: bool) -> dict:
-    """Groups each multi-byte tensor's bytes by significance (all low bytes, then all high bytes),
-    which brotli compresses better. The inverse restores dtype and shape from the stored record."""
-    tensors = {}
-    for name, t in container["w"].items():
-        if inverse and isinstance(t, dict):
-            tensors[name] = t["bytes"].T.contiguous().view(t["dtype"]).reshape(t["shape"])
-        elif not inverse and t.element_size() > 1:
-            planes = t.reshape(-1).view(torch.uint8).reshape(-1, t.element_size()).T.contiguous()
-            tensors[name] = {"bytes": planes, "dtype": t.dtype, "shape": tuple(t.shape)}
-        else:
-            tensors[name] = t
-    return {"w": tensors, "m": container["m"]}
-
-
-def _codec(name: str):
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        raise ConfigError(f"COMPRESSOR={name!r} needs the Python package {name}; install it or use "
-                          f"COMPRESSOR=lzma") from None
-
-
-def pack_artifact(container: dict, compressor: str) -> bytes:
-    buf = io.BytesIO()
-    torch.save(_byte_shuffle(container, inverse=False) if compressor == "brotli" else container, buf)
-    raw, codec = buf.getvalue(), _codec(compressor)
-    if compressor == "brotli":
-        return BROTLI_MAGIC + codec.compress(raw, quality=11)
-    return lzma.compress(raw, preset=6)
-
-
-def unpack_artifact(blob: bytes, path) -> dict:
-    """Detects the compressor from the bytes; a foreign or damaged file names itself."""
-    try:
-        if blob.startswith(b"\xfd7zXZ\x00"):
-            raw, shuffled = lzma.decompress(blob), False
-        elif blob.startswith(BROTLI_MAGIC):
-            raw, shuffled = _codec("brotli").decompress(blob[len(BROTLI_MAGIC):]), True
-        else:
-            raise ConfigError(f"{path}: not an artifact of this format (no xz or brotli header)")
-        container = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except ConfigError:
-        raise
-    except Exception as e:  # lzma.LZMAError, brotli errors, unpickling errors
-        raise ConfigError(f"{path}: damaged or truncated artifact ({type(e).__name__}: {e})") from None
-    if not (isinstance(container, dict) and isinstance(container.get("w"), dict) and isinstance(container.get("m"), dict)):
-        raise ConfigError(f"{path}: not a quantised model container (expected keys 'w' and 'm')")
-    return _byte_shuffle(container, inverse=True) if shuffled else container
-
-
-def load_artifact_into(model: GPT, path) -> None:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"ARTIFACT={str(path)!r}: {'is a directory' if path.is_dir() else 'file not found'}; "
-                          f"expected an artifact file")
-    container = unpack_artifact(path.read_bytes(), path)
-    template = model.state_dict()
-    expected = set(template)
-    missing, unexpected = expected - set(container["m"]), set(container["m"]) - expected
-    if missing or unexpected:
-        raise ConfigError(f"{path}: artifact does not fit this configuration (missing {sorted(missing)[:3]}, "
-                          f"unexpected {sorted(unexpected)[:3]}); set the model variables it was trained with")
-    try:
-        state = dequantize_state_dict(container, template)
-    except KeyError as e:
-        raise ConfigError(f"{path}: damaged artifact (no stored tensor {e})") from None
-    bad = [k for k, v in state.items() if v.shape != template[k].shape]
-    if bad:
-        raise ConfigError(f"{path}: tensor {bad[0]} has shape {tuple(state[bad[0]].shape)}, this configuration "
-                          f"expects {tuple(template[bad[0]].shape)}")
-    model.load_state_dict(state, strict=True)
-
-
-def write_atomic(path, data: bytes) -> None:
-    """Write beside the target, then rename: a crash never leaves a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-# -----------------------------
-# GPTQ (GPTQ_ENABLED=1, as the accepted record 2026-03-29) and the byte budget
-# -----------------------------
-
-
-def gptq_quantize(weight: Tensor, hessian: Tensor, block: int = 128) -> tuple[Tensor, Tensor]:
-    """int6 codes [rows, cols] and fp16 row scales for the output error under `hessian` (record 2026-03-29's solver)."""
-    w32, H = weight.float(), hessian.float().clone()
-    dead = H.diagonal() == 0  # an input that is always zero: unit curvature, its weights dropped below
-    H.diagonal()[dead] = 1
-    H.diagonal().add_(0.01 * H.diagonal().mean())  # damping keeps the Cholesky factors well conditioned
-    perm = torch.argsort(H.diagonal(), descending=True)  # act-order: inputs with the most energy first
-    W, H = w32[:, perm].clone(), H[perm][:, perm]
-    W[:, dead[perm]] = 0
-    try:  # the upper Cholesky factor of H^-1 holds each step's error weights
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    except torch.linalg.LinAlgError:  # not positive definite in float32: the clip search
-        return quantize_int6(weight)
-    found = [(gptq_round(W, Hinv, s.float(), block), s) for s in int6_clip_scales(w32)]  # the clip candidates
-    errs = [(W - q.float() * s.float()[:, None]).pow(2).mean().item() for q, s in found]
-    q, scale = found[errs.index(min(errs))]  # the least error after GPTQ, the first of equals
-    return q[:, torch.argsort(perm)], scale
-
-
-def gptq_round(W: Tensor, Hinv: Tensor, sf: Tensor, block: int) -> Tensor:
-    """Column by column, each rounding error moved onto the later columns by Hinv's row (lazily past the block)."""
-    W, q = W.clone(), torch.zeros(W.shape, dtype=torch.int8, device=W.device)
-    for i1 in range(0, W.size(1), block):
-        i2 = min(i1 + block, W.size(1))
-        err = torch.zeros(W.size(0), i2 - i1, device=W.device)
-        for j in range(i1, i2):
-            qj = torch.clamp(torch.round(W[:, j] / sf), -31, 31)
-            q[:, j] = qj.to(torch.int8)
-            err[:, j - i1] = (W[:, j] - qj * sf) / Hinv[j, j]
-            W[:, j:i2] -= err[:, j - i1, None] * Hinv[j, j:i2]
-        W[:, i2:] -= err @ Hinv[i1:i2, i2:]
-    return q
-
-
-def calibrate(h: Hyperparameters, rt: Runtime, model: GPT, train_files: list[str], train_ms: float) -> dict:
-    """H = mean of X^T X over GPTQ_CALIBRATION_BATCHES global training batches, X each linear's input; micro-batches
-    read as in training and float64 sums, so the world size cannot change the artifact."""
-    t0, sums, last = time.perf_counter(), {}, {}
-
-    def hook(name):
-        def accumulate(module, args, out):
-            if last.get("x") is not args[0]:  # c_q, c_k and c_v read one tensor: one product for the three
-                with torch.autocast(rt.device.type, enabled=False):
-                    x = args[0].reshape(-1, args[0].size(-1)).float()
-                    last.update(x=args[0], xtx=(x.T @ x).double())
-            sums[name] = sums.get(name, 0) + last["xtx"]
-        return accumulate
-
-    handles = [m.register_forward_hook(hook(n + ".weight")) for n, m in model.named_modules()
-               if isinstance(m, CastedLinear)]  # the int6 ones are among them; export picks them
-    loader = DistributedTokenLoader(train_files, rt.rank, rt.world_size, rt.device)
-    accum = h.grad_accum_steps(rt.world_size)
-    model.eval()
-    with torch.no_grad(), rt.autocast():
-        for _ in range(h.gptq_calibration_batches * accum):
-            model.hidden(loader.next_batch(h.train_batch_tokens, h.train_seq_len, accum)[0])
-    for handle in handles:
-        handle.remove()
-    for H in sums.values() if rt.distributed else ():
-        dist.all_reduce(H)
-    hessians = {name: (H / h.gptq_calibration_batches).float() for name, H in sums.items()}
-    rt.sync()
-    ms = 1000.0 * (time.perf_counter() - t0)
-    rt.log(f"gptq:calibration batches:{h.gptq_calibration_batches} inputs:{len(sums)} time:{ms:.0f}ms")
-    total, cap = train_ms + ms, 1000.0 * h.max_wallclock_seconds
-    if cap > 0:  # training stopped GPTQ_RESERVE_SECONDS early to leave this room
-        rt.log(f"{'gptq:' if total <= cap else 'WARNING: '}training+calibration {total:.0f}ms "
-               f"{'under' if total <= cap else 'over'} MAX_WALLCLOCK_SECONDS ({cap:.0f}ms)")
-    return hessians
-
-
-def budget_lines(container: dict, model_bytes: int, compressor: str, code_bytes: int, source_bytes: int) -> list[str]:
-    """The submission's bytes line by line: the stored tensors by scheme (before compression), then the totals."""
-    stored = dict.fromkeys(("int6", "int8", "passthrough"), 0)
-    for name, t in container["w"].items():
-        scheme = container["m"].get(name) or container["m"][name.rsplit(".", 1)[0]]
-        stored[scheme["type"] if isinstance(scheme, dict) else "passthrough"] += t.numel() * t.element_size()
-    total, packed = model_bytes + code_bytes, "packed" if code_bytes != source_bytes else "plain"
-    return [f"budget {kind}: {n:,} bytes stored" for kind, n in stored.items()] + [
-        f"budget model: {model_bytes:,} bytes after {compressor}",
-        f"budget code: {code_bytes:,} bytes ({packed} script; source {source_bytes:,} bytes)",
-        f"budget total: {total:,} bytes, margin {SIZE_LIMIT - total:,} to the {SIZE_LIMIT:,}-byte limit"]
-
-# -----------------------------
-# EVALUATION
-# -----------------------------
 
 
 @dataclass(frozen=True)
@@ -1102,6 +498,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    compile: bool = False
     log_path: str | None = None
 
     @property
@@ -1134,13 +531,1474 @@ class Runtime:
             dist.all_reduce(t)
         return t
 
+    def compiled(self, fn):
+        """fn compiled for fixed shapes on CUDA (or with COMPILE=1), else fn itself."""
+        return torch.compile(fn, dynamic=False, fullgraph=True) if self.compile else fn
+
+
+def start_runtime(cfg: RunConfig) -> Runtime:
+    """torchrun sets RANK/WORLD_SIZE: NCCL on CUDA, gloo on CPU; otherwise a single process."""
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ConfigError("DEVICE='cuda' but no CUDA device is available; expected DEVICE=auto or cpu")
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+    if not use_cuda and cfg.cpu_threads > 0:
+        # One thread per process by default: more threads than free cores ran several times slower.
+        torch.set_num_threads(cfg.cpu_threads)
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # the original's (SLOT's fp32 logit matmul too)
+        torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1 and not dist.is_initialized():
+        # A rank stuck in a collective ends the run after this long, not gloo's half hour.
+        timeout = datetime.timedelta(seconds=cfg.collective_timeout_seconds)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout,
+                                device_id=device if use_cuda else None)
+    compiled = cfg.compile == "1" or (cfg.compile == "auto" and use_cuda)
+    return Runtime(rank=rank, world_size=world_size, device=device, compile=compiled)
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """float32 matmuls in full precision for a stage (GPTQ), restored whatever happens."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def write_atomic(path, data: bytes) -> None:
+    """Write beside the target, then rename: a crash never leaves a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+# -----------------------------
+# DATA: token shards, the tokenizer's byte counts
+# -----------------------------
+# Takes DATA_PATH's fineweb_{train,val}_*.bin shards and the SentencePiece model; returns the
+# validation stream, the per-token byte tables that turn nats into bits per byte, and the
+# training files, read lazily by a stream that every rank walks in the same order. Every
+# header, the first training shard's ids and the tokenizer are checked before the run writes
+# anything.
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256  # as tools/_files.py
+HEADER_BYTES = HEADER_INTS * 4
+
+
+def load_data_shard(path) -> np.ndarray:
+    """A shard's tokens as a read-only uint16 memory map (no whole-file copy)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read shard ({e.strerror})") from None
+    if header.size < HEADER_INTS:
+        raise ConfigError(f"{path}: truncated header ({size} bytes; a shard starts with a "
+                          f"{HEADER_BYTES}-byte header)")
+    if header[0] != SHARD_MAGIC:
+        raise ConfigError(f"{path}: bad magic {header[0]}; expected {SHARD_MAGIC}")
+    if header[1] != SHARD_VERSION:
+        raise ConfigError(f"{path}: unsupported version {header[1]}; expected {SHARD_VERSION}")
+    n = int(header[2])
+    if n < 0 or size != HEADER_BYTES + 2 * n:
+        raise ConfigError(f"{path}: size {size} bytes does not match header token count {n} "
+                          f"(expected {HEADER_BYTES + 2 * max(n, 0)} bytes)")
+    if n == 0:
+        return np.zeros(0, dtype=np.uint16)
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,))
+
+
+def checked_shard(path, vocab_size: int) -> np.ndarray:
+    """A shard whose ids all fit the vocabulary (an embedding lookup would fail mid-run)."""
+    tokens = load_data_shard(path)
+    if tokens.size and int(tokens.max()) >= vocab_size:
+        raise ConfigError(f"{path}: token id {int(tokens.max())} is out of range for "
+                          f"VOCAB_SIZE={vocab_size}")
+    return tokens
+
+
+def shard_files(data_path: str, split: str) -> list[str]:
+    if not os.path.isdir(data_path):
+        what = "is a file" if os.path.exists(data_path) else "does not exist"
+        raise ConfigError(f"DATA_PATH={data_path!r}: {what}; expected a folder of "
+                          f"fineweb_{split}_*.bin shards")
+    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    if not files:
+        raise ConfigError(f"DATA_PATH={data_path!r}: no fineweb_{split}_*.bin shards found")
+    return files
+
+
+class TokenStream:
+    """The train shards in order, wrapping around at the end; each shard's ids are checked as
+    it loads (the split holds at least one token: see load_data)."""
+
+    def __init__(self, files: list[str], vocab_size: int):
+        self.files, self.vocab_size, self.file_idx, self.pos = files, vocab_size, 0, 0
+        self.tokens = checked_shard(files[0], vocab_size)
+
+    def take(self, n: int) -> Tensor:
+        chunks = []
+        while n > 0:
+            if self.pos >= self.tokens.size:
+                self.file_idx = (self.file_idx + 1) % len(self.files)
+                self.tokens = checked_shard(self.files[self.file_idx], self.vocab_size)
+                self.pos = 0
+                continue
+            k = min(n, self.tokens.size - self.pos)
+            chunks.append(np.asarray(self.tokens[self.pos:self.pos + k], dtype=np.int64))
+            self.pos, n = self.pos + k, n - k
+        return torch.from_numpy(np.concatenate(chunks))
+
+
+class DistributedTokenLoader:
+    """Each micro-step takes one contiguous chunk; rank r reads its own (local + 1)-token slice."""
+
+    def __init__(self, files: list[str], vocab_size: int, rt: Runtime):
+        self.stream, self.rt = TokenStream(files, vocab_size), rt
+
+    def next_batch(self, global_tokens: int, seq_len: int, grad_accum: int) -> tuple[Tensor, Tensor]:
+        rank, world = self.rt.rank, self.rt.world_size
+        local = global_tokens // (world * grad_accum)
+        chunk = self.stream.take((local + 1) * world)
+        span = chunk[rank * (local + 1):(rank + 1) * (local + 1)]
+        if self.rt.device.type == "cuda":  # pinned: the copy overlaps the previous micro-step
+            span = span.pin_memory()
+        span = span.to(self.rt.device, non_blocking=True)
+        return span[:-1].reshape(-1, seq_len), span[1:].reshape(-1, seq_len)
+
+
+def load_validation_tokens(files: list[str], seq_len: int, vocab_size: int) -> Tensor:
+    tokens = np.concatenate([np.asarray(checked_shard(f, vocab_size), dtype=np.int64) for f in files])
+    usable = ((tokens.size - 1) // seq_len) * seq_len
+    if usable <= 0:
+        raise ConfigError(f"validation split ({', '.join(files)}) has {tokens.size} tokens; "
+                          f"expected more than one sequence of {seq_len}")
+    return torch.from_numpy(tokens[:usable + 1])
+
+
+def load_tokenizer(cfg: DataConfig, vocab_size: int) -> spm.SentencePieceProcessor:
+    path = Path(cfg.tokenizer_path)
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "file not found"
+        raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path!r}: {what}; expected a "
+                          f"SentencePiece .model file")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.load(str(path))
+    except (OSError, RuntimeError):
+        raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path!r}: not a SentencePiece model") from None
+    if sp.vocab_size() != vocab_size:
+        raise ConfigError(f"VOCAB_SIZE={vocab_size} differs from the tokenizer's size "
+                          f"{sp.vocab_size()} ({cfg.tokenizer_path}); expected "
+                          f"VOCAB_SIZE={sp.vocab_size()}")
+    check_tokenizer_hash(cfg)
+    return sp
+
+
+def check_tokenizer_hash(cfg: DataConfig) -> None:
+    """Shards made with one tokenizer and scored with another give a meaningless bpb: the
+    manifest.json that tools.data writes beside the shards records the tokenizer's sha256."""
+    manifest = Path(cfg.data_path) / "manifest.json"
+    try:
+        expected = json.loads(manifest.read_text(encoding="utf-8"))["tokenizer"]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no manifest, or one without a hash (the challenge's own): nothing to compare
+    actual = hashlib.sha256(Path(cfg.tokenizer_path).read_bytes()).hexdigest()
+    if actual != expected:
+        raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path!r} (sha256 {actual[:12]}...) is not "
+                          f"the tokenizer of DATA_PATH's shards ({manifest}: sha256 "
+                          f"{expected[:12]}...); expected the tokenizer they were made with")
+
+
+def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int, device) -> tuple[Tensor, ...]:
+    """Per-token UTF-8 byte counts, leading-space flags and boundary flags for val_bpb."""
+    table = max(sp.vocab_size(), vocab_size)
+    base_bytes = np.zeros(table, dtype=np.int16)
+    leading_space = np.zeros(table, dtype=np.bool_)
+    boundary = np.ones(table, dtype=np.bool_)  # ids past the tokenizer's size count as boundaries
+    for i in range(sp.vocab_size()):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        if sp.is_byte(i):
+            base_bytes[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581"):
+            leading_space[i], piece = True, piece[1:]
+        base_bytes[i] = len(piece.encode("utf-8"))
+    return tuple(torch.from_numpy(a).to(device) for a in (base_bytes, leading_space, boundary))
+
+
+def count_bytes(luts, prev_ids: Tensor, target_ids: Tensor) -> Tensor:
+    """Bytes of each target: its piece, plus the space it opens unless it follows a boundary."""
+    base_bytes, leading_space, boundary = luts
+    return base_bytes[target_ids].double() + (leading_space[target_ids] & ~boundary[prev_ids]).double()
+
+
+@dataclass(frozen=True)
+class Data:
+    """What every later stage reads: validation tokens on the host, byte tables on the device."""
+    val_tokens: Tensor
+    luts: tuple[Tensor, ...]
+    train_files: list[str]
+    train_tokens: int
+
+
+def load_data(cfg: Config, rt: Runtime, training: bool) -> tuple[Data, list[str]]:
+    """Every data input checked; returns the data and the warnings to log."""
+    sp = load_tokenizer(cfg.data, cfg.model.vocab_size)
+    vocab = cfg.model.vocab_size
+    val_tokens = load_validation_tokens(shard_files(cfg.data.data_path, "val"), cfg.max_seq_len, vocab)
+    files = shard_files(cfg.data.data_path, "train") if training else []
+    sizes = [load_data_shard(f).size for f in files]  # every header before any work
+    warnings = []
+    if files:
+        if sum(sizes) == 0:
+            raise ConfigError(f"DATA_PATH={cfg.data.data_path!r}: the training split "
+                              f"({len(files)} shards) holds 0 tokens; expected training data")
+        checked_shard(next(f for f, n in zip(files, sizes) if n), vocab)  # the first one read
+        step = cfg.train.train_batch_tokens + rt.world_size
+        if sum(sizes) < step:
+            warnings.append(f"WARNING: the training split holds {sum(sizes)} tokens, less than one "
+                            f"step ({cfg.train.train_batch_tokens}): every step repeats it")
+        calibration = step * cfg.export.gptq_calibration_batches
+        if cfg.export.gptq_enabled and sum(sizes) < calibration:
+            warnings.append(f"WARNING: GPTQ's calibration reads {calibration} tokens; the training "
+                            f"split holds {sum(sizes)}, so it repeats them")
+    files = [f for f, n in zip(files, sizes) if n]  # an empty shard is skipped, not spun on
+    luts = build_byte_luts(sp, vocab, rt.device)
+    return Data(val_tokens, luts, files, sum(sizes)), warnings
+
+# -----------------------------
+# MODEL
+# -----------------------------
+# Takes a GPTConfig; returns the GPT and its parameter table. The record's model: 11 blocks
+# (U-Net skips between the halves), GQA attention with partial RoPE, XSA and a value residual,
+# a leaky-ReLU^2 MLP, a hashed-bigram and a shared value embedding, tied embeddings and a
+# soft-capped head. Every parameter has exactly one declared role (its optimizer group, its
+# dtype on CUDA and its artifact format): the optimizers, the precision layout, the
+# quantiser and GPTQ read that table, so a new tensor cannot land anywhere by accident.
+
+
+@dataclass(frozen=True)
+class Role:
+    group: str  # optimizer: embed (AdamW), head (Adam), matrix (Muon), scalar (AdamW)
+    cuda_dtype: torch.dtype
+    export: str  # int6 | int8 | fp16; any tensor of at most PASSTHROUGH_MAX_NUMEL values is fp16
+
+
+# What a module declares each of its parameters to be. A control tensor is a scalar named by
+# CONTROL_TENSOR_NAME_PATTERNS: fp16 in the artifact at any size.
+ROLES = {
+    "embedding": Role("embed", torch.bfloat16, "int8"),  # the original keeps its tables bf16
+    "head": Role("head", torch.float32, "int8"),
+    "matrix": Role("matrix", torch.float32, "int6"),
+    "scalar": Role("scalar", torch.float32, "int8"),
+    "control": Role("scalar", torch.float32, "fp16"),
+}
+
+
+def parameter_roles(model: nn.Module, control_patterns: tuple[str, ...]) -> dict[str, Role]:
+    """Every parameter's role, from the `param_roles` each module declares for its own
+    parameters. A parameter with no role, or declared twice, stops the build, named."""
+    declared = {}
+    for prefix, module in model.named_modules():
+        for local, kind in getattr(module, "param_roles", {}).items():
+            name = f"{prefix}.{local}" if prefix else local
+            if name in declared:
+                raise ConfigError(f"parameter {name} has two roles ({declared[name]}, {kind}); "
+                                  f"declare it in one module's param_roles")
+            declared[name] = kind
+    roles = {}
+    for name, p in model.named_parameters():
+        if name not in declared:
+            raise ConfigError(f"parameter {name} {tuple(p.shape)} has no role; declare it in its "
+                              f"module's param_roles as one of {', '.join(ROLES)}")
+        kind = declared[name]
+        if kind == "scalar" and any(pattern in name for pattern in control_patterns):
+            kind = "control"
+        roles[name] = ROLES[kind]
+    return roles
+
+
+def rms(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))  # eps=None: the dtype's machine epsilon
+
+
+def fake_int6(w: Tensor, dtype: torch.dtype) -> Tensor:
+    """Late QAT: the weight as int6 would store it (row max / 31), straight-through gradient."""
+    with torch.no_grad():
+        w32 = w.float()
+        scale = (w32.abs().amax(dim=1) / 31.0).clamp_min(1.0 / 31.0)[:, None]
+        w_q = (torch.clamp(torch.round(w32 / scale), -32, 31) * scale).to(dtype)
+    w = w.to(dtype)
+    return w + (w_q - w).detach()
+
+
+class CastedLinear(nn.Linear):
+    """A bias-free linear layer whose weight follows the input's dtype; with `qat`, a fake int6
+    quantised weight. `qat` is an argument the training loop passes down, not a switch on the
+    class: the compiled graph is specialised on it, and both graphs are built during the
+    warm-up instead of recompiling when late QAT starts."""
+
+    def __init__(self, in_features: int, out_features: int, zero_init: bool = False,
+                 role: str = "matrix"):
+        super().__init__(in_features, out_features, bias=False)
+        self.zero_init = zero_init
+        self.param_roles = {"weight": role}
+
+    def forward(self, x: Tensor, qat: bool = False) -> Tensor:
+        w = fake_int6(self.weight, x.dtype) if qat else self.weight.to(x.dtype)
+        return F.linear(x, w)
+
+
+class Table(nn.Embedding):
+    """An embedding table (the token, bigram and value embeddings)."""
+    param_roles = {"weight": "embedding"}
+
+
+class ScalarList(nn.ParameterList):
+    @property
+    def param_roles(self) -> dict[str, str]:
+        return dict.fromkeys((str(i) for i in range(len(self))), "scalar")
+
+
+def rotary_cos_sin(seq_len: int, rope_dims: int, base: float, device, dtype) -> tuple[Tensor, Tensor]:
+    """Partial-RoPE tables, in float32 then cast to the activation dtype.
+    Seed quirk kept: the rotary module believes training ran at 1024 tokens and rescales the
+    base for longer rows (always in effect at T = 2048). Seed quirk fixed: the original built
+    T <= 1024 tables from bf16 positions."""
+    if seq_len > 1024:
+        base = base * (seq_len / 1024) ** (rope_dims / (rope_dims - 2))
+    dims = torch.arange(0, rope_dims, 2, dtype=torch.float32, device=device) / rope_dims
+    inv_freq = 1.0 / (base ** dims)
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    return freqs.cos()[None, :, None, :].to(dtype), freqs.sin()[None, :, None, :].to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = cos.size(-1)
+    a, b, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    return torch.cat((a * cos + b * sin, a * (-sin) + b * cos, rest), dim=-1)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """q [B,T,H,D], k/v [B,T,Hkv,D] -> [B,T,H,D]; query head h reads kv head h // (H/Hkv)."""
+    if torch.is_autocast_enabled(q.device.type):
+        # One dtype for all three: torch >= 2.12's CUDA autocast keeps rms_norm, so q and k, in
+        # float32 while v is bf16, and FA3 (not an autocast op) refuses mixed dtypes.
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    if flash_attn_3 is not None and q.is_cuda:
+        out = flash_attn_3(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True, enable_gqa=q.size(2) != k.size(2))
+    return y.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    param_roles = {"q_gain": "scalar", "vrl_gate": "scalar"}
+
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
+        self.vrl_gate = nn.Parameter(torch.tensor(-1.5)) if cfg.vrl_enabled and layer > 0 else None
+        self.xsa = layer >= cfg.num_layers - cfg.xsa_last_n
+        self.c_q = CastedLinear(cfg.model_dim, cfg.model_dim)
+        self.c_k = CastedLinear(cfg.model_dim, cfg.kv_dim)
+        self.c_v = CastedLinear(cfg.model_dim, cfg.kv_dim)
+        self.proj = CastedLinear(cfg.model_dim, cfg.model_dim, zero_init=True)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], v_first: Tensor | None,
+                ve: Tensor | None, qat: bool) -> tuple[Tensor, Tensor]:
+        B, T, _ = x.shape
+        q = self.c_q(x, qat).reshape(B, T, self.num_heads, self.head_dim)
+        k = self.c_k(x, qat).reshape(B, T, self.num_kv_heads, self.head_dim)
+        v = self.c_v(x, qat)
+        v_raw = v  # layer 0's raw value feeds the value residual of later layers
+        if ve is not None:
+            v = v + ve
+        if self.vrl_gate is not None and v_first is not None:
+            alpha = torch.sigmoid(self.vrl_gate.to(v.dtype))
+            v = (1 - alpha) * v + alpha * v_first
+        v = v.reshape(B, T, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(rms(q), *rope), apply_rotary(rms(k), *rope)
+        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
+        y = causal_attention(q, k, v)
+        if self.xsa:  # remove each head's component along its (normalised) value vector
+            group = self.num_heads // self.num_kv_heads
+            y = y.reshape(B, T, self.num_kv_heads, group, self.head_dim)
+            v_hat = F.normalize(v, dim=-1).unsqueeze(-2)
+            y = y - (y * v_hat).sum(dim=-1, keepdim=True) * v_hat
+        return self.proj(y.reshape(B, T, -1), qat), v_raw
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.fc = CastedLinear(cfg.model_dim, cfg.mlp_hidden)
+        self.proj = CastedLinear(cfg.mlp_hidden, cfg.model_dim, zero_init=True)
+
+    def forward(self, x: Tensor, qat: bool) -> Tensor:
+        return self.proj(F.leaky_relu(self.fc(x, qat), negative_slope=0.5).square(), qat)
+
+
+class Block(nn.Module):
+    param_roles = {"attn_scale": "scalar", "mlp_scale": "scalar", "resid_mix": "scalar"}
+
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim))))
+        self.attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+        self.ln_scale = 1.0 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
+
+    def forward(self, x, x0, rope, v_first, ve, qat: bool):
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        attn_out, v_raw = self.attn(rms(x) * self.ln_scale, rope, v_first, ve, qat)
+        x = x + self.attn_scale.to(x.dtype) * attn_out
+        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms(x) * self.ln_scale, qat)
+        return x, v_raw
+
+
+class ScaledEmbedding(nn.Module):
+    """An embedding table, projected to out_dim when its width differs (zero init), times a
+    learned scalar. The value embedding as is; the hashed bigram embedding below."""
+    param_roles = {"scale": "scalar"}
+
+    def __init__(self, rows: int, dim: int, out_dim: int, scale: float, init_std: float):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(scale))
+        self.embed = Table(rows, dim)
+        if init_std > 0:
+            nn.init.normal_(self.embed.weight, std=init_std)
+        else:
+            nn.init.zeros_(self.embed.weight)
+        self.proj = CastedLinear(dim, out_dim) if dim != out_dim else None
+        if self.proj is not None:
+            nn.init.zeros_(self.proj.weight)
+
+    def forward(self, ids: Tensor, qat: bool = False) -> Tensor:
+        out = self.embed(ids)
+        if self.proj is not None:
+            out = self.proj(out, qat)
+        return out * self.scale.to(out.dtype)
+
+
+class BigramHash(ScaledEmbedding):
+    """A learned embedding of a hash of (previous token, token), added to the token embedding."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__(cfg.bigram_vocab_size, cfg.bigram_dim, cfg.model_dim, scale=0.05, init_std=0.0)
+
+    def forward(self, ids: Tensor, qat: bool = False) -> Tensor:
+        t = ids.to(torch.int32)  # the hash wraps in int32, as the original's
+        mod = self.embed.num_embeddings - 1
+        buckets = torch.full_like(t, mod)  # position 0 of every row has no previous token
+        buckets[:, 1:] = torch.bitwise_xor(36313 * t[:, 1:], 27191 * t[:, :-1]) % mod
+        return super().forward(buckets.long(), qat)
+
+
+class SmearGate(nn.Module):
+    """Mixes each position with the previous one: x[t] <- (1 - g) x[t] + g x[t-1]."""
+    param_roles = {"gate": "scalar"}
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        g = torch.sigmoid(self.gate.to(x.dtype))
+        x_prev = torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1]), dim=1)
+        return (1 - g) * x + g * x_prev
+
+
+class GPT(nn.Module):
+    # skip_weights is a gain per decoder layer and width, not a matrix to orthogonalise.
+    param_roles = {"skip_weights": "scalar"}
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.num_encoder = cfg.num_layers // 2
+        num_skips = min(self.num_encoder, cfg.num_layers - self.num_encoder)
+        # Construction order is the order of the random draws: keep it (same SEED, same weights).
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim))
+        self.tok_emb = Table(cfg.vocab_size, cfg.model_dim)
+        self.bigram = BigramHash(cfg) if cfg.bigram_vocab_size > 0 else None
+        self.smear = SmearGate(cfg.model_dim)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.ve_shared = None
+        if cfg.ve_layer_ids:
+            self.ve_shared = ScaledEmbedding(cfg.vocab_size, cfg.ve_dim, cfg.kv_dim, scale=0.1, init_std=0.01)
+        self.ve_layer_scales = ScalarList(nn.Parameter(torch.ones(1)) for _ in cfg.ve_layer_ids)
+        self.lm_head = None
+        if not cfg.tie_embeddings:
+            self.lm_head = CastedLinear(cfg.model_dim, cfg.vocab_size, zero_init=True, role="head")
+        self._init_weights()
+        self.roles = parameter_roles(self, cfg.control_patterns)
+
+    def _init_weights(self) -> None:
+        nn.init.normal_(self.tok_emb.weight, mean=0.0, std=self.cfg.tied_embed_init_std)
+        for name, module in self.named_modules():
+            if not isinstance(module, CastedLinear):
+                continue
+            if module.zero_init:
+                nn.init.zeros_(module.weight)
+            elif min(module.weight.shape) >= 64:
+                nn.init.orthogonal_(module.weight, gain=1.0)
+                if name.endswith(".proj"):
+                    # Seed quirk kept: this also moves bigram.proj and ve_shared.proj off zero.
+                    with torch.no_grad():
+                        module.weight.mul_(1.0 / math.sqrt(2 * self.cfg.num_layers))
+
+    def head_weight(self) -> Tensor:
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+
+    def hidden(self, ids: Tensor, qat: bool = False) -> Tensor:
+        """Final hidden states after the last RMS norm, [B, T, d]; `qat`: fake int6 weights."""
+        cfg = self.cfg
+        x = self.tok_emb(ids)
+        if self.bigram is not None:
+            x = x + self.bigram(ids, qat)
+        x = self.smear(rms(x))
+        x0, v_first, skips = x, None, []
+        rope = rotary_cos_sin(ids.size(1), cfg.rope_dims or cfg.head_dim, cfg.rope_base, ids.device, x.dtype)
+        ve_base = self.ve_shared(ids, qat) if self.ve_shared is not None else None
+        for i, block in enumerate(self.blocks):
+            if i >= self.num_encoder and skips:  # U-Net: decoder i reads encoder outputs, LIFO
+                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
+            ve = None
+            if i in cfg.ve_layer_ids:
+                ve = ve_base * self.ve_layer_scales[cfg.ve_layer_ids.index(i)].to(ve_base.dtype)
+            x, v_raw = block(x, x0, rope, v_first, ve, qat)
+            if v_first is None:
+                v_first = v_raw
+            if i < self.num_encoder:
+                skips.append(x)
+        return rms(x)
+
+    def logits(self, x: Tensor, qat: bool = False) -> Tensor:
+        if self.lm_head is None:
+            z = F.linear(x, self.head_weight().to(x.dtype))
+        else:
+            z = self.lm_head(x, qat)
+        return self.cfg.logit_softcap * torch.tanh(z / self.cfg.logit_softcap)
+
+    def forward(self, ids: Tensor, targets: Tensor, qat: bool = False) -> Tensor:
+        """The training loss: mean cross-entropy over every target."""
+        logits = self.logits(self.hidden(ids, qat), qat)
+        return F.cross_entropy(logits.float().reshape(-1, self.cfg.vocab_size), targets.reshape(-1))
+
+
+def build_model(cfg: GPTConfig, device: torch.device, seed: int | None = None) -> GPT:
+    """Build on the CPU (the original's random draws, from `seed` without touching the caller's
+    generator), then the precision mode (docs/evaluation.md): every value takes the bf16 round
+    trip; on CUDA each parameter takes its role's dtype, on the CPU everything is float32."""
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.default_generator.manual_seed(seed)
+        model = GPT(cfg).bfloat16()
+    return (cuda_layout(model) if device.type == "cuda" else model.float()).to(device)
+
+
+def cuda_layout(model: GPT) -> GPT:
+    """The original's CUDA dtypes: each parameter in its role's (tables bf16, the rest float32)."""
+    for name, p in model.named_parameters():
+        p.data = p.data.to(model.roles[name].cuda_dtype)
+    return model
+
+
+def role_summary(model: GPT) -> list[str]:
+    """The table's counts (tensors, parameters) per optimizer group and per artifact format, as
+    nanoGPT prints its optimizer groups: where a new tensor went."""
+    groups, formats = {}, {}
+    for name, p in model.named_parameters():
+        role = model.roles[name]
+        fmt = "fp16" if p.numel() <= PASSTHROUGH_MAX_NUMEL else role.export
+        for table, key in ((groups, role.group), (formats, fmt)):
+            tensors, params = table.get(key, (0, 0))
+            table[key] = (tensors + 1, params + p.numel())
+    return [f"param_groups (tensors/params) {format_counts(groups)}",
+            f"param_formats (tensors/params) {format_counts(formats)}"]
+
+
+def format_counts(table: dict[str, tuple[int, int]]) -> str:
+    return " ".join(f"{key}:{tensors}/{params}" for key, (tensors, params) in table.items())
+
+# -----------------------------
+# OPTIMIZERS AND SCHEDULE
+# -----------------------------
+# Takes the model's parameter table and an OptimConfig; returns the record's optimizers (Muon
+# for matrices; AdamW for embeddings and scalars; Adam for an untied head) and the schedule:
+# one small piece of data the training loop asks, step by step, for the lr multiplier, Muon's
+# momentum and whether late QAT is on.
+
+
+def newton_schulz5(g: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
+    """Approximately orthogonalise g, in bf16 throughout (quintic Newton-Schulz iteration)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.bfloat16()
+    x = x / (x.norm() + eps)
+    transposed = g.size(0) > g.size(1)
+    if transposed:
+        x = x.T
+    for _ in range(steps):
+        A = x @ x.T
+        B = b * A + c * A @ A
+        x = a * x + B @ x
+    return x.T if transposed else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum, orthogonalised by Newton-Schulz. Distributed, rank k % world_size
+    orthogonalises parameter k and one all-reduce of a flat bf16 buffer shares the updates."""
+
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
+                 orthogonalize=newton_schulz5):
+        defaults = dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        self.orthogonalize = orthogonalize
+
+    @torch.no_grad()
+    def step(self):
+        distributed = dist.is_available() and dist.is_initialized()
+        world_size, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+        for group in self.param_groups:
+            params, lr = group["params"], group["lr"]
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device,
+                               dtype=torch.bfloat16)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % world_size == rank and p.grad is not None:
+                    flat[offset:offset + p.numel()] = self.update(p, group).reshape(-1)
+                offset += p.numel()
+            if distributed:
+                all_reduce_sum(flat)
+            offset = 0
+            for p in params:
+                if group["weight_decay"] > 0:
+                    p.mul_(1.0 - lr * group["weight_decay"])
+                p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-lr)
+                offset += p.numel()
+
+    def update(self, p: Tensor, group: dict) -> Tensor:
+        state, mu = self.state[p], group["momentum"]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p.grad)
+        buf = state["momentum_buffer"]
+        buf.mul_(mu).add_(p.grad)
+        update = self.orthogonalize(p.grad.add(buf, alpha=mu), group["backend_steps"])
+        return update * max(1, update.size(0) / update.size(1)) ** 0.5
+
+
+def all_reduce_sum(t: Tensor) -> None:
+    # gloo reduces bf16 poorly: widen on the CPU. Each slot has one non-zero writer: exact.
+    if t.dtype == torch.bfloat16 and t.device.type == "cpu":
+        wide = t.float()
+        dist.all_reduce(wide)
+        t.copy_(wide)
+    else:
+        dist.all_reduce(t)
+
+
+def param_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
+    """The table's optimizer groups, each in the model's parameter order."""
+    groups = {"embed": [], "matrix": [], "scalar": [], "head": []}
+    for name, p in model.named_parameters():
+        groups[model.roles[name].group].append(p)
+    return groups
+
+
+def build_optimizers(model: GPT, cfg: OptimConfig, compiled: bool = False) -> list:
+    """[AdamW embeddings, AdamW scalars, Muon matrices, (Adam head)]: the original's order."""
+    groups = param_groups(model)
+    fused = dict(fused=True) if next(model.parameters()).is_cuda else {}
+    adam = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, **fused)
+    embed_lr = cfg.tied_embed_lr if model.lm_head is None else cfg.embed_lr
+    optimizers = [
+        torch.optim.AdamW([dict(params=groups["embed"], lr=embed_lr, base_lr=embed_lr)],
+                          weight_decay=cfg.adam_wd, **adam),
+        torch.optim.AdamW([dict(params=groups["scalar"], lr=cfg.scalar_lr, base_lr=cfg.scalar_lr)],
+                          weight_decay=cfg.adam_wd, **adam),
+    ]
+    # Compiled on CUDA, as the original: eagerly, Newton-Schulz is thousands of small launches a
+    # step. Fixed shapes: one graph per matrix shape, none re-traced as dynamic.
+    orthogonalize = torch.compile(newton_schulz5, dynamic=False) if compiled else newton_schulz5
+    muon = Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum,
+                backend_steps=cfg.muon_backend_steps, weight_decay=cfg.muon_wd,
+                orthogonalize=orthogonalize)
+    for group in muon.param_groups:
+        group["base_lr"] = cfg.matrix_lr
+    optimizers.append(muon)
+    if groups["head"]:
+        head = [dict(params=groups["head"], lr=cfg.head_lr, base_lr=cfg.head_lr)]
+        optimizers.append(torch.optim.Adam(head, **adam))
+    return optimizers
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The per-step settings: a linear lr warm-down (by steps, or with a wall-clock cap by the
+    time the remaining steps will take), Muon's momentum warm-up and late QAT's threshold."""
+    iterations: int
+    warmdown_iters: int
+    cap_ms: float | None  # None: no wall-clock cap
+    momentum_start: float
+    momentum_end: float
+    momentum_warmup_steps: int
+    late_qat_threshold: float  # <= 0: never
+
+    @classmethod
+    def of(cls, train: TrainConfig, optim: OptimConfig, cap_seconds: float) -> "Schedule":
+        return cls(train.iterations, train.warmdown_iters, 1000.0 * cap_seconds if cap_seconds > 0 else None,
+                   optim.muon_momentum_warmup_start, optim.muon_momentum,
+                   optim.muon_momentum_warmup_steps, train.late_qat_threshold)
+
+    def lr_scale(self, step: int, elapsed_ms: float) -> float:
+        if self.warmdown_iters <= 0:
+            return 1.0
+        if self.cap_ms is None:
+            start = max(self.iterations - self.warmdown_iters, 0)
+            if start <= step < self.iterations:
+                return max((self.iterations - step) / self.warmdown_iters, 0.0)
+            return 1.0
+        warmdown_ms = self.warmdown_iters * (elapsed_ms / max(step, 1))
+        remaining_ms = max(self.cap_ms - elapsed_ms, 0.0)
+        return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+
+    def momentum(self, step: int) -> float:
+        if self.momentum_warmup_steps > 0:
+            frac = min(step / self.momentum_warmup_steps, 1.0)
+        else:
+            frac = 1.0
+        return (1 - frac) * self.momentum_start + frac * self.momentum_end
+
+    def late_qat(self, lr_scale: float) -> bool:
+        """Whether this multiplier switches late QAT on (the loop never switches it off)."""
+        return 0 < self.late_qat_threshold and lr_scale < self.late_qat_threshold
+
+# -----------------------------
+# TRAINING
+# -----------------------------
+# Takes the model, the data and the training cap; returns the trained state: the EMA weights
+# loaded in the model, the compiled hidden-state function and the training time. The record's
+# loop: a compile warm-up whose state is then thrown away, steps until ITERATIONS or the
+# wall-clock cap (validation time excluded), EMA of the weights, late QAT and the warm-down.
+
+
+class Diverged(Exception):
+    """A non-finite loss: the run stops and nothing is exported from those weights."""
+
+
+@dataclass(frozen=True)
+class Trained:
+    hidden_fn: object  # model.hidden, compiled on CUDA (validation and the post-EMA check)
+    train_ms: float
+
+
+def check_finite(value: float, what: str) -> float:
+    if not math.isfinite(value):
+        raise Diverged(f"training diverged: {what} is {value}; nothing was exported")
+    return value
+
+
+class Trainer:
+    """One optimizer step and its parts; the loop in `train` asks the schedule what to run."""
+
+    def __init__(self, cfg: Config, rt: Runtime, model: GPT, data: Data):
+        self.cfg, self.rt, self.model, self.data = cfg, rt, model, data
+        compiled = rt.compiled(model)
+        self.hidden_fn = rt.compiled(model.hidden)
+        device_ids = [rt.device.index] if rt.device.type == "cuda" else None
+        # The model has no buffers to broadcast.
+        self.ddp = DDP(compiled, device_ids=device_ids) if rt.distributed else compiled
+        self.optimizers = build_optimizers(model, cfg.optim, compiled=rt.compile)
+        self.muon = next(opt for opt in self.optimizers if isinstance(opt, Muon))
+        self.accum = cfg.train.grad_accum_steps(rt.world_size)
+        self.loader = self.new_loader()
+
+    def new_loader(self) -> DistributedTokenLoader:
+        return DistributedTokenLoader(self.data.train_files, self.cfg.model.vocab_size, self.rt)
+
+    def gradients(self, qat: bool) -> Tensor:
+        """The step's mean loss, its gradients accumulated over the micro-steps."""
+        t, total = self.cfg.train, torch.zeros((), device=self.rt.device)
+        for micro in range(self.accum):
+            x, y = self.loader.next_batch(t.train_batch_tokens, t.train_seq_len, self.accum)
+            # DDP all-reduces the gradients on the last micro-step only.
+            no_sync = self.rt.distributed and micro < self.accum - 1
+            with self.ddp.no_sync() if no_sync else contextlib.nullcontext():
+                with self.rt.autocast():
+                    loss = self.ddp(x, y, qat=qat)
+                (loss * (1.0 / self.accum)).backward()
+            total += loss.detach()
+        return total / self.accum
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def step(self, qat: bool, lr_scale: float, momentum: float) -> Tensor:
+        self.zero_grad()
+        loss = self.gradients(qat)
+        for group in self.muon.param_groups:
+            group["momentum"] = momentum
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * lr_scale
+        if self.cfg.optim.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip_norm)
+        for opt in self.optimizers:
+            opt.step()
+        self.zero_grad()
+        return loss
+
+    def validate(self) -> tuple[float, float]:
+        sums = score_sequences(self.scoring(), self.cfg.train.train_seq_len, self.cfg.train.val_batch_size)
+        return sums.result(self.rt)
+
+    def scoring(self, tokens: Tensor | None = None) -> "Scoring":
+        tokens = self.data.val_tokens if tokens is None else tokens
+        return Scoring(self.model, self.hidden_fn, tokens, self.data.luts, self.rt)
+
+    def warm_up(self) -> None:
+        """Compile and warm every graph the timed loop uses, before its timer starts: the step
+        without and with late QAT's fake quantisation (second half) and validation. Then the
+        initial weights, optimizer states and data stream are restored exactly."""
+        t, rt = self.cfg.train, self.rt
+        initial_model = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        initial_opt = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
+        qat_later = not t.qat_enabled and t.late_qat_threshold > 0
+        self.model.train()
+        for i in range(t.warmup_steps):
+            self.zero_grad()
+            self.gradients(t.qat_enabled or (qat_later and i >= t.warmup_steps // 2))
+            for opt in self.optimizers:
+                opt.step()
+            if i == 0:
+                warm = self.data.val_tokens[:rt.world_size * t.val_batch_size // ORIGINAL_WORLD + 1]
+                score_sequences(self.scoring(warm), t.train_seq_len, t.val_batch_size)
+            if t.warmup_steps <= 20 or (i + 1) % 10 == 0 or i + 1 == t.warmup_steps:
+                rt.log(f"warmup_step:{i + 1}/{t.warmup_steps}")
+        self.model.load_state_dict(initial_model, strict=True)
+        for opt, state in zip(self.optimizers, initial_opt):
+            opt.load_state_dict(state)
+        self.zero_grad()
+        self.loader = self.new_loader()
+
+
+class Clock:
+    """Training time: validation, logging and waits outside it are not counted."""
+
+    def __init__(self, rt: Runtime):
+        self.rt, self.ms = rt, 0.0
+        rt.sync()
+        self.t0 = time.perf_counter()
+
+    def now_ms(self) -> float:
+        return self.ms + 1000.0 * (time.perf_counter() - self.t0)
+
+    def pause(self) -> None:
+        self.rt.sync()
+        self.ms += 1000.0 * (time.perf_counter() - self.t0)
+
+    def resume(self) -> None:
+        self.rt.sync()
+        self.t0 = time.perf_counter()
+
+
+def train(cfg: Config, rt: Runtime, model: GPT, data: Data, cap_seconds: float) -> Trained:
+    """The record's loop; `cap_seconds` is MAX_WALLCLOCK_SECONDS less GPTQ's reserve."""
+    t = cfg.train
+    trainer = Trainer(cfg, rt, model, data)
+    if t.warmup_steps > 0:
+        trainer.warm_up()
+    schedule = Schedule.of(t, cfg.optim, cap_seconds)
+    ema = EMA(model, t.ema_decay)
+    qat, stop_after, step = t.qat_enabled, None, 0
+    clock = Clock(rt)
+    try:
+        while True:
+            last = step == t.iterations or (stop_after is not None and step >= stop_after)
+            if last or (t.val_loss_every > 0 and step % t.val_loss_every == 0):
+                clock.pause()
+                val_loss, val_bpb = trainer.validate()
+                rt.log(f"step:{step}/{t.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                       f"train_time:{clock.ms:.0f}ms step_avg:{clock.ms / max(step, 1):.2f}ms")
+                check_finite(val_loss, f"val_loss at step {step}")
+                clock.resume()
+            if last:
+                if stop_after is not None and step < t.iterations:
+                    rt.log(f"stopping_early: wallclock_cap train_time:{clock.ms:.0f}ms "
+                           f"step:{step}/{t.iterations}")
+                break
+            scale = schedule.lr_scale(step, clock.now_ms())
+            if schedule.late_qat(scale) and not qat:
+                qat = True  # never switched off again
+                rt.log(f"late_qat:enabled step:{step} scale:{scale:.4f}")
+            train_loss = trainer.step(qat, scale, schedule.momentum(step))
+            ema.update()
+            step += 1
+            ms = clock.now_ms()
+            log_train_step(t, rt, step, train_loss, ms, stop_after is not None)
+            if stop_after is None and over_cap(rt, schedule, ms):
+                stop_after = step
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted at step {step}/{t.iterations}") from None
+    if rt.device.type == "cuda":
+        rt.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 1024 // 1024} MiB "
+               f"reserved: {torch.cuda.max_memory_reserved() // 1024 // 1024} MiB")
+    rt.log("ema:applying EMA weights")
+    ema.apply()
+    return Trained(trainer.hidden_fn, clock.ms)
+
+
+def log_train_step(t: TrainConfig, rt: Runtime, step: int, loss: Tensor, ms: float, stopping: bool):
+    if t.train_log_every > 0 and (step <= 10 or step % t.train_log_every == 0 or stopping):
+        value = loss.item()
+        rt.log(f"step:{step}/{t.iterations} train_loss:{value:.4f} "
+               f"train_time:{ms:.0f}ms step_avg:{ms / step:.2f}ms")
+        check_finite(value, f"train_loss at step {step}")
+
+
+def over_cap(rt: Runtime, schedule: Schedule, ms: float) -> bool:
+    reached = schedule.cap_ms is not None and ms >= schedule.cap_ms
+    if rt.distributed and schedule.cap_ms is not None:  # stop together: any rank over the cap
+        flag = torch.tensor(int(reached), device=rt.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        reached = bool(flag.item())
+    return reached
+
+
+class EMA:
+    """A float32 exponential moving average of every weight, exported instead of the weights."""
+
+    def __init__(self, model: GPT, decay: float):
+        self.model, self.decay = model, decay
+        self.weights = list(model.state_dict().values())  # views of the parameters, updated in place
+        self.ema = [w.detach().float().clone() for w in self.weights]
+
+    @torch.no_grad()
+    def update(self) -> None:  # one fused launch per op for all ~135 tensors
+        torch._foreach_mul_(self.ema, self.decay)
+        torch._foreach_add_(self.ema, [w.float() for w in self.weights], alpha=1.0 - self.decay)
+
+    def apply(self) -> None:
+        current = self.model.state_dict()
+        self.model.load_state_dict({k: e.to(current[k].dtype) for k, e in zip(current, self.ema)},
+                                   strict=True)
+
+# -----------------------------
+# EXPORT: quantisation, GPTQ, packing, loading
+# -----------------------------
+# Takes the trained model and its parameter table; returns the artifact: the quantised
+# container ({"w": tensors, "m": schemes}, the original's layout) and its compressed bytes,
+# written atomically with a small sidecar of the model settings. Export and load are mirror
+# images: what `quantize_state_dict` and `pack_artifact` write, `unpack_artifact` and
+# `dequantize_state_dict` read back, so the evaluations score exactly what was submitted.
+
+INT6_CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, None)  # None: the row max
+INT8_CLIP_QUANTILE = 0.9999984
+PASSTHROUGH_MAX_NUMEL = 65536
+SIZE_LIMIT = 16_000_000
+BROTLI_MAGIC = b"PGBR1"  # brotli streams have no magic of their own
+XZ_MAGIC = b"\xfd7zXZ\x00"
+
+
+def quantize_int6(t: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row int6 in [-31, 31] with an fp16 scale; the clip is the candidate with the least
+    squared error (first wins ties). torch.round is round-half-to-even, as the original."""
+    t32 = t.float()
+    if t32.ndim != 2:
+        amax = t32.abs().max().item()
+        scale = torch.tensor(amax / 31 if amax > 0 else 1.0, dtype=torch.float16)
+        return torch.clamp(torch.round(t32 / scale.float()), -31, 31).to(torch.int8), scale
+    best, best_err = None, float("inf")
+    for scale in int6_clip_scales(t32):
+        q = torch.clamp(torch.round(t32 / scale.float()[:, None]), -31, 31).to(torch.int8)
+        err = (t32 - q.float() * scale.float()[:, None]).pow(2).mean().item()
+        if err < best_err:
+            best, best_err = (q, scale), err
+    return best
+
+
+def int6_clip_scales(t32: Tensor) -> Iterator[Tensor]:
+    """The per-row fp16 scale of each clip candidate, in order: row quantiles of |w|, row max."""
+    for q_level in INT6_CLIP_QUANTILES:
+        if q_level is None:
+            clip = t32.abs().amax(dim=1)
+        else:
+            clip = torch.quantile(t32.abs(), q_level, dim=1)
+        yield (clip / 31).clamp_min(1.0 / 31).to(torch.float16)
+
+
+def quantize_int8(t: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row int8 with a float32 scale used for q and stored as fp16 (0-d float32 for 1-D)."""
+    t32 = t.float()
+    if t32.ndim != 2:
+        clip = float(torch.quantile(t32.abs().flatten(), INT8_CLIP_QUANTILE).item()) if t32.numel() else 0.0
+        scale = torch.tensor(clip / 127 if clip > 0 else 1.0, dtype=torch.float32)
+        q = torch.clamp(torch.round(torch.clamp(t32, -clip, clip) / scale), -127, 127)
+        return q.to(torch.int8), scale
+    clip = torch.quantile(t32.abs(), INT8_CLIP_QUANTILE, dim=1)
+    scale = (clip / 127).clamp_min(1.0 / 127)
+    clipped = torch.maximum(torch.minimum(t32, clip[:, None]), -clip[:, None])
+    q = torch.clamp(torch.round(clipped / scale[:, None]), -127, 127).to(torch.int8)
+    return q, scale.to(torch.float16)
+
+
+def quantize_state_dict(state: dict[str, Tensor], roles: dict[str, Role],
+                        hessians: dict[str, Tensor] | None = None) -> dict:
+    """Each tensor in its role's format (GPTQ for an int6 matrix with a Hessian, on the
+    Hessian's device); returns the container {"w": tensors, "m": schemes}."""
+    tensors, schemes = {}, {}
+    for name, t in state.items():
+        t, fmt = t.detach().cpu().contiguous(), roles[name].export
+        if t.numel() <= PASSTHROUGH_MAX_NUMEL or fmt == "fp16":
+            small = t.numel() <= PASSTHROUGH_MAX_NUMEL
+            tensors[name], schemes[name] = t.to(torch.float16), "passthrough" if small else "passthrough_ctrl"
+            continue
+        if fmt == "int6" and name in (hessians or {}):
+            q, scale = gptq_quantize(t.to(hessians[name].device), hessians[name])
+        else:
+            q, scale = quantize_int6(t) if fmt == "int6" else quantize_int8(t)
+        tensors[name + ".q"], tensors[name + ".scale"] = q.cpu().contiguous(), scale.cpu().contiguous()
+        schemes[name] = {"type": fmt}
+    return {"w": tensors, "m": schemes}
+
+
+def dequantize_state_dict(container: dict, template: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Float32 dequantisation, then each tensor in the template's dtype."""
+    tensors, schemes, out = container["w"], container["m"], {}
+    for name, ref in template.items():
+        scheme = schemes.get(name)
+        if scheme is None:
+            continue
+        if isinstance(scheme, str):  # passthrough, passthrough_ctrl, passthrough_fp16
+            out[name] = tensors[name].to(ref.dtype)
+            continue
+        q, scale = tensors[name + ".q"], tensors[name + ".scale"]
+        s = scale.float().view(-1, *([1] * (q.ndim - 1))) if scale.ndim else scale.float()
+        out[name] = (q.float() * s).to(ref.dtype)
+    return out
+
+
+def gptq_quantize(weight: Tensor, hessian: Tensor, block: int = 128) -> tuple[Tensor, Tensor]:
+    """int6 codes [rows, cols] and fp16 row scales for the least output error under `hessian`
+    (record 2026-03-29's solver)."""
+    w32, H = weight.float(), hessian.float().clone()
+    dead = H.diagonal() == 0  # an input that is always zero: unit curvature, weights dropped
+    H.diagonal()[dead] = 1
+    H.diagonal().add_(0.01 * H.diagonal().mean())  # damping keeps the Cholesky well conditioned
+    perm = torch.argsort(H.diagonal(), descending=True)  # act-order: most energy first
+    W, H = w32[:, perm].clone(), H[perm][:, perm]
+    W[:, dead[perm]] = 0
+    try:  # the upper Cholesky factor of H^-1 holds each step's error weights
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    except torch.linalg.LinAlgError:  # not positive definite in float32: the clip search
+        return quantize_int6(weight)
+    found = [(gptq_round(W, Hinv, s.float(), block), s) for s in int6_clip_scales(w32)]
+    errs = [(W - q.float() * s.float()[:, None]).pow(2).mean().item() for q, s in found]
+    q, scale = found[errs.index(min(errs))]  # the least error after GPTQ, the first of equals
+    return q[:, torch.argsort(perm)], scale
+
+
+def gptq_round(W: Tensor, Hinv: Tensor, sf: Tensor, block: int) -> Tensor:
+    """Column by column, each rounding error moved onto the later columns by Hinv's row
+    (lazily past the block)."""
+    W, q = W.clone(), torch.zeros(W.shape, dtype=torch.int8, device=W.device)
+    for i1 in range(0, W.size(1), block):
+        i2 = min(i1 + block, W.size(1))
+        err = torch.zeros(W.size(0), i2 - i1, device=W.device)
+        for j in range(i1, i2):
+            qj = torch.clamp(torch.round(W[:, j] / sf), -31, 31)
+            q[:, j] = qj.to(torch.int8)
+            err[:, j - i1] = (W[:, j] - qj * sf) / Hinv[j, j]
+            W[:, j:i2] -= err[:, j - i1, None] * Hinv[j, j:i2]
+        W[:, i2:] -= err @ Hinv[i1:i2, i2:]
+    return q
+
+
+def gptq_modules(model: GPT) -> dict[str, nn.Module]:
+    """The linears whose weights the table stores int6 (the ones GPTQ solves)."""
+    return {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, CastedLinear)
+            and model.roles[f"{n}.weight"].export == "int6" and m.weight.numel() > PASSTHROUGH_MAX_NUMEL}
+
+
+def calibrate(cfg: Config, rt: Runtime, model: GPT, data: Data, train_ms: float) -> dict[str, Tensor]:
+    """H = mean of X^T X over GPTQ_CALIBRATION_BATCHES global training batches, X each int6
+    linear's input; micro-batches read as in training and float64 sums, so the world size cannot
+    change the artifact. The products run without TF32."""
+    t0, sums, last, batches = time.perf_counter(), {}, {}, cfg.export.gptq_calibration_batches
+
+    def hook(name):
+        def accumulate(module, args, out):
+            if last.get("x") is not args[0]:  # c_q, c_k and c_v read one tensor: one product
+                with torch.autocast(rt.device.type, enabled=False):
+                    x = args[0].reshape(-1, args[0].size(-1)).float()
+                    last.update(x=args[0], xtx=(x.T @ x).double())
+            sums[name] = sums.get(name, 0) + last["xtx"]
+        return accumulate
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in gptq_modules(model).items()]
+    loader = DistributedTokenLoader(data.train_files, cfg.model.vocab_size, rt)
+    accum, t = cfg.train.grad_accum_steps(rt.world_size), cfg.train
+    model.eval()
+    with torch.no_grad(), rt.autocast(), no_tf32():
+        for _ in range(batches * accum):
+            model.hidden(loader.next_batch(t.train_batch_tokens, t.train_seq_len, accum)[0])
+    for handle in handles:
+        handle.remove()
+    for H in sums.values() if rt.distributed else ():
+        dist.all_reduce(H)
+    hessians = {name: (H / batches).float() for name, H in sums.items()}
+    rt.sync()
+    ms = 1000.0 * (time.perf_counter() - t0)
+    rt.log(f"gptq:calibration batches:{batches} inputs:{len(sums)} time:{ms:.0f}ms")
+    total, cap = train_ms + ms, 1000.0 * t.max_wallclock_seconds
+    if cap > 0:  # training stopped GPTQ_RESERVE_SECONDS early to leave this room
+        under = total <= cap
+        rt.log(f"{'gptq:' if under else 'WARNING: '}training+calibration {total:.0f}ms "
+               f"{'under' if under else 'over'} MAX_WALLCLOCK_SECONDS ({cap:.0f}ms)")
+    return hessians
+
+
+def _byte_shuffle(container: dict, inverse: bool) -> dict:
+    """Groups each multi-byte tensor's bytes by significance (all low bytes, then all high
+    bytes), which brotli compresses better. The inverse restores dtype and shape."""
+    tensors = {}
+    for name, t in container["w"].items():
+        if inverse and isinstance(t, dict):
+            tensors[name] = t["bytes"].T.contiguous().view(t["dtype"]).reshape(t["shape"])
+        elif not inverse and t.element_size() > 1:
+            planes = t.reshape(-1).view(torch.uint8).reshape(-1, t.element_size()).T.contiguous()
+            tensors[name] = {"bytes": planes, "dtype": t.dtype, "shape": tuple(t.shape)}
+        else:
+            tensors[name] = t
+    return {"w": tensors, "m": container["m"]}
+
+
+def codec(name: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise ConfigError(f"COMPRESSOR={name!r} needs the Python package {name}; install it or "
+                          f"use COMPRESSOR=lzma") from None
+
+
+def pack_artifact(container: dict, compressor: str) -> bytes:
+    buf = io.BytesIO()
+    torch.save(_byte_shuffle(container, inverse=False) if compressor == "brotli" else container, buf)
+    if compressor == "brotli":
+        return BROTLI_MAGIC + codec("brotli").compress(buf.getvalue(), quality=11)
+    return lzma.compress(buf.getvalue(), preset=6)
+
+
+def unpack_artifact(blob: bytes, path) -> dict:
+    """Detects the compressor from the bytes; a foreign or damaged file names itself."""
+    foreign = f"{path}: not an artifact of this project (no xz or brotli header)"
+    try:
+        if blob.startswith(XZ_MAGIC):
+            raw, shuffled = lzma.decompress(blob), False
+        elif blob.startswith(BROTLI_MAGIC):
+            raw, shuffled = codec("brotli").decompress(blob[len(BROTLI_MAGIC):]), True
+        else:
+            raise ConfigError(foreign)
+        container = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except ConfigError:
+        raise
+    except Exception as e:  # lzma.LZMAError, brotli errors, unpickling errors
+        what = str(e).splitlines()[0][:120] if str(e) else ""
+        raise ConfigError(f"{path}: damaged, truncated or not an artifact of this project "
+                          f"({type(e).__name__}{': ' + what if what else ''})") from None
+    ok = isinstance(container, dict) and all(isinstance(container.get(k), dict) for k in "wm")
+    if not ok:
+        raise ConfigError(f"{path}: not an artifact of this project (expected a quantised "
+                          f"container with keys 'w' and 'm')")
+    return _byte_shuffle(container, inverse=True) if shuffled else container
+
+
+def read_artifact(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "file not found"
+        raise ConfigError(f"ARTIFACT={str(path)!r}: {what}; expected an artifact file")
+    return unpack_artifact(path.read_bytes(), path)
+
+
+def load_container(model: GPT, container: dict, path) -> GPT:
+    """The container's dequantised weights into `model` (which fixes the expected layout)."""
+    template = model.state_dict()
+    missing, unexpected = set(template) - set(container["m"]), set(container["m"]) - set(template)
+    if missing or unexpected:
+        raise ConfigError(f"{path}: artifact does not fit this configuration (missing "
+                          f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); set the "
+                          f"model variables it was trained with")
+    try:
+        state = dequantize_state_dict(container, template)
+    except KeyError as e:
+        raise ConfigError(f"{path}: damaged artifact (no stored tensor {e})") from None
+    bad = [k for k, v in state.items() if v.shape != template[k].shape]
+    if bad:
+        raise ConfigError(f"{path}: tensor {bad[0]} has shape {tuple(state[bad[0]].shape)}, this "
+                          f"configuration expects {tuple(template[bad[0]].shape)}")
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def eval_model(cfg: GPTConfig, container: dict, device: torch.device, path) -> GPT:
+    """A fresh model holding the artifact's weights: what every evaluation scores."""
+    return load_container(build_model(cfg, device), container, path)
+
+
+def budget_lines(container: dict, model_bytes: int, compressor: str, code: "Code") -> list[str]:
+    """The submission's bytes line by line: the stored tensors by scheme (before compression),
+    then the totals."""
+    stored = dict.fromkeys(("int6", "int8", "passthrough"), 0)
+    for name, t in container["w"].items():
+        scheme = container["m"].get(name) or container["m"][name.rsplit(".", 1)[0]]
+        stored[scheme["type"] if isinstance(scheme, dict) else "passthrough"] += t.numel() * t.element_size()
+    total = model_bytes + code.size
+    return [f"budget {kind}: {n:,} bytes stored" for kind, n in stored.items()] + [
+        f"budget model: {model_bytes:,} bytes after {compressor}",
+        f"budget code: {code.size:,} bytes ({code.kind} script; source {code.source_size:,} bytes)",
+        f"budget total: {total:,} bytes, margin {SIZE_LIMIT - total:,} to the {SIZE_LIMIT:,}-byte limit"]
+
+
+@dataclass(frozen=True)
+class Code:
+    """This script as run: its source (logged whole) and the bytes that count (a packed file
+    counts its packed bytes)."""
+    source: str
+    size: int
+
+    @property
+    def source_size(self) -> int:
+        return len(self.source.encode("utf-8"))
+
+    @property
+    def kind(self) -> str:
+        return "plain" if self.size == self.source_size else "packed"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    container: dict
+    nbytes: int
+
+
+class SaveError(ConfigError):
+    """A file the run could not write (disk full, I/O error): the log says what was kept."""
+
+
+def model_settings(cfg: GPTConfig) -> dict[str, object]:
+    """Every setting that shapes the model's computation, by variable name: an artifact's sidecar."""
+    return {GPTConfig.env_name(f): getattr(cfg, f.name) for f in fields(GPTConfig)}
+
+
+def sidecar_path(artifact) -> Path:
+    return Path(f"{artifact}.json")
+
+
+def write_sidecar(cfg: Config, blob: bytes) -> None:
+    """<ARTIFACT>.json: the model settings and the artifact's sha256 (the artifact's own bytes
+    stay the original's format, so the settings travel beside it)."""
+    meta = {"format": "train_gpt artifact sidecar", "sha256": hashlib.sha256(blob).hexdigest(),
+            "settings": model_settings(cfg.model)}
+    write_atomic(sidecar_path(cfg.export.artifact), (json.dumps(meta, indent=1) + "\n").encode())
+
+
+def check_sidecar(cfg: Config, blob: bytes) -> str:
+    """An artifact evaluated under other model settings scores garbage silently: compare them
+    with its sidecar. Returns the line to log."""
+    path = sidecar_path(cfg.export.artifact)
+    if not path.is_file():
+        return f"eval_only: no {path.name} beside the artifact; its model settings are unchecked"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        sha, saved = meta["sha256"], meta["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"{path}: unreadable sidecar; expected the JSON written with the "
+                          f"artifact (remove it to evaluate unchecked)") from None
+    if sha != hashlib.sha256(blob).hexdigest():
+        raise ConfigError(f"{path}: describes another artifact (sha256 differs from "
+                          f"{cfg.export.artifact}); remove it to evaluate unchecked")
+    ours = model_settings(cfg.model)
+    diffs = [f"{k}={ours[k]!r} (artifact: {v!r})" for k, v in saved.items() if k in ours and ours[k] != v]
+    if diffs:
+        raise ConfigError(f"ARTIFACT={cfg.export.artifact!r} was trained with other model settings: "
+                          f"{', '.join(diffs)}; set them as it was trained")
+    return f"eval_only: model settings match {path.name}"
+
+
+def is_our_file(path: Path, kind: str) -> bool:
+    """Whether `path` holds an artifact (kind "artifact") or weights ("weights") of this
+    project: the only files a run replaces."""
+    try:
+        if kind == "artifact":
+            read_artifact(path)
+            return True
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return isinstance(state, dict) and all(isinstance(v, Tensor) for v in state.values())
+    except Exception:  # anything unreadable is somebody else's file
+        return False
+
+
+def check_replaceable(cfg: ExportConfig) -> None:
+    """A run never deletes or overwrites a file it did not write."""
+    for var, value, kind in (("ARTIFACT", cfg.artifact, "artifact"), ("MODEL_PATH", cfg.model_path, "weights")):
+        path = Path(value)
+        if path.exists() and not (path.is_file() and is_our_file(path, kind)):
+            raise ConfigError(f"{var}={value!r} names an existing file that is not {kind} of this "
+                              f"project; expected a new path or one this script wrote")
+
+
+@contextlib.contextmanager
+def output_lock(paths: list[str], run_id: str) -> Iterator[None]:
+    """Holds the run's output files for its lifetime: `.<name>.lock` beside each, holding the
+    RUN_ID and process id. A second run that would write the same files refuses to start; a
+    lock whose process is gone is taken over."""
+    held = []
+    try:
+        for path in paths:
+            lock = Path(path).with_name(f".{Path(path).name}.lock")
+            take_lock(lock, path, run_id)
+            held.append(lock)
+        yield
+    finally:
+        for lock in held:
+            lock.unlink(missing_ok=True)
+
+
+def take_lock(lock: Path, path: str, run_id: str) -> None:
+    mine = json.dumps({"run_id": run_id, "pid": os.getpid()})
+    for _ in range(2):
+        try:
+            with open(lock, "x", encoding="utf-8") as f:
+                f.write(mine)
+            return
+        except FileExistsError:
+            try:
+                other = json.loads(lock.read_text(encoding="utf-8"))
+                os.kill(int(other["pid"]), 0)
+            except (OSError, ValueError, KeyError, TypeError):  # dead process or unreadable
+                lock.unlink(missing_ok=True)
+                continue
+            raise ConfigError(f"{path} is in use by run {other.get('run_id')!r} (process "
+                              f"{other['pid']}, lock {lock}); wait for it or choose other outputs")
+    raise ConfigError(f"{lock}: cannot take the output lock; remove it if no run is using {path}")
+
+
+def save_weights(cfg: ExportConfig, rt: Runtime, model: GPT) -> int:
+    """The trained (EMA) weights, before anything that can fail after training; returns bytes."""
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    try:
+        write_atomic(cfg.model_path, buf.getvalue())
+    except OSError as e:
+        raise SaveError(f"MODEL_PATH={cfg.model_path!r}: cannot write the trained weights "
+                        f"({e.strerror}); nothing was kept") from None
+    return len(buf.getvalue())
+
+
+def load_weights(cfg: Config, rt: Runtime) -> tuple[GPT, int]:
+    """EXPORT_ONLY: the kept weights of an earlier run, to make its artifact."""
+    path = Path(cfg.export.model_path)
+    if not path.is_file() or not is_our_file(path, "weights"):
+        raise ConfigError(f"MODEL_PATH={str(path)!r}: no weights of this project there; expected "
+                          f"the final_model.pt a training run saved")
+    model = build_model(cfg.model, rt.device)
+    state = torch.load(path, map_location=rt.device, weights_only=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ConfigError(f"{path}: weights do not fit this configuration "
+                          f"({str(e).splitlines()[1].strip()[:160]}); set the model variables "
+                          f"they were trained with") from None
+    return model, path.stat().st_size
+
+
+def export_artifact(cfg: Config, rt: Runtime, model: GPT, hessians, weights_bytes: int,
+                    code: Code) -> Artifact:
+    """Quantise and compress the trained weights; rank 0 writes them and hands the container on,
+    the other ranks read what it wrote."""
+    container, blob = None, b""
+    if rt.master:
+        t0 = time.perf_counter()
+        with no_tf32():  # GPTQ solves in float32, as the record did (on the CPU)
+            container = quantize_state_dict(model.state_dict(), model.roles, hessians)
+        if hessians:
+            rt.log(f"gptq:solved on {rt.device.type} in {1000 * (time.perf_counter() - t0):.0f}ms")
+        blob = pack_artifact(container, cfg.export.compressor)
+        try:
+            write_atomic(cfg.export.artifact, blob)
+            write_sidecar(cfg, blob)
+        except OSError as e:
+            raise SaveError(f"ARTIFACT={cfg.export.artifact!r}: cannot write the artifact "
+                            f"({e.strerror}); the trained weights are kept in "
+                            f"{cfg.export.model_path} (EXPORT_ONLY=1 makes the artifact)") from None
+        log_export(cfg.export, rt, container, len(blob), weights_bytes, code)
+    if rt.distributed:
+        dist.barrier()
+    if not rt.master:
+        container = read_artifact(cfg.export.artifact)
+    return Artifact(container, len(blob) if rt.master else Path(cfg.export.artifact).stat().st_size)
+
+
+def log_export(cfg: ExportConfig, rt: Runtime, container: dict, model_bytes: int, weights_bytes: int,
+               code: Code) -> None:
+    total = model_bytes + code.size
+    rt.log(f"Serialized model: {weights_bytes} bytes")
+    rt.log(f"Code size: {code.size} bytes")
+    rt.log(f"Serialized model int6+{cfg.compressor}: {model_bytes} bytes")
+    rt.log(f"Total submission size int6+{cfg.compressor}: {total} bytes")
+    rt.log(f"Total submission size: {total} bytes")
+    rt.log("\n".join(budget_lines(container, model_bytes, cfg.compressor, code)))
+    if total >= SIZE_LIMIT:
+        rt.log(f"WARNING: total submission size {total} bytes is over the {SIZE_LIMIT:,}-byte limit")
+
+# -----------------------------
+# EVALUATION
+# -----------------------------
+# Takes the round-tripped model and the validation tokens; returns every score. The round
+# trip scores non-overlapping windows. Everything else is one window pass (frozen hidden
+# states, batch by batch) feeding scorers: the sliding window, SLOT in either mode and each
+# legal-TTT chunk's scoring, each holding its own sums and time. docs/evaluation.md explains
+# the modes and which are causal; SCORE_KINDS says which the challenge accepts.
+
+SCORE_KINDS = {  # what the challenge accepts (docs/evaluation.md)
+    "final_int6_roundtrip": "accepted", "final_int6_sliding_window": "accepted",
+    "final_int6_sliding_window_s64": "accepted", "legal_ttt": "accepted",
+    "final_slot_context": "causal_not_accepted",  # passes the flip test; legality never ruled
+    "final_slot": "not_causal",  # fits the very targets it scores
+}
+
 
 class Sums:
     """Float64 sums of nll, scored targets and their bytes; optionally every target's nll."""
 
     def __init__(self, device, collect_targets: int = 0):
-        self.loss, self.tokens, self.bytes = (torch.zeros((), dtype=torch.float64, device=device) for _ in range(3))
-        self.nll = torch.zeros(collect_targets, dtype=torch.float64, device=device) if collect_targets else None
+        self.loss, self.tokens, self.bytes = (torch.zeros((), dtype=torch.float64, device=device)
+                                              for _ in range(3))
+        self.nll = None
+        if collect_targets:
+            self.nll = torch.zeros(collect_targets, dtype=torch.float64, device=device)
 
     def add(self, nll: Tensor, prev: Tensor, tgt: Tensor, luts, where: Tensor | None = None) -> None:
         self.loss += nll.double().sum()
@@ -1158,31 +2016,46 @@ class Sums:
         return rt.reduce(self.nll).cpu()  # each target is scored by exactly one rank
 
 
-def eval_standard(model: GPT, hidden_fn, tokens: Tensor, seq_len: int, h: Hyperparameters, rt: Runtime, luts,
-                  collect: bool = False) -> Sums:
+@dataclass(frozen=True)
+class Scoring:
+    """What every evaluation reads: the model, its (compiled) hidden states, the tokens on the
+    host and the byte tables."""
+    model: GPT
+    hidden_fn: object
+    tokens: Tensor
+    luts: tuple[Tensor, ...]
+    rt: Runtime
+
+    @property
+    def n_targets(self) -> int:
+        return self.tokens.numel() - 1
+
+
+def score_sequences(s: Scoring, seq_len: int, batch_tokens: int, collect: bool = False) -> Sums:
     """Non-overlapping windows: rank r takes a contiguous share of the sequences, in batches of
-    VAL_BATCH_SIZE / 8 tokens (fewer if no rank has that many); each batch adds its float32 mean nll
-    times its token count. A short batch is padded with rows that score nothing: one input shape."""
-    n_seqs = (tokens.numel() - 1) // seq_len
+    batch_tokens / 8 tokens (fewer if no rank has that many); each batch adds its float32 mean
+    nll times its token count. A short batch is padded with rows that score nothing."""
+    rt, vocab = s.rt, s.model.cfg.vocab_size
+    n_seqs = s.n_targets // seq_len
     first, last = n_seqs * rt.rank // rt.world_size, n_seqs * (rt.rank + 1) // rt.world_size
-    batch_seqs = max(min(h.val_batch_size // 8 // seq_len, -(-n_seqs // rt.world_size)), 1)
-    sums = Sums(rt.device, tokens.numel() - 1 if collect else 0)
-    was_training = model.training
-    model.eval()
+    batch_seqs = max(min(batch_tokens // ORIGINAL_WORLD // seq_len, -(-n_seqs // rt.world_size)), 1)
+    sums = Sums(rt.device, s.n_targets if collect else 0)
+    was_training = s.model.training
+    s.model.eval()
     with torch.no_grad():
-        for s in range(first * seq_len, last * seq_len, batch_seqs * seq_len):
-            n = min(batch_seqs * seq_len, last * seq_len - s)
-            chunk = F.pad(tokens[s:s + n + 1], (0, batch_seqs * seq_len - n)).to(rt.device)
+        for start in range(first * seq_len, last * seq_len, batch_seqs * seq_len):
+            n = min(batch_seqs * seq_len, last * seq_len - start)
+            chunk = F.pad(s.tokens[start:start + n + 1], (0, batch_seqs * seq_len - n)).to(rt.device)
             x, y = chunk[:-1].reshape(-1, seq_len), chunk[1:].reshape(-1, seq_len)
             with rt.autocast():
-                nll = F.cross_entropy(model.logits(hidden_fn(x)).float().reshape(-1, h.vocab_size), y.reshape(-1),
-                                      reduction="none")[:n]
+                logits = s.model.logits(s.hidden_fn(x)).float().reshape(-1, vocab)
+                nll = F.cross_entropy(logits, y.reshape(-1), reduction="none")[:n]
             sums.loss += nll.mean().double() * n
             sums.tokens += n
-            sums.bytes += count_bytes(luts, chunk[:n], chunk[1:n + 1]).sum()
+            sums.bytes += count_bytes(s.luts, chunk[:n], chunk[1:n + 1]).sum()
             if collect:
-                sums.nll[s:s + n] = nll.double()
-    model.train(was_training)
+                sums.nll[start:start + n] = nll.double()
+    s.model.train(was_training)
     return sums
 
 
@@ -1233,474 +2106,390 @@ def window_batches(n_windows: int, batch_seqs: int, interleave: int) -> list[np.
     return batches
 
 
-def window_batch(tokens: np.ndarray, plan: WindowPlan, idx: np.ndarray, rows: int, L: int) -> tuple[np.ndarray, ...]:
-    """Windows idx as `rows` rows of L, built on the host: inputs and targets (short windows and missing
-    rows padded with id 0), the scored and the context masks (padding is neither) and target indices."""
+def window_batch(tokens: np.ndarray, plan: WindowPlan, idx: np.ndarray, rows: int,
+                 L: int) -> tuple[np.ndarray, ...]:
+    """Windows idx as `rows` rows of L, built on the host: inputs and targets (short windows and
+    missing rows padded with id 0), the scored and the context masks (padding is neither) and
+    target indices."""
     ar, k = np.arange(L), len(idx)
     start, score_from = plan.start[idx, None], plan.score_from[idx, None]
     valid = ar < plan.length[idx, None]
     pos = np.minimum(start + ar, len(tokens) - 2)
-    xy, masks, where = np.zeros((2, rows, L), np.int64), np.zeros((2, rows, L), bool), np.zeros((rows, L), np.int64)
+    xy, masks = np.zeros((2, rows, L), np.int64), np.zeros((2, rows, L), bool)
+    where = np.zeros((rows, L), np.int64)
     xy[:, :k] = np.where(valid, tokens[pos], 0), np.where(valid, tokens[pos + 1], 0)
     masks[:, :k] = valid & (ar >= score_from), ar < score_from
     where[:k] = start + ar
     return xy, masks, where
 
 
-def slot_loss(delta: Tensor, bias: Tensor, base: Tensor, rows: Tensor, y: Tensor, w: Tensor, weight: Tensor,
-              softcap: float) -> Tensor:
-    """SLOT's loss at the fit positions; w is 1/n there and 0 on padding, so the shapes can stay fixed."""
-    z = base + (F.linear(delta, weight) + bias)[rows]
+@dataclass
+class Batch:
+    """One batch of the window pass, for the scorers."""
+    windows: np.ndarray  # the plan's window indices in this batch
+    hid: Tensor  # [rows, L, d] final hidden states, in the autocast dtype
+    y: Tensor  # [rows, L] targets
+    scored: np.ndarray  # [rows, L] host masks: the positions each window scores ...
+    context: np.ndarray  # ... and those before them
+    pos: Tensor  # flat indices of the scored positions
+    x_pos: Tensor  # the token before each scored target (for its bytes)
+    y_pos: Tensor
+    where: Tensor | None  # each scored target's index in the stream (per-target collection)
+
+
+def window_pass(s: Scoring, plan: WindowPlan, batches: list[np.ndarray], rows: int,
+                seq_len: int, collect: bool) -> Iterator[Batch]:
+    """This rank's share of the batches (which rank runs a batch does not change its numbers),
+    each padded to `rows` windows of seq_len: one input shape, whatever the data."""
+    dev, host = s.rt.device, s.tokens.numpy()
+    for idx in batches[s.rt.rank::s.rt.world_size]:
+        xy, (scored, context), where = window_batch(host, plan, idx, rows, seq_len)
+        x, y = torch.from_numpy(xy).to(dev)
+        pos = torch.from_numpy(np.flatnonzero(scored)).to(dev)
+        where_t = torch.from_numpy(where[scored]).to(dev) if collect else None
+        with torch.no_grad(), s.rt.autocast():
+            hid = s.hidden_fn(x)
+        yield Batch(idx, hid, y, scored, context, pos, x.reshape(-1)[pos], y.reshape(-1)[pos], where_t)
+
+
+class SlidingScorer:
+    """The sliding-window score: each window's scored positions, read from the frozen states."""
+
+    def __init__(self, name: str, sums: Sums):
+        self.name, self.sums, self.seconds = name, sums, 0.0
+
+    def __call__(self, s: Scoring, b: Batch) -> None:
+        with torch.no_grad(), s.rt.autocast():
+            hid = b.hid.reshape(-1, b.hid.size(-1))[b.pos]
+            nll = F.cross_entropy(s.model.logits(hid).float(), b.y_pos, reduction="none")
+        self.sums.add(nll, b.x_pos, b.y_pos, s.luts, b.where)
+
+
+def slot_loss(delta: Tensor, bias: Tensor, base: Tensor, expand: Tensor, y: Tensor, w: Tensor,
+              weight: Tensor, softcap: float) -> Tensor:
+    """SLOT's loss at the fit positions (a compiled kernel over tensors: every argument is one
+    of its inputs). w is 1/n there and 0 on padding, so the shapes can stay fixed. `expand`
+    gives each fit row its window: window indices (a gather, whose backward is a sequential
+    index_add on the CPU) or a one-hot [rows, windows] matrix (its backward a matmul: no atomic
+    scatter-adds, which a compiled CUDA gather's backward would be)."""
+    shift = F.linear(delta, weight) + bias
+    z = base + (expand @ shift if expand.is_floating_point() else shift[expand])
     return (F.cross_entropy(softcap * torch.tanh(z / softcap), y, reduction="none") * w).sum()
 
 
-def slot_fit_and_score(hid: Tensor, y: Tensor, fit, score, weight: Tensor, h: Hyperparameters, size: int = 0,
-                       loss_fn=slot_loss) -> Tensor:
-    """SLOT on one batch: a per-window hidden delta [1, d] and logit bias [1, V], fitted by AdamW
-    to the `fit` positions, then used to score the `score` positions (host masks [B, L]; scored mode
-    passes the same mask twice). The logits 30 tanh(((h + delta) W^T + bias) / 30) are computed as
-    h W^T (frozen: once per batch, and only at the rows the loss or the score reads) plus the
-    per-window shift delta W^T + bias, so each step costs elementwise work on those rows instead of
-    a matmul over every position. The index lists come from the host (no device sync) and the fit
-    list is padded to `size` entries of weight 0, so a compiled `loss_fn` sees few shapes."""
-    B, L, dev, softcap = hid.size(0), hid.size(1), hid.device, h.logit_softcap
-    hid, y = hid.reshape(B * L, -1), y.reshape(-1)
-    fit_pos = np.flatnonzero(torch.as_tensor(fit).cpu().numpy())
-    n = len(fit_pos)
-    pos = torch.from_numpy(np.pad(fit_pos, (0, max(size - n, 0)))).to(dev)
-    w = (torch.arange(len(pos), device=dev) < n).float() / max(n, 1)
-    delta = torch.zeros(B, hid.size(-1), device=dev, requires_grad=True)
-    bias = torch.zeros(B, weight.size(0), device=dev, requires_grad=True)
-    fit_base = F.linear(hid[pos], weight)
-    if n:  # (the fit needs autograd whatever the caller's grad mode)
-        opt = torch.optim.AdamW([delta, bias], lr=h.slot_lr, betas=(0.9, 0.999), eps=1e-5, weight_decay=1e-8,
-                                **(dict(fused=True) if hid.is_cuda else {}))
-        rows, y_fit = pos // L, y[pos]
-        for i in range(h.slot_steps):
+class SlotScorer:
+    """SLOT on each batch: a per-window hidden delta [1, d] and logit bias [1, V], fitted by
+    AdamW (the model frozen), then used to score the window's scored positions. Mode "scored"
+    (the original's) fits the scored positions themselves; "context" fits the positions
+    before them, which earlier windows already scored. The logits 30 tanh(((h + delta) W^T +
+    bias) / 30) are computed as h W^T (frozen: once per batch, and only at the rows the loss or
+    the score reads) plus the per-window shift delta W^T + bias, so each step costs elementwise
+    work on those rows instead of a matmul over every position."""
+
+    def __init__(self, mode: str, cfg: SlotConfig, s: Scoring, plan: WindowPlan,
+                 batches: list[np.ndarray], rows: int):
+        self.mode, self.cfg, self.seconds = mode, cfg, 0.0
+        self.name = "final_slot" if mode == "scored" else "final_slot_context"
+        self.sums = Sums(s.rt.device, 0)
+        self.weight = s.model.head_weight().detach().float()
+        self.softcap = s.model.cfg.logit_softcap
+        self.loss_fn = s.rt.compiled(slot_loss)
+        self.counts = plan.length - plan.score_from if mode == "scored" else plan.score_from
+        # Each fit pads to a typical batch's size, or (the batch holding the first or the tail
+        # window) to the largest: two shapes per mode for the compiled loss.
+        self.sizes = (rows * int(np.median(self.counts)), max(int(self.counts[b].sum()) for b in batches))
+
+    def __call__(self, s: Scoring, b: Batch) -> None:
+        n = int(self.counts[b.windows].sum())
+        size = self.sizes[0] if n <= self.sizes[0] else self.sizes[1]
+        fit = b.scored if self.mode == "scored" else b.context
+        nll = self.fit_and_score(b.hid.float(), b.y, fit, b.scored, size)
+        self.sums.add(nll, b.x_pos, b.y_pos, s.luts, b.where)
+
+    def fit_and_score(self, hid: Tensor, y: Tensor, fit: np.ndarray, score: np.ndarray,
+                      size: int) -> Tensor:
+        """Fits on the `fit` positions (host mask [B, L], padded to `size` entries of weight 0),
+        then returns the nll of the `score` positions. Index lists come from the host: no sync."""
+        B, L, dev, weight = hid.size(0), hid.size(1), hid.device, self.weight
+        hid, y = hid.reshape(B * L, -1), y.reshape(-1)
+        fit_pos = np.flatnonzero(fit)
+        n = len(fit_pos)
+        pos = torch.from_numpy(np.pad(fit_pos, (0, max(size - n, 0)))).to(dev)
+        w = (torch.arange(len(pos), device=dev) < n).float() / max(n, 1)
+        delta = torch.zeros(B, hid.size(-1), device=dev, requires_grad=True)
+        bias = torch.zeros(B, weight.size(0), device=dev, requires_grad=True)
+        fit_base = F.linear(hid[pos], weight)
+        if n:
+            self.fit(delta, bias, fit_base, pos // L, y[pos], w)
+        with torch.no_grad():
+            if self.mode == "scored":  # the scored rows are the fitted ones: reuse their base
+                pos, base = pos[:n], fit_base[:n]
+            else:
+                pos = torch.from_numpy(np.flatnonzero(score)).to(dev)
+                base = F.linear(hid[pos], weight)
+            z = base + (F.linear(delta, weight) + bias)[pos // L]
+            return F.cross_entropy(self.softcap * torch.tanh(z / self.softcap), y[pos], reduction="none")
+
+    def fit(self, delta: Tensor, bias: Tensor, base: Tensor, rows: Tensor, y: Tensor, w: Tensor):
+        c, cuda = self.cfg, delta.is_cuda
+        opt = torch.optim.AdamW([delta, bias], lr=c.lr, betas=(0.9, 0.999), eps=1e-5,
+                                weight_decay=1e-8, **(dict(fused=True) if cuda else {}))
+        expand = F.one_hot(rows, delta.size(0)).float() if cuda else rows
+        for i in range(c.steps):  # (the fit needs autograd whatever the caller's grad mode)
             for group in opt.param_groups:
-                group["lr"] = h.slot_lr_min + 0.5 * (h.slot_lr - h.slot_lr_min) * (1 + math.cos(math.pi * i / h.slot_steps))
+                group["lr"] = c.lr_min + 0.5 * (c.lr - c.lr_min) * (1 + math.cos(math.pi * i / c.steps))
             opt.zero_grad(set_to_none=True)
             with torch.enable_grad():
-                loss_fn(delta, bias, fit_base, rows, y_fit, w, weight, softcap).backward()
+                self.loss_fn(delta, bias, base, expand, y, w, self.weight, self.softcap).backward()
             opt.step()
-    with torch.no_grad():  # scored mode fits the scored rows themselves: reuse their base logits
-        pos = pos[:n] if score is fit else torch.from_numpy(np.flatnonzero(torch.as_tensor(score).cpu().numpy())).to(dev)
-        z = (fit_base[:n] if score is fit else F.linear(hid[pos], weight)) + (F.linear(delta, weight) + bias)[pos // L]
-        return F.cross_entropy(softcap * torch.tanh(z / softcap), y[pos], reduction="none")
 
 
-def eval_windows(model: GPT, hidden_fn, tokens: Tensor, plan: WindowPlan, h: Hyperparameters, rt: Runtime, luts,
-                 sliding: bool, slot_modes: tuple[str, ...] = (), collect: bool = False, label: str = "eval",
-                 sums: dict[str, Sums] | None = None) -> dict[str, tuple[Sums, float]]:
-    """One frozen hidden-state pass over the windows, shared by the sliding-window score, every SLOT
-    mode asked for and TTT's chunks (which accumulate into their running `sums`). Batches are spread
-    over ranks; which rank runs a batch does not change its numbers. A pass pads its batches to its
-    longest (TTT's chunks to SLOT_BATCH_SEQS) and every SLOT fit to one of two sizes per mode: few
-    compiled graphs, whatever the data. Returns {"sliding" | mode: (Sums, seconds)}."""
-    L, n_targets = h.effective_eval_seq_len, tokens.numel() - 1
-    batches = window_batches(len(plan), h.slot_batch_seqs, h.slot_interleave if slot_modes else 1)
-    rows = h.slot_batch_seqs if sums is not None else max(len(b) for b in batches)
-    mine = batches[rt.rank::rt.world_size]
-    parts = (["sliding"] if sliding else []) + list(slot_modes)
-    sums = sums or {p: Sums(rt.device, n_targets if collect else 0) for p in parts}
-    seconds, weight = dict.fromkeys(parts, 0.0), model.head_weight().detach().float()
-    counts = {m: plan.length - plan.score_from if m == "scored" else plan.score_from for m in slot_modes}
-    # A fit pads to a typical batch's size, or (the batch with the first or the tail window) to the largest.
-    sizes = {m: (rows * int(np.median(c)), max(int(c[b].sum()) for b in batches)) for m, c in counts.items()}
-    loss_fn = torch.compile(slot_loss, dynamic=False, fullgraph=True) if use_compile(h, rt) else slot_loss
-    split = len(parts) > 1  # timing each part needs a sync per batch; a single part is timed whole
-    lap = rt.sync if split else lambda: None
-    t_start = last_report = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    for done, idx in enumerate(mine):
-        t0 = time.perf_counter()
-        xy, (scored, context), where = window_batch(tokens.numpy(), plan, idx, rows, L)
-        x, y = torch.from_numpy(xy).to(rt.device)
-        pos = torch.from_numpy(np.flatnonzero(scored)).to(rt.device)
-        where = torch.from_numpy(where[scored]).to(rt.device) if collect else None
-        x_pos, y_pos = x.reshape(-1)[pos], y.reshape(-1)[pos]
-        with torch.no_grad(), rt.autocast():
-            hid = hidden_fn(x)
-            if sliding:
-                nll = F.cross_entropy(model.logits(hid.reshape(-1, hid.size(-1))[pos]).float(), y_pos, reduction="none")
-                sums["sliding"].add(nll, x_pos, y_pos, luts, where)
+def score_windows(s: Scoring, plan: WindowPlan, batches: list[np.ndarray], rows: int,
+                  seq_len: int, scorers: list, label: str = "") -> None:
+    """One window pass feeding every scorer, each timed on its own (the hidden states count
+    toward the sliding scorer, or are shared out when there is none); rank 0 logs progress."""
+    collect = any(sc.sums.nll is not None for sc in scorers)
+    split = len(scorers) > 1  # timing each part needs a sync per batch; one part is timed whole
+    lap = s.rt.sync if split else (lambda: None)
+    n_mine = len(batches[s.rt.rank::s.rt.world_size])
+    was_training = s.model.training
+    s.model.eval()
+    t_start = last_report = t0 = time.perf_counter()
+    for done, batch in enumerate(window_pass(s, plan, batches, rows, seq_len, collect)):
         lap()
-        t1 = time.perf_counter()
-        if sliding:
-            seconds["sliding"] += t1 - t0
-        hid = hid.float() if slot_modes else hid
-        for mode in slot_modes:
-            n = int(counts[mode][idx].sum())
-            size = sizes[mode][0] if n <= sizes[mode][0] else sizes[mode][1]
-            nll = slot_fit_and_score(hid, y, scored if mode == "scored" else context, scored, weight, h, size, loss_fn)
-            sums[mode].add(nll, x_pos, y_pos, luts, where)
+        hidden_s = time.perf_counter() - t0
+        for sc in scorers:
+            t1 = time.perf_counter()
+            sc(s, batch)
             lap()
-            t2 = time.perf_counter()
-            seconds[mode] += t2 - t1 + (0.0 if sliding else (t1 - t0) / len(slot_modes))
-            t1 = t2
-        if label and rt.master and time.perf_counter() - last_report >= 30:
+            sc.seconds += time.perf_counter() - t1
+        sliding = isinstance(scorers[0], SlidingScorer)
+        for sc in scorers[:1] if sliding else scorers:
+            sc.seconds += hidden_s / (1 if sliding else len(scorers))
+        if label and s.rt.master and time.perf_counter() - last_report >= 30:
             last_report = time.perf_counter()
-            elapsed, frac = last_report - t_start, (done + 1) / len(mine)
-            rt.log(f"eval_progress:{label} {frac:.1%} elapsed:{elapsed:.0f}s eta:{elapsed / frac - elapsed:.0f}s")
-    rt.sync()
+            elapsed, frac = last_report - t_start, (done + 1) / n_mine
+            s.rt.log(f"eval_progress:{label} {frac:.1%} elapsed:{elapsed:.0f}s "
+                     f"eta:{elapsed / frac - elapsed:.0f}s")
+        t0 = time.perf_counter()
+    s.rt.sync()
     if not split:
-        seconds[parts[0]] = time.perf_counter() - t_start
-    model.train(was_training)
-    return {p: (sums[p], seconds[p]) for p in parts}
+        scorers[0].seconds = time.perf_counter() - t_start
+    s.model.train(was_training)
+
+
+@dataclass(frozen=True)
+class Score:
+    val_loss: float
+    val_bpb: float
+    seconds: float
+
+
+def log_result(rt: Runtime, name: str, sums: Sums, seconds: float, extra: str = "",
+               suffix: str = "") -> Score:
+    """An evaluation's two result lines (tools parse the `_exact` one)."""
+    val_loss, val_bpb = sums.result(rt)
+    rt.log(f"{name} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f}{extra} "
+           f"eval_time:{1000 * seconds:.0f}ms{suffix}")
+    rt.log(f"{name}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
+    return Score(val_loss, val_bpb, seconds)
+
+
+def log_scores(rt: Runtime, scores: dict[str, Score]) -> None:
+    """The closing summary: every score with its kind (SCORE_KINDS); tools.submission reads it."""
+    for name, score in scores.items():
+        rt.log(f"score:{name} val_bpb:{score.val_bpb:.8f} kind:{SCORE_KINDS[name]}")
 
 
 def ttt_chunk_windows(plan: WindowPlan, n_targets: int, chunk: int) -> np.ndarray:
-    """TTT's chunks as window-index bounds: a window belongs to the chunk holding its first scored
-    target; first scored targets grow with the window index, so each chunk's windows are consecutive."""
+    """TTT's chunks as window-index bounds: a window belongs to the chunk holding its first
+    scored target; first scored targets grow with the window index, so each chunk's windows
+    are consecutive."""
     n_chunks = -(-n_targets // chunk)
     owner = np.minimum((plan.start + plan.score_from) // chunk, n_chunks - 1)
     return np.searchsorted(owner, np.arange(n_chunks + 1))
 
 
-def ttt_train_chunk(model: GPT, loss_fn, opt, params: list[nn.Parameter], chunk: Tensor, lr: float,
-                    h: Hyperparameters, rt: Runtime) -> int:
-    """Training on one scored chunk (its targets' tokens and the one before): TTT_EPOCHS passes over
-    its whole sequences (not the remainder), in steps of TTT_BATCH_SEQS sequences split over the ranks.
-    A rank's share is padded to ceil(n / world) rows that weigh nothing (fixed step shapes) and its loss
-    weighted 1 / (the step's targets), so the summed gradient is that of the step's mean loss."""
-    L, W = h.effective_eval_seq_len, rt.world_size
-    n_seqs, steps = (chunk.numel() - 1) // L, 0
-    for group in opt.param_groups:
-        group["lr"] = lr
-    model.train()
-    for _ in range(h.ttt_epochs):
-        for s in range(0, n_seqs, h.ttt_batch_seqs):
-            n = min(h.ttt_batch_seqs, n_seqs - s)
-            lo, hi, rows = s + n * rt.rank // W, s + n * (rt.rank + 1) // W, -(-n // W)
-            seq = F.pad(chunk[lo * L:hi * L + 1], (0, (rows - hi + lo) * L)).to(rt.device)
-            w = (torch.arange(rows * L, device=rt.device) < (hi - lo) * L).float() / (n * L)
-            opt.zero_grad(set_to_none=True)
-            loss_fn(seq[:-1].view(rows, L), seq[1:].view(rows, L), w).backward()
-            if rt.distributed:  # one collective: the summed gradients, in a flat float32 buffer
-                grads = [p.grad for p in params if p.grad is not None]
-                flat = torch.cat([g.float().reshape(-1) for g in grads])
-                dist.all_reduce(flat)
-                for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-                    g.copy_(part.view_as(g))
-            if h.ttt_grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, h.ttt_grad_clip)
-            opt.step()
-            steps += 1
-    model.eval()
-    return steps
+class TTTTrainer:
+    """Training on scored chunks: SGD with momentum kept across chunks, on the frozen-block
+    split of the model's parameters, with TTT_QAT's fake int6 weights in the forward."""
+
+    def __init__(self, cfg: TTTConfig, rt: Runtime, model: GPT, seq_len: int):
+        self.cfg, self.rt, self.model, self.seq_len = cfg, rt, model, seq_len
+        frozen = tuple(f"blocks.{i}." for i in range(cfg.freeze_blocks))
+        self.params = []
+        for name, p in model.named_parameters():
+            p.requires_grad_(not name.startswith(frozen))
+            if p.requires_grad:
+                self.params.append(p)
+        self.opt = torch.optim.SGD(self.params, lr=cfg.lr, momentum=cfg.momentum)
+        self.loss_fn = rt.compiled(self.step_loss)
+        self.steps = 0
+
+    def step_loss(self, x: Tensor, y: Tensor, w: Tensor) -> Tensor:
+        """The training loss, rows weighted by w."""
+        with self.rt.autocast():
+            logits = self.model.logits(self.model.hidden(x, self.cfg.qat), self.cfg.qat)
+        vocab = self.model.cfg.vocab_size
+        nll = F.cross_entropy(logits.float().reshape(-1, vocab), y.reshape(-1), reduction="none")
+        return (nll * w).sum()
+
+    def train_chunk(self, chunk: Tensor, lr: float) -> None:
+        """TTT_EPOCHS passes over the chunk's whole sequences (its targets' tokens and the one
+        before; not the remainder), in steps of TTT_BATCH_SEQS sequences split over the ranks.
+        A rank's share is padded to ceil(n / world) rows that weigh nothing (fixed step shapes)
+        and its loss weighted 1 / (the step's targets): the summed gradient is that of the
+        step's mean loss, on any number of processes."""
+        L, W, rt, c = self.seq_len, self.rt.world_size, self.rt, self.cfg
+        n_seqs = (chunk.numel() - 1) // L
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        for _ in range(c.epochs):
+            for s in range(0, n_seqs, c.batch_seqs):
+                n = min(c.batch_seqs, n_seqs - s)
+                lo, hi, rows = s + n * rt.rank // W, s + n * (rt.rank + 1) // W, -(-n // W)
+                seq = F.pad(chunk[lo * L:hi * L + 1], (0, (rows - hi + lo) * L)).to(rt.device)
+                w = (torch.arange(rows * L, device=rt.device) < (hi - lo) * L).float() / (n * L)
+                self.opt.zero_grad(set_to_none=True)
+                self.loss_fn(seq[:-1].view(rows, L), seq[1:].view(rows, L), w).backward()
+                self.all_reduce_grads()
+                if c.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip)
+                self.opt.step()
+                self.steps += 1
+        self.model.eval()
+
+    def all_reduce_grads(self) -> None:
+        if not self.rt.distributed:
+            return
+        grads = [p.grad for p in self.params if p.grad is not None]  # one flat float32 collective
+        flat = torch.cat([g.float().reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
 
 
-def eval_ttt(model: GPT, tokens: Tensor, h: Hyperparameters, rt: Runtime, luts,
+def eval_ttt(cfg: EvalConfig, rt: Runtime, model: GPT, tokens: Tensor, luts,
              collect: bool = False) -> tuple[Sums, float]:
-    """Legal score-first TTT (record 2026-03-23, docs/evaluation.md), adapting `model` in place: chunk by
-    chunk, the chunk's sliding windows are scored (final scores), then the chunk is trained on,
-    except the last. Blocks below TTT_FREEZE_BLOCKS keep their weights. Returns (Sums, seconds)."""
-    L, C, n_targets = h.effective_eval_seq_len, h.ttt_chunk_tokens, tokens.numel() - 1
-    plan = sliding_windows(n_targets, L, h.window_stride, h.eval_tail)
-    bounds = ttt_chunk_windows(plan, n_targets, C)
-    n_chunks, frozen, params = len(bounds) - 1, tuple(f"blocks.{i}." for i in range(h.ttt_freeze_blocks)), []
-    for name, p in model.named_parameters():
-        p.requires_grad_(not name.startswith(frozen))
-        params += [p] if p.requires_grad else []
-    opt = torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
-
-    def step_loss(x: Tensor, y: Tensor, w: Tensor) -> Tensor:  # the training loss, rows weighted by w
-        with rt.autocast():
-            logits = model.logits(model.hidden(x, h.ttt_qat), h.ttt_qat)
-        return (F.cross_entropy(logits.float().reshape(-1, h.vocab_size), y.reshape(-1), reduction="none") * w).sum()
-
-    # Scoring batches cut the fullest chunk evenly over the ranks: little padding, and no rank waits.
-    most = int(np.diff(bounds).max())
-    hs = replace(h, slot_batch_seqs=-(-most // (-(-most // (h.slot_batch_seqs * rt.world_size)) * rt.world_size)))
-    compiled = use_compile(h, rt)
-    hidden_fn = torch.compile(model.hidden, dynamic=False, fullgraph=True) if compiled else model.hidden
-    loss_fn = torch.compile(step_loss, dynamic=False, fullgraph=True) if compiled else step_loss
-    sums, steps = {"sliding": Sums(rt.device, n_targets if collect else 0)}, 0
-    rt.log(f"legal_ttt:start chunks:{n_chunks} windows:{len(plan)} chunk_tokens:{C} stride:{h.window_stride} lr:{h.ttt_lr} "
-           f"epochs:{h.ttt_epochs} freeze_blocks:{h.ttt_freeze_blocks} trained_params:{sum(p.numel() for p in params)}")
+    """Legal score-first TTT (record 2026-03-23, docs/evaluation.md), adapting `model` in place:
+    chunk by chunk, the chunk's sliding windows are scored (final scores), then the chunk is
+    trained on, except the last. Returns (Sums, seconds)."""
+    c, L, n_targets = cfg.ttt, cfg.seq_len, tokens.numel() - 1
+    if c.float32:
+        model.float()
+    plan = sliding_windows(n_targets, L, cfg.window_stride, cfg.tail)
+    bounds = ttt_chunk_windows(plan, n_targets, c.chunk_tokens)
+    n_chunks = len(bounds) - 1
+    trainer = TTTTrainer(c, rt, model, L)
+    s = Scoring(model, rt.compiled(model.hidden), tokens, luts, rt)
+    # Scoring batches cut the fullest chunk evenly over the ranks: little padding, no rank waits.
+    most, per_step = int(np.diff(bounds).max()), cfg.slot.batch_seqs * rt.world_size
+    rows = -(-most // (-(-most // per_step) * rt.world_size))
+    scorer = SlidingScorer("legal_ttt", Sums(rt.device, n_targets if collect else 0))
+    rt.log(f"legal_ttt:start chunks:{n_chunks} windows:{len(plan)} chunk_tokens:{c.chunk_tokens} "
+           f"stride:{cfg.window_stride} lr:{c.lr} epochs:{c.epochs} freeze_blocks:{c.freeze_blocks} "
+           f"trained_params:{sum(p.numel() for p in trainer.params)}")
     t0 = time.perf_counter()
     for ci in range(n_chunks):
-        eval_windows(model, hidden_fn, tokens, plan[bounds[ci]:bounds[ci + 1]], hs, rt, luts, True, collect=collect,
-                     label="", sums=sums)
-        if ci < n_chunks - 1 and h.ttt_epochs > 0:
-            lr = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * ci / max(n_chunks - 1, 1)))
-            steps += ttt_train_chunk(model, loss_fn, opt, params, tokens[ci * C:(ci + 1) * C + 1], lr, h, rt)
+        chunk_plan = plan[bounds[ci]:bounds[ci + 1]]
+        batches = window_batches(len(chunk_plan), rows, 1)
+        score_windows(s, chunk_plan, batches, rows, L, [scorer])
+        if ci < n_chunks - 1 and c.epochs > 0:
+            lr = c.lr * 0.5 * (1 + math.cos(math.pi * ci / max(n_chunks - 1, 1)))
+            trainer.train_chunk(tokens[ci * c.chunk_tokens:(ci + 1) * c.chunk_tokens + 1], lr)
         if ci % 10 == 0 or ci == n_chunks - 1:
             elapsed = time.perf_counter() - t0
-            rt.log(f"legal_ttt:chunk {ci + 1}/{n_chunks} bpb:{sums['sliding'].result(rt)[1]:.6f} "
+            rt.log(f"legal_ttt:chunk {ci + 1}/{n_chunks} bpb:{scorer.sums.result(rt)[1]:.6f} "
                    f"elapsed:{elapsed:.1f}s eta:{elapsed / (ci + 1) * (n_chunks - ci - 1):.1f}s")
-    rt.log(f"legal_ttt:done optimizer_steps:{steps}")
-    return sums["sliding"], time.perf_counter() - t0
-
-# -----------------------------
-# TRAINING
-# -----------------------------
+    rt.log(f"legal_ttt:done optimizer_steps:{trainer.steps}")
+    return scorer.sums, time.perf_counter() - t0
 
 
-def start_runtime(h: Hyperparameters) -> Runtime:
-    """torchrun sets RANK/WORLD_SIZE: NCCL on CUDA, gloo on CPU; otherwise a single process."""
-    use_cuda = h.device == "cuda" or (h.device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise ConfigError("DEVICE='cuda' but no CUDA device is available; expected DEVICE=auto or cpu")
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if not use_cuda and h.cpu_threads > 0:
-        # One thread per process by default: more threads than free cores ran several times slower.
-        torch.set_num_threads(h.cpu_threads)
-    if use_cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # the original's setting (SLOT's fp32 logit matmul too)
-        torch.backends.cudnn.allow_tf32 = True
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-    return Runtime(rank=rank, world_size=world_size, device=device)
+def sliding_pass(cfg: EvalConfig, s: Scoring, stride: int, name: str,
+                 slot_modes: tuple[str, ...] = (), collect: bool = False) -> list:
+    """One window pass at `stride`: the sliding scorer named `name` ("": SLOT alone) and a
+    SLOT scorer per mode; returns the scorers, their sums (with every target's nll if
+    `collect`) and times filled."""
+    plan = sliding_windows(s.n_targets, cfg.seq_len, stride, cfg.tail)
+    batches = window_batches(len(plan), cfg.slot.batch_seqs, cfg.slot.interleave if slot_modes else 1)
+    rows = max(len(b) for b in batches)
+    scorers = [SlidingScorer(name, Sums(s.rt.device))] if name else []
+    scorers += [SlotScorer(m, cfg.slot, s, plan, batches, rows) for m in slot_modes]
+    for sc in scorers if collect else ():
+        sc.sums = Sums(s.rt.device, s.n_targets)
+    score_windows(s, plan, batches, rows, cfg.seq_len, scorers, label=name or "final_slot")
+    return scorers
 
 
-def use_compile(h: Hyperparameters, rt: Runtime) -> bool:
-    return h.compile == "1" or (h.compile == "auto" and rt.device.type == "cuda")
-
-
-def log_header(rt: Runtime, code: str) -> None:
-    smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout if shutil.which("nvidia-smi") else None
-    lines = [code, "=" * 100, f"Running Python {sys.version}", f"Running PyTorch {torch.__version__}", smi, "=" * 100]
-    rt.log("\n".join(line for line in lines if line is not None), console=False)
-
-
-def log_config(h: Hyperparameters, rt: Runtime, model: GPT, n_val_targets: int, n_train_shards: int) -> None:
-    rt.log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={h.tokenizer_path}")
-    rt.log(f"train_loader:dataset:{Path(h.data_path).name} train_shards:{n_train_shards}")
-    rt.log(f"val_loader:shards pattern={os.path.join(h.data_path, 'fineweb_val_*.bin')} tokens:{n_val_targets}")
-    rt.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
-    rt.log(f"mtp_num_heads:{h.mtp_num_heads} mtp_loss_weight:{h.mtp_loss_weight} mtp_params:0")
-    xsa = [i for i, b in enumerate(model.blocks) if b.attn.xsa]
-    rt.log(f"XSA:last_{h.xsa_last_n} active_layers:{xsa}")
-    rt.log(f"world_size:{rt.world_size} grad_accum_steps:{h.grad_accum_steps(rt.world_size)}")
-    kernel = "flash_attn_3" if flash_attn_3 is not None and rt.device.type == "cuda" else "sdpa"
-    rt.log(f"attention_kernel:{kernel} device:{rt.device.type} compile:{use_compile(h, rt)}")
-    rt.log(f"attention_mode:{'gqa' if h.num_kv_heads != h.num_heads else 'mha'} num_heads:{h.num_heads} "
-           f"num_kv_heads:{h.num_kv_heads}")
-    rt.log(f"tie_embeddings:{h.tie_embeddings} embed_lr:{h.tied_embed_lr if h.tie_embeddings else h.embed_lr} "
-           f"head_lr:{0.0 if h.tie_embeddings else h.head_lr} matrix_lr:{h.matrix_lr} scalar_lr:{h.scalar_lr}")
-    rt.log(f"train_batch_tokens:{h.train_batch_tokens} train_seq_len:{h.train_seq_len} iterations:{h.iterations} "
-           f"warmup_steps:{h.warmup_steps} max_wallclock_seconds:{h.max_wallclock_seconds:.3f}")
-    rt.log(f"seed:{h.seed}")
-    rt.log(f"preset:{h.preset or 'none'} cpu_threads:{torch.get_num_threads() if rt.device.type == 'cpu' else 0}")
-
-
-def train(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts, train_files: list[str]):
-    """The record's loop: compile warm-up and reset, then steps until ITERATIONS or the wall-clock
-    cap, with EMA, late QAT and the warm-down. Leaves the EMA weights loaded in `model` and
-    returns the (compiled) hidden-state function used for validation."""
-    compiled = torch.compile(model, dynamic=False, fullgraph=True) if use_compile(h, rt) else model
-    hidden_fn = torch.compile(model.hidden, dynamic=False, fullgraph=True) if use_compile(h, rt) else model.hidden
-    ddp = DDP(compiled, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) \
-        if rt.distributed else compiled  # the model has no buffers to broadcast
-    optimizers, muon = build_optimizers(model, h, compiled=use_compile(h, rt))
-    accum = h.grad_accum_steps(rt.world_size)
-    loader = DistributedTokenLoader(train_files, rt.rank, rt.world_size, rt.device)
-
-    def step_gradients(qat: bool) -> Tensor:
-        total = torch.zeros((), device=rt.device)
-        for micro in range(accum):
-            x, y = loader.next_batch(h.train_batch_tokens, h.train_seq_len, accum)
-            # DDP all-reduces the gradients on the last micro-step only.
-            no_sync = rt.distributed and micro < accum - 1
-            with ddp.no_sync() if no_sync else contextlib.nullcontext():
-                with rt.autocast():
-                    loss = ddp(x, y, qat=qat)
-                (loss * (1.0 / accum)).backward()
-            total += loss.detach()
-        return total / accum
-
-    def zero_grad() -> None:
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-
-    # Every graph the timed loop uses is compiled here, before its timer starts: the training step
-    # without and with late QAT's fake quantisation (second half of the warm-up) and validation.
-    qat_later = not h.qat_enabled and h.late_qat_threshold > 0
-    if h.warmup_steps > 0:  # compile and warm the kernels, then restore the initial state exactly
-        initial_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        initial_opt = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-        model.train()
-        for i in range(h.warmup_steps):
-            zero_grad()
-            step_gradients(h.qat_enabled or (qat_later and i >= h.warmup_steps // 2))
-            for opt in optimizers:
-                opt.step()
-            if i == 0:
-                warm_tokens = val_tokens[:rt.world_size * h.val_batch_size // 8 + 1]
-                eval_standard(model, hidden_fn, warm_tokens, h.train_seq_len, h, rt, luts)
-            if h.warmup_steps <= 20 or (i + 1) % 10 == 0 or i + 1 == h.warmup_steps:
-                rt.log(f"warmup_step:{i + 1}/{h.warmup_steps}")
-        model.load_state_dict(initial_model, strict=True)
-        for opt, state in zip(optimizers, initial_opt):
-            opt.load_state_dict(state)
-        zero_grad()
-        loader = DistributedTokenLoader(train_files, rt.rank, rt.world_size, rt.device)
-
-    weights = list(model.state_dict().values())  # views of the parameters, updated in place
-    ema = [w.detach().float().clone() for w in weights]
-    cap_ms = 1000.0 * h.max_wallclock_seconds if h.max_wallclock_seconds > 0 else None
-    qat = h.qat_enabled
-    train_ms, stop_after, step = 0.0, None, 0
-    rt.sync()
+def evaluate(cfg: Config, rt: Runtime, model: GPT, data: Data) -> dict[str, Score]:
+    """Every evaluation (docs/evaluation.md), on the round-tripped model, in the log's order."""
+    e, L = cfg.eval, cfg.eval.seq_len
+    s = Scoring(model, rt.compiled(model.hidden), data.val_tokens, data.luts, rt)
+    scores = {}
     t0 = time.perf_counter()
-    try:
-        while True:
-            last = step == h.iterations or (stop_after is not None and step >= stop_after)
-            if last or (h.val_loss_every > 0 and step % h.val_loss_every == 0):
-                rt.sync()
-                train_ms += 1000.0 * (time.perf_counter() - t0)  # validation time is not training time
-                val_loss, val_bpb = eval_standard(model, hidden_fn, val_tokens, h.train_seq_len, h, rt, luts).result(rt)
-                rt.log(f"step:{step}/{h.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
-                       f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
-                rt.sync()
-                t0 = time.perf_counter()
-            if last:
-                if stop_after is not None and step < h.iterations:
-                    rt.log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{h.iterations}")
-                break
-            scale = lr_multiplier(h, step, train_ms + 1000.0 * (time.perf_counter() - t0))
-            if 0 < h.late_qat_threshold and scale < h.late_qat_threshold and not qat:
-                qat = True  # never switched off again
-                rt.log(f"late_qat:enabled step:{step} scale:{scale:.4f}")
-            zero_grad()
-            train_loss = step_gradients(qat)
-            for group in muon.param_groups:
-                group["momentum"] = muon_momentum_at(h, step)
-            for opt in optimizers:
-                for group in opt.param_groups:
-                    group["lr"] = group["base_lr"] * scale
-            if h.grad_clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), h.grad_clip_norm)
-            for opt in optimizers:
-                opt.step()
-            zero_grad()
-            with torch.no_grad():  # one fused launch per op for all ~135 tensors
-                torch._foreach_mul_(ema, h.ema_decay)
-                torch._foreach_add_(ema, [w.float() for w in weights], alpha=1.0 - h.ema_decay)
-            step += 1
-            approx_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
-            if h.train_log_every > 0 and (step <= 10 or step % h.train_log_every == 0 or stop_after is not None):
-                rt.log(f"step:{step}/{h.iterations} train_loss:{train_loss.item():.4f} "
-                       f"train_time:{approx_ms:.0f}ms step_avg:{approx_ms / step:.2f}ms")
-            reached = cap_ms is not None and approx_ms >= cap_ms
-            if rt.distributed and cap_ms is not None:  # stop together: any rank over the cap stops all
-                flag = torch.tensor(int(reached), device=rt.device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                reached = bool(flag.item())
-            if stop_after is None and reached:
-                stop_after = step
-    except KeyboardInterrupt:
-        raise Interrupted(f"interrupted at step {step}/{h.iterations}") from None
-
-    if rt.device.type == "cuda":
-        rt.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 1024 // 1024} MiB "
-               f"reserved: {torch.cuda.max_memory_reserved() // 1024 // 1024} MiB")
-    rt.log("ema:applying EMA weights")
-    current = model.state_dict()
-    model.load_state_dict({k: e.to(current[k].dtype) for k, e in zip(current, ema)}, strict=True)
-    return hidden_fn, train_ms
-
-# -----------------------------
-# EXPORT, EVALUATIONS, MAIN
-# -----------------------------
-
-
-def export(h: Hyperparameters, rt: Runtime, model: GPT, code: str, hessians: dict | None = None) -> None:
-    """Quantise and compress the trained weights; only rank 0 writes, every rank waits for it."""
-    code_bytes = os.path.getsize(__file__)  # this file as run: a packed file counts its packed bytes
-    if rt.master:
-        t0, tf32 = time.perf_counter(), torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False  # GPTQ solves in float32, as the record did (on the CPU)
-        container = quantize_state_dict(model.state_dict(), h, hessians)
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        if hessians:
-            rt.log(f"gptq:solved on {rt.device.type} in {1000 * (time.perf_counter() - t0):.0f}ms")
-        blob = pack_artifact(container, h.compressor)
-        write_atomic(h.artifact, blob)
-        rt.log(f"Serialized model: {os.path.getsize(MODEL_PATH)} bytes")
-        rt.log(f"Code size: {code_bytes} bytes")
-        total = len(blob) + code_bytes
-        rt.log(f"Serialized model int6+{h.compressor}: {len(blob)} bytes")
-        rt.log(f"Total submission size int6+{h.compressor}: {total} bytes")
-        rt.log(f"Total submission size: {total} bytes")
-        rt.log("\n".join(budget_lines(container, len(blob), h.compressor, code_bytes, len(code.encode("utf-8")))))
-        if total >= SIZE_LIMIT:
-            rt.log(f"WARNING: total submission size {total} bytes is over the {SIZE_LIMIT:,}-byte limit")
-    if rt.distributed:
-        dist.barrier()
-
-
-def log_result(rt: Runtime, name: str, sums: Sums, seconds: float, extra: str = "", suffix: str = "") -> tuple:
-    val_loss, val_bpb = sums.result(rt)
-    rt.log(f"{name} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f}{extra} eval_time:{1000 * seconds:.0f}ms{suffix}")
-    rt.log(f"{name}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
-    return val_loss, val_bpb
-
-
-def load_eval_model(h: Hyperparameters, device: torch.device) -> GPT:
-    """A fresh model with the artifact's dequantised weights."""
-    model = build_model(h, device)
-    load_artifact_into(model, h.artifact)
-    return model.eval()
-
-
-def evaluate_artifact(h: Hyperparameters, rt: Runtime, model: GPT, val_tokens: Tensor, luts) -> None:
-    """Every evaluation (docs/evaluation.md), on the round-tripped model."""
-    hidden_fn = torch.compile(model.hidden, dynamic=False, fullgraph=True) if use_compile(h, rt) else model.hidden
-    L, n_targets = h.effective_eval_seq_len, val_tokens.numel() - 1
-
-    t0 = time.perf_counter()
-    sums = eval_standard(model, hidden_fn, val_tokens, L, h, rt, luts)
+    sums = score_sequences(s, L, cfg.train.val_batch_size)
     rt.sync()
-    log_result(rt, "final_int6_roundtrip", sums, time.perf_counter() - t0)
-
-    def sliding(stride: int, name: str, slot_modes=()):
-        plan = sliding_windows(n_targets, L, stride, h.eval_tail)
-        results = eval_windows(model, hidden_fn, val_tokens, plan, h, rt, luts, sliding=True, slot_modes=slot_modes,
-                               label=name)
-        loss, bpb = log_result(rt, name, *results["sliding"], extra=f" stride:{stride}")
+    scores["final_int6_roundtrip"] = log_result(rt, "final_int6_roundtrip", sums, time.perf_counter() - t0)
+    share = e.slot.enabled and e.window_stride == e.stride  # one hidden pass serves both
+    slot_scorers = []
+    for stride, name in ((e.stride, "final_int6_sliding_window"), (64, "final_int6_sliding_window_s64")):
+        if not 0 < stride < L or (name.endswith("s64") and e.stride == 64):
+            continue
+        modes = e.slot.modes if share and stride == e.stride else ()
+        sliding, *slots = sliding_pass(e, s, stride, name, modes)
+        slot_scorers += slots
+        score = log_result(rt, name, sliding.sums, sliding.seconds, extra=f" stride:{stride}")
         # The original repeats each sliding result as a roundtrip line; tools read the last one.
-        rt.log(f"final_int6_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
-        return results
+        rt.log(f"final_int6_roundtrip_exact val_loss:{score.val_loss:.8f} val_bpb:{score.val_bpb:.8f}")
+        scores[name] = score
+    if e.slot.enabled and not slot_scorers:
+        slot_scorers = sliding_pass(e, s, e.window_stride, "", e.slot.modes)
+    for sc in slot_scorers:
+        scores[sc.name] = log_result(rt, sc.name, sc.sums, sc.seconds, extra=f" steps:{e.slot.steps} "
+                                     f"lr:{e.slot.lr}", suffix=f" mode:{sc.mode}")
+    if e.ttt.enabled:  # last, and on a copy: no other evaluation sees adapted weights
+        sums, seconds = eval_ttt(e, rt, copy.deepcopy(model), data.val_tokens, data.luts)
+        scores["legal_ttt"] = log_result(rt, "legal_ttt", sums, seconds)
+    log_scores(rt, scores)
+    return scores
 
-    slot_results = None
-    if 0 < h.eval_stride < L:
-        share = h.slot_enabled and h.window_stride == h.eval_stride  # one hidden pass serves both
-        results = sliding(h.eval_stride, "final_int6_sliding_window", h.slot_modes if share else ())
-        slot_results = results if share else None
-    if h.eval_stride != 64 and 64 < L:
-        sliding(64, "final_int6_sliding_window_s64")
-    if h.slot_enabled:
-        if slot_results is None:
-            plan = sliding_windows(n_targets, L, h.window_stride, h.eval_tail)
-            slot_results = eval_windows(model, hidden_fn, val_tokens, plan, h, rt, luts, sliding=False,
-                                        slot_modes=h.slot_modes, label="final_slot")
-        for mode in h.slot_modes:
-            name = "final_slot" if mode == "scored" else "final_slot_context"
-            log_result(rt, name, *slot_results[mode], extra=f" steps:{h.slot_steps} lr:{h.slot_lr}",
-                       suffix=f" mode:{mode}")
-    if h.ttt_enabled:  # last, and on a copy: no other evaluation sees adapted weights
-        log_result(rt, "legal_ttt", *eval_ttt(copy.deepcopy(model), val_tokens, h, rt, luts))
+# -----------------------------
+# MAIN
+# -----------------------------
+# Takes the environment; runs the stages in order. Every input is checked before the run
+# writes anything (its log, or the deletion of a previous run's model); the run then holds
+# its output files, saves the trained weights before any evaluation, and ends with one line
+# for whatever stopped it.
 
 
-def check_outputs(h: Hyperparameters) -> None:
+class Stopped(Exception):
+    """The run ended early, already logged; main prints `message` (if any) and exits `status`."""
+
+    def __init__(self, status: int, message: str | None = None):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def check_outputs(cfg: Config) -> None:
     """Every folder the run writes into, before any work: a training run is never lost at its end."""
-    places = {"logs/": Path("logs") if Path("logs").is_dir() else Path(".")}
-    if not h.eval_only:
-        places |= {MODEL_PATH: Path("."), f"ARTIFACT={h.artifact!r}": Path(h.artifact).parent}
-        if Path(h.artifact).is_dir():
-            raise ConfigError(f"ARTIFACT={h.artifact!r} is a directory; expected a file path")
+    logs = Path("logs")
+    if logs.exists() and not logs.is_dir():
+        raise ConfigError("logs: is a file; expected a folder for the run logs (move the file away)")
+    places = {"logs/": logs if logs.is_dir() else Path(".")}
+    if not cfg.run.eval_only:
+        for var, value in (("MODEL_PATH", cfg.export.model_path), ("ARTIFACT", cfg.export.artifact)):
+            if Path(value).is_dir():
+                raise ConfigError(f"{var}={value!r} is a directory; expected a file path")
+            places[f"{var}={value!r}"] = Path(value).parent
     for what, folder in places.items():
         try:
             tempfile.TemporaryFile(dir=folder).close()
         except OSError as e:
-            raise ConfigError(f"{what}: cannot write in {str(folder)!r} ({e.strerror}); expected a writable "
-                              f"folder (run from one, or set ARTIFACT)") from None
+            raise ConfigError(f"{what}: cannot write in {str(folder)!r} ({e.strerror}); expected a "
+                              f"writable folder (run from one, or set ARTIFACT and MODEL_PATH)") from None
+    if not cfg.run.eval_only:
+        check_replaceable(cfg.export)
 
 
 def create_log(run_id: str) -> str:
@@ -1714,76 +2503,156 @@ def create_log(run_id: str) -> str:
             return path
 
 
-def run(h: Hyperparameters) -> None:
-    rt = start_runtime(h)
-    h.check_world(rt.world_size)
-    if not h.eval_only:
-        _codec(h.compressor)  # a missing codec would otherwise fail at export, after training
-    check_outputs(h)
-    sp = load_tokenizer(h)
-    val_files = shard_files(h.data_path, "val")
-    train_files = [] if h.eval_only else shard_files(h.data_path, "train")
-    for f in train_files:  # every header before any work (validation ids are checked as they load)
-        load_data_shard(f)
-    val_tokens = load_validation_tokens(val_files, h.max_seq_len, h.vocab_size)
-    # An artifact to evaluate is read now: a bad one stops the run before anything is written.
-    eval_model = load_eval_model(h, rt.device) if h.eval_only else None
+def log_header(rt: Runtime, code: Code) -> None:
+    smi = None
+    if shutil.which("nvidia-smi"):
+        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout
+    lines = [code.source, "=" * 100, f"Running Python {sys.version}",
+             f"Running PyTorch {torch.__version__}", smi, "=" * 100]
+    rt.log("\n".join(line for line in lines if line is not None), console=False)
 
-    # Every input is valid: from here on the run writes its log and outputs.
-    rt = replace(rt, log_path=create_log(h.run_id) if rt.master else None)
-    if rt.master:
-        print(f"log: {rt.log_path}", flush=True)
-        if not h.eval_only:  # a stale model must never pass for this run's if it stops early
-            for stale in (MODEL_PATH, h.artifact):
+
+def log_config(cfg: Config, rt: Runtime, model: GPT, data: Data) -> None:
+    d, m, o, t = cfg.data, cfg.model, cfg.optim, cfg.train
+    rt.log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={d.tokenizer_path}")
+    rt.log(f"train_loader:dataset:{Path(d.data_path).name} train_shards:{len(data.train_files)}")
+    rt.log(f"val_loader:shards pattern={os.path.join(d.data_path, 'fineweb_val_*.bin')} "
+           f"tokens:{data.val_tokens.numel() - 1}")
+    rt.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    rt.log("\n".join(role_summary(model)))
+    rt.log("mtp_num_heads:0 mtp_loss_weight:0.2 mtp_params:0")  # the original's line, no heads
+    rt.log(f"XSA:last_{m.xsa_last_n} active_layers:{[i for i, b in enumerate(model.blocks) if b.attn.xsa]}")
+    rt.log(f"world_size:{rt.world_size} grad_accum_steps:{t.grad_accum_steps(rt.world_size)}")
+    kernel = "flash_attn_3" if flash_attn_3 is not None and rt.device.type == "cuda" else "sdpa"
+    rt.log(f"attention_kernel:{kernel} device:{rt.device.type} compile:{rt.compile}")
+    rt.log(f"attention_mode:{'gqa' if m.num_kv_heads != m.num_heads else 'mha'} "
+           f"num_heads:{m.num_heads} num_kv_heads:{m.num_kv_heads}")
+    embed_lr = o.tied_embed_lr if m.tie_embeddings else o.embed_lr
+    rt.log(f"tie_embeddings:{m.tie_embeddings} embed_lr:{embed_lr} "
+           f"head_lr:{0.0 if m.tie_embeddings else o.head_lr} matrix_lr:{o.matrix_lr} "
+           f"scalar_lr:{o.scalar_lr}")
+    rt.log(f"train_batch_tokens:{t.train_batch_tokens} train_seq_len:{t.train_seq_len} "
+           f"iterations:{t.iterations} warmup_steps:{t.warmup_steps} "
+           f"max_wallclock_seconds:{t.max_wallclock_seconds:.3f}")
+    rt.log(f"seed:{cfg.run.seed}")
+    threads = torch.get_num_threads() if rt.device.type == "cpu" else 0
+    rt.log(f"preset:{cfg.run.preset or 'none'} cpu_threads:{threads}")
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Everything the run reads, checked before it writes anything."""
+    data: Data
+    warnings: list[str]
+    model: GPT | None = None  # EVAL_ONLY: the artifact's; EXPORT_ONLY: the kept weights
+    weights_bytes: int = 0
+    artifact_bytes: int = 0
+    sidecar_line: str = ""
+
+
+def read_inputs(cfg: Config, rt: Runtime) -> Inputs:
+    if not cfg.run.eval_only:
+        codec(cfg.export.compressor)  # a missing codec would otherwise fail at export
+    check_outputs(cfg)
+    data, warnings = load_data(cfg, rt, training=not cfg.run.eval_only)
+    warnings = misspelt_settings(os.environ) + warnings
+    if cfg.run.eval_only:  # a bad artifact stops the run before anything is written
+        blob = Path(cfg.export.artifact).read_bytes() if Path(cfg.export.artifact).is_file() else b""
+        container = read_artifact(cfg.export.artifact)
+        line = check_sidecar(cfg, blob)
+        model = eval_model(cfg.model, container, rt.device, cfg.export.artifact)
+        return Inputs(data, warnings, model, artifact_bytes=len(blob), sidecar_line=line)
+    if cfg.run.export_only:
+        model, weights_bytes = load_weights(cfg, rt)
+        return Inputs(data, warnings, model, weights_bytes)
+    return Inputs(data, warnings)
+
+
+def make_artifact(cfg: Config, rt: Runtime, inputs: Inputs, code: Code) -> GPT:
+    """Train (or take the kept weights), save, calibrate, export: returns the evaluation model."""
+    data, model = inputs.data, inputs.model
+    if model is None:
+        model = build_model(cfg.model, rt.device, seed=cfg.run.seed)
+    log_config(cfg, rt, model, data)
+    if inputs.model is None:
+        t = cfg.train
+        reserve = cfg.export.gptq_reserve_seconds if cfg.export.gptq_enabled and t.max_wallclock_seconds > 0 else 0
+        trained = train(cfg, rt, model, data, t.max_wallclock_seconds - reserve)
+        weights_bytes = save_weights(cfg.export, rt, model) if rt.master else 0
+    else:
+        trained, weights_bytes = Trained(rt.compiled(model.hidden), 0.0), inputs.weights_bytes
+        rt.log(f"export_only weights:{cfg.export.model_path} bytes:{weights_bytes}")
+    hessians = calibrate(cfg, rt, model, data, trained.train_ms) if cfg.export.gptq_enabled else None
+    t0 = time.perf_counter()
+    s = Scoring(model, trained.hidden_fn, data.val_tokens, data.luts, rt)
+    val_loss, val_bpb = score_sequences(s, cfg.train.train_seq_len, cfg.train.val_batch_size).result(rt)
+    rt.log(f"DIAGNOSTIC post_ema val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+           f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+    artifact = export_artifact(cfg, rt, model, hessians, weights_bytes, code)
+    return eval_model(cfg.model, artifact.container, rt.device, cfg.export.artifact)
+
+
+def outputs(cfg: Config) -> list[str]:
+    """The files this run writes (besides its log), which it locks and replaces."""
+    if cfg.run.eval_only:
+        return []
+    paths = [cfg.export.artifact, str(sidecar_path(cfg.export.artifact))]
+    return paths if cfg.run.export_only else [cfg.export.model_path] + paths
+
+
+def run(cfg: Config, code: Code) -> None:
+    rt = start_runtime(cfg.run)
+    cfg.check_world(rt.world_size)
+    inputs = read_inputs(cfg, rt)
+    lock = output_lock(outputs(cfg), cfg.run.run_id) if rt.master else contextlib.nullcontext()
+    with lock:
+        # Every input is valid: from here on the run writes its log and outputs.
+        rt = Runtime(rt.rank, rt.world_size, rt.device, rt.compile,
+                     create_log(cfg.run.run_id) if rt.master else None)
+        if rt.master:
+            print(f"log: {rt.log_path}", flush=True)
+            for stale in outputs(cfg):  # a stale model must never pass for this run's
                 Path(stale).unlink(missing_ok=True)
-    code = globals().get("PACKED_SOURCE") or Path(__file__).read_text(encoding="utf-8")  # see tools/pack.py
-    log_header(rt, code)
-    luts = build_byte_luts(sp, h.vocab_size, rt.device)
-    stage = "evaluation"
-    try:
-        if h.eval_only:
-            log_config(h, rt, eval_model, val_tokens.numel() - 1, 0)
-            rt.log(f"eval_only artifact:{h.artifact} bytes:{os.path.getsize(h.artifact)}")
-        else:
-            model = build_model(h, rt.device, seed=h.seed)
-            log_config(h, rt, model, val_tokens.numel() - 1, len(train_files))
-            stage = "training"
-            cap = h.max_wallclock_seconds - h.gptq_reserve_seconds * (h.gptq_enabled and h.max_wallclock_seconds > 0)
-            hidden_fn, train_ms = train(replace(h, max_wallclock_seconds=cap), rt, model, val_tokens, luts, train_files)
-            stage = "export"
-            if rt.master:  # saved before anything that can fail after training
-                buf = io.BytesIO()
-                torch.save(model.state_dict(), buf)
-                write_atomic(MODEL_PATH, buf.getvalue())
-            hessians = calibrate(h, rt, model, train_files, train_ms) if h.gptq_enabled else None
-            t0 = time.perf_counter()
-            val_loss, val_bpb = eval_standard(model, hidden_fn, val_tokens, h.train_seq_len, h, rt, luts).result(rt)
-            rt.log(f"DIAGNOSTIC post_ema val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
-                   f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
-            export(h, rt, model, code, hessians)
-            del model
-            eval_model = load_eval_model(h, rt.device)
+        log_header(rt, code)
+        for line in inputs.warnings:
+            rt.log(line)
+        stage = "evaluation" if cfg.run.eval_only else "training"
+        try:
+            if cfg.run.eval_only:
+                model = inputs.model
+                log_config(cfg, rt, model, inputs.data)
+                rt.log(f"eval_only artifact:{cfg.export.artifact} bytes:{inputs.artifact_bytes}")
+                rt.log(inputs.sidecar_line)
+            else:
+                model = make_artifact(cfg, rt, inputs, code)
             stage = "evaluation"
-        evaluate_artifact(h, rt, eval_model, val_tokens, luts)
-    except (KeyboardInterrupt, Interrupted) as e:
-        msg = str(e) if isinstance(e, Interrupted) else f"interrupted during {stage}"
-        rt.log(msg)
-        raise Interrupted(msg) from None
+            evaluate(cfg, rt, model, inputs.data)
+        except (KeyboardInterrupt, Interrupted) as e:
+            msg = str(e) if isinstance(e, Interrupted) else f"interrupted during {stage}"
+            rt.log(msg)
+            raise Stopped(130) from None
+        except (ConfigError, Diverged) as e:
+            with contextlib.suppress(OSError):  # (a full disk may refuse the log line too)
+                rt.log(f"error: {e}", console=False)
+            raise Stopped(2 if isinstance(e, ConfigError) else 1, f"error: {e}") from None
 
 
-def main() -> None:
+def main(source: str | None = None) -> None:
+    """`source`: the script's text when a packed file (tools/pack.py) runs it; the packed file's
+    own bytes are what `Code size` counts."""
     # SIGTERM (torchrun stopping its workers, a scheduler) stops the run like Ctrl-C.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     status, message = 0, None
     try:
-        run(Hyperparameters.from_env())
+        code = Code(source or Path(__file__).read_text(encoding="utf-8"), os.path.getsize(__file__))
+        run(Config.from_env(), code)
     except ConfigError as e:
         status, message = 2, f"error: {e}"
-    except Interrupted:
-        status = 130  # already logged and printed
+    except Stopped as e:
+        status, message = e.status, e.message
     except KeyboardInterrupt:
         status, message = 130, "interrupted before the run started"
-    if message and int(os.environ.get("LOCAL_RANK", "0")) == 0:  # every rank meets the same bad input
+    if message and int(os.environ.get("LOCAL_RANK", "0")) == 0:  # every rank meets the same input
         print(message, file=sys.stderr, flush=True)
     # A failing rank leaves at once (no barrier while others may wait in a collective): torchrun
     # then stops the others. Only a run that succeeded everywhere meets at the barrier.
@@ -1791,7 +2660,7 @@ def main() -> None:
         if status == 0:
             dist.barrier()
             dist.destroy_process_group()
-        os._exit(status)  # every print flushed; no interpreter teardown, where gloo's threads can abort
+        os._exit(status)  # every print flushed; no interpreter teardown (gloo's threads can abort)
     sys.exit(status)
 
 
