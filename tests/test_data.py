@@ -98,7 +98,7 @@ def test_good_shards_read_as_training_reads_them(tmp_path, tokens):
 
 
 def test_data_tools_need_no_torch():
-    """The data can be fetched and checked before PyTorch is installed (demo.sh's order)."""
+    """Data can be fetched, built and checked on a machine without PyTorch."""
     code = ("import sys, tools.data; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'train_gpt')))")
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
