@@ -4,7 +4,16 @@
 # Outputs: logs/demo.txt, final_model.pt, final_model.int6.ptz, runs/demo/.
 set -euo pipefail
 cd "$(dirname "$0")"
-python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
+if ! python -c "import torch" 2>/dev/null; then
+    # PyPI's torch for Linux is the CUDA build (GBs of CUDA libraries); the CPU build is on
+    # PyTorch's own index. Only torch itself comes from there; the second command adds its
+    # dependencies from the usual index, or, where the CPU index could not be reached,
+    # installs the usual index's build (a find-links or local index may offer a CPU wheel).
+    cpu_index=https://download.pytorch.org/whl/cpu
+    python -m pip install -q --no-deps torch==2.13.0 --index-url "$cpu_index" ||
+        echo "demo.sh: no torch from $cpu_index; installing torch==2.13.0 from the usual index"
+    python -m pip install -q torch==2.13.0
+fi
 python -m pip install -q -r requirements.txt
 python -m tools.data demo
 rm -f logs/demo.txt  # a taken log name would send this run to logs/demo-2.txt

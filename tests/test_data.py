@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tools import data
+from tools import _files, data
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT.parent / "shared" / "reference"
@@ -56,11 +56,14 @@ def test_shard_round_trip(tmp_path, tokens):
     (shard_bytes(count=4), "size 1030 bytes does not match header token count 4"),
     (shard_bytes()[:-1], "size 1029 bytes does not match header token count 3"),
     (shard_bytes() + b"\0\0", "size 1032 bytes does not match header token count 3"),
+    (shard_bytes(count=-1), "size 1030 bytes does not match header token count -1"),
     (shard_bytes()[:600], "truncated header"),
+    (b"", r"truncated header \(0 bytes"),
     (None, "cannot read shard"),
-], ids=["magic", "version", "count", "short", "long", "header", "folder"])
+], ids=["magic", "version", "count", "negative", "short", "long", "header", "empty", "folder"])
 def test_bad_shards_rejected_as_training_rejects_them(tmp_path, content, reason):
-    """One shard reader: the tool's verdict is train_gpt's, word for word."""
+    """Two copies of one shard reader (train_gpt.py must stay one file; the tools must not
+    need torch): the tools' verdict is train_gpt's, word for word."""
     train_gpt = import_train_gpt()
     path = tmp_path / "fineweb_val_000000.bin"
     if content is None:
@@ -69,11 +72,37 @@ def test_bad_shards_rejected_as_training_rejects_them(tmp_path, content, reason)
         path.write_bytes(content)
     with pytest.raises(train_gpt.ConfigError) as training:
         train_gpt.load_data_shard(path)
+    with pytest.raises(_files.ShardError) as tools_reader:
+        _files.read_shard(path)
+    assert str(tools_reader.value) == str(training.value)
     for check in (data.read_shard, data.verify_shard):
         with pytest.raises(data.DataError, match=reason) as err:
             check(path)
         assert str(err.value) == str(training.value)
         assert str(err.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize("tokens", [[], [1], [1, 0, 65535, 7, 1023], list(range(3000))],
+                         ids=["empty", "one", "extremes", "long"])
+def test_good_shards_read_as_training_reads_them(tmp_path, tokens):
+    """tools.data writes the shared format's bytes, and both readers give the same tokens."""
+    train_gpt = import_train_gpt()
+    assert (_files.SHARD_MAGIC, _files.SHARD_VERSION, _files.HEADER_INTS, _files.HEADER_BYTES) == (
+        train_gpt.SHARD_MAGIC, train_gpt.SHARD_VERSION, train_gpt.HEADER_INTS, train_gpt.HEADER_BYTES)
+    path = tmp_path / "fineweb_train_000000.bin"
+    data.write_shard(path, np.array(tokens, dtype=np.int64))
+    assert path.read_bytes() == _files.shard_bytes(np.array(tokens, dtype=np.int64))
+    ours, training = _files.read_shard(path), train_gpt.load_data_shard(path)
+    assert ours.dtype == training.dtype == np.uint16
+    assert ours.tolist() == np.asarray(training).tolist() == tokens
+
+
+def test_data_tools_need_no_torch():
+    """Data can be fetched, built and checked on a machine without PyTorch."""
+    code = ("import sys, tools.data; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'train_gpt')))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert (run.returncode, run.stdout, run.stderr) == (0, "[]\n", "")
 
 
 def test_out_of_range_ids_rejected_naming_file(tmp_path):
@@ -123,6 +152,49 @@ def test_verify_reports_every_problem(tmp_path, capsys):
     # The good shards are still counted.
     assert "fineweb_train_000006.bin: 2 tokens, max id 11" in captured.out
     assert "total train: 4 tokens" in captured.out
+
+
+def test_verify_refuses_an_empty_split(tmp_path, capsys):
+    """A train split of valid but empty shards made training wait forever for a batch."""
+    data.write_shard(tmp_path / "fineweb_val_000000.bin", [1, 2, 3])
+    data.write_shard(tmp_path / "fineweb_train_000000.bin", [])
+    assert data.main(["verify", str(tmp_path), "--vocab-size", "8"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        f"error: {tmp_path}: the train split holds 0 tokens (1 shard, all empty)",
+        f"error: {tmp_path}: 1 problem (listed above)"]
+    assert "total train: 0 tokens" in captured.out
+
+    data.write_shard(tmp_path / "fineweb_train_000001.bin", [])
+    data.write_shard(tmp_path / "fineweb_val_000000.bin", [])
+    assert data.main(["verify", str(tmp_path), "--vocab-size", "8"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {tmp_path}: the val split holds 0 tokens (1 shard, all empty)",
+        f"error: {tmp_path}: the train split holds 0 tokens (2 shards, all empty)",
+        f"error: {tmp_path}: 2 problems (listed above)"]
+
+    # An empty shard beside one with tokens is no problem.
+    data.write_shard(tmp_path / "fineweb_val_000000.bin", [1, 2, 3])
+    data.write_shard(tmp_path / "fineweb_train_000002.bin", [1, 4])
+    assert data.main(["verify", str(tmp_path), "--vocab-size", "8"]) == 0
+    # Nor is a split called empty while one of its shards could not be counted.
+    data.write_shard(tmp_path / "fineweb_train_000002.bin", [1, 9])
+    assert data.main(["verify", str(tmp_path), "--vocab-size", "8"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {tmp_path / 'fineweb_train_000002.bin'}: token id 9 at position 1 is outside "
+        "the vocabulary of 8",
+        f"error: {tmp_path}: 1 problem (listed above)"]
+
+
+def test_verify_says_when_ids_go_unchecked(tmp_path, capsys):
+    """Without --vocab-size or a manifest no vocabulary is known: say so rather than pass quietly."""
+    data.write_shard(tmp_path / "fineweb_val_000000.bin", [1, 2])
+    data.write_shard(tmp_path / "fineweb_train_000000.bin", [1, 60000])
+    assert data.main(["verify", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "vocabulary: unknown (no --vocab-size, no manifest): token ids are not checked" in out
+    assert data.main(["verify", str(tmp_path), "--vocab-size", "1024"]) == 1
+    assert "token id 60000 at position 1 is outside the vocabulary of 1024" in capsys.readouterr().err
 
 
 def built_folder(tmp_path, inputs):
@@ -350,6 +422,18 @@ def test_failed_demo_leaves_nothing(tmp_path, monkeypatch, capsys):
     assert tree(tmp_path) == {}
 
 
+def test_demo_hint_names_the_preset(tmp_path, monkeypatch, capsys):
+    """Without PRESET=demo the printed command would train the 27M-parameter model on a CPU."""
+    monkeypatch.setattr(data, "demo_documents", lambda: corpus(40, seed=4))
+    monkeypatch.setattr(data, "DEMO_VOCAB", 64)
+    monkeypatch.setattr(data, "DEMO_VAL_TOKENS", 200)
+    assert data.main(["demo", "--root", str(tmp_path)]) == 0
+    out, model = tmp_path / "data" / "datasets" / "demo_sp64", tmp_path / "data" / "tokenizers"
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"to train on it (from the repository root): PRESET=demo DATA_PATH={out} "
+        f"TOKENIZER_PATH={model / 'demo_64_bpe.model'} python train_gpt.py")
+
+
 def test_shards_path_errors_are_one_line(tmp_path, inputs, capsys):
     (jsonl, txt), _ = inputs
     afile, folder = tmp_path / "afile", tmp_path / "folder.txt"
@@ -565,18 +649,6 @@ def test_train_gpt_byte_luts_match(tokenizer):
         assert g.tolist() == w.tolist()
     stream = np.concatenate(list(data.encode_documents(sp, COVERED + UNCOVERED)))
     assert counted_bytes(stream, got) == counted_bytes(stream, want)
-
-
-def test_train_gpt_reads_shards(tmp_path):
-    train_gpt = import_train_gpt()
-    path = tmp_path / "fineweb_val_000000.bin"
-    data.write_shard(path, [1, 2, 1023, 65535])
-    assert np.asarray(train_gpt.load_data_shard(path)).tolist() == [1, 2, 1023, 65535]
-    for content in (shard_bytes(magic=1), shard_bytes(version=3), shard_bytes()[:-2]):
-        path.write_bytes(content)
-        with pytest.raises(Exception) as err:
-            train_gpt.load_data_shard(path)
-        assert path.name in str(err.value)
 
 
 # ---------------------------------------------------------------- download

@@ -33,11 +33,12 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import sentencepiece as spm
 
-from tools._common import import_train_gpt
-
-# The shard format, and its reader and the atomic writer, are train_gpt.py's own.
-tg = import_train_gpt()
-MAGIC, VERSION, HEADER_INTS = tg.SHARD_MAGIC, tg.SHARD_VERSION, tg.HEADER_INTS
+# The shard format, its reader and the atomic writer, without torch: the data tools run
+# before any PyTorch is installed. tests/test_data.py holds them to train_gpt.py's own copies.
+from tools._files import HEADER_INTS, ShardError, shard_bytes, write_atomic
+from tools._files import SHARD_MAGIC as MAGIC
+from tools._files import SHARD_VERSION as VERSION
+from tools._files import read_shard as _read_shard
 MAX_VOCAB = 1 << 16  # tokens are stored as uint16
 
 SHARD_TOKENS = 10**8
@@ -87,7 +88,7 @@ class DataError(Exception):
 def _save_file(path: Path, data: bytes) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tg.write_atomic(path, data)
+        write_atomic(path, data)
     except OSError as e:
         raise DataError(f"{path}: cannot write ({e.strerror})") from None
 
@@ -142,17 +143,15 @@ def write_shard(path: str | os.PathLike, tokens) -> None:
     if tokens.size and (tokens.min() < 0 or tokens.max() >= MAX_VOCAB):
         raise DataError(f"{path}: token ids must lie in 0..{MAX_VOCAB - 1}, "
                         f"got {tokens.min()}..{tokens.max()}")
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = MAGIC, VERSION, tokens.size
-    tg.write_atomic(path, header.tobytes() + tokens.astype("<u2").tobytes())
+    write_atomic(path, shard_bytes(tokens))
 
 
 def read_shard(path: str | os.PathLike) -> np.ndarray:
-    """The shard's tokens (uint16, memory-mapped), checked by train_gpt's own reader, so that
-    the tools accept exactly the shards training accepts."""
+    """The shard's tokens (uint16, memory-mapped), checked as train_gpt.load_data_shard checks
+    them (same verdicts, same messages), so that the tools accept exactly what training accepts."""
     try:
-        return tg.load_data_shard(path)
-    except tg.ConfigError as e:
+        return _read_shard(path)
+    except ShardError as e:
         raise DataError(str(e)) from None
 
 
@@ -312,7 +311,7 @@ def write_dataset(token_docs: Iterable[np.ndarray], out_dir: Path, *, val_docs: 
                           "vocab_size": _tokenizer_from(model_bytes, tokenizer).vocab_size()},
             "splits": {split: writer.summary() for split, writer in writers.items()},
         }
-        tg.write_atomic(stage / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+        write_atomic(stage / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
         if model is not None:
             _save_file(tokenizer, model)
             print(f"trained {tokenizer} ({manifest['tokenizer']['vocab_size']} pieces)")
@@ -483,7 +482,9 @@ def build_demo(root: Path) -> dict:
     val_docs = int(np.searchsorted(val_tokens, DEMO_VAL_TOKENS)) + 1
     manifest = write_dataset(token_docs, out, val_docs=val_docs, shard_tokens=SHARD_TOKENS,
                              tokenizer=model, model=model_bytes)
-    print(f"to train on it: DATA_PATH={out} TOKENIZER_PATH={model} python train_gpt.py")
+    # Without the preset train_gpt.py would build the 27M-parameter record model.
+    print(f"to train on it (from the repository root): PRESET=demo DATA_PATH={out} "
+          f"TOKENIZER_PATH={model} python train_gpt.py")
     return manifest
 
 
@@ -713,8 +714,11 @@ def verify_dir(folder: Path, vocab_size: int | None) -> dict[str, int]:
     if vocab_size is None and listing is not None and listing.vocab_size is not None:
         vocab_size = listing.vocab_size
         print(f"vocabulary: {vocab_size} pieces (from {listing.source})")
+    elif vocab_size is None:
+        print("vocabulary: unknown (no --vocab-size, no manifest): token ids are not checked")
     problems: list[str] = []
     totals: dict[str, int] = {}
+    unreadable: set[str] = set()  # splits with a shard whose tokens are not counted
     numbers: dict[str, list[int]] = {"val": [], "train": []}
     for path in paths:
         named = _SHARD_NAME.fullmatch(path.name)
@@ -725,17 +729,26 @@ def verify_dir(folder: Path, vocab_size: int | None) -> dict[str, int]:
             count, top = verify_shard(path, vocab_size)
         except DataError as e:
             _report(problems, str(e))
+            unreadable.add(split)
             continue
         totals[split] = totals.get(split, 0) + count
         print(f"{path.name}: {count:,} tokens, max id {top}")
     for problem in _layout_problems(folder, numbers, listing):
         _report(problems, problem)
+    for split in ("val", "train"):
+        # On an empty train split training waited forever for its first batch.
+        if numbers[split] and split not in unreadable and not totals.get(split):
+            _report(problems, f"{folder}: the {split} split holds 0 tokens "
+                    f"({_plural(len(numbers[split]), 'shard')}, all empty)")
     for split, count in totals.items():
         print(f"total {split}: {count:,} tokens")
     if problems:
-        count = f"{len(problems)} problems" if len(problems) > 1 else "1 problem"
-        raise DataError(f"{folder}: {count} (listed above)")
+        raise DataError(f"{folder}: {_plural(len(problems), 'problem')} (listed above)")
     return totals
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _report(problems: list[str], problem: str) -> None:
@@ -864,9 +877,10 @@ def _parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("verify", help="check every shard in a folder",
                             description="Check magic, version, size and ids of every .bin shard "
-                            "in DIR, that each split is there and numbered without gaps, and the "
-                            "shard counts DIR's manifest lists (DIR/manifest.json, or for a "
-                            "download data/manifest.json); print token counts and every problem.")
+                            "in DIR, that each split is there, holds tokens and is numbered "
+                            "without gaps, and the shard counts DIR's manifest lists "
+                            "(DIR/manifest.json, or for a download data/manifest.json); print "
+                            "token counts and every problem.")
     p.add_argument("dir", type=Path, metavar="DIR")
     p.add_argument("--vocab-size", type=_count(1), default=None,
                    help="reject ids at or above this (default: the manifest's vocabulary size)")
