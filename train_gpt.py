@@ -147,7 +147,9 @@ def parse_value(name: str, raw: str, kind: str):
     try:
         value = parsers[kind](raw)
     except (ValueError, KeyError):
-        allowed = "a boolean: 1/0, true/false, yes/no, on/off" if kind == "bool" else f"a valid {kind}"
+        allowed = f"a valid {kind}"
+        if kind == "bool":
+            allowed = "a boolean: 1/0, true/false, yes/no, on/off"
         raise ConfigError(f"{name}={raw!r} is not allowed; expected {allowed}") from None
     if kind == "float" and not math.isfinite(value):
         raise ConfigError(f"{name}={raw!r} is not allowed; expected a finite number")
@@ -205,7 +207,8 @@ class GPTConfig(Section):
     rope_dims: int = count(16)  # 0: all of each head's dims
     ln_scale: bool = free(True)
     xsa_last_n: int = count(11)
-    bigram_vocab_size: int = setting(1024, "0 (no bigram table) or at least 2", lambda v: v == 0 or v >= 2)
+    bigram_vocab_size: int = setting(1024, "0 (no bigram table) or at least 2",
+                                     lambda v: v == 0 or v >= 2)
     bigram_dim: int = positive(128)
     ve_enabled: bool = free(True)
     ve_dim: int = positive(128)
@@ -243,11 +246,13 @@ class GPTConfig(Section):
              f"a divisor of NUM_HEADS={self.num_heads}")
         need(self.head_dim % 2 == 0, "NUM_HEADS", self.num_heads,
              "a value that leaves an even head dimension")
-        need(self.rope_dims == 0 or (4 <= self.rope_dims <= self.head_dim and self.rope_dims % 2 == 0),
-             "ROPE_DIMS", self.rope_dims, f"0 (all dims) or an even number in [4, head_dim={self.head_dim}]")
+        rope_ok = 4 <= self.rope_dims <= self.head_dim and self.rope_dims % 2 == 0
+        need(self.rope_dims == 0 or rope_ok, "ROPE_DIMS", self.rope_dims,
+             f"0 (all dims) or an even number in [4, head_dim={self.head_dim}]")
         need(self.xsa_last_n <= self.num_layers, "XSA_LAST_N", self.xsa_last_n,
              f"at most NUM_LAYERS={self.num_layers}")
-        need(self.mlp_hidden > 0, "MLP_MULT", self.mlp_mult, "a value giving at least one hidden unit")
+        need(self.mlp_hidden > 0, "MLP_MULT", self.mlp_mult,
+             "a value giving at least one hidden unit")
         if self.ve_enabled:
             try:
                 ids = [int(s) for s in self.ve_layers.split(",") if s.strip()]
@@ -284,7 +289,8 @@ class TrainConfig(Section):
     warmdown_iters: int = free(3500)  # <= 0: no warm-down
     warmup_steps: int = count(20)
     train_batch_tokens: int = positive(786432)
-    train_seq_len: int = setting(2048, "a positive integer at most 1048576", lambda v: 0 < v <= 1 << 20)
+    train_seq_len: int = setting(2048, "a positive integer at most 1048576",
+                                 lambda v: 0 < v <= 1 << 20)
     val_batch_size: int = positive(524288)  # each rank takes VAL_BATCH_SIZE / 8 tokens a batch
     val_loss_every: int = free(4000)  # <= 0: only at the end
     train_log_every: int = count(500)
@@ -540,15 +546,19 @@ def start_runtime(cfg: RunConfig) -> Runtime:
     """torchrun sets RANK/WORLD_SIZE: NCCL on CUDA, gloo on CPU; otherwise a single process."""
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
-        raise ConfigError("DEVICE='cuda' but no CUDA device is available; expected DEVICE=auto or cpu")
+        raise ConfigError("DEVICE='cuda' but no CUDA device is available; "
+                          "expected DEVICE=auto or cpu")
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+    device = torch.device("cpu")
+    if use_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if not use_cuda and cfg.cpu_threads > 0:
         # One thread per process by default: more threads than free cores ran several times slower.
         torch.set_num_threads(cfg.cpu_threads)
     if use_cuda:
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # the original's (SLOT's fp32 logit matmul too)
+        # The original's setting; it reaches SLOT's float32 logit matmul too.
+        torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if world_size > 1 and not dist.is_initialized():
         # A rank stuck in a collective ends the run after this long, not gloo's half hour.
@@ -665,7 +675,7 @@ class DistributedTokenLoader:
     def __init__(self, files: list[str], vocab_size: int, rt: Runtime):
         self.stream, self.rt = TokenStream(files, vocab_size), rt
 
-    def next_batch(self, global_tokens: int, seq_len: int, grad_accum: int) -> tuple[Tensor, Tensor]:
+    def next_batch(self, global_tokens: int, seq_len: int, grad_accum: int) -> tuple[Tensor, ...]:
         rank, world = self.rt.rank, self.rt.world_size
         local = global_tokens // (world * grad_accum)
         chunk = self.stream.take((local + 1) * world)
@@ -677,7 +687,8 @@ class DistributedTokenLoader:
 
 
 def load_validation_tokens(files: list[str], seq_len: int, vocab_size: int) -> Tensor:
-    tokens = np.concatenate([np.asarray(checked_shard(f, vocab_size), dtype=np.int64) for f in files])
+    parts = [np.asarray(checked_shard(f, vocab_size), dtype=np.int64) for f in files]
+    tokens = np.concatenate(parts)
     usable = ((tokens.size - 1) // seq_len) * seq_len
     if usable <= 0:
         raise ConfigError(f"validation split ({', '.join(files)}) has {tokens.size} tokens; "
@@ -695,7 +706,8 @@ def load_tokenizer(cfg: DataConfig, vocab_size: int) -> spm.SentencePieceProcess
     try:
         sp.load(str(path))
     except (OSError, RuntimeError):
-        raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path!r}: not a SentencePiece model") from None
+        raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path!r}: not a SentencePiece "
+                          f"model") from None
     if sp.vocab_size() != vocab_size:
         raise ConfigError(f"VOCAB_SIZE={vocab_size} differs from the tokenizer's size "
                           f"{sp.vocab_size()} ({cfg.tokenizer_path}); expected "
@@ -742,7 +754,8 @@ def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int, device) -> 
 def count_bytes(luts, prev_ids: Tensor, target_ids: Tensor) -> Tensor:
     """Bytes of each target: its piece, plus the space it opens unless it follows a boundary."""
     base_bytes, leading_space, boundary = luts
-    return base_bytes[target_ids].double() + (leading_space[target_ids] & ~boundary[prev_ids]).double()
+    opens_space = leading_space[target_ids] & ~boundary[prev_ids]
+    return base_bytes[target_ids].double() + opens_space.double()
 
 
 @dataclass(frozen=True)
@@ -758,7 +771,8 @@ def load_data(cfg: Config, rt: Runtime, training: bool) -> tuple[Data, list[str]
     """Every data input checked; returns the data and the warnings to log."""
     sp = load_tokenizer(cfg.data, cfg.model.vocab_size)
     vocab = cfg.model.vocab_size
-    val_tokens = load_validation_tokens(shard_files(cfg.data.data_path, "val"), cfg.max_seq_len, vocab)
+    val_files = shard_files(cfg.data.data_path, "val")
+    val_tokens = load_validation_tokens(val_files, cfg.max_seq_len, vocab)
     files = shard_files(cfg.data.data_path, "train") if training else []
     sizes = [load_data_shard(f).size for f in files]  # every header before any work
     warnings = []
@@ -873,7 +887,7 @@ class ScalarList(nn.ParameterList):
         return dict.fromkeys((str(i) for i in range(len(self))), "scalar")
 
 
-def rotary_cos_sin(seq_len: int, rope_dims: int, base: float, device, dtype) -> tuple[Tensor, Tensor]:
+def rotary_cos_sin(seq_len: int, rope_dims: int, base: float, device, dtype) -> tuple[Tensor, ...]:
     """Partial-RoPE tables, in float32 then cast to the activation dtype.
     Seed quirk kept: the rotary module believes training ran at 1024 tokens and rescales the
     base for longer rows (always in effect at T = 2048). Seed quirk fixed: the original built
@@ -912,7 +926,8 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
         self.vrl_gate = nn.Parameter(torch.tensor(-1.5)) if cfg.vrl_enabled and layer > 0 else None
         self.xsa = layer >= cfg.num_layers - cfg.xsa_last_n
@@ -962,7 +977,8 @@ class Block(nn.Module):
         super().__init__()
         self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
-        self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim))))
+        mix = (torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim))  # x and x0 weights
+        self.resid_mix = nn.Parameter(torch.stack(mix))
         self.attn = Attention(cfg, layer)
         self.mlp = MLP(cfg)
         self.ln_scale = 1.0 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
@@ -1004,7 +1020,8 @@ class BigramHash(ScaledEmbedding):
     """A learned embedding of a hash of (previous token, token), added to the token embedding."""
 
     def __init__(self, cfg: GPTConfig):
-        super().__init__(cfg.bigram_vocab_size, cfg.bigram_dim, cfg.model_dim, scale=0.05, init_std=0.0)
+        super().__init__(cfg.bigram_vocab_size, cfg.bigram_dim, cfg.model_dim, scale=0.05,
+                         init_std=0.0)
 
     def forward(self, ids: Tensor, qat: bool = False) -> Tensor:
         t = ids.to(torch.int32)  # the hash wraps in int32, as the original's
@@ -1045,7 +1062,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.ve_shared = None
         if cfg.ve_layer_ids:
-            self.ve_shared = ScaledEmbedding(cfg.vocab_size, cfg.ve_dim, cfg.kv_dim, scale=0.1, init_std=0.01)
+            self.ve_shared = ScaledEmbedding(cfg.vocab_size, cfg.ve_dim, cfg.kv_dim, scale=0.1,
+                                             init_std=0.01)
         self.ve_layer_scales = ScalarList(nn.Parameter(torch.ones(1)) for _ in cfg.ve_layer_ids)
         self.lm_head = None
         if not cfg.tie_embeddings:
@@ -1078,7 +1096,8 @@ class GPT(nn.Module):
             x = x + self.bigram(ids, qat)
         x = self.smear(rms(x))
         x0, v_first, skips = x, None, []
-        rope = rotary_cos_sin(ids.size(1), cfg.rope_dims or cfg.head_dim, cfg.rope_base, ids.device, x.dtype)
+        rope_dims = cfg.rope_dims or cfg.head_dim
+        rope = rotary_cos_sin(ids.size(1), rope_dims, cfg.rope_base, ids.device, x.dtype)
         ve_base = self.ve_shared(ids, qat) if self.ve_shared is not None else None
         for i, block in enumerate(self.blocks):
             if i >= self.num_encoder and skips:  # U-Net: decoder i reads encoder outputs, LIFO
@@ -1171,7 +1190,8 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
                  orthogonalize=newton_schulz5):
-        defaults = dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay)
+        defaults = dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
+                        weight_decay=weight_decay)
         super().__init__(params, defaults)
         self.orthogonalize = orthogonalize
 
@@ -1266,7 +1286,8 @@ class Schedule:
 
     @classmethod
     def of(cls, train: TrainConfig, optim: OptimConfig, cap_seconds: float) -> "Schedule":
-        return cls(train.iterations, train.warmdown_iters, 1000.0 * cap_seconds if cap_seconds > 0 else None,
+        cap_ms = 1000.0 * cap_seconds if cap_seconds > 0 else None
+        return cls(train.iterations, train.warmdown_iters, cap_ms,
                    optim.muon_momentum_warmup_start, optim.muon_momentum,
                    optim.muon_momentum_warmup_steps, train.late_qat_threshold)
 
@@ -1370,7 +1391,8 @@ class Trainer:
         return loss
 
     def validate(self) -> tuple[float, float]:
-        sums = score_sequences(self.scoring(), self.cfg.train.train_seq_len, self.cfg.train.val_batch_size)
+        t = self.cfg.train
+        sums = score_sequences(self.scoring(), t.train_seq_len, t.val_batch_size)
         return sums.result(self.rt)
 
     def scoring(self, tokens: Tensor | None = None) -> "Scoring":
@@ -1491,7 +1513,8 @@ class EMA:
 
     def __init__(self, model: GPT, decay: float):
         self.model, self.decay = model, decay
-        self.weights = list(model.state_dict().values())  # views of the parameters, updated in place
+        # Views of the parameters, which the optimizers update in place.
+        self.weights = list(model.state_dict().values())
         self.ema = [w.detach().float().clone() for w in self.weights]
 
     @torch.no_grad()
@@ -1552,7 +1575,9 @@ def quantize_int8(t: Tensor) -> tuple[Tensor, Tensor]:
     """Per-row int8 with a float32 scale used for q and stored as fp16 (0-d float32 for 1-D)."""
     t32 = t.float()
     if t32.ndim != 2:
-        clip = float(torch.quantile(t32.abs().flatten(), INT8_CLIP_QUANTILE).item()) if t32.numel() else 0.0
+        clip = 0.0
+        if t32.numel():
+            clip = float(torch.quantile(t32.abs().flatten(), INT8_CLIP_QUANTILE).item())
         scale = torch.tensor(clip / 127 if clip > 0 else 1.0, dtype=torch.float32)
         q = torch.clamp(torch.round(torch.clamp(t32, -clip, clip) / scale), -127, 127)
         return q.to(torch.int8), scale
@@ -1572,13 +1597,15 @@ def quantize_state_dict(state: dict[str, Tensor], roles: dict[str, Role],
         t, fmt = t.detach().cpu().contiguous(), roles[name].export
         if t.numel() <= PASSTHROUGH_MAX_NUMEL or fmt == "fp16":
             small = t.numel() <= PASSTHROUGH_MAX_NUMEL
-            tensors[name], schemes[name] = t.to(torch.float16), "passthrough" if small else "passthrough_ctrl"
+            tensors[name] = t.to(torch.float16)
+            schemes[name] = "passthrough" if small else "passthrough_ctrl"
             continue
         if fmt == "int6" and name in (hessians or {}):
             q, scale = gptq_quantize(t.to(hessians[name].device), hessians[name])
         else:
             q, scale = quantize_int6(t) if fmt == "int6" else quantize_int8(t)
-        tensors[name + ".q"], tensors[name + ".scale"] = q.cpu().contiguous(), scale.cpu().contiguous()
+        tensors[name + ".q"] = q.cpu().contiguous()
+        tensors[name + ".scale"] = scale.cpu().contiguous()
         schemes[name] = {"type": fmt}
     return {"w": tensors, "m": schemes}
 
@@ -1637,11 +1664,15 @@ def gptq_round(W: Tensor, Hinv: Tensor, sf: Tensor, block: int) -> Tensor:
 
 def gptq_modules(model: GPT) -> dict[str, nn.Module]:
     """The linears whose weights the table stores int6 (the ones GPTQ solves)."""
-    return {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, CastedLinear)
-            and model.roles[f"{n}.weight"].export == "int6" and m.weight.numel() > PASSTHROUGH_MAX_NUMEL}
+    found = {}
+    for name, m in model.named_modules():
+        if isinstance(m, CastedLinear) and m.weight.numel() > PASSTHROUGH_MAX_NUMEL:
+            if model.roles[f"{name}.weight"].export == "int6":
+                found[f"{name}.weight"] = m
+    return found
 
 
-def calibrate(cfg: Config, rt: Runtime, model: GPT, data: Data, train_ms: float) -> dict[str, Tensor]:
+def calibrate(cfg: Config, rt: Runtime, model: GPT, data: Data, train_ms: float) -> dict:
     """H = mean of X^T X over GPTQ_CALIBRATION_BATCHES global training batches, X each int6
     linear's input; micro-batches read as in training and float64 sums, so the world size cannot
     change the artifact. The products run without TF32."""
@@ -1704,7 +1735,9 @@ def codec(name: str):
 
 def pack_artifact(container: dict, compressor: str) -> bytes:
     buf = io.BytesIO()
-    torch.save(_byte_shuffle(container, inverse=False) if compressor == "brotli" else container, buf)
+    if compressor == "brotli":
+        container = _byte_shuffle(container, inverse=False)
+    torch.save(container, buf)
     if compressor == "brotli":
         return BROTLI_MAGIC + codec("brotli").compress(buf.getvalue(), quality=11)
     return lzma.compress(buf.getvalue(), preset=6)
@@ -1773,12 +1806,14 @@ def budget_lines(container: dict, model_bytes: int, compressor: str, code: "Code
     stored = dict.fromkeys(("int6", "int8", "passthrough"), 0)
     for name, t in container["w"].items():
         scheme = container["m"].get(name) or container["m"][name.rsplit(".", 1)[0]]
-        stored[scheme["type"] if isinstance(scheme, dict) else "passthrough"] += t.numel() * t.element_size()
+        kind = scheme["type"] if isinstance(scheme, dict) else "passthrough"
+        stored[kind] += t.numel() * t.element_size()
     total = model_bytes + code.size
     return [f"budget {kind}: {n:,} bytes stored" for kind, n in stored.items()] + [
         f"budget model: {model_bytes:,} bytes after {compressor}",
         f"budget code: {code.size:,} bytes ({code.kind} script; source {code.source_size:,} bytes)",
-        f"budget total: {total:,} bytes, margin {SIZE_LIMIT - total:,} to the {SIZE_LIMIT:,}-byte limit"]
+        f"budget total: {total:,} bytes, margin {SIZE_LIMIT - total:,} to the "
+        f"{SIZE_LIMIT:,}-byte limit"]
 
 
 @dataclass(frozen=True)
@@ -1808,7 +1843,7 @@ class SaveError(ConfigError):
 
 
 def model_settings(cfg: GPTConfig) -> dict[str, object]:
-    """Every setting that shapes the model's computation, by variable name: an artifact's sidecar."""
+    """Every setting that shapes the model's computation, by variable name (the sidecar's)."""
     return {GPTConfig.env_name(f): getattr(cfg, f.name) for f in fields(GPTConfig)}
 
 
@@ -1840,10 +1875,11 @@ def check_sidecar(cfg: Config, blob: bytes) -> str:
         raise ConfigError(f"{path}: describes another artifact (sha256 differs from "
                           f"{cfg.export.artifact}); remove it to evaluate unchecked")
     ours = model_settings(cfg.model)
-    diffs = [f"{k}={ours[k]!r} (artifact: {v!r})" for k, v in saved.items() if k in ours and ours[k] != v]
+    diffs = [f"{k}={ours[k]!r} (artifact: {v!r})" for k, v in saved.items()
+             if k in ours and ours[k] != v]
     if diffs:
-        raise ConfigError(f"ARTIFACT={cfg.export.artifact!r} was trained with other model settings: "
-                          f"{', '.join(diffs)}; set them as it was trained")
+        raise ConfigError(f"ARTIFACT={cfg.export.artifact!r} was trained with other model "
+                          f"settings: {', '.join(diffs)}; set them as it was trained")
     return f"eval_only: model settings match {path.name}"
 
 
@@ -1862,7 +1898,8 @@ def is_our_file(path: Path, kind: str) -> bool:
 
 def check_replaceable(cfg: ExportConfig) -> None:
     """A run never deletes or overwrites a file it did not write."""
-    for var, value, kind in (("ARTIFACT", cfg.artifact, "artifact"), ("MODEL_PATH", cfg.model_path, "weights")):
+    outputs = (("ARTIFACT", cfg.artifact, "artifact"), ("MODEL_PATH", cfg.model_path, "weights"))
+    for var, value, kind in outputs:
         path = Path(value)
         if path.exists() and not (path.is_file() and is_our_file(path, kind)):
             raise ConfigError(f"{var}={value!r} names an existing file that is not {kind} of this "
@@ -1961,8 +1998,8 @@ def export_artifact(cfg: Config, rt: Runtime, model: GPT, hessians, weights_byte
     return Artifact(container, len(blob) if rt.master else Path(cfg.export.artifact).stat().st_size)
 
 
-def log_export(cfg: ExportConfig, rt: Runtime, container: dict, model_bytes: int, weights_bytes: int,
-               code: Code) -> None:
+def log_export(cfg: ExportConfig, rt: Runtime, container: dict, model_bytes: int,
+               weights_bytes: int, code: Code) -> None:
     total = model_bytes + code.size
     rt.log(f"Serialized model: {weights_bytes} bytes")
     rt.log(f"Code size: {code.size} bytes")
@@ -1971,7 +2008,8 @@ def log_export(cfg: ExportConfig, rt: Runtime, container: dict, model_bytes: int
     rt.log(f"Total submission size: {total} bytes")
     rt.log("\n".join(budget_lines(container, model_bytes, cfg.compressor, code)))
     if total >= SIZE_LIMIT:
-        rt.log(f"WARNING: total submission size {total} bytes is over the {SIZE_LIMIT:,}-byte limit")
+        rt.log(f"WARNING: total submission size {total} bytes is over the {SIZE_LIMIT:,}-byte "
+               f"limit")
 
 # -----------------------------
 # EVALUATION
@@ -2000,7 +2038,7 @@ class Sums:
         if collect_targets:
             self.nll = torch.zeros(collect_targets, dtype=torch.float64, device=device)
 
-    def add(self, nll: Tensor, prev: Tensor, tgt: Tensor, luts, where: Tensor | None = None) -> None:
+    def add(self, nll: Tensor, prev: Tensor, tgt: Tensor, luts, where: Tensor | None = None):
         self.loss += nll.double().sum()
         self.tokens += nll.numel()
         self.bytes += count_bytes(luts, prev, tgt).sum()
@@ -2045,7 +2083,8 @@ def score_sequences(s: Scoring, seq_len: int, batch_tokens: int, collect: bool =
     with torch.no_grad():
         for start in range(first * seq_len, last * seq_len, batch_seqs * seq_len):
             n = min(batch_seqs * seq_len, last * seq_len - start)
-            chunk = F.pad(s.tokens[start:start + n + 1], (0, batch_seqs * seq_len - n)).to(rt.device)
+            pad = batch_seqs * seq_len - n
+            chunk = F.pad(s.tokens[start:start + n + 1], (0, pad)).to(rt.device)
             x, y = chunk[:-1].reshape(-1, seq_len), chunk[1:].reshape(-1, seq_len)
             with rt.autocast():
                 logits = s.model.logits(s.hidden_fn(x)).float().reshape(-1, vocab)
@@ -2149,7 +2188,8 @@ def window_pass(s: Scoring, plan: WindowPlan, batches: list[np.ndarray], rows: i
         where_t = torch.from_numpy(where[scored]).to(dev) if collect else None
         with torch.no_grad(), s.rt.autocast():
             hid = s.hidden_fn(x)
-        yield Batch(idx, hid, y, scored, context, pos, x.reshape(-1)[pos], y.reshape(-1)[pos], where_t)
+        x_pos, y_pos = x.reshape(-1)[pos], y.reshape(-1)[pos]
+        yield Batch(idx, hid, y, scored, context, pos, x_pos, y_pos, where_t)
 
 
 class SlidingScorer:
@@ -2197,7 +2237,8 @@ class SlotScorer:
         self.counts = plan.length - plan.score_from if mode == "scored" else plan.score_from
         # Each fit pads to a typical batch's size, or (the batch holding the first or the tail
         # window) to the largest: two shapes per mode for the compiled loss.
-        self.sizes = (rows * int(np.median(self.counts)), max(int(self.counts[b].sum()) for b in batches))
+        largest = max(int(self.counts[b].sum()) for b in batches)
+        self.sizes = (rows * int(np.median(self.counts)), largest)
 
     def __call__(self, s: Scoring, b: Batch) -> None:
         n = int(self.counts[b.windows].sum())
@@ -2228,7 +2269,8 @@ class SlotScorer:
                 pos = torch.from_numpy(np.flatnonzero(score)).to(dev)
                 base = F.linear(hid[pos], weight)
             z = base + (F.linear(delta, weight) + bias)[pos // L]
-            return F.cross_entropy(self.softcap * torch.tanh(z / self.softcap), y[pos], reduction="none")
+            logits = self.softcap * torch.tanh(z / self.softcap)
+            return F.cross_entropy(logits, y[pos], reduction="none")
 
     def fit(self, delta: Tensor, bias: Tensor, base: Tensor, rows: Tensor, y: Tensor, w: Tensor):
         c, cuda = self.cfg, delta.is_cuda
@@ -2237,7 +2279,8 @@ class SlotScorer:
         expand = F.one_hot(rows, delta.size(0)).float() if cuda else rows
         for i in range(c.steps):  # (the fit needs autograd whatever the caller's grad mode)
             for group in opt.param_groups:
-                group["lr"] = c.lr_min + 0.5 * (c.lr - c.lr_min) * (1 + math.cos(math.pi * i / c.steps))
+                cosine = 0.5 * (1 + math.cos(math.pi * i / c.steps))
+                group["lr"] = c.lr_min + (c.lr - c.lr_min) * cosine
             opt.zero_grad(set_to_none=True)
             with torch.enable_grad():
                 self.loss_fn(delta, bias, base, expand, y, w, self.weight, self.softcap).backward()
@@ -2388,7 +2431,8 @@ def eval_ttt(cfg: EvalConfig, rt: Runtime, model: GPT, tokens: Tensor, luts,
     rows = -(-most // (-(-most // per_step) * rt.world_size))
     scorer = SlidingScorer("legal_ttt", Sums(rt.device, n_targets if collect else 0))
     rt.log(f"legal_ttt:start chunks:{n_chunks} windows:{len(plan)} chunk_tokens:{c.chunk_tokens} "
-           f"stride:{cfg.window_stride} lr:{c.lr} epochs:{c.epochs} freeze_blocks:{c.freeze_blocks} "
+           f"stride:{cfg.window_stride} lr:{c.lr} epochs:{c.epochs} "
+           f"freeze_blocks:{c.freeze_blocks} "
            f"trained_params:{sum(p.numel() for p in trainer.params)}")
     t0 = time.perf_counter()
     for ci in range(n_chunks):
@@ -2412,7 +2456,8 @@ def sliding_pass(cfg: EvalConfig, s: Scoring, stride: int, name: str,
     SLOT scorer per mode; returns the scorers, their sums (with every target's nll if
     `collect`) and times filled."""
     plan = sliding_windows(s.n_targets, cfg.seq_len, stride, cfg.tail)
-    batches = window_batches(len(plan), cfg.slot.batch_seqs, cfg.slot.interleave if slot_modes else 1)
+    interleave = cfg.slot.interleave if slot_modes else 1
+    batches = window_batches(len(plan), cfg.slot.batch_seqs, interleave)
     rows = max(len(b) for b in batches)
     scorers = [SlidingScorer(name, Sums(s.rt.device))] if name else []
     scorers += [SlotScorer(m, cfg.slot, s, plan, batches, rows) for m in slot_modes]
@@ -2430,10 +2475,12 @@ def evaluate(cfg: Config, rt: Runtime, model: GPT, data: Data) -> dict[str, Scor
     t0 = time.perf_counter()
     sums = score_sequences(s, L, cfg.train.val_batch_size)
     rt.sync()
-    scores["final_int6_roundtrip"] = log_result(rt, "final_int6_roundtrip", sums, time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    scores["final_int6_roundtrip"] = log_result(rt, "final_int6_roundtrip", sums, seconds)
     share = e.slot.enabled and e.window_stride == e.stride  # one hidden pass serves both
     slot_scorers = []
-    for stride, name in ((e.stride, "final_int6_sliding_window"), (64, "final_int6_sliding_window_s64")):
+    passes = ((e.stride, "final_int6_sliding_window"), (64, "final_int6_sliding_window_s64"))
+    for stride, name in passes:
         if not 0 < stride < L or (name.endswith("s64") and e.stride == 64):
             continue
         modes = e.slot.modes if share and stride == e.stride else ()
@@ -2441,13 +2488,14 @@ def evaluate(cfg: Config, rt: Runtime, model: GPT, data: Data) -> dict[str, Scor
         slot_scorers += slots
         score = log_result(rt, name, sliding.sums, sliding.seconds, extra=f" stride:{stride}")
         # The original repeats each sliding result as a roundtrip line; tools read the last one.
-        rt.log(f"final_int6_roundtrip_exact val_loss:{score.val_loss:.8f} val_bpb:{score.val_bpb:.8f}")
+        rt.log(f"final_int6_roundtrip_exact val_loss:{score.val_loss:.8f} "
+               f"val_bpb:{score.val_bpb:.8f}")
         scores[name] = score
     if e.slot.enabled and not slot_scorers:
         slot_scorers = sliding_pass(e, s, e.window_stride, "", e.slot.modes)
     for sc in slot_scorers:
-        scores[sc.name] = log_result(rt, sc.name, sc.sums, sc.seconds, extra=f" steps:{e.slot.steps} "
-                                     f"lr:{e.slot.lr}", suffix=f" mode:{sc.mode}")
+        extra = f" steps:{e.slot.steps} lr:{e.slot.lr}"
+        scores[sc.name] = log_result(rt, sc.name, sc.sums, sc.seconds, extra, f" mode:{sc.mode}")
     if e.ttt.enabled:  # last, and on a copy: no other evaluation sees adapted weights
         sums, seconds = eval_ttt(e, rt, copy.deepcopy(model), data.val_tokens, data.luts)
         scores["legal_ttt"] = log_result(rt, "legal_ttt", sums, seconds)
@@ -2472,13 +2520,16 @@ class Stopped(Exception):
 
 
 def check_outputs(cfg: Config) -> None:
-    """Every folder the run writes into, before any work: a training run is never lost at its end."""
+    """Every folder the run writes into, before any work: a training run is never lost at its
+    end."""
     logs = Path("logs")
     if logs.exists() and not logs.is_dir():
-        raise ConfigError("logs: is a file; expected a folder for the run logs (move the file away)")
+        raise ConfigError("logs: is a file; expected a folder for the run logs (move the "
+                          "file away)")
     places = {"logs/": logs if logs.is_dir() else Path(".")}
     if not cfg.run.eval_only:
-        for var, value in (("MODEL_PATH", cfg.export.model_path), ("ARTIFACT", cfg.export.artifact)):
+        files = (("MODEL_PATH", cfg.export.model_path), ("ARTIFACT", cfg.export.artifact))
+        for var, value in files:
             if Path(value).is_dir():
                 raise ConfigError(f"{var}={value!r} is a directory; expected a file path")
             places[f"{var}={value!r}"] = Path(value).parent
@@ -2487,7 +2538,8 @@ def check_outputs(cfg: Config) -> None:
             tempfile.TemporaryFile(dir=folder).close()
         except OSError as e:
             raise ConfigError(f"{what}: cannot write in {str(folder)!r} ({e.strerror}); expected a "
-                              f"writable folder (run from one, or set ARTIFACT and MODEL_PATH)") from None
+                              f"writable folder (run from one, or set ARTIFACT and "
+                              f"MODEL_PATH)") from None
     if not cfg.run.eval_only:
         check_replaceable(cfg.export)
 
@@ -2521,7 +2573,8 @@ def log_config(cfg: Config, rt: Runtime, model: GPT, data: Data) -> None:
     rt.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
     rt.log("\n".join(role_summary(model)))
     rt.log("mtp_num_heads:0 mtp_loss_weight:0.2 mtp_params:0")  # the original's line, no heads
-    rt.log(f"XSA:last_{m.xsa_last_n} active_layers:{[i for i, b in enumerate(model.blocks) if b.attn.xsa]}")
+    xsa = [i for i, b in enumerate(model.blocks) if b.attn.xsa]
+    rt.log(f"XSA:last_{m.xsa_last_n} active_layers:{xsa}")
     rt.log(f"world_size:{rt.world_size} grad_accum_steps:{t.grad_accum_steps(rt.world_size)}")
     kernel = "flash_attn_3" if flash_attn_3 is not None and rt.device.type == "cuda" else "sdpa"
     rt.log(f"attention_kernel:{kernel} device:{rt.device.type} compile:{rt.compile}")
@@ -2557,8 +2610,8 @@ def read_inputs(cfg: Config, rt: Runtime) -> Inputs:
     data, warnings = load_data(cfg, rt, training=not cfg.run.eval_only)
     warnings = misspelt_settings(os.environ) + warnings
     if cfg.run.eval_only:  # a bad artifact stops the run before anything is written
-        blob = Path(cfg.export.artifact).read_bytes() if Path(cfg.export.artifact).is_file() else b""
         container = read_artifact(cfg.export.artifact)
+        blob = Path(cfg.export.artifact).read_bytes()
         line = check_sidecar(cfg, blob)
         model = eval_model(cfg.model, container, rt.device, cfg.export.artifact)
         return Inputs(data, warnings, model, artifact_bytes=len(blob), sidecar_line=line)
@@ -2576,16 +2629,21 @@ def make_artifact(cfg: Config, rt: Runtime, inputs: Inputs, code: Code) -> GPT:
     log_config(cfg, rt, model, data)
     if inputs.model is None:
         t = cfg.train
-        reserve = cfg.export.gptq_reserve_seconds if cfg.export.gptq_enabled and t.max_wallclock_seconds > 0 else 0
+        reserve = 0.0
+        if cfg.export.gptq_enabled and t.max_wallclock_seconds > 0:
+            reserve = cfg.export.gptq_reserve_seconds
         trained = train(cfg, rt, model, data, t.max_wallclock_seconds - reserve)
         weights_bytes = save_weights(cfg.export, rt, model) if rt.master else 0
     else:
         trained, weights_bytes = Trained(rt.compiled(model.hidden), 0.0), inputs.weights_bytes
         rt.log(f"export_only weights:{cfg.export.model_path} bytes:{weights_bytes}")
-    hessians = calibrate(cfg, rt, model, data, trained.train_ms) if cfg.export.gptq_enabled else None
+    hessians = None
+    if cfg.export.gptq_enabled:
+        hessians = calibrate(cfg, rt, model, data, trained.train_ms)
     t0 = time.perf_counter()
     s = Scoring(model, trained.hidden_fn, data.val_tokens, data.luts, rt)
-    val_loss, val_bpb = score_sequences(s, cfg.train.train_seq_len, cfg.train.val_batch_size).result(rt)
+    sums = score_sequences(s, cfg.train.train_seq_len, cfg.train.val_batch_size)
+    val_loss, val_bpb = sums.result(rt)
     rt.log(f"DIAGNOSTIC post_ema val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
            f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
     artifact = export_artifact(cfg, rt, model, hessians, weights_bytes, code)
