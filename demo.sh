@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole pipeline on the embedded demo corpus, on a CPU, in a few minutes:
-# install -> data -> train -> artifact -> every evaluation -> submission.json.
-# Outputs: logs/demo.txt, final_model.pt, final_model.int6.ptz, runs/demo/.
+# install -> data -> train -> artifact -> every evaluation -> the record folder runs/demo/.
+# Outputs: logs/demo.txt, final_model.pt, final_model.int6.ptz, runs/demo/ (train_gpt.py,
+# train_seed1337.log, submission.json, README.md, requirements.txt: python -m tools.submission).
 set -euo pipefail
 cd "$(dirname "$0")"
 if ! python -c "import torch" 2>/dev/null; then
@@ -18,5 +19,5 @@ python -m pip install -q -r requirements.txt
 python -m tools.data demo
 rm -f logs/demo.txt  # a taken log name would send this run to logs/demo-2.txt
 PRESET=demo python train_gpt.py
-python -m tools.submission logs/demo.txt --out runs/demo --name "CPU demo (not a record)" --track cpu_demo \
+python -m tools.submission logs/demo.txt --out runs/demo --force --name "CPU demo (not a record)" --track cpu_demo \
     --blurb "PRESET=demo on the embedded demo corpus, one CPU process: a pipeline check, not a record."

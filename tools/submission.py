@@ -1,297 +1,158 @@
-"""Build a challenge submission (submission.json + results table) from run logs.
+"""Build a record folder, in the form of the challenge's records, from train_gpt.py run logs.
 
-Every figure is read from the logs train_gpt.py writes, so the submission
-cannot disagree with them (the original record's submission reported step
-counts its logs did not show). The score is, by default, the best causal
-evaluation the logs have (sliding window, SLOT context, legal TTT); the
-non-causal SLOT figure, when present, stands beside it, labelled. A run that
-breaks its track's limits (time, bytes, hardware) gets a warning, on stderr and
-in submission.json's "warnings".
+    python -m tools.submission LOG... --out records/track_10min_16mb/DATE_NAME [--script FILE]
 
-    python -m tools.submission logs/a.txt logs/b.txt logs/c.txt --out records/x
+writes DIR/train_gpt.py (the exact script the logs ran), DIR/train_seed<SEED>.log for each log,
+DIR/submission.json, DIR/README.md and DIR/requirements.txt. Every figure comes from the logs,
+so the folder cannot disagree with them (the original record's submission reported step counts
+its logs did not show).
+
+Three kinds of score, kept apart everywhere:
+- accepted: the round trip, the sliding window at any stride, legal score-first TTT; what the
+  challenge's accepted records report;
+- causal, not accepted: the context-only SLOT; it passes the flip test, but its legality was
+  never ruled on and no accepted record uses SLOT;
+- not causal: the scored SLOT (the original's 0.74): fitted to the very targets it scores.
+The headline is the best accepted score every log holds; --score chooses another, and a headline
+that is not accepted carries its kind in the JSON, the README and the console.
+
+The script: a log carries the full source at its head. A plain run's script is that source; a
+packed run's (its Code size differs from the source's bytes) is re-made from it with the
+packed format of tools.pack, and must come out at exactly the logged Code size, else --script
+is needed. A log without its source (the original's published logs) needs --script FILE.
+
+Refused, with one line naming the log and what is missing, and nothing written: a log that
+stopped early or was interrupted, one without the chosen score, logs of different
+configurations, sources or repeated seeds. The folder is written whole into a temporary
+sibling and renamed into place; an existing folder is replaced only with --force.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import json
 import math
 import os
-import re
+import shlex
+import shutil
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy import stats
 
-SEPARATOR = "=" * 100
+from tools import _packed
+from tools._files import write_atomic
+from tools._record_readme import render_readme, results_table
+from tools._runlog import DEFAULTS, EVAL_TAGS, EvalResult, LogError, RunRecord, same_value
+from tools._runlog import parse_log as _parse_log
+
+__all__ = ["RunRecord", "EvalResult", "parse_log", "build_submission", "acceptance_p_value", "main"]
+
+ACCEPTED, CAUSAL_NOT_ACCEPTED, NOT_CAUSAL = "accepted", "causal, not accepted", "not causal"
+KIND_WHY = {
+    ACCEPTED: "the challenge accepts it: each target is scored from the artifact and the tokens "
+              "before it, and test-time training only on tokens already scored (PR #549)",
+    CAUSAL_NOT_ACCEPTED: "passes the flip test, but the legality of context-only SLOT was never "
+                         "ruled on (openai/parameter-golf issue #1336) and no accepted record uses "
+                         "SLOT",
+    NOT_CAUSAL: "SLOT in its scored mode fits delta and bias to the very targets it then scores "
+                "(it fails the flip test, docs/evaluation.md): not a compression result",
+}
 
 
 @dataclass(frozen=True)
 class Score:
-    tag: str  # the summary line's name; the precise figures are on tag + "_exact"
     label: str
-    causal: bool  # passes the flip test: no target's score reads later tokens (docs/evaluation.md)
+    kind: str
 
 
-# --score choices, in the results table's column order.
+# --score choices (the names of tools._runlog.EVAL_TAGS), in evaluation order.
 SCORES = {
-    "roundtrip": Score("final_int6_roundtrip", "roundtrip", True),
-    "sliding": Score("final_int6_sliding_window", "sliding", True),
-    "sliding_s64": Score("final_int6_sliding_window_s64", "s64", True),
-    "slot_context": Score("final_slot_context", "SLOT context", True),
-    "legal_ttt": Score("legal_ttt", "legal TTT", True),
-    "slot": Score("final_slot", "SLOT scored", False),
+    "roundtrip": Score("round trip", ACCEPTED),
+    "sliding": Score("sliding window", ACCEPTED),
+    "sliding_s64": Score("sliding window", ACCEPTED),
+    "slot": Score("SLOT scored", NOT_CAUSAL),
+    "slot_context": Score("SLOT context", CAUSAL_NOT_ACCEPTED),
+    "legal_ttt": Score("legal TTT", ACCEPTED),
 }
-NOT_CAUSAL_WHY = (
-    "SLOT in its scored mode fits delta and bias to the very targets it then scores (it fails the flip "
-    "test, docs/evaluation.md): not a compression result"
-)
 
 
 @dataclass(frozen=True)
 class TrackLimits:
-    train_seconds: float
-    artifact_bytes: int  # the total must stay under it
-    hardware: str  # what the time limit is measured on
+    train_seconds: float = 600.0
+    total_bytes: int = 16_000_000  # the artifact total (model + code) must stay under it
+    eval_seconds: float = 600.0
+    hardware: str = "8xH100"  # what the time limits are measured on
 
 
-TRACK_LIMITS = {"10min_16mb": TrackLimits(600.0, 16_000_000, "8xH100")}
-ARTIFACT_CAP = TRACK_LIMITS["10min_16mb"].artifact_bytes  # bytes, decimal: the challenge's limit
-
-# Config lines (named by their first key) that all seeds of a submission share.
-CONFIG_LINES = (
-    "model_params",
-    "world_size",
-    "train_batch_tokens",
-    "attention_mode",
-    "tie_embeddings",
-)
-_EVAL_TAGS = "|".join(s.tag for s in SCORES.values())
-
-# Every log line this tool reads, in the format train_gpt.py writes it: a parsed line is a
-# contract, so a change of format there is a change of this table. Further figures of the step
-# and evaluation lines are read by name from their key:value words (group "rest").
-LOG_LINES = {
-    # step:N/M train_loss:… train_time:…ms step_avg:…ms
-    # step:N/M val_loss:… val_bpb:… train_time:…ms step_avg:…ms
-    "step": re.compile(r"^step:(?P<step>\d+)/(?P<iterations>\d+)\s+(?P<rest>.*)$"),
-    "seed": re.compile(r"^seed:(?P<seed>\d+)\s*$"),
-    "config": re.compile(rf"^(?P<key>{'|'.join(CONFIG_LINES)}):"),
-    "stop": re.compile(r"^stopping_early:\s*(?P<reason>\S+)"),
-    "code": re.compile(r"^Code size: (?P<bytes>\d+) bytes"),
-    "model": re.compile(r"^Serialized model int6\+\w+: (?P<bytes>\d+) bytes"),
-    "artifact": re.compile(r"^Total submission size int6\+(?P<compressor>\w+): (?P<bytes>\d+) bytes"),
-    # <tag> val_loss:%.4f val_bpb:%.4f [stride:… | steps:… lr:…] eval_time:…ms [mode:…]
-    # <tag>_exact val_loss:%.8f val_bpb:%.8f
-    "eval": re.compile(
-        rf"^(?P<tag>{_EVAL_TAGS})(?P<exact>_exact)? "
-        r"val_loss:(?P<val_loss>\S+) val_bpb:(?P<val_bpb>\S+)(?P<rest>.*)$"
-    ),
-    # nvidia-smi device row: "|   0  NVIDIA H100 80GB HBM3   On  |   00000000:19:00.0 Off |"
-    "gpu": re.compile(
-        r"^\|\s+(?P<index>\d+)\s+(?P<name>\S.*?)\s+(?:On|Off)\s+\|\s+[0-9A-Fa-f]+:[0-9A-Fa-f:]+\.\d"
-    ),
-}
+TRACK_LIMITS = {"10min_16mb": TrackLimits()}
+RECORD_LIMITS = TRACK_LIMITS["10min_16mb"]  # the compliance section always shows these
+FOLDER_CAP = RECORD_LIMITS.total_bytes  # the challenge's validator also caps the folder
 
 
 class SubmissionError(Exception):
     """A refusal: the message names the log (when there is one) and the reason."""
 
 
-@dataclass
-class EvalResult:
-    val_loss: float
-    val_bpb: float
-    line: str  # the log line the figures were read from
-    eval_time_ms: float | None = None
-    params: dict[str, str] = field(default_factory=dict)  # stride, steps, lr, mode...
-
-
-@dataclass
-class RunRecord:
-    path: str
-    seed: int
-    steps: int  # steps actually run: the last step line's N
-    iterations: int
-    training_time_ms: float
-    step_avg_ms: float  # on the line training_time_ms was read from
-    artifact_bytes: int
-    model_bytes: int | None
-    code_bytes: int
-    compressor: str
-    num_gpus: int
-    gpu_type: str
-    config: dict[str, str]  # key:value words of the CONFIG_LINES
-    evals: dict[str, EvalResult]  # keyed by --score choice
-    stop_reason: str | None = None
-
-    @property
-    def training_time_seconds(self) -> float:
-        return self.training_time_ms / 1000.0
-
-    @property
-    def hardware(self) -> str:
-        return f"{self.num_gpus}x {self.gpu_type}" if self.num_gpus else self.gpu_type
-
-
-def _tokens(text: str) -> dict[str, str]:
-    """The key:value words of a log line; words without a colon are skipped."""
-    pairs = (word.partition(":") for word in text.split())
-    return {key: value for key, colon, value in pairs if colon}
-
-
-def _figure(words: dict[str, str], key: str, where: str) -> float:
-    try:
-        value = float(words[key].removesuffix("ms"))
-    except (KeyError, ValueError):
-        raise ValueError(f"malformed '{where}' line: no number for {key}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"'{where}' line: {key} is {words[key]}, not a finite number")
-    return value
-
-
-def _split_log(lines: list[str]) -> tuple[list[str], list[str]]:
-    """(environment block, body). The body follows the last row of '='; the
-    environment block (versions, nvidia-smi) lies between the last two rows,
-    or starts the file when the source header was stripped."""
-    rows = [i for i, line in enumerate(lines) if line.rstrip() == SEPARATOR]
-    if not rows:
-        return [], lines
-    start = rows[-2] + 1 if len(rows) > 1 else 0
-    return lines[start : rows[-1]], lines[rows[-1] + 1 :]
-
-
-def _matches(kind: str, lines: list[str]) -> list[re.Match]:
-    return [m for m in map(LOG_LINES[kind].match, lines) if m]
-
-
-def _last(kind: str, lines: list[str]) -> re.Match | None:
-    found = _matches(kind, lines)
-    return found[-1] if found else None
-
-
-def _require(kind: str, lines: list[str], reason: str) -> re.Match:
-    found = _last(kind, lines)
-    if found is None:
-        raise ValueError(reason)
-    return found
-
-
-def _gpus(env: list[str]) -> tuple[int, str]:
-    names = {int(m["index"]): m["name"] for m in _matches("gpu", env)}
-    if not names:
-        return 0, "cpu"
-    return len(names), ", ".join(sorted(set(names.values())))
-
-
-def _training(body: list[str]) -> tuple[int, int, float, float]:
-    """(steps run, iterations, training ms, step average ms): the last step line's N/M and
-    the last validation line's train_time and step_avg."""
-    steps = [(m, _tokens(m["rest"])) for m in _matches("step", body)]
-    if not steps:
-        raise ValueError("no 'step:N/M' line: training did not run or the log is cut")
-    last = steps[-1][0]
-    timed = [words for _, words in steps if "val_loss" in words] or [steps[-1][1]]
-    train_ms, step_avg_ms = (_figure(timed[-1], key, "step") for key in ("train_time", "step_avg"))
-    return int(last["step"]), int(last["iterations"]), train_ms, step_avg_ms
-
-
-def _config(body: list[str]) -> dict[str, str]:
-    config = {}
-    for line in body:
-        if LOG_LINES["config"].match(line):
-            config.update(_tokens(line))
-    return config
-
-
-def _eval_lines(body: list[str]) -> dict[str, list[dict[str, str]]]:
-    """The key:value words of every evaluation line, by line name (tag or tag_exact), in log order."""
-    lines: dict[str, list[dict[str, str]]] = {}
-    for m in _matches("eval", body):
-        words = {**_tokens(m["rest"]), "val_loss": m["val_loss"], "val_bpb": m["val_bpb"]}
-        lines.setdefault(m["tag"] + (m["exact"] or ""), []).append(words)
-    return lines
-
-
-def _eval_result(lines: dict[str, list[dict[str, str]]], score: Score) -> EvalResult | None:
-    # The original repeats final_int6_roundtrip_exact after each sliding result, carrying that
-    # result: the round trip's own line is the first.
-    pick = 0 if score is SCORES["roundtrip"] else -1
-    exact = score.tag + "_exact"
-    source = exact if exact in lines else score.tag
-    if source not in lines:
-        return None
-    figures = lines[source][pick]
-    summary = lines[score.tag][pick] if score.tag in lines else {}
-    eval_time = _figure(summary, "eval_time", score.tag) if "eval_time" in summary else None
-    params = {k: v for k, v in summary.items() if k not in ("val_loss", "val_bpb", "eval_time")}
-    return EvalResult(
-        val_loss=_figure(figures, "val_loss", source),
-        val_bpb=_figure(figures, "val_bpb", source),
-        line=source,
-        eval_time_ms=eval_time,
-        params=params,
-    )
-
-
-def _parse(path: str, text: str) -> RunRecord:
-    env, body = _split_log(text.splitlines())
-    seed = _require("seed", body, "no 'seed:S' line")
-    steps, iterations, train_ms, step_avg_ms = _training(body)
-    artifact = _require(
-        "artifact", body, "no 'Total submission size int6+...' line (artifact size): the log stops before it"
-    )
-    code = _require("code", body, "no 'Code size' line")
-    lines = _eval_lines(body)
-    evals = {name: r for name, score in SCORES.items() if (r := _eval_result(lines, score))}
-    if not evals:
-        raise ValueError("no final evaluation line: the log is cut before evaluation")
-    model = _last("model", body)
-    stop = _last("stop", body)
-    num_gpus, gpu_type = _gpus(env)
-    return RunRecord(
-        path=path,
-        seed=int(seed["seed"]),
-        steps=steps,
-        iterations=iterations,
-        training_time_ms=train_ms,
-        step_avg_ms=step_avg_ms,
-        artifact_bytes=int(artifact["bytes"]),
-        model_bytes=int(model["bytes"]) if model else None,
-        code_bytes=int(code["bytes"]),
-        compressor=artifact["compressor"],
-        num_gpus=num_gpus,
-        gpu_type=gpu_type,
-        config=_config(body),
-        evals=evals,
-        stop_reason=stop["reason"] if stop else None,
-    )
-
-
 def parse_log(path: str | os.PathLike) -> RunRecord:
-    """Read one train_gpt.py log; SubmissionError when it is unreadable or incomplete."""
+    """One train_gpt.py log (tools._runlog); SubmissionError when it cannot be a submission's."""
     try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise SubmissionError(f"{path}: cannot read ({exc.strerror})") from None
-    try:
-        return _parse(str(path), text)
-    except ValueError as exc:
-        raise SubmissionError(f"{path}: {exc}") from None
+        return _parse_log(path)
+    except LogError as exc:
+        raise SubmissionError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class Meta:
+    name: str = ""
+    author: str = ""
+    github_id: str = ""
+    blurb: str = ""
+    track: str = "10min_16mb"
+    date: str = ""  # YYYY-MM-DD; empty: today
+
+
+@dataclass(frozen=True)
+class Script:
+    data: bytes  # the file train_gpt.py of the folder
+    form: str  # "plain", "packed (lzma)" or "packed (brotli)"
+    origin: str  # where it came from, for the README
+    source: str  # the source it runs (a packed file's unpacked one)
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Baseline:
+    what: str  # how it was given, for the README and the JSON
+    bpb: float  # mean val_bpb
+    losses: tuple[float, ...] = ()  # per-seed val_loss (nats) from its logs; empty for a figure
+
+
+# ----------------------------------------------------------------------------- consistency
 
 
 def _identity(record: RunRecord) -> dict[str, str]:
-    """What the seeds of one submission share: configuration, script (by its size), hardware."""
-    return {**record.config, "code_bytes": str(record.code_bytes), "gpus": record.hardware}
+    """What the seeds of one submission share: every recorded setting but the seed, the model's
+    size, the script's bytes and the hardware."""
+    settings = {k: v for k, v in record.settings.items() if k != "SEED"}
+    return {**settings, "model_params": record.config.get("model_params", "absent"),
+            "world_size": record.config.get("world_size", "absent"),
+            "code_bytes": str(record.code_bytes), "gpus": record.hardware}
 
 
 def check_consistent(records: Sequence[RunRecord]) -> None:
-    """Refuse logs of different configurations and repeated seeds."""
+    """Refuse logs of different sources, configurations and repeated seeds."""
     first, seen = records[0], {}
+    differ = [r.path for r in records[1:] if r.source != first.source]
+    if differ:
+        raise SubmissionError(f"{', '.join(differ)}: the source at the log's head differs from "
+                              f"{first.path}'s (or only one carries it): one record holds one "
+                              "script")
     for record in records:
         a, b = _identity(first), _identity(record)
         keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
@@ -299,11 +160,80 @@ def check_consistent(records: Sequence[RunRecord]) -> None:
             diffs = "; ".join(f"{k} {a.get(k, 'absent')} vs {b.get(k, 'absent')}" for k in keys)
             raise SubmissionError(f"{record.path}: config differs from {first.path}: {diffs}")
         if record.seed in seen:
-            raise SubmissionError(
-                f"{record.path}: seed {record.seed} duplicates {seen[record.seed]}: "
-                "each run needs its own seed"
-            )
+            raise SubmissionError(f"{record.path}: seed {record.seed} duplicates "
+                                  f"{seen[record.seed]}: each run needs its own seed")
         seen[record.seed] = record.path
+
+
+# ----------------------------------------------------------------------------- the script
+
+
+def recover_script(records: Sequence[RunRecord], given: Path | None = None) -> Script:
+    """The script the logs ran: the logged source, the packed file re-made from it, or --script."""
+    source, code = records[0].source, records[0].code_bytes
+    if given is not None:
+        return _given_script(given, source, code)
+    if source is None:
+        raise SubmissionError(f"{records[0].path}: no source at the log's head (removed, as in "
+                              "the original's published logs): give the script that ran with "
+                              "--script FILE")
+    if len(source.encode("utf-8")) == code:
+        origin = "the full source at the head of every log"
+        return Script(source.encode("utf-8"), "plain", origin, source)
+    return _repacked(records[0].path, source, code)
+
+
+def _repacked(path: str, source: str, code: int) -> Script:
+    """A packed run: its log holds the unpacked source and counts the packed file's bytes. The
+    packed format is deterministic, so re-packing gives the file back; its size must be the
+    logged Code size (else the run used another packer or --minify, and --script is needed)."""
+    files = _packed.packed_files(source)
+    for codec, text in files.items():
+        if len(text) == code:  # ASCII: characters are bytes
+            origin = f"re-packed ({codec}) from the full source at the head of every log"
+            return Script(text.encode("ascii"), f"packed ({codec})", origin, source)
+    sizes = " or ".join(f"{len(t):,} ({c})" for c, t in files.items())
+    plain = len(source.encode("utf-8"))
+    raise SubmissionError(
+        f"{path}: Code size {code:,} bytes is not the logged source's {plain:,} (a packed run), "
+        f"and re-packing that source gives {sizes} bytes: give the packed file that ran with "
+        "--script FILE")
+
+
+def _read_script(path: Path) -> tuple[bytes, str]:
+    try:
+        data = path.read_bytes()
+        text = data.decode("utf-8")
+    except OSError as exc:
+        raise SubmissionError(f"--script {path}: cannot read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise SubmissionError(f"--script {path}: not UTF-8 text, so not a train_gpt.py") from None
+    try:
+        compile(text, str(path), "exec")
+    except SyntaxError as exc:
+        raise SubmissionError(f"--script {path}: not valid Python (line {exc.lineno}: "
+                              f"{exc.msg})") from None
+    return data, text
+
+
+def _given_script(path: Path, source: str | None, code: int) -> Script:
+    """--script: for logs without their source (checked against the logged Code size), or a
+    packed file the logs' source comes out of."""
+    data, text = _read_script(path)
+    packed = _packed.unpacked(text)
+    runs = packed[1] if packed else text
+    if source is not None and runs != source:
+        raise SubmissionError(f"--script {path}: not the script the logs ran (neither the source "
+                              "at their head nor a packed file of it)")
+    warnings = ()
+    if len(data) != code:
+        warnings = (f"--script {path} is {len(data):,} bytes, but the logs' Code size is {code:,} "
+                    "bytes: their artifact totals counted a script of another size",)
+    form = f"packed ({packed[0]})" if packed else "plain"
+    return Script(data, form, f"given with --script ({path.name})", runs, warnings)
+
+
+# ----------------------------------------------------------------------------- scores
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -311,65 +241,122 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(a.mean()), (float(a.std(ddof=1)) if a.size > 1 else 0.0)
 
 
-def _mean_bpb(records: Sequence[RunRecord], score: str) -> float:
-    return _mean_std([r.evals[score].val_bpb for r in records])[0]
+def _mean_bpb(records: Sequence[RunRecord], name: str) -> float:
+    return _mean_std([r.evals[name].val_bpb for r in records])[0]
 
 
-def _shared(records: Sequence[RunRecord], causal: bool) -> list[str]:
-    """The scores of this causality that every log has, in SCORES order."""
-    return [
-        name
-        for name, s in SCORES.items()
-        if s.causal == causal and all(name in r.evals for r in records)
-    ]
+def shared_scores(records: Sequence[RunRecord]) -> list[str]:
+    """The scores every log has, in SCORES order."""
+    return [name for name in SCORES if all(name in r.evals for r in records)]
+
+
+def score_label(name: str, record: RunRecord) -> str:
+    """The score's name for people: a sliding window says its stride."""
+    stride = record.evals[name].params.get("stride") if name in record.evals else None
+    return f"{SCORES[name].label} s{stride}" if stride else SCORES[name].label
 
 
 def resolve_score(records: Sequence[RunRecord], score: str | None = None) -> str:
-    """The --score choice; by default the causal evaluation with the lowest mean val_bpb
-    among those every log has."""
+    """The --score choice; by default the accepted score with the lowest mean val_bpb among
+    those every log has."""
     if score is None:
-        causal = _shared(records, causal=True)
-        if not causal:
-            raise SubmissionError(
-                f"{', '.join(r.path for r in records)}: no causal evaluation line present in every log "
-                "(the non-causal SLOT needs --score slot)"
-            )
-        return min(causal, key=lambda name: _mean_bpb(records, name))
+        accepted = [name for name in shared_scores(records) if SCORES[name].kind == ACCEPTED]
+        if not accepted:
+            raise SubmissionError(f"{', '.join(r.path for r in records)}: no accepted score "
+                                  "(round trip, sliding window, legal TTT) in every log; --score "
+                                  "chooses another kind")
+        return min(accepted, key=lambda name: _mean_bpb(records, name))
     for record in records:
         if score not in record.evals:
-            raise SubmissionError(
-                f"{record.path}: no {SCORES[score].tag}_exact line for score '{score}': "
-                "the log is cut or that evaluation was off"
-            )
+            raise SubmissionError(f"{record.path}: no {EVAL_TAGS[score]}_exact line for score "
+                                  f"'{score}': that evaluation was off in this run")
     return score
 
 
-def _aggregate(records: Sequence[RunRecord], score: str) -> dict:
-    results = [r.evals[score] for r in records]
+def aggregate(records: Sequence[RunRecord], name: str) -> dict:
+    results = [r.evals[name] for r in records]
     loss_mean, loss_std = _mean_std([e.val_loss for e in results])
     bpb_mean, bpb_std = _mean_std([e.val_bpb for e in results])
+    return {"label": score_label(name, records[0]), "kind": SCORES[name].kind,
+            "line": results[0].line, "val_loss": loss_mean, "val_bpb": bpb_mean,
+            "val_loss_std": loss_std, "val_bpb_std": bpb_std}
+
+
+# ----------------------------------------------------------------------------- comparison
+
+
+def acceptance_p_value(
+    losses: Sequence[float],
+    baseline_loss: float | None = None,
+    baseline_losses: Sequence[float] | None = None,
+    min_gain: float = 0.005,
+) -> float | None:
+    """One-sided p-value that the runs' val_loss beats the baseline by at least min_gain nats:
+    Welch's t against the baseline's seeds, or a one-sample t against a single figure. None
+    with fewer than 2 runs or a degenerate sample."""
+    if len(losses) < 2:
+        return None
+    x = np.asarray(losses, dtype=float)
+    if baseline_losses is not None and len(baseline_losses) > 1:
+        # Shifting the new losses by min_gain tests mean(baseline) - mean(new) > min_gain.
+        base = np.asarray(baseline_losses, dtype=float)
+        result = stats.ttest_ind(base, x + min_gain, equal_var=False, alternative="greater")
+    else:
+        figure = float(np.mean(baseline_losses)) if baseline_losses is not None else baseline_loss
+        result = stats.ttest_1samp(figure - x - min_gain, 0.0, alternative="greater")
+    p = float(result.pvalue)
+    return None if math.isnan(p) else p
+
+
+def read_baseline(bpb: float | None, logs: Sequence[str] | None) -> Baseline | None:
+    """--baseline-bpb (a figure) or --baseline-logs (that run's logs, scored by the same rule)."""
+    if bpb is not None:
+        return Baseline(f"val_bpb {bpb:.8f} (given)", bpb)
+    if not logs:
+        return None
+    records = [parse_log(path) for path in logs]
+    check_consistent(records)
+    name = resolve_score(records)
+    head = aggregate(records, name)
+    names = ", ".join(Path(r.path).name for r in records)
+    what = f"{len(records)} log(s) ({names}), {head['label']}"
+    return Baseline(what, head["val_bpb"], tuple(r.evals[name].val_loss for r in records))
+
+
+def compare(records: Sequence[RunRecord], score: str, baseline: Baseline, min_gain: float) -> dict:
+    """The delta to the baseline in bpb and nats, and the one-sided p-value over seeds."""
+    losses = [r.evals[score].val_loss for r in records]
+    bpbs = [r.evals[score].val_bpb for r in records]
+    # On one validation text and tokenizer, nats per token and bits per byte are in one ratio.
+    nats_per_bpb = float(np.mean(losses) / np.mean(bpbs))
+    base_loss = float(np.mean(baseline.losses)) if baseline.losses else baseline.bpb * nats_per_bpb
+    p = acceptance_p_value(losses, base_loss, baseline.losses or None, min_gain)
+    test = "Welch's t, one-sided" if len(baseline.losses) > 1 else "one-sample t, one-sided"
     return {
-        "line": ", ".join(sorted({e.line for e in results})),
-        "val_loss": loss_mean,
-        "val_bpb": bpb_mean,
-        "val_loss_std": loss_std,
-        "val_bpb_std": bpb_std,
+        "what": baseline.what,
+        "val_bpb": baseline.bpb,
+        "val_loss": base_loss,
+        "val_loss_from_bpb": not baseline.losses,
+        "delta_bpb": float(np.mean(bpbs)) - baseline.bpb,
+        "delta_nats": float(np.mean(losses)) - base_loss,
+        "min_gain_nats": min_gain,
+        "p_value": p,
+        "test": test if p is not None else f"needs at least 2 seeds with spread (got {len(bpbs)})",
     }
 
 
-def _beside(records: Sequence[RunRecord], score: str) -> dict:
-    """The figures shown beside the score, labelled: the non-causal ones beside a causal score,
-    the best causal one beside a non-causal score."""
-    if SCORES[score].causal:
-        others = _shared(records, causal=False)
-        if not others:
-            return {}
-        return {"not_causal": {name: {**_aggregate(records, name), "why": NOT_CAUSAL_WHY} for name in others}}
-    causal = _shared(records, causal=True)
-    if not causal:
-        return {}
-    best = min(causal, key=lambda name: _mean_bpb(records, name))
-    return {"best_causal": {"score": best, **_aggregate(records, best)}}
+# ----------------------------------------------------------------------------- limits
+
+
+def seed_compliance(record: RunRecord, limits: TrackLimits = RECORD_LIMITS) -> dict[str, bool]:
+    """Whether one run met the record track's limits."""
+    one_step = record.step_avg_ms / 1000  # the cap is checked after each step: one step past it
+    return {
+        "train_under_600s": record.training_time_seconds <= limits.train_seconds + one_step,
+        "artifact_under_16mb": record.artifact_bytes < limits.total_bytes,
+        "eval_under_600s": record.eval_time_seconds <= limits.eval_seconds,
+        "hardware_8xh100": record.num_gpus == 8 and "H100" in record.gpu_type,
+    }
 
 
 def track_warnings(records: Sequence[RunRecord], track: str) -> list[str]:
@@ -379,186 +366,289 @@ def track_warnings(records: Sequence[RunRecord], track: str) -> list[str]:
         return []
     warnings = []
     for r in records:
-        if r.num_gpus != 8 or "H100" not in r.gpu_type:
-            warnings.append(
-                f"{r.path}: trained on {r.hardware}; the {track} track's time limit is on {limits.hardware}"
-            )
-        # The wall-clock cap is checked after each step: a capped run ends within one step past it.
-        if r.training_time_seconds > limits.train_seconds + r.step_avg_ms / 1000.0:
-            warnings.append(
-                f"{r.path}: training took {r.training_time_seconds:,.1f} s, over the {track} track's "
-                f"{limits.train_seconds:g} s"
-            )
-        if r.artifact_bytes >= limits.artifact_bytes:
-            warnings.append(
-                f"{r.path}: artifact {r.artifact_bytes:,} bytes, not under the {track} track's "
-                f"{limits.artifact_bytes:,}-byte cap"
-            )
+        met = seed_compliance(r, limits)
+        if not met["hardware_8xh100"]:
+            warnings.append(f"{r.path}: trained on {r.hardware}; the {track} track's time limits "
+                            f"are on {limits.hardware}")
+        if not met["train_under_600s"]:
+            warnings.append(f"{r.path}: training took {r.training_time_seconds:,.1f} s, over the "
+                            f"{track} track's {limits.train_seconds:g} s")
+        if not met["artifact_under_16mb"]:
+            warnings.append(f"{r.path}: artifact {r.artifact_bytes:,} bytes, not under the {track} "
+                            f"track's {limits.total_bytes:,}-byte cap")
+        if not met["eval_under_600s"]:
+            warnings.append(f"{r.path}: the evaluations took {r.eval_time_seconds:,.1f} s, over "
+                            f"the {track} track's {limits.eval_seconds:g} s")
     return warnings
 
 
-def acceptance_p_value(
-    losses: Sequence[float],
-    baseline_mean: float | None = None,
-    baseline_losses: Sequence[float] | None = None,
-    min_gain: float = 0.005,
-) -> float | None:
-    """One-sided p-value that the runs' val_loss beats the baseline by at
-    least min_gain nats; None with fewer than 2 runs or a degenerate sample."""
-    if len(losses) < 2:
+# ----------------------------------------------------------------------------- submission.json
+
+
+def reproduction(records: Sequence[RunRecord]) -> dict:
+    """The command per seed: every recorded setting that differs from the script's defaults (the
+    seeds share them, check_consistent saw to it), then the launcher the run used."""
+    logged = records[0].settings
+    settings = {k: logged[k] for k in DEFAULTS
+                if k in logged and not same_value(logged[k], DEFAULTS[k])}
+    world = int(records[0].config.get("world_size", "1"))
+    launch = "python train_gpt.py"
+    if world > 1:
+        launch = f"torchrun --standalone --nproc_per_node={world} train_gpt.py"
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in settings.items())
+    commands = {str(r.seed): " ".join(filter(None, [env, f"SEED={r.seed}", launch]))
+                for r in records}
+    return {"settings": settings, "launch": launch, "commands": commands}
+
+
+def _seconds(ms: float | None) -> float | None:
+    return None if ms is None else ms / 1000.0
+
+
+def _seed_results(records: Sequence[RunRecord], score: str) -> dict:
+    return {
+        str(r.seed): {
+            "val_loss": r.evals[score].val_loss,
+            "val_bpb": r.evals[score].val_bpb,
+            "artifact_bytes": r.artifact_bytes,
+            "steps": r.steps,
+            "step_avg_ms": r.step_avg_ms,
+            # the score's own evaluation (None only where its line has no eval_time); all the
+            # run's evaluations together beside it
+            "eval_time_s": _seconds(r.evals[score].eval_time_ms),
+            "eval_time_total_s": r.eval_time_seconds,
+            "train_time_s": r.training_time_seconds,
+        }
+        for r in records
+    }
+
+
+def _compliance(records: Sequence[RunRecord], score: str) -> dict:
+    per_seed = [seed_compliance(r) for r in records]
+    met = {key: all(s[key] for s in per_seed) for key in per_seed[0]}
+    return {**met, "score_accepted": SCORES[score].kind == ACCEPTED,
+            "per_seed": {str(r.seed): s for r, s in zip(records, per_seed, strict=True)}}
+
+
+def _script_facts(script: Script | None) -> dict | None:
+    if script is None:
         return None
-    x = np.asarray(losses, dtype=float)
-    if baseline_losses is not None:
-        if len(baseline_losses) < 2:
-            raise SubmissionError("--baseline-losses needs at least 2 values, else --baseline-mean")
-        # Shifting the new losses by min_gain tests mean(baseline) - mean(new) > min_gain.
-        base = np.asarray(baseline_losses, dtype=float)
-        result = stats.ttest_ind(base, x + min_gain, equal_var=False, alternative="greater")
-    else:
-        result = stats.ttest_1samp(baseline_mean - x - min_gain, 0.0, alternative="greater")
-    p = float(result.pvalue)
-    return None if math.isnan(p) else p
+    return {"form": script.form, "origin": script.origin, "bytes": len(script.data)}
+
+
+def _headline_warnings(records: Sequence[RunRecord], score: str) -> list[str]:
+    kind = SCORES[score].kind
+    if kind == ACCEPTED:
+        return []
+    label = score_label(score, records[0])
+    return [f"the headline score '{score}' ({label}) is {kind}: {KIND_WHY[kind]}"]
 
 
 def build_submission(
     records: Sequence[RunRecord],
     score: str | None = None,
-    *,
-    name: str = "",
-    author: str = "",
-    github_id: str = "",
-    blurb: str = "",
-    track: str = "10min_16mb",
-    date: str | None = None,
-    baseline_mean: float | None = None,
-    baseline_losses: Sequence[float] | None = None,
+    meta: Meta | None = None,
+    script: Script | None = None,
+    baseline: Baseline | None = None,
     min_gain: float = 0.005,
 ) -> dict:
     """The submission.json content for the runs of one configuration."""
     if not records:
         raise SubmissionError("no logs given")
+    meta = meta or Meta()
     check_consistent(records)
     score = resolve_score(records, score)
-    results = [r.evals[score] for r in records]
-    head = _aggregate(records, score)
-    artifact_bytes = max(r.artifact_bytes for r in records)
-    warnings = [] if SCORES[score].causal else [f"score '{score}' is not causal: {NOT_CAUSAL_WHY}"]
-    submission = {
-        "name": name,
-        "author": author,
-        "github_id": github_id,
-        "date": date or datetime.date.today().isoformat(),
-        "track": track,
-        "num_gpus": records[0].num_gpus,
-        "gpu_type": records[0].gpu_type,
-        # The slowest seed, since every seed must fit the time limit.
-        "training_time_seconds": max(r.training_time_seconds for r in records),
-        "seed_results": {
-            str(r.seed): {
-                "val_loss": e.val_loss,
-                "val_bpb": e.val_bpb,
-                "steps": r.steps,
-                "artifact_bytes": r.artifact_bytes,
-                "training_time_seconds": r.training_time_seconds,
-            }
-            for r, e in zip(records, results, strict=True)
-        },
+    head = aggregate(records, score)
+    first = records[0]
+    return {
+        "name": meta.name,
+        "author": meta.author,
+        "github_id": meta.github_id,
+        "date": meta.date or datetime.date.today().isoformat(),
+        "track": meta.track,
+        "blurb": meta.blurb,
         "val_loss": head["val_loss"],
         "val_bpb": head["val_bpb"],
         "val_loss_std": head["val_loss_std"],
         "val_bpb_std": head["val_bpb_std"],
+        "seeds": [r.seed for r in records],
+        "seed_results": _seed_results(records, score),
+        "bytes_total": max(r.artifact_bytes for r in records),
+        "bytes_code": len(script.data) if script else first.code_bytes,
         "score": score,
-        "score_causal": SCORES[score].causal,
+        "score_label": head["label"],
+        "score_kind": head["kind"],
         "score_line": head["line"],
-        **_beside(records, score),
-        "artifact_bytes": artifact_bytes,
-        "artifact_under_cap": artifact_bytes < ARTIFACT_CAP,
-        "code_bytes": records[0].code_bytes,
-        "warnings": warnings + track_warnings(records, track),
-        "blurb": blurb,
+        "scores": {name: aggregate(records, name) for name in shared_scores(records)},
+        "score_kinds": KIND_WHY,
+        "hardware": first.hardware,
+        "num_gpus": first.num_gpus,
+        "gpu_type": first.gpu_type,
+        "versions": first.versions,
+        "training_time_seconds": max(r.training_time_seconds for r in records),
+        "script": _script_facts(script),
+        "reproduction": reproduction(records),
+        "compliance": _compliance(records, score),
+        "baseline": compare(records, score, baseline, min_gain) if baseline else None,
+        "warnings": [*_headline_warnings(records, score), *(script.warnings if script else ()),
+                     *track_warnings(records, meta.track)],
     }
-    if baseline_mean is not None or baseline_losses is not None:
-        losses = [e.val_loss for e in results]
-        p_value = acceptance_p_value(losses, baseline_mean, baseline_losses, min_gain)
-        submission["p_value"] = p_value
-        submission["baseline"] = baseline_mean if baseline_losses is None else list(baseline_losses)
-        submission["min_gain"] = min_gain
-    return submission
 
 
-def _bpb(score: str) -> Callable[[RunRecord], float | None]:
-    return lambda r: r.evals[score].val_bpb if score in r.evals else None
+# ----------------------------------------------------------------------------- requirements.txt
+
+# Import names whose pip package has another name, or that are optional extras.
+PIP_NAMES = {"sentencepiece": "sentencepiece", "numpy": "numpy", "brotli": "brotli"}
+OPTIONAL_NOTES = {"flash_attn_interface": "FlashAttention 3 for Hopper GPUs, built from its own "
+                                          "repository; PyTorch SDPA is used without it"}
 
 
-# (header, value of a run, format of a float cell); ints print as they are.
-RUN_COLUMNS = (
-    ("steps", lambda r: r.steps, "{:.1f}"),
-    ("train time (s)", lambda r: r.training_time_seconds, "{:.3f}"),
-    ("artifact bytes", lambda r: r.artifact_bytes, "{:.1f}"),
-)
+def _catches_import_error(handler: ast.ExceptHandler) -> bool:
+    return handler.type is not None and ast.unparse(handler.type).endswith("ImportError")
 
 
-def _score_header(name: str, score: str) -> str:
-    s = SCORES[name]
-    return f"{s.label} bpb" + ("" if s.causal else " (NOT causal)") + (" (score)" if name == score else "")
+def _imports(source: str) -> dict[str, bool]:
+    """Top-level modules the source imports -> required (False: only inside a try that catches
+    ImportError, which the script runs without)."""
+    tree = ast.parse(source)
+    guarded = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try) and any(_catches_import_error(h) for h in node.handlers):
+            guarded |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    found: dict[str, bool] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        for top in (name.split(".")[0] for name in names):
+            found[top] = found.get(top, False) or id(node) not in guarded
+    return found
 
 
-def _cell(value: float | int | None, fmt: str) -> str:
-    if value is None:
-        return ""
-    return str(value) if isinstance(value, int) else fmt.format(value)
+def requirements(script: Script, records: Sequence[RunRecord]) -> str:
+    """What the script imports beyond the standard library (and the compressor it loads by name),
+    with torch pinned to the version the logs ran."""
+    imports = {k: v for k, v in _imports(script.source).items() if k not in sys.stdlib_module_names}
+    codecs = {records[0].compressor, script.form.removeprefix("packed (").rstrip(")")}
+    imports.update({codec: True for codec in codecs & {"brotli"}})
+    versions = records[0].versions
+    torch_version = versions.get("pytorch", "")
+    python = versions.get("python", "3")
+    lines = [f"# What train_gpt.py needs beyond Python {python}'s standard library."]
+    if torch_version:
+        lines.append(f"# The logs ran PyTorch {torch_version}: install that build from PyTorch's "
+                     "index.")
+    for name in sorted(k for k, required in imports.items() if required):
+        pin = f"=={torch_version.split('+')[0]}" if name == "torch" and torch_version else ""
+        lines.append(PIP_NAMES.get(name, name) + pin)
+    for name in sorted(k for k, required in imports.items() if not required):
+        lines.append(f"# optional: {name} ({OPTIONAL_NOTES.get(name, 'imported when installed')})")
+    return "\n".join(lines) + "\n"
 
 
-def results_table(records: Sequence[RunRecord], score: str) -> str:
-    """Markdown table: a row per seed, then each column's mean over the seeds that have it. One
-    column per evaluation some log has, the non-causal ones and the score marked."""
-    present = [name for name in SCORES if any(name in r.evals for r in records)]
-    columns = [*RUN_COLUMNS, *((_score_header(name, score), _bpb(name), "{:.8f}") for name in present)]
-    rows = [["seed", *(h for h, _, _ in columns)], ["---:"] * (len(columns) + 1)]
-    for r in records:
-        rows.append([str(r.seed), *(_cell(get(r), fmt) for _, get, fmt in columns)])
-    means = ["mean"]
-    for _, get, fmt in columns:
-        values = [v for v in map(get, records) if v is not None]
-        means.append(_cell(float(np.mean(values)) if values else None, fmt))
-    rows.append(means)
-    return "".join("| " + " | ".join(row) + " |\n" for row in rows)
+# ----------------------------------------------------------------------------- the folder
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """train_gpt.py's atomic writer: a reader never sees half a file."""
-    from tools._common import import_train_gpt  # here: parsing logs needs no torch
-    import_train_gpt().write_atomic(path, text.encode("utf-8"))
+def _check_target(out: Path, force: bool) -> None:
+    """An existing folder is replaced only with --force, and only if it is a record folder
+    (submission.json, no subfolders): --force never deletes a folder this tool did not write."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise SubmissionError(f"{out}: exists and is not a folder; expected a new folder for the "
+                              "record")
+    if not force:
+        raise SubmissionError(f"{out}: exists; --force replaces it")
+    if not (out / "submission.json").is_file() or any(p.is_dir() for p in out.iterdir()):
+        raise SubmissionError(f"{out}: not a record folder (no submission.json, or it holds "
+                              "folders): --force replaces only a folder this tool wrote")
 
 
-def _figures(block: dict) -> str:
-    return (
-        f"val_loss {block['val_loss']:.8f} (std {block['val_loss_std']:.8f}), "
-        f"val_bpb {block['val_bpb']:.8f} (std {block['val_bpb_std']:.8f})"
-    )
+def write_folder(out: Path, files: dict[str, bytes], force: bool = False) -> None:
+    """Every file into a temporary sibling, then one rename: a reader never sees half a folder,
+    and a failure leaves the old folder (or none) in place."""
+    _check_target(out, force)
+    out = out.resolve()  # a name to put the siblings beside, even for --out with '..' in it
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier run of this process id
+    try:
+        tmp.mkdir()
+        for name, data in files.items():
+            write_atomic(tmp / name, data)
+        if out.exists():
+            old = out.with_name(f".{out.name}.{os.getpid()}.old")
+            os.rename(out, old)
+            try:
+                os.rename(tmp, out)
+            except OSError:
+                os.rename(old, out)
+                raise
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _summary(submission: dict, runs: int) -> str:
-    s = submission
-    label = SCORES[s["score"]].label
-    causality = "causal" if s["score_causal"] else "NOT causal"
-    cap = "under" if s["artifact_under_cap"] else "OVER"
-    lines = [f"score: {label} ({causality}), {s['score_line']} over {runs} seed(s): {_figures(s)}"]
-    for name, block in s.get("not_causal", {}).items():
-        lines.append(f"beside it, NOT causal: {SCORES[name].label}, {block['line']}: {_figures(block)}")
-    if "best_causal" in s:
-        block = s["best_causal"]
-        label = SCORES[block["score"]].label
-        lines.append(f"beside it, the best causal: {label}, {block['line']}: {_figures(block)}")
-    lines.append(
-        f"artifact: {s['artifact_bytes']:,} bytes (max of the seeds), {cap} the {ARTIFACT_CAP:,}-byte cap"
-    )
-    if "p_value" in s:
-        p = s["p_value"]
-        value = f"{p:.6g}" if p is not None else f"needs at least 2 runs with spread (got {runs})"
-        claim = f"beats baseline {s['baseline']} by >= {s['min_gain']} nats"
-        lines.append(f"p-value ({claim}): {value}")
+@dataclass
+class Folder:
+    files: dict[str, bytes]
+    submission: dict
+    records: list[RunRecord]
+
+
+def plan_folder(args: argparse.Namespace) -> Folder:
+    """Everything the folder holds, in memory: each refusal happens before anything is written."""
+    records = [parse_log(path) for path in args.logs]
+    check_consistent(records)
+    script = recover_script(records, args.script)
+    meta = Meta(args.name, args.author, args.github_id, args.blurb, args.track, args.date or "")
+    baseline = read_baseline(args.baseline_bpb, args.baseline_logs)
+    submission = build_submission(records, args.score, meta, script, baseline, args.min_gain)
+    files = {"train_gpt.py": script.data, **{f"train_seed{r.seed}.log": r.data for r in records},
+             "requirements.txt": requirements(script, records).encode("utf-8")}
+    # The JSON and README are small; with them the folder must stay under the validator's cap.
+    total = sum(map(len, files.values())) + 200_000
+    if total >= FOLDER_CAP:
+        submission["warnings"].append(f"the record folder holds about {total:,} bytes, not under "
+                                      f"the challenge's {FOLDER_CAP:,}")
+    text = json.dumps(submission, indent=2, allow_nan=False) + "\n"
+    files["submission.json"] = text.encode("utf-8")
+    files["README.md"] = render_readme(submission, records).encode("utf-8")
+    return Folder(files, submission, records)
+
+
+def summary(folder: Folder, out: Path) -> str:
+    """The console's account: the table, the headline with its kind, the other scores labelled."""
+    s, n = folder.submission, len(folder.records)
+    lines = [results_table(folder.records, s), ""]
+    kind = s["score_kind"] if s["score_kind"] == ACCEPTED else s["score_kind"].upper()
+    lines.append(f"score: {s['score_label']} ({kind}), {s['score_line']} over {n} seed(s): "
+                 f"val_loss {s['val_loss']:.8f} (std {s['val_loss_std']:.8f}), "
+                 f"val_bpb {s['val_bpb']:.8f} (std {s['val_bpb_std']:.8f})")
+    for name, block in s["scores"].items():
+        if name != s["score"]:
+            lines.append(f"beside it, {block['kind']}: {block['label']}, {block['line']}: "
+                         f"val_bpb {block['val_bpb']:.8f} (std {block['val_bpb_std']:.8f})")
+    cap = "under" if s["bytes_total"] < RECORD_LIMITS.total_bytes else "OVER"
+    lines.append(f"artifact: {s['bytes_total']:,} bytes (max of the seeds), {cap} the "
+                 f"{RECORD_LIMITS.total_bytes:,}-byte cap")
+    if (b := s["baseline"]) is not None:
+        p = f"{b['p_value']:.6g}" if b["p_value"] is not None else b["test"]
+        lines.append(f"vs baseline {b['what']}: {b['delta_bpb']:+.8f} bpb, "
+                     f"{b['delta_nats']:+.8f} nats; p-value (beats it by >= "
+                     f"{b['min_gain_nats']} nats): {p}")
+    script = s["script"]
+    lines.append(f"wrote {out}/: train_gpt.py ({script['bytes']:,} bytes, {script['form']}), "
+                 f"{', '.join(name for name in folder.files if name != 'train_gpt.py')}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- command line
 
 
 def _iso_date(text: str) -> str:
@@ -568,83 +658,51 @@ def _iso_date(text: str) -> str:
         raise argparse.ArgumentTypeError(f"not a YYYY-MM-DD date: {text!r}") from None
 
 
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a list of numbers a,b,c: {text!r}") from None
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m tools.submission",
-        description="Write submission.json and results_table.md from train_gpt.py logs.",
-    )
+    p = argparse.ArgumentParser(prog="python -m tools.submission",
+                                description="Write a record folder from train_gpt.py logs.")
     p.add_argument("logs", nargs="+", metavar="LOG", help="run log, one per seed")
-    p.add_argument("--out", required=True, type=Path, help="output folder (created when missing)")
-    p.add_argument(
-        "--score",
-        choices=tuple(SCORES),
-        help="evaluation that is the score (default: the causal one with the lowest mean val_bpb "
-        "that every log has; 'slot' is not causal, see docs/evaluation.md)",
-    )
+    p.add_argument("--out", required=True, type=Path,
+                   help="the record folder to write (must not exist)")
+    p.add_argument("--force", action="store_true", help="replace an existing record folder")
+    p.add_argument("--script", type=Path, metavar="FILE",
+                   help="the script that ran, for logs without their source (or a packed file)")
+    p.add_argument("--score", choices=tuple(SCORES),
+                   help="the headline score (default: the accepted one with the lowest mean "
+                        "val_bpb that every log has; slot_context is causal but not accepted, "
+                        "slot not causal)")
     p.add_argument("--name", default="", help="submission name")
     p.add_argument("--author", default="")
     p.add_argument("--github-id", default="")
     p.add_argument("--blurb", default="", help="one-paragraph description")
-    p.add_argument(
-        "--track",
-        default="10min_16mb",
-        help="challenge track (default %(default)s: warns when a run is not on 8xH100, trains over "
-        "600 s or has an artifact of 16,000,000 bytes or more)",
-    )
+    p.add_argument("--track", default="10min_16mb",
+                   help="challenge track (default %(default)s: warns when a run is not on "
+                        "8xH100, trains or evaluates over 600 s or has a total of 16,000,000 "
+                        "bytes or more)")
     p.add_argument("--date", type=_iso_date, help="YYYY-MM-DD (default: today)")
     baseline = p.add_mutually_exclusive_group()
-    baseline.add_argument(
-        "--baseline-mean", type=float, help="mean val_loss of the record to beat (one-sample t)"
-    )
-    baseline.add_argument(
-        "--baseline-losses",
-        type=_float_list,
-        help="per-seed val_loss of the record to beat, a,b,c (Welch's t-test)",
-    )
-    p.add_argument(
-        "--min-gain", type=float, default=0.005, help="nats to beat the baseline by (default 0.005)"
-    )
+    baseline.add_argument("--baseline-bpb", type=float, metavar="BPB",
+                          help="the record to beat: its val_bpb")
+    baseline.add_argument("--baseline-logs", nargs="+", metavar="LOG",
+                          help="the record to beat: its logs (Welch's t over both runs' seeds)")
+    p.add_argument("--min-gain", type=float, default=0.005,
+                   help="nats to beat the baseline by (default 0.005, the challenge's)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        records = [parse_log(path) for path in args.logs]
-        submission = build_submission(
-            records,
-            args.score,
-            name=args.name,
-            author=args.author,
-            github_id=args.github_id,
-            blurb=args.blurb,
-            track=args.track,
-            date=args.date,
-            baseline_mean=args.baseline_mean,
-            baseline_losses=args.baseline_losses,
-            min_gain=args.min_gain,
-        )
-        table = results_table(records, submission["score"])
-        args.out.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(submission, indent=2, allow_nan=False) + "\n"
-        write_atomic(args.out / "submission.json", text)
-        write_atomic(args.out / "results_table.md", table)
+        folder = plan_folder(args)
+        write_folder(args.out, folder.files, args.force)
     except SubmissionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"error: cannot write {args.out}: {exc}", file=sys.stderr)
         return 2
-    print(table)
-    print(_summary(submission, len(records)))
-    for warning in submission["warnings"]:
+    print(summary(folder, args.out))
+    for warning in folder.submission["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     return 0
 
