@@ -31,6 +31,7 @@ import json
 import lzma
 import math
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -1756,7 +1757,10 @@ def unpack_artifact(blob: bytes, path) -> dict:
         container = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except ConfigError:
         raise
-    except Exception as e:  # lzma.LZMAError, brotli errors, unpickling errors
+    except pickle.UnpicklingError:  # (torch's message would advise unsafe loading)
+        raise ConfigError(f"{path}: not an artifact of this project (its payload is not a "
+                          f"tensor container)") from None
+    except Exception as e:  # lzma.LZMAError, brotli errors, a truncated payload
         what = str(e).splitlines()[0][:120] if str(e) else ""
         raise ConfigError(f"{path}: damaged, truncated or not an artifact of this project "
                           f"({type(e).__name__}{': ' + what if what else ''})") from None
