@@ -2625,33 +2625,50 @@ def read_inputs(cfg: Config, rt: Runtime) -> Inputs:
     return Inputs(data, warnings)
 
 
+@contextlib.contextmanager
+def stage(name: str) -> Iterator[None]:
+    """Ctrl-C or SIGTERM inside a stage ends the run with `interrupted during <name>`."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted during {name}") from None
+
+
+def trained_model(cfg: Config, rt: Runtime, inputs: Inputs) -> tuple[GPT, Trained, int]:
+    """The trained model (or EXPORT_ONLY's kept weights), saved; returns it, its training
+    record and the saved weights' bytes."""
+    if inputs.model is not None:
+        model = inputs.model
+        log_config(cfg, rt, model, inputs.data)
+        rt.log(f"export_only weights:{cfg.export.model_path} bytes:{inputs.weights_bytes}")
+        return model, Trained(rt.compiled(model.hidden), 0.0), inputs.weights_bytes
+    model = build_model(cfg.model, rt.device, seed=cfg.run.seed)
+    log_config(cfg, rt, model, inputs.data)
+    t, reserve = cfg.train, 0.0
+    if cfg.export.gptq_enabled and t.max_wallclock_seconds > 0:
+        reserve = cfg.export.gptq_reserve_seconds
+    trained = train(cfg, rt, model, inputs.data, t.max_wallclock_seconds - reserve)
+    with stage("export"):  # saved before anything that can fail after training
+        weights_bytes = save_weights(cfg.export, rt, model) if rt.master else 0
+    return model, trained, weights_bytes
+
+
 def make_artifact(cfg: Config, rt: Runtime, inputs: Inputs, code: Code) -> GPT:
     """Train (or take the kept weights), save, calibrate, export: returns the evaluation model."""
-    data, model = inputs.data, inputs.model
-    if model is None:
-        model = build_model(cfg.model, rt.device, seed=cfg.run.seed)
-    log_config(cfg, rt, model, data)
-    if inputs.model is None:
-        t = cfg.train
-        reserve = 0.0
-        if cfg.export.gptq_enabled and t.max_wallclock_seconds > 0:
-            reserve = cfg.export.gptq_reserve_seconds
-        trained = train(cfg, rt, model, data, t.max_wallclock_seconds - reserve)
-        weights_bytes = save_weights(cfg.export, rt, model) if rt.master else 0
-    else:
-        trained, weights_bytes = Trained(rt.compiled(model.hidden), 0.0), inputs.weights_bytes
-        rt.log(f"export_only weights:{cfg.export.model_path} bytes:{weights_bytes}")
-    hessians = None
-    if cfg.export.gptq_enabled:
-        hessians = calibrate(cfg, rt, model, data, trained.train_ms)
-    t0 = time.perf_counter()
-    s = Scoring(model, trained.hidden_fn, data.val_tokens, data.luts, rt)
-    sums = score_sequences(s, cfg.train.train_seq_len, cfg.train.val_batch_size)
-    val_loss, val_bpb = sums.result(rt)
-    rt.log(f"DIAGNOSTIC post_ema val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
-           f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
-    artifact = export_artifact(cfg, rt, model, hessians, weights_bytes, code)
-    return eval_model(cfg.model, artifact.container, rt.device, cfg.export.artifact)
+    with stage("training"):
+        model, trained, weights_bytes = trained_model(cfg, rt, inputs)
+    with stage("export"):
+        data, hessians = inputs.data, None
+        if cfg.export.gptq_enabled:
+            hessians = calibrate(cfg, rt, model, data, trained.train_ms)
+        t0 = time.perf_counter()
+        s = Scoring(model, trained.hidden_fn, data.val_tokens, data.luts, rt)
+        sums = score_sequences(s, cfg.train.train_seq_len, cfg.train.val_batch_size)
+        val_loss, val_bpb = sums.result(rt)
+        rt.log(f"DIAGNOSTIC post_ema val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+               f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+        artifact = export_artifact(cfg, rt, model, hessians, weights_bytes, code)
+        return eval_model(cfg.model, artifact.container, rt.device, cfg.export.artifact)
 
 
 def outputs(cfg: Config) -> list[str]:
@@ -2678,7 +2695,6 @@ def run(cfg: Config, code: Code) -> None:
         log_header(rt, code)
         for line in inputs.warnings:
             rt.log(line)
-        stage = "evaluation" if cfg.run.eval_only else "training"
         try:
             if cfg.run.eval_only:
                 model = inputs.model
@@ -2687,11 +2703,10 @@ def run(cfg: Config, code: Code) -> None:
                 rt.log(inputs.sidecar_line)
             else:
                 model = make_artifact(cfg, rt, inputs, code)
-            stage = "evaluation"
-            evaluate(cfg, rt, model, inputs.data)
+            with stage("evaluation"):
+                evaluate(cfg, rt, model, inputs.data)
         except (KeyboardInterrupt, Interrupted) as e:
-            msg = str(e) if isinstance(e, Interrupted) else f"interrupted during {stage}"
-            rt.log(msg)
+            rt.log(str(e) if isinstance(e, Interrupted) else "interrupted during evaluation")
             raise Stopped(130) from None
         except (ConfigError, Diverged) as e:
             with contextlib.suppress(OSError):  # (a full disk may refuse the log line too)
