@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
-import difflib
 import glob
 import hashlib
 import importlib
