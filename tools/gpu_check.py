@@ -315,7 +315,9 @@ def eval_batches(name: str, n_targets: int, s: dict[str, str], world: int) -> in
 def record_seconds(name: str, s: dict[str, str]) -> float | None:
     """The record's published eval time for this evaluation, where this run's settings are the
     record's (stride 96, 2048-token windows, SLOT's 48 steps)."""
-    same = s["EVAL_STRIDE"] == "96" and eval_seq_len(s) == 2048 and s["SLOT_STEPS"] == "48"
+    same = s["EVAL_STRIDE"] == "96" and eval_seq_len(s) == 2048
+    if name in SLOT_EVALS:
+        same = same and s["SLOT_STEPS"] == "48"
     return runlog.RECORD_EVAL_S.get(name) if same else None
 
 
