@@ -7,8 +7,8 @@ subprocess for a few steps and reads its own log lines.
 Prints step time, tokens per second, peak memory and, on CUDA, model FLOPs
 utilisation; on the CPU also the seconds from launch to the first step (start-up
 cost: compilation is off there by default). Needs shards: by default the demo
-corpus (`python -m tools.data demo`), built when missing. The log readers below are
-shared with tools.gpu_check.
+corpus (`python -m tools.data demo`), built when missing. The log readers are
+tools/runlog.py's.
 """
 
 from __future__ import annotations
@@ -22,49 +22,14 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DEMO_DATA = ROOT / "data" / "datasets" / "demo_sp1024"
-DEMO_TOKENIZER = ROOT / "data" / "tokenizers" / "demo_1024_bpe.model"
+from tools.runlog import (DEMO_DATA, DEMO_TOKENIZER, ORIGINAL_MS_PER_STEP, ORIGINAL_PEAK_MIB,
+                          PEAK_LINE, ROOT, ensure_demo_data, eval_times, mean_step_ms, step_times)
+
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of one H100 SXM
-ORIGINAL_MS_PER_STEP = 91.25  # the record on 8xH100, 786,432 tokens per step
-ORIGINAL_PEAK_MIB = 22524
 
 # The record's own model on CUDA; a small one on the CPU (its start-up is what matters there).
 CUDA_ENV = dict(TRAIN_BATCH_TOKENS="786432")
 CPU_ENV = dict(PRESET="demo")
-
-
-STEP_LINE = re.compile(r"^step:(\d+)/\d+ train_loss:\S+ train_time:(\d+)ms", re.M)
-EVAL_LINE = re.compile(r"^(?P<name>\S.*?) val_loss:\S+ val_bpb:(?P<bpb>\S+)(?P<extra>.*?) eval_time:(?P<ms>\d+)ms"
-                       r"(?P<suffix>.*)$", re.M)
-PEAK_LINE = re.compile(r"^peak memory allocated: (\d+) MiB reserved: (\d+) MiB", re.M)
-
-
-def ensure_demo_data(data: Path) -> None:
-    if data == DEMO_DATA and not DEMO_DATA.exists():
-        subprocess.run([sys.executable, "-m", "tools.data", "demo", "--root", str(ROOT)], check=True, cwd=ROOT)
-
-
-def step_times(log: str) -> list[tuple[int, float]]:
-    """(step, cumulative train_time ms) of every logged training step."""
-    return [(int(s), float(t)) for s, t in STEP_LINE.findall(log)]
-
-
-def mean_step_ms(steps: list[tuple[int, float]], skip: int) -> tuple[float, int, int]:
-    """Mean ms per step from the `skip`-th logged step to the last (the first steps include
-    compilation for new shapes): (ms, first step, last step)."""
-    if len(steps) < 2:
-        raise ValueError(f"{len(steps)} training step line(s) in the log; expected at least 2")
-    skip = min(skip, len(steps) - 2)
-    (s0, t0), (s1, t1) = steps[skip], steps[-1]
-    return (t1 - t0) / (s1 - s0), s0, s1
-
-
-def eval_times(log: str) -> list[dict]:
-    """Every evaluation line with an eval_time, in log order: name, ms, val_bpb and the rest
-    of the line (stride, steps, mode)."""
-    return [dict(name=m["name"], ms=int(m["ms"]), val_bpb=float(m["bpb"]),
-                 detail=(m["extra"] + m["suffix"]).strip()) for m in EVAL_LINE.finditer(log)]
 
 
 def bench_env(args, cuda: bool) -> dict[str, str]:
