@@ -286,8 +286,9 @@ def test_stage_arguments_are_checked():
 def test_late_qat_switches_on_past_the_middle_of_the_short_run():
     for n in (8, 36):
         env = gpu_check.schedule_env(n, 4, 0.15)
-        h = tg.Hyperparameters.from_env(dict(env, RUN_ID="x"))
-        first = next(s for s in range(n) if tg.lr_multiplier(h, s, 0.0) < h.late_qat_threshold)
+        cfg = tg.Config.from_env(dict(env, RUN_ID="x"))
+        schedule = tg.Schedule.of(cfg.train, cfg.optim, cfg.train.max_wallclock_seconds)
+        first = next(s for s in range(n) if schedule.late_qat(schedule.lr_scale(s, 0.0)))
         assert n // 2 <= first <= n // 2 + 1
 
 

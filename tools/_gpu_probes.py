@@ -107,15 +107,11 @@ def boot(script: str) -> None:
 
 def train_gpt_api(env: dict[str, str]):
     """The one place gpu_check imports train_gpt.py, and all it takes from it: the settings read
-    from an environment, build_model and gptq_quantize. Before the script's rewrite that is
-    Hyperparameters.from_env(env) with build_model(h, device, seed=...); after it,
-    Config.from_env(env) with build_model(cfg.model, device, seed=...): either works."""
+    from an environment, build_model and gptq_quantize."""
     from tools._common import import_train_gpt
 
     tg = import_train_gpt()
-    settings = getattr(tg, "Config", None) or tg.Hyperparameters
-    cfg = settings.from_env(env)
-    model_cfg = getattr(cfg, "model", cfg)
+    model_cfg = tg.Config.from_env(env).model
 
     def build_model(device, seed: int):
         return tg.build_model(model_cfg, device, seed=seed)
