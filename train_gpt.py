@@ -2195,11 +2195,19 @@ def window_pass(s: Scoring, plan: WindowPlan, batches: list[np.ndarray], rows: i
         yield Batch(idx, hid, y, scored, context, pos, x_pos, y_pos, where_t)
 
 
-class SlidingScorer:
-    """The sliding-window score: each window's scored positions, read from the frozen states."""
+class Scorer:
+    """What a scorer of the window pass holds: its sums and each batch's seconds."""
 
     def __init__(self, name: str, sums: Sums):
-        self.name, self.sums, self.seconds = name, sums, 0.0
+        self.name, self.sums, self.times = name, sums, []
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.times)
+
+
+class SlidingScorer(Scorer):
+    """The sliding-window score: each window's scored positions, read from the frozen states."""
 
     def __call__(self, s: Scoring, b: Batch) -> None:
         with torch.no_grad(), s.rt.autocast():
@@ -2220,7 +2228,7 @@ def slot_loss(delta: Tensor, bias: Tensor, base: Tensor, expand: Tensor, y: Tens
     return (F.cross_entropy(softcap * torch.tanh(z / softcap), y, reduction="none") * w).sum()
 
 
-class SlotScorer:
+class SlotScorer(Scorer):
     """SLOT on each batch: a per-window hidden delta [1, d] and logit bias [1, V], fitted by
     AdamW (the model frozen), then used to score the window's scored positions. Mode "scored"
     (the original's) fits the scored positions themselves; "context" fits the positions
@@ -2231,9 +2239,9 @@ class SlotScorer:
 
     def __init__(self, mode: str, cfg: SlotConfig, s: Scoring, plan: WindowPlan,
                  batches: list[np.ndarray], rows: int):
-        self.mode, self.cfg, self.seconds = mode, cfg, 0.0
-        self.name = "final_slot" if mode == "scored" else "final_slot_context"
-        self.sums = Sums(s.rt.device, 0)
+        name = "final_slot" if mode == "scored" else "final_slot_context"
+        super().__init__(name, Sums(s.rt.device))
+        self.mode, self.cfg = mode, cfg
         self.weight = s.model.head_weight().detach().float()
         self.softcap = s.model.cfg.logit_softcap
         self.loss_fn = s.rt.compiled(slot_loss)
@@ -2292,35 +2300,30 @@ class SlotScorer:
 
 def score_windows(s: Scoring, plan: WindowPlan, batches: list[np.ndarray], rows: int,
                   seq_len: int, scorers: list, label: str = "") -> None:
-    """One window pass feeding every scorer, each timed on its own (the hidden states count
-    toward the sliding scorer, or are shared out when there is none); rank 0 logs progress."""
+    """One window pass feeding every scorer. Each batch is synchronised and timed per scorer
+    (the hidden states count toward the sliding scorer, or are shared out when there is none);
+    rank 0 logs progress."""
     collect = any(sc.sums.nll is not None for sc in scorers)
-    split = len(scorers) > 1  # timing each part needs a sync per batch; one part is timed whole
-    lap = s.rt.sync if split else (lambda: None)
+    sliding = isinstance(scorers[0], SlidingScorer)
     n_mine = len(batches[s.rt.rank::s.rt.world_size])
     was_training = s.model.training
     s.model.eval()
     t_start = last_report = t0 = time.perf_counter()
     for done, batch in enumerate(window_pass(s, plan, batches, rows, seq_len, collect)):
-        lap()
+        s.rt.sync()
         hidden_s = time.perf_counter() - t0
-        for sc in scorers:
+        for i, sc in enumerate(scorers):
             t1 = time.perf_counter()
             sc(s, batch)
-            lap()
-            sc.seconds += time.perf_counter() - t1
-        sliding = isinstance(scorers[0], SlidingScorer)
-        for sc in scorers[:1] if sliding else scorers:
-            sc.seconds += hidden_s / (1 if sliding else len(scorers))
+            s.rt.sync()
+            share = (hidden_s if i == 0 else 0.0) if sliding else hidden_s / len(scorers)
+            sc.times.append(time.perf_counter() - t1 + share)
         if label and s.rt.master and time.perf_counter() - last_report >= 30:
             last_report = time.perf_counter()
             elapsed, frac = last_report - t_start, (done + 1) / n_mine
             s.rt.log(f"eval_progress:{label} {frac:.1%} elapsed:{elapsed:.0f}s "
                      f"eta:{elapsed / frac - elapsed:.0f}s")
         t0 = time.perf_counter()
-    s.rt.sync()
-    if not split:
-        scorers[0].seconds = time.perf_counter() - t_start
     s.model.train(was_training)
 
 
@@ -2339,6 +2342,15 @@ def log_result(rt: Runtime, name: str, sums: Sums, seconds: float, extra: str = 
            f"eval_time:{1000 * seconds:.0f}ms{suffix}")
     rt.log(f"{name}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
     return Score(val_loss, val_bpb, seconds)
+
+
+def log_timing(rt: Runtime, sc: Scorer) -> None:
+    """A window scorer's timing: the first batch holds the compilation, the mean of the others
+    is the steady state a projection needs (tools.gpu_check)."""
+    steady = sum(sc.times[1:]) / (len(sc.times) - 1) if len(sc.times) > 1 else float("nan")
+    first = sc.times[0] if sc.times else 0.0
+    rt.log(f"eval_timing:{sc.name} batches:{len(sc.times)} first_batch:{first:.4f}s "
+           f"steady_batch:{steady:.4f}s")
 
 
 def log_scores(rt: Runtime, scores: dict[str, Score]) -> None:
@@ -2493,12 +2505,14 @@ def evaluate(cfg: Config, rt: Runtime, model: GPT, data: Data) -> dict[str, Scor
         # The original repeats each sliding result as a roundtrip line; tools read the last one.
         rt.log(f"final_int6_roundtrip_exact val_loss:{score.val_loss:.8f} "
                f"val_bpb:{score.val_bpb:.8f}")
+        log_timing(rt, sliding)
         scores[name] = score
     if e.slot.enabled and not slot_scorers:
         slot_scorers = sliding_pass(e, s, e.window_stride, "", e.slot.modes)
     for sc in slot_scorers:
         extra = f" steps:{e.slot.steps} lr:{e.slot.lr}"
         scores[sc.name] = log_result(rt, sc.name, sc.sums, sc.seconds, extra, f" mode:{sc.mode}")
+        log_timing(rt, sc)
     if e.ttt.enabled:  # last, and on a copy: no other evaluation sees adapted weights
         sums, seconds = eval_ttt(e, rt, copy.deepcopy(model), data.val_tokens, data.luts)
         scores["legal_ttt"] = log_result(rt, "legal_ttt", sums, seconds)

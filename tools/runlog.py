@@ -35,8 +35,8 @@ EVAL_LINE = re.compile(r"^(?P<name>\S.*?) val_loss:(?P<loss>\S+) val_bpb:(?P<bpb
 PEAK_LINE = re.compile(r"^peak memory allocated: (\d+) MiB reserved: (\d+) MiB", re.M)
 TTT_CHUNK = re.compile(r"^legal_ttt:chunk (\d+)/(\d+) bpb:\S+ elapsed:([\d.]+)s", re.M)
 PROGRESS = re.compile(r"^eval_progress:(\S+) ([\d.]+)% elapsed:(\d+)s", re.M)
-# Not yet printed by train_gpt.py (asked of it): one line after each evaluation's result, the
-# batches this rank ran, its first batch's seconds and the mean seconds of the batches after it.
+# train_gpt.py prints one after each window evaluation's result (sliding, SLOT): the batches
+# this rank ran, its first batch's seconds and the mean seconds of the batches after it.
 EVAL_TIMING = re.compile(r"^eval_timing:(.+?) batches:(\d+) first_batch:([\d.]+)s "
                          r"steady_batch:(\S+?)s$", re.M)
 # gpu_check's child processes report themselves in lines of this form.
@@ -125,7 +125,7 @@ def progress_lines(log: str, label: str) -> list[tuple[float, float]]:
 
 
 def eval_timing(log: str) -> dict[str, dict]:
-    """The eval_timing lines by evaluation name (absent from today's script)."""
+    """The eval_timing lines by evaluation name."""
     return {m[1]: dict(batches=int(m[2]), first_batch_s=float(m[3]), steady_batch_s=float(m[4]))
             for m in EVAL_TIMING.finditer(log)}
 
