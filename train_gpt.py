@@ -3,17 +3,11 @@ The SLOT-48 parameter-golf record, rebuilt: an 11-layer GPT trained for 600 s on
 8xH100, packed with this file into < 16,000,000 bytes (int6 + lzma), scored in
 bits per byte on FineWeb with the round trip, sliding windows, SLOT and legal TTT.
 
-One self-contained file: its bytes count toward the artifact. Every setting is
-an environment variable (the config sections below). Runs on CUDA (bf16, compile,
-FlashAttention 3 when installed) and on CPU (float32, for tests and the demo),
-single process or under torchrun (NCCL on CUDA, gloo on CPU).
-
-The sections follow the run: setup -> data -> model -> optimizers and schedule ->
-training -> export -> evaluation -> main. `run()` at the end reads as the table of
-contents: each stage is one call that returns a small result.
-
-Entry points for tools and tests: Config.from_env, build_model, train, export_artifact,
-read_artifact / eval_model, evaluate, and the window pass (sliding_pass, score_windows).
+One file (its bytes count toward the artifact); every setting an environment variable.
+CUDA (bf16, compile, FlashAttention 3 if installed) or CPU (float32), one process or
+torchrun. Sections follow the run; `run()` at the end is the table of contents.
+Entry points: Config.from_env, build_model, train, export_artifact, read_artifact,
+eval_model, evaluate, sliding_pass, score_windows, eval_ttt.
 """
 
 from __future__ import annotations
@@ -58,10 +52,9 @@ except ImportError:
 # -----------------------------
 # SETUP: errors, settings, runtime, logging, atomic writes
 # -----------------------------
-# Everything a run can get wrong from outside (a setting, a file, a signal) is one of the two
-# exceptions below, printed as one line. Settings are read once from the environment into
-# frozen sections, one per stage, each field with the values it accepts beside it; a stage
-# receives only its own section. Runtime says where this process runs and owns its log.
+# What a run can get wrong from outside (a setting, a file, a signal) is one of the two
+# exceptions below, printed as one line. Settings are read once into frozen sections, one per
+# stage, each field with the values it accepts beside it. Runtime: where this process runs.
 
 
 class ConfigError(Exception):
@@ -72,10 +65,10 @@ class Interrupted(Exception):
     """Ctrl-C or SIGTERM: the run stops with one line, logged (`interrupted at step N`)."""
 
 
-def setting(default, expect: str = "", ok=None, env: str = ""):
-    """A field with the values it accepts: `ok(value)` must hold, else the run stops with
-    `NAME=value is not allowed; expected <expect>`. `env` overrides the variable's name."""
-    return field(default=default, metadata=dict(ok=ok, expect=expect, env=env))
+def setting(default, expect: str = "", ok=None):
+    """A field with the values it accepts: `ok(value)`, else `NAME=value is not allowed;
+    expected <expect>`."""
+    return field(default=default, metadata=dict(ok=ok, expect=expect))
 
 
 def choice(default: str, *choices: str):
@@ -102,8 +95,8 @@ def unit(default: float):
     return setting(default, "a number in [0, 1)", lambda v: 0 <= v < 1)
 
 
-def free(default, env: str = ""):
-    return setting(default, env=env)
+def free(default):
+    return setting(default)
 
 
 def need(ok: bool, name: str, value, expected: str) -> None:
@@ -117,7 +110,7 @@ class Section:
 
     @classmethod
     def env_name(cls, f) -> str:
-        return f.metadata.get("env") or cls.PREFIX + f.name.upper()
+        return cls.PREFIX + f.name.upper()
 
     @classmethod
     def settings(cls) -> dict[str, object]:
@@ -458,8 +451,7 @@ def read_settings(env) -> dict[str, str]:
 
 
 def misspelt_settings(env) -> list[str]:
-    """Warnings for variables within two edits of a setting (SLOT_STPES): silently ignored
-    otherwise. Only upper-case names are compared."""
+    """Warnings for upper-case variables within two edits of a setting (SLOT_STPES)."""
     known = Config.variables() | set(REMOVED_SETTINGS) | {"PRESET"}
     warnings = []
     for name in sorted(env):
@@ -484,8 +476,7 @@ def edit_distance(a: str, b: str) -> int:
 
 
 def preset_defaults(name: str) -> dict[str, str]:
-    """PRESET=NAME: defaults from presets/NAME.env beside this file (KEY=VALUE lines). The CPU
-    demo's configuration lives there, not in the record's code."""
+    """PRESET=NAME: defaults from presets/NAME.env beside this file (KEY=VALUE lines)."""
     path = Path(__file__).resolve().with_name("presets") / f"{name}.env"
     try:
         text = path.read_text(encoding="utf-8")
@@ -593,11 +584,9 @@ def write_atomic(path, data: bytes) -> None:
 # -----------------------------
 # DATA: token shards, the tokenizer's byte counts
 # -----------------------------
-# Takes DATA_PATH's fineweb_{train,val}_*.bin shards and the SentencePiece model; returns the
-# validation stream, the per-token byte tables that turn nats into bits per byte, and the
-# training files, read lazily by a stream that every rank walks in the same order. Every
-# header, the first training shard's ids and the tokenizer are checked before the run writes
-# anything.
+# Takes DATA_PATH's shards and the tokenizer; returns the validation tokens, the byte tables
+# that turn nats into bits per byte, and the training files, streamed in the same order on
+# every rank. Headers, the first training shard's ids and the tokenizer are checked first.
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256  # as tools/_files.py
 HEADER_BYTES = HEADER_INTS * 4
@@ -648,8 +637,7 @@ def shard_files(data_path: str, split: str) -> list[str]:
 
 
 class TokenStream:
-    """The train shards in order, wrapping around at the end; each shard's ids are checked as
-    it loads (the split holds at least one token: see load_data)."""
+    """The train shards in order, wrapping around; each shard's ids checked as it loads."""
 
     def __init__(self, files: list[str], vocab_size: int):
         self.files, self.vocab_size, self.file_idx, self.pos = files, vocab_size, 0, 0
@@ -717,8 +705,8 @@ def load_tokenizer(cfg: DataConfig, vocab_size: int) -> spm.SentencePieceProcess
 
 
 def check_tokenizer_hash(cfg: DataConfig) -> None:
-    """Shards made with one tokenizer and scored with another give a meaningless bpb: the
-    manifest.json that tools.data writes beside the shards records the tokenizer's sha256."""
+    """Shards scored with another tokenizer give a meaningless bpb: tools.data's manifest.json
+    beside them records the tokenizer's sha256."""
     manifest = Path(cfg.data_path) / "manifest.json"
     try:
         expected = json.loads(manifest.read_text(encoding="utf-8"))["tokenizer"]["sha256"]
@@ -796,12 +784,10 @@ def load_data(cfg: Config, rt: Runtime, training: bool) -> tuple[Data, list[str]
 # -----------------------------
 # MODEL
 # -----------------------------
-# Takes a GPTConfig; returns the GPT and its parameter table. The record's model: 11 blocks
-# (U-Net skips between the halves), GQA attention with partial RoPE, XSA and a value residual,
-# a leaky-ReLU^2 MLP, a hashed-bigram and a shared value embedding, tied embeddings and a
-# soft-capped head. Every parameter has exactly one declared role (its optimizer group, its
-# dtype on CUDA and its artifact format): the optimizers, the precision layout, the
-# quantiser and GPTQ read that table, so a new tensor cannot land anywhere by accident.
+# Takes a GPTConfig; returns the GPT: 11 blocks with U-Net skips, GQA attention with partial
+# RoPE, XSA and a value residual, a leaky-ReLU^2 MLP, hashed-bigram and value embeddings, a
+# tied soft-capped head. Every parameter has one declared role (optimizer group, CUDA dtype,
+# artifact format) that the optimizers, the precision layout, the quantiser and GPTQ read.
 
 
 @dataclass(frozen=True)
@@ -823,8 +809,7 @@ ROLES = {
 
 
 def parameter_roles(model: nn.Module, control_patterns: tuple[str, ...]) -> dict[str, Role]:
-    """Every parameter's role, from the `param_roles` each module declares for its own
-    parameters. A parameter with no role, or declared twice, stops the build, named."""
+    """Every parameter's role, from each module's `param_roles`; none or two stops the build."""
     declared = {}
     for prefix, module in model.named_modules():
         for local, kind in getattr(module, "param_roles", {}).items():
@@ -860,10 +845,9 @@ def fake_int6(w: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 class CastedLinear(nn.Linear):
-    """A bias-free linear layer whose weight follows the input's dtype; with `qat`, a fake int6
-    quantised weight. `qat` is an argument the training loop passes down, not a switch on the
-    class: the compiled graph is specialised on it, and both graphs are built during the
-    warm-up instead of recompiling when late QAT starts."""
+    """A bias-free linear whose weight follows the input's dtype. `qat` (fake int6 weights) is
+    an argument, not a switch on the class: the warm-up compiles both graphs, so late QAT
+    never recompiles."""
 
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False,
                  role: str = "matrix"):
@@ -993,8 +977,7 @@ class Block(nn.Module):
 
 
 class ScaledEmbedding(nn.Module):
-    """An embedding table, projected to out_dim when its width differs (zero init), times a
-    learned scalar. The value embedding as is; the hashed bigram embedding below."""
+    """A table, projected to out_dim if narrower (zero init), times a learned scalar."""
     param_roles = {"scale": "scalar"}
 
     def __init__(self, rows: int, dim: int, out_dim: int, scale: float, init_std: float):
@@ -1126,9 +1109,8 @@ class GPT(nn.Module):
 
 
 def build_model(cfg: GPTConfig, device: torch.device, seed: int | None = None) -> GPT:
-    """Build on the CPU (the original's random draws, from `seed` without touching the caller's
-    generator), then the precision mode (docs/evaluation.md): every value takes the bf16 round
-    trip; on CUDA each parameter takes its role's dtype, on the CPU everything is float32."""
+    """Built on the CPU (the original's draws, seeded without touching the caller's generator),
+    rounded through bf16, then each parameter in its role's dtype on CUDA, float32 on the CPU."""
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.default_generator.manual_seed(seed)
@@ -1144,8 +1126,7 @@ def cuda_layout(model: GPT) -> GPT:
 
 
 def role_summary(model: GPT) -> list[str]:
-    """The table's counts (tensors, parameters) per optimizer group and per artifact format, as
-    nanoGPT prints its optimizer groups: where a new tensor went."""
+    """Tensors/parameters per optimizer group and artifact format: where a new tensor went."""
     groups, formats = {}, {}
     for name, p in model.named_parameters():
         role = model.roles[name]
@@ -1163,10 +1144,9 @@ def format_counts(table: dict[str, tuple[int, int]]) -> str:
 # -----------------------------
 # OPTIMIZERS AND SCHEDULE
 # -----------------------------
-# Takes the model's parameter table and an OptimConfig; returns the record's optimizers (Muon
-# for matrices; AdamW for embeddings and scalars; Adam for an untied head) and the schedule:
-# one small piece of data the training loop asks, step by step, for the lr multiplier, Muon's
-# momentum and whether late QAT is on.
+# Takes the parameter table and an OptimConfig; returns the record's optimizers (Muon for
+# matrices, AdamW for tables and scalars, Adam for an untied head) and the schedule the
+# training loop asks every step for the lr multiplier, Muon's momentum and late QAT.
 
 
 def newton_schulz5(g: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
@@ -1274,8 +1254,8 @@ def build_optimizers(model: GPT, cfg: OptimConfig, compiled: bool = False) -> li
 
 @dataclass(frozen=True)
 class Schedule:
-    """The per-step settings: a linear lr warm-down (by steps, or with a wall-clock cap by the
-    time the remaining steps will take), Muon's momentum warm-up and late QAT's threshold."""
+    """A linear lr warm-down (by steps, or under a wall-clock cap by the time the remaining
+    steps will take), Muon's momentum warm-up and late QAT's threshold."""
     iterations: int
     warmdown_iters: int
     cap_ms: float | None  # None: no wall-clock cap
@@ -1317,10 +1297,9 @@ class Schedule:
 # -----------------------------
 # TRAINING
 # -----------------------------
-# Takes the model, the data and the training cap; returns the trained state: the EMA weights
-# loaded in the model, the compiled hidden-state function and the training time. The record's
-# loop: a compile warm-up whose state is then thrown away, steps until ITERATIONS or the
-# wall-clock cap (validation time excluded), EMA of the weights, late QAT and the warm-down.
+# Takes the model, the data and the cap; leaves the EMA weights in the model and returns the
+# compiled hidden-state function and the training time. A compile warm-up (then reset), steps
+# until ITERATIONS or the cap (validation excluded), EMA, late QAT and the warm-down.
 
 
 class Diverged(Exception):
@@ -1400,9 +1379,8 @@ class Trainer:
         return Scoring(self.model, self.hidden_fn, tokens, self.data.luts, self.rt)
 
     def warm_up(self) -> None:
-        """Compile and warm every graph the timed loop uses, before its timer starts: the step
-        without and with late QAT's fake quantisation (second half) and validation. Then the
-        initial weights, optimizer states and data stream are restored exactly."""
+        """Compiles every graph the timed loop uses (the step without and with late QAT, and
+        validation), then restores weights, optimizer states and data stream exactly."""
         t, rt = self.cfg.train, self.rt
         initial_model = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         initial_opt = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
@@ -1530,11 +1508,9 @@ class EMA:
 # -----------------------------
 # EXPORT: quantisation, GPTQ, packing, loading
 # -----------------------------
-# Takes the trained model and its parameter table; returns the artifact: the quantised
-# container ({"w": tensors, "m": schemes}, the original's layout) and its compressed bytes,
-# written atomically with a small sidecar of the model settings. Export and load are mirror
-# images: what `quantize_state_dict` and `pack_artifact` write, `unpack_artifact` and
-# `dequantize_state_dict` read back, so the evaluations score exactly what was submitted.
+# Takes the trained model; returns the artifact: the quantised container ({"w": tensors,
+# "m": schemes}, the original's layout), written compressed with a sidecar of the model
+# settings. Export and load are mirror images, so the evaluations score what was submitted.
 
 INT6_CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, None)  # None: the row max
 INT8_CLIP_QUANTILE = 0.9999984
@@ -1673,9 +1649,8 @@ def gptq_modules(model: GPT) -> dict[str, nn.Module]:
 
 
 def calibrate(cfg: Config, rt: Runtime, model: GPT, data: Data, train_ms: float) -> dict:
-    """H = mean of X^T X over GPTQ_CALIBRATION_BATCHES global training batches, X each int6
-    linear's input; micro-batches read as in training and float64 sums, so the world size cannot
-    change the artifact. The products run without TF32."""
+    """H = mean X^T X over GPTQ_CALIBRATION_BATCHES training batches, X each int6 linear's
+    input: float64 sums of the training micro-batches (any world size, one artifact), no TF32."""
     t0, sums, last, batches = time.perf_counter(), {}, {}, cfg.export.gptq_calibration_batches
 
     def hook(name):
@@ -1711,8 +1686,7 @@ def calibrate(cfg: Config, rt: Runtime, model: GPT, data: Data, train_ms: float)
 
 
 def _byte_shuffle(container: dict, inverse: bool) -> dict:
-    """Groups each multi-byte tensor's bytes by significance (all low bytes, then all high
-    bytes), which brotli compresses better. The inverse restores dtype and shape."""
+    """Each multi-byte tensor's bytes grouped by significance (brotli compresses that better)."""
     tensors = {}
     for name, t in container["w"].items():
         if inverse and isinstance(t, dict):
@@ -1804,8 +1778,7 @@ def eval_model(cfg: GPTConfig, container: dict, device: torch.device, path) -> G
 
 
 def budget_lines(container: dict, model_bytes: int, compressor: str, code: "Code") -> list[str]:
-    """The submission's bytes line by line: the stored tensors by scheme (before compression),
-    then the totals."""
+    """The submission's bytes: stored tensors by scheme (uncompressed), then the totals."""
     stored = dict.fromkeys(("int6", "int8", "passthrough"), 0)
     for name, t in container["w"].items():
         scheme = container["m"].get(name) or container["m"][name.rsplit(".", 1)[0]]
@@ -1821,8 +1794,7 @@ def budget_lines(container: dict, model_bytes: int, compressor: str, code: "Code
 
 @dataclass(frozen=True)
 class Code:
-    """This script as run: its source (logged whole) and the bytes that count (a packed file
-    counts its packed bytes)."""
+    """This script as run: its source (logged) and the bytes that count (a packed file's)."""
     source: str
     size: int
 
@@ -1855,16 +1827,15 @@ def sidecar_path(artifact) -> Path:
 
 
 def write_sidecar(cfg: Config, blob: bytes) -> None:
-    """<ARTIFACT>.json: the model settings and the artifact's sha256 (the artifact's own bytes
-    stay the original's format, so the settings travel beside it)."""
+    """<ARTIFACT>.json: the model settings and the artifact's sha256 (the artifact keeps the
+    original's format)."""
     meta = {"format": "train_gpt artifact sidecar", "sha256": hashlib.sha256(blob).hexdigest(),
             "settings": model_settings(cfg.model)}
     write_atomic(sidecar_path(cfg.export.artifact), (json.dumps(meta, indent=1) + "\n").encode())
 
 
 def check_sidecar(cfg: Config, blob: bytes) -> str:
-    """An artifact evaluated under other model settings scores garbage silently: compare them
-    with its sidecar. Returns the line to log."""
+    """Other model settings would score the artifact wrongly, silently; returns a log line."""
     path = sidecar_path(cfg.export.artifact)
     if not path.is_file():
         return f"eval_only: no {path.name} beside the artifact; its model settings are unchecked"
@@ -1887,8 +1858,7 @@ def check_sidecar(cfg: Config, blob: bytes) -> str:
 
 
 def is_our_file(path: Path, kind: str) -> bool:
-    """Whether `path` holds an artifact (kind "artifact") or weights ("weights") of this
-    project: the only files a run replaces."""
+    """Whether `path` holds an artifact or weights of this project (all a run replaces)."""
     try:
         if kind == "artifact":
             read_artifact(path)
@@ -1911,9 +1881,8 @@ def check_replaceable(cfg: ExportConfig) -> None:
 
 @contextlib.contextmanager
 def output_lock(paths: list[str], run_id: str) -> Iterator[None]:
-    """Holds the run's output files for its lifetime: `.<name>.lock` beside each, holding the
-    RUN_ID and process id. A second run that would write the same files refuses to start; a
-    lock whose process is gone is taken over."""
+    """`.<name>.lock` (RUN_ID, pid) beside each output for the run's lifetime: a second run
+    refuses them; a lock whose process is gone is taken over."""
     held = []
     try:
         for path in paths:
@@ -1976,8 +1945,7 @@ def load_weights(cfg: Config, rt: Runtime) -> tuple[GPT, int]:
 
 def export_artifact(cfg: Config, rt: Runtime, model: GPT, hessians, weights_bytes: int,
                     code: Code) -> Artifact:
-    """Quantise and compress the trained weights; rank 0 writes them and hands the container on,
-    the other ranks read what it wrote."""
+    """Rank 0 quantises, writes and hands the container on; the others read what it wrote."""
     container, blob = None, b""
     if rt.master:
         t0 = time.perf_counter()
@@ -2018,10 +1986,9 @@ def log_export(cfg: ExportConfig, rt: Runtime, container: dict, model_bytes: int
 # EVALUATION
 # -----------------------------
 # Takes the round-tripped model and the validation tokens; returns every score. The round
-# trip scores non-overlapping windows. Everything else is one window pass (frozen hidden
-# states, batch by batch) feeding scorers: the sliding window, SLOT in either mode and each
-# legal-TTT chunk's scoring, each holding its own sums and time. docs/evaluation.md explains
-# the modes and which are causal; SCORE_KINDS says which the challenge accepts.
+# trip scores non-overlapping windows; the rest is one window pass (frozen hidden states)
+# feeding scorers: the sliding window, SLOT (either mode), each legal-TTT chunk. See
+# docs/evaluation.md; SCORE_KINDS says which scores the challenge accepts.
 
 SCORE_KINDS = {  # what the challenge accepts (docs/evaluation.md)
     "final_int6_roundtrip": "accepted", "final_int6_sliding_window": "accepted",
@@ -2059,8 +2026,7 @@ class Sums:
 
 @dataclass(frozen=True)
 class Scoring:
-    """What every evaluation reads: the model, its (compiled) hidden states, the tokens on the
-    host and the byte tables."""
+    """What every evaluation reads."""
     model: GPT
     hidden_fn: object
     tokens: Tensor
@@ -2073,9 +2039,8 @@ class Scoring:
 
 
 def score_sequences(s: Scoring, seq_len: int, batch_tokens: int, collect: bool = False) -> Sums:
-    """Non-overlapping windows: rank r takes a contiguous share of the sequences, in batches of
-    batch_tokens / 8 tokens (fewer if no rank has that many); each batch adds its float32 mean
-    nll times its token count. A short batch is padded with rows that score nothing."""
+    """Non-overlapping windows, a contiguous share per rank, in batches of batch_tokens / 8
+    tokens; each batch adds its float32 mean nll times its count. Short batches are padded."""
     rt, vocab = s.rt, s.model.cfg.vocab_size
     n_seqs = s.n_targets // seq_len
     first, last = n_seqs * rt.rank // rt.world_size, n_seqs * (rt.rank + 1) // rt.world_size
@@ -2138,9 +2103,9 @@ def sliding_windows(n_targets: int, seq_len: int, stride: int, tail: str) -> Win
 
 
 def window_batches(n_windows: int, batch_seqs: int, interleave: int) -> list[np.ndarray]:
-    """SLOT's grouping: deal the windows round-robin into `interleave` lists (the original's 8
-    ranks), then cut each list into consecutive batches. SLOT's loss is normalised per batch
-    and AdamW's eps makes that scale matter, so this grouping is part of the result."""
+    """Windows dealt round-robin into `interleave` lists (the original's 8 ranks), each cut
+    into batches. SLOT normalises its loss per batch and AdamW's eps makes that scale matter:
+    the grouping is part of the result."""
     batches = []
     for v in range(interleave):
         ids = np.arange(v, n_windows, interleave)
@@ -2150,9 +2115,8 @@ def window_batches(n_windows: int, batch_seqs: int, interleave: int) -> list[np.
 
 def window_batch(tokens: np.ndarray, plan: WindowPlan, idx: np.ndarray, rows: int,
                  L: int) -> tuple[np.ndarray, ...]:
-    """Windows idx as `rows` rows of L, built on the host: inputs and targets (short windows and
-    missing rows padded with id 0), the scored and the context masks (padding is neither) and
-    target indices."""
+    """Windows idx as `rows` rows of L, on the host: inputs, targets (padding: id 0), the
+    scored and context masks (padding is neither) and target indices."""
     ar, k = np.arange(L), len(idx)
     start, score_from = plan.start[idx, None], plan.score_from[idx, None]
     valid = ar < plan.length[idx, None]
@@ -2181,8 +2145,7 @@ class Batch:
 
 def window_pass(s: Scoring, plan: WindowPlan, batches: list[np.ndarray], rows: int,
                 seq_len: int, collect: bool) -> Iterator[Batch]:
-    """This rank's share of the batches (which rank runs a batch does not change its numbers),
-    each padded to `rows` windows of seq_len: one input shape, whatever the data."""
+    """This rank's share of the batches, each padded to `rows` windows: one input shape."""
     dev, host = s.rt.device, s.tokens.numpy()
     for idx in batches[s.rt.rank::s.rt.world_size]:
         xy, (scored, context), where = window_batch(host, plan, idx, rows, seq_len)
@@ -2218,24 +2181,19 @@ class SlidingScorer(Scorer):
 
 def slot_loss(delta: Tensor, bias: Tensor, base: Tensor, expand: Tensor, y: Tensor, w: Tensor,
               weight: Tensor, softcap: float) -> Tensor:
-    """SLOT's loss at the fit positions (a compiled kernel over tensors: every argument is one
-    of its inputs). w is 1/n there and 0 on padding, so the shapes can stay fixed. `expand`
-    gives each fit row its window: window indices (a gather, whose backward is a sequential
-    index_add on the CPU) or a one-hot [rows, windows] matrix (its backward a matmul: no atomic
-    scatter-adds, which a compiled CUDA gather's backward would be)."""
+    """SLOT's loss at the fit positions; a compiled kernel, hence a tensor per argument. w is
+    1/n there and 0 on padding (fixed shapes). `expand` gives each row its window: indices (a
+    gather: the CPU's) or a one-hot matrix (CUDA's: a matmul backward, no atomic scatter)."""
     shift = F.linear(delta, weight) + bias
     z = base + (expand @ shift if expand.is_floating_point() else shift[expand])
     return (F.cross_entropy(softcap * torch.tanh(z / softcap), y, reduction="none") * w).sum()
 
 
 class SlotScorer(Scorer):
-    """SLOT on each batch: a per-window hidden delta [1, d] and logit bias [1, V], fitted by
-    AdamW (the model frozen), then used to score the window's scored positions. Mode "scored"
-    (the original's) fits the scored positions themselves; "context" fits the positions
-    before them, which earlier windows already scored. The logits 30 tanh(((h + delta) W^T +
-    bias) / 30) are computed as h W^T (frozen: once per batch, and only at the rows the loss or
-    the score reads) plus the per-window shift delta W^T + bias, so each step costs elementwise
-    work on those rows instead of a matmul over every position."""
+    """A per-window hidden delta and logit bias fitted by AdamW, then scoring the window.
+    "scored" (the original's) fits the scored positions; "context" those before them, which
+    earlier windows scored. Logits are h W^T (once, at the rows read) plus delta W^T + bias:
+    each step is elementwise work, not a matmul over every position."""
 
     def __init__(self, mode: str, cfg: SlotConfig, s: Scoring, plan: WindowPlan,
                  batches: list[np.ndarray], rows: int):
@@ -2260,8 +2218,7 @@ class SlotScorer(Scorer):
 
     def fit_and_score(self, hid: Tensor, y: Tensor, fit: np.ndarray, score: np.ndarray,
                       size: int) -> Tensor:
-        """Fits on the `fit` positions (host mask [B, L], padded to `size` entries of weight 0),
-        then returns the nll of the `score` positions. Index lists come from the host: no sync."""
+        """Fits on `fit` (host mask, padded to `size`), returns the nll at `score`; no sync."""
         B, L, dev, weight = hid.size(0), hid.size(1), hid.device, self.weight
         hid, y = hid.reshape(B * L, -1), y.reshape(-1)
         fit_pos = np.flatnonzero(fit)
@@ -2300,9 +2257,8 @@ class SlotScorer(Scorer):
 
 def score_windows(s: Scoring, plan: WindowPlan, batches: list[np.ndarray], rows: int,
                   seq_len: int, scorers: list, label: str = "") -> None:
-    """One window pass feeding every scorer. Each batch is synchronised and timed per scorer
-    (the hidden states count toward the sliding scorer, or are shared out when there is none);
-    rank 0 logs progress."""
+    """One window pass feeding every scorer, each batch timed per scorer (the hidden states
+    count toward the sliding one, or are shared out)."""
     collect = any(sc.sums.nll is not None for sc in scorers)
     sliding = isinstance(scorers[0], SlidingScorer)
     n_mine = len(batches[s.rt.rank::s.rt.world_size])
@@ -2345,8 +2301,7 @@ def log_result(rt: Runtime, name: str, sums: Sums, seconds: float, extra: str = 
 
 
 def log_timing(rt: Runtime, sc: Scorer) -> None:
-    """A window scorer's timing: the first batch holds the compilation, the mean of the others
-    is the steady state a projection needs (tools.gpu_check)."""
+    """The first batch holds the compilation; the others' mean is the steady state."""
     steady = sum(sc.times[1:]) / (len(sc.times) - 1) if len(sc.times) > 1 else float("nan")
     first = sc.times[0] if sc.times else 0.0
     rt.log(f"eval_timing:{sc.name} batches:{len(sc.times)} first_batch:{first:.4f}s "
@@ -2360,17 +2315,15 @@ def log_scores(rt: Runtime, scores: dict[str, Score]) -> None:
 
 
 def ttt_chunk_windows(plan: WindowPlan, n_targets: int, chunk: int) -> np.ndarray:
-    """TTT's chunks as window-index bounds: a window belongs to the chunk holding its first
-    scored target; first scored targets grow with the window index, so each chunk's windows
-    are consecutive."""
+    """Chunk bounds in window indices: a window belongs to the chunk of its first scored target
+    (which grows with the index, so each chunk's windows are consecutive)."""
     n_chunks = -(-n_targets // chunk)
     owner = np.minimum((plan.start + plan.score_from) // chunk, n_chunks - 1)
     return np.searchsorted(owner, np.arange(n_chunks + 1))
 
 
 class TTTTrainer:
-    """Training on scored chunks: SGD with momentum kept across chunks, on the frozen-block
-    split of the model's parameters, with TTT_QAT's fake int6 weights in the forward."""
+    """SGD (momentum kept across chunks) on the unfrozen parameters, TTT_QAT in the forward."""
 
     def __init__(self, cfg: TTTConfig, rt: Runtime, model: GPT, seq_len: int):
         self.cfg, self.rt, self.model, self.seq_len = cfg, rt, model, seq_len
@@ -2393,11 +2346,9 @@ class TTTTrainer:
         return (nll * w).sum()
 
     def train_chunk(self, chunk: Tensor, lr: float) -> None:
-        """TTT_EPOCHS passes over the chunk's whole sequences (its targets' tokens and the one
-        before; not the remainder), in steps of TTT_BATCH_SEQS sequences split over the ranks.
-        A rank's share is padded to ceil(n / world) rows that weigh nothing (fixed step shapes)
-        and its loss weighted 1 / (the step's targets): the summed gradient is that of the
-        step's mean loss, on any number of processes."""
+        """TTT_EPOCHS passes over the chunk's whole sequences, TTT_BATCH_SEQS a step split over
+        the ranks, each share padded to ceil(n / world) weightless rows (fixed shapes) and
+        weighted 1 / (the step's targets): the summed gradient is the step mean's, any world."""
         L, W, rt, c = self.seq_len, self.rt.world_size, self.rt, self.cfg
         n_seqs = (chunk.numel() - 1) // L
         for group in self.opt.param_groups:
@@ -2430,9 +2381,8 @@ class TTTTrainer:
 
 def eval_ttt(cfg: EvalConfig, rt: Runtime, model: GPT, tokens: Tensor, luts,
              collect: bool = False) -> tuple[Sums, float]:
-    """Legal score-first TTT (record 2026-03-23, docs/evaluation.md), adapting `model` in place:
-    chunk by chunk, the chunk's sliding windows are scored (final scores), then the chunk is
-    trained on, except the last. Returns (Sums, seconds)."""
+    """Legal score-first TTT (record 2026-03-23), adapting `model`: each chunk's windows are
+    scored (final), then it is trained on, except the last. Returns (Sums, seconds)."""
     c, L, n_targets = cfg.ttt, cfg.seq_len, tokens.numel() - 1
     if c.float32:
         model.float()
@@ -2467,9 +2417,8 @@ def eval_ttt(cfg: EvalConfig, rt: Runtime, model: GPT, tokens: Tensor, luts,
 
 def sliding_pass(cfg: EvalConfig, s: Scoring, stride: int, name: str,
                  slot_modes: tuple[str, ...] = (), collect: bool = False) -> list:
-    """One window pass at `stride`: the sliding scorer named `name` ("": SLOT alone) and a
-    SLOT scorer per mode; returns the scorers, their sums (with every target's nll if
-    `collect`) and times filled."""
+    """One pass at `stride`: the sliding scorer `name` ("": none) and a SLOT scorer per mode,
+    returned filled (each target's nll too with `collect`)."""
     plan = sliding_windows(s.n_targets, cfg.seq_len, stride, cfg.tail)
     interleave = cfg.slot.interleave if slot_modes else 1
     batches = window_batches(len(plan), cfg.slot.batch_seqs, interleave)
@@ -2522,10 +2471,8 @@ def evaluate(cfg: Config, rt: Runtime, model: GPT, data: Data) -> dict[str, Scor
 # -----------------------------
 # MAIN
 # -----------------------------
-# Takes the environment; runs the stages in order. Every input is checked before the run
-# writes anything (its log, or the deletion of a previous run's model); the run then holds
-# its output files, saves the trained weights before any evaluation, and ends with one line
-# for whatever stopped it.
+# Runs the stages in order. Every input is checked before the run writes anything; it then
+# holds its outputs, saves the weights before any evaluation and ends with one line.
 
 
 class Stopped(Exception):
@@ -2537,8 +2484,7 @@ class Stopped(Exception):
 
 
 def check_outputs(cfg: Config) -> None:
-    """Every folder the run writes into, before any work: a training run is never lost at its
-    end."""
+    """Every folder the run writes into, before any work."""
     logs = Path("logs")
     if logs.exists() and not logs.is_dir():
         raise ConfigError("logs: is a file; expected a folder for the run logs (move the "
@@ -2562,8 +2508,7 @@ def check_outputs(cfg: Config) -> None:
 
 
 def create_log(run_id: str) -> str:
-    """logs/<RUN_ID>.txt, created exclusively: a run never appends to another run's log (a name
-    already taken becomes <RUN_ID>-2, -3, ...)."""
+    """logs/<RUN_ID>.txt, created exclusively (a name taken becomes <RUN_ID>-2, -3, ...)."""
     os.makedirs("logs", exist_ok=True)
     for n in itertools.count(1):
         path = f"logs/{run_id}.txt" if n == 1 else f"logs/{run_id}-{n}.txt"
@@ -2648,8 +2593,7 @@ def stage(name: str) -> Iterator[None]:
 
 
 def trained_model(cfg: Config, rt: Runtime, inputs: Inputs) -> tuple[GPT, Trained, int]:
-    """The trained model (or EXPORT_ONLY's kept weights), saved; returns it, its training
-    record and the saved weights' bytes."""
+    """The trained, saved model (or EXPORT_ONLY's), its training record and weight bytes."""
     if inputs.model is not None:
         model = inputs.model
         log_config(cfg, rt, model, inputs.data)
@@ -2728,8 +2672,7 @@ def run(cfg: Config, code: Code) -> None:
 
 
 def main(source: str | None = None) -> None:
-    """`source`: the script's text when a packed file (tools/pack.py) runs it; the packed file's
-    own bytes are what `Code size` counts."""
+    """`source`: the text a packed file (tools/pack.py) runs; `Code size` counts its bytes."""
     # SIGTERM (torchrun stopping its workers, a scheduler) stops the run like Ctrl-C.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     status, message = 0, None
