@@ -6,38 +6,49 @@ tools.submission's default invocations are tested in test_data.py and test_submi
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import math
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from tools import audit, bench_eval, bench_train, data, gpu_check, preflight, slot_tf32
-from tools._common import import_train_gpt, perturbed_model
+from tools._common import import_train_gpt, perturbed_model, unit_luts
 
 tg = import_train_gpt()
 
 # A small valid configuration: every optional part of the record's model, world size 8.
 SMALL_ENV = dict(
-    NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", MLP_MULT="2", VOCAB_SIZE="256",
-    BIGRAM_VOCAB_SIZE="256", BIGRAM_DIM="32", VE_DIM="16", VE_LAYERS="1", XSA_LAST_N="2",
-    TRAIN_SEQ_LEN="128", EVAL_SEQ_LEN="128", TRAIN_BATCH_TOKENS="8192", VAL_BATCH_SIZE="8192", RUN_ID="t",
+    NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", MLP_MULT="2",
+    VOCAB_SIZE="256", BIGRAM_VOCAB_SIZE="256", BIGRAM_DIM="32", VE_DIM="16", VE_LAYERS="1",
+    XSA_LAST_N="2", TRAIN_SEQ_LEN="128", EVAL_SEQ_LEN="128", TRAIN_BATCH_TOKENS="8192",
+    VAL_BATCH_SIZE="8192", RUN_ID="t",
 )
+# Model shapes: vocabulary V, width d, L layers, H heads (Hkv for keys and values), the MLP's
+# ratio, the bigram table (Vb rows of bd) and the value embedding (ve_dim on ve_layers).
+RECORD_SHAPE = dict(V=1024, d=512, L=11, H=8, Hkv=4, mlp_mult=3.0, Vb=1024, bd=128, ve_dim=128,
+                    ve_layers=(9, 10))
+SMALL_SHAPE = dict(V=256, d=64, L=2, H=4, Hkv=2, mlp_mult=2, Vb=256, bd=32, ve_dim=16,
+                   ve_layers=(1,))
 FAST = ["--compile-backend", "aot_eager"]  # finds graph breaks like inductor, without C++ builds
 
 
-def expected_params(V=1024, d=512, L=11, H=8, Hkv=4, mlp_mult=3.0, Vb=1024, bd=128, ve_dim=128, ve_layers=(9, 10)):
+def expected_params(shape: dict = RECORD_SHAPE) -> int:
     """Parameter count from SPEC section 3, written out by hand (independent of train_gpt.py)."""
-    kv, hidden = Hkv * (d // H), int(mlp_mult * d)
-    n = V * d + d  # tok_emb, smear gate
-    n += Vb * bd + (bd * d if bd != d else 0) + 1  # bigram table, projection, scale
-    n += min(L // 2, L - L // 2) * d  # U-Net skip weights
-    for i in range(L):
+    m = SimpleNamespace(**shape)
+    d = m.d
+    kv, hidden = m.Hkv * (d // m.H), int(m.mlp_mult * d)
+    n = m.V * d + d  # tok_emb, smear gate
+    n += m.Vb * m.bd + (m.bd * d if m.bd != d else 0) + 1  # bigram table, projection, scale
+    n += min(m.L // 2, m.L - m.L // 2) * d  # U-Net skip weights
+    for i in range(m.L):
         n += 2 * d * d + 2 * d * kv + 2 * d * hidden  # c_q, attn.proj, c_k, c_v, fc, mlp.proj
-        n += H + 4 * d + (1 if i > 0 else 0)  # q_gain, attn/mlp scales, resid_mix (2 x d), vrl_gate
-    if ve_layers:
-        n += V * ve_dim + (ve_dim * kv if ve_dim != kv else 0) + 1 + len(ve_layers)
+        n += m.H + 4 * d + (1 if i > 0 else 0)  # q_gain, attn/mlp scales, resid_mix (2 x d), vrl
+    if m.ve_layers:
+        n += m.V * m.ve_dim + (m.ve_dim * kv if m.ve_dim != kv else 0) + 1 + len(m.ve_layers)
     return n
 
 
@@ -82,24 +93,28 @@ def test_audit_default_invocation(audit_default_run):
     code, text, report = audit_default_run
     assert code == 0 and report.settings == audit.AuditSettings()
     assert text.startswith("flip test (docs/evaluation.md)")
-    assert text.rstrip().endswith("result: PASS (verdicts as expected; SLOT scored fits the targets it scores)")
-    rows = {label: re.search(rf"^{label}\s+(causal|NOT causal)\s+(\S+)\s+(\S+)\s+(\d+)\s", text, re.M)
-            for label in ("standard", "sliding window", "SLOT scored", "SLOT context")}
+    assert text.rstrip().endswith(
+        "result: PASS (verdicts as expected; SLOT scored fits the targets it scores)")
+    labels = ("standard", "sliding window", "SLOT scored", "SLOT context", "legal TTT")
+    rows = {label: re.search(rf"^{label}\s+(causal|NOT causal)\s+(\S+)\s+(\S+)\s+(\d+)\s",
+                             text, re.M) for label in labels}
     assert {label: m.group(1) for label, m in rows.items()} == {
-        "standard": "causal", "sliding window": "causal", "SLOT scored": "NOT causal", "SLOT context": "causal"}
+        "standard": "causal", "sliding window": "causal", "SLOT scored": "NOT causal",
+        "SLOT context": "causal", "legal TTT": "causal"}
     assert all(int(m.group(4)) == 8 for m in rows.values())  # the default 8 flipped targets
-    assert float(rows["SLOT scored"].group(2)) > 1e-3 and float(rows["SLOT context"].group(2)) == 0.0
+    assert float(rows["SLOT scored"].group(2)) > 1e-3
+    assert float(rows["SLOT context"].group(2)) == 0.0
 
 
 def test_audit_verdicts(audit_report):
     verdicts = {r.mode: r.verdict for r in audit_report.results}
-    assert verdicts == {"standard": "causal", "sliding": "causal", "scored": "NOT causal", "context": "causal",
-                        "ttt": "causal"}
+    assert verdicts == {"standard": "causal", "sliding": "causal", "scored": "NOT causal",
+                        "context": "causal", "ttt": "causal"}
     for r in audit_report.results:
         assert r.flips == len(audit_report.positions) >= 4
         assert r.min_effect > 1e-3  # every flip changed the flipped target or a later one
     scored = next(r for r in audit_report.results if r.mode == "scored")
-    assert scored.max_earlier > 1e-3  # far above float32 noise: the original SLOT reads the targets it scores
+    assert scored.max_earlier > 1e-3  # far above float32 noise: SLOT reads the targets it scores
     assert audit.exit_code(audit_report.results, strict=False) == 0
     assert audit.exit_code(audit_report.results, strict=True) == 1
 
@@ -108,9 +123,30 @@ def test_audit_table_lists_five_modes(audit_report):
     table = audit.format_table(audit_report.results)
     lines = table.splitlines()
     assert len(lines) == 6
-    for label, verdict in (("standard", "causal"), ("sliding window", "causal"), ("SLOT scored", "NOT causal"),
-                           ("SLOT context", "causal"), ("legal TTT", "causal")):
+    for label, verdict in (("standard", "causal"), ("sliding window", "causal"),
+                           ("SLOT scored", "NOT causal"), ("SLOT context", "causal"),
+                           ("legal TTT", "causal")):
         assert any(line.startswith(label) and f"  {verdict}  " in line for line in lines[1:]), table
+
+
+def test_audit_scores_every_target_through_the_entry_points(one_thread):
+    """Each mode's per-target nll (the collect=True entry points): the standard, sliding and
+    TTT passes score every target once, and the first chunk's TTT scores (before any training)
+    are the sliding window's."""
+    s = audit.AuditSettings()
+    cfg = audit.tiny_config(tg, s)
+    model = audit.random_model(tg, cfg, s.seed)
+    tokens = torch.randint(0, cfg.model.vocab_size, (s.targets + 1,),
+                           generator=torch.Generator().manual_seed(0))
+    luts = unit_luts(cfg.model.vocab_size)
+    nll = audit.score_targets(tg, model, tokens, cfg, luts, ("standard", "sliding", "ttt"))
+    assert set(nll) == {"standard", "sliding", "ttt"}
+    n_scored = s.targets // s.seq_len * s.seq_len  # whole sequences only
+    assert (nll["standard"][:n_scored] > 0).all() and (nll["standard"][n_scored:] == 0).all()
+    assert (nll["sliding"] > 0).all() and (nll["ttt"] > 0).all()
+    chunk = cfg.eval.ttt.chunk_tokens
+    assert torch.equal(nll["ttt"][:chunk], nll["sliding"][:chunk])
+    assert not torch.equal(nll["ttt"][chunk:], nll["sliding"][chunk:])  # trained on chunk 0
 
 
 def test_flip_positions_are_in_later_scored_spans():
@@ -118,8 +154,9 @@ def test_flip_positions_are_in_later_scored_spans():
     positions = audit.flip_positions(plan, 8, seed=5)
     assert positions == audit.flip_positions(plan, 8, seed=5)
     for p in positions:
-        spans = [(s + f, s + n) for s, n, f in zip(plan.start[1:], plan.length[1:], plan.score_from[1:])]
-        assert any(lo < p < hi for lo, hi in spans)  # inside a later window's span, not its first target
+        spans = [(s + f, s + n) for s, n, f in zip(plan.start[1:], plan.length[1:],
+                                                   plan.score_from[1:])]
+        assert any(lo < p < hi for lo, hi in spans)  # in a later window's span, not its first
 
 
 def test_mode_result_verdicts():
@@ -127,16 +164,18 @@ def test_mode_result_verdicts():
     r.record(3, torch.tensor([0.0, 0.0, 0.0, 0.5, 0.1], dtype=torch.float64))
     assert r.verdict == "causal" and r.as_expected
     r.record(2, torch.tensor([0.0, 2e-6, 0.3, 0.0, 0.0], dtype=torch.float64))
-    assert r.verdict == "NOT causal" and (r.worst_position, r.worst_target) == (2, 1) and not r.as_expected
+    assert r.verdict == "NOT causal" and (r.worst_position, r.worst_target) == (2, 1)
+    assert not r.as_expected
     silent = audit.ModeResult("sliding", threshold=1e-6)
-    silent.record(3, torch.zeros(5, dtype=torch.float64))  # a flip that changed nothing proves nothing
+    silent.record(3, torch.zeros(5, dtype=torch.float64))  # a flip that changed nothing: no proof
     assert silent.verdict == "inconclusive" and audit.exit_code([silent], strict=False) == 1
 
 
 def test_audit_cli_exit_codes(capsys):
-    assert audit.main(["--modes", "context,sliding", "--positions", "2", "--slot-steps", "4"]) == 0
-    assert audit.main(["--modes", "scored", "--positions", "2", "--slot-steps", "4"]) == 0  # expected: not causal
-    assert audit.main(["--strict", "--modes", "scored", "--positions", "2", "--slot-steps", "4"]) == 1
+    few = ["--positions", "2", "--slot-steps", "4"]
+    assert audit.main(["--modes", "context,sliding", *few]) == 0
+    assert audit.main(["--modes", "scored", *few]) == 0  # expected: not causal
+    assert audit.main(["--strict", "--modes", "scored", *few]) == 1
     assert audit.main(["--modes", "bogus"]) == 2
     out = capsys.readouterr().out
     assert "result: FAIL (SLOT scored: not causal)" in out
@@ -156,7 +195,13 @@ def test_preflight_small_config_passes():
     for check, _ in preflight.CHECKS:
         assert status_of(text, check) == "PASS", text
     count = int(re.search(r"PASS\s+model\s+([\d,]+) parameters", text).group(1).replace(",", ""))
-    assert count == expected_params(V=256, d=64, L=2, H=4, Hkv=2, mlp_mult=2, Vb=256, bd=32, ve_dim=16, ve_layers=(1,))
+    assert count == expected_params(SMALL_SHAPE)
+    # The parameter table's counts (train_gpt.role_summary), each table covering every parameter.
+    for table in ("param_groups", "param_formats"):
+        m = re.search(rf"^\s+{table} \(tensors/params\) (.+)$", text, re.M)
+        assert m, text
+        counts = dict(re.findall(r"(\w+):\d+/(\d+)", m.group(1)))
+        assert sum(map(int, counts.values())) == count, m.group(0)
     assert "preflight: PASS" in text
 
 
@@ -171,7 +216,8 @@ def test_preflight_invalid_config_fails():
 
 
 def test_preflight_world_split_fails():
-    code, text = run_preflight(dict(SMALL_ENV, TRAIN_BATCH_TOKENS="1000"), "--no-compile", "--no-artifact")
+    code, text = run_preflight(dict(SMALL_ENV, TRAIN_BATCH_TOKENS="1000"), "--no-compile",
+                               "--no-artifact")
     assert code == 1 and status_of(text, "world") == "FAIL" and "TRAIN_BATCH_TOKENS=1000" in text
     assert status_of(text, "model") == "PASS"  # the model checks still run
     code, text = run_preflight(SMALL_ENV, "--world-size", "3", "--no-compile", "--no-artifact")
@@ -179,46 +225,78 @@ def test_preflight_world_split_fails():
 
 
 def test_preflight_forward_catches_a_bad_init():
-    code, text = run_preflight(dict(SMALL_ENV, TIED_EMBED_INIT_STD="1.0"), "--no-compile", "--no-artifact")
+    code, text = run_preflight(dict(SMALL_ENV, TIED_EMBED_INIT_STD="1.0"), "--no-compile",
+                               "--no-artifact")
     assert code == 1 and status_of(text, "forward") == "FAIL"
 
 
 def test_preflight_flags_misspelt_variables():
-    notes = preflight.suspicious_vars(tg, {"NUM_LAYER": "3", "SWA_ENABLED": "1", "HOME": "x", "NUM_LAYERS": "2"})
+    env = {"NUM_LAYER": "3", "SWA_ENABLED": "1", "HOME": "x", "NUM_LAYERS": "2"}
+    notes = preflight.suspicious_vars(tg, env)
     assert any("NUM_LAYER " in n and "NUM_LAYERS" in n for n in notes)
     assert any(n.startswith("SWA_ENABLED") for n in notes)
     assert len(notes) == 2
 
 
 def test_artifact_estimate_is_deterministic():
-    h = tg.Hyperparameters.from_env(SMALL_ENV)
-    state = preflight.perturbed_model(tg, h, seed=0, noise=0.05).state_dict()
-    first = preflight.estimate_artifact(tg, h, state, seed=0)
-    second = preflight.estimate_artifact(tg, h, state, seed=0)
+    cfg = tg.Config.from_env(SMALL_ENV)
+    model = preflight.perturbed_model(tg, cfg.model, seed=0, noise=0.05)
+    first = preflight.estimate_artifact(tg, model.roles, model.state_dict(), seed=0)
+    second = preflight.estimate_artifact(tg, model.roles, model.state_dict(), seed=0)
     assert first.model_bytes == second.model_bytes
     assert 0 < first.model_bytes < tg.SIZE_LIMIT
-    assert first.total_params == expected_params(V=256, d=64, L=2, H=4, Hkv=2, mlp_mult=2, Vb=256, bd=32, ve_dim=16,
-                                                 ve_layers=(1,))
+    assert first.total_params == expected_params(SMALL_SHAPE)
 
 
 # Two layers, 256 wide, vocabulary 1024: every export rule in play (int6 MLP matrices, an int8
 # token table, passthrough matrices of exactly 65,536 values and small tensors).
-ESTIMATE_ENV = dict(NUM_LAYERS="2", MODEL_DIM="256", NUM_HEADS="4", NUM_KV_HEADS="2", MLP_MULT="3", BIGRAM_DIM="64",
-                    VE_DIM="64", VE_LAYERS="1", XSA_LAST_N="2", TRAIN_SEQ_LEN="128", EVAL_SEQ_LEN="128", RUN_ID="t")
+ESTIMATE_ENV = dict(NUM_LAYERS="2", MODEL_DIM="256", NUM_HEADS="4", NUM_KV_HEADS="2",
+                    MLP_MULT="3", BIGRAM_DIM="64", VE_DIM="64", VE_LAYERS="1", XSA_LAST_N="2",
+                    TRAIN_SEQ_LEN="128", EVAL_SEQ_LEN="128", RUN_ID="t")
+# ESTIMATE_ENV's container (seed 1337's initial weights, and preflight's trained-like ones),
+# pinned from the script before its restructure (commit 82f82f8): its contents, and under the
+# torch that CI installs (torch.save's archive layout depends on the version) its lzma bytes.
+PINNED_TORCH = "2.13.0"
+PINNED = {
+    "seeded": ("bfa089888efd45e88be37a7ca1e750b2507de4e36b69ec76eb8866785cdf8c0e",
+               "22dcb465cd27801432c8ec7e81d3825cb22436331f1b159c52d1740a759e2655"),
+    "estimate": ("e25ddc728c60eaeec59c905d74504dcf8f51ee848ab558d2720075d93b597f05",
+                 "b100b6ad04252152e66ffa651500d51583b967a4f2ce80aa0c4ca2f70204e098"),
+}
 
 
-def trained_like_by_hand(h, state: dict, seed: int) -> dict:
+def content_digest(container: dict) -> str:
+    """sha256 of a container's names, dtypes, shapes, bytes and schemes."""
+    h = hashlib.sha256()
+    for name in sorted(container["w"]):
+        t = container["w"][name]
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(repr(sorted((k, str(v)) for k, v in container["m"].items())).encode())
+    return h.hexdigest()
+
+
+def assert_pinned(kind: str, container: dict, blob: bytes | None = None) -> None:
+    """The container's contents, and its lzma bytes (`blob`, else packed here) where pinned."""
+    contents, packed = PINNED[kind]
+    assert content_digest(container) == contents, kind
+    if torch.__version__.split("+")[0] == PINNED_TORCH:
+        blob = tg.pack_artifact(container, "lzma") if blob is None else blob
+        assert hashlib.sha256(blob).hexdigest() == packed, kind
+
+
+def trained_like_by_hand(model, seed: int) -> dict:
     """The estimate's documented basis, drawn here another way: each row of a weight matrix is a
     uniformly random direction scaled to norm ROW_NORM x lognormal(0, ROW_NORM_SPREAD); vectors,
     scalars and control tensors are their value times (1 + 0.1 N(0, 1))."""
     g = torch.Generator().manual_seed(seed)
     out = {}
-    for name, t in state.items():
-        if t.ndim == 2 and not tg.is_control(name, h):
+    for name, t in model.state_dict().items():
+        if t.ndim == 2 and model.roles[name] is not tg.ROLES["control"]:
             direction = torch.randn(t.shape, generator=g)
             direction /= direction.norm(dim=1, keepdim=True)
-            norms = preflight.ROW_NORM * torch.exp(preflight.ROW_NORM_SPREAD * torch.randn(t.size(0), 1, generator=g))
-            out[name] = direction * norms
+            spread = torch.exp(preflight.ROW_NORM_SPREAD * torch.randn(t.size(0), 1, generator=g))
+            out[name] = direction * (preflight.ROW_NORM * spread)
         else:
             out[name] = t.float() * (1 + 0.1 * torch.randn(t.shape, generator=g))
     return out
@@ -227,22 +305,27 @@ def trained_like_by_hand(h, state: dict, seed: int) -> dict:
 def test_artifact_estimate_is_the_packed_size_of_such_weights(one_thread):
     """The estimate against the real packed size (train_gpt's own quantisation and compressor) of a
     state dict drawn in the test from the basis the tool states: within 1% (measured: 0.04-0.08%),
-    with the value counts of the export rules worked out by hand."""
-    h = tg.Hyperparameters.from_env(ESTIMATE_ENV)
-    state = tg.build_model(h, torch.device("cpu"), seed=0).state_dict()
-    est = preflight.estimate_artifact(tg, h, state, seed=0)
-    actual = len(tg.pack_artifact(tg.quantize_state_dict(trained_like_by_hand(h, state, seed=1), h), "lzma"))
+    with the value counts of the export rules worked out by hand; the containers' bytes are
+    those of the script before its restructure."""
+    cfg = tg.Config.from_env(ESTIMATE_ENV)
+    model = tg.build_model(cfg.model, torch.device("cpu"), seed=cfg.run.seed)
+    state = model.state_dict()
+    assert_pinned("seeded", tg.quantize_state_dict(state, model.roles))
+    est = preflight.estimate_artifact(tg, model.roles, state, seed=0)
+    assert_pinned("estimate", est.container, est.blob)
+    by_hand = tg.quantize_state_dict(trained_like_by_hand(model, seed=1), model.roles)
+    actual = len(tg.pack_artifact(by_hand, "lzma"))
     assert abs(est.model_bytes / actual - 1) < 0.01, (est.model_bytes, actual)
-    int6 = 2 * 2 * 768 * 256  # mlp.fc and mlp.proj of two blocks; c_q (256 x 256 = 65,536 values) is passthrough
-    int8 = 1024 * 256  # tok_emb; the bigram and VE tables (1024 x 64 = 65,536) are passthrough
-    assert est.counts == dict(int6=int6, int8=int8, fp16=sum(t.numel() for t in state.values()) - int6 - int8)
+    int6 = 2 * 2 * 768 * 256  # mlp.fc and mlp.proj of two blocks; c_q (65,536 values): passthrough
+    int8 = 1024 * 256  # tok_emb; the bigram and VE tables (1024 x 64 = 65,536) pass through
+    fp16 = sum(t.numel() for t in state.values()) - int6 - int8
+    assert est.counts == dict(int6=int6, int8=int8, fp16=fp16)
 
 
 def test_shrunk_config_keeps_the_architecture():
-    h = tg.Hyperparameters.from_env({"RUN_ID": "t"})
-    small = preflight.shrunk_config(h)
+    small = preflight.shrunk_config({"RUN_ID": "t"}).model
     assert (small.num_layers, small.num_heads, small.num_kv_heads, small.head_dim) == (2, 8, 4, 16)
-    assert small.bigram_dim != small.model_dim and small.ve_dim != small.kv_dim  # both projections exist
+    assert small.bigram_dim != small.model_dim and small.ve_dim != small.kv_dim  # both projections
     assert small.ve_layer_ids == (1,) and small.xsa_last_n == 2 and small.vrl_enabled
 
 # -----------------------------
@@ -254,8 +337,9 @@ def test_tf32_rounding_by_hand():
     from tools.slot_tf32 import round_tf32
 
     u = 2.0 ** -10  # TF32's unit in the last place at 1.0
-    x = torch.tensor([1 + u / 2, 1 + 3 * u / 2, 1 + u / 2 + 2.0 ** -20, 1 + u / 2 - 2.0 ** -20, -(1 + 3 * u / 2), 3.0])
-    want = torch.tensor([1.0, 1 + 2 * u, 1 + u, 1.0, -(1 + 2 * u), 3.0])  # ties go to the even mantissa
+    x = torch.tensor([1 + u / 2, 1 + 3 * u / 2, 1 + u / 2 + 2.0 ** -20, 1 + u / 2 - 2.0 ** -20,
+                      -(1 + 3 * u / 2), 3.0])
+    want = torch.tensor([1.0, 1 + 2 * u, 1 + u, 1.0, -(1 + 2 * u), 3.0])  # ties to even mantissa
     assert torch.equal(round_tf32(x), want)
     r = torch.randn(10_000) * 100
     assert (round_tf32(r).view(torch.int32) & 0x1FFF).eq(0).all()
@@ -277,19 +361,18 @@ def test_tf32_linear_rounds_forward_and_backward():
 
 
 def test_slot_tf32_compare_on_a_small_model(one_thread):
-    from tools.slot_tf32 import compare
-
-    h = tg.Hyperparameters.from_env({**SMALL_ENV, "SLOT_STEPS": "4"})
-    model = tg.build_model(h, torch.device("cpu"), seed=3).eval()
+    """Four windows of 128 at stride 32 in one batch: the first scores everything, the later
+    ones their last 32 targets; the script's own SLOT scorer runs on the same batch."""
+    env = {**SMALL_ENV, "SLOT_STEPS": "4", "EVAL_STRIDE": "32", "SLOT_INTERLEAVE": "1"}
+    cfg = tg.Config.from_env(env)
+    model = tg.build_model(cfg.model, torch.device("cpu"), seed=3).eval()
     g = torch.Generator().manual_seed(1)
-    x = torch.randint(0, h.vocab_size, (4, 128), generator=g)
-    y = torch.randint(0, h.vocab_size, (4, 128), generator=g)
-    scored = torch.zeros(4, 128, dtype=torch.bool)
-    scored[0] = True  # a first window scores everything, later ones their last 32 targets
-    scored[1:, 96:] = True
-    with torch.no_grad():
-        hid = model.hidden(x).float()
-    r = compare([(hid, y, scored)], model.head_weight().detach().float(), h)
+    tokens = torch.randint(0, cfg.model.vocab_size, (128 + 3 * 32 + 1,), generator=g)
+    s = tg.Scoring(model, model.hidden, tokens, unit_luts(cfg.model.vocab_size), tg.Runtime())
+    batches = slot_tf32.slot_batches(cfg.eval, s, n_batches=8)
+    assert len(batches) == 1 and batches[0].scored.sum(1).tolist() == [128, 32, 32, 32]
+    weight = model.head_weight().detach().float()
+    r = slot_tf32.compare(batches, weight, cfg.eval.slot, cfg.model.logit_softcap)
     assert r["targets"] == 128 + 3 * 32
     assert r["script_vs_tool"] < 1e-5  # the tool's written-out SLOT is the script's
     assert abs(r["split_vs_full_f32"]) < 1e-6  # in float32 the split is exact to rounding
@@ -309,16 +392,20 @@ def printed_number(text: str, label: str) -> float:
 
 
 def test_bench_eval_default_invocation(one_thread, capsys):
-    """Every part of the default run ((a)-(d) and the ratios), on a short stream of short windows."""
-    assert bench_eval.main(["--tokens", "1024", "--seq-len", "64", "--stride", "16", "--slot-steps", "2"]) == 0
+    """Every part of the default run ((a)-(e) and the ratios), on a short stream of short
+    windows."""
+    argv = ["--tokens", "1024", "--seq-len", "64", "--stride", "16", "--slot-steps", "2"]
+    assert bench_eval.main(argv) == 0
     text = capsys.readouterr().out
-    assert "layers:2 dim:128 vocab:1024" in text and "windows:61 " in text  # 1 + (1024 - 64) / 16 windows
-    for row in ("(a) sliding s16", "(b) SLOT-2 (fast)", "(c) suite (evaluate_artifact)",
-                "(d) original-style SLOT (est. from 2 windows)"):
+    assert "layers:2 dim:128 vocab:1024" in text and "windows:61 " in text  # 1 + (1024 - 64) / 16
+    for row in ("(a) sliding s16", "(b) SLOT-2 (fast)", "(c) suite (evaluate)",
+                "(d) original-style SLOT (est. from 2 windows)",
+                "(e) legal TTT (0 of 1 chunks trained)"):
         assert printed_number(text, row) > 0, row
-    for part in ("final_int6_roundtrip", "final_int6_sliding_window", "final_slot"):  # the suite's own lines
+    for part in ("final_int6_roundtrip", "final_int6_sliding_window", "final_slot"):  # the suite's
         assert re.search(rf"^    {part}\s+\d+\.\d\d$", text, re.M), part
-    for ratio in ("SLOT / sliding", "suite / sliding", "original-style SLOT / fast SLOT"):
+    for ratio in ("SLOT / sliding", "TTT / sliding", "suite / sliding",
+                  "original-style SLOT / fast SLOT"):
         value = printed_number(text, ratio)
         assert math.isfinite(value) and value > 0, ratio
     gap = float(re.search(r"max rel\. nll gap (\S+)\)", text).group(1))
@@ -326,23 +413,30 @@ def test_bench_eval_default_invocation(one_thread, capsys):
 
 
 @pytest.fixture(scope="module")
-def demo_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert data.main(["demo", "--root", str(root)]) == 0
-    return root / "data" / "datasets" / "demo_sp1024", root / "data" / "tokenizers" / "demo_1024_bpe.model"
+def demo_data(request, tmp_path_factory):
+    """The demo corpus: the session's (tests/conftest.py's demo_root) when it offers one, else
+    built here (about 13 s)."""
+    try:
+        root = request.getfixturevalue("demo_root")
+    except pytest.FixtureLookupError:
+        root = tmp_path_factory.mktemp("demo")
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert data.main(["demo", "--root", str(root)]) == 0
+    data_root = root / "data"
+    return data_root / "datasets" / "demo_sp1024", data_root / "tokenizers" / "demo_1024_bpe.model"
 
 
 def test_bench_train_default_invocation(demo_data, capsys):
     """The default (PRESET=demo on the CPU, training only) for 4 steps: the step time and the
     tokens per second it prints agree with the 8,192-token batch of the demo preset."""
     folder, tokenizer = demo_data
-    code = bench_train.main(["--data", str(folder), "--tokenizer", str(tokenizer), "--steps", "4", "--warmup", "1",
-                             "--skip", "1"])
+    code = bench_train.main(["--data", str(folder), "--tokenizer", str(tokenizer), "--steps", "4",
+                             "--warmup", "1", "--skip", "1"])
     text = capsys.readouterr().out
     assert code == 0, text
     assert "device: cpu x1" in text and "PRESET=demo" in text
-    m = re.search(r"^step time: (\S+) ms \(steps 2\.\.4\)\s+tokens/s per process: ([\d,]+)$", text, re.M)
+    m = re.search(r"^step time: (\S+) ms \(steps 2\.\.4\)\s+tokens/s per process: ([\d,]+)$",
+                  text, re.M)
     assert m, text
     ms, tokens_per_s = float(m.group(1)), int(m.group(2).replace(",", ""))
     assert ms > 0 and tokens_per_s == pytest.approx(8192 / (ms / 1000), abs=1)
@@ -352,16 +446,19 @@ def test_bench_train_default_invocation(demo_data, capsys):
 
 def test_gpu_check_refuses_without_cuda(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(bench_train, "main", lambda argv: pytest.fail("gpu_check ran the benchmark without CUDA"))
+    monkeypatch.setattr(bench_train, "main",
+                        lambda argv: pytest.fail("gpu_check ran the benchmark without CUDA"))
     assert gpu_check.main([]) == 1
     out, err = capsys.readouterr()
-    assert (out, err) == ("", "error: no CUDA device; this check needs a GPU (on a CPU: `python -m tools.gpu_check "
-                              "--dry-run`, or `python -m tools.bench_train`)\n")
+    assert (out, err) == ("", "error: no CUDA device; this check needs a GPU (on a CPU: "
+                              "`python -m tools.gpu_check --dry-run`, or "
+                              "`python -m tools.bench_train`)\n")
 
 
 TINY_SLOT_ENV = dict(
-    NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", MLP_MULT="2", BIGRAM_DIM="16", VE_DIM="16",
-    VE_LAYERS="1", XSA_LAST_N="2", TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64", EVAL_STRIDE="32", SLOT_STEPS="2",
+    NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", MLP_MULT="2", BIGRAM_DIM="16",
+    VE_DIM="16", VE_LAYERS="1", XSA_LAST_N="2", TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64",
+    EVAL_STRIDE="32", SLOT_STEPS="2",
 )
 
 
@@ -371,16 +468,17 @@ def test_slot_tf32_default_invocation(demo_data, tmp_path, monkeypatch, one_thre
     folder, _ = demo_data
     for key, value in {**TINY_SLOT_ENV, "DATA_PATH": str(folder)}.items():
         monkeypatch.setenv(key, value)
-    h = tg.Hyperparameters.from_env()
-    model = perturbed_model(tg, h, seed=0, noise=0.05)
-    (tmp_path / "final_model.int6.ptz").write_bytes(tg.pack_artifact(tg.quantize_state_dict(model.state_dict(), h),
-                                                                     "lzma"))
+    cfg = tg.Config.from_env()
+    model = perturbed_model(tg, cfg.model, seed=0, noise=0.05)
+    container = tg.quantize_state_dict(model.state_dict(), model.roles)
+    (tmp_path / "final_model.int6.ptz").write_bytes(tg.pack_artifact(container, "lzma"))
     monkeypatch.chdir(tmp_path)
     assert slot_tf32.main([]) == 0
     text = capsys.readouterr().out
     # The first 8 batches of SLOT's grouping are the first list's: 32 windows each scoring the
     # last 32 targets, except window 0, which scores all 64.
-    assert text.startswith(f"8 SLOT batches, {8 * 32 * 32 + 32:,} scored targets, SLOT_STEPS=2, mean loss")
+    assert text.startswith(f"8 SLOT batches, {8 * 32 * 32 + 32:,} scored targets, SLOT_STEPS=2, "
+                           f"mean loss")
     changes = [float(x) for x in re.findall(r"^  .*?  ([-+]\d\.\de[-+]\d+)$", text, re.M)]
     assert len(changes) == 3 and all(abs(c) < 1e-3 for c in changes)
     assert changes[1] != 0  # TF32 does move the original's loss

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tools._common import import_train_gpt, perturbed_model, torch_threads
+from tools._common import import_train_gpt, perturbed_model, torch_threads, unit_luts
 
 MODES = ("standard", "sliding", "scored", "context", "ttt")
-LABELS = {"standard": "standard", "sliding": "sliding window", "scored": "SLOT scored", "context": "SLOT context",
-          "ttt": "legal TTT"}
+LABELS = {"standard": "standard", "sliding": "sliding window", "scored": "SLOT scored",
+          "context": "SLOT context", "ttt": "legal TTT"}
 EXPECTED_CAUSAL = {"standard": True, "sliding": True, "scored": False, "context": True, "ttt": True}
 # Float32 on the CPU is deterministic row by row: a causal mode repeats earlier targets' nll
 # bit for bit (measured: 0.0), so any threshold well above rounding noise works.
@@ -83,7 +83,7 @@ class ModeResult:
 @dataclass
 class AuditReport:
     settings: AuditSettings
-    config: object  # train_gpt.Hyperparameters of the tiny model
+    config: object  # train_gpt.Config of the tiny model
     n_windows: int
     positions: list[int]
     results: list[ModeResult]
@@ -94,24 +94,19 @@ def tiny_config(tg, s: AuditSettings):
     """A small model with every feature of the record's (bigram and VE projections, VRL, XSA,
     U-Net skip, GQA, partial RoPE) and the record's SLOT settings."""
     env = dict(
-        VOCAB_SIZE="64", NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1", MLP_MULT="2",
-        BIGRAM_VOCAB_SIZE="64", BIGRAM_DIM="16", VE_DIM="8", VE_LAYERS="1", XSA_LAST_N="2",
-        TRAIN_SEQ_LEN=str(s.seq_len), EVAL_SEQ_LEN=str(s.seq_len), EVAL_STRIDE=str(s.stride),
-        VAL_BATCH_SIZE=str(8 * 2 * s.seq_len),  # two sequences per standard batch: batching is exercised
+        VOCAB_SIZE="64", NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1",
+        MLP_MULT="2", BIGRAM_VOCAB_SIZE="64", BIGRAM_DIM="16", VE_DIM="8", VE_LAYERS="1",
+        XSA_LAST_N="2", TRAIN_SEQ_LEN=str(s.seq_len), EVAL_SEQ_LEN=str(s.seq_len),
+        EVAL_STRIDE=str(s.stride),
+        VAL_BATCH_SIZE=str(8 * 2 * s.seq_len),  # two sequences a standard batch: batching is run
         SLOT_STEPS=str(s.slot_steps), EVAL_TAIL=s.eval_tail, RUN_ID="audit", SEED=str(s.seed),
         TTT_CHUNK_TOKENS=str(2 * s.seq_len),  # chunks of two sequences: several are trained on
     )
-    return tg.Hyperparameters.from_env(env)
+    return tg.Config.from_env(env)
 
 
-def random_model(tg, h, seed: int):
-    return perturbed_model(tg, h, seed, WEIGHT_NOISE).eval()
-
-
-def unit_luts(vocab_size: int):
-    """Byte tables without a tokenizer: every token one byte, no spaces, no boundaries."""
-    return (torch.ones(vocab_size, dtype=torch.int16), torch.zeros(vocab_size, dtype=torch.bool),
-            torch.zeros(vocab_size, dtype=torch.bool))
+def random_model(tg, cfg, seed: int):
+    return perturbed_model(tg, cfg.model, seed, WEIGHT_NOISE).eval()
 
 
 def flip_positions(plan, k: int, seed: int) -> list[int]:
@@ -120,32 +115,38 @@ def flip_positions(plan, k: int, seed: int) -> list[int]:
     rng = np.random.default_rng(seed)
     candidates = [w for w in range(1, len(plan)) if plan.length[w] - plan.score_from[w] >= 2]
     if not candidates:
-        raise ValueError("no window after the first scores two targets or more; use more targets or a larger stride")
+        raise ValueError("no window after the first scores two targets or more; use more targets "
+                         "or a larger stride")
     windows = rng.choice(candidates, size=k, replace=k > len(candidates))
-    positions = {int(plan.start[w] + rng.integers(plan.score_from[w] + 1, plan.length[w])) for w in windows}
+    positions = {int(plan.start[w] + rng.integers(plan.score_from[w] + 1, plan.length[w]))
+                 for w in windows}
     return sorted(positions)
 
 
-def score_targets(tg, model, tokens, h, luts, modes) -> dict[str, torch.Tensor]:
-    """Every target's nll (float64, 0 where a mode scores nothing) for each mode asked for."""
+def score_targets(tg, model, tokens, cfg, luts, modes) -> dict[str, torch.Tensor]:
+    """Every target's nll (float64, 0 where a mode scores nothing) for each mode asked for,
+    through the evaluation's own entry points with per-target collection."""
     rt = tg.Runtime()
-    L, n_targets = h.effective_eval_seq_len, tokens.numel() - 1
+    s = tg.Scoring(model, model.hidden, tokens, luts, rt)
     out = {}
     if "standard" in modes:
-        out["standard"] = tg.eval_standard(model, model.hidden, tokens, L, h, rt, luts, collect=True).per_target(rt)
+        sums = tg.score_sequences(s, cfg.eval.seq_len, cfg.train.val_batch_size, collect=True)
+        out["standard"] = sums.per_target(rt)
     slot_modes = tuple(m for m in ("scored", "context") if m in modes)
     if "sliding" in modes or slot_modes:
-        plan = tg.sliding_windows(n_targets, L, h.eval_stride, h.eval_tail)
-        results = tg.eval_windows(model, model.hidden, tokens, plan, h, rt, luts, sliding="sliding" in modes,
-                                  slot_modes=slot_modes, collect=True, label="audit")
-        out.update({mode: sums.per_target(rt) for mode, (sums, _) in results.items()})
-    if "ttt" in modes:  # on a copy (TTT adapts the model it runs on); its progress lines are not the report's
+        name = "sliding" if "sliding" in modes else ""  # "": SLOT's scorers alone
+        scorers = tg.sliding_pass(cfg.eval, s, cfg.eval.stride, name, slot_modes, collect=True)
+        out.update({sc.mode if isinstance(sc, tg.SlotScorer) else "sliding": sc.sums.per_target(rt)
+                    for sc in scorers})
+    if "ttt" in modes:  # on a copy (TTT adapts the model it runs on); its log lines are not ours
         with contextlib.redirect_stdout(io.StringIO()):
-            out["ttt"] = tg.eval_ttt(copy.deepcopy(model), tokens, h, rt, luts, collect=True)[0].per_target(rt)
+            sums, _ = tg.eval_ttt(cfg.eval, rt, copy.deepcopy(model), tokens, luts, collect=True)
+        out["ttt"] = sums.per_target(rt)
     return out
 
 
-def flipped(tokens: torch.Tensor, p: int, vocab_size: int, rng: np.random.Generator) -> torch.Tensor:
+def flipped(tokens: torch.Tensor, p: int, vocab_size: int,
+            rng: np.random.Generator) -> torch.Tensor:
     """Target p is token p + 1: replace it by a different token."""
     out = tokens.clone()
     out[p + 1] = (int(out[p + 1]) + int(rng.integers(1, vocab_size))) % vocab_size
@@ -157,70 +158,78 @@ def run_audit(s: AuditSettings = AuditSettings()) -> AuditReport:
     check_settings(s)
     tg = import_train_gpt()
     t0 = time.perf_counter()
-    h = tiny_config(tg, s)
+    cfg = tiny_config(tg, s)
+    vocab = cfg.model.vocab_size
     plan = tg.sliding_windows(s.targets, s.seq_len, s.stride, s.eval_tail)
     positions = flip_positions(plan, s.positions, s.seed)
     rng = np.random.default_rng(s.seed + 1)
-    tokens = torch.from_numpy(rng.integers(0, h.vocab_size, s.targets + 1))
-    luts = unit_luts(h.vocab_size)
+    tokens = torch.from_numpy(rng.integers(0, vocab, s.targets + 1))
+    luts = unit_luts(vocab)
     results = [ModeResult(m, s.threshold) for m in MODES if m in s.modes]
     modes = [r.mode for r in results]
     with torch_threads(1):  # not no_grad: SLOT fits its delta and bias by gradient
-        model = random_model(tg, h, s.seed)
-        base = score_targets(tg, model, tokens, h, luts, modes)
+        model = random_model(tg, cfg, s.seed)
+        base = score_targets(tg, model, tokens, cfg, luts, modes)
         for p in positions:
-            after = score_targets(tg, model, flipped(tokens, p, h.vocab_size, rng), h, luts, modes)
+            after = score_targets(tg, model, flipped(tokens, p, vocab, rng), cfg, luts, modes)
             for r in results:
                 r.record(p, (after[r.mode] - base[r.mode]).abs())
-    return AuditReport(s, h, len(plan), positions, results, time.perf_counter() - t0)
+    return AuditReport(s, cfg, len(plan), positions, results, time.perf_counter() - t0)
 
 
 def check_settings(s: AuditSettings) -> None:
     unknown = [m for m in s.modes if m not in MODES]
     if unknown or not s.modes:
-        raise ValueError(f"--modes {','.join(s.modes)!r}: expected a comma-separated subset of {','.join(MODES)}")
+        raise ValueError(f"--modes {','.join(s.modes)!r}: expected a comma-separated subset of "
+                         f"{','.join(MODES)}")
     if not 0 < s.stride < s.seq_len:
         raise ValueError(f"--stride {s.stride}: expected 0 < stride < seq_len={s.seq_len}")
     if s.targets <= s.seq_len:
-        raise ValueError(f"--targets {s.targets}: expected more than seq_len={s.seq_len} (flips go in later windows)")
+        raise ValueError(f"--targets {s.targets}: expected more than seq_len={s.seq_len} "
+                         f"(flips go in later windows)")
     if s.positions < 1 or s.seq_len < 4 or s.slot_steps < 1:
         raise ValueError("--positions, --slot-steps must be >= 1 and --seq-len >= 4")
 
 
 def format_report(r: AuditReport) -> str:
-    s, h = r.settings, r.config
+    s, m, slot, ttt = r.settings, r.config.model, r.config.eval.slot, r.config.eval.ttt
     lines = [
         "flip test (docs/evaluation.md): change the target at p, look for a change before p",
-        f"model: {h.num_layers} layers, d={h.model_dim}, {h.num_heads} heads ({h.num_kv_heads} kv), V={h.vocab_size}, "
-        f"bigram, VE, VRL, XSA; weights: SEED={s.seed} init + N(0, {WEIGHT_NOISE}^2) noise",
-        f"stream: {s.targets} random targets; windows of {s.seq_len}, stride {s.stride}, EVAL_TAIL={s.eval_tail} "
-        f"({r.n_windows} windows); SLOT {h.slot_steps} steps, lr {h.slot_lr}, batches of {h.slot_batch_seqs} "
-        f"dealt over {h.slot_interleave}; TTT chunks of {h.ttt_chunk_tokens}, {h.ttt_epochs} epochs, lr {h.ttt_lr}",
+        f"model: {m.num_layers} layers, d={m.model_dim}, {m.num_heads} heads "
+        f"({m.num_kv_heads} kv), V={m.vocab_size}, bigram, VE, VRL, XSA; weights: "
+        f"SEED={s.seed} init + N(0, {WEIGHT_NOISE}^2) noise",
+        f"stream: {s.targets} random targets; windows of {s.seq_len}, stride {s.stride}, "
+        f"EVAL_TAIL={s.eval_tail} ({r.n_windows} windows); SLOT {slot.steps} steps, lr {slot.lr}, "
+        f"batches of {slot.batch_seqs} dealt over {slot.interleave}; TTT chunks of "
+        f"{ttt.chunk_tokens}, {ttt.epochs} epochs, lr {ttt.lr}",
         f"flipped targets ({len(r.positions)}): {', '.join(map(str, r.positions))}",
         "",
         format_table(r.results),
         "",
-        f"threshold {s.threshold:g}: a larger change of an earlier target's nll means the mode reads later tokens; "
-        f"'at/after p' shows each flip did change something",
+        f"threshold {s.threshold:g}: a larger change of an earlier target's nll means the mode "
+        f"reads later tokens; 'at/after p' shows each flip did change something",
     ]
     for x in r.results:
         if x.verdict == "NOT causal":
-            lines.append(f"{LABELS[x.mode]}: flipping target {x.worst_position} moved the nll of target "
-                         f"{x.worst_target} by {x.max_earlier:.3g}")
+            lines.append(f"{LABELS[x.mode]}: flipping target {x.worst_position} moved the nll of "
+                         f"target {x.worst_target} by {x.max_earlier:.3g}")
     causal_noise = [x.max_earlier for x in r.results if x.verdict == "causal"]
     if causal_noise:
-        lines.append(f"largest change of an earlier target in the causal modes: {max(causal_noise):.3g} "
-                     f"(float32 on the CPU repeats them exactly)")
+        lines.append(f"largest change of an earlier target in the causal modes: "
+                     f"{max(causal_noise):.3g} (float32 on the CPU repeats them exactly)")
     lines.append(f"time: {r.seconds:.1f} s")
     return "\n".join(lines)
 
 
 def format_table(results: list[ModeResult]) -> str:
-    header = ("mode", "verdict", "max |dnll| before p", "min |dnll| at/after p", "positions", "expected")
-    rows = [header] + [(LABELS[x.mode], x.verdict, f"{x.max_earlier:.3g}", f"{x.min_effect:.3g}", str(x.flips),
-                        "causal" if EXPECTED_CAUSAL[x.mode] else "NOT causal") for x in results]
+    header = ("mode", "verdict", "max |dnll| before p", "min |dnll| at/after p", "positions",
+              "expected")
+    rows = [header] + [(LABELS[x.mode], x.verdict, f"{x.max_earlier:.3g}", f"{x.min_effect:.3g}",
+                        str(x.flips), "causal" if EXPECTED_CAUSAL[x.mode] else "NOT causal")
+                       for x in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+                     for row in rows)
 
 
 def exit_code(results: list[ModeResult], strict: bool) -> int:
@@ -232,20 +241,28 @@ def exit_code(results: list[ModeResult], strict: bool) -> int:
 def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="python -m tools.audit",
-        description="Flip test (docs/evaluation.md) of train_gpt.py's evaluation modes on a small random model. "
-                    "Exit 0 when the verdicts are as expected (standard, sliding, SLOT context and TTT causal; "
-                    "SLOT scored not causal); with --strict, exit 1 when any mode is not causal.")
+        description="Flip test (docs/evaluation.md) of train_gpt.py's evaluation modes on a small "
+                    "random model. Exit 0 when the verdicts are as expected (standard, sliding, "
+                    "SLOT context and TTT causal; SLOT scored not causal); with --strict, exit 1 "
+                    "when any mode is not causal.")
     d = AuditSettings()
-    p.add_argument("--seed", type=int, default=d.seed, help="model, stream and flip positions (default %(default)s)")
-    p.add_argument("--positions", type=int, default=d.positions, help="targets to flip (default %(default)s)")
-    p.add_argument("--stride", type=int, default=d.stride, help="sliding/SLOT stride (default %(default)s)")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help="window length (default %(default)s)")
-    p.add_argument("--targets", type=int, default=d.targets, help="targets in the stream (default %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="model, stream and flip positions (default %(default)s)")
+    p.add_argument("--positions", type=int, default=d.positions,
+                   help="targets to flip (default %(default)s)")
+    p.add_argument("--stride", type=int, default=d.stride,
+                   help="sliding/SLOT stride (default %(default)s)")
+    p.add_argument("--seq-len", type=int, default=d.seq_len,
+                   help="window length (default %(default)s)")
+    p.add_argument("--targets", type=int, default=d.targets,
+                   help="targets in the stream (default %(default)s)")
     p.add_argument("--slot-steps", type=int, default=d.slot_steps,
                    help="SLOT steps (default %(default)s, the record's)")
-    p.add_argument("--eval-tail", choices=("once", "original"), default=d.eval_tail, help="EVAL_TAIL rule")
+    p.add_argument("--eval-tail", choices=("once", "original"), default=d.eval_tail,
+                   help="EVAL_TAIL rule")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of %(default)s")
-    p.add_argument("--threshold", type=float, default=d.threshold, help="largest allowed change (default %(default)g)")
+    p.add_argument("--threshold", type=float, default=d.threshold,
+                   help="largest allowed change (default %(default)g)")
     p.add_argument("--strict", action="store_true", help="exit 1 if any mode is not causal")
     return p.parse_args(argv)
 
@@ -253,9 +270,9 @@ def parse_args(argv):
 def main(argv=None) -> int:
     a = parse_args(argv)
     modes = tuple(m.strip() for m in a.modes.split(",") if m.strip())
-    settings = AuditSettings(seed=a.seed, positions=a.positions, seq_len=a.seq_len, stride=a.stride,
-                             targets=a.targets, slot_steps=a.slot_steps, eval_tail=a.eval_tail, modes=modes,
-                             threshold=a.threshold)
+    settings = AuditSettings(seed=a.seed, positions=a.positions, seq_len=a.seq_len,
+                             stride=a.stride, targets=a.targets, slot_steps=a.slot_steps,
+                             eval_tail=a.eval_tail, modes=modes, threshold=a.threshold)
     tg = import_train_gpt()
     try:
         report = run_audit(settings)
@@ -265,10 +282,13 @@ def main(argv=None) -> int:
     print(format_report(report))
     code = exit_code(report.results, a.strict)
     if code == 0:
-        print("result: PASS" + ("" if a.strict else " (verdicts as expected; SLOT scored fits the targets it scores)"))
+        why = "" if a.strict else " (verdicts as expected; SLOT scored fits the targets it scores)"
+        print("result: PASS" + why)
     else:
-        bad = [LABELS[x.mode] for x in report.results if (x.verdict != "causal" if a.strict else not x.as_expected)]
-        print(f"result: FAIL ({', '.join(bad)}: " + ("not causal" if a.strict else "not as expected") + ")")
+        bad = [LABELS[x.mode] for x in report.results
+               if (x.verdict != "causal" if a.strict else not x.as_expected)]
+        what = "not causal" if a.strict else "not as expected"
+        print(f"result: FAIL ({', '.join(bad)}: {what})")
     return code
 
 

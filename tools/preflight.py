@@ -1,10 +1,11 @@
 """Preflight: check a train_gpt.py configuration on a CPU, with no data, before a GPU run.
 
 Reads the same environment variables as train_gpt.py (PRESET included), then checks:
-the configuration and its split over the world size, the model's parameter count,
-a forward pass (loss at initialisation near ln V), a torch.compile(fullgraph=True)
-of a shrunk copy of the architecture, the code bytes (plain and packed by tools.pack),
-and an estimate of the artifact size of a trained model of this shape against the
+the configuration and its split over the world size, the model's parameter count and
+its parameter table's counts (per optimizer group and per artifact format), a forward
+pass (loss at initialisation near ln V), a torch.compile(fullgraph=True) of a shrunk
+copy of the architecture, the code bytes (plain and packed by tools.pack), and an
+estimate of the artifact size of a trained model of this shape against the
 16,000,000-byte limit, with the budget line by line. Prints PASS/FAIL per check;
 exits 1 if any check fails.
 
@@ -16,20 +17,19 @@ exits 1 if any check fails.
 from __future__ import annotations
 
 import argparse
-import difflib
 import io
 import math
 import os
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from tools import pack
-from tools._common import import_train_gpt, kept_global_rng, perturbed_model
+from tools._common import import_train_gpt, perturbed_model
 
 DEFAULT_WORLD_SIZE = 8  # the record's 8xH100
 FORWARD_TOLERANCE = 0.1  # |loss - ln V| at initialisation; see check_forward
@@ -80,10 +80,9 @@ class Context:
     seed: int
     packed: bool = False  # count the packed file's bytes (tools.pack), not the plain script's
     tg: object = None
-    h: object = None
+    cfg: object = None  # train_gpt.Config
     model: object = None
-    code_bytes: int | None = None  # what the submission counts: plain or packed, as asked
-    source_bytes: int | None = None
+    code: object = None  # train_gpt.Code: what the submission counts, plain or packed as asked
     estimate: Future | None = None  # the artifact estimate, started once the model exists
 
 # -----------------------------
@@ -100,41 +99,37 @@ def check_import(ctx: Context):
 def check_config(ctx: Context):
     tg = ctx.tg
     try:
-        h = tg.Hyperparameters.from_env(ctx.env)
+        cfg = tg.Config.from_env(ctx.env)
     except tg.ConfigError as e:
         raise CheckFailed(str(e)) from None
-    ctx.h = h
-    details = [f"set: {', '.join(f'{k}={ctx.env[k]}' for k in known_vars(tg) if k in ctx.env) or '(nothing)'}"]
+    ctx.cfg = cfg
+    m, e, known = cfg.model, cfg.eval, known_vars(tg)
+    given = ', '.join(f'{k}={ctx.env[k]}' for k in known if k in ctx.env)
+    details = [f"set: {given or '(nothing)'}"]
     details += [f"note: {n}" for n in suspicious_vars(tg, ctx.env)]
-    slot = f"SLOT {h.slot_mode} {h.slot_steps} steps" if h.slot_enabled else "SLOT off"
-    summary = (f"PRESET={h.preset or '(none)'}: {h.num_layers} layers, d={h.model_dim}, {h.num_heads} heads "
-               f"({h.num_kv_heads} kv), MLP x{h.mlp_mult:g}, V={h.vocab_size}, seq {h.train_seq_len}/"
-               f"{h.effective_eval_seq_len}, {slot}, COMPRESSOR={h.compressor}")
+    slot = f"SLOT {e.slot.mode} {e.slot.steps} steps" if e.slot.enabled else "SLOT off"
+    summary = (f"PRESET={cfg.run.preset or '(none)'}: {m.num_layers} layers, d={m.model_dim}, "
+               f"{m.num_heads} heads ({m.num_kv_heads} kv), MLP x{m.mlp_mult:g}, V={m.vocab_size}, "
+               f"seq {cfg.train.train_seq_len}/{e.seq_len}, {slot}, "
+               f"COMPRESSOR={cfg.export.compressor}")
     return summary, details
 
 
 def known_vars(tg) -> list[str]:
-    return [f.name.upper() for f in fields(tg.Hyperparameters)]  # PRESET included
+    return sorted(tg.Config.variables() | {"PRESET"})
 
 
 def suspicious_vars(tg, env) -> list[str]:
-    """Variables train_gpt.py does not read but that look like one it does (a typo is silently ignored)."""
-    known = set(known_vars(tg))
-    notes = []
-    for name in sorted(env):
-        if name in known or not name.isupper():
-            continue
-        if name in IGNORED_VARS:
-            notes.append(f"{name} is read by the original but changes nothing; train_gpt.py ignores it")
-            continue
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
-        if close:
-            notes.append(f"{name} is not a train_gpt.py variable (did you mean {close[0]}?)")
-    return notes
+    """Variables train_gpt.py does not read but that look like one it does (a typo is silently
+    ignored): the script's own check, and the original's variables that change nothing."""
+    notes = [f"{name} is read by the original but changes nothing; train_gpt.py ignores it"
+             for name in sorted(env) if name in IGNORED_VARS]
+    return notes + [w.removeprefix("WARNING: ") for w in tg.misspelt_settings(env)
+                    if w.split()[1] not in IGNORED_VARS]
 
 
 def check_world(ctx: Context):
-    if ctx.h is None:
+    if ctx.cfg is None:
         return None
     world = ctx.world_size
     if world is None:
@@ -145,29 +140,32 @@ def check_world(ctx: Context):
             raise CheckFailed(f"WORLD_SIZE={raw!r} is not an integer") from None
     if world < 1:
         raise CheckFailed(f"world size {world}: expected at least 1")
-    h = ctx.h
+    t = ctx.cfg.train
     try:
-        h.check_world(world)
+        ctx.cfg.check_world(world)
     except ctx.tg.ConfigError as e:
         raise CheckFailed(str(e)) from None
-    accum = h.grad_accum_steps(world)
-    local = h.train_batch_tokens // (world * accum)
+    accum = t.grad_accum_steps(world)
+    local = t.train_batch_tokens // (world * accum)
     details = [] if 8 % world == 0 else [
-        f"note: {world} does not divide 8, so grad_accum is 1 (the original requires a divisor of 8)"]
+        f"note: {world} does not divide 8, so grad_accum is 1 (the original requires a divisor "
+        f"of 8)"]
     return (f"world_size={world}: grad_accum {accum}, {local:,} tokens per rank per micro-step "
-            f"({local // h.train_seq_len} rows of {h.train_seq_len}); validation {h.val_batch_size // 8:,} "
-            f"tokens per rank per batch"), details
+            f"({local // t.train_seq_len} rows of {t.train_seq_len}); validation "
+            f"{t.val_batch_size // 8:,} tokens per rank per batch"), details
 
 
 def check_model(ctx: Context):
-    if ctx.h is None:
+    """The model as the run builds it (SEED), and its parameter table's counts: where each
+    tensor goes (optimizer group, artifact format)."""
+    if ctx.cfg is None:
         return None
     t0 = time.perf_counter()
-    with kept_global_rng():
-        ctx.model = ctx.tg.build_model(ctx.h, torch.device("cpu"), seed=ctx.h.seed)
+    ctx.model = ctx.tg.build_model(ctx.cfg.model, torch.device("cpu"), seed=ctx.cfg.run.seed)
     n = count_params(ctx.model)
     note = " - the record's count" if n == RECORD_PARAMS else ""
-    return f"{n:,} parameters{note} (built in {time.perf_counter() - t0:.1f} s)", []
+    summary = f"{n:,} parameters{note} (built in {time.perf_counter() - t0:.1f} s)"
+    return summary, ctx.tg.role_summary(ctx.model)
 
 
 def count_params(model) -> int:
@@ -175,11 +173,11 @@ def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def sample_batch(h, seed: int):
+def sample_batch(cfg, seed: int):
     gen = torch.Generator().manual_seed(seed)
-    T = min(h.train_seq_len, 256)
-    x = torch.randint(0, h.vocab_size, (2, T), generator=gen)
-    y = torch.randint(0, h.vocab_size, (2, T), generator=gen)
+    T, V = min(cfg.train.train_seq_len, 256), cfg.model.vocab_size
+    x = torch.randint(0, V, (2, T), generator=gen)
+    y = torch.randint(0, V, (2, T), generator=gen)
     return x, y
 
 
@@ -190,38 +188,41 @@ def check_forward(ctx: Context):
     by ~0.01 at V = 1024; a wrong init scale, a broken norm or a NaN moves it much more."""
     if ctx.model is None:
         return None
-    h, model = ctx.h, ctx.model
-    x, y = sample_batch(h, ctx.seed)
+    model = ctx.model
+    x, y = sample_batch(ctx.cfg, ctx.seed)
     model.eval()
     with torch.no_grad():
         loss = model(x, y).item()
-    ln_v = math.log(h.vocab_size)
-    line = f"loss {loss:.4f} at init on 2x{x.size(1)} random tokens, ln V = {ln_v:.4f}, |diff| {abs(loss - ln_v):.4f}"
+    ln_v = math.log(ctx.cfg.model.vocab_size)
+    line = (f"loss {loss:.4f} at init on 2x{x.size(1)} random tokens, ln V = {ln_v:.4f}, "
+            f"|diff| {abs(loss - ln_v):.4f}")
     if not math.isfinite(loss) or abs(loss - ln_v) >= FORWARD_TOLERANCE:
         raise CheckFailed(line + f" >= {FORWARD_TOLERANCE}")
     return line + f" < {FORWARD_TOLERANCE}", []
 
 
-def shrunk_config(h):
-    """The user's architecture with 2 layers and 16-dim heads (same head counts, MLP ratio, vocab,
-    bigram table, RoPE dims, softcap...), keeping which optional parts exist: bigram/VE projections,
-    VE on a layer, XSA on all or only the last layer, VRL."""
-    head_dim = min(h.head_dim, max(16, h.rope_dims))
-    d, kv = h.num_heads * head_dim, h.num_kv_heads * head_dim
-    ve_ids = sorted({0 if i == 0 else 1 for i in h.ve_layer_ids}) or [1]
-    xsa = 0 if h.xsa_last_n == 0 else (2 if h.xsa_last_n >= h.num_layers else 1)
-    small = replace(
-        h, num_layers=2, model_dim=d, xsa_last_n=xsa, ve_layers=",".join(map(str, ve_ids)),
-        bigram_dim=d if h.bigram_dim == h.model_dim else _other_than(d, 32),
-        ve_dim=kv if h.ve_dim == h.kv_dim else _other_than(kv, 32))
-    small.validate()
-    return small
+def shrunk_config(env):
+    """The configuration of `env` with 2 layers and 16-dim heads (same head counts, MLP ratio,
+    vocab, bigram table, RoPE dims, softcap...), keeping which optional parts exist: bigram/VE
+    projections, VE on a layer, XSA on all or only the last layer, VRL. Built from the
+    environment with those variables changed, as a run would read it."""
+    m = import_train_gpt().Config.from_env(env).model
+    head_dim = min(m.head_dim, max(16, m.rope_dims))
+    d, kv = m.num_heads * head_dim, m.num_kv_heads * head_dim
+    ve_ids = sorted({0 if i == 0 else 1 for i in m.ve_layer_ids}) or [1]
+    xsa = 0 if m.xsa_last_n == 0 else (2 if m.xsa_last_n >= m.num_layers else 1)
+    changed = dict(
+        NUM_LAYERS=2, MODEL_DIM=d, XSA_LAST_N=xsa, VE_LAYERS=",".join(map(str, ve_ids)),
+        BIGRAM_DIM=d if m.bigram_dim == m.model_dim else _other_than(d, 32),
+        VE_DIM=kv if m.ve_dim == m.kv_dim else _other_than(kv, 32),
+        TTT_FREEZE_BLOCKS=0)  # at most NUM_LAYERS: what it freezes is not compiled here
+    return import_train_gpt().Config.from_env({**env, **{k: str(v) for k, v in changed.items()}})
 
 
-def _optional_parts(h) -> str:
-    bigram = f"bigram_dim {h.bigram_dim}" if h.bigram_vocab_size else "no bigram"
-    ve = f"ve_dim {h.ve_dim} on layer(s) {h.ve_layers}" if h.ve_enabled else "no VE"
-    return f"{bigram}, {ve}, VRL {'on' if h.vrl_enabled else 'off'}"
+def _optional_parts(m) -> str:
+    bigram = f"bigram_dim {m.bigram_dim}" if m.bigram_vocab_size else "no bigram"
+    ve = f"ve_dim {m.ve_dim} on layer(s) {m.ve_layers}" if m.ve_enabled else "no VE"
+    return f"{bigram}, {ve}, VRL {'on' if m.vrl_enabled else 'off'}"
 
 
 def _other_than(width: int, preferred: int) -> int:
@@ -230,23 +231,25 @@ def _other_than(width: int, preferred: int) -> int:
 
 
 def check_compile(ctx: Context):
-    if ctx.h is None:
+    if ctx.cfg is None:
         return None
     if not ctx.compile:
         raise CheckSkipped("--no-compile")
-    tg, small = ctx.tg, shrunk_config(ctx.h)
-    model = perturbed_model(tg, small, ctx.seed, noise=0.05).train()
+    small = shrunk_config(ctx.env)
+    m = small.model
+    model = perturbed_model(ctx.tg, m, ctx.seed, noise=0.05).train()
     x, y = sample_batch(small, ctx.seed)
-    desc = (f"GPT.forward (train mode, late-QAT path on) of a shrunk copy: 2 layers, d={small.model_dim} "
-            f"({small.num_heads}x{small.head_dim} heads, {small.num_kv_heads} kv), MLP x{small.mlp_mult:g}, "
-            f"{_optional_parts(small)}, "
-            f"XSA last {small.xsa_last_n}; batch 2x{x.size(1)}; "
-            f"torch.compile(fullgraph=True, dynamic=False, backend={ctx.backend!r}); weights perturbed")
+    desc = (f"GPT.forward (train mode, late-QAT path on) of a shrunk copy: 2 layers, "
+            f"d={m.model_dim} ({m.num_heads}x{m.head_dim} heads, {m.num_kv_heads} kv), "
+            f"MLP x{m.mlp_mult:g}, {_optional_parts(m)}, XSA last {m.xsa_last_n}; "
+            f"batch 2x{x.size(1)}; torch.compile(fullgraph=True, dynamic=False, "
+            f"backend={ctx.backend!r}); weights perturbed")
     t0 = time.perf_counter()
     try:  # the late-QAT branch is the superset of the training forward
         with torch.no_grad():
             eager = model(x, y, qat=True).item()
-            compiled = torch.compile(model, dynamic=False, fullgraph=True, backend=ctx.backend)(x, y, qat=True).item()
+            fn = torch.compile(model, dynamic=False, fullgraph=True, backend=ctx.backend)
+            compiled = fn(x, y, qat=True).item()
     except Exception as e:  # a graph break under fullgraph, a lowering error, no C++ compiler...
         raise CheckFailed(f"{type(e).__name__}: {first_line(e)}", [f"compiled: {desc}"]) from None
     finally:
@@ -265,35 +268,38 @@ def first_line(e: Exception) -> str:
 
 
 def check_code(ctx: Context):
+    """The bytes the submission counts for the script: plain, or the file tools.pack writes
+    (its pack(source) -> (text, codec, sizes))."""
     source = Path(ctx.tg.__file__).read_text(encoding="utf-8")
     _, codec, sizes = pack.pack(source)
-    ctx.source_bytes = len(source.encode("utf-8"))
-    ctx.code_bytes = sizes[codec] if ctx.packed else ctx.source_bytes
+    plain = len(source.encode("utf-8"))
+    ctx.code = ctx.tg.Code(source, sizes[codec] if ctx.packed else plain)
     counted = "packed" if ctx.packed else "plain"
-    return (f"{ctx.code_bytes:,} bytes of train_gpt.py ({counted}; plain {ctx.source_bytes:,}, packed by tools.pack "
-            f"{sizes[codec]:,} with {codec}); leaves {ctx.tg.SIZE_LIMIT - ctx.code_bytes:,} bytes for the "
-            f"compressed model"), []
+    return (f"{ctx.code.size:,} bytes of train_gpt.py ({counted}; plain {plain:,}, packed by "
+            f"tools.pack {sizes[codec]:,} with {codec}); leaves "
+            f"{ctx.tg.SIZE_LIMIT - ctx.code.size:,} bytes for the compressed model"), []
 
 
 def check_artifact(ctx: Context):
-    if ctx.model is None or ctx.code_bytes is None:
+    if ctx.model is None or ctx.code is None:
         return None
     if not ctx.artifact:
         raise CheckSkipped("--no-artifact")
-    tg, h = ctx.tg, ctx.h
-    est, seconds = ctx.estimate.result() if ctx.estimate else timed_estimate(tg, h, ctx.model.state_dict(), ctx.seed)
-    total = est.model_bytes + ctx.code_bytes
+    tg, comp, code = ctx.tg, ctx.cfg.export.compressor, ctx.code
+    est, seconds = ctx.estimate.result() if ctx.estimate else timed_estimate(ctx)
+    total = est.model_bytes + code.size
     margin = tg.SIZE_LIMIT - total
+    bits = 8 * est.model_bytes / max(est.total_params, 1)
     details = [
         f"quantised: {est.counts['int6']:,} int6 + {est.counts['int8']:,} int8 + "
         f"{est.counts['fp16']:,} fp16 values; {est.raw_bytes:,} bytes serialised, "
-        f"{est.model_bytes:,} after {h.compressor} ({8 * est.model_bytes / max(est.total_params, 1):.2f} bits/param)",
-        *tg.budget_lines(est.container, est.model_bytes, h.compressor, ctx.code_bytes, ctx.source_bytes),
-        *basis_lines(h),
-        *record_comparison(est, h),
+        f"{est.model_bytes:,} after {comp} ({bits:.2f} bits/param)",
+        *tg.budget_lines(est.container, est.model_bytes, comp, code),
+        *basis_lines(ctx.cfg.export),
+        *record_comparison(est, comp),
         f"estimate took {seconds:.0f} s (in the background while the other checks ran)",
     ]
-    line = (f"estimated {est.model_bytes:,} model + {ctx.code_bytes:,} code = {total:,} bytes "
+    line = (f"estimated {est.model_bytes:,} model + {code.size:,} code = {total:,} bytes "
             f"{'<' if margin > 0 else '>='} {tg.SIZE_LIMIT:,}")
     if margin <= 0:
         raise CheckFailed(f"{line} (over by {-margin:,})", details)
@@ -306,29 +312,37 @@ def check_artifact(ctx: Context):
 
 @dataclass
 class ArtifactEstimate:
-    model_bytes: int  # the compressed container, as pack_artifact writes it
+    blob: bytes  # the compressed container, as pack_artifact writes it
     raw_bytes: int  # the serialised container before compression
     counts: dict  # values stored as int6 / int8 / fp16 (passthrough)
     container: dict  # the quantised tensors, for the byte budget
+
+    @property
+    def model_bytes(self) -> int:
+        return len(self.blob)
 
     @property
     def total_params(self) -> int:
         return sum(self.counts.values())
 
 
-def timed_estimate(tg, h, state: dict, seed: int) -> tuple[ArtifactEstimate, float]:
+def timed_estimate(ctx: Context) -> tuple[ArtifactEstimate, float]:
     t0 = time.perf_counter()
-    return estimate_artifact(tg, h, state, seed=seed), time.perf_counter() - t0
+    est = estimate_artifact(ctx.tg, ctx.model.roles, ctx.model.state_dict(),
+                            ctx.cfg.export.compressor, seed=ctx.seed)
+    return est, time.perf_counter() - t0
 
 
-def trained_like_state(tg, h, state: dict, seed: int = 0, row_norm: float = ROW_NORM) -> dict:
-    """A state dict of the same names and shapes with trained-like values (see ROW_NORM)."""
+def trained_like_state(tg, roles: dict, state: dict, seed: int = 0,
+                       row_norm: float = ROW_NORM) -> dict:
+    """A state dict of the same names and shapes with trained-like values (see ROW_NORM);
+    roles: the model's parameter table (model.roles): control tensors keep their values."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for name, t in state.items():
         if not t.is_floating_point():
             out[name] = t.clone()
-        elif t.ndim == 2 and not tg.is_control(name, h):
+        elif t.ndim == 2 and roles[name] is not tg.ROLES["control"]:
             rows, cols = t.shape
             norm = row_norm * torch.exp(ROW_NORM_SPREAD * torch.randn(rows, 1, generator=gen))
             out[name] = torch.randn(rows, cols, generator=gen) * (norm / math.sqrt(cols))
@@ -337,10 +351,12 @@ def trained_like_state(tg, h, state: dict, seed: int = 0, row_norm: float = ROW_
     return out
 
 
-def estimate_artifact(tg, h, state: dict, seed: int = 0, row_norm: float = ROW_NORM) -> ArtifactEstimate:
-    """Quantise trained-like weights of this shape with train_gpt's own quantize_state_dict and
-    compress them with pack_artifact and the configured COMPRESSOR."""
-    container = tg.quantize_state_dict(trained_like_state(tg, h, state, seed, row_norm), h)
+def estimate_artifact(tg, roles: dict, state: dict, compressor: str = "lzma", seed: int = 0,
+                      row_norm: float = ROW_NORM) -> ArtifactEstimate:
+    """Quantise trained-like weights of this shape with train_gpt's own quantize_state_dict
+    (each tensor in its role's format) and compress them with pack_artifact."""
+    weights = trained_like_state(tg, roles, state, seed, row_norm)
+    container = tg.quantize_state_dict(weights, roles)
     counts = dict(int6=0, int8=0, fp16=0)
     for name, scheme in container["m"].items():
         if isinstance(scheme, dict):
@@ -348,7 +364,7 @@ def estimate_artifact(tg, h, state: dict, seed: int = 0, row_norm: float = ROW_N
         elif container["w"][name].is_floating_point():
             counts["fp16"] += container["w"][name].numel()
     raw = len(pack_raw(container))
-    return ArtifactEstimate(len(tg.pack_artifact(container, h.compressor)), raw, counts, container)
+    return ArtifactEstimate(tg.pack_artifact(container, compressor), raw, counts, container)
 
 
 def pack_raw(container: dict) -> bytes:
@@ -357,33 +373,34 @@ def pack_raw(container: dict) -> bytes:
     return buf.getvalue()
 
 
-def basis_lines(h) -> list[str]:
-    lines = [
-        f"basis: every weight matrix (rows x cols) drawn N(0, (c/sqrt(cols))^2) per entry, i.e. rows of L2 norm "
-        f"~c (Muon's update scale, 1/sqrt(fan-in)), each row's norm times lognormal(0, {ROW_NORM_SPREAD}); "
-        f"vectors and scalars: init x (1 + {VECTOR_JITTER} N(0,1)); c = {ROW_NORM:g}",
-        f"calibration: c chosen so that the default configuration ({RECORD_PARAMS:,} params, lzma) lands on the "
-        f"seed-42 record's {RECORD_MODEL_BYTES:,} compressed bytes; int6's 1/31 scale floor makes the weights' "
-        f"absolute scale, not only their shape, set the size",
+def basis_lines(export) -> list[str]:
+    """export: train_gpt.ExportConfig."""
+    return [
+        f"basis: every weight matrix (rows x cols) drawn N(0, (c/sqrt(cols))^2) per entry, i.e. "
+        f"rows of L2 norm ~c (Muon's update scale, 1/sqrt(fan-in)), each row's norm times "
+        f"lognormal(0, {ROW_NORM_SPREAD}); vectors and scalars: init x (1 + {VECTOR_JITTER} "
+        f"N(0,1)); c = {ROW_NORM:g}",
+        f"calibration: c chosen so that the default configuration ({RECORD_PARAMS:,} params, lzma) "
+        f"lands on the seed-42 record's {RECORD_MODEL_BYTES:,} compressed bytes; int6's 1/31 "
+        f"scale floor makes the weights' absolute scale, not only their shape, set the size",
+        "uncertainty: the weights' scale is known only through that one size; on the default "
+        "configuration c = 3.5 / 4.5 gives 15,050,236 / 16,034,528 bytes (-4.2% / +2.1%)",
+        *([f"note: calibrated with lzma; COMPRESSOR={export.compressor} is estimated with the "
+           f"same weights"] if export.compressor != "lzma" else []),
+        *(["note: GPTQ_ENABLED=1 is estimated with the clip search: GPTQ needs the trained "
+           "weights and their Hessians (on a trained 4-layer d=288 demo model its lzma artifact "
+           "was 0.7% larger)"] if export.gptq_enabled else []),
     ]
-    lines.append("uncertainty: the weights' scale is known only through that one size; on the default "
-                 "configuration c = 3.5 / 4.5 gives 15,050,236 / 16,034,528 bytes (-4.2% / +2.1%)")
-    if h.compressor != "lzma":
-        lines.append(f"note: calibrated with lzma; COMPRESSOR={h.compressor} is estimated with the same weights")
-    if h.gptq_enabled:
-        lines.append("note: GPTQ_ENABLED=1 is estimated with the clip search: GPTQ needs the trained weights and "
-                     "their Hessians (on a trained 4-layer d=288 demo model its lzma artifact was 0.7% larger)")
-    return lines
 
 
-def record_comparison(est: ArtifactEstimate, h) -> list[str]:
+def record_comparison(est: ArtifactEstimate, compressor: str) -> list[str]:
     """For the record's shape, set the estimate beside the record's own artifact."""
-    if est.total_params != RECORD_PARAMS or h.compressor != "lzma":
+    if est.total_params != RECORD_PARAMS or compressor != "lzma":
         return []
     record_total = RECORD_MODEL_BYTES + RECORD_CODE_BYTES
     diff = 100 * (est.model_bytes - RECORD_MODEL_BYTES) / RECORD_MODEL_BYTES
-    return [f"record (this shape): {RECORD_MODEL_BYTES:,} model + {RECORD_CODE_BYTES:,} code = {record_total:,} bytes; "
-            f"estimated model bytes {diff:+.2f}%"]
+    return [f"record (this shape): {RECORD_MODEL_BYTES:,} model + {RECORD_CODE_BYTES:,} code = "
+            f"{record_total:,} bytes; estimated model bytes {diff:+.2f}%"]
 
 # -----------------------------
 # RUNNER
@@ -432,28 +449,34 @@ def run_preflight(ctx: Context, out) -> list[Outcome]:
             if name == "import" and outcome.status == "FAIL":
                 break  # nothing else can run without train_gpt
             if name == "model" and ctx.model is not None and ctx.artifact:
-                # quantile and lzma release the GIL: the estimate's minute overlaps the compile check
-                ctx.estimate = pool.submit(timed_estimate, ctx.tg, ctx.h, ctx.model.state_dict(), ctx.seed)
+                # quantile and lzma release the GIL: the estimate's minute overlaps the compile
+                # check
+                ctx.estimate = pool.submit(timed_estimate, ctx)
     return outcomes
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="python -m tools.preflight",
-        description="Check the train_gpt.py configuration set in the environment (the same variables, PRESET "
-                    "included) on a CPU with no data: config, world split, parameter count, forward pass, "
-                    "torch.compile of a shrunk copy, code bytes and an artifact-size estimate. "
-                    "Exit 1 if any check fails.")
+        description="Check the train_gpt.py configuration set in the environment (the same "
+                    "variables, PRESET included) on a CPU with no data: config, world split, "
+                    "parameter count and table, forward pass, torch.compile of a shrunk copy, "
+                    "code bytes and an artifact-size estimate. Exit 1 if any check fails.")
     p.add_argument("--world-size", type=int, default=None,
-                   help=f"GPUs of the planned run (default: $WORLD_SIZE, else {DEFAULT_WORLD_SIZE} like the record)")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile check (the slowest)")
-    p.add_argument("--compile-backend", default="inductor", choices=("inductor", "aot_eager", "eager"),
-                   help="torch.compile backend (default %(default)s, the record's; aot_eager is faster and still "
-                        "finds graph breaks)")
+                   help=f"GPUs of the planned run (default: $WORLD_SIZE, else "
+                        f"{DEFAULT_WORLD_SIZE} like the record)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip the torch.compile check (the slowest)")
+    p.add_argument("--compile-backend", default="inductor",
+                   choices=("inductor", "aot_eager", "eager"),
+                   help="torch.compile backend (default %(default)s, the record's; aot_eager is "
+                        "faster and still finds graph breaks)")
     p.add_argument("--no-artifact", action="store_true", help="skip the artifact-size estimate")
     p.add_argument("--packed", action="store_true",
-                   help="count the code as the packed file tools.pack writes (default: the plain train_gpt.py)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random tokens and weights (default %(default)s)")
+                   help="count the code as the packed file tools.pack writes (default: the plain "
+                        "train_gpt.py)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random tokens and weights (default %(default)s)")
     return p.parse_args(argv)
 
 
@@ -461,16 +484,18 @@ def main(argv=None, env=None, out=None) -> int:
     a = parse_args(argv)
     out = sys.stdout if out is None else out
     ctx = Context(env=dict(os.environ if env is None else env), world_size=a.world_size,
-                  compile=not a.no_compile, backend=a.compile_backend, artifact=not a.no_artifact, seed=a.seed,
-                  packed=a.packed)
+                  compile=not a.no_compile, backend=a.compile_backend,
+                  artifact=not a.no_artifact, seed=a.seed, packed=a.packed)
     t0 = time.perf_counter()
-    print("preflight: train_gpt.py configuration from the environment, on the CPU, no data", file=out)
+    print("preflight: train_gpt.py configuration from the environment, on the CPU, no data",
+          file=out)
     outcomes = run_preflight(ctx, out)
     failed = [o.name for o in outcomes if o.status == "FAIL"]
     passed = sum(o.status == "PASS" for o in outcomes)
+    skipped = sum(o.status == "SKIP" for o in outcomes)
     verdict = f"FAIL ({', '.join(failed)})" if failed else "PASS"
-    print(f"preflight: {verdict} - {passed} passed, {len(failed)} failed, "
-          f"{sum(o.status == 'SKIP' for o in outcomes)} skipped in {time.perf_counter() - t0:.0f} s", file=out)
+    print(f"preflight: {verdict} - {passed} passed, {len(failed)} failed, {skipped} skipped in "
+          f"{time.perf_counter() - t0:.0f} s", file=out)
     return 1 if failed else 0
 
 

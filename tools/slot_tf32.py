@@ -22,15 +22,14 @@ hardware's rounding of operands may differ from round-to-nearest.
 from __future__ import annotations
 
 import argparse
-import math
+import os
 import sys
-from dataclasses import replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from tools._common import import_train_gpt
-from tools.bench_eval import window_batch
+from tools._common import fit_slot, import_train_gpt, unit_luts
 
 tg = import_train_gpt()
 
@@ -56,49 +55,52 @@ class TF32Linear(torch.autograd.Function):
         return round_tf32(grad) @ round_tf32(weight), None
 
 
-def slot_nll(hid, y, scored, weight, h, split: bool, tf32: bool) -> torch.Tensor:
+@dataclass
+class SlotBatch:
+    """One SLOT batch as the evaluation's window pass yields it, and the script's own result."""
+    hid: torch.Tensor  # [rows, L, d] float32 final hidden states
+    y: torch.Tensor  # [rows, L] targets
+    scored: torch.Tensor  # [rows, L] bool: the positions each window scores
+    script: torch.Tensor  # train_gpt's SLOT nll of those targets, in the mask's order
+
+
+def slot_nll(b: SlotBatch, weight, slot, softcap: float, split: bool, tf32: bool) -> torch.Tensor:
     """SLOT (scored mode) on one batch of windows, written out here; `split` is this project's
     h W^T + delta W^T, otherwise the original's (h + delta) W^T. Logits are computed only at the
     scored rows: each row's logits do not depend on the others."""
     linear = TF32Linear.apply if tf32 else F.linear
-    b, t = scored.nonzero(as_tuple=True)
-    rows, targets = hid[b, t], y[b, t]
-    delta = torch.zeros(hid.size(0), hid.size(-1), requires_grad=True)
-    bias = torch.zeros(hid.size(0), weight.size(0), requires_grad=True)
+    rows_b, cols = b.scored.nonzero(as_tuple=True)
+    rows, targets = b.hid[rows_b, cols], b.y[rows_b, cols]
+    delta = torch.zeros(b.hid.size(0), b.hid.size(-1), requires_grad=True)
+    bias = torch.zeros(b.hid.size(0), weight.size(0), requires_grad=True)
     base = linear(rows, weight).detach() if split else None
 
     def logits():
-        z = base + linear(delta, weight)[b] if split else linear(rows + delta[b], weight)
-        return h.logit_softcap * torch.tanh((z + bias[b]) / h.logit_softcap)
+        z = base + linear(delta, weight)[rows_b] if split else linear(rows + delta[rows_b], weight)
+        return softcap * torch.tanh((z + bias[rows_b]) / softcap)
 
-    opt = torch.optim.AdamW([delta, bias], lr=h.slot_lr, betas=(0.9, 0.999), eps=1e-5, weight_decay=1e-8)
-    for i in range(h.slot_steps):
-        for group in opt.param_groups:
-            group["lr"] = h.slot_lr_min + 0.5 * (h.slot_lr - h.slot_lr_min) * (1 + math.cos(math.pi * i / h.slot_steps))
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(logits(), targets, reduction="sum").div(b.numel()).backward()
-        opt.step()
+    fit_slot(delta, bias, slot, lambda: F.cross_entropy(logits(), targets, reduction="sum")
+             .div(rows_b.numel()))
     with torch.no_grad():
         return F.cross_entropy(logits(), targets, reduction="none")
 
 
 VARIANTS = {  # name: (split, tf32)
-    "full_f32": (False, False), "split_f32": (True, False), "full_tf32": (False, True), "split_tf32": (True, True),
+    "full_f32": (False, False), "split_f32": (True, False), "full_tf32": (False, True),
+    "split_tf32": (True, True),
 }
 
 
-def compare(batches, weight, h) -> dict[str, float]:
-    """batches: (hidden, targets, scored mask) triples. Relative changes of the mean scored loss,
-    the largest per-target gap under TF32, and the gap between this tool's float32 split and
-    train_gpt.slot_fit_and_score (which ties the emulation to the script's own SLOT)."""
+def compare(batches: list[SlotBatch], weight, slot, softcap: float) -> dict[str, float]:
+    """Relative changes of the mean scored loss, the largest per-target gap under TF32, and the
+    gap between this tool's float32 split and the script's own SLOT scorer (which ties the
+    emulation to the script's SLOT). slot: train_gpt.SlotConfig."""
     nll = {name: [] for name in VARIANTS}
-    script = []
-    for hid, y, scored in batches:
+    for b in batches:
         for name, (split, tf32) in VARIANTS.items():
-            nll[name].append(slot_nll(hid, y, scored, weight, h, split, tf32).double())
-        script.append(tg.slot_fit_and_score(hid, y, scored, scored, weight, h).double())
+            nll[name].append(slot_nll(b, weight, slot, softcap, split, tf32).double())
     nll = {k: torch.cat(v) for k, v in nll.items()}
-    script = torch.cat(script)
+    script = torch.cat([b.script for b in batches])
 
     def rel(a, b):
         return float((nll[a].mean() - nll[b].mean()) / nll[b].mean())
@@ -113,40 +115,61 @@ def compare(batches, weight, h) -> dict[str, float]:
     )
 
 
-def artifact_batches(h, n_batches: int):
-    """The first SLOT batches of the validation stream, as eval_windows groups them."""
-    model = tg.load_eval_model(h, torch.device("cpu"))
-    tokens = tg.load_validation_tokens(tg.shard_files(h.data_path, "val"), h.train_seq_len, h.vocab_size)
-    plan = tg.sliding_windows(tokens.numel() - 1, h.effective_eval_seq_len, h.eval_stride, h.eval_tail)
+def slot_batches(e, s, n_batches: int) -> list[SlotBatch]:
+    """The first SLOT batches of the stream as the evaluation groups them (train_gpt.EvalConfig
+    `e`, train_gpt.Scoring `s`), each with the script's SLOT scorer's nll of it: the scorer is
+    fed the very batches the window pass yields, with per-target collection."""
+    plan = tg.sliding_windows(s.n_targets, e.seq_len, e.window_stride, e.tail)
+    batches = tg.window_batches(len(plan), e.slot.batch_seqs, e.slot.interleave)[:n_batches]
+    rows = max(len(b) for b in batches)
+    scorer = tg.SlotScorer("scored", e.slot, s, plan, batches, rows)
+    scorer.sums = tg.Sums(s.rt.device, s.n_targets)
     out = []
-    for idx in tg.window_batches(len(plan), h.slot_batch_seqs, h.slot_interleave)[:n_batches]:
-        x, y, scored = window_batch(tokens, plan, idx, h.effective_eval_seq_len, torch.device("cpu"))
-        with torch.no_grad():
-            out.append((model.hidden(x).float(), y, scored))
-    return out, model.head_weight().detach().float()
+    for b in tg.window_pass(s, plan, batches, rows, e.seq_len, collect=True):
+        scorer(s, b)
+        out.append(SlotBatch(b.hid.float(), b.y, torch.from_numpy(b.scored),
+                             scorer.sums.nll[b.where].float()))
+    return out
+
+
+def artifact_batches(cfg, path, n_batches: int) -> tuple[list[SlotBatch], torch.Tensor]:
+    """The artifact's model on the first SLOT batches of the validation stream."""
+    cpu = torch.device("cpu")
+    model = tg.eval_model(cfg.model, tg.read_artifact(path), cpu, path)
+    files = tg.shard_files(cfg.data.data_path, "val")
+    tokens = tg.load_validation_tokens(files, cfg.max_seq_len, cfg.model.vocab_size)
+    s = tg.Scoring(model, model.hidden, tokens, unit_luts(cfg.model.vocab_size), tg.Runtime())
+    return slot_batches(cfg.eval, s, n_batches), model.head_weight().detach().float()
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.slot_tf32", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m tools.slot_tf32",
+                                description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifact", default="final_model.int6.ptz", help="an artifact of train_gpt.py")
     p.add_argument("--batches", type=int, default=8, help="SLOT batches to run (default 8)")
     a = p.parse_args(argv)
     try:
-        h = replace(tg.Hyperparameters.from_env(), artifact=a.artifact)
-        batches, weight = artifact_batches(h, a.batches)
+        cfg = tg.Config.from_env({**os.environ, "ARTIFACT": a.artifact})
+        batches, weight = artifact_batches(cfg, a.artifact, a.batches)
     except tg.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    r = compare(batches, weight, h)
-    print(f"{len(batches)} SLOT batches, {r['targets']:,} scored targets, SLOT_STEPS={h.slot_steps}, "
+    slot = cfg.eval.slot
+    r = compare(batches, weight, slot, cfg.model.logit_softcap)
+    print(f"{len(batches)} SLOT batches, {r['targets']:,} scored targets, SLOT_STEPS={slot.steps}, "
           f"mean loss {r['mean_nll']:.4f}")
     print("relative change of the mean scored loss (= of val_bpb):")
-    print(f"  float32: this project's split vs the original's (h + delta) W^T  {r['split_vs_full_f32']:+.1e}")
-    print(f"  the original itself, TF32 vs float32                            {r['tf32_vs_f32_original']:+.1e}")
-    print(f"  TF32: this project's split vs the original's (h + delta) W^T     {r['split_vs_full_tf32']:+.1e}")
+    rows = (("float32: this project's split vs the original's (h + delta) W^T",
+             "split_vs_full_f32"),
+            ("the original itself, TF32 vs float32", "tf32_vs_f32_original"),
+            ("TF32: this project's split vs the original's (h + delta) W^T", "split_vs_full_tf32"))
+    width = max(len(label) for label, _ in rows)
+    for label, key in rows:
+        print(f"  {label:<{width}}  {r[key]:+.1e}")
     print(f"largest per-target loss gap under TF32: {r['max_target_gap_tf32']:.1e}")
-    print(f"train_gpt.slot_fit_and_score vs this tool's float32 split: largest per-target gap {r['script_vs_tool']:.1e}")
+    print(f"train_gpt's SLOT scorer vs this tool's float32 split: largest per-target gap "
+          f"{r['script_vs_tool']:.1e}")
     return 0
 
 
