@@ -1570,10 +1570,11 @@ def quantize_state_dict(state: dict[str, Tensor], roles: dict[str, Role],
     Hessian's device); returns the container {"w": tensors, "m": schemes}."""
     tensors, schemes = {}, {}
     for name, t in state.items():
-        t, fmt = t.detach().cpu().contiguous(), roles[name].export
-        if t.numel() <= PASSTHROUGH_MAX_NUMEL or fmt == "fp16":
-            small = t.numel() <= PASSTHROUGH_MAX_NUMEL
-            tensors[name] = t.to(torch.float16)
+        t = t.detach().cpu().contiguous()
+        fmt = roles[name].export if name in roles else "fp16"  # (no role: not a parameter)
+        if not t.is_floating_point() or t.numel() <= PASSTHROUGH_MAX_NUMEL or fmt == "fp16":
+            small = t.numel() <= PASSTHROUGH_MAX_NUMEL or not t.is_floating_point()
+            tensors[name] = t.to(torch.float16) if t.is_floating_point() else t
             schemes[name] = "passthrough" if small else "passthrough_ctrl"
             continue
         if fmt == "int6" and name in (hessians or {}):
