@@ -252,7 +252,7 @@ def test_misspelt_settings_are_warned_with_a_suggestion():
         "WARNING: ITERATION is not a setting of this script; did you mean ITERATIONS?",
         "WARNING: SLOT_STPES is not a setting of this script; did you mean SLOT_STEPS?"]
     quiet = {"ITERATIONS": "2", "SLOT_STEPS": "4", "MTP_NUM_HEADS": "0", "PRESET": "demo",
-             "slot_stpes": "4", "HOME": "/root", "RANK": "0"}
+             "slot_stpes": "4", "HOME": "/home/user", "RANK": "0"}
     assert tg.misspelt_settings(quiet) == []
 
 

@@ -379,8 +379,7 @@ def torchrun(cwd: Path, env: dict, nproc: int) -> str:
     return (cwd / "logs" / f"{env['RUN_ID']}.txt").read_text()
 
 
-def test_one_and_two_processes_write_the_same_artifact(demo_root, tmp_path, monkeypatch, capsys,
-                                                       one_thread):
+def test_one_and_two_processes_write_the_same_artifact(demo_root, tmp_path, monkeypatch, capsys):
     """The calibration splits each global batch over the ranks as training does and sums in
     float64: torchrun with 2 processes (gloo) writes the single process's artifact byte for
     byte (the single process run in-process, on one thread as each rank), and its int6
