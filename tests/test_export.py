@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from tests.test_model import default_model  # noqa: F401  (a fixture: built once)
+from tests.test_model import default_config_and_model
 
 CPU = torch.device("cpu")
 INT6_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999)
@@ -29,6 +29,12 @@ SMALL = dict(
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def default_model() -> tuple[tg.Config, tg.GPT]:
+    """(Config, GPT) of the defaults, built once per session (tests/test_model.py)."""
+    return default_config_and_model()
 
 
 def model_config(**env) -> tg.GPTConfig:
@@ -203,7 +209,7 @@ def test_int8_scale_floor_and_one_dimensional_tensors():
 
 
 @pytest.fixture(scope="module")
-def default_state(default_model):  # noqa: F811
+def default_state(default_model):
     """The default model's roles and state dict (the model is built once per session)."""
     _, model = default_model
     return model.roles, model.state_dict()

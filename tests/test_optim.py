@@ -11,12 +11,18 @@ import torch
 from torch import nn
 
 import train_gpt as tg
-from tests.test_model import default_model  # noqa: F401  (a fixture: built once)
+from tests.test_model import default_config_and_model
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED_TRAJECTORY = REPO.parent / "shared" / "reference" / "trajectory" / "expected.json"
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one thread is faster
+
+
+@pytest.fixture(scope="module")
+def default_model() -> tuple[tg.Config, tg.GPT]:
+    """(Config, GPT) of the defaults, built once per session (tests/test_model.py)."""
+    return default_config_and_model()
 
 
 def config(**env) -> tg.Config:
