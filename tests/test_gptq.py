@@ -5,7 +5,10 @@ process against two."""
 from __future__ import annotations
 
 import io
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +16,17 @@ import pytest
 import torch
 
 import train_gpt as tg
-from tests.test_pipeline import run_script, tiny_data, tiny_env  # noqa: F401  (tiny_data is a fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "train_gpt.py"
 
 QUANTILES = (0.999, 0.9995, 0.9999, 0.99999)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one thread is faster
 
 
 def spec_scales(w: torch.Tensor) -> list[torch.Tensor]:
-    """SPEC section 5's clip candidates: row quantiles of |w| (float32, unpermuted), then the row max."""
+    """SPEC section 5's clip candidates: row quantiles of |w| (float32, unpermuted), then the row
+    max."""
     clips = [torch.quantile(w.abs(), q, dim=1) for q in QUANTILES] + [w.abs().amax(dim=1)]
     return [(c / 31).clamp_min(1 / 31).half() for c in clips]
 
@@ -73,7 +80,7 @@ def correlated_hessian(cols: int, dead: list[int], seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("rows, cols, block", [(24, 200, 128), (16, 45, 8)])
-def test_solver_matches_an_independent_computation(rows, cols, block, one_thread):
+def test_solver_matches_an_independent_computation(rows, cols, block):
     """Blocks of 128 over 200 columns and of 8 over 45 (neither divides), dead columns, an
     outlier: the same scales, and the same codes in every row where float32 and float64 cannot
     disagree on a rounding (at least 3 rows in 4)."""
@@ -85,7 +92,8 @@ def test_solver_matches_an_independent_computation(rows, cols, block, one_thread
     H = correlated_hessian(cols, dead, seed=cols)
     q, s = tg.gptq_quantize(w, H, block=block)
     q_ref, s_ref, near = reference_gptq(w, H, tie=1e-4)  # float32 drifts ~1e-5 from float64 here
-    assert q.dtype == torch.int8 and q.shape == (rows, cols) and s.dtype == torch.float16 and s.shape == (rows,)
+    assert q.dtype == torch.int8 and q.shape == (rows, cols)
+    assert s.dtype == torch.float16 and s.shape == (rows,)
     assert torch.equal(s, s_ref)
     clean = ~near.any(axis=1)
     assert clean.mean() >= 0.75, clean.mean()
@@ -94,7 +102,7 @@ def test_solver_matches_an_independent_computation(rows, cols, block, one_thread
     assert not torch.equal(q, spec_clip_search(w)[0])  # GPTQ moved codes away from plain rounding
 
 
-def test_indefinite_hessian_falls_back_to_the_clip_search(one_thread):
+def test_indefinite_hessian_falls_back_to_the_clip_search():
     """H = 2 J - I has eigenvalue -1 even after damping: Cholesky fails, the clip search answers."""
     w = torch.randn(12, 40, generator=torch.Generator().manual_seed(1)) * 0.1
     H = 2 * torch.ones(40, 40) - torch.eye(40)
@@ -103,7 +111,7 @@ def test_indefinite_hessian_falls_back_to_the_clip_search(one_thread):
     assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
 
 
-def spec_container(state: dict, h) -> dict:
+def spec_container(state: dict) -> dict:
     """SPEC section 5 written out here: the container the export wrote before GPTQ existed."""
     tensors, schemes = {}, {}
     for name, t in state.items():
@@ -117,29 +125,33 @@ def spec_container(state: dict, h) -> dict:
             clip = torch.quantile(t.abs(), 0.9999984, dim=1)
             s32 = (clip / 127).clamp_min(1 / 127)
             q = torch.maximum(torch.minimum(t, clip[:, None]), -clip[:, None]) / s32[:, None]
-            tensors[name + ".q"], tensors[name + ".scale"] = q.round().clamp(-127, 127).to(torch.int8), s32.half()
+            tensors[name + ".q"] = q.round().clamp(-127, 127).to(torch.int8)
+            tensors[name + ".scale"] = s32.half()
             schemes[name] = {"type": "int8"}
     return {"w": tensors, "m": schemes}
 
 
-def test_gptq_off_keeps_the_clip_search_container(one_thread):
+def test_gptq_off_keeps_the_clip_search_container():
     """Without Hessians the container is SPEC section 5's, tensor for tensor (so the artifact's
     bytes are today's); with a Hessian for one int6 matrix only that matrix changes."""
-    h = tg.Hyperparameters.from_env(dict(NUM_LAYERS="1", MODEL_DIM="256", NUM_HEADS="2", NUM_KV_HEADS="1",
-                                         MLP_MULT="2", XSA_LAST_N="1", VE_LAYERS="0", RUN_ID="t"))
+    cfg = tg.Config.from_env(dict(NUM_LAYERS="1", MODEL_DIM="256", NUM_HEADS="2", NUM_KV_HEADS="1",
+                                  MLP_MULT="2", XSA_LAST_N="1", VE_LAYERS="0", RUN_ID="t"))
     gen = torch.Generator().manual_seed(0)
+    model = tg.build_model(cfg.model, torch.device("cpu"), seed=0)
+    roles = model.roles
     state = {k: v + 0.02 * torch.randn(v.shape, generator=gen)
-             for k, v in tg.build_model(h, torch.device("cpu"), seed=0).state_dict().items()}
-    off, want = tg.quantize_state_dict(state, h), spec_container(state, h)
+             for k, v in model.state_dict().items()}
+    off, want = tg.quantize_state_dict(state, roles), spec_container(state)
     assert off["m"] == want["m"] and list(off["w"]) == list(want["w"])
     for k, t in off["w"].items():
         assert t.dtype == want["w"][k].dtype and torch.equal(t, want["w"][k]), k
     assert {m["type"] for m in off["m"].values() if isinstance(m, dict)} == {"int6", "int8"}
-    assert tg.pack_artifact(tg.quantize_state_dict(state, h, {}), "lzma") == tg.pack_artifact(off, "lzma")
+    assert tg.pack_artifact(tg.quantize_state_dict(state, roles, {}), "lzma") == tg.pack_artifact(
+        off, "lzma")
 
     name = "blocks.0.mlp.fc.weight"
     H = correlated_hessian(256, [], seed=2)
-    on = tg.quantize_state_dict(state, h, {name: H})
+    on = tg.quantize_state_dict(state, roles, {name: H})
     q, s = tg.gptq_quantize(state[name], H)
     assert torch.equal(on["w"][name + ".q"], q) and torch.equal(on["w"][name + ".scale"], s)
     assert not torch.equal(q, off["w"][name + ".q"])
@@ -150,34 +162,86 @@ def test_gptq_off_keeps_the_clip_search_container(one_thread):
 # Hessians on a model trained on the demo corpus
 # -----------------------------
 
+CPU = torch.device("cpu")
+
+
+def write_shard(path: Path, tokens: np.ndarray) -> None:
+    """SPEC section 2's shard: a 256-int32 header (magic, version, count), then uint16 tokens."""
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = (20240520, 1, tokens.size)
+    path.write_bytes(header.tobytes() + tokens.astype("<u2").tobytes())
+
 
 @pytest.fixture(scope="module")
-def demo_model(tiny_data):  # noqa: F811
-    """The tiny configuration trained 30 steps on the demo corpus (eager, the record's optimizers)."""
-    h = tg.Hyperparameters.from_env(dict(tiny_env(tiny_data, "gptq"), GPTQ_ENABLED="1", GPTQ_CALIBRATION_BATCHES="3",
-                                         MAX_WALLCLOCK_SECONDS="600"))
-    torch.set_num_threads(1)
-    model = tg.build_model(h, torch.device("cpu"), seed=h.seed)
-    optimizers, _ = tg.build_optimizers(model, h)
-    train_files = tg.shard_files(h.data_path, "train")
-    loader = tg.DistributedTokenLoader(train_files, 0, 1, torch.device("cpu"))
+def demo_root(tmp_path_factory) -> Path:
+    """The demo corpus (built offline from CPython's own prose) in a temporary root, and
+    beside it `short/`: its training shard with the validation split cut to 4,097 tokens
+    (what the runs here score does not matter, and three passes over 95,000 tokens cost)."""
+    root = tmp_path_factory.mktemp("demo_root")
+    subprocess.run([sys.executable, "-m", "tools.data", "demo", "--root", str(root)], cwd=ROOT,
+                   check=True, capture_output=True, timeout=120)
+    demo = root / "data" / "datasets" / "demo_sp1024"
+    short = root / "short"
+    short.mkdir()
+    (short / "fineweb_train_000000.bin").symlink_to(demo / "fineweb_train_000000.bin")
+    val = np.fromfile(demo / "fineweb_val_000000.bin", dtype="<u2", offset=1024)
+    write_shard(short / "fineweb_val_000000.bin", val[:4097])
+    return root
+
+
+def tiny_env(root: Path, run_id: str) -> dict:
+    """A 2-layer model of width 64 on the short demo data (test_pipeline's tiny configuration)."""
+    return dict(
+        DATA_PATH=str(root / "short"),
+        TOKENIZER_PATH=str(root / "data" / "tokenizers" / "demo_1024_bpe.model"),
+        RUN_ID=run_id, NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1",
+        MLP_MULT="2", BIGRAM_DIM="16", VE_DIM="16", VE_LAYERS="1", XSA_LAST_N="2",
+        TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64", TRAIN_BATCH_TOKENS="2048", VAL_BATCH_SIZE="8192",
+        ITERATIONS="12", WARMUP_STEPS="2", WARMDOWN_ITERS="6", LATE_QAT_THRESHOLD="0.5",
+        MAX_WALLCLOCK_SECONDS="0", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="1", EVAL_STRIDE="32",
+        SLOT_STEPS="2", SLOT_MODE="both", SEED="3", CPU_THREADS="0",
+    )
+
+
+def every_linear(model: tg.GPT) -> dict:
+    """What the original's calibration hooked: every linear, int6 or not."""
+    return {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, tg.CastedLinear)}
+
+
+@pytest.fixture(scope="module")
+def demo_model(demo_root, one_thread):
+    """The tiny configuration trained 30 steps on the demo corpus (eager, the record's
+    optimizers)."""
+    env = dict(tiny_env(demo_root, "gptq"), GPTQ_ENABLED="1", GPTQ_CALIBRATION_BATCHES="3",
+               MAX_WALLCLOCK_SECONDS="600")
+    cfg = tg.Config.from_env(env)
+    rt = tg.Runtime()
+    data, _ = tg.load_data(cfg, rt, training=True)
+    model = tg.build_model(cfg.model, CPU, seed=cfg.run.seed)
+    optimizers = tg.build_optimizers(model, cfg.optim)
+    loader = tg.DistributedTokenLoader(data.train_files, cfg.model.vocab_size, rt)
     for _ in range(30):
-        model(*loader.next_batch(h.train_batch_tokens, h.train_seq_len, 1)).backward()
+        x, y = loader.next_batch(cfg.train.train_batch_tokens, cfg.train.train_seq_len, 1)
+        model(x, y).backward()
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
-    return h, model.eval(), train_files
+    return cfg, model.eval(), data
 
 
 def test_calibration_matches_hooks_and_reads_training_shards_only(demo_model, monkeypatch, capsys):
     """H of each linear equals the mean over the calibration batches of X^T X taken here with
-    pre-hooks on the same training spans; c_q, c_k and c_v share one; no validation shard opens."""
-    h, model, train_files = demo_model
+    pre-hooks on the same training spans; c_q, c_k and c_v share one; no validation shard
+    opens. (Every linear is hooked here, as the original did; which ones the export hooks is
+    the next test's.)"""
+    cfg, model, data = demo_model
+    monkeypatch.setattr(tg, "gptq_modules", every_linear)
     opened = []
     real = tg.load_data_shard
     monkeypatch.setattr(tg, "load_data_shard", lambda path: opened.append(str(path)) or real(path))
-    hessians = tg.calibrate(h, tg.Runtime(), model, train_files, train_ms=1234.0)
+    hessians = tg.calibrate(cfg, tg.Runtime(), model, data, train_ms=1234.0)
     assert opened and all("fineweb_train_" in Path(p).name for p in opened)
+    assert set(hessians) == set(every_linear(model)) and len(hessians) == 2 * 6 + 2
 
     want, handles = {}, []
     for name in ("blocks.0.attn.c_q", "blocks.1.mlp.proj", "bigram.proj"):
@@ -185,31 +249,60 @@ def test_calibration_matches_hooks_and_reads_training_shards_only(demo_model, mo
             x = args[0].reshape(-1, args[0].size(-1)).double()
             want[name] = want.get(name, 0) + x.T @ x
         handles.append(model.get_submodule(name).register_forward_pre_hook(grab))
-    stream = tg.TokenStream(train_files)
-    accum = h.grad_accum_steps(1)
-    with torch.no_grad():
-        for _ in range(3 * accum):  # each micro-batch: (tokens / accum + 1) tokens, the last one only a target
-            span = stream.take(h.train_batch_tokens // accum + 1)
-            model.hidden(span[:-1].reshape(-1, h.train_seq_len))
+    stream = tg.TokenStream(data.train_files, cfg.model.vocab_size)
+    t, accum = cfg.train, cfg.train.grad_accum_steps(1)
+    with torch.no_grad():  # each micro-batch: tokens / accum + 1 tokens, the last only a target
+        for _ in range(3 * accum):
+            span = stream.take(t.train_batch_tokens // accum + 1)
+            model.hidden(span[:-1].reshape(-1, t.train_seq_len))
     for handle in handles:
         handle.remove()
     for name, H in want.items():
-        want_h = (H / 3).float()  # float32 products summed in float64 vs float64 throughout: ~1e-5 of the scale
-        torch.testing.assert_close(hessians[name + ".weight"], want_h, rtol=0, atol=1e-5 * want_h.abs().max().item())
-    assert torch.equal(hessians["blocks.0.attn.c_q.weight"], hessians["blocks.0.attn.c_v.weight"])
+        # float32 products summed in float64 vs float64 throughout: ~1e-5 of the scale
+        want_h = (H / 3).float()
+        torch.testing.assert_close(hessians[name + ".weight"], want_h, rtol=0,
+                                   atol=1e-5 * want_h.abs().max().item())
+    for other in ("c_k", "c_v"):
+        assert torch.equal(hessians["blocks.0.attn.c_q.weight"],
+                           hessians[f"blocks.0.attn.{other}.weight"])
     out = capsys.readouterr().out
-    assert re.search(r"^gptq:calibration batches:3 inputs:\d+ time:\d+ms$", out, re.M)
-    assert re.search(r"^gptq:training\+calibration \d+ms under MAX_WALLCLOCK_SECONDS \(600000ms\)$", out, re.M)
-    tg.calibrate(h, tg.Runtime(), model, train_files, train_ms=599_999.0)
-    assert re.search(r"^WARNING: training\+calibration \d+ms over MAX_WALLCLOCK_SECONDS", capsys.readouterr().out, re.M)
+    assert re.search(r"^gptq:calibration batches:3 inputs:14 time:\d+ms$", out, re.M)
+    assert re.search(r"^gptq:training\+calibration \d+ms under MAX_WALLCLOCK_SECONDS "
+                     r"\(600000ms\)$", out, re.M)
+    tg.calibrate(cfg, tg.Runtime(), model, data, train_ms=599_999.0)
+    assert re.search(r"^WARNING: training\+calibration \d+ms over MAX_WALLCLOCK_SECONDS",
+                     capsys.readouterr().out, re.M)
 
 
-def test_gptq_lowers_the_hessian_weighted_error(demo_model):
+def test_calibration_hooks_the_int6_matrices_only(demo_model, capsys):
+    """The export calibrates the matrices its table stores int6 (the original's name rule, more
+    than 65,536 values): none in the tiny model; at width 264 with as many kv heads as heads,
+    the six of every block, not the 264 x 16 bigram and value-embedding projections."""
+    cfg, model, data = demo_model
+    assert tg.gptq_modules(model) == {}
+    assert tg.calibrate(cfg, tg.Runtime(), model, data, train_ms=0.0) == {}
+    assert re.search(r"^gptq:calibration batches:3 inputs:0 ", capsys.readouterr().out, re.M)
+    wide_cfg = tg.Config.from_env(dict(tiny_env(Path("."), "w"), MODEL_DIM="264", NUM_KV_HEADS="2",
+                                       GPTQ_ENABLED="1", GPTQ_CALIBRATION_BATCHES="1"))
+    wide = tg.build_model(wide_cfg.model, CPU, seed=0)
+    int6 = {f"blocks.{i}.{m}.weight" for i in range(2)
+            for m in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj")}
+    assert set(tg.gptq_modules(wide)) == int6
+    assert {n for n, r in wide.roles.items() if r.export == "int6"} == int6 | {
+        "bigram.proj.weight", "ve_shared.proj.weight"}
+    hessians = tg.calibrate(wide_cfg, tg.Runtime(), wide, data, train_ms=0.0)
+    assert set(hessians) == int6
+    assert all(H.shape == (264, 264) for n, H in hessians.items() if "mlp.proj" not in n)
+
+
+def test_gptq_lowers_the_hessian_weighted_error(demo_model, monkeypatch):
     """Per matrix of the trained demo model: tr((W - Q) H (W - Q)^T) is lower with GPTQ than with
     the clip search (the objective GPTQ's error feedback minimises)."""
-    h, model, train_files = demo_model
-    hessians = tg.calibrate(h, tg.Runtime(), model, train_files, train_ms=0.0)
-    assert len(hessians) == 2 * 6 + 2  # six linears per block, bigram and value-embedding projections
+    cfg, model, data = demo_model
+    monkeypatch.setattr(tg, "gptq_modules", every_linear)
+    hessians = tg.calibrate(cfg, tg.Runtime(), model, data, train_ms=0.0)
+    # Six linears per block, the bigram and value-embedding projections.
+    assert len(hessians) == 2 * 6 + 2
     # In this tiny configuration the bigram table and its projection start at zero and stay there.
     live = {name: H for name, H in hessians.items() if H.any()}
     assert len(live) >= 12
@@ -224,60 +317,85 @@ def test_gptq_lowers_the_hessian_weighted_error(demo_model):
         assert gptq < clip, (name, gptq, clip)
 
 
-def test_training_cap_reserves_the_calibration_time(tiny_data, tmp_path, monkeypatch):  # noqa: F811
-    """train() runs with MAX_WALLCLOCK_SECONDS - GPTQ_RESERVE_SECONDS when GPTQ is on and a cap is set."""
+def script_code() -> tg.Code:
+    return tg.Code(SCRIPT.read_text(encoding="utf-8"), SCRIPT.stat().st_size)
+
+
+def test_training_cap_reserves_the_calibration_time(demo_root, tmp_path, monkeypatch):
+    """train() runs with MAX_WALLCLOCK_SECONDS - GPTQ_RESERVE_SECONDS when GPTQ is on and a cap
+    is set (the cap is an argument: the config keeps MAX_WALLCLOCK_SECONDS as set)."""
     seen = []
 
     class Stop(Exception):
         pass
 
-    def fake_train(h, *args):
-        seen.append(h.max_wallclock_seconds)
+    def fake_train(cfg, rt, model, data, cap_seconds):
+        seen.append((cap_seconds, cfg.train.max_wallclock_seconds))
         raise Stop
 
     monkeypatch.setattr(tg, "train", fake_train)
     monkeypatch.chdir(tmp_path)
-    for gptq, cap, expected in (("1", "600", 590.0), ("0", "600", 600.0), ("1", "0", 0.0)):
-        env = dict(tiny_env(tiny_data, "cap"), GPTQ_ENABLED=gptq, MAX_WALLCLOCK_SECONDS=cap)
+    for gptq, cap in (("1", "600"), ("0", "600"), ("1", "0")):
+        env = dict(tiny_env(demo_root, "cap"), GPTQ_ENABLED=gptq, MAX_WALLCLOCK_SECONDS=cap)
         with pytest.raises(Stop):
-            tg.run(tg.Hyperparameters.from_env(env))
-    assert seen == [590.0, 600.0, 0.0]
+            tg.run(tg.Config.from_env(env), script_code())
+    assert seen == [(590.0, 600.0), (600.0, 600.0), (0.0, 0.0)]
 
 
 @pytest.mark.parametrize("env, needle", [
-    (dict(GPTQ_ENABLED="1", MAX_WALLCLOCK_SECONDS="5", GPTQ_RESERVE_SECONDS="5"), "GPTQ_RESERVE_SECONDS=5.0"),
+    (dict(GPTQ_ENABLED="1", MAX_WALLCLOCK_SECONDS="5", GPTQ_RESERVE_SECONDS="5"),
+     "GPTQ_RESERVE_SECONDS=5.0"),
     (dict(GPTQ_CALIBRATION_BATCHES="0"), "GPTQ_CALIBRATION_BATCHES=0"),
     (dict(GPTQ_RESERVE_SECONDS="-1"), "GPTQ_RESERVE_SECONDS=-1.0"),
 ])
 def test_bad_gptq_settings_are_refused(env, needle):
     with pytest.raises(tg.ConfigError, match=re.escape(needle)):
-        tg.Hyperparameters.from_env(env)
+        tg.Config.from_env(env)
 
 # -----------------------------
 # the whole run: one process against two
 # -----------------------------
 
+# A hang guard: the torchrun below takes about a minute on a loaded 2-core machine.
+RUN_GUARD_S = 240
+
 
 def gptq_env(root: Path, run_id: str) -> dict:
-    """No training step (one process and two start from the same weights; their training differs
-    in float rounding) and a width at which the MLP matrices are int6 (more than 65,536 values)."""
-    return dict(tiny_env(root, run_id), MODEL_DIM="256", NUM_HEADS="2", NUM_KV_HEADS="1", ITERATIONS="0",
-                WARMUP_STEPS="0", GPTQ_ENABLED="1", GPTQ_CALIBRATION_BATCHES="3", MAX_WALLCLOCK_SECONDS="600",
-                SLOT_ENABLED="0", EVAL_STRIDE="0")
+    """No training step (one process and two start from the same weights; their training
+    differs in float rounding) and a width at which the MLP matrices are int6 (more than
+    65,536 values)."""
+    return dict(tiny_env(root, run_id), MODEL_DIM="256", NUM_HEADS="2", NUM_KV_HEADS="1",
+                ITERATIONS="0", WARMUP_STEPS="0", GPTQ_ENABLED="1", GPTQ_CALIBRATION_BATCHES="3",
+                MAX_WALLCLOCK_SECONDS="600", SLOT_ENABLED="0", EVAL_STRIDE="0", CPU_THREADS="1")
 
 
-def test_one_and_two_processes_write_the_same_artifact(tiny_data, tmp_path):  # noqa: F811
+def torchrun(cwd: Path, env: dict, nproc: int) -> str:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", str(SCRIPT)]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    p = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True,
+                       timeout=RUN_GUARD_S)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return (cwd / "logs" / f"{env['RUN_ID']}.txt").read_text()
+
+
+def test_one_and_two_processes_write_the_same_artifact(demo_root, tmp_path, monkeypatch, capsys):
     """The calibration splits each global batch over the ranks as training does and sums in
-    float64: torchrun with 2 processes (gloo) writes the single process's artifact byte for byte,
-    and its int6 matrices are GPTQ's, not the clip search's."""
+    float64: torchrun with 2 processes (gloo) writes the single process's artifact byte for
+    byte (the single process run in-process, on one thread as each rank), and its int6
+    matrices are GPTQ's, not the clip search's."""
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
-    log1 = run_script(one, gptq_env(tiny_data, "g1"))
-    log2 = run_script(two, gptq_env(tiny_data, "g2"), torchrun=2)
+    monkeypatch.chdir(one)
+    tg.run(tg.Config.from_env(gptq_env(demo_root, "g1")), script_code())
+    capsys.readouterr()
+    log1 = (one / "logs" / "g1.txt").read_text()
+    log2 = torchrun(two, gptq_env(demo_root, "g2"), 2)
     assert "world_size:2 grad_accum_steps:4" in log2
     for log in (log1, log2):
-        assert re.search(r"^gptq:calibration batches:3 inputs:\d+ time:\d+ms$", log, re.M)
-        assert re.search(r"^gptq:training\+calibration \d+ms under MAX_WALLCLOCK_SECONDS", log, re.M)
+        assert re.search(r"^gptq:calibration batches:3 inputs:4 time:\d+ms$", log, re.M)
+        assert re.search(r"^gptq:training\+calibration \d+ms under MAX_WALLCLOCK_SECONDS", log,
+                         re.M)
         assert re.search(r"^gptq:solved on cpu in \d+ms$", log, re.M)
         assert re.search(r"^budget int6: [\d,]+ bytes stored$", log, re.M)
     blob = (one / "final_model.int6.ptz").read_bytes()
