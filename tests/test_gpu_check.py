@@ -172,6 +172,22 @@ def test_training_figures_from_the_log():
     assert gpu_check.memory_figures(crafted_log())["logged_allocated_mib"] == 23000
 
 
+def test_the_childrens_memory_line_is_the_one_read():
+    from tools import _gpu_probes
+
+    peaks = runlog.memory_peaks(_gpu_probes.memory_line(torch))
+    assert peaks["rss_peak_mib"] > 0 and set(peaks) == {
+        "rss_peak_mib", "cuda_allocated_peak_mib", "cuda_reserved_peak_mib"}
+
+
+def test_defaults_are_train_gpts():
+    """The settings gpu_check reads from a stage's environment default as train_gpt.py's do."""
+    fields = {name: f for section in tg.Config.SECTIONS for name, f in section.settings().items()}
+    for name, value in gpu_check.DEFAULTS.items():
+        default = fields[name].default
+        assert value == (str(int(default)) if isinstance(default, bool) else str(default)), name
+
+
 def test_captured_lines_keep_their_arrival_times():
     text = runlog.capture_line(1.5, "step:1/2 train_loss:6.9\n")
     text += runlog.capture_line(12.25, "x | y")
@@ -428,14 +444,20 @@ def test_dry_run_compile_seconds_come_from_its_own_log(dry_run):
 def test_dry_run_steady_state_and_projections_come_from_its_own_log(dry_run):
     s, out = dry_run["summary"], dry_run["out"]
     text = "\n".join(stage_log(out, "eval_slot")[1])
-    n_targets = int(re.search(r"^val_loader:shards .* tokens:(\d+)", text, re.M)[1])
+    n_targets = int(runlog.config(text)["val_tokens"])
     assert n_targets == 16256  # the dry run's 16,384 validation tokens, in whole 128-token rows
     slot = next(e for e in s["stages"]["eval_slot"]["evaluations"] if e["name"] == "final_slot")
     logged = next(e for e in runlog.eval_times(text) if e["name"] == "final_slot")
     plan = tg.sliding_windows(n_targets, 128, 96, "once")
     assert slot["batches"] == len(tg.window_batches(len(plan), 32, 8))
-    net = logged["ms"] / 1000 - slot["paused_s"] - slot["compile_s"]
-    assert slot["steady_s_per_batch"] == pytest.approx(max(net, 0) / slot["batches"], abs=1e-4)
+    # The script's eval_timing line (batches 2..n) is the best source; it counts this rank's
+    # batches as the plan does.
+    timing = runlog.eval_timing(text)["final_slot"]
+    assert timing["batches"] == slot["batches"] and slot["steady_basis"].startswith(
+        "measured: eval_timing line")
+    assert slot["steady_s_per_batch"] == pytest.approx(timing["steady_batch_s"], abs=1e-5)
+    # eval_time is the sum of its batches' seconds (each figure rounded)
+    assert 0 < timing["steady_batch_s"] <= (logged["ms"] + 1) / 1000 / (slot["batches"] - 1)
     record = tg.sliding_windows(62_021_632 // 128 * 128, 128, 96, "once")
     assert slot["projected_batches"] == len(tg.window_batches(len(record), 32, 8)[0::8])
     assert slot["projected_8xh100_s"] == pytest.approx(
@@ -447,6 +469,25 @@ def test_dry_run_steady_state_and_projections_come_from_its_own_log(dry_run):
     assert ttt["steady_basis"].startswith("measured: legal_ttt:chunk")
     steady = (chunks[-1][2] - chunks[0][2]) / (chunks[-1][0] - chunks[0][0])
     assert ttt["steady_s_per_batch"] == pytest.approx(steady, abs=1e-4)
+
+
+def test_dry_run_logs_keep_the_line_contract(dry_run):
+    """The real script's lines as the tools read them (tools.runlog.LINES): no line that starts
+    like one of them breaks its format, the lines every figure comes from are there, and each
+    closing score: line repeats its evaluation's _exact figure."""
+    seen = set()
+    for stage in gpu_check.SCRIPT_STAGES:
+        _, lines = stage_log(dry_run["out"], stage)
+        assert runlog.malformed(lines) is None, stage
+        seen |= {kind for kind in runlog.LINES if runlog.find(kind, lines)}
+        scores = {m["name"]: m["val_bpb"] for m in runlog.find("score", lines)}
+        results = [m["name"] for m in runlog.find("result", lines) if m["name"] != runlog.POST_EMA]
+        assert list(scores) == results, stage
+        for name, bpb in scores.items():
+            assert bpb in [m["val_bpb"] for m in runlog.find("exact", lines) if m["name"] == name]
+    assert seen >= {*runlog.CONFIG_LINES, "param_groups", "param_formats", "eval_only", "warmup",
+                    "train_step", "val_step", "late_qat", "ema", "code", "model", "artifact",
+                    "result", "exact", "timing", "ttt_start", "ttt_chunk", "score", "memory"}
 
 
 def test_dry_run_kernel_gptq_memory_and_host_figures(dry_run):

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from tools import _packed, submission
-from tools._runlog import DEFAULTS, EVAL_TAGS
+from tools import _packed, runlog, submission
+from tools.runlog import DEFAULTS, EVAL_TAGS, REMOVED_DEFAULTS
 from tools.submission import RunRecord, acceptance_p_value, build_submission, main, parse_log
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +56,12 @@ LOG_DEFAULTS = dict(
     slot_context=None,
     legal_ttt=None,
     gpus=0,
+    current=False,  # with the lines train_gpt.py added since: param tables, eval_timing, score:
 )
+# train_gpt.SCORE_KINDS, as its score: lines write them.
+KIND_WORDS = {"final_int6_roundtrip": "accepted", "final_int6_sliding_window": "accepted",
+              "final_int6_sliding_window_s64": "accepted", "final_slot": "not_causal",
+              "final_slot_context": "causal_not_accepted", "legal_ttt": "accepted"}
 
 
 def _log_head(spec) -> list[str]:
@@ -67,8 +72,11 @@ def _log_head(spec) -> list[str]:
 
 def _log_training(spec, seed: int) -> list[str]:
     steps, train_ms, code = spec.steps, spec.train_ms, spec.code
+    tables = ["param_groups (tensors/params) embed:3/623616 matrix:66/25952256 scalar:57/286822",
+              "param_formats (tensors/params) int6:66/25952256 int8:1/524288 fp16:59/386150"]
     return [
         f"model_params:{spec.model_params}",
+        *(tables if spec.current else []),
         "world_size:1 grad_accum_steps:8",
         "attention_mode:gqa num_heads:8 num_kv_heads:4",
         "tie_embeddings:True embed_lr:0.035 head_lr:0.0 matrix_lr:0.025 scalar_lr:0.025",
@@ -86,6 +94,19 @@ def _log_training(spec, seed: int) -> list[str]:
     ]
 
 
+def _timing(spec, tag: str) -> list[str]:
+    line = f"eval_timing:{tag} batches:2524 first_batch:4.1000s steady_batch:0.0820s"
+    return [line] if spec.current else []
+
+
+def _log_scores(spec) -> list[str]:
+    figures = {"final_int6_roundtrip": spec.roundtrip, "final_int6_sliding_window": spec.sliding,
+               "final_int6_sliding_window_s64": spec.s64, "final_slot": spec.slot,
+               "final_slot_context": spec.slot_context, "legal_ttt": spec.legal_ttt}
+    return [f"score:{tag} val_bpb:{f[1]:.8f} kind:{KIND_WORDS[tag]}"
+            for tag, f in figures.items() if f and spec.current]
+
+
 def _log_evals(spec) -> list[str]:
     loss, bpb = spec.roundtrip
     lines = [f"final_int6_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:7486ms",
@@ -99,6 +120,7 @@ def _log_evals(spec) -> list[str]:
                 f"{tag}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}",
                 # The original repeats the sliding result on a round-trip line.
                 f"final_int6_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}",
+                *_timing(spec, tag),
             ]
     for tag, figures, mode in (("final_slot", spec.slot, "scored"),
                                ("final_slot_context", spec.slot_context, "context")):
@@ -106,7 +128,8 @@ def _log_evals(spec) -> list[str]:
             loss, bpb = figures
             lines += [f"{tag} val_loss:{loss:.4f} val_bpb:{bpb:.4f} steps:48 lr:0.012 "
                       f"eval_time:208741ms mode:{mode}",
-                      f"{tag}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} mode:{mode}"]
+                      f"{tag}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} mode:{mode}",
+                      *_timing(spec, tag)]
     if spec.legal_ttt:
         loss, bpb = spec.legal_ttt
         lines += [
@@ -117,7 +140,7 @@ def _log_evals(spec) -> list[str]:
             f"legal_ttt val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:191234ms",
             f"legal_ttt_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}",
         ]
-    return lines
+    return lines + _log_scores(spec)
 
 
 def make_log(seed=1337, **changes) -> str:
@@ -254,12 +277,12 @@ def test_demo_log_settings_reproduce_its_configuration():
         "EVAL_STRIDE": "64", "SLOT_MODE": "both",
         "SLOT_STEPS": "8", "TTT_ENABLED": "1", "TTT_LR": "0.01", "TTT_CHUNK_TOKENS": "1024",
     }
-    fields = {f.name.upper() for f in tg.fields(tg.Hyperparameters)}
-    assert set(DEFAULTS) <= fields
-    h = tg.Hyperparameters.from_env({**settings, "SEED": "1337"})
-    shape = (h.num_heads, h.num_kv_heads, h.train_seq_len, h.iterations, h.eval_stride)
+    assert set(DEFAULTS) <= tg.Config.variables()
+    cfg = tg.Config.from_env({**settings, "SEED": "1337"})
+    m, t, e = cfg.model, cfg.train, cfg.eval
+    shape = (m.num_heads, m.num_kv_heads, t.train_seq_len, t.iterations, e.stride)
     assert shape == (4, 2, 256, 120, 64)
-    evaluation = (h.slot_mode, h.slot_steps, h.ttt_enabled, h.ttt_lr, h.seed)
+    evaluation = (e.slot.mode, e.slot.steps, e.ttt.enabled, e.ttt.lr, cfg.run.seed)
     assert evaluation == ("both", 8, True, 0.01, 1337)
 
 
@@ -267,19 +290,87 @@ def test_defaults_table_matches_train_gpt():
     """The defaults a reproduction command is compared against are train_gpt.py's."""
     import train_gpt as tg
 
-    h = tg.Hyperparameters()
+    fields = {name: f for section in tg.Config.SECTIONS for name, f in section.settings().items()}
     for name, default in DEFAULTS.items():
-        value = getattr(h, name.lower())
+        value = fields[name].default
         value = str(int(value)) if isinstance(value, bool) else str(value)
         assert submission.same_value(default, value), (name, default, value)
+    # The removed ones the original's logs record: their defaults are train_gpt.py's too.
+    assert set(REMOVED_DEFAULTS) <= set(tg.REMOVED_SETTINGS)
+    assert not set(REMOVED_DEFAULTS) & set(fields)
+    for name, default in REMOVED_DEFAULTS.items():
+        assert tg.REMOVED_SETTINGS[name][0] == default, name
 
 
 def test_every_evaluation_has_a_kind():
+    import train_gpt as tg
+
     assert list(submission.SCORES) == list(EVAL_TAGS)
     kinds = {name: s.kind for name, s in submission.SCORES.items()}
     assert kinds == {"roundtrip": "accepted", "sliding": "accepted", "sliding_s64": "accepted",
                      "slot": "not causal", "slot_context": "causal, not accepted",
                      "legal_ttt": "accepted"}
+    # The same kinds as the script's closing score: lines give (and make_log writes).
+    logged = {EVAL_TAGS[name]: submission.LOG_KINDS[kind] for name, kind in kinds.items()}
+    assert logged == tg.SCORE_KINDS == KIND_WORDS
+    assert set(tg.SCORE_KINDS.values()) == set(runlog.SCORE_KINDS)
+
+
+# ----------------------------------------------------------------------------- the line formats
+
+
+def _writer_source(writer: str) -> str:
+    import inspect
+
+    import train_gpt as tg
+
+    obj = tg
+    for name in writer.split(".")[1:]:
+        obj = getattr(obj, name)
+    return inspect.getsource(obj)
+
+
+def test_every_line_format_names_the_function_that_writes_it():
+    """Each format's writer is a train_gpt.py function that writes the format's literal start
+    (the evaluation lines start with their names); gpu_check's own lines round-trip."""
+    checked = 0
+    for kind, fmt in runlog.LINES.items():
+        if not fmt.writer.startswith("train_gpt."):
+            continue
+        source = _writer_source(fmt.writer)
+        words = [fmt.prefix] if fmt.prefix else {"result": [" val_loss:", "eval_time:"],
+                                                 "exact": ["_exact val_loss:"]}[kind]
+        for word in words:
+            assert word in source, (kind, fmt.writer, word)
+        checked += 1
+    assert checked >= 40
+    line = runlog.MEMORY_LINE.format(rss=512, allocated=-1, reserved=7)
+    assert runlog.memory_peaks(line) == dict(rss_peak_mib=512, cuda_allocated_peak_mib=None,
+                                             cuda_reserved_peak_mib=7)
+    groups = runlog.first("param_groups", make_log(current=True))
+    assert runlog.param_counts(groups) == {"embed": (3, 623616), "matrix": (66, 25952256),
+                                           "scalar": (57, 286822)}
+
+
+def test_a_whole_log_and_its_lines_read_the_same():
+    """Every format reads a whole text (finditer) as it reads its lines one by one: none can
+    match across a line's end."""
+    others = ["| NVIDIA-SMI 580.126.09   Driver Version: 580.126.09     CUDA Version: 13.0  |",
+              "WARNING: SLOT_STPES is not a setting of this script; did you mean SLOT_STEPS?",
+              "error: training diverged: train_loss at step 3 is nan; nothing was exported",
+              "eval_only artifact:runs/a b/final_model.int6.ptz bytes:15751595",
+              "export_only weights:final_model.pt bytes:105919389",
+              "peak memory allocated: 22524 MiB reserved: 22564 MiB",
+              "gptq:calibration batches:64 inputs:66 time:9312ms",
+              "gpu_check:memory rss_peak_mib:3100 cuda_allocated_peak_mib:-1 "
+              "cuda_reserved_peak_mib:-1", 'gpu_check:part {"name": "device"}']
+    text = DEMO_LOG.read_text() + make_log(current=True, legal_ttt=(1.8, 1.1), gpus=2)
+    text += "\n".join(others) + "\n"
+    lines = text.splitlines()
+    for kind in runlog.LINES:
+        whole = [m.group(0) for m in runlog.find(kind, text)]
+        assert whole and whole == [m.group(0) for m in runlog.find(kind, lines)], kind
+    assert runlog.last("eval_only", text)["artifact"] == "runs/a b/final_model.int6.ptz"
 
 
 # ----------------------------------------------------------------------------- the kinds of score
@@ -387,6 +478,31 @@ def test_legal_ttt_lines_and_score(tmp_path):
     figures = (ttt.val_loss, ttt.val_bpb, ttt.line, ttt.eval_time_ms)
     assert figures == (1.89012345, 1.1194321, "legal_ttt_exact", 191234)
     assert record.settings["TTT_ENABLED"] == "1" and record.settings["TTT_CHUNK_TOKENS"] == "32768"
+
+
+def test_current_log_lines_change_no_figure(tmp_path):
+    """The lines train_gpt.py added (param tables, eval_timing, the closing score: lines) change
+    no figure; each result carries its score: line's kind."""
+    paths = write_logs(tmp_path, [make_log(1), make_log(1, current=True)])
+    old, new = (parse_log(p) for p in paths)
+    figures = [{n: (e.val_loss, e.val_bpb, e.eval_time_ms, e.params) for n, e in r.evals.items()}
+               for r in (old, new)]
+    assert figures[0] == figures[1] and old.settings == new.settings and old.config == new.config
+    assert {n: e.kind for n, e in new.evals.items()} == {
+        "roundtrip": "accepted", "sliding": "accepted", "sliding_s64": "accepted",
+        "slot": "not_causal"}
+    assert all(e.kind is None for e in old.evals.values())
+
+
+def test_the_runs_warnings_are_repeated(tmp_path, capsys):
+    line = "WARNING: SLOT_STPES is not a setting of this script; did you mean SLOT_STEPS?"
+    text = make_log(1, current=True).replace("model_params:", f"{line}\nmodel_params:")
+    (path,) = write_logs(tmp_path, [text])
+    code, _, err = run_cli([path, "--out", tmp_path / "out", "--track", "cpu_demo"], capsys)
+    assert code == 0, err
+    warnings = read_json(tmp_path / "out")["warnings"]
+    assert warnings == [f"{path}: the run warned: {line.removeprefix('WARNING: ')}"]
+    assert f"warning: {warnings[0]}" in err
 
 
 # ----------------------------------------------------------------------------- the record folder
@@ -667,21 +783,76 @@ def cut_demo(after: str, extra: str = "") -> str:
         ("DIAGNOSTIC", "", "artifact size"),
         ("step:110/120", "", "training ends at step 110/120 without a stopping_early line"),
         ("preset:demo", "", "no 'step:N/M' line"),
+        # A failure after the log opened: its one error line ends the log.
+        ("step:60/120 val_loss", "error: training diverged: train_loss at step 61 is nan; "
+         "nothing was exported\n", "the run stopped with an error ('error: training diverged"),
     ],
     ids=["evaluation", "export", "step", "training", "ttt-killed", "sliding-killed", "slot-cut",
-         "before-evaluations", "before-export", "training-cut", "no-training"],
+         "before-evaluations", "before-export", "training-cut", "no-training", "error"],
 )
 def test_unfinished_or_interrupted_log_refused(tmp_path, capsys, after, extra, reason):
     (path,), err = refused(tmp_path, capsys, [cut_demo(after, extra)])
     assert err.startswith(f"error: {path}: ") and reason in err
 
 
-def test_eval_only_log_refused(tmp_path, capsys):
-    line = "eval_only artifact:final_model.int6.ptz bytes:1"
+@pytest.mark.parametrize("line, run", [("eval_only artifact:final_model.int6.ptz bytes:1",
+                                        "EVAL_ONLY"),
+                                       ("export_only weights:final_model.pt bytes:1",
+                                        "EXPORT_ONLY")])
+def test_eval_only_log_refused(tmp_path, capsys, line, run):
+    """EVAL_ONLY and EXPORT_ONLY runs evaluate an artifact (or kept weights): no training."""
     text = make_log(1).replace("world_size:1", f"{line}\nworld_size:1")
     text = re.sub(r"^(warmup_)?step:.*\n|^stopping_early.*\n", "", text, flags=re.M)
     (path,), err = refused(tmp_path, capsys, [text])
-    assert "an EVAL_ONLY log (no training)" in err
+    assert f"an {run} log (no training)" in err
+
+
+def test_a_log_cut_mid_line_is_not_read_to_its_last_character(tmp_path, capsys):
+    """Killed while writing its round trip's figure: the part written is not a line (its
+    figure would read 2.3442)."""
+    text = cut_demo("final_int6_roundtrip_exact")
+    assert text.endswith(" val_bpb:2.34423200\n")
+    (path,), err = refused(tmp_path, capsys, [text[:-6]])
+    assert "no final_int6_roundtrip_exact line: the log stops before its evaluations" in err
+
+
+SCORE_SLOT = "score:final_slot val_bpb:0.73502047 kind:not_causal"
+
+
+@pytest.mark.parametrize(
+    "old, new, reason",
+    [
+        (SCORE_SLOT, SCORE_SLOT.replace("not_causal", "accepted"),
+         "its score:final_slot line says kind:accepted, but tools.submission counts 'slot' as "
+         "not causal: train_gpt.SCORE_KINDS and tools.submission.SCORES disagree"),
+        (SCORE_SLOT, SCORE_SLOT.replace("47 ", "48 "), "score:final_slot val_bpb:0.73502048 is "
+         "not its final_slot_exact line's 0.73502047: the log disagrees with itself"),
+        (SCORE_SLOT + "\n", "", "the score: lines name final_int6_roundtrip, "
+         "final_int6_sliding_window, final_int6_sliding_window_s64 but the evaluations are "
+         "final_int6_roundtrip, final_int6_sliding_window, final_int6_sliding_window_s64, "
+         "final_slot: the log is cut in its closing summary"),
+        (SCORE_SLOT, SCORE_SLOT + "\nscore:final_new val_bpb:1.00000000 kind:accepted",
+         "score:final_new names an evaluation this reader does not know"),
+        (SCORE_SLOT, SCORE_SLOT.replace("not_causal", "causal"),
+         f"'{SCORE_SLOT.replace('not_causal', 'causal')}', is not in the format "
+         "train_gpt.log_scores writes (tools/runlog.py LINES: score)"),
+        (" eval_time:208741ms mode:scored", " mode:scored",
+         "'final_slot val_loss:1.2410 val_bpb:0.7350 steps:48 lr:0.012 mode:scored', is not in "
+         "the format train_gpt.log_result writes"),
+        ("train_time:599941ms", "train_time:599941", "'step:6575/20000 train_loss:2.0516 "
+         "train_time:599941 step_avg:91.24ms', is not in the format train_gpt.log_train_step / "
+         "train_gpt.train writes (tools/runlog.py LINES: val_step, train_step)"),
+        ("Code size: ", "Code size: +", "is not in the format train_gpt.log_export writes"),
+    ],
+    ids=["kind", "figure", "missing", "unknown", "kind-word", "result", "step", "code"],
+)
+def test_a_log_that_breaks_its_lines_is_refused(tmp_path, capsys, old, new, reason):
+    """Each line read is a contract (tools.runlog.LINES): a line out of its format, or closing
+    score: lines that disagree with the results or with SCORES' kinds, refuse the log."""
+    text = make_log(1, current=True)
+    assert old in text
+    (path,), err = refused(tmp_path, capsys, [text.replace(old, new, 1)])
+    assert err.startswith(f"error: {path}: ") and reason in err, err
 
 
 def test_missing_chosen_score_refused(tmp_path, capsys):

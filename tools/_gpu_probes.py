@@ -32,6 +32,8 @@ import traceback
 import types
 import warnings
 
+from tools.runlog import MEMORY_LINE, PART_PREFIX
+
 SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
 # The aten op each SDPA backend dispatches to (the CPU's flash kernel has its own name).
 SDPA_OPS = {
@@ -42,7 +44,6 @@ SDPA_OPS = {
     "aten::_scaled_dot_product_attention_math": "MATH",
 }
 ATTENTION_WORDS = ("flash", "fmha", "sdpa", "attention", "softmax")
-PART_PREFIX = "gpu_check:part "
 
 
 def die_with_parent() -> None:
@@ -63,8 +64,7 @@ def memory_line(torch) -> str:
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     alloc = torch.cuda.max_memory_allocated() // 2**20 if cuda else -1
     reserved = torch.cuda.max_memory_reserved() // 2**20 if cuda else -1
-    return (f"gpu_check:memory rss_peak_mib:{rss} cuda_allocated_peak_mib:{alloc} "
-            f"cuda_reserved_peak_mib:{reserved}")
+    return MEMORY_LINE.format(rss=rss, allocated=alloc, reserved=reserved)  # tools.runlog reads it
 
 
 class MemoryReporter:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from tools._runlog import RunRecord
+from tools.runlog import RunRecord
 
 KIND_LINES = (
     ("accepted", "the round trip, the sliding window at any stride and legal score-first TTT: what "

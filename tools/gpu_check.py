@@ -60,7 +60,7 @@ import numpy as np
 
 from tools import runlog
 from tools._files import read_shard, shard_bytes, write_atomic
-from tools._gpu_probes import PART_PREFIX
+from tools.runlog import EVAL_TAGS, PART_PREFIX, POST_EMA
 
 STAGES = ("probes", "training", "eval_model", "eval_slot", "eval_ttt")
 SCRIPT_STAGES = STAGES[1:]  # the stages that run train_gpt.py
@@ -84,16 +84,16 @@ DRY_RUN_VAL_TOKENS = 16384  # SLOT's cost grows with every scored token: a CPU n
 DRY_MODEL = dict(PRESET="demo", DEVICE="cpu", NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4",
                  NUM_KV_HEADS="2", VE_LAYERS="0,1", XSA_LAST_N="2", BIGRAM_DIM="16", VE_DIM="16",
                  TRAIN_SEQ_LEN="128", EVAL_SEQ_LEN="128")
-ROUND_TRIP, SLIDING = "final_int6_roundtrip", "final_int6_sliding_window"
-S64 = "final_int6_sliding_window_s64"
-SLOT_EVALS = ("final_slot", "final_slot_context")
-REQUIRED_EVALS = dict(training=("DIAGNOSTIC post_ema", ROUND_TRIP, SLIDING),
-                      eval_model=("DIAGNOSTIC post_ema", ROUND_TRIP, SLIDING),
+ROUND_TRIP, SLIDING, S64 = EVAL_TAGS["roundtrip"], EVAL_TAGS["sliding"], EVAL_TAGS["sliding_s64"]
+SLOT, SLOT_CONTEXT, TTT = EVAL_TAGS["slot"], EVAL_TAGS["slot_context"], EVAL_TAGS["legal_ttt"]
+SLOT_EVALS = (SLOT, SLOT_CONTEXT)
+REQUIRED_EVALS = dict(training=(POST_EMA, ROUND_TRIP, SLIDING),
+                      eval_model=(POST_EMA, ROUND_TRIP, SLIDING),
                       eval_slot=(ROUND_TRIP, SLIDING, S64, *SLOT_EVALS),
-                      eval_ttt=(ROUND_TRIP, SLIDING, S64, "legal_ttt"))
+                      eval_ttt=(ROUND_TRIP, SLIDING, S64, TTT))
 # Where each evaluation must sit against the round trip of the same run.
-BANDS = {"DIAGNOSTIC post_ema": "near", SLIDING: "near", S64: "near", "final_slot": "below",
-         "final_slot_context": "not above", "legal_ttt": "not above"}
+BANDS = {POST_EMA: "near", SLIDING: "near", S64: "near", SLOT: "below",
+         SLOT_CONTEXT: "not above", TTT: "not above"}
 BAND_TEXT = dict(near=f"within {TOLERANCE_BPB}", below="below it",
                  **{"not above": f"at most {TOLERANCE_BPB} above it"})
 PROBE_PARTS = ("device", "gptq", "sdpa", "kernel")
@@ -296,7 +296,7 @@ def eval_batches(name: str, n_targets: int, s: dict[str, str], world: int) -> in
     window_stride = stride if stride > 0 else 64
     slot_on = s["SLOT_ENABLED"] not in ("0", "false", "no", "off")
     interleave = int(s["SLOT_INTERLEAVE"])
-    if name in (ROUND_TRIP, "DIAGNOSTIC post_ema"):
+    if name in (ROUND_TRIP, POST_EMA):
         seq_len = L if name == ROUND_TRIP else int(s["TRAIN_SEQ_LEN"])
         return roundtrip_batches(n_targets, seq_len, int(s["VAL_BATCH_SIZE"]), world)
     if name == SLIDING:  # the pass SLOT shares (at its stride) deals its windows as SLOT does
@@ -307,7 +307,7 @@ def eval_batches(name: str, n_targets: int, s: dict[str, str], world: int) -> in
         return pass_batches(n_windows(n_targets, L, 64), seqs, 1, world)
     if name in SLOT_EVALS:
         return pass_batches(n_windows(n_targets, L, window_stride), seqs, interleave, world)
-    if name == "legal_ttt":
+    if name == TTT:
         return -(-n_targets // int(s["TTT_CHUNK_TOKENS"]))
     return None
 
@@ -394,7 +394,7 @@ def compile_failures(parsed: dict, log: str) -> list[str]:
         elif c["phase"] == runlog.VALIDATION and c["recompile"]:
             failures.append(f"{what} after the warm-up, in the in-loop validation before ema:{why}")
     failures += [f"recompile limit hit: {line}" for line in dict.fromkeys(parsed["limit_hits"])]
-    if not runlog.TRAIN_STEP.search(log):
+    if not runlog.first("train_step", log):
         failures.append("the run never reached the timed training loop: compile counts incomplete")
     return failures
 
@@ -428,7 +428,7 @@ def steady_state(e: dict, text: str, batches: int | None) -> tuple[float | None,
     timing = runlog.eval_timing(text).get(e["name"])
     if timing and timing["batches"] > 1 and math.isfinite(timing["steady_batch_s"]):
         return timing["steady_batch_s"], "measured: eval_timing line, batches 2..n"
-    if e["name"] == "legal_ttt":
+    if e["name"] == TTT:
         chunks = runlog.ttt_chunk_lines(text)
         if len(chunks) >= 2 and chunks[-1][0] > chunks[0][0]:
             (c0, _, e0), (c1, _, e1) = chunks[0], chunks[-1]
@@ -452,7 +452,7 @@ def projection(e: dict, s: dict[str, str]) -> dict:
     upper figure). Compilation is not included (compile_s gives it)."""
     L = max(eval_seq_len(s), int(s["TRAIN_SEQ_LEN"]))
     full = runlog.RECORD_VAL_TARGETS // L * L  # trimmed to whole sequences, as train_gpt does
-    ttt = e["name"] == "legal_ttt"
+    ttt = e["name"] == TTT
     batches = eval_batches(e["name"], full, s, 1 if ttt else 8)
     steady = e.get("steady_s_per_batch")
     out = dict(projected_batches=batches, projected_8xh100_s=None, projected_8xh100_upper_s=None,
@@ -468,8 +468,8 @@ def evaluation_figures(run: StageRun, compiles: dict, pauses: list[list]) -> lis
     """Every evaluation of a run with its timing figures and projection."""
     text, s = run.text, settings_of(run.spec.env)
     evals = runlog.eval_times(text)
-    arrivals = [run.times[i] for i, line in enumerate(run.lines) if runlog.EVAL_LINE.match(line)]
-    n_targets = runlog.logged_int(text, r"^val_loader:shards .* tokens:(\d+)")
+    arrivals = [run.times[i] for i, line in enumerate(run.lines) if runlog.match("result", line)]
+    n_targets = int(runlog.config(run.lines).get("val_tokens", 0))
     compile_s = eval_compile_seconds(compiles["compilations"], [e["name"] for e in evals])
     for e, arrived in zip(evals, arrivals):
         e["seconds"] = e["ms"] / 1000
@@ -490,14 +490,15 @@ def training_figures(text: str) -> dict:
         return out
     skip = 2 if len(steps) <= 10 else 5  # the first steps include the allocator's growth
     ms, s0, s1 = runlog.mean_step_ms(steps, skip)
-    tokens = runlog.logged_int(text, r"^train_batch_tokens:(\d+)") or 0
-    world = runlog.logged_int(text, r"^world_size:(\d+)") or 1
+    config = runlog.config(text)
+    tokens, world = int(config.get("train_batch_tokens", 0)), int(config.get("world_size", 1))
+    accum = config.get("grad_accum_steps")
     out.update(ms_per_step=round(ms, 2), averaged_steps=[s0, s1], tokens_per_step=tokens,
                world_size=world, tokens_per_s_per_gpu=round(tokens / (ms / 1000) / world),
-               grad_accum_steps=runlog.logged_int(text, r"^world_size:\d+ grad_accum_steps:(\d+)"))
-    qat = runlog.LATE_QAT.search(text)
+               grad_accum_steps=int(accum) if accum else None)
+    qat = runlog.first("late_qat", text)
     if qat:  # late_qat:enabled step:S is logged before step S + 1, the first with QAT on
-        on = int(qat[1])
+        on = int(qat["step"])
         before, after = [s for s in steps if s[0] <= on], [s for s in steps if s[0] >= on]
         out["late_qat_from_step"] = on + 1
         out["ms_per_step_before_qat"] = _span_ms(before[min(skip, len(before) - 2):])
@@ -518,9 +519,10 @@ def _span_ms(steps: list[tuple[int, float]]) -> float | None:
 
 def memory_figures(text: str) -> dict:
     peaks = runlog.memory_peaks(text) or {}
-    line = runlog.PEAK_LINE.search(text)  # train_gpt's own, after training
+    line = runlog.first("peak", text)  # train_gpt's own, after training
     if line:
-        peaks.update(logged_allocated_mib=int(line[1]), logged_reserved_mib=int(line[2]))
+        peaks.update(logged_allocated_mib=int(line["allocated"]),
+                     logged_reserved_mib=int(line["reserved"]))
     return peaks
 
 
@@ -589,7 +591,7 @@ def analyse_script(run: StageRun, ctx: dict, ended: bool) -> dict:
         failures += loss_failures(losses, vocab, default_init, falling=name == "training")
     if name == "training":
         out["speed"] = training_figures(text)
-        if runlog.TRAIN_STEP.search(text) or ended:
+        if runlog.first("train_step", text) or ended:
             failures += compile_failures(compiles, text)
         planned = int(s["ITERATIONS"])
         if finished and out["speed"]["last_step"] < planned:
@@ -778,14 +780,15 @@ class Check:
         run = self.runs.get("training")
         if run is None or run.status != "running" or self.timed == "after":
             return False
-        w = int(run.spec.env["WARMUP_STEPS"])
+        warmup = int(run.spec.env["WARMUP_STEPS"]) > 0
         with self.lock:
             new, self.scanned = run.lines[self.scanned:], len(run.lines)
         for line in new:
-            if self.timed == "before" and (line == f"warmup_step:{w}/{w}" if w > 0
-                                           else runlog.TRAIN_STEP.match(line)):
+            warm = runlog.match("warmup", line)
+            if self.timed == "before" and (warm and warm["step"] == warm["steps"] if warmup
+                                           else runlog.match("train_step", line)):
                 self.timed = "inside"
-            elif self.timed == "inside" and runlog.EMA_LINE.match(line):
+            elif self.timed == "inside" and runlog.match("ema", line):
                 self.timed = "after"
         return self.timed == "inside"
 
@@ -1043,7 +1046,7 @@ def _text_eval(e: dict, full: bool) -> str:
             f"{e['compile_s']:.1f} s")
     if not full:
         return line
-    unit = "chunks" if e["name"] == "legal_ttt" else "batches"
+    unit = "chunks" if e["name"] == TTT else "batches"
     record = f" (record {e['record_8xh100_s']} s)" if e.get("record_8xh100_s") else ""
     return (line + f", {_fmt(e['batches'], 'd')} {unit}, steady "
             f"{_fmt(e['steady_s_per_batch'], '.4f')} s each [{e['steady_basis'].split(':')[0]}]; "

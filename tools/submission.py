@@ -22,9 +22,11 @@ packed format of tools.pack, and must come out at exactly the logged Code size, 
 is needed. A log without its source (the original's published logs) needs --script FILE.
 
 Refused, with one line naming the log and what is missing, and nothing written: a log that
-stopped early or was interrupted, one without the chosen score, logs of different
-configurations, sources or repeated seeds. The folder is written whole into a temporary
-sibling and renamed into place; an existing folder is replaced only with --force.
+stopped early, was interrupted or stopped with an error, one with a line out of its format
+(tools.runlog.LINES), one without the chosen score, one whose closing score: lines give a
+score another kind than SCORES does, logs of different configurations, sources or repeated
+seeds. The runs' WARNING lines are repeated as warnings. The folder is written whole into a
+temporary sibling and renamed into place; an existing folder is replaced only with --force.
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ from scipy import stats
 from tools import _packed
 from tools._files import write_atomic
 from tools._record_readme import render_readme, results_table
-from tools._runlog import DEFAULTS, EVAL_TAGS, EvalResult, LogError, RunRecord, same_value
-from tools._runlog import parse_log as _parse_log
+from tools import runlog
+from tools.runlog import DEFAULTS, EVAL_TAGS, REMOVED_DEFAULTS, EvalResult, LogError, RunRecord
+from tools.runlog import same_value
 
 __all__ = ["RunRecord", "EvalResult", "parse_log", "build_submission", "acceptance_p_value", "main"]
 
@@ -71,7 +74,7 @@ class Score:
     kind: str
 
 
-# --score choices (the names of tools._runlog.EVAL_TAGS), in evaluation order.
+# --score choices (the names of tools.runlog.EVAL_TAGS), in evaluation order.
 SCORES = {
     "roundtrip": Score("round trip", ACCEPTED),
     "sliding": Score("sliding window", ACCEPTED),
@@ -80,6 +83,10 @@ SCORES = {
     "slot_context": Score("SLOT context", CAUSAL_NOT_ACCEPTED),
     "legal_ttt": Score("legal TTT", ACCEPTED),
 }
+# The kind words of train_gpt.py's closing score: lines (its SCORE_KINDS), for each kind here:
+# a log that says otherwise means the two tables disagree.
+LOG_KINDS = {ACCEPTED: "accepted", CAUSAL_NOT_ACCEPTED: "causal_not_accepted",
+             NOT_CAUSAL: "not_causal"}
 
 
 @dataclass(frozen=True)
@@ -100,11 +107,24 @@ class SubmissionError(Exception):
 
 
 def parse_log(path: str | os.PathLike) -> RunRecord:
-    """One train_gpt.py log (tools._runlog); SubmissionError when it cannot be a submission's."""
+    """One train_gpt.py log (tools.runlog); SubmissionError when it cannot be a submission's."""
     try:
-        return _parse_log(path)
+        record = runlog.parse_log(path)
     except LogError as exc:
         raise SubmissionError(str(exc)) from None
+    check_kinds(record)
+    return record
+
+
+def check_kinds(record: RunRecord) -> None:
+    """The kinds the log's score: lines give (logs before them have none) against SCORES."""
+    for name, result in record.evals.items():
+        ours = SCORES[name].kind
+        if result.kind is not None and result.kind != LOG_KINDS[ours]:
+            raise SubmissionError(
+                f"{record.path}: its score:{EVAL_TAGS[name]} line says kind:{result.kind}, but "
+                f"tools.submission counts '{name}' as {ours}: train_gpt.SCORE_KINDS and "
+                "tools.submission.SCORES disagree")
 
 
 @dataclass(frozen=True)
@@ -388,9 +408,9 @@ def track_warnings(records: Sequence[RunRecord], track: str) -> list[str]:
 def reproduction(records: Sequence[RunRecord]) -> dict:
     """The command per seed: every recorded setting that differs from the script's defaults (the
     seeds share them, check_consistent saw to it), then the launcher the run used."""
-    logged = records[0].settings
-    settings = {k: logged[k] for k in DEFAULTS
-                if k in logged and not same_value(logged[k], DEFAULTS[k])}
+    logged, defaults = records[0].settings, {**DEFAULTS, **REMOVED_DEFAULTS}
+    settings = {k: logged[k] for k in defaults
+                if k in logged and not same_value(logged[k], defaults[k])}
     world = int(records[0].config.get("world_size", "1"))
     launch = "python train_gpt.py"
     if world > 1:
@@ -434,6 +454,11 @@ def _script_facts(script: Script | None) -> dict | None:
     if script is None:
         return None
     return {"form": script.form, "origin": script.origin, "bytes": len(script.data)}
+
+
+def log_warnings(records: Sequence[RunRecord]) -> list[str]:
+    """The runs' own WARNING lines (a misspelt setting, short data, GPTQ over the cap...)."""
+    return [f"{r.path}: the run warned: {message}" for r in records for message in r.warnings]
 
 
 def _headline_warnings(records: Sequence[RunRecord], score: str) -> list[str]:
@@ -491,7 +516,7 @@ def build_submission(
         "compliance": _compliance(records, score),
         "baseline": compare(records, score, baseline, min_gain) if baseline else None,
         "warnings": [*_headline_warnings(records, score), *(script.warnings if script else ()),
-                     *track_warnings(records, meta.track)],
+                     *track_warnings(records, meta.track), *log_warnings(records)],
     }
 
 
