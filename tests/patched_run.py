@@ -1,7 +1,7 @@
 """Runs train_gpt.main() with test-only patches chosen by environment variables, so that tests can
 observe or break a real run (torchrun can launch this file like the script itself).
 
-TEST_FAIL_RANK=r       evaluate_artifact raises on rank r (the others carry on into their collectives)
+TEST_FAIL_RANK=r       evaluate raises on rank r (the others carry on into their collectives)
 TEST_COMPILE_COUNTS=F  torch.compile uses the "eager" backend (dynamo traces as on CUDA, no C++
                        compiler needed); at every log line, rank 0 appends the number of graphs
                        compiled so far and the line to F (JSON lines; rank r > 0 writes F.r)
@@ -25,23 +25,28 @@ def compiled_graphs() -> int:
 
 
 if "TEST_FAIL_RANK" in os.environ:
-    fail_rank, evaluate = int(os.environ["TEST_FAIL_RANK"]), tg.evaluate_artifact
+    fail_rank, evaluate = int(os.environ["TEST_FAIL_RANK"]), tg.evaluate
 
-    def failing_evaluate(h, rt, *args, **kwargs):
+    def failing_evaluate(cfg, rt, model, data):
         if rt.rank == fail_rank:
             raise RuntimeError(f"injected failure on rank {fail_rank}")
-        return evaluate(h, rt, *args, **kwargs)
+        return evaluate(cfg, rt, model, data)
 
-    tg.evaluate_artifact = failing_evaluate
+    tg.evaluate = failing_evaluate
 
 if "TEST_COMPILE_COUNTS" in os.environ:
-    counts_path, real_compile, real_log = os.environ["TEST_COMPILE_COUNTS"], torch.compile, tg.Runtime.log
+    counts_path, real_compile, real_log = (
+        os.environ["TEST_COMPILE_COUNTS"],
+        torch.compile,
+        tg.Runtime.log,
+    )
     torch.compile = lambda *args, **kwargs: real_compile(*args, **{**kwargs, "backend": "eager"})
 
     def counting_log(self, msg, console=True):
         path = counts_path if self.rank == 0 else f"{counts_path}.{self.rank}"
+        line = msg.splitlines()[0] if msg else ""
         with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"graphs": compiled_graphs(), "line": msg.splitlines()[0] if msg else ""}) + "\n")
+            f.write(json.dumps({"graphs": compiled_graphs(), "line": line}) + "\n")
         real_log(self, msg, console)
 
     tg.Runtime.log = counting_log

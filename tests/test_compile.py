@@ -1,7 +1,12 @@
 """Compiled graphs, counted as dynamo builds them (its "eager" backend: the same tracing and guards
 as on CUDA, no C++ compiler): nothing compiles once the training timer runs, late QAT included,
 and the evaluations build a bounded number of graphs whatever the validation length and the
-number of processes."""
+number of processes.
+
+One process runs train_gpt.main in this process with the counting patches applied by
+monkeypatch; two processes run tests/patched_run.py under torchrun, which applies the same
+patches (TEST_COMPILE_COUNTS). The pair is a session fixture (tests/conftest.py:
+compiled_runs): tests/test_pipeline.py compares their figures."""
 
 import json
 import os
@@ -12,27 +17,81 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch._dynamo
 
-from tests.test_pipeline import ROOT, tiny_data, tiny_env  # noqa: F401  (tiny_data is a fixture)
-from tools.data import read_shard, write_shard
+import train_gpt as tg
+from tests.test_pipeline import DEMO, ROOT, main_in_process, tiny_env
+from tools._files import read_shard, shard_bytes
 
 PATCHED = ROOT / "tests" / "patched_run.py"
 EVAL_GRAPH_LIMIT = 6  # dynamo's default recompile limit is 8 per function
 
 
-def counted_run(cwd: Path, root: Path, run_id: str, nproc: int = 1, data: Path | None = None,
-                **extra) -> list[list[dict]]:
-    """A compiled run through tests/patched_run.py; per rank, (graphs so far, log line) at each line."""
-    counts = cwd / "counts.jsonl"
-    env = {**os.environ, **tiny_env(root, run_id), "COMPILE": "1", "TEST_COMPILE_COUNTS": str(counts),
-           "WARMUP_STEPS": "2", "VAL_LOSS_EVERY": "4", "LATE_QAT_THRESHOLD": "0.5", "OMP_NUM_THREADS": "1",
-           **extra}
+def compiled_env(root: Path, run_id: str, data: Path | None) -> dict:
+    # SLOT batches of 8 windows: both validation lengths below fill several batches per list.
+    env = {
+        **tiny_env(root, run_id),
+        "COMPILE": "1",
+        "WARMUP_STEPS": "2",
+        "VAL_LOSS_EVERY": "4",
+        "LATE_QAT_THRESHOLD": "0.5",
+        "SLOT_BATCH_SEQS": "8",
+    }
     if data is not None:
         env["DATA_PATH"] = str(data)
-    cmd = [sys.executable, str(PATCHED)] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(PATCHED)]
-    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)  # a hang guard
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return env
+
+
+def counted_in_process(cwd: Path, root: Path, run_id: str, monkeypatch, data: Path | None = None):
+    """A compiled run in this process; (graphs compiled so far, first line) at each log line."""
+    records, real_compile, real_log = [], torch.compile, tg.Runtime.log
+
+    def counting_log(self, msg, console=True):
+        graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        records.append({"graphs": graphs, "line": msg.splitlines()[0] if msg else ""})
+        real_log(self, msg, console)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "compile", lambda *a, **k: real_compile(*a, **{**k, "backend": "eager"}))
+        m.setattr(tg.Runtime, "log", counting_log)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        try:
+            status, out, err = main_in_process(cwd, compiled_env(root, run_id, data))
+        finally:
+            torch._dynamo.reset()
+    assert status == 0, out[-2000:] + err[-2000:]
+    return records
+
+
+def torchrun_counted(cwd: Path, root: Path, run_id: str, nproc: int) -> subprocess.Popen:
+    """A compiled run through tests/patched_run.py under torchrun, started; torchrun_records
+    reads what each rank counted once it has finished."""
+    env = {
+        **os.environ,
+        **compiled_env(root, run_id, None),
+        "TEST_COMPILE_COUNTS": str(cwd / "counts.jsonl"),
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(PATCHED),
+    ]
+    return subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def torchrun_records(p: subprocess.Popen, cwd: Path, nproc: int) -> list[list[dict]]:
+    """Per rank, (graphs compiled so far, first line) at each log line."""
+    out, err = p.communicate(timeout=300)  # a hang guard: about 30 s
+    assert p.returncode == 0, out[-2000:] + err[-3000:]
+    counts = cwd / "counts.jsonl"
     paths = [counts] + [Path(f"{counts}.{r}") for r in range(1, nproc)]
     return [[json.loads(line) for line in path.read_text().splitlines()] for path in paths]
 
@@ -51,21 +110,21 @@ def phases(records: list[dict]) -> tuple[int, int, int]:
 
 
 @pytest.fixture(scope="module")
-def short_val_data(tiny_data, tmp_path_factory) -> Path:
-    """The demo corpus with its validation split cut to a quarter: a different number of windows,
-    batches and a different last batch."""
-    src = tiny_data / "data" / "datasets" / "demo_sp1024"
+def short_val_data(small_root, tmp_path_factory) -> Path:
+    """The small corpus with its validation split cut to a quarter: a different number of
+    windows, batches and a different last batch."""
+    src = small_root / DEMO
     dst = tmp_path_factory.mktemp("short_val") / "demo_sp1024"
     shutil.copytree(src, dst)
     val = np.asarray(read_shard(src / "fineweb_val_000000.bin"))
-    write_shard(dst / "fineweb_val_000000.bin", val[: val.size // 4 + 37])
+    (dst / "fineweb_val_000000.bin").write_bytes(shard_bytes(val[: val.size // 4 + 37]))
     return dst
 
 
 @pytest.fixture(scope="module")
-def one_process(tiny_data, tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("compile_one")
-    return counted_run(cwd, tiny_data, "c1")[0]
+def one_process(compiled_runs):
+    """The one-process records of the session's compiled runs (tests/conftest.py)."""
+    return compiled_runs["one"][1]
 
 
 def test_nothing_compiles_after_the_training_timer_starts(one_process):
@@ -77,20 +136,22 @@ def test_nothing_compiles_after_the_training_timer_starts(one_process):
     assert during == 0
 
 
-def test_evaluation_graphs_are_bounded_and_independent_of_the_data(one_process, tiny_data, short_val_data,
-                                                                   tmp_path):
+def test_evaluation_graphs_are_bounded_and_independent_of_the_data(
+    one_process, small_root, short_val_data, tmp_path, monkeypatch
+):
     _, _, evals = phases(one_process)
-    short = counted_run(tmp_path, tiny_data, "c2", data=short_val_data)[0]
+    short = counted_in_process(tmp_path, small_root, "c3", monkeypatch, data=short_val_data)
     assert phases(short)[1] == 0
     assert 0 < evals <= EVAL_GRAPH_LIMIT
     assert phases(short)[2] == evals
 
 
-def test_two_processes_compile_nothing_after_the_timer_and_few_eval_graphs(tiny_data, tmp_path):
-    """World size 2 (gloo): on every rank, nothing compiles in the timed loop and the evaluations stay
+def test_two_processes_compile_nothing_after_the_timer_and_few_eval_graphs(compiled_runs):
+    """World size 2 (gloo): on every rank, nothing compiles in the timed loop and the evaluations
+    stay
     within the bound. (Ranks may differ by a graph or two: Muon orthogonalises different matrices on
     each, and the batch holding the first window pads SLOT's fit to the larger of its two sizes.)"""
-    ranks = counted_run(tmp_path, tiny_data, "c3", nproc=2)
+    ranks = compiled_runs["two"][1]
     for records in ranks:
         warm, during, evals = phases(records)
         assert warm >= 3 and during == 0

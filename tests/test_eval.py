@@ -12,10 +12,26 @@ import train_gpt as tg
 
 CPU = torch.device("cpu")
 TINY = dict(
-    VOCAB_SIZE="64", NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1", BIGRAM_VOCAB_SIZE="64",
-    BIGRAM_DIM="16", VE_DIM="8", VE_LAYERS="1", XSA_LAST_N="2", TRAIN_SEQ_LEN="32", EVAL_SEQ_LEN="32",
-    EVAL_STRIDE="8", VAL_BATCH_SIZE=str(8 * 32 * 3), SLOT_STEPS="4", SLOT_LR="0.05", SLOT_LR_MIN="0.005",
-    SLOT_BATCH_SEQS="4", SLOT_INTERLEAVE="3", RUN_ID="test",
+    VOCAB_SIZE="64",
+    NUM_LAYERS="2",
+    MODEL_DIM="32",
+    NUM_HEADS="2",
+    NUM_KV_HEADS="1",
+    BIGRAM_VOCAB_SIZE="64",
+    BIGRAM_DIM="16",
+    VE_DIM="8",
+    VE_LAYERS="1",
+    XSA_LAST_N="2",
+    TRAIN_SEQ_LEN="32",
+    EVAL_SEQ_LEN="32",
+    EVAL_STRIDE="8",
+    VAL_BATCH_SIZE=str(8 * 32 * 3),
+    SLOT_STEPS="4",
+    SLOT_LR="0.05",
+    SLOT_LR_MIN="0.005",
+    SLOT_BATCH_SEQS="4",
+    SLOT_INTERLEAVE="3",
+    RUN_ID="test",
 )
 N_TARGETS = 301  # 34 whole windows of 32 at stride 8, then a tail window scoring the last 5
 
@@ -23,36 +39,60 @@ N_TARGETS = 301  # 34 whole windows of 32 at stride 8, then a tail window scorin
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def hparams(**change):
-    return tg.Hyperparameters.from_env({**TINY, **change})
+def config(**change):
+    return tg.Config.from_env({**TINY, **change})
 
 
 @pytest.fixture(scope="module")
 def setup():
     """A tiny model with random weights in every matrix, a random stream and random byte tables."""
-    h = hparams()
-    model = tg.build_model(h, CPU, seed=0)
+    cfg = config()
+    model = tg.build_model(cfg.model, CPU, seed=0)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 2:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.5 if "embed" in name else p.size(1) ** -0.5))
+                p.copy_(
+                    torch.randn(p.shape, generator=g)
+                    * (0.5 if "embed" in name else p.size(1) ** -0.5)
+                )
     model.eval()
-    tokens = torch.randint(0, h.vocab_size, (N_TARGETS + 1,), generator=g)
-    base_bytes = torch.randint(0, 5, (h.vocab_size,), generator=g).to(torch.int16)
-    leading = torch.rand(h.vocab_size, generator=g) < 0.5
-    boundary = torch.zeros(h.vocab_size, dtype=torch.bool)
+    vocab = cfg.model.vocab_size
+    tokens = torch.randint(0, vocab, (N_TARGETS + 1,), generator=g)
+    base_bytes = torch.randint(0, 5, (vocab,), generator=g).to(torch.int16)
+    leading = torch.rand(vocab, generator=g) < 0.5
+    boundary = torch.zeros(vocab, dtype=torch.bool)
     boundary[[0, 1, 2, 3, 17, 40]] = True
     luts = (base_bytes, leading, boundary)
-    return h, model, tokens, luts
+    return cfg, model, tokens, luts
 
 
-def run_windows(model, tokens, h, luts, sliding=True, modes=(), tail="once", rt=None):
-    """eval_windows at stride EVAL_STRIDE with per-target collection; returns {part: Sums}."""
-    plan = tg.sliding_windows(tokens.numel() - 1, h.effective_eval_seq_len, h.eval_stride, tail)
-    out = tg.eval_windows(model, model.hidden, tokens, plan, h, rt or tg.Runtime(), luts, sliding,
-                          slot_modes=modes, collect=True)
-    return {k: v[0] for k, v in out.items()}
+def part(scorer) -> str:
+    return "sliding" if isinstance(scorer, tg.SlidingScorer) else scorer.mode
+
+
+def scoring(model, tokens, luts, rt=None, hidden=None) -> tg.Scoring:
+    """What the evaluations read; `hidden` stands in for the model's hidden states."""
+    return tg.Scoring(model, hidden or model.hidden, tokens, luts, rt or tg.Runtime())
+
+
+def window_pass(s: tg.Scoring, cfg, sliding=True, modes=()) -> dict:
+    """sliding_pass at EVAL_STRIDE with per-target collection: the scorers by part (sliding,
+    scored, context)."""
+    name = "sliding" if sliding else ""
+    scorers = tg.sliding_pass(cfg.eval, s, cfg.eval.stride, name, modes, collect=True)
+    return {part(sc): sc for sc in scorers}
+
+
+def run_windows(model, tokens, cfg, luts, sliding=True, modes=(), rt=None):
+    """The window pass's sums by part."""
+    passed = window_pass(scoring(model, tokens, luts, rt), cfg, sliding, modes)
+    return {k: sc.sums for k, sc in passed.items()}
+
+
+def standard(s: tg.Scoring, cfg):
+    """The round trip's non-overlapping windows of 32, every target's nll collected."""
+    return tg.score_sequences(s, 32, cfg.train.val_batch_size, collect=True)
 
 
 # -----------------------------
@@ -64,21 +104,36 @@ def scored_counts(plan, n_targets):
     """How many times each target is scored."""
     counts = np.zeros(n_targets, dtype=np.int64)
     for s, ln, sf in zip(plan.start, plan.length, plan.score_from):
-        counts[s + sf:s + ln] += 1
+        counts[s + sf : s + ln] += 1
     return counts
 
 
-@pytest.mark.parametrize("n,L,S", [(20, 32, 8), (32, 32, 8), (72, 32, 8), (75, 32, 8), (33, 32, 8), (301, 32, 8),
-                                   (1000, 64, 7), (50, 16, 16), (4096 + 96 * 40 + 17, 2048, 96)])
+@pytest.mark.parametrize(
+    "n,L,S",
+    [
+        (20, 32, 8),
+        (32, 32, 8),
+        (72, 32, 8),
+        (75, 32, 8),
+        (33, 32, 8),
+        (301, 32, 8),
+        (1000, 64, 7),
+        (50, 16, 16),
+        (4096 + 96 * 40 + 17, 2048, 96),
+    ],
+)
 def test_once_tail_scores_every_target_once(n, L, S):
-    """EVAL_TAIL=once: exact coverage, full-length windows, at least L - S context after the first."""
+    """EVAL_TAIL=once: exact coverage, full-length windows, at least L - S context after the
+    first."""
     plan = tg.sliding_windows(n, L, S, "once")
     assert np.array_equal(scored_counts(plan, n), np.ones(n, dtype=np.int64))
     assert plan.start[0] == 0 and plan.score_from[0] == 0
     assert np.all(plan.start[:-1] < plan.start[1:])
     if n >= L:
         assert np.all(plan.length == L) and np.all(plan.start + plan.length <= n)
-        assert np.all(plan.score_from[1:] >= L - S)  # each later scored position has >= L - S tokens before it
+        assert np.all(
+            plan.score_from[1:] >= L - S
+        )  # each later scored position has >= L - S tokens before it
         whole = (n - L) // S + 1
         assert len(plan) == whole + (1 if (n - L) % S else 0)
         assert np.array_equal(plan.start[:whole], np.arange(whole) * S)
@@ -99,13 +154,19 @@ def original_rule(n, L, S):
     return starts, lengths, froms
 
 
-@pytest.mark.parametrize("n,L,S", [(20, 32, 8), (32, 32, 8), (75, 32, 8), (301, 32, 8), (1000, 64, 7),
-                                   (2048 * 3 + 40, 2048, 96)])
+@pytest.mark.parametrize(
+    "n,L,S",
+    [(20, 32, 8), (32, 32, 8), (75, 32, 8), (301, 32, 8), (1000, 64, 7), (2048 * 3 + 40, 2048, 96)],
+)
 def test_original_tail_follows_its_rule(n, L, S):
     """EVAL_TAIL=original: windows at every multiple of S; the duplicates the rule implies."""
     plan = tg.sliding_windows(n, L, S, "original")
     starts, lengths, froms = original_rule(n, L, S)
-    assert plan.start.tolist() == starts and plan.length.tolist() == lengths and plan.score_from.tolist() == froms
+    assert (
+        plan.start.tolist() == starts
+        and plan.length.tolist() == lengths
+        and plan.score_from.tolist() == froms
+    )
     counts = scored_counts(plan, n)
     assert counts.min() == 1
     # Duplicates by hand: every short window with length >= S re-scores the last S targets, one
@@ -143,13 +204,14 @@ def test_original_tail_duplicates_on_the_real_split(stride, duplicates):
 
 
 def test_window_batches_deal_round_robin():
-    """Interleave 8, batch 32: list v holds windows v, v+8, ...; consecutive batches; each window once."""
+    """Interleave 8, batch 32: list v holds windows v, v+8, ...; consecutive batches; each window
+    once."""
     n = 1000
     batches = tg.window_batches(n, 32, 8)
     expected = []
     for v in range(8):
         own = list(range(v, n, 8))
-        expected += [own[i:i + 32] for i in range(0, len(own), 32)]
+        expected += [own[i : i + 32] for i in range(0, len(own), 32)]
     assert [b.tolist() for b in batches] == expected
     assert len(batches) == 8 * 4  # 125 windows per list: 32, 32, 32, 29
     assert sorted(np.concatenate(batches).tolist()) == list(range(n))
@@ -172,7 +234,7 @@ def window_rows(tokens, plan, idx, L):
     context = torch.zeros(B, L)
     for b, i in enumerate(idx):
         s, ln, sf = int(plan.start[i]), int(plan.length[i]), int(plan.score_from[i])
-        x[b, :ln], y[b, :ln] = tokens[s:s + ln], tokens[s + 1:s + ln + 1]
+        x[b, :ln], y[b, :ln] = tokens[s : s + ln], tokens[s + 1 : s + ln + 1]
         scored[b, sf:ln] = 1
         context[b, :sf] = 1
     return x, y, scored, context
@@ -187,27 +249,31 @@ def collect(out, total, plan, idx, nll):
             total.append(float(nll[b, p]))
 
 
-def reference_sliding(model, tokens, plan, h):
+def reference_sliding(model, tokens, plan, cfg):
     """Full-window logits over all L positions, one window at a time."""
-    n, L = tokens.numel() - 1, h.effective_eval_seq_len
+    n, L, V = tokens.numel() - 1, cfg.eval.seq_len, cfg.model.vocab_size
     out, total = torch.full((n,), float("nan"), dtype=torch.float64), []
     for i in range(len(plan)):
         x, y, _, _ = window_rows(tokens, plan, [i], L)
         with torch.no_grad():
-            nll = F.cross_entropy(model.logits(model.hidden(x)).reshape(-1, h.vocab_size), y.reshape(-1),
-                                  reduction="none").reshape(1, L)
+            nll = F.cross_entropy(
+                model.logits(model.hidden(x)).reshape(-1, V), y.reshape(-1), reduction="none"
+            ).reshape(1, L)
         collect(out, total, plan, [i], nll)
     return out, total
 
 
-def reference_slot(model, tokens, plan, h, mode):
+def reference_slot(model, tokens, plan, cfg, mode):
     """The original's SLOT, straightforwardly: logits for every position of every window,
     the loss masked to the fit positions, AdamW on a per-window delta and bias."""
-    n, L, V = tokens.numel() - 1, h.effective_eval_seq_len, h.vocab_size
+    n, L, V = tokens.numel() - 1, cfg.eval.seq_len, cfg.model.vocab_size
+    slot = cfg.eval.slot
     weight = model.head_weight().detach().float()
-    cap = h.logit_softcap
-    lists = [list(range(v, len(plan), h.slot_interleave)) for v in range(h.slot_interleave)]
-    batches = [lst[i:i + h.slot_batch_seqs] for lst in lists for i in range(0, len(lst), h.slot_batch_seqs)]
+    cap = cfg.model.logit_softcap
+    lists = [list(range(v, len(plan), slot.interleave)) for v in range(slot.interleave)]
+    batches = [
+        lst[i : i + slot.batch_seqs] for lst in lists for i in range(0, len(lst), slot.batch_seqs)
+    ]
     out, total = torch.full((n,), float("nan"), dtype=torch.float64), []
     for idx in batches:
         x, y, scored, context = window_rows(tokens, plan, idx, L)
@@ -218,13 +284,19 @@ def reference_slot(model, tokens, plan, h, mode):
 
         def nll_all():
             logits = cap * torch.tanh(((hid + delta) @ weight.T + bias) / cap)
-            return F.cross_entropy(logits.reshape(-1, V), y.reshape(-1), reduction="none").reshape(len(idx), L)
+            return F.cross_entropy(logits.reshape(-1, V), y.reshape(-1), reduction="none").reshape(
+                len(idx), L
+            )
 
         mask = scored if mode == "scored" else context
         if mask.sum() > 0:
-            opt = torch.optim.AdamW([delta, bias], lr=h.slot_lr, betas=(0.9, 0.999), eps=1e-5, weight_decay=1e-8)
-            for i in range(h.slot_steps):
-                lr = h.slot_lr_min + 0.5 * (h.slot_lr - h.slot_lr_min) * (1 + math.cos(math.pi * i / h.slot_steps))
+            opt = torch.optim.AdamW(
+                [delta, bias], lr=slot.lr, betas=(0.9, 0.999), eps=1e-5, weight_decay=1e-8
+            )
+            for i in range(slot.steps):
+                lr = slot.lr_min + 0.5 * (slot.lr - slot.lr_min) * (
+                    1 + math.cos(math.pi * i / slot.steps)
+                )
                 for group in opt.param_groups:
                     group["lr"] = lr
                 opt.zero_grad()
@@ -243,11 +315,11 @@ def relative_gap(a, b):
 @pytest.mark.parametrize("n_targets", [N_TARGETS, 20, 32])
 def test_sliding_equals_full_window_logits(setup, n_targets):
     """Sliding per-target nll equals a whole-window computation (padded short streams too)."""
-    h, model, tokens, luts = setup
-    tokens = tokens[:n_targets + 1]
+    cfg, model, tokens, luts = setup
+    tokens = tokens[: n_targets + 1]
     plan = tg.sliding_windows(n_targets, 32, 8, "once")
-    ref, total = reference_sliding(model, tokens, plan, h)
-    sums = run_windows(model, tokens, h, luts)["sliding"]
+    ref, total = reference_sliding(model, tokens, plan, cfg)
+    sums = run_windows(model, tokens, cfg, luts)["sliding"]
     got = sums.per_target(tg.Runtime())
     assert not torch.isnan(ref).any() and len(total) == n_targets
     assert relative_gap(got, ref) <= 1e-6
@@ -258,15 +330,15 @@ def test_sliding_equals_full_window_logits(setup, n_targets):
 @pytest.mark.parametrize("mode", ["scored", "context"])
 def test_slot_equals_full_window_reference(setup, mode):
     """Fast SLOT (scored rows only) gives the per-target nll of the full-window original."""
-    h, model, tokens, luts = setup
+    cfg, model, tokens, luts = setup
     plan = tg.sliding_windows(N_TARGETS, 32, 8, "once")
-    ref, total = reference_slot(model, tokens, plan, h, mode)
-    sums = run_windows(model, tokens, h, luts, sliding=False, modes=(mode,))[mode]
+    ref, total = reference_slot(model, tokens, plan, cfg, mode)
+    sums = run_windows(model, tokens, cfg, luts, sliding=False, modes=(mode,))[mode]
     got = sums.per_target(tg.Runtime())
     assert not torch.isnan(ref).any()
     assert relative_gap(got, ref) <= 1e-5
     assert math.isclose(float(sums.loss), math.fsum(total), rel_tol=1e-6)
-    plain = run_windows(model, tokens, h, luts)["sliding"].per_target(tg.Runtime())
+    plain = run_windows(model, tokens, cfg, luts)["sliding"].per_target(tg.Runtime())
     if mode == "scored":  # SLOT moved every window's scores
         assert float((got - plain).abs().min()) > 0
     else:  # the first window has no context: scored without adaptation
@@ -276,10 +348,11 @@ def test_slot_equals_full_window_reference(setup, mode):
 @pytest.mark.parametrize("mode", ["scored", "context"])
 def test_slot_with_original_tail_matches_reference_totals(setup, mode):
     """Short padded windows and duplicate scores (EVAL_TAIL=original) agree in total."""
-    h, model, tokens, luts = setup
+    cfg, model, tokens, luts = setup
     plan = tg.sliding_windows(N_TARGETS, 32, 8, "original")
-    _, total = reference_slot(model, tokens, plan, h, mode)
-    sums = run_windows(model, tokens, h, luts, sliding=False, modes=(mode,), tail="original")[mode]
+    _, total = reference_slot(model, tokens, plan, cfg, mode)
+    original = config(EVAL_TAIL="original")
+    sums = run_windows(model, tokens, original, luts, sliding=False, modes=(mode,))[mode]
     assert int(sums.tokens) == len(total) > N_TARGETS
     assert math.isclose(float(sums.loss), math.fsum(total), rel_tol=1e-6)
 
@@ -291,10 +364,13 @@ def test_slot_with_original_tail_matches_reference_totals(setup, mode):
 
 def test_two_ranks_equal_one(setup):
     """Batches split over two simulated ranks (no process group) give the one-process numbers."""
-    h, model, tokens, luts = setup
+    cfg, model, tokens, luts = setup
     modes = ("scored", "context")
-    one = run_windows(model, tokens, h, luts, modes=modes)
-    parts = [run_windows(model, tokens, h, luts, modes=modes, rt=tg.Runtime(rank=r, world_size=2)) for r in (0, 1)]
+    one = run_windows(model, tokens, cfg, luts, modes=modes)
+    parts = [
+        run_windows(model, tokens, cfg, luts, modes=modes, rt=tg.Runtime(rank=r, world_size=2))
+        for r in (0, 1)
+    ]
     for key in ("sliding", *modes):
         a, b, whole = parts[0][key], parts[1][key], one[key]
         assert 0 < int(a.tokens) < N_TARGETS and int(a.tokens) + int(b.tokens) == N_TARGETS
@@ -302,10 +378,14 @@ def test_two_ranks_equal_one(setup):
         assert torch.allclose(a.nll + b.nll, whole.nll, rtol=1e-12, atol=0)
         assert float(a.bytes + b.bytes) == float(whole.bytes)
         assert math.isclose(float(a.loss + b.loss), float(whole.loss), rel_tol=1e-12)
-    std_one = tg.eval_standard(model, model.hidden, tokens, 32, h, tg.Runtime(), luts, collect=True)
-    std = [tg.eval_standard(model, model.hidden, tokens, 32, h, tg.Runtime(rank=r, world_size=2), luts, collect=True)
-           for r in (0, 1)]
-    assert int(std[0].tokens) == 4 * 32 and int(std[1].tokens) == 5 * 32  # 9 sequences: [0, 4) and [4, 9)
+    std_one = standard(scoring(model, tokens, luts), cfg)
+    std = [
+        standard(scoring(model, tokens, luts, tg.Runtime(rank=r, world_size=2)), cfg)
+        for r in (0, 1)
+    ]
+    assert (
+        int(std[0].tokens) == 4 * 32 and int(std[1].tokens) == 5 * 32
+    )  # 9 sequences: [0, 4) and [4, 9)
     assert torch.allclose(std[0].nll + std[1].nll, std_one.nll, rtol=1e-12, atol=0)
 
 
@@ -318,16 +398,17 @@ def test_runtime_reduce_needs_no_process_group_for_one_rank():
 
 def test_shared_pass_equals_separate_passes(setup):
     """One hidden pass serving sliding and both SLOT modes gives each one's separate numbers."""
-    h, model, tokens, luts = setup
-    plan = tg.sliding_windows(N_TARGETS, 32, 8, "once")
-    shared = tg.eval_windows(model, model.hidden, tokens, plan, h, tg.Runtime(), luts, True,
-                             slot_modes=("scored", "context"), collect=True)
-    assert set(shared) == {"sliding", "scored", "context"} and all(sec > 0 for _, sec in shared.values())
-    for part in ("scored", "context"):
-        alone = run_windows(model, tokens, h, luts, sliding=False, modes=(part,))[part]
-        assert torch.equal(shared[part][0].nll, alone.nll)
-    alone = run_windows(model, tokens, h, luts)["sliding"]
-    assert torch.allclose(shared["sliding"][0].nll, alone.nll, rtol=1e-6, atol=0)
+    cfg, model, tokens, luts = setup
+    shared = window_pass(scoring(model, tokens, luts), cfg, modes=("scored", "context"))
+    assert set(shared) == {"sliding", "scored", "context"} and all(
+        sc.seconds > 0 for sc in shared.values()
+    )
+    assert [sc.name for sc in shared.values()] == ["sliding", "final_slot", "final_slot_context"]
+    for name in ("scored", "context"):
+        alone = run_windows(model, tokens, cfg, luts, sliding=False, modes=(name,))[name]
+        assert torch.equal(shared[name].sums.nll, alone.nll)
+    alone = run_windows(model, tokens, cfg, luts)["sliding"]
+    assert torch.allclose(shared["sliding"].sums.nll, alone.nll, rtol=1e-6, atol=0)
 
 
 # -----------------------------
@@ -346,9 +427,11 @@ def flipped(tokens, p, vocab):
 
 def test_flip_standard(setup):
     """Non-overlapping windows are causal: no target before p moves."""
-    h, model, tokens, luts = setup
-    runs = [tg.eval_standard(model, model.hidden, t, 32, h, tg.Runtime(), luts, collect=True).nll
-            for t in (tokens, flipped(tokens, P, h.vocab_size))]
+    cfg, model, tokens, luts = setup
+    runs = [
+        standard(scoring(model, t, luts), cfg).nll
+        for t in (tokens, flipped(tokens, P, cfg.model.vocab_size))
+    ]
     assert torch.equal(runs[0][:P], runs[1][:P])
     assert runs[0][P] != runs[1][P]
 
@@ -356,19 +439,23 @@ def test_flip_standard(setup):
 @pytest.mark.parametrize("part", ["sliding", "context"])
 def test_flip_causal_modes(setup, part):
     """Sliding and context-SLOT: no target before p moves; later ones do."""
-    h, model, tokens, luts = setup
+    cfg, model, tokens, luts = setup
     modes = () if part == "sliding" else ("context",)
-    runs = [run_windows(model, t, h, luts, sliding=part == "sliding", modes=modes)[part].nll
-            for t in (tokens, flipped(tokens, P, h.vocab_size))]
+    runs = [
+        run_windows(model, t, cfg, luts, sliding=part == "sliding", modes=modes)[part].nll
+        for t in (tokens, flipped(tokens, P, cfg.model.vocab_size))
+    ]
     assert float((runs[0][:P] - runs[1][:P]).abs().max()) <= 1e-6
     assert float((runs[0][P:] - runs[1][P:]).abs().max()) > 1e-4
 
 
 def test_flip_detects_scored_slot_as_non_causal(setup):
     """Scored SLOT fits to the targets it scores: earlier targets of p's window move."""
-    h, model, tokens, luts = setup
-    runs = [run_windows(model, t, h, luts, sliding=False, modes=("scored",))["scored"].nll
-            for t in (tokens, flipped(tokens, P, h.vocab_size))]
+    cfg, model, tokens, luts = setup
+    runs = [
+        run_windows(model, t, cfg, luts, sliding=False, modes=("scored",))["scored"].nll
+        for t in (tokens, flipped(tokens, P, cfg.model.vocab_size))
+    ]
     gap = (runs[0][:P] - runs[1][:P]).abs()
     assert float(gap[104:P].max()) > 1e-4  # the same window's scored span, before p
     assert float(gap[:104].max()) <= 1e-6
@@ -383,21 +470,30 @@ def own_bpb(nll, tokens, luts):
     base_bytes, leading, boundary = luts
     prev, tgt = tokens[:-1], tokens[1:]
     nbytes = base_bytes[tgt].double() + (leading[tgt] & ~boundary[prev]).double()
-    return float(nll.sum()) / nll.numel(), (float(nll.sum()) / math.log(2)) / float(nbytes.sum()), float(nbytes.sum())
+    return (
+        float(nll.sum()) / nll.numel(),
+        (float(nll.sum()) / math.log(2)) / float(nbytes.sum()),
+        float(nbytes.sum()),
+    )
 
 
 def test_bpb_from_per_target_nll(setup):
     """val_bpb = (sum nll / ln 2) / sum bytes, with the previous token's boundary rule."""
-    h, model, tokens, luts = setup
+    cfg, model, tokens, luts = setup
     base_bytes, leading, boundary = luts
     prev, tgt = tokens[:-1], tokens[1:]
     assert bool((leading[tgt] & boundary[prev]).any())  # the boundary rule matters on this stream
-    for sums, rel in ((run_windows(model, tokens, h, luts)["sliding"], 1e-12),
-                      (run_windows(model, tokens, h, luts, sliding=False, modes=("context",))["context"], 1e-12),
-                      (tg.eval_standard(model, model.hidden, tokens, 32, h, tg.Runtime(), luts, collect=True), 1e-6)):
+    for sums, rel in (
+        (run_windows(model, tokens, cfg, luts)["sliding"], 1e-12),
+        (
+            run_windows(model, tokens, cfg, luts, sliding=False, modes=("context",))["context"],
+            1e-12,
+        ),
+        (standard(scoring(model, tokens, luts), cfg), 1e-6),
+    ):
         n = int(sums.tokens)
         nll = sums.nll[:n]  # eval_standard scores whole sequences: the first 9 * 32 targets
-        loss, bpb, nbytes = own_bpb(nll, tokens[:n + 1], luts)
+        loss, bpb, nbytes = own_bpb(nll, tokens[: n + 1], luts)
         val_loss, val_bpb = sums.result(tg.Runtime())
         assert float(sums.bytes) == nbytes
         assert math.isclose(val_loss, loss, rel_tol=rel) and math.isclose(val_bpb, bpb, rel_tol=rel)
@@ -412,68 +508,82 @@ def recording(fn, shapes):
     def wrapped(x, *args, **kwargs):
         shapes.append(tuple(x.shape))
         return fn(x, *args, **kwargs)
+
     return wrapped
 
 
 @pytest.mark.parametrize("n_targets", [N_TARGETS, 150])
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_one_input_shape_per_evaluation(setup, n_targets, world):
-    """Standard batches (short ones padded with rows that score nothing) have one shape on every rank,
+    """Standard batches (short ones padded with rows that score nothing) have one shape on every
+    rank,
     window batches always SLOT_BATCH_SEQS rows; the per-target numbers are those of one process."""
-    h, model, tokens, luts = setup
-    tokens = tokens[:n_targets + 1]
-    plan = tg.sliding_windows(n_targets, 32, 8, "once")
+    cfg, model, tokens, luts = setup
+    tokens = tokens[: n_targets + 1]
     std_shapes, win_shapes, std, win = [], [], [], []
     for r in range(world):
         rt = tg.Runtime(rank=r, world_size=world)
-        std.append(tg.eval_standard(model, recording(model.hidden, std_shapes), tokens, 32, h, rt, luts, collect=True))
-        win.append(tg.eval_windows(model, recording(model.hidden, win_shapes), tokens, plan, h, rt, luts, True,
-                                   slot_modes=("context",), collect=True))
+        std.append(
+            standard(scoring(model, tokens, luts, rt, recording(model.hidden, std_shapes)), cfg)
+        )
+        s = scoring(model, tokens, luts, rt, recording(model.hidden, win_shapes))
+        scorers = window_pass(s, cfg, modes=("context",))
+        win.append({k: sc.sums for k, sc in scorers.items()})
     n_seqs = n_targets // 32
     assert len(set(std_shapes)) == 1 and std_shapes[0][1] == 32
-    assert std_shapes[0][0] == min(3, -(-n_seqs // world))  # VAL_BATCH_SIZE gives 3 rows, unless no rank has 3
+    assert std_shapes[0][0] == min(
+        3, -(-n_seqs // world)
+    )  # VAL_BATCH_SIZE gives 3 rows, unless no rank has 3
     assert sum(int(s.tokens) for s in std) == n_seqs * 32
     assert set(win_shapes) == {(4, 32)}
-    one_std = tg.eval_standard(model, model.hidden, tokens, 32, h, tg.Runtime(), luts, collect=True)
-    one_win = run_windows(model, tokens, h, luts, modes=("context",))
+    one_std = standard(scoring(model, tokens, luts), cfg)
+    one_win = run_windows(model, tokens, cfg, luts, modes=("context",))
     assert torch.allclose(sum(s.nll for s in std), one_std.nll, rtol=1e-6, atol=0)
     for part in ("sliding", "context"):
-        assert torch.equal(sum(w[part][0].nll for w in win), one_win[part].nll)
+        assert torch.equal(sum(w[part].nll for w in win), one_win[part].nll)
 
 
 @pytest.mark.parametrize("n_targets", [N_TARGETS, 150, 77])
 def test_slot_fit_shapes_are_bounded(setup, n_targets, monkeypatch):
     """Each SLOT fit list is padded to one of two sizes per mode (a typical batch's, or the largest
     batch's), its weights summing to one over the real positions and zero on the padding."""
-    h, model, tokens, luts = setup
+    cfg, model, tokens, luts = setup
     seen = {}
     loss = tg.slot_loss
 
-    def spy(delta, bias, base, rows, y, w, weight, softcap):
+    def spy(*args):  # (delta, bias, base, rows, y, w, weight, softcap)
+        base, w = args[2], args[5]
         seen.setdefault(tuple(base.shape), []).append(w)
-        return loss(delta, bias, base, rows, y, w, weight, softcap)
+        return loss(*args)
 
     monkeypatch.setattr(tg, "slot_loss", spy)
     for mode in ("scored", "context"):
         seen.clear()
-        run_windows(model, tokens[:n_targets + 1], h, luts, sliding=False, modes=(mode,))
+        run_windows(model, tokens[: n_targets + 1], cfg, luts, sliding=False, modes=(mode,))
         assert 1 <= len(seen) <= 2
         for ws in seen.values():
             for w in ws:
                 n = int((w > 0).sum())
-                assert torch.all(w[n:] == 0) and math.isclose(float(w.double().sum()), 1.0, rel_tol=1e-6)
+                assert torch.all(w[n:] == 0) and math.isclose(
+                    float(w.double().sum()), 1.0, rel_tol=1e-6
+                )
 
 
 def test_padded_slot_fit_equals_the_unpadded_one(setup):
     """Padding the fit list with weight-0 entries leaves SLOT's scores unchanged."""
-    h, model, tokens, luts = setup
+    cfg, model, tokens, luts = setup
     plan = tg.sliding_windows(N_TARGETS, 32, 8, "once")
     xy, (scored, context), _ = tg.window_batch(tokens.numpy(), plan, np.array([0, 5, 9]), 4, 32)
     x, y = torch.from_numpy(xy)
     with torch.no_grad():
         hid = model.hidden(x).float()
-    weight = model.head_weight().detach().float()
-    for fit in (scored, context):
-        plain = tg.slot_fit_and_score(hid, y, fit, scored, weight, h)
-        padded = tg.slot_fit_and_score(hid, y, fit, scored, weight, h, size=int(fit.sum()) + 37)
+    s = tg.Scoring(model, model.hidden, tokens, luts, tg.Runtime())
+    batches = tg.window_batches(len(plan), cfg.eval.slot.batch_seqs, cfg.eval.slot.interleave)
+    for mode, fit in (
+        ("scored", scored),
+        ("context", context),
+    ):  # the scored mode fits what it scores
+        scorer = tg.SlotScorer(mode, cfg.eval.slot, s, plan, batches, 4)
+        plain = scorer.fit_and_score(hid, y, fit, scored, int(fit.sum()))
+        padded = scorer.fit_and_score(hid, y, fit, scored, int(fit.sum()) + 37)
         assert plain.numel() == 32 + 2 * 8 and torch.equal(plain, padded)

@@ -1,6 +1,7 @@
 """Tests of legal score-first test-time training (SPEC section 8): the accepted record's figures
 on the reference model, the flip test, coverage, rank splits, what is and is not trained on."""
 
+import contextlib
 import copy
 import io
 import json
@@ -13,46 +14,77 @@ import sentencepiece as spm
 import torch
 
 import train_gpt as tg
-from tests.test_pipeline import figures, run_script
-from tools._common import perturbed_model
+from tests.test_pipeline import REF, figures, process_state, run_script
+from tools._files import shard_bytes
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "train_gpt.py"
-REF = ROOT.parent / "shared" / "reference"
 CPU = torch.device("cpu")
 L, N = 32, 300
 TINY = dict(
-    VOCAB_SIZE="64", NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1", BIGRAM_VOCAB_SIZE="64",
-    BIGRAM_DIM="16", VE_DIM="8", VE_LAYERS="1", XSA_LAST_N="2", TRAIN_SEQ_LEN=str(L), EVAL_SEQ_LEN=str(L),
-    EVAL_STRIDE="12", VAL_BATCH_SIZE=str(8 * 4 * L), SLOT_BATCH_SEQS="4", SLOT_STEPS="2", TTT_ENABLED="1",
-    TTT_CHUNK_TOKENS="64", TTT_LR="0.05", RUN_ID="test",
+    VOCAB_SIZE="64",
+    NUM_LAYERS="2",
+    MODEL_DIM="32",
+    NUM_HEADS="2",
+    NUM_KV_HEADS="1",
+    BIGRAM_VOCAB_SIZE="64",
+    BIGRAM_DIM="16",
+    VE_DIM="8",
+    VE_LAYERS="1",
+    XSA_LAST_N="2",
+    TRAIN_SEQ_LEN=str(L),
+    EVAL_SEQ_LEN=str(L),
+    EVAL_STRIDE="12",
+    VAL_BATCH_SIZE=str(8 * 4 * L),
+    SLOT_BATCH_SEQS="4",
+    SLOT_STEPS="2",
+    TTT_ENABLED="1",
+    TTT_CHUNK_TOKENS="64",
+    TTT_LR="0.05",
+    RUN_ID="test",
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def hparams(**change):
-    return tg.Hyperparameters.from_env({**TINY, **{k.upper(): str(v) for k, v in change.items()}})
+def config(**change):
+    return tg.Config.from_env({**TINY, **{k.upper(): str(v) for k, v in change.items()}})
+
+
+def perturbed_model(cfg: tg.GPTConfig, seed: int, noise: float) -> tg.GPT:
+    """The seeded initial model plus seeded noise on every parameter: at initialisation the output
+    projections are zero and the embeddings tiny, so every target would score about ln V
+    whatever the input (or the code) does."""
+    model = tg.build_model(cfg, CPU, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(noise * torch.randn(p.shape, generator=gen))
+    return model
 
 
 @pytest.fixture(scope="module")
 def setup():
-    """A tiny model whose predictions depend on its input, a random stream of N targets, random byte tables."""
-    h = hparams()
-    model = perturbed_model(tg, h, 0, 0.3).eval()
+    """A tiny model whose predictions depend on its input, a random stream of N targets, random
+    byte tables."""
+    cfg = config()
+    vocab = cfg.model.vocab_size
+    model = perturbed_model(cfg.model, 0, 0.3).eval()
     g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, h.vocab_size, (N + 1,), generator=g)
-    luts = (torch.randint(0, 5, (h.vocab_size,), generator=g).to(torch.int16),
-            torch.rand(h.vocab_size, generator=g) < 0.5, torch.zeros(h.vocab_size, dtype=torch.bool))
+    tokens = torch.randint(0, vocab, (N + 1,), generator=g)
+    luts = (
+        torch.randint(0, 5, (vocab,), generator=g).to(torch.int16),
+        torch.rand(vocab, generator=g) < 0.5,
+        torch.zeros(vocab, dtype=torch.bool),
+    )
     return model, tokens, luts
 
 
 def ttt(setup, tokens=None, rt=None, **change):
     """eval_ttt on a copy of the model: (per-target nll, Sums, the adapted model)."""
     model, base_tokens, luts = setup
-    h, adapted = hparams(**change), copy.deepcopy(model)
+    cfg, adapted = config(**change), copy.deepcopy(model)
     rt = rt or tg.Runtime()
-    sums, _ = tg.eval_ttt(adapted, base_tokens if tokens is None else tokens, h, rt, luts, collect=True)
+    tokens = base_tokens if tokens is None else tokens
+    sums, _ = tg.eval_ttt(cfg.eval, rt, adapted, tokens, luts, collect=True)
     return sums.per_target(rt) if not rt.distributed else None, sums, adapted
 
 
@@ -67,9 +99,17 @@ def flipped(tokens, p, vocab=64):
 # -----------------------------
 
 
-@pytest.mark.parametrize("n,seq_len,stride,chunk,tail", [(300, 32, 12, 64, "once"), (300, 32, 12, 80, "original"),
-                                                          (1000, 64, 7, 100, "once"), (1000, 64, 7, 64, "original"),
-                                                          (31744, 512, 64, 4096, "once"), (40, 32, 8, 32, "once")])
+@pytest.mark.parametrize(
+    "n,seq_len,stride,chunk,tail",
+    [
+        (300, 32, 12, 64, "once"),
+        (300, 32, 12, 80, "original"),
+        (1000, 64, 7, 100, "once"),
+        (1000, 64, 7, 64, "original"),
+        (31744, 512, 64, 4096, "once"),
+        (40, 32, 8, 32, "once"),
+    ],
+)
 def test_chunk_windows_follow_the_first_scored_target(n, seq_len, stride, chunk, tail):
     """Window i belongs to chunk min((start + score_from) // C, n_chunks - 1), written as a loop."""
     plan = tg.sliding_windows(n, seq_len, stride, tail)
@@ -85,17 +125,27 @@ def test_chunk_windows_follow_the_first_scored_target(n, seq_len, stride, chunk,
 
 @pytest.mark.parametrize("tail", ["once", "original"])
 def test_every_target_scored_as_the_sliding_plan_scores_it(setup, tail, monkeypatch):
-    """TTT scores exactly the sliding plan's targets (positions and count; once each under EVAL_TAIL=once,
+    """TTT scores exactly the sliding plan's targets (positions and count; once each under
+    EVAL_TAIL=once,
     the original's duplicates under EVAL_TAIL=original); without training it is the sliding pass."""
     _, tokens, luts = setup
     seen = []
     add = tg.Sums.add
-    monkeypatch.setattr(tg.Sums, "add", lambda self, nll, prev, tgt, lt, where=None:
-                        (seen.append(where.clone()), add(self, nll, prev, tgt, lt, where))[1])
+    monkeypatch.setattr(
+        tg.Sums,
+        "add",
+        lambda self, nll, prev, tgt, lt, where=None: (
+            seen.append(where.clone()),
+            add(self, nll, prev, tgt, lt, where),
+        )[1],
+    )
     _, sums, _ = ttt(setup, eval_tail=tail)
     plan = tg.sliding_windows(N, L, 12, tail)
-    want = np.sort(np.concatenate([np.arange(s + f, s + ln) for s, ln, f in
-                                   zip(plan.start, plan.length, plan.score_from)]))
+    want = np.sort(
+        np.concatenate(
+            [np.arange(s + f, s + ln) for s, ln, f in zip(plan.start, plan.length, plan.score_from)]
+        )
+    )
     got = np.sort(torch.cat(seen).numpy())
     assert np.array_equal(got, want) and int(sums.tokens) == len(want)
     if tail == "once":
@@ -103,12 +153,13 @@ def test_every_target_scored_as_the_sliding_plan_scores_it(setup, tail, monkeypa
     else:
         assert len(got) > N
     monkeypatch.undo()
-    h = hparams(eval_tail=tail)
+    cfg = config(eval_tail=tail)
     model, _, _ = setup
-    sliding = tg.eval_windows(model, model.hidden, tokens, plan, h, tg.Runtime(), luts, True, collect=True)
+    s = tg.Scoring(model, model.hidden, tokens, luts, tg.Runtime())
+    sliding = tg.sliding_pass(cfg.eval, s, 12, "sliding", collect=True)[0].sums
     untrained, sums0, _ = ttt(setup, eval_tail=tail, ttt_epochs=0)
-    assert torch.equal(untrained, sliding["sliding"][0].per_target(tg.Runtime()))
-    assert float(sums0.loss) == pytest.approx(float(sliding["sliding"][0].loss), rel=1e-12)
+    assert torch.equal(untrained, sliding.per_target(tg.Runtime()))
+    assert float(sums0.loss) == pytest.approx(float(sliding.loss), rel=1e-12)
 
 
 # -----------------------------
@@ -116,7 +167,8 @@ def test_every_target_scored_as_the_sliding_plan_scores_it(setup, tail, monkeypa
 # -----------------------------
 
 # (TTT_CHUNK_TOKENS, p, whether token p + 1 is trained on). Chunks of 64 hold two whole sequences
-# of 32; at stride 12 the span of window 3 (targets 56..67) straddles the boundary at 64 and is scored
+# of 32; at stride 12 the span of window 3 (targets 56..67) straddles the boundary at 64 and is
+# scored
 # with chunk 0. Chunks of 80 leave targets 64..79 of each chunk untrained (token 80 opens chunk 1's
 # first sequence). The last chunk is never trained on.
 FLIPS = [
@@ -142,7 +194,7 @@ def test_flip_keeps_every_earlier_target(setup, chunk, p, trained):
     b, _, _ = ttt(setup, flipped(tokens, p), ttt_chunk_tokens=chunk)
     assert torch.equal(a[:p], b[:p])
     assert a[p] != b[p]
-    later = (a[p + L + 1:] - b[p + L + 1:]).abs()
+    later = (a[p + L + 1 :] - b[p + L + 1 :]).abs()
     if trained:
         assert float(later.max()) > 1e-4
     else:
@@ -183,7 +235,11 @@ def test_frozen_blocks_stay_bit_identical(setup):
     assert not torch.equal(before["tok_emb.weight"], after["tok_emb.weight"])
     assert not torch.equal(before["blocks.1.mlp.fc.weight"], after["blocks.1.mlp.fc.weight"])
     _, _, all_frozen = ttt(setup, ttt_freeze_blocks=2)
-    assert all(torch.equal(before[n], all_frozen.state_dict()[n]) for n in before if n.startswith("blocks."))
+    assert all(
+        torch.equal(before[n], all_frozen.state_dict()[n])
+        for n in before
+        if n.startswith("blocks.")
+    )
 
 
 @pytest.mark.parametrize("qat", [0, 1])
@@ -203,7 +259,9 @@ def test_ttt_qat_changes_the_training_forward_only(setup, qat, monkeypatch):
     monkeypatch.undo()
     other, _, _ = ttt(setup, ttt_qat=1 - qat)
     plan = tg.sliding_windows(N, L, 12, "once")
-    last = tg.ttt_chunk_windows(plan, N, 64)[1] - 1  # chunk 0's last window: targets 0..67 are scored untrained
+    last = (
+        tg.ttt_chunk_windows(plan, N, 64)[1] - 1
+    )  # chunk 0's last window: targets 0..67 are scored untrained
     end = int(plan.start[last] + plan.length[last])
     assert end == 68 and torch.equal(got[:end], other[:end])
     assert float((got - other).abs().max()) > 1e-5
@@ -211,7 +269,8 @@ def test_ttt_qat_changes_the_training_forward_only(setup, qat, monkeypatch):
 
 def test_step_shapes_are_fixed_and_ranks_pad_their_share(setup, monkeypatch):
     """Chunks of 160 targets hold 12 windows: scored in 3 batches of 4 rows (SLOT_BATCH_SEQS) by one
-    process, in 4 of 3 by two (2 per rank); 5 sequences in steps of 3 train on [3, L] and [2, L], and
+    process, in 4 of 3 by two (2 per rank); 5 sequences in steps of 3 train on [3, L] and [2, L],
+    and
     as rank 1 of 2 (collectives stubbed) on [2, L] (1 real row, 1 padding) and [1, L]."""
     shapes = []
     hidden = tg.GPT.hidden
@@ -223,50 +282,85 @@ def test_step_shapes_are_fixed_and_ranks_pad_their_share(setup, monkeypatch):
     monkeypatch.setattr(tg.GPT, "hidden", spy)
     ttt(setup, ttt_chunk_tokens=160, ttt_batch_seqs=3)
     assert {s for t, s in shapes if not t} == {(4, L)}
-    assert [s for t, s in shapes if t][:2] == [(3, L), (2, L)] and {s for t, s in shapes if t} == {(3, L), (2, L)}
+    assert [s for t, s in shapes if t][:2] == [(3, L), (2, L)] and {s for t, s in shapes if t} == {
+        (3, L),
+        (2, L),
+    }
     shapes.clear()
     monkeypatch.setattr(tg.dist, "all_reduce", lambda t: None)
     monkeypatch.setattr(tg.Sums, "result", lambda self, rt: (1.0, 1.0))
     ttt(setup, rt=tg.Runtime(rank=1, world_size=2), ttt_chunk_tokens=160, ttt_batch_seqs=3)
-    assert [s for t, s in shapes if t][:2] == [(2, L), (1, L)] and {s for t, s in shapes if t} == {(2, L), (1, L)}
+    assert [s for t, s in shapes if t][:2] == [(2, L), (1, L)] and {s for t, s in shapes if t} == {
+        (2, L),
+        (1, L),
+    }
     assert [s for t, s in shapes if not t] == [(3, L)] * 4
 
 
 def test_evaluation_model_untouched(setup, capsys):
-    """evaluate_artifact runs TTT last, on a copy: the model the other evaluations use keeps its
-    weights and its trainable flags; the log has the record's line names."""
+    """evaluate runs TTT last, on a copy: the model the other evaluations use keeps its
+    weights and its trainable flags; the log has the record's line names, and the closing
+    score lines each evaluation's kind."""
     model, tokens, luts = setup
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    h = hparams(slot_mode="context")
-    tg.evaluate_artifact(h, tg.Runtime(), model, tokens, luts)
+    cfg = config(slot_mode="context")
+    scores = tg.evaluate(cfg, tg.Runtime(), model, tg.Data(tokens, luts, [], 0))
     out = capsys.readouterr().out
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert all(p.requires_grad for p in model.parameters()) and not model.training
     names = re.findall(r"^(\w+) val_loss:", out, re.M)
-    assert names[-1] == "legal_ttt_exact" and names[-2] == "legal_ttt" and "final_slot_context" in names
-    assert re.search(r"^legal_ttt val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4} eval_time:\d+ms$", out, re.M)
+    assert (
+        names[-1] == "legal_ttt_exact"
+        and names[-2] == "legal_ttt"
+        and "final_slot_context" in names
+    )
+    assert re.search(
+        r"^legal_ttt val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4} eval_time:\d+ms$", out, re.M
+    )
     assert re.search(r"^legal_ttt_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$", out, re.M)
     assert re.search(r"^legal_ttt:chunk 1/5 bpb:\d+\.\d{6} elapsed:\S+s eta:\S+s$", out, re.M)
     loss = float(re.search(r"^legal_ttt_exact val_loss:(\S+)", out, re.M).group(1))
     _, sums, _ = ttt(setup, slot_mode="context")
     assert loss == pytest.approx(sums.result(tg.Runtime())[0], abs=5e-9)
+    assert scores["legal_ttt"].val_loss == sums.result(tg.Runtime())[0]
+    assert list(scores) == [
+        "final_int6_roundtrip",
+        "final_int6_sliding_window",
+        "final_slot_context",
+        "legal_ttt",
+    ]
+    kinds = dict(re.findall(r"^score:(\w+) val_bpb:\d+\.\d{8} kind:(\w+)$", out, re.M))
+    assert kinds == {
+        "final_int6_roundtrip": "accepted",
+        "final_int6_sliding_window": "accepted",
+        "final_slot_context": "causal_not_accepted",
+        "legal_ttt": "accepted",
+    }
 
 
-BAD = [("TTT_LR", "-0.1", ">= 0"), ("TTT_GRAD_CLIP", "-1", ">= 0"), ("TTT_EPOCHS", "-1", ">= 0"),
-       ("TTT_BATCH_SEQS", "0", "positive"), ("TTT_MOMENTUM", "1", "[0, 1)"), ("TTT_CHUNK_TOKENS", "31", "EVAL_SEQ_LEN=32"),
-       ("TTT_FREEZE_BLOCKS", "3", "NUM_LAYERS=2"), ("TTT_QAT", "maybe", "1/0"), ("TTT_ENABLED", "2", "1/0")]
+BAD = [
+    ("TTT_LR", "-0.1", ">= 0"),
+    ("TTT_GRAD_CLIP", "-1", ">= 0"),
+    ("TTT_EPOCHS", "-1", ">= 0"),
+    ("TTT_BATCH_SEQS", "0", "positive"),
+    ("TTT_MOMENTUM", "1", "[0, 1)"),
+    ("TTT_CHUNK_TOKENS", "31", "EVAL_SEQ_LEN=32"),
+    ("TTT_FREEZE_BLOCKS", "3", "NUM_LAYERS=2"),
+    ("TTT_QAT", "maybe", "1/0"),
+    ("TTT_ENABLED", "2", "1/0"),
+]
 
 
 @pytest.mark.parametrize("name,value,allowed", BAD, ids=[b[0] for b in BAD])
 def test_bad_ttt_setting_names_the_variable(name, value, allowed):
     with pytest.raises(tg.ConfigError) as e:
-        tg.Hyperparameters.from_env({**TINY, name: value})
+        tg.Config.from_env({**TINY, name: value})
     assert re.search(rf"\b{name}='?{re.escape(value)}'?", str(e.value)) and allowed in str(e.value)
 
 
 def test_demo_preset_turns_ttt_on():
-    h = tg.Hyperparameters.from_env({"PRESET": "demo"})
-    assert h.ttt_enabled and 0 < h.ttt_lr and h.ttt_chunk_tokens >= h.effective_eval_seq_len
+    e = tg.Config.from_env({"PRESET": "demo"}).eval
+    assert e.ttt.enabled and 0 < e.ttt.lr and e.ttt.chunk_tokens >= e.seq_len
 
 
 # -----------------------------
@@ -274,56 +368,98 @@ def test_demo_preset_turns_ttt_on():
 # -----------------------------
 
 
-
-
 def tiny_tokenizer(path: Path) -> None:
     words = "the cat sat on a mat while seven dogs ran past and every bird sang loud songs".split()
     rng = np.random.default_rng(0)
     sentences = [" ".join(rng.choice(words, 9)) for _ in range(300)]
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=buf, vocab_size=64,
-                                   model_type="bpe", character_coverage=1.0, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_writer=buf,
+        vocab_size=64,
+        model_type="bpe",
+        character_coverage=1.0,
+        minloglevel=2,
+    )
     path.write_bytes(buf.getvalue())
 
 
+def evaluated_here(env: dict, threads: int) -> str:
+    """EVAL_ONLY's stages in this process (the data, the artifact's model, every evaluation),
+    on `threads` threads; returns what they log."""
+    cfg = tg.Config.from_env(env)
+    out = io.StringIO()
+    with process_state(Path.cwd(), {}), contextlib.redirect_stdout(out):
+        torch.set_num_threads(threads)
+        rt = tg.Runtime()
+        data, _ = tg.load_data(cfg, rt, training=False)
+        artifact = cfg.export.artifact
+        tg.evaluate(
+            cfg, rt, tg.eval_model(cfg.model, tg.read_artifact(artifact), CPU, artifact), data
+        )
+    return out.getvalue()
+
+
 def test_two_processes_equal_one(tmp_path):
-    """torchrun --nproc_per_node=2 (gloo), EVAL_ONLY on a small artifact: chunks of 5 sequences in
-    steps of 3 (split 1 + 2, then 1 + 1 over the ranks) give the one-process figures to 1e-6."""
-    from tools.data import write_shard
+    """torchrun --nproc_per_node=2 (gloo), EVAL_ONLY on a small artifact with no sidecar: chunks
+    of 5 sequences in steps of 3 (split 1 + 2, then 1 + 1 over the ranks) give the one-process
+    figures (evaluated here) to 1e-6; the run says the model settings went unchecked."""
     (tmp_path / "data").mkdir()
-    write_shard(tmp_path / "data" / "fineweb_val_000000.bin", np.random.default_rng(0).integers(0, 64, 1601))
+    val = np.random.default_rng(0).integers(0, 64, 1601)
+    (tmp_path / "data" / "fineweb_val_000000.bin").write_bytes(shard_bytes(val))
     tiny_tokenizer(tmp_path / "tok.model")
-    env = {**TINY, "TTT_CHUNK_TOKENS": "160", "TTT_BATCH_SEQS": "3", "EVAL_STRIDE": "16", "SLOT_ENABLED": "0",
-           "DATA_PATH": str(tmp_path / "data"), "TOKENIZER_PATH": str(tmp_path / "tok.model"), "EVAL_ONLY": "1",
-           "ARTIFACT": str(tmp_path / "m.ptz")}
-    h = tg.Hyperparameters.from_env(env)
-    model = perturbed_model(tg, h, 0, 0.3)
-    tg.write_atomic(tmp_path / "m.ptz", tg.pack_artifact(tg.quantize_state_dict(model.state_dict(), h), "lzma"))
-    one, two = tmp_path / "one", tmp_path / "two"
-    one.mkdir(), two.mkdir()
-    log1 = run_script(one, {**env, "RUN_ID": "p1"})
-    log2 = run_script(two, {**env, "RUN_ID": "p2"}, torchrun=2)
+    env = {
+        **TINY,
+        "TTT_CHUNK_TOKENS": "160",
+        "TTT_BATCH_SEQS": "3",
+        "EVAL_STRIDE": "16",
+        "SLOT_ENABLED": "0",
+        "DATA_PATH": str(tmp_path / "data"),
+        "TOKENIZER_PATH": str(tmp_path / "tok.model"),
+        "EVAL_ONLY": "1",
+        "ARTIFACT": str(tmp_path / "m.ptz"),
+    }
+    model = perturbed_model(tg.Config.from_env(env).model, 0, 0.3)
+    container = tg.quantize_state_dict(model.state_dict(), model.roles, None)
+    tg.write_atomic(tmp_path / "m.ptz", tg.pack_artifact(container, "lzma"))
+    log1 = evaluated_here(env, threads=1)
+    log2 = run_script(tmp_path, {**env, "RUN_ID": "p2"}, torchrun=2, timeout=180)
     assert "world_size:2" in log2
+    assert (
+        "\neval_only: no m.ptz.json beside the artifact; its model settings are unchecked\n" in log2
+    )
     for log in (log1, log2):  # 1600 targets: 10 chunks, 9 trained, 3 epochs of 2 steps
         assert "legal_ttt:start chunks:10 " in log and "legal_ttt:done optimizer_steps:54" in log
     for name in ("legal_ttt_exact", "final_int6_sliding_window_exact"):
         a, b = figures(log1, name), figures(log2, name)
         assert abs(a[0] - b[0]) <= 1e-6 * a[0] and abs(a[1] - b[1]) <= 1e-6 * a[1], (name, a, b)
-    assert figures(log1, "legal_ttt_exact")[0] < figures(log1, "final_int6_sliding_window_exact")[0] - 1e-3
+    assert (
+        figures(log1, "legal_ttt_exact")[0]
+        < figures(log1, "final_int6_sliding_window_exact")[0] - 1e-3
+    )
 
 
 @pytest.mark.skipif(not (REF / "ttt").exists(), reason="../shared/reference/ttt is absent")
-def test_reference_figures(tmp_path):
-    """EVAL_ONLY on the reference model (reference/ttt/README.md's command): legal_ttt_exact and the
-    control sliding line of the accepted record's own TTT function to 1e-5 relative, its window,
-    chunk and step counts, and its progress figures for the first and the last chunk."""
+def test_reference_figures():
+    """EVAL_ONLY on the reference model (reference/ttt/README.md's command), its stages run here
+    on CI's two threads: legal_ttt_exact and the control sliding line of the accepted record's
+    own TTT function to 1e-5 relative, its window, chunk and step counts, and its progress
+    figures for the first and the last chunk."""
     exp = json.loads((REF / "ttt" / "expected.json").read_text())
     case = exp["cases"]["public"]
-    env = dict(case["env"], EVAL_ONLY="1", ARTIFACT=str(REF / "ttt" / "model.int6.ptz"), DATA_PATH=str(REF / "ttt"),
-               TOKENIZER_PATH=str(REF / "fineweb_1024_bpe.model"), RUN_ID="ref", CPU_THREADS="2")  # CI's two cores
-    log = run_script(tmp_path, env)
-    for name, want in (("legal_ttt_exact", case["legal_ttt_exact"]),
-                       ("final_int6_sliding_window_exact", case["control_sliding"])):
+    env = dict(
+        case["env"],
+        EVAL_ONLY="1",
+        ARTIFACT=str(REF / "ttt" / "model.int6.ptz"),
+        DATA_PATH=str(REF / "ttt"),
+        TOKENIZER_PATH=str(REF / "fineweb_1024_bpe.model"),
+        RUN_ID="ref",
+    )
+    log = evaluated_here(env, threads=2)
+    for name, want in (
+        ("legal_ttt_exact", case["legal_ttt_exact"]),
+        ("final_int6_sliding_window_exact", case["control_sliding"]),
+    ):
         got = figures(log, name)
         assert all(abs(g - w) <= 1e-5 * w for g, w in zip(got, want)), (name, got, want)
     start = re.search(r"^legal_ttt:start chunks:(\d+) windows:(\d+) ", log, re.M)
