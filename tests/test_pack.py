@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.test_pipeline import SCRIPT
-from tools import pack
+from tools import _packed, pack
 
 SOURCE = SCRIPT.read_text(encoding="utf-8")
 
@@ -46,7 +46,7 @@ def test_packed_file_unpacks_to_the_source_with_the_smaller_codec(packed, minifi
     data, codec, sizes = pack.pack(SOURCE)
     assert set(sizes) == {"lzma", "brotli"} and sizes[codec] == min(sizes.values()) == len(data)
     assert data == packed["plain"][codec]
-    assert data.startswith(pack.CODING_LINE) and data.endswith(pack.EXEC_LINE + pack.MAIN_LINE)
+    assert data.startswith(_packed.CODING_LINE) and data.endswith(_packed.EXEC_LINE + _packed.MAIN_LINE)
     for kind, files in packed.items():
         unpacked = SOURCE if kind == "plain" else minified
         for codec_data in files.values():
@@ -79,7 +79,7 @@ def test_packed_file_unpacks_to_the_source_with_the_smaller_codec(packed, minifi
 def test_literal_holds_any_bytes(blob):
     """Quotes in runs and at the end, backslashes, CR, NUL before an octal digit, raw newlines:
     the literal, compiled from a latin-1 file, gives back every byte."""
-    text = pack.CODING_LINE + b"x = " + pack.literal(blob) + b'.encode("latin-1")\n'
+    text = _packed.CODING_LINE + b"x = " + _packed.literal(blob) + b'.encode("latin-1")\n'
     namespace = {}
     exec(compile(text, "literal.py", "exec"), namespace)
     assert namespace["x"] == blob
@@ -87,8 +87,8 @@ def test_literal_holds_any_bytes(blob):
 
 def test_only_what_must_be_escaped_is(packed):
     """The embedded bytes cost about 2% over the compressed stream (base85: 25%)."""
-    blob = pack.compressed(SOURCE.encode())["brotli"]
-    body = pack.literal(blob)
+    blob = _packed.compressed(SOURCE.encode())["brotli"]
+    body = _packed.literal(blob)
     assert len(body) - len(blob) - 6 == (
         blob.count(b"\\")
         + blob.count(b"\r")
@@ -105,12 +105,12 @@ def test_the_packed_namespace_is_a_module_of_its_own(tmp_path, monkeypatch):
     data, _, _ = pack.pack(SOURCE)
     path = tmp_path / "packed.py"
     path.write_bytes(data)
-    monkeypatch.setitem(sys.modules, pack.MODULE_NAME, None)  # removed again afterwards
-    loader = data[: len(data) - len(pack.MAIN_LINE)]
+    monkeypatch.setitem(sys.modules, _packed.MODULE_NAME, None)  # removed again afterwards
+    loader = data[: len(data) - len(_packed.MAIN_LINE)]
     namespace = {"__file__": str(path), "__name__": "__main__"}
     exec(compile(loader, str(path), "exec"), namespace)
     m = namespace["m"]
-    assert sys.modules[pack.MODULE_NAME] is m and m.__name__ == pack.MODULE_NAME
+    assert sys.modules[_packed.MODULE_NAME] is m and m.__name__ == _packed.MODULE_NAME
     assert m.__file__ == str(path) and os.path.getsize(m.__file__) == len(data)
     assert namespace["s"] == SOURCE and callable(m.main)
     cfg = m.Config.from_env(
@@ -125,7 +125,7 @@ def test_the_packed_namespace_is_a_module_of_its_own(tmp_path, monkeypatch):
             "BIGRAM_VOCAB_SIZE": "64",
         }
     )
-    assert cfg.model.num_layers == 1 and type(cfg.model).__module__ == pack.MODULE_NAME
+    assert cfg.model.num_layers == 1 and type(cfg.model).__module__ == _packed.MODULE_NAME
     model = m.build_model(cfg.model, torch.device("cpu"), seed=0)
     compiled = torch.compile(model.hidden, fullgraph=True, backend="eager")
     ids = torch.randint(0, 64, (2, 16))

@@ -587,33 +587,33 @@ def test_packed_script_round_trip_is_byte_identical(tmp_path, capsys):
 
     source = (REPO / "train_gpt.py").read_text()
     packed, codec, _ = pack.pack(source)
-    (tmp_path / "packed.py").write_text(packed)
+    (tmp_path / "packed.py").write_bytes(packed)
     (path,) = write_logs(tmp_path, [make_log(3, source=source, code=len(packed), gpus=8)])
     code, printed, err = run_cli([path, "--out", tmp_path / "a"], capsys)
     assert code == 0, err
-    assert (tmp_path / "a" / "train_gpt.py").read_bytes() == packed.encode()
+    assert (tmp_path / "a" / "train_gpt.py").read_bytes() == packed
     assert read_json(tmp_path / "a")["script"]["form"] == f"packed ({codec})"
     assert f"train_gpt.py ({len(packed):,} bytes, packed ({codec}))" in printed
     argv = [path, "--out", tmp_path / "b", "--script", tmp_path / "packed.py"]
     code, _, err = run_cli(argv, capsys)
     assert code == 0 and err == ""
-    assert (tmp_path / "b" / "train_gpt.py").read_bytes() == packed.encode()
+    assert (tmp_path / "b" / "train_gpt.py").read_bytes() == packed
     assert read_json(tmp_path / "b")["warnings"] == []
     if codec == "brotli":  # the packed file's loader imports it
         assert "brotli" in (tmp_path / "b" / "requirements.txt").read_text().splitlines()
 
 
 def test_packed_format_is_tools_packs():
-    """tools._packed makes the bytes tools.pack makes, and reads back only an exact packed file."""
+    """tools.pack writes tools._packed's format, which reads back only an exact packed file."""
     from tools import pack
 
-    assert _packed.packed_files(FAKE_SOURCE) == pack.packed_files(FAKE_SOURCE)
-    for codec, text in _packed.packed_files(FAKE_SOURCE).items():
-        assert _packed.unpacked(text) == (codec, FAKE_SOURCE)
-        assert _packed.unpacked(text + "import os\n") is None  # does something else besides
-        bad_payload = text.replace('b85decode("', 'b85decode("0')
-        assert _packed.unpacked(bad_payload) is None
-    assert _packed.unpacked(FAKE_SOURCE) is None
+    data, codec, _ = pack.pack(FAKE_SOURCE)
+    assert data == _packed.packed_files(FAKE_SOURCE)[codec]
+    for codec, data in _packed.packed_files(FAKE_SOURCE).items():
+        assert _packed.unpacked(data) == (codec, FAKE_SOURCE)
+        assert _packed.unpacked(data + b"import os\n") is None  # does something else besides
+        assert _packed.unpacked(data.replace(b's=L.decompress("""', b's=L.decompress("""0')) is None
+    assert _packed.unpacked(FAKE_SOURCE.encode()) is None
 
 
 def test_logs_without_source_use_the_script_given(tmp_path, capsys):

@@ -1,36 +1,56 @@
-"""The packed script's format (what `python -m tools.pack` writes), made and read without torch.
+"""The packed script's format, defined once: `python -m tools.pack` writes it, tools.submission
+re-makes and reads it; neither needs torch, and reading executes nothing.
 
-A packed file is two lines: a loader that base85-decodes and decompresses the source into
-PACKED_SOURCE (raw LZMA2 or brotli), then an exec of it. Its bytes are what the run's `Code size`
-counts; the log's head records PACKED_SOURCE. tools/pack.py holds the same format (tools do not
-import each other); tests/test_submission.py checks that both make the same bytes.
+A packed file is a latin-1 Python file: a coding line; a loader that decompresses the source
+(raw LZMA2 or brotli) from one string literal whose characters, encoded as latin-1, are the
+compressed bytes; then it runs that source as a module of its own whose `__file__` is the
+packed file (whose bytes are what the run's `Code size` counts) and calls its `main(source)`,
+which logs the full source at the head of the run's log.
 """
 
 from __future__ import annotations
 
-import base64
+import ast
 import lzma
 import re
 
 import brotli
 
 LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
-LOADERS = {
-    "lzma": 'import lzma as L,base64 as B;PACKED_SOURCE=L.decompress(B.b85decode("{}"),'
-            'L.FORMAT_RAW,filters=[{{"id":L.FILTER_LZMA2}}]).decode()',
-    "brotli": 'import brotli as L,base64 as B;PACKED_SOURCE=L.decompress(B.b85decode("{}"))'
-              '.decode()',
+
+# Every byte is one latin-1 character. The decoder's default LZMA2 dictionary (8 MiB) exceeds
+# any source, so it need not be spelt out.
+CODING_LINE = b"# -*- coding: latin-1 -*-\n"
+DECOMPRESS = {
+    "lzma": (
+        b"import lzma as L,sys,types\ns=L.decompress(",
+        b'.encode("latin-1"),L.FORMAT_RAW,filters=[{"id":L.FILTER_LZMA2}]).decode()\n',
+    ),
+    "brotli": (b"import brotli as L,sys,types\ns=L.decompress(", b'.encode("latin-1")).decode()\n'),
 }
-EXEC_LINE = 'exec(compile(PACKED_SOURCE,__file__,"exec"))'
-_PAYLOAD = re.compile(
-    r'^import (?P<codec>lzma|brotli) as L,base64 as B;[^"]*b85decode\("(?P<b85>[^"]*)"\)'
-)
+# A module of its own, registered in sys.modules under a name that is not "__main__": the
+# script's `if __name__ == "__main__"` stays quiet, and dataclasses (which look the class's
+# module up there) and torch.compile see an ordinary module.
+MODULE_NAME = "train_gpt_packed"
+EXEC_LINE = (
+    f'm=types.ModuleType("{MODULE_NAME}");m.__file__=__file__;sys.modules[m.__name__]=m;'
+    f'exec(compile(s,__file__,"exec"),m.__dict__)\n'
+).encode("ascii")
+MAIN_LINE = b"m.main(s)\n"
+
+# In a triple-quoted literal a raw newline is itself; a backslash would start an escape, a CR
+# would become a newline when Python reads the file, NUL is refused in source, and a quote
+# must not meet two more (or the closing ones). NUL is written \x00: a bare \0 would take a
+# following octal digit into its value.
+ESCAPES = {b"\\": b"\\\\", b"\r": b"\\r", b"\x00": b"\\x00", b'"': b'\\"'}
+NEEDS_ESCAPE = re.compile(rb'[\\\r\x00]|"(?="|\Z)')
 
 
-def _compress(codec: str, source: bytes) -> bytes:
-    if codec == "lzma":
-        return lzma.compress(source, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
-    return brotli.compress(source, quality=11)
+def compressed(source: bytes) -> dict[str, bytes]:
+    return {
+        "lzma": lzma.compress(source, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS),
+        "brotli": brotli.compress(source, quality=11),
+    }
 
 
 def _decompress(codec: str, blob: bytes) -> bytes:
@@ -39,27 +59,33 @@ def _decompress(codec: str, blob: bytes) -> bytes:
     return brotli.decompress(blob)
 
 
-def packed_file(source: str, codec: str) -> str:
-    """The packed file's text (ASCII) holding `source`, with one codec."""
-    b85 = base64.b85encode(_compress(codec, source.encode("utf-8"))).decode("ascii")
-    return LOADERS[codec].format(b85) + "\n" + EXEC_LINE + "\n"
+def literal(blob: bytes) -> bytes:
+    """A Python string literal (in a latin-1 file) whose characters are the bytes of `blob`."""
+    return b'"""' + NEEDS_ESCAPE.sub(lambda m: ESCAPES[m.group()], blob) + b'"""'
 
 
-def packed_files(source: str) -> dict[str, str]:
-    return {codec: packed_file(source, codec) for codec in LOADERS}
+def packed_files(source: str) -> dict[str, bytes]:
+    """The packed file's bytes with each codec."""
+    files = {}
+    for codec, blob in compressed(source.encode("utf-8")).items():
+        head, tail = DECOMPRESS[codec]
+        files[codec] = CODING_LINE + head + literal(blob) + tail + EXEC_LINE + MAIN_LINE
+    return files
 
 
-def unpacked(text: str) -> tuple[str, str] | None:
-    """(codec, source) of a packed file; None when `text` is not exactly a packed file (the
-    loader and exec lines as tools.pack writes them, around any payload), so that a file that
-    does anything else is never taken for one. Nothing is executed."""
-    found = _PAYLOAD.match(text)
-    if not found:
-        return None
-    codec, b85 = found["codec"], found["b85"]
-    if text != LOADERS[codec].format(b85) + "\n" + EXEC_LINE + "\n":
-        return None
-    try:
-        return codec, _decompress(codec, base64.b85decode(b85)).decode("utf-8")
-    except (ValueError, lzma.LZMAError, brotli.error, UnicodeDecodeError):
-        return None
+def unpacked(data: bytes) -> tuple[str, str] | None:
+    """(codec, source) of a packed file; None when `data` is not exactly a file this format
+    writes (so a file that does anything else is never taken for one). The literal is read by
+    ast.literal_eval: nothing is executed."""
+    for codec, (head, tail) in DECOMPRESS.items():
+        prefix, suffix = CODING_LINE + head, tail + EXEC_LINE + MAIN_LINE
+        if not (data.startswith(prefix) and data.endswith(suffix)):
+            continue
+        try:
+            text = ast.literal_eval(data[len(prefix):len(data) - len(suffix)].decode("latin-1"))
+            source = _decompress(codec, text.encode("latin-1")).decode("utf-8")
+        except (ValueError, SyntaxError, TypeError, AttributeError, lzma.LZMAError,
+                brotli.error, UnicodeError):
+            return None
+        return (codec, source) if packed_files(source)[codec] == data else None
+    return None

@@ -19,71 +19,18 @@ from __future__ import annotations
 
 import argparse
 import ast
-import lzma
-import re
 import sys
 from pathlib import Path
 
-import brotli
-
 from tools._files import write_atomic
+from tools._packed import EXEC_LINE, MAIN_LINE, packed_files
 
 SIZE_GOAL = 20_000  # bytes: what the packed file should stay under
 SIZE_LIMIT = 35_000  # bytes: the most the project's rules allow for the packed script
-LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
-
-# The file, line by line. The first line makes Python read it as latin-1: every byte is one
-# character, so the literal's characters, encoded as latin-1, are the compressed bytes again.
-# The decoder's default LZMA2 dictionary (8 MiB) exceeds any source, so it need not be spelt out.
-CODING_LINE = b"# -*- coding: latin-1 -*-\n"
-DECOMPRESS = {
-    "lzma": (
-        b"import lzma as L,sys,types\ns=L.decompress(",
-        b'.encode("latin-1"),L.FORMAT_RAW,filters=[{"id":L.FILTER_LZMA2}]).decode()\n',
-    ),
-    "brotli": (b"import brotli as L,sys,types\ns=L.decompress(", b'.encode("latin-1")).decode()\n'),
-}
-# A module of its own, registered in sys.modules under a name that is not "__main__": the
-# script's `if __name__ == "__main__"` stays quiet, and dataclasses (which look the class's
-# module up there) and torch.compile see an ordinary module.
-MODULE_NAME = "train_gpt_packed"
-EXEC_LINE = (
-    f'm=types.ModuleType("{MODULE_NAME}");m.__file__=__file__;sys.modules[m.__name__]=m;'
-    f'exec(compile(s,__file__,"exec"),m.__dict__)\n'
-).encode("ascii")
-MAIN_LINE = b"m.main(s)\n"
-
-# In a triple-quoted literal a raw newline is itself; a backslash would start an escape, a CR
-# would become a newline when Python reads the file, NUL is refused in source, and a quote
-# must not meet two more (or the closing ones). NUL is written \x00: a bare \0 would take a
-# following octal digit into its value.
-ESCAPES = {b"\\": b"\\\\", b"\r": b"\\r", b"\x00": b"\\x00", b'"': b'\\"'}
-NEEDS_ESCAPE = re.compile(rb'[\\\r\x00]|"(?="|\Z)')
 
 
 class PackError(Exception):
     """A refusal, printed as one line."""
-
-
-def compressed(source: bytes) -> dict[str, bytes]:
-    return {
-        "lzma": lzma.compress(source, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS),
-        "brotli": brotli.compress(source, quality=11),
-    }
-
-
-def literal(blob: bytes) -> bytes:
-    """A Python string literal (in a latin-1 file) whose characters are the bytes of `blob`."""
-    return b'"""' + NEEDS_ESCAPE.sub(lambda m: ESCAPES[m.group()], blob) + b'"""'
-
-
-def packed_files(source: str) -> dict[str, bytes]:
-    """The packed file's bytes with each codec."""
-    files = {}
-    for codec, blob in compressed(source.encode("utf-8")).items():
-        head, tail = DECOMPRESS[codec]
-        files[codec] = CODING_LINE + head + literal(blob) + tail + EXEC_LINE + MAIN_LINE
-    return files
 
 
 def pack(source: str) -> tuple[bytes, str, dict[str, int]]:

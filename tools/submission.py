@@ -208,11 +208,11 @@ def _repacked(path: str, source: str, code: int) -> Script:
     packed format is deterministic, so re-packing gives the file back; its size must be the
     logged Code size (else the run used another packer or --minify, and --script is needed)."""
     files = _packed.packed_files(source)
-    for codec, text in files.items():
-        if len(text) == code:  # ASCII: characters are bytes
+    for codec, data in files.items():
+        if len(data) == code:
             origin = f"re-packed ({codec}) from the full source at the head of every log"
-            return Script(text.encode("ascii"), f"packed ({codec})", origin, source)
-    sizes = " or ".join(f"{len(t):,} ({c})" for c, t in files.items())
+            return Script(data, f"packed ({codec})", origin, source)
+    sizes = " or ".join(f"{len(d):,} ({c})" for c, d in files.items())
     plain = len(source.encode("utf-8"))
     raise SubmissionError(
         f"{path}: Code size {code:,} bytes is not the logged source's {plain:,} (a packed run), "
@@ -221,11 +221,16 @@ def _repacked(path: str, source: str, code: int) -> Script:
 
 
 def _read_script(path: Path) -> tuple[bytes, str]:
+    """The file's bytes and the source it runs (a packed file's unpacked one)."""
     try:
         data = path.read_bytes()
-        text = data.decode("utf-8")
     except OSError as exc:
         raise SubmissionError(f"--script {path}: cannot read ({exc.strerror})") from None
+    packed = _packed.unpacked(data)
+    if packed:
+        return data, packed[1]
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise SubmissionError(f"--script {path}: not UTF-8 text, so not a train_gpt.py") from None
     try:
@@ -239,9 +244,8 @@ def _read_script(path: Path) -> tuple[bytes, str]:
 def _given_script(path: Path, source: str | None, code: int) -> Script:
     """--script: for logs without their source (checked against the logged Code size), or a
     packed file the logs' source comes out of."""
-    data, text = _read_script(path)
-    packed = _packed.unpacked(text)
-    runs = packed[1] if packed else text
+    data, runs = _read_script(path)
+    packed = _packed.unpacked(data)
     if source is not None and runs != source:
         raise SubmissionError(f"--script {path}: not the script the logs ran (neither the source "
                               "at their head nor a packed file of it)")
