@@ -1,0 +1,2702 @@
+"""
+The SLOT-48 parameter-golf record, rebuilt: an 11-layer GPT trained for 600 s on
+8xH100, packed with this file into < 16,000,000 bytes (int6 + lzma), scored in
+bits per byte on FineWeb with the round trip, sliding windows, SLOT and legal TTT.
+
+One file (its bytes count toward the artifact); every setting an environment variable.
+CUDA (bf16, compile, FlashAttention 3 if installed) or CPU (float32), one process or
+torchrun. Sections follow the run; `run()` at the end is the table of contents.
+Entry points: Config.from_env, build_model, train, export_artifact, read_artifact,
+eval_model, evaluate, sliding_pass, score_windows, eval_ttt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import glob
+import hashlib
+import importlib
+import io
+import itertools
+import json
+import lzma
+import math
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+try:  # FlashAttention 3 (Hopper); PyTorch SDPA is used when it is absent.
+    from flash_attn_interface import flash_attn_func as flash_attn_3
+except ImportError:
+    flash_attn_3 = None
+
+# -----------------------------
+# SETUP: errors, settings, runtime, logging, atomic writes
+# -----------------------------
+# What a run can get wrong from outside (a setting, a file, a signal) is one of the two
+# exceptions below, printed as one line. Settings are read once into frozen sections, one per
+# stage, each field with the values it accepts beside it. Runtime: where this process runs.
+
+
+class ConfigError(Exception):
+    """A bad setting or input file: printed as one line, no traceback."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM: the run stops with one line, logged (`interrupted at step N`)."""
+
+
+def setting(default, expect: str = "", ok=None):
+    """A field with the values it accepts: `ok(value)`, else `NAME=value is not allowed;
+    expected <expect>`."""
+    return field(default=default, metadata=dict(ok=ok, expect=expect))
+
+
+def choice(default: str, *choices: str):
+    return setting(default, "one of " + ", ".join(repr(c) for c in choices), lambda v: v in choices)
+
+
+def count(default: int):
+    return setting(default, "a count >= 0", lambda v: v >= 0)
+
+
+def positive(default: int):
+    return setting(default, "a positive integer", lambda v: v > 0)
+
+
+def positive_number(default: float):
+    return setting(default, "a positive number", lambda v: v > 0)
+
+
+def nonneg(default: float):
+    return setting(default, "a number >= 0", lambda v: v >= 0)
+
+
+def unit(default: float):
+    return setting(default, "a number in [0, 1)", lambda v: 0 <= v < 1)
+
+
+def free(default):
+    return setting(default)
+
+
+def need(ok: bool, name: str, value, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r} is not allowed; expected {expected}")
+
+
+class Section:
+    """A frozen group of settings; each field's variable is PREFIX + its name in capitals."""
+    PREFIX = ""
+
+    @classmethod
+    def env_name(cls, f) -> str:
+        return cls.PREFIX + f.name.upper()
+
+    @classmethod
+    def settings(cls) -> dict[str, object]:
+        """Variable name -> field, this section's own (nested sections excluded)."""
+        return {cls.env_name(f): f for f in fields(cls) if "ok" in f.metadata}
+
+    @classmethod
+    def from_values(cls, raw: dict[str, str], **nested):
+        values = {}
+        for name, f in cls.settings().items():
+            value = f.default if name not in raw else parse_value(name, raw[name].strip(), f.type)
+            if f.metadata["ok"] is not None:
+                need(f.metadata["ok"](value), name, value, f.metadata["expect"])
+            values[f.name] = value
+        section = cls(**values, **nested)
+        section.check()
+        return section
+
+    def check(self) -> None:
+        """Constraints between this section's fields (one field's own are beside it)."""
+
+
+def parse_value(name: str, raw: str, kind: str):
+    booleans = {"1": True, "true": True, "yes": True, "on": True,
+                "0": False, "false": False, "no": False, "off": False}
+    parsers = {"int": int, "float": float, "bool": lambda r: booleans[r.lower()], "str": str}
+    try:
+        value = parsers[kind](raw)
+    except (ValueError, KeyError):
+        allowed = f"a valid {kind}"
+        if kind == "bool":
+            allowed = "a boolean: 1/0, true/false, yes/no, on/off"
+        raise ConfigError(f"{name}={raw!r} is not allowed; expected {allowed}") from None
+    if kind == "float" and not math.isfinite(value):
+        raise ConfigError(f"{name}={raw!r} is not allowed; expected a finite number")
+    return value
+
+
+def is_file_name(name: str) -> bool:
+    return name not in (".", "..") and not set(name) & set("/\\\0") and len(name.encode()) <= 200
+
+
+@dataclass(frozen=True)
+class RunConfig(Section):
+    run_id: str = setting("", "a file name without path separators, at most 200 bytes",
+                          is_file_name)  # empty: a random uuid
+    seed: int = setting(1337, "an integer in [0, 2**32 - 1] (numpy's seed range)",
+                        lambda v: 0 <= v < 2**32)
+    preset: str = free("")  # read before the others: see read_settings
+    device: str = choice("auto", "auto", "cpu", "cuda")
+    cpu_threads: int = count(1)  # per process, CPU runs only; 0: torch's default
+    compile: str = choice("auto", "auto", "0", "1")  # auto: on CUDA only
+    eval_only: bool = free(False)
+    export_only: bool = free(False)  # make the artifact from MODEL_PATH, then evaluate it
+    collective_timeout_seconds: float = positive_number(300.0)
+
+    def check(self) -> None:
+        need(not (self.eval_only and self.export_only), "EXPORT_ONLY", self.export_only,
+             "0 with EVAL_ONLY=1 (one of the two)")
+
+
+@dataclass(frozen=True)
+class DataConfig(Section):
+    data_path: str = free("./data/datasets/fineweb10B_sp1024")
+    tokenizer_path: str = free("./data/tokenizers/fineweb_1024_bpe.model")
+
+
+# The original's control patterns, less those that name no parameter of this model.
+CONTROL_PATTERNS_DEFAULT = ("attn_scale,mlp_scale,resid_mix,q_gain,skip_weight,skip_weights,"
+                            "smear,ve_layer_scales,ve_shared.scale")
+
+
+@dataclass(frozen=True)
+class GPTConfig(Section):
+    """Everything the model reads, and nothing else (nanoGPT's GPTConfig)."""
+    vocab_size: int = setting(1024, "an integer in [2, 65536] (tokens are stored as uint16)",
+                              lambda v: 2 <= v <= 65536)
+    num_layers: int = positive(11)
+    model_dim: int = positive(512)
+    num_heads: int = positive(8)
+    num_kv_heads: int = positive(4)
+    mlp_mult: float = positive_number(3.0)
+    tie_embeddings: bool = free(True)
+    logit_softcap: float = positive_number(30.0)
+    rope_base: float = positive_number(10000.0)
+    qk_gain_init: float = free(4.0)
+    rope_dims: int = count(16)  # 0: all of each head's dims
+    ln_scale: bool = free(True)
+    xsa_last_n: int = count(11)
+    bigram_vocab_size: int = setting(1024, "0 (no bigram table) or at least 2",
+                                     lambda v: v == 0 or v >= 2)
+    bigram_dim: int = positive(128)
+    ve_enabled: bool = free(True)
+    ve_dim: int = positive(128)
+    ve_layers: str = free("9,10")
+    vrl_enabled: bool = free(True)
+    tied_embed_init_std: float = nonneg(0.005)
+    control_tensor_name_patterns: str = free(CONTROL_PATTERNS_DEFAULT)
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.mlp_mult * self.model_dim)
+
+    @property
+    def ve_layer_ids(self) -> tuple[int, ...]:
+        if not self.ve_enabled:
+            return ()
+        return tuple(int(s) for s in self.ve_layers.split(",") if s.strip())
+
+    @property
+    def control_patterns(self) -> tuple[str, ...]:
+        return tuple(p for p in self.control_tensor_name_patterns.split(",") if p)
+
+    def check(self) -> None:
+        need(self.model_dim % self.num_heads == 0, "NUM_HEADS", self.num_heads,
+             f"a divisor of MODEL_DIM={self.model_dim}")
+        need(self.num_heads % self.num_kv_heads == 0, "NUM_KV_HEADS", self.num_kv_heads,
+             f"a divisor of NUM_HEADS={self.num_heads}")
+        need(self.head_dim % 2 == 0, "NUM_HEADS", self.num_heads,
+             "a value that leaves an even head dimension")
+        rope_ok = 4 <= self.rope_dims <= self.head_dim and self.rope_dims % 2 == 0
+        need(self.rope_dims == 0 or rope_ok, "ROPE_DIMS", self.rope_dims,
+             f"0 (all dims) or an even number in [4, head_dim={self.head_dim}]")
+        need(self.xsa_last_n <= self.num_layers, "XSA_LAST_N", self.xsa_last_n,
+             f"at most NUM_LAYERS={self.num_layers}")
+        need(self.mlp_hidden > 0, "MLP_MULT", self.mlp_mult,
+             "a value giving at least one hidden unit")
+        if self.ve_enabled:
+            try:
+                ids = [int(s) for s in self.ve_layers.split(",") if s.strip()]
+            except ValueError:
+                ids = None
+            fits = ids and all(0 <= i < self.num_layers for i in ids) and len(set(ids)) == len(ids)
+            need(fits, "VE_LAYERS", self.ve_layers,
+                 f"distinct comma-separated layer indices in [0, {self.num_layers})")
+
+
+@dataclass(frozen=True)
+class OptimConfig(Section):
+    tied_embed_lr: float = nonneg(0.035)
+    embed_lr: float = nonneg(0.6)  # untied only
+    head_lr: float = nonneg(0.008)  # untied only
+    matrix_lr: float = nonneg(0.025)
+    scalar_lr: float = nonneg(0.025)
+    muon_momentum: float = unit(0.99)
+    muon_momentum_warmup_start: float = unit(0.92)
+    muon_momentum_warmup_steps: int = count(1500)
+    muon_backend_steps: int = positive(5)
+    muon_wd: float = nonneg(0.04)
+    adam_wd: float = nonneg(0.04)
+    beta1: float = unit(0.9)
+    beta2: float = unit(0.95)
+    adam_eps: float = nonneg(1e-8)
+    grad_clip_norm: float = nonneg(0.3)  # 0: none
+
+
+@dataclass(frozen=True)
+class TrainConfig(Section):
+    iterations: int = count(20000)
+    max_wallclock_seconds: float = free(600.0)  # <= 0: no cap
+    warmdown_iters: int = free(3500)  # <= 0: no warm-down
+    warmup_steps: int = count(20)
+    train_batch_tokens: int = positive(786432)
+    train_seq_len: int = setting(2048, "a positive integer at most 1048576",
+                                 lambda v: 0 < v <= 1 << 20)
+    val_batch_size: int = positive(524288)  # each rank takes VAL_BATCH_SIZE / 8 tokens a batch
+    val_loss_every: int = free(4000)  # <= 0: only at the end
+    train_log_every: int = count(500)
+    ema_decay: float = unit(0.997)
+    qat_enabled: bool = free(False)
+    late_qat_threshold: float = free(0.15)  # <= 0: never
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        # The original runs 8 // world_size micro-steps; other world sizes run one.
+        return ORIGINAL_WORLD // world_size if ORIGINAL_WORLD % world_size == 0 else 1
+
+
+@dataclass(frozen=True)
+class ExportConfig(Section):
+    compressor: str = choice("lzma", "lzma", "brotli")
+    gptq_enabled: bool = free(False)  # full-Hessian GPTQ for the int6 matrices (record 2026-03-29)
+    gptq_calibration_batches: int = positive(64)
+    gptq_reserve_seconds: float = nonneg(10.0)  # taken off the training cap for the calibration
+    artifact: str = setting("final_model.int6.ptz", "a file path",
+                            lambda v: bool(v) and not v.endswith(("/", os.sep)))
+    model_path: str = setting("final_model.pt", "a file path",
+                              lambda v: bool(v) and not v.endswith(("/", os.sep)))
+
+    def check(self) -> None:
+        need(Path(self.artifact).resolve() != Path(self.model_path).resolve(), "ARTIFACT",
+             self.artifact, f"a path other than MODEL_PATH={self.model_path!r}")
+
+
+@dataclass(frozen=True)
+class SlotConfig(Section):
+    PREFIX = "SLOT_"
+    enabled: bool = free(True)
+    steps: int = positive(48)
+    lr: float = nonneg(0.012)  # peak, cosine to LR_MIN
+    lr_min: float = nonneg(0.001)
+    batch_seqs: int = positive(32)  # windows per SLOT (and sliding) batch
+    mode: str = choice("scored", "scored", "context", "both")
+    interleave: int = positive(8)  # windows dealt round-robin into this many lists (8 GPUs)
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return ("scored", "context") if self.mode == "both" else (self.mode,)
+
+
+@dataclass(frozen=True)
+class TTTConfig(Section):
+    PREFIX = "TTT_"
+    enabled: bool = free(False)  # legal score-first test-time training (record 2026-03-23)
+    lr: float = nonneg(0.002)
+    epochs: int = count(3)
+    chunk_tokens: int = positive(32768)
+    freeze_blocks: int = count(0)
+    momentum: float = unit(0.9)
+    batch_seqs: int = positive(32)
+    grad_clip: float = nonneg(1.0)  # 0: no clipping
+    qat: bool = free(True)
+    float32: bool = free(False)  # train the copy in float32 (the CPU reference's layout) on CUDA
+
+
+@dataclass(frozen=True)
+class EvalConfig(Section):
+    PREFIX = "EVAL_"
+    seq_len: int = setting(2048, "an integer at most 1048576 (<= 0: TRAIN_SEQ_LEN)",
+                           lambda v: v <= 1 << 20)
+    stride: int = free(96)  # <= 0 or >= SEQ_LEN: no stride-S sliding pass
+    tail: str = choice("once", "once", "original")
+    slot: SlotConfig = field(default_factory=SlotConfig)
+    ttt: TTTConfig = field(default_factory=TTTConfig)
+
+    @property
+    def window_stride(self) -> int:  # SLOT's and TTT's windows
+        return self.stride if self.stride > 0 else 64
+
+    def check(self) -> None:
+        windows = self.slot.enabled or self.ttt.enabled
+        need(not windows or self.window_stride <= self.seq_len, "EVAL_STRIDE", self.stride,
+             f"at most EVAL_SEQ_LEN={self.seq_len} with SLOT or TTT on (<= 0 means 64; "
+             f"longer leaves gaps)")
+        need(not self.ttt.enabled or self.ttt.chunk_tokens >= self.seq_len, "TTT_CHUNK_TOKENS",
+             self.ttt.chunk_tokens,
+             f"at least EVAL_SEQ_LEN={self.seq_len} (a chunk holds whole sequences to train on)")
+
+
+ORIGINAL_WORLD = 8  # the original's 8 GPUs: its batch split, validation batch and SLOT grouping
+# Settings the original had and this script does not: set to anything but their default, a
+# run stops instead of silently ignoring them.
+REMOVED_SETTINGS = {"MTP_NUM_HEADS": ("0", "the record trains no multi-token heads"),
+                    "MTP_LOSS_WEIGHT": ("0.2", "it weighted the multi-token heads"),
+                    "DTG_ENABLED": ("0", "the record runs without the gate")}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting, by the stage that reads it."""
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: GPTConfig = field(default_factory=GPTConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    SECTIONS = (RunConfig, DataConfig, GPTConfig, OptimConfig, TrainConfig, ExportConfig,
+                EvalConfig, SlotConfig, TTTConfig)
+
+    @classmethod
+    def variables(cls) -> set[str]:
+        return {name for section in cls.SECTIONS for name in section.settings()}
+
+    @classmethod
+    def from_env(cls, env=None) -> "Config":
+        raw = read_settings(os.environ if env is None else env)
+        train = TrainConfig.from_values(raw)
+        if parse_value("EVAL_SEQ_LEN", raw.get("EVAL_SEQ_LEN", "2048").strip(), "int") <= 0:
+            raw["EVAL_SEQ_LEN"] = str(train.train_seq_len)  # <= 0 means TRAIN_SEQ_LEN
+        evaluation = EvalConfig.from_values(raw, slot=SlotConfig.from_values(raw),
+                                            ttt=TTTConfig.from_values(raw))
+        run = RunConfig.from_values(raw)
+        if not run.run_id:
+            run = RunConfig.from_values({**raw, "RUN_ID": str(uuid.uuid4())})
+        cfg = cls(run, DataConfig.from_values(raw), GPTConfig.from_values(raw),
+                  OptimConfig.from_values(raw), train, ExportConfig.from_values(raw), evaluation)
+        cfg.check()
+        return cfg
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(self.train.train_seq_len, self.eval.seq_len)
+
+    def check(self) -> None:
+        """Constraints across sections."""
+        need(self.eval.ttt.freeze_blocks <= self.model.num_layers, "TTT_FREEZE_BLOCKS",
+             self.eval.ttt.freeze_blocks, f"in [0, NUM_LAYERS={self.model.num_layers}]")
+        cap, reserve = self.train.max_wallclock_seconds, self.export.gptq_reserve_seconds
+        need(not self.export.gptq_enabled or cap <= 0 or reserve < cap, "GPTQ_RESERVE_SECONDS",
+             reserve, "less than MAX_WALLCLOCK_SECONDS with GPTQ on")
+
+    def check_world(self, world_size: int) -> None:
+        """Batch divisibility depends on the world size, known only at launch."""
+        t = self.train
+        accum = t.grad_accum_steps(world_size)
+        unit_tokens = world_size * accum * t.train_seq_len
+        if t.train_batch_tokens % unit_tokens:
+            raise ConfigError(
+                f"TRAIN_BATCH_TOKENS={t.train_batch_tokens} does not split over world_size="
+                f"{world_size} x grad_accum={accum} x TRAIN_SEQ_LEN={t.train_seq_len}; "
+                f"expected a multiple of {unit_tokens}")
+        per_rank = t.val_batch_size // ORIGINAL_WORLD
+        if per_rank < self.max_seq_len:
+            raise ConfigError(
+                f"VAL_BATCH_SIZE={t.val_batch_size} gives each rank {per_rank} tokens per batch; "
+                f"expected at least 8 x {self.max_seq_len} (one sequence per rank)")
+
+
+def read_settings(env) -> dict[str, str]:
+    """The variables this script reads, from the environment over PRESET's file."""
+    preset = env.get("PRESET", "").strip()
+    raw = {**(preset_defaults(preset) if preset else {}), **env}
+    for name, (default, why) in REMOVED_SETTINGS.items():
+        if name in raw and raw[name].strip() not in (default, "false", "off", "no"):
+            raise ConfigError(f"{name}={raw[name]!r} is not allowed: the setting was removed "
+                              f"({why}); unset it")
+    known = Config.variables()
+    return {k: v for k, v in raw.items() if k in known}
+
+
+def misspelt_settings(env) -> list[str]:
+    """Warnings for upper-case variables within two edits of a setting (SLOT_STPES)."""
+    known = Config.variables() | set(REMOVED_SETTINGS) | {"PRESET"}
+    warnings = []
+    for name in sorted(env):
+        if name in known or not name.isupper():
+            continue
+        close = [k for k in known if edit_distance(name, k) <= 2]
+        if close:
+            warnings.append(f"WARNING: {name} is not a setting of this script; did you mean "
+                            f"{min(close, key=lambda k: edit_distance(name, k))}?")
+    return warnings
+
+
+def edit_distance(a: str, b: str) -> int:
+    if abs(len(a) - len(b)) > 2:
+        return 3
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def preset_defaults(name: str) -> dict[str, str]:
+    """PRESET=NAME: defaults from presets/NAME.env beside this file (KEY=VALUE lines)."""
+    path = Path(__file__).resolve().with_name("presets") / f"{name}.env"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, ValueError):
+        names = sorted(p.stem for p in path.parent.glob("*.env"))
+        found = f"one of: {', '.join(names)} (or unset)" if names else "unset (no presets found)"
+        raise ConfigError(f"PRESET={name!r} is not allowed; expected {found}; presets are read "
+                          f"from {path.parent}") from None
+    lines = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    return dict(line.split("=", 1) for line in lines if "=" in line)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs, and its log."""
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    compile: bool = False
+    log_path: str | None = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def log(self, msg: str, console: bool = True) -> None:
+        if not self.master:
+            return
+        if console:
+            print(msg, flush=True)
+        if self.log_path is not None:
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                print(msg, file=f)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def reduce(self, values: list[float] | Tensor) -> Tensor:
+        t = torch.as_tensor(values, dtype=torch.float64, device=self.device).clone()
+        if self.distributed:
+            dist.all_reduce(t)
+        return t
+
+    def compiled(self, fn):
+        """fn compiled for fixed shapes on CUDA (or with COMPILE=1), else fn itself."""
+        return torch.compile(fn, dynamic=False, fullgraph=True) if self.compile else fn
+
+
+def start_runtime(cfg: RunConfig) -> Runtime:
+    """torchrun sets RANK/WORLD_SIZE: NCCL on CUDA, gloo on CPU; otherwise a single process."""
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ConfigError("DEVICE='cuda' but no CUDA device is available; "
+                          "expected DEVICE=auto or cpu")
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device("cpu")
+    if use_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if not use_cuda and cfg.cpu_threads > 0:
+        # One thread per process by default: more threads than free cores ran several times slower.
+        torch.set_num_threads(cfg.cpu_threads)
+    if use_cuda:
+        torch.cuda.set_device(device)
+        # The original's setting; it reaches SLOT's float32 logit matmul too.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1 and not dist.is_initialized():
+        # A rank stuck in a collective ends the run after this long, not gloo's half hour.
+        timeout = datetime.timedelta(seconds=cfg.collective_timeout_seconds)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout,
+                                device_id=device if use_cuda else None)
+    compiled = cfg.compile == "1" or (cfg.compile == "auto" and use_cuda)
+    return Runtime(rank=rank, world_size=world_size, device=device, compile=compiled)
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """float32 matmuls in full precision for a stage (GPTQ), restored whatever happens."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def write_atomic(path, data: bytes) -> None:
+    """Write beside the target, then rename: a crash never leaves a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+# -----------------------------
+# DATA: token shards, the tokenizer's byte counts
+# -----------------------------
+# Takes DATA_PATH's shards and the tokenizer; returns the validation tokens, the byte tables
+# that turn nats into bits per byte, and the training files, streamed in the same order on
+# every rank. Headers, the first training shard's ids and the tokenizer are checked first.
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256  # as tools/_files.py
+HEADER_BYTES = HEADER_INTS * 4
+
+
+def load_data_shard(path) -> np.ndarray:
+    """A shard's tokens as a read-only uint16 memory map (no whole-file copy)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read shard ({e.strerror})") from None
+    if header.size < HEADER_INTS:
+        raise ConfigError(f"{path}: truncated header ({size} bytes; a shard starts with a "
+                          f"{HEADER_BYTES}-byte header)")
+    if header[0] != SHARD_MAGIC:
+        raise ConfigError(f"{path}: bad magic {header[0]}; expected {SHARD_MAGIC}")
+    if header[1] != SHARD_VERSION:
+        raise ConfigError(f"{path}: unsupported version {header[1]}; expected {SHARD_VERSION}")
+    n = int(header[2])
+    if n < 0 or size != HEADER_BYTES + 2 * n:
+        raise ConfigError(f"{path}: size {size} bytes does not match header token count {n} "
+                          f"(expected {HEADER_BYTES + 2 * max(n, 0)} bytes)")
+    if n == 0:
+        return np.zeros(0, dtype=np.uint16)
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,))
+
+
+def checked_shard(path, vocab_size: int) -> np.ndarray:
+    """A shard whose ids all fit the vocabulary (an embedding lookup would fail mid-run)."""
+    tokens = load_data_shard(path)
+    if tokens.size and int(tokens.max()) >= vocab_size:
+        raise ConfigError(f"{path}: token id {int(tokens.max())} is out of range for "
+                          f"VOCAB_SIZE={vocab_size}")
+    return tokens
+
+
+def shard_files(data_path: str, split: str) -> list[str]:
+    if not os.path.isdir(data_path):
+        what = "is a file" if os.path.exists(data_path) else "does not exist"
+        raise ConfigError(f"DATA_PATH={data_path!r}: {what}; expected a folder of "
+                          f"fineweb_{split}_*.bin shards")
+    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    if not files:
+        raise ConfigError(f"DATA_PATH={data_path!r}: no fineweb_{split}_*.bin shards found")
+    return files
+
+
+class TokenStream:
+    """The train shards in order, wrapping around; each shard's ids checked as it loads."""
+
+    def __init__(self, files: list[str], vocab_size: int):
+        self.files, self.vocab_size, self.file_idx, self.pos = files, vocab_size, 0, 0
+        self.tokens = checked_shard(files[0], vocab_size)
+
+    def take(self, n: int) -> Tensor:
+        chunks = []
+        while n > 0:
+            if self.pos >= self.tokens.size:
+                self.file_idx = (self.file_idx + 1) % len(self.files)
+                self.tokens = checked_shard(self.files[self.file_idx], self.vocab_size)
+                self.pos = 0
+                continue
+            k = min(n, self.tokens.size - self.pos)
+            chunks.append(np.asarray(self.tokens[self.pos:self.pos + k], dtype=np.int64))
+            self.pos, n = self.pos + k, n - k
+        return torch.from_numpy(np.concatenate(chunks))
+
+
+class DistributedTokenLoader:
+    """Each micro-step takes one contiguous chunk; rank r reads its own (local + 1)-token slice."""
+
+    def __init__(self, files: list[str], vocab_size: int, rt: Runtime):
+        self.stream, self.rt = TokenStream(files, vocab_size), rt
+
+    def next_batch(self, global_tokens: int, seq_len: int, grad_accum: int) -> tuple[Tensor, ...]:
+        rank, world = self.rt.rank, self.rt.world_size
+        local = global_tokens // (world * grad_accum)
+        chunk = self.stream.take((local + 1) * world)
+        span = chunk[rank * (local + 1):(rank + 1) * (local + 1)]
+        if self.rt.device.type == "cuda":  # pinned: the copy overlaps the previous micro-step
+            span = span.pin_memory()
+        span = span.to(self.rt.device, non_blocking=True)
+        return span[:-1].reshape(-1, seq_len), span[1:].reshape(-1, seq_len)
+
+
+def load_validation_tokens(files: list[str], seq_len: int, vocab_size: int) -> Tensor:
+    parts = [np.asarray(checked_shard(f, vocab_size), dtype=np.int64) for f in files]
+    tokens = np.concatenate(parts)
+    usable = ((tokens.size - 1) // seq_len) * seq_len
+    if usable <= 0:
+        raise ConfigError(f"validation split ({', '.join(files)}) has {tokens.size} tokens; "
+                          f"expected more than one sequence of {seq_len}")
+    return torch.from_numpy(tokens[:usable + 1])
+
+
+def load_tokenizer(cfg: DataConfig, vocab_size: int) -> spm.SentencePieceProcessor:
+    path = Path(cfg.tokenizer_path)
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "file not found"
+        raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path!r}: {what}; expected a "
+                          f"SentencePiece .model file")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.load(str(path))
+    except (OSError, RuntimeError):
+        raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path!r}: not a SentencePiece "
+                          f"model") from None
+    if sp.vocab_size() != vocab_size:
+        raise ConfigError(f"VOCAB_SIZE={vocab_size} differs from the tokenizer's size "
+                          f"{sp.vocab_size()} ({cfg.tokenizer_path}); expected "
+                          f"VOCAB_SIZE={sp.vocab_size()}")
+    check_tokenizer_hash(cfg)
+    return sp
+
+
+def check_tokenizer_hash(cfg: DataConfig) -> None:
+    """Shards scored with another tokenizer give a meaningless bpb: tools.data's manifest.json
+    beside them records the tokenizer's sha256."""
+    manifest = Path(cfg.data_path) / "manifest.json"
+    try:
+        expected = json.loads(manifest.read_text(encoding="utf-8"))["tokenizer"]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no manifest, or one without a hash (the challenge's own): nothing to compare
+    actual = hashlib.sha256(Path(cfg.tokenizer_path).read_bytes()).hexdigest()
+    if actual != expected:
+        raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path!r} (sha256 {actual[:12]}...) is not "
+                          f"the tokenizer of DATA_PATH's shards ({manifest}: sha256 "
+                          f"{expected[:12]}...); expected the tokenizer they were made with")
+
+
+def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int, device) -> tuple[Tensor, ...]:
+    """Per-token UTF-8 byte counts, leading-space flags and boundary flags for val_bpb."""
+    table = max(sp.vocab_size(), vocab_size)
+    base_bytes = np.zeros(table, dtype=np.int16)
+    leading_space = np.zeros(table, dtype=np.bool_)
+    boundary = np.ones(table, dtype=np.bool_)  # ids past the tokenizer's size count as boundaries
+    for i in range(sp.vocab_size()):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        if sp.is_byte(i):
+            base_bytes[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581"):
+            leading_space[i], piece = True, piece[1:]
+        base_bytes[i] = len(piece.encode("utf-8"))
+    return tuple(torch.from_numpy(a).to(device) for a in (base_bytes, leading_space, boundary))
+
+
+def count_bytes(luts, prev_ids: Tensor, target_ids: Tensor) -> Tensor:
+    """Bytes of each target: its piece, plus the space it opens unless it follows a boundary."""
+    base_bytes, leading_space, boundary = luts
+    opens_space = leading_space[target_ids] & ~boundary[prev_ids]
+    return base_bytes[target_ids].double() + opens_space.double()
+
+
+@dataclass(frozen=True)
+class Data:
+    """What every later stage reads: validation tokens on the host, byte tables on the device."""
+    val_tokens: Tensor
+    luts: tuple[Tensor, ...]
+    train_files: list[str]
+    train_tokens: int
+
+
+def load_data(cfg: Config, rt: Runtime, training: bool) -> tuple[Data, list[str]]:
+    """Every data input checked; returns the data and the warnings to log."""
+    sp = load_tokenizer(cfg.data, cfg.model.vocab_size)
+    vocab = cfg.model.vocab_size
+    val_files = shard_files(cfg.data.data_path, "val")
+    val_tokens = load_validation_tokens(val_files, cfg.max_seq_len, vocab)
+    files = shard_files(cfg.data.data_path, "train") if training else []
+    sizes = [load_data_shard(f).size for f in files]  # every header before any work
+    warnings = []
+    if files:
+        if sum(sizes) == 0:
+            raise ConfigError(f"DATA_PATH={cfg.data.data_path!r}: the training split "
+                              f"({len(files)} shards) holds 0 tokens; expected training data")
+        checked_shard(next(f for f, n in zip(files, sizes) if n), vocab)  # the first one read
+        step = cfg.train.train_batch_tokens + rt.world_size
+        if sum(sizes) < step:
+            warnings.append(f"WARNING: the training split holds {sum(sizes)} tokens, less than one "
+                            f"step ({cfg.train.train_batch_tokens}): every step repeats it")
+        calibration = step * cfg.export.gptq_calibration_batches
+        if cfg.export.gptq_enabled and sum(sizes) < calibration:
+            warnings.append(f"WARNING: GPTQ's calibration reads {calibration} tokens; the training "
+                            f"split holds {sum(sizes)}, so it repeats them")
+    files = [f for f, n in zip(files, sizes) if n]  # an empty shard is skipped, not spun on
+    luts = build_byte_luts(sp, vocab, rt.device)
+    return Data(val_tokens, luts, files, sum(sizes)), warnings
+
+# -----------------------------
+# MODEL
+# -----------------------------
+# Takes a GPTConfig; returns the GPT: 11 blocks with U-Net skips, GQA attention with partial
+# RoPE, XSA and a value residual, a leaky-ReLU^2 MLP, hashed-bigram and value embeddings, a
+# tied soft-capped head. Every parameter has one declared role (optimizer group, CUDA dtype,
+# artifact format) that the optimizers, the precision layout, the quantiser and GPTQ read.
+
+
+@dataclass(frozen=True)
+class Role:
+    group: str  # optimizer: embed (AdamW), head (Adam), matrix (Muon), scalar (AdamW)
+    cuda_dtype: torch.dtype
+    export: str  # int6 | int8 | fp16; any tensor of at most PASSTHROUGH_MAX_NUMEL values is fp16
+
+
+# What a module declares each of its parameters to be. A control tensor is a scalar named by
+# CONTROL_TENSOR_NAME_PATTERNS: fp16 in the artifact at any size.
+ROLES = {
+    "embedding": Role("embed", torch.bfloat16, "int8"),  # the original keeps its tables bf16
+    "head": Role("head", torch.float32, "int8"),
+    "matrix": Role("matrix", torch.float32, "int6"),
+    "scalar": Role("scalar", torch.float32, "int8"),
+    "control": Role("scalar", torch.float32, "fp16"),
+}
+
+
+def parameter_roles(model: nn.Module, control_patterns: tuple[str, ...]) -> dict[str, Role]:
+    """Every parameter's role, from each module's `param_roles`; none or two stops the build."""
+    declared = {}
+    for prefix, module in model.named_modules():
+        for local, kind in getattr(module, "param_roles", {}).items():
+            name = f"{prefix}.{local}" if prefix else local
+            if name in declared:
+                raise ConfigError(f"parameter {name} has two roles ({declared[name]}, {kind}); "
+                                  f"declare it in one module's param_roles")
+            declared[name] = kind
+    roles = {}
+    for name, p in model.named_parameters():
+        if name not in declared:
+            raise ConfigError(f"parameter {name} {tuple(p.shape)} has no role; declare it in its "
+                              f"module's param_roles as one of {', '.join(ROLES)}")
+        kind = declared[name]
+        if kind == "scalar" and any(pattern in name for pattern in control_patterns):
+            kind = "control"
+        roles[name] = ROLES[kind]
+    return roles
+
+
+def rms(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))  # eps=None: the dtype's machine epsilon
+
+
+def fake_int6(w: Tensor, dtype: torch.dtype) -> Tensor:
+    """Late QAT: the weight as int6 would store it (row max / 31), straight-through gradient."""
+    with torch.no_grad():
+        w32 = w.float()
+        scale = (w32.abs().amax(dim=1) / 31.0).clamp_min(1.0 / 31.0)[:, None]
+        w_q = (torch.clamp(torch.round(w32 / scale), -32, 31) * scale).to(dtype)
+    w = w.to(dtype)
+    return w + (w_q - w).detach()
+
+
+class CastedLinear(nn.Linear):
+    """A bias-free linear whose weight follows the input's dtype. `qat` (fake int6 weights) is
+    an argument, not a switch on the class: the warm-up compiles both graphs, so late QAT
+    never recompiles."""
+
+    def __init__(self, in_features: int, out_features: int, zero_init: bool = False,
+                 role: str = "matrix"):
+        super().__init__(in_features, out_features, bias=False)
+        self.zero_init = zero_init
+        self.param_roles = {"weight": role}
+
+    def forward(self, x: Tensor, qat: bool = False) -> Tensor:
+        w = fake_int6(self.weight, x.dtype) if qat else self.weight.to(x.dtype)
+        return F.linear(x, w)
+
+
+class Table(nn.Embedding):
+    """An embedding table (the token, bigram and value embeddings)."""
+    param_roles = {"weight": "embedding"}
+
+
+class ScalarList(nn.ParameterList):
+    @property
+    def param_roles(self) -> dict[str, str]:
+        return dict.fromkeys((str(i) for i in range(len(self))), "scalar")
+
+
+def rotary_cos_sin(seq_len: int, rope_dims: int, base: float, device, dtype) -> tuple[Tensor, ...]:
+    """Partial-RoPE tables, in float32 then cast to the activation dtype.
+    Seed quirk kept: the rotary module believes training ran at 1024 tokens and rescales the
+    base for longer rows (always in effect at T = 2048). Seed quirk fixed: the original built
+    T <= 1024 tables from bf16 positions."""
+    if seq_len > 1024:
+        base = base * (seq_len / 1024) ** (rope_dims / (rope_dims - 2))
+    dims = torch.arange(0, rope_dims, 2, dtype=torch.float32, device=device) / rope_dims
+    inv_freq = 1.0 / (base ** dims)
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    return freqs.cos()[None, :, None, :].to(dtype), freqs.sin()[None, :, None, :].to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = cos.size(-1)
+    a, b, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    return torch.cat((a * cos + b * sin, a * (-sin) + b * cos, rest), dim=-1)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """q [B,T,H,D], k/v [B,T,Hkv,D] -> [B,T,H,D]; query head h reads kv head h // (H/Hkv)."""
+    if torch.is_autocast_enabled(q.device.type):
+        # One dtype for all three: torch >= 2.12's CUDA autocast keeps rms_norm, so q and k, in
+        # float32 while v is bf16, and FA3 (not an autocast op) refuses mixed dtypes.
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    if flash_attn_3 is not None and q.is_cuda:
+        out = flash_attn_3(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True, enable_gqa=q.size(2) != k.size(2))
+    return y.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    param_roles = {"q_gain": "scalar", "vrl_gate": "scalar"}
+
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
+        self.vrl_gate = nn.Parameter(torch.tensor(-1.5)) if cfg.vrl_enabled and layer > 0 else None
+        self.xsa = layer >= cfg.num_layers - cfg.xsa_last_n
+        self.c_q = CastedLinear(cfg.model_dim, cfg.model_dim)
+        self.c_k = CastedLinear(cfg.model_dim, cfg.kv_dim)
+        self.c_v = CastedLinear(cfg.model_dim, cfg.kv_dim)
+        self.proj = CastedLinear(cfg.model_dim, cfg.model_dim, zero_init=True)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], v_first: Tensor | None,
+                ve: Tensor | None, qat: bool) -> tuple[Tensor, Tensor]:
+        B, T, _ = x.shape
+        q = self.c_q(x, qat).reshape(B, T, self.num_heads, self.head_dim)
+        k = self.c_k(x, qat).reshape(B, T, self.num_kv_heads, self.head_dim)
+        v = self.c_v(x, qat)
+        v_raw = v  # layer 0's raw value feeds the value residual of later layers
+        if ve is not None:
+            v = v + ve
+        if self.vrl_gate is not None and v_first is not None:
+            alpha = torch.sigmoid(self.vrl_gate.to(v.dtype))
+            v = (1 - alpha) * v + alpha * v_first
+        v = v.reshape(B, T, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(rms(q), *rope), apply_rotary(rms(k), *rope)
+        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
+        y = causal_attention(q, k, v)
+        if self.xsa:  # remove each head's component along its (normalised) value vector
+            group = self.num_heads // self.num_kv_heads
+            y = y.reshape(B, T, self.num_kv_heads, group, self.head_dim)
+            v_hat = F.normalize(v, dim=-1).unsqueeze(-2)
+            y = y - (y * v_hat).sum(dim=-1, keepdim=True) * v_hat
+        return self.proj(y.reshape(B, T, -1), qat), v_raw
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.fc = CastedLinear(cfg.model_dim, cfg.mlp_hidden)
+        self.proj = CastedLinear(cfg.mlp_hidden, cfg.model_dim, zero_init=True)
+
+    def forward(self, x: Tensor, qat: bool) -> Tensor:
+        return self.proj(F.leaky_relu(self.fc(x, qat), negative_slope=0.5).square(), qat)
+
+
+class Block(nn.Module):
+    param_roles = {"attn_scale": "scalar", "mlp_scale": "scalar", "resid_mix": "scalar"}
+
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
+        mix = (torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim))  # x and x0 weights
+        self.resid_mix = nn.Parameter(torch.stack(mix))
+        self.attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+        self.ln_scale = 1.0 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
+
+    def forward(self, x, x0, rope, v_first, ve, qat: bool):
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        attn_out, v_raw = self.attn(rms(x) * self.ln_scale, rope, v_first, ve, qat)
+        x = x + self.attn_scale.to(x.dtype) * attn_out
+        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms(x) * self.ln_scale, qat)
+        return x, v_raw
+
+
+class ScaledEmbedding(nn.Module):
+    """A table, projected to out_dim if narrower (zero init), times a learned scalar."""
+    param_roles = {"scale": "scalar"}
+
+    def __init__(self, rows: int, dim: int, out_dim: int, scale: float, init_std: float):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(scale))
+        self.embed = Table(rows, dim)
+        if init_std > 0:
+            nn.init.normal_(self.embed.weight, std=init_std)
+        else:
+            nn.init.zeros_(self.embed.weight)
+        self.proj = CastedLinear(dim, out_dim) if dim != out_dim else None
+        if self.proj is not None:
+            nn.init.zeros_(self.proj.weight)
+
+    def forward(self, ids: Tensor, qat: bool = False) -> Tensor:
+        out = self.embed(ids)
+        if self.proj is not None:
+            out = self.proj(out, qat)
+        return out * self.scale.to(out.dtype)
+
+
+class BigramHash(ScaledEmbedding):
+    """A learned embedding of a hash of (previous token, token), added to the token embedding."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__(cfg.bigram_vocab_size, cfg.bigram_dim, cfg.model_dim, scale=0.05,
+                         init_std=0.0)
+
+    def forward(self, ids: Tensor, qat: bool = False) -> Tensor:
+        t = ids.to(torch.int32)  # the hash wraps in int32, as the original's
+        mod = self.embed.num_embeddings - 1
+        buckets = torch.full_like(t, mod)  # position 0 of every row has no previous token
+        buckets[:, 1:] = torch.bitwise_xor(36313 * t[:, 1:], 27191 * t[:, :-1]) % mod
+        return super().forward(buckets.long(), qat)
+
+
+class SmearGate(nn.Module):
+    """Mixes each position with the previous one: x[t] <- (1 - g) x[t] + g x[t-1]."""
+    param_roles = {"gate": "scalar"}
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        g = torch.sigmoid(self.gate.to(x.dtype))
+        x_prev = torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1]), dim=1)
+        return (1 - g) * x + g * x_prev
+
+
+class GPT(nn.Module):
+    # skip_weights is a gain per decoder layer and width, not a matrix to orthogonalise.
+    param_roles = {"skip_weights": "scalar"}
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.num_encoder = cfg.num_layers // 2
+        num_skips = min(self.num_encoder, cfg.num_layers - self.num_encoder)
+        # Construction order is the order of the random draws: keep it (same SEED, same weights).
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim))
+        self.tok_emb = Table(cfg.vocab_size, cfg.model_dim)
+        self.bigram = BigramHash(cfg) if cfg.bigram_vocab_size > 0 else None
+        self.smear = SmearGate(cfg.model_dim)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.ve_shared = None
+        if cfg.ve_layer_ids:
+            self.ve_shared = ScaledEmbedding(cfg.vocab_size, cfg.ve_dim, cfg.kv_dim, scale=0.1,
+                                             init_std=0.01)
+        self.ve_layer_scales = ScalarList(nn.Parameter(torch.ones(1)) for _ in cfg.ve_layer_ids)
+        self.lm_head = None
+        if not cfg.tie_embeddings:
+            self.lm_head = CastedLinear(cfg.model_dim, cfg.vocab_size, zero_init=True, role="head")
+        self._init_weights()
+        self.roles = parameter_roles(self, cfg.control_patterns)
+
+    def _init_weights(self) -> None:
+        nn.init.normal_(self.tok_emb.weight, mean=0.0, std=self.cfg.tied_embed_init_std)
+        for name, module in self.named_modules():
+            if not isinstance(module, CastedLinear):
+                continue
+            if module.zero_init:
+                nn.init.zeros_(module.weight)
+            elif min(module.weight.shape) >= 64:
+                nn.init.orthogonal_(module.weight, gain=1.0)
+                if name.endswith(".proj"):
+                    # Seed quirk kept: this also moves bigram.proj and ve_shared.proj off zero.
+                    with torch.no_grad():
+                        module.weight.mul_(1.0 / math.sqrt(2 * self.cfg.num_layers))
+
+    def head_weight(self) -> Tensor:
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+
+    def hidden(self, ids: Tensor, qat: bool = False) -> Tensor:
+        """Final hidden states after the last RMS norm, [B, T, d]; `qat`: fake int6 weights."""
+        cfg = self.cfg
+        x = self.tok_emb(ids)
+        if self.bigram is not None:
+            x = x + self.bigram(ids, qat)
+        x = self.smear(rms(x))
+        x0, v_first, skips = x, None, []
+        rope_dims = cfg.rope_dims or cfg.head_dim
+        rope = rotary_cos_sin(ids.size(1), rope_dims, cfg.rope_base, ids.device, x.dtype)
+        ve_base = self.ve_shared(ids, qat) if self.ve_shared is not None else None
+        for i, block in enumerate(self.blocks):
+            if i >= self.num_encoder and skips:  # U-Net: decoder i reads encoder outputs, LIFO
+                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
+            ve = None
+            if i in cfg.ve_layer_ids:
+                ve = ve_base * self.ve_layer_scales[cfg.ve_layer_ids.index(i)].to(ve_base.dtype)
+            x, v_raw = block(x, x0, rope, v_first, ve, qat)
+            if v_first is None:
+                v_first = v_raw
+            if i < self.num_encoder:
+                skips.append(x)
+        return rms(x)
+
+    def logits(self, x: Tensor, qat: bool = False) -> Tensor:
+        if self.lm_head is None:
+            z = F.linear(x, self.head_weight().to(x.dtype))
+        else:
+            z = self.lm_head(x, qat)
+        return self.cfg.logit_softcap * torch.tanh(z / self.cfg.logit_softcap)
+
+    def forward(self, ids: Tensor, targets: Tensor, qat: bool = False) -> Tensor:
+        """The training loss: mean cross-entropy over every target."""
+        logits = self.logits(self.hidden(ids, qat), qat)
+        return F.cross_entropy(logits.float().reshape(-1, self.cfg.vocab_size), targets.reshape(-1))
+
+
+def build_model(cfg: GPTConfig, device: torch.device, seed: int | None = None) -> GPT:
+    """Built on the CPU (the original's draws, seeded without touching the caller's generator),
+    rounded through bf16, then each parameter in its role's dtype on CUDA, float32 on the CPU."""
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.default_generator.manual_seed(seed)
+        model = GPT(cfg).bfloat16()
+    return (cuda_layout(model) if device.type == "cuda" else model.float()).to(device)
+
+
+def cuda_layout(model: GPT) -> GPT:
+    """The original's CUDA dtypes: each parameter in its role's (tables bf16, the rest float32)."""
+    for name, p in model.named_parameters():
+        p.data = p.data.to(model.roles[name].cuda_dtype)
+    return model
+
+
+def role_summary(model: GPT) -> list[str]:
+    """Tensors/parameters per optimizer group and artifact format: where a new tensor went."""
+    groups, formats = {}, {}
+    for name, p in model.named_parameters():
+        role = model.roles[name]
+        fmt = "fp16" if p.numel() <= PASSTHROUGH_MAX_NUMEL else role.export
+        for table, key in ((groups, role.group), (formats, fmt)):
+            tensors, params = table.get(key, (0, 0))
+            table[key] = (tensors + 1, params + p.numel())
+    return [f"param_groups (tensors/params) {format_counts(groups)}",
+            f"param_formats (tensors/params) {format_counts(formats)}"]
+
+
+def format_counts(table: dict[str, tuple[int, int]]) -> str:
+    return " ".join(f"{key}:{tensors}/{params}" for key, (tensors, params) in table.items())
+
+# -----------------------------
+# OPTIMIZERS AND SCHEDULE
+# -----------------------------
+# Takes the parameter table and an OptimConfig; returns the record's optimizers (Muon for
+# matrices, AdamW for tables and scalars, Adam for an untied head) and the schedule the
+# training loop asks every step for the lr multiplier, Muon's momentum and late QAT.
+
+
+def newton_schulz5(g: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
+    """Approximately orthogonalise g, in bf16 throughout (quintic Newton-Schulz iteration)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.bfloat16()
+    x = x / (x.norm() + eps)
+    transposed = g.size(0) > g.size(1)
+    if transposed:
+        x = x.T
+    for _ in range(steps):
+        A = x @ x.T
+        B = b * A + c * A @ A
+        x = a * x + B @ x
+    return x.T if transposed else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum, orthogonalised by Newton-Schulz. Distributed, rank k % world_size
+    orthogonalises parameter k and one all-reduce of a flat bf16 buffer shares the updates."""
+
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
+                 orthogonalize=newton_schulz5):
+        defaults = dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
+                        weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        self.orthogonalize = orthogonalize
+
+    @torch.no_grad()
+    def step(self):
+        distributed = dist.is_available() and dist.is_initialized()
+        world_size, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+        for group in self.param_groups:
+            params, lr = group["params"], group["lr"]
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device,
+                               dtype=torch.bfloat16)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % world_size == rank and p.grad is not None:
+                    flat[offset:offset + p.numel()] = self.update(p, group).reshape(-1)
+                offset += p.numel()
+            if distributed:
+                all_reduce_sum(flat)
+            offset = 0
+            for p in params:
+                if group["weight_decay"] > 0:
+                    p.mul_(1.0 - lr * group["weight_decay"])
+                p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-lr)
+                offset += p.numel()
+
+    def update(self, p: Tensor, group: dict) -> Tensor:
+        state, mu = self.state[p], group["momentum"]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p.grad)
+        buf = state["momentum_buffer"]
+        buf.mul_(mu).add_(p.grad)
+        update = self.orthogonalize(p.grad.add(buf, alpha=mu), group["backend_steps"])
+        return update * max(1, update.size(0) / update.size(1)) ** 0.5
+
+
+def all_reduce_sum(t: Tensor) -> None:
+    # gloo reduces bf16 poorly: widen on the CPU. Each slot has one non-zero writer: exact.
+    if t.dtype == torch.bfloat16 and t.device.type == "cpu":
+        wide = t.float()
+        dist.all_reduce(wide)
+        t.copy_(wide)
+    else:
+        dist.all_reduce(t)
+
+
+def param_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
+    """The table's optimizer groups, each in the model's parameter order."""
+    groups = {"embed": [], "matrix": [], "scalar": [], "head": []}
+    for name, p in model.named_parameters():
+        groups[model.roles[name].group].append(p)
+    return groups
+
+
+def build_optimizers(model: GPT, cfg: OptimConfig, compiled: bool = False) -> list:
+    """[AdamW embeddings, AdamW scalars, Muon matrices, (Adam head)]: the original's order."""
+    groups = param_groups(model)
+    fused = dict(fused=True) if next(model.parameters()).is_cuda else {}
+    adam = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, **fused)
+    embed_lr = cfg.tied_embed_lr if model.lm_head is None else cfg.embed_lr
+    optimizers = [
+        torch.optim.AdamW([dict(params=groups["embed"], lr=embed_lr, base_lr=embed_lr)],
+                          weight_decay=cfg.adam_wd, **adam),
+        torch.optim.AdamW([dict(params=groups["scalar"], lr=cfg.scalar_lr, base_lr=cfg.scalar_lr)],
+                          weight_decay=cfg.adam_wd, **adam),
+    ]
+    # Compiled on CUDA, as the original: eagerly, Newton-Schulz is thousands of small launches a
+    # step. Fixed shapes: one graph per matrix shape, none re-traced as dynamic.
+    orthogonalize = torch.compile(newton_schulz5, dynamic=False) if compiled else newton_schulz5
+    muon = Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum,
+                backend_steps=cfg.muon_backend_steps, weight_decay=cfg.muon_wd,
+                orthogonalize=orthogonalize)
+    for group in muon.param_groups:
+        group["base_lr"] = cfg.matrix_lr
+    optimizers.append(muon)
+    if groups["head"]:
+        head = [dict(params=groups["head"], lr=cfg.head_lr, base_lr=cfg.head_lr)]
+        optimizers.append(torch.optim.Adam(head, **adam))
+    return optimizers
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A linear lr warm-down (by steps, or under a wall-clock cap by the time the remaining
+    steps will take), Muon's momentum warm-up and late QAT's threshold."""
+    iterations: int
+    warmdown_iters: int
+    cap_ms: float | None  # None: no wall-clock cap
+    momentum_start: float
+    momentum_end: float
+    momentum_warmup_steps: int
+    late_qat_threshold: float  # <= 0: never
+
+    @classmethod
+    def of(cls, train: TrainConfig, optim: OptimConfig, cap_seconds: float) -> "Schedule":
+        cap_ms = 1000.0 * cap_seconds if cap_seconds > 0 else None
+        return cls(train.iterations, train.warmdown_iters, cap_ms,
+                   optim.muon_momentum_warmup_start, optim.muon_momentum,
+                   optim.muon_momentum_warmup_steps, train.late_qat_threshold)
+
+    def lr_scale(self, step: int, elapsed_ms: float) -> float:
+        if self.warmdown_iters <= 0:
+            return 1.0
+        if self.cap_ms is None:
+            start = max(self.iterations - self.warmdown_iters, 0)
+            if start <= step < self.iterations:
+                return max((self.iterations - step) / self.warmdown_iters, 0.0)
+            return 1.0
+        warmdown_ms = self.warmdown_iters * (elapsed_ms / max(step, 1))
+        remaining_ms = max(self.cap_ms - elapsed_ms, 0.0)
+        return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+
+    def momentum(self, step: int) -> float:
+        if self.momentum_warmup_steps > 0:
+            frac = min(step / self.momentum_warmup_steps, 1.0)
+        else:
+            frac = 1.0
+        return (1 - frac) * self.momentum_start + frac * self.momentum_end
+
+    def late_qat(self, lr_scale: float) -> bool:
+        """Whether this multiplier switches late QAT on (the loop never switches it off)."""
+        return 0 < self.late_qat_threshold and lr_scale < self.late_qat_threshold
+
+# -----------------------------
+# TRAINING
+# -----------------------------
+# Takes the model, the data and the cap; leaves the EMA weights in the model and returns the
+# compiled hidden-state function and the training time. A compile warm-up (then reset), steps
+# until ITERATIONS or the cap (validation excluded), EMA, late QAT and the warm-down.
+
+
+class Diverged(Exception):
+    """A non-finite loss: the run stops and nothing is exported from those weights."""
+
+
+@dataclass(frozen=True)
+class Trained:
+    hidden_fn: object  # model.hidden, compiled on CUDA (validation and the post-EMA check)
+    train_ms: float
+
+
+def check_finite(value: float, what: str) -> float:
+    if not math.isfinite(value):
+        raise Diverged(f"training diverged: {what} is {value}; nothing was exported")
+    return value
+
+
+class Trainer:
+    """One optimizer step and its parts; the loop in `train` asks the schedule what to run."""
+
+    def __init__(self, cfg: Config, rt: Runtime, model: GPT, data: Data):
+        self.cfg, self.rt, self.model, self.data = cfg, rt, model, data
+        compiled = rt.compiled(model)
+        self.hidden_fn = rt.compiled(model.hidden)
+        device_ids = [rt.device.index] if rt.device.type == "cuda" else None
+        # The model has no buffers to broadcast.
+        self.ddp = DDP(compiled, device_ids=device_ids) if rt.distributed else compiled
+        self.optimizers = build_optimizers(model, cfg.optim, compiled=rt.compile)
+        self.muon = next(opt for opt in self.optimizers if isinstance(opt, Muon))
+        self.accum = cfg.train.grad_accum_steps(rt.world_size)
+        self.loader = self.new_loader()
+
+    def new_loader(self) -> DistributedTokenLoader:
+        return DistributedTokenLoader(self.data.train_files, self.cfg.model.vocab_size, self.rt)
+
+    def gradients(self, qat: bool) -> Tensor:
+        """The step's mean loss, its gradients accumulated over the micro-steps."""
+        t, total = self.cfg.train, torch.zeros((), device=self.rt.device)
+        for micro in range(self.accum):
+            x, y = self.loader.next_batch(t.train_batch_tokens, t.train_seq_len, self.accum)
+            # DDP all-reduces the gradients on the last micro-step only.
+            no_sync = self.rt.distributed and micro < self.accum - 1
+            with self.ddp.no_sync() if no_sync else contextlib.nullcontext():
+                with self.rt.autocast():
+                    loss = self.ddp(x, y, qat=qat)
+                (loss * (1.0 / self.accum)).backward()
+            total += loss.detach()
+        return total / self.accum
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def step(self, qat: bool, lr_scale: float, momentum: float) -> Tensor:
+        self.zero_grad()
+        loss = self.gradients(qat)
+        for group in self.muon.param_groups:
+            group["momentum"] = momentum
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * lr_scale
+        if self.cfg.optim.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip_norm)
+        for opt in self.optimizers:
+            opt.step()
+        self.zero_grad()
+        return loss
+
+    def validate(self) -> tuple[float, float]:
+        t = self.cfg.train
+        sums = score_sequences(self.scoring(), t.train_seq_len, t.val_batch_size)
+        return sums.result(self.rt)
+
+    def scoring(self, tokens: Tensor | None = None) -> "Scoring":
+        tokens = self.data.val_tokens if tokens is None else tokens
+        return Scoring(self.model, self.hidden_fn, tokens, self.data.luts, self.rt)
+
+    def warm_up(self) -> None:
+        """Compiles every graph the timed loop uses (the step without and with late QAT, and
+        validation), then restores weights, optimizer states and data stream exactly."""
+        t, rt = self.cfg.train, self.rt
+        initial_model = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        initial_opt = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
+        qat_later = not t.qat_enabled and t.late_qat_threshold > 0
+        self.model.train()
+        for i in range(t.warmup_steps):
+            self.zero_grad()
+            self.gradients(t.qat_enabled or (qat_later and i >= t.warmup_steps // 2))
+            for opt in self.optimizers:
+                opt.step()
+            if i == 0:
+                warm = self.data.val_tokens[:rt.world_size * t.val_batch_size // ORIGINAL_WORLD + 1]
+                score_sequences(self.scoring(warm), t.train_seq_len, t.val_batch_size)
+            if t.warmup_steps <= 20 or (i + 1) % 10 == 0 or i + 1 == t.warmup_steps:
+                rt.log(f"warmup_step:{i + 1}/{t.warmup_steps}")
+        self.model.load_state_dict(initial_model, strict=True)
+        for opt, state in zip(self.optimizers, initial_opt):
+            opt.load_state_dict(state)
+        self.zero_grad()
+        self.loader = self.new_loader()
+
+
+class Clock:
+    """Training time: validation, logging and waits outside it are not counted."""
+
+    def __init__(self, rt: Runtime):
+        self.rt, self.ms = rt, 0.0
+        rt.sync()
+        self.t0 = time.perf_counter()
+
+    def now_ms(self) -> float:
+        return self.ms + 1000.0 * (time.perf_counter() - self.t0)
+
+    def pause(self) -> None:
+        self.rt.sync()
+        self.ms += 1000.0 * (time.perf_counter() - self.t0)
+
+    def resume(self) -> None:
+        self.rt.sync()
+        self.t0 = time.perf_counter()
+
+
+def train(cfg: Config, rt: Runtime, model: GPT, data: Data, cap_seconds: float) -> Trained:
+    """The record's loop; `cap_seconds` is MAX_WALLCLOCK_SECONDS less GPTQ's reserve."""
+    t = cfg.train
+    trainer = Trainer(cfg, rt, model, data)
+    if t.warmup_steps > 0:
+        trainer.warm_up()
+    schedule = Schedule.of(t, cfg.optim, cap_seconds)
+    ema = EMA(model, t.ema_decay)
+    qat, stop_after, step = t.qat_enabled, None, 0
+    clock = Clock(rt)
+    try:
+        while True:
+            last = step == t.iterations or (stop_after is not None and step >= stop_after)
+            if last or (t.val_loss_every > 0 and step % t.val_loss_every == 0):
+                clock.pause()
+                val_loss, val_bpb = trainer.validate()
+                rt.log(f"step:{step}/{t.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                       f"train_time:{clock.ms:.0f}ms step_avg:{clock.ms / max(step, 1):.2f}ms")
+                check_finite(val_loss, f"val_loss at step {step}")
+                clock.resume()
+            if last:
+                if stop_after is not None and step < t.iterations:
+                    rt.log(f"stopping_early: wallclock_cap train_time:{clock.ms:.0f}ms "
+                           f"step:{step}/{t.iterations}")
+                break
+            scale = schedule.lr_scale(step, clock.now_ms())
+            if schedule.late_qat(scale) and not qat:
+                qat = True  # never switched off again
+                rt.log(f"late_qat:enabled step:{step} scale:{scale:.4f}")
+            train_loss = trainer.step(qat, scale, schedule.momentum(step))
+            ema.update()
+            step += 1
+            ms = clock.now_ms()
+            log_train_step(t, rt, step, train_loss, ms, stop_after is not None)
+            if stop_after is None and over_cap(rt, schedule, ms):
+                stop_after = step
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted at step {step}/{t.iterations}") from None
+    if rt.device.type == "cuda":
+        rt.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 1024 // 1024} MiB "
+               f"reserved: {torch.cuda.max_memory_reserved() // 1024 // 1024} MiB")
+    rt.log("ema:applying EMA weights")
+    ema.apply()
+    return Trained(trainer.hidden_fn, clock.ms)
+
+
+def log_train_step(t: TrainConfig, rt: Runtime, step: int, loss: Tensor, ms: float, stopping: bool):
+    if t.train_log_every > 0 and (step <= 10 or step % t.train_log_every == 0 or stopping):
+        value = loss.item()
+        rt.log(f"step:{step}/{t.iterations} train_loss:{value:.4f} "
+               f"train_time:{ms:.0f}ms step_avg:{ms / step:.2f}ms")
+        check_finite(value, f"train_loss at step {step}")
+
+
+def over_cap(rt: Runtime, schedule: Schedule, ms: float) -> bool:
+    reached = schedule.cap_ms is not None and ms >= schedule.cap_ms
+    if rt.distributed and schedule.cap_ms is not None:  # stop together: any rank over the cap
+        flag = torch.tensor(int(reached), device=rt.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        reached = bool(flag.item())
+    return reached
+
+
+class EMA:
+    """A float32 exponential moving average of every weight, exported instead of the weights."""
+
+    def __init__(self, model: GPT, decay: float):
+        self.model, self.decay = model, decay
+        # Views of the parameters, which the optimizers update in place.
+        self.weights = list(model.state_dict().values())
+        self.ema = [w.detach().float().clone() for w in self.weights]
+
+    @torch.no_grad()
+    def update(self) -> None:  # one fused launch per op for all ~135 tensors
+        torch._foreach_mul_(self.ema, self.decay)
+        torch._foreach_add_(self.ema, [w.float() for w in self.weights], alpha=1.0 - self.decay)
+
+    def apply(self) -> None:
+        current = self.model.state_dict()
+        self.model.load_state_dict({k: e.to(current[k].dtype) for k, e in zip(current, self.ema)},
+                                   strict=True)
+
+# -----------------------------
+# EXPORT: quantisation, GPTQ, packing, loading
+# -----------------------------
+# Takes the trained model; returns the artifact: the quantised container ({"w": tensors,
+# "m": schemes}, the original's layout), written compressed with a sidecar of the model
+# settings. Export and load are mirror images, so the evaluations score what was submitted.
+
+INT6_CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, None)  # None: the row max
+INT8_CLIP_QUANTILE = 0.9999984
+PASSTHROUGH_MAX_NUMEL = 65536
+SIZE_LIMIT = 16_000_000
+BROTLI_MAGIC = b"PGBR1"  # brotli streams have no magic of their own
+XZ_MAGIC = b"\xfd7zXZ\x00"
+
+
+def quantize_int6(t: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row int6 in [-31, 31] with an fp16 scale; the clip is the candidate with the least
+    squared error (first wins ties). torch.round is round-half-to-even, as the original."""
+    t32 = t.float()
+    if t32.ndim != 2:
+        amax = t32.abs().max().item()
+        scale = torch.tensor(amax / 31 if amax > 0 else 1.0, dtype=torch.float16)
+        return torch.clamp(torch.round(t32 / scale.float()), -31, 31).to(torch.int8), scale
+    best, best_err = None, float("inf")
+    for scale in int6_clip_scales(t32):
+        q = torch.clamp(torch.round(t32 / scale.float()[:, None]), -31, 31).to(torch.int8)
+        err = (t32 - q.float() * scale.float()[:, None]).pow(2).mean().item()
+        if err < best_err:
+            best, best_err = (q, scale), err
+    return best
+
+
+def int6_clip_scales(t32: Tensor) -> Iterator[Tensor]:
+    """The per-row fp16 scale of each clip candidate, in order: row quantiles of |w|, row max."""
+    for q_level in INT6_CLIP_QUANTILES:
+        if q_level is None:
+            clip = t32.abs().amax(dim=1)
+        else:
+            clip = torch.quantile(t32.abs(), q_level, dim=1)
+        yield (clip / 31).clamp_min(1.0 / 31).to(torch.float16)
+
+
+def quantize_int8(t: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row int8 with a float32 scale used for q and stored as fp16 (0-d float32 for 1-D)."""
+    t32 = t.float()
+    if t32.ndim != 2:
+        clip = 0.0
+        if t32.numel():
+            clip = float(torch.quantile(t32.abs().flatten(), INT8_CLIP_QUANTILE).item())
+        scale = torch.tensor(clip / 127 if clip > 0 else 1.0, dtype=torch.float32)
+        q = torch.clamp(torch.round(torch.clamp(t32, -clip, clip) / scale), -127, 127)
+        return q.to(torch.int8), scale
+    clip = torch.quantile(t32.abs(), INT8_CLIP_QUANTILE, dim=1)
+    scale = (clip / 127).clamp_min(1.0 / 127)
+    clipped = torch.maximum(torch.minimum(t32, clip[:, None]), -clip[:, None])
+    q = torch.clamp(torch.round(clipped / scale[:, None]), -127, 127).to(torch.int8)
+    return q, scale.to(torch.float16)
+
+
+def quantize_state_dict(state: dict[str, Tensor], roles: dict[str, Role],
+                        hessians: dict[str, Tensor] | None = None) -> dict:
+    """Each tensor in its role's format (GPTQ for an int6 matrix with a Hessian, on the
+    Hessian's device); returns the container {"w": tensors, "m": schemes}."""
+    tensors, schemes = {}, {}
+    for name, t in state.items():
+        t = t.detach().cpu().contiguous()
+        fmt = roles[name].export if name in roles else "fp16"  # (no role: not a parameter)
+        if not t.is_floating_point() or t.numel() <= PASSTHROUGH_MAX_NUMEL or fmt == "fp16":
+            small = t.numel() <= PASSTHROUGH_MAX_NUMEL or not t.is_floating_point()
+            tensors[name] = t.to(torch.float16) if t.is_floating_point() else t
+            schemes[name] = "passthrough" if small else "passthrough_ctrl"
+            continue
+        if fmt == "int6" and name in (hessians or {}):
+            q, scale = gptq_quantize(t.to(hessians[name].device), hessians[name])
+        else:
+            q, scale = quantize_int6(t) if fmt == "int6" else quantize_int8(t)
+        tensors[name + ".q"] = q.cpu().contiguous()
+        tensors[name + ".scale"] = scale.cpu().contiguous()
+        schemes[name] = {"type": fmt}
+    return {"w": tensors, "m": schemes}
+
+
+def dequantize_state_dict(container: dict, template: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Float32 dequantisation, then each tensor in the template's dtype."""
+    tensors, schemes, out = container["w"], container["m"], {}
+    for name, ref in template.items():
+        scheme = schemes.get(name)
+        if scheme is None:
+            continue
+        if isinstance(scheme, str):  # passthrough, passthrough_ctrl, passthrough_fp16
+            out[name] = tensors[name].to(ref.dtype)
+            continue
+        q, scale = tensors[name + ".q"], tensors[name + ".scale"]
+        s = scale.float().view(-1, *([1] * (q.ndim - 1))) if scale.ndim else scale.float()
+        out[name] = (q.float() * s).to(ref.dtype)
+    return out
+
+
+def gptq_quantize(weight: Tensor, hessian: Tensor, block: int = 128) -> tuple[Tensor, Tensor]:
+    """int6 codes [rows, cols] and fp16 row scales for the least output error under `hessian`
+    (record 2026-03-29's solver)."""
+    w32, H = weight.float(), hessian.float().clone()
+    dead = H.diagonal() == 0  # an input that is always zero: unit curvature, weights dropped
+    H.diagonal()[dead] = 1
+    H.diagonal().add_(0.01 * H.diagonal().mean())  # damping keeps the Cholesky well conditioned
+    perm = torch.argsort(H.diagonal(), descending=True)  # act-order: most energy first
+    W, H = w32[:, perm].clone(), H[perm][:, perm]
+    W[:, dead[perm]] = 0
+    try:  # the upper Cholesky factor of H^-1 holds each step's error weights
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    except torch.linalg.LinAlgError:  # not positive definite in float32: the clip search
+        return quantize_int6(weight)
+    found = [(gptq_round(W, Hinv, s.float(), block), s) for s in int6_clip_scales(w32)]
+    errs = [(W - q.float() * s.float()[:, None]).pow(2).mean().item() for q, s in found]
+    q, scale = found[errs.index(min(errs))]  # the least error after GPTQ, the first of equals
+    return q[:, torch.argsort(perm)], scale
+
+
+def gptq_round(W: Tensor, Hinv: Tensor, sf: Tensor, block: int) -> Tensor:
+    """Column by column, each rounding error moved onto the later columns by Hinv's row
+    (lazily past the block)."""
+    W, q = W.clone(), torch.zeros(W.shape, dtype=torch.int8, device=W.device)
+    for i1 in range(0, W.size(1), block):
+        i2 = min(i1 + block, W.size(1))
+        err = torch.zeros(W.size(0), i2 - i1, device=W.device)
+        for j in range(i1, i2):
+            qj = torch.clamp(torch.round(W[:, j] / sf), -31, 31)
+            q[:, j] = qj.to(torch.int8)
+            err[:, j - i1] = (W[:, j] - qj * sf) / Hinv[j, j]
+            W[:, j:i2] -= err[:, j - i1, None] * Hinv[j, j:i2]
+        W[:, i2:] -= err @ Hinv[i1:i2, i2:]
+    return q
+
+
+def gptq_modules(model: GPT) -> dict[str, nn.Module]:
+    """The linears whose weights the table stores int6 (the ones GPTQ solves)."""
+    found = {}
+    for name, m in model.named_modules():
+        if isinstance(m, CastedLinear) and m.weight.numel() > PASSTHROUGH_MAX_NUMEL:
+            if model.roles[f"{name}.weight"].export == "int6":
+                found[f"{name}.weight"] = m
+    return found
+
+
+def calibrate(cfg: Config, rt: Runtime, model: GPT, data: Data, train_ms: float) -> dict:
+    """H = mean X^T X over GPTQ_CALIBRATION_BATCHES training batches, X each int6 linear's
+    input: float64 sums of the training micro-batches (any world size, one artifact), no TF32."""
+    t0, sums, last, batches = time.perf_counter(), {}, {}, cfg.export.gptq_calibration_batches
+
+    def hook(name):
+        def accumulate(module, args, out):
+            if last.get("x") is not args[0]:  # c_q, c_k and c_v read one tensor: one product
+                with torch.autocast(rt.device.type, enabled=False):
+                    x = args[0].reshape(-1, args[0].size(-1)).float()
+                    last.update(x=args[0], xtx=(x.T @ x).double())
+            sums[name] = sums.get(name, 0) + last["xtx"]
+        return accumulate
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in gptq_modules(model).items()]
+    loader = DistributedTokenLoader(data.train_files, cfg.model.vocab_size, rt)
+    accum, t = cfg.train.grad_accum_steps(rt.world_size), cfg.train
+    model.eval()
+    with torch.no_grad(), rt.autocast(), no_tf32():
+        for _ in range(batches * accum):
+            model.hidden(loader.next_batch(t.train_batch_tokens, t.train_seq_len, accum)[0])
+    for handle in handles:
+        handle.remove()
+    for H in sums.values() if rt.distributed else ():
+        dist.all_reduce(H)
+    hessians = {name: (H / batches).float() for name, H in sums.items()}
+    rt.sync()
+    ms = 1000.0 * (time.perf_counter() - t0)
+    rt.log(f"gptq:calibration batches:{batches} inputs:{len(sums)} time:{ms:.0f}ms")
+    total, cap = train_ms + ms, 1000.0 * t.max_wallclock_seconds
+    if cap > 0:  # training stopped GPTQ_RESERVE_SECONDS early to leave this room
+        under = total <= cap
+        rt.log(f"{'gptq:' if under else 'WARNING: '}training+calibration {total:.0f}ms "
+               f"{'under' if under else 'over'} MAX_WALLCLOCK_SECONDS ({cap:.0f}ms)")
+    return hessians
+
+
+def _byte_shuffle(container: dict, inverse: bool) -> dict:
+    """Each multi-byte tensor's bytes grouped by significance (brotli compresses that better)."""
+    tensors = {}
+    for name, t in container["w"].items():
+        if inverse and isinstance(t, dict):
+            tensors[name] = t["bytes"].T.contiguous().view(t["dtype"]).reshape(t["shape"])
+        elif not inverse and t.element_size() > 1:
+            planes = t.reshape(-1).view(torch.uint8).reshape(-1, t.element_size()).T.contiguous()
+            tensors[name] = {"bytes": planes, "dtype": t.dtype, "shape": tuple(t.shape)}
+        else:
+            tensors[name] = t
+    return {"w": tensors, "m": container["m"]}
+
+
+def codec(name: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise ConfigError(f"COMPRESSOR={name!r} needs the Python package {name}; install it or "
+                          f"use COMPRESSOR=lzma") from None
+
+
+def pack_artifact(container: dict, compressor: str) -> bytes:
+    buf = io.BytesIO()
+    if compressor == "brotli":
+        container = _byte_shuffle(container, inverse=False)
+    torch.save(container, buf)
+    if compressor == "brotli":
+        return BROTLI_MAGIC + codec("brotli").compress(buf.getvalue(), quality=11)
+    return lzma.compress(buf.getvalue(), preset=6)
+
+
+def unpack_artifact(blob: bytes, path) -> dict:
+    """Detects the compressor from the bytes; a foreign or damaged file names itself."""
+    foreign = f"{path}: not an artifact of this project (no xz or brotli header)"
+    try:
+        if blob.startswith(XZ_MAGIC):
+            raw, shuffled = lzma.decompress(blob), False
+        elif blob.startswith(BROTLI_MAGIC):
+            raw, shuffled = codec("brotli").decompress(blob[len(BROTLI_MAGIC):]), True
+        else:
+            raise ConfigError(foreign)
+        container = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except ConfigError:
+        raise
+    except pickle.UnpicklingError:  # (torch's message would advise unsafe loading)
+        raise ConfigError(f"{path}: not an artifact of this project (its payload is not a "
+                          f"tensor container)") from None
+    except Exception as e:  # lzma.LZMAError, brotli errors, a truncated payload
+        what = str(e).splitlines()[0][:120] if str(e) else ""
+        raise ConfigError(f"{path}: damaged, truncated or not an artifact of this project "
+                          f"({type(e).__name__}{': ' + what if what else ''})") from None
+    ok = isinstance(container, dict) and all(isinstance(container.get(k), dict) for k in "wm")
+    if not ok:
+        raise ConfigError(f"{path}: not an artifact of this project (expected a quantised "
+                          f"container with keys 'w' and 'm')")
+    return _byte_shuffle(container, inverse=True) if shuffled else container
+
+
+def read_artifact(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "file not found"
+        raise ConfigError(f"ARTIFACT={str(path)!r}: {what}; expected an artifact file")
+    return unpack_artifact(path.read_bytes(), path)
+
+
+def load_container(model: GPT, container: dict, path) -> GPT:
+    """The container's dequantised weights into `model` (which fixes the expected layout)."""
+    template = model.state_dict()
+    missing, unexpected = set(template) - set(container["m"]), set(container["m"]) - set(template)
+    if missing or unexpected:
+        raise ConfigError(f"{path}: artifact does not fit this configuration (missing "
+                          f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); set the "
+                          f"model variables it was trained with")
+    try:
+        state = dequantize_state_dict(container, template)
+    except KeyError as e:
+        raise ConfigError(f"{path}: damaged artifact (no stored tensor {e})") from None
+    bad = [k for k, v in state.items() if v.shape != template[k].shape]
+    if bad:
+        raise ConfigError(f"{path}: tensor {bad[0]} has shape {tuple(state[bad[0]].shape)}, this "
+                          f"configuration expects {tuple(template[bad[0]].shape)}")
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def eval_model(cfg: GPTConfig, container: dict, device: torch.device, path) -> GPT:
+    """A fresh model holding the artifact's weights: what every evaluation scores."""
+    return load_container(build_model(cfg, device), container, path)
+
+
+def budget_lines(container: dict, model_bytes: int, compressor: str, code: "Code") -> list[str]:
+    """The submission's bytes: stored tensors by scheme (uncompressed), then the totals."""
+    stored = dict.fromkeys(("int6", "int8", "passthrough"), 0)
+    for name, t in container["w"].items():
+        scheme = container["m"].get(name) or container["m"][name.rsplit(".", 1)[0]]
+        kind = scheme["type"] if isinstance(scheme, dict) else "passthrough"
+        stored[kind] += t.numel() * t.element_size()
+    total = model_bytes + code.size
+    return [f"budget {kind}: {n:,} bytes stored" for kind, n in stored.items()] + [
+        f"budget model: {model_bytes:,} bytes after {compressor}",
+        f"budget code: {code.size:,} bytes ({code.kind} script; source {code.source_size:,} bytes)",
+        f"budget total: {total:,} bytes, margin {SIZE_LIMIT - total:,} to the "
+        f"{SIZE_LIMIT:,}-byte limit"]
+
+
+@dataclass(frozen=True)
+class Code:
+    """This script as run: its source (logged) and the bytes that count (a packed file's)."""
+    source: str
+    size: int
+
+    @property
+    def source_size(self) -> int:
+        return len(self.source.encode("utf-8"))
+
+    @property
+    def kind(self) -> str:
+        return "plain" if self.size == self.source_size else "packed"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    container: dict
+    nbytes: int
+
+
+class SaveError(ConfigError):
+    """A file the run could not write (disk full, I/O error): the log says what was kept."""
+
+
+def model_settings(cfg: GPTConfig) -> dict[str, object]:
+    """Every setting that shapes the model's computation, by variable name (the sidecar's)."""
+    return {GPTConfig.env_name(f): getattr(cfg, f.name) for f in fields(GPTConfig)}
+
+
+def sidecar_path(artifact) -> Path:
+    return Path(f"{artifact}.json")
+
+
+def write_sidecar(cfg: Config, blob: bytes) -> None:
+    """<ARTIFACT>.json: the model settings and the artifact's sha256 (the artifact keeps the
+    original's format)."""
+    meta = {"format": "train_gpt artifact sidecar", "sha256": hashlib.sha256(blob).hexdigest(),
+            "settings": model_settings(cfg.model)}
+    write_atomic(sidecar_path(cfg.export.artifact), (json.dumps(meta, indent=1) + "\n").encode())
+
+
+def check_sidecar(cfg: Config, blob: bytes) -> str:
+    """Other model settings would score the artifact wrongly, silently; returns a log line."""
+    path = sidecar_path(cfg.export.artifact)
+    if not path.is_file():
+        return f"eval_only: no {path.name} beside the artifact; its model settings are unchecked"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        sha, saved = meta["sha256"], meta["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"{path}: unreadable sidecar; expected the JSON written with the "
+                          f"artifact (remove it to evaluate unchecked)") from None
+    if sha != hashlib.sha256(blob).hexdigest():
+        raise ConfigError(f"{path}: describes another artifact (sha256 differs from "
+                          f"{cfg.export.artifact}); remove it to evaluate unchecked")
+    ours = model_settings(cfg.model)
+    diffs = [f"{k}={ours[k]!r} (artifact: {v!r})" for k, v in saved.items()
+             if k in ours and ours[k] != v]
+    if diffs:
+        raise ConfigError(f"ARTIFACT={cfg.export.artifact!r} was trained with other model "
+                          f"settings: {', '.join(diffs)}; set them as it was trained")
+    return f"eval_only: model settings match {path.name}"
+
+
+def is_our_file(path: Path, kind: str) -> bool:
+    """Whether `path` holds an artifact or weights of this project (all a run replaces)."""
+    try:
+        if kind == "artifact":
+            read_artifact(path)
+            return True
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return isinstance(state, dict) and all(isinstance(v, Tensor) for v in state.values())
+    except Exception:  # anything unreadable is somebody else's file
+        return False
+
+
+def check_replaceable(cfg: ExportConfig) -> None:
+    """A run never deletes or overwrites a file it did not write."""
+    outputs = (("ARTIFACT", cfg.artifact, "artifact"), ("MODEL_PATH", cfg.model_path, "weights"))
+    for var, value, kind in outputs:
+        path = Path(value)
+        if path.exists() and not (path.is_file() and is_our_file(path, kind)):
+            raise ConfigError(f"{var}={value!r} names an existing file that is not {kind} of this "
+                              f"project; expected a new path or one this script wrote")
+
+
+@contextlib.contextmanager
+def output_lock(paths: list[str], run_id: str) -> Iterator[None]:
+    """`.<name>.lock` (RUN_ID, pid) beside each output for the run's lifetime: a second run
+    refuses them; a lock whose process is gone is taken over."""
+    held = []
+    try:
+        for path in paths:
+            lock = Path(path).with_name(f".{Path(path).name}.lock")
+            take_lock(lock, path, run_id)
+            held.append(lock)
+        yield
+    finally:
+        for lock in held:
+            lock.unlink(missing_ok=True)
+
+
+def take_lock(lock: Path, path: str, run_id: str) -> None:
+    mine = json.dumps({"run_id": run_id, "pid": os.getpid()})
+    for _ in range(2):
+        try:
+            with open(lock, "x", encoding="utf-8") as f:
+                f.write(mine)
+            return
+        except FileExistsError:
+            try:
+                other = json.loads(lock.read_text(encoding="utf-8"))
+                os.kill(int(other["pid"]), 0)
+            except (OSError, ValueError, KeyError, TypeError):  # dead process or unreadable
+                lock.unlink(missing_ok=True)
+                continue
+            raise ConfigError(f"{path} is in use by run {other.get('run_id')!r} (process "
+                              f"{other['pid']}, lock {lock}); wait for it or choose other outputs")
+    raise ConfigError(f"{lock}: cannot take the output lock; remove it if no run is using {path}")
+
+
+def save_weights(cfg: ExportConfig, rt: Runtime, model: GPT) -> int:
+    """The trained (EMA) weights, before anything that can fail after training; returns bytes."""
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    try:
+        write_atomic(cfg.model_path, buf.getvalue())
+    except OSError as e:
+        raise SaveError(f"MODEL_PATH={cfg.model_path!r}: cannot write the trained weights "
+                        f"({e.strerror}); nothing was kept") from None
+    return len(buf.getvalue())
+
+
+def load_weights(cfg: Config, rt: Runtime) -> tuple[GPT, int]:
+    """EXPORT_ONLY: the kept weights of an earlier run, to make its artifact."""
+    path = Path(cfg.export.model_path)
+    if not path.is_file() or not is_our_file(path, "weights"):
+        raise ConfigError(f"MODEL_PATH={str(path)!r}: no weights of this project there; expected "
+                          f"the final_model.pt a training run saved")
+    model = build_model(cfg.model, rt.device)
+    state = torch.load(path, map_location=rt.device, weights_only=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ConfigError(f"{path}: weights do not fit this configuration "
+                          f"({str(e).splitlines()[1].strip()[:160]}); set the model variables "
+                          f"they were trained with") from None
+    return model, path.stat().st_size
+
+
+def export_artifact(cfg: Config, rt: Runtime, model: GPT, hessians, weights_bytes: int,
+                    code: Code) -> Artifact:
+    """Rank 0 quantises, writes and hands the container on; the others read what it wrote."""
+    container, blob = None, b""
+    if rt.master:
+        t0 = time.perf_counter()
+        with no_tf32():  # GPTQ solves in float32, as the record did (on the CPU)
+            container = quantize_state_dict(model.state_dict(), model.roles, hessians)
+        if hessians:
+            rt.log(f"gptq:solved on {rt.device.type} in {1000 * (time.perf_counter() - t0):.0f}ms")
+        blob = pack_artifact(container, cfg.export.compressor)
+        try:
+            write_atomic(cfg.export.artifact, blob)
+            write_sidecar(cfg, blob)
+        except OSError as e:
+            raise SaveError(f"ARTIFACT={cfg.export.artifact!r}: cannot write the artifact "
+                            f"({e.strerror}); the trained weights are kept in "
+                            f"{cfg.export.model_path} (EXPORT_ONLY=1 makes the artifact)") from None
+        log_export(cfg.export, rt, container, len(blob), weights_bytes, code)
+    if rt.distributed:
+        dist.barrier()
+    if not rt.master:
+        container = read_artifact(cfg.export.artifact)
+    return Artifact(container, len(blob) if rt.master else Path(cfg.export.artifact).stat().st_size)
+
+
+def log_export(cfg: ExportConfig, rt: Runtime, container: dict, model_bytes: int,
+               weights_bytes: int, code: Code) -> None:
+    total = model_bytes + code.size
+    rt.log(f"Serialized model: {weights_bytes} bytes")
+    rt.log(f"Code size: {code.size} bytes")
+    rt.log(f"Serialized model int6+{cfg.compressor}: {model_bytes} bytes")
+    rt.log(f"Total submission size int6+{cfg.compressor}: {total} bytes")
+    rt.log(f"Total submission size: {total} bytes")
+    rt.log("\n".join(budget_lines(container, model_bytes, cfg.compressor, code)))
+    if total >= SIZE_LIMIT:
+        rt.log(f"WARNING: total submission size {total} bytes is over the {SIZE_LIMIT:,}-byte "
+               f"limit")
+
+# -----------------------------
+# EVALUATION
+# -----------------------------
+# Takes the round-tripped model and the validation tokens; returns every score. The round
+# trip scores non-overlapping windows; the rest is one window pass (frozen hidden states)
+# feeding scorers: the sliding window, SLOT (either mode), each legal-TTT chunk. See
+# docs/evaluation.md; SCORE_KINDS says which scores the challenge accepts.
+
+SCORE_KINDS = {  # what the challenge accepts (docs/evaluation.md)
+    "final_int6_roundtrip": "accepted", "final_int6_sliding_window": "accepted",
+    "final_int6_sliding_window_s64": "accepted", "legal_ttt": "accepted",
+    "final_slot_context": "causal_not_accepted",  # passes the flip test; legality never ruled
+    "final_slot": "not_causal",  # fits the very targets it scores
+}
+
+
+class Sums:
+    """Float64 sums of nll, scored targets and their bytes; optionally every target's nll."""
+
+    def __init__(self, device, collect_targets: int = 0):
+        self.loss, self.tokens, self.bytes = (torch.zeros((), dtype=torch.float64, device=device)
+                                              for _ in range(3))
+        self.nll = None
+        if collect_targets:
+            self.nll = torch.zeros(collect_targets, dtype=torch.float64, device=device)
+
+    def add(self, nll: Tensor, prev: Tensor, tgt: Tensor, luts, where: Tensor | None = None):
+        self.loss += nll.double().sum()
+        self.tokens += nll.numel()
+        self.bytes += count_bytes(luts, prev, tgt).sum()
+        if self.nll is not None:
+            self.nll[where] = nll.double()
+
+    def result(self, rt: Runtime) -> tuple[float, float]:
+        loss, tokens, nbytes = rt.reduce(torch.stack((self.loss, self.tokens, self.bytes))).tolist()
+        val_loss = loss / tokens
+        return val_loss, val_loss / math.log(2.0) * (tokens / nbytes)
+
+    def per_target(self, rt: Runtime) -> Tensor:
+        return rt.reduce(self.nll).cpu()  # each target is scored by exactly one rank
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """What every evaluation reads."""
+    model: GPT
+    hidden_fn: object
+    tokens: Tensor
+    luts: tuple[Tensor, ...]
+    rt: Runtime
+
+    @property
+    def n_targets(self) -> int:
+        return self.tokens.numel() - 1
+
+
+def score_sequences(s: Scoring, seq_len: int, batch_tokens: int, collect: bool = False) -> Sums:
+    """Non-overlapping windows, a contiguous share per rank, in batches of batch_tokens / 8
+    tokens; each batch adds its float32 mean nll times its count. Short batches are padded."""
+    rt, vocab = s.rt, s.model.cfg.vocab_size
+    n_seqs = s.n_targets // seq_len
+    first, last = n_seqs * rt.rank // rt.world_size, n_seqs * (rt.rank + 1) // rt.world_size
+    batch_seqs = max(min(batch_tokens // ORIGINAL_WORLD // seq_len, -(-n_seqs // rt.world_size)), 1)
+    sums = Sums(rt.device, s.n_targets if collect else 0)
+    was_training = s.model.training
+    s.model.eval()
+    with torch.no_grad():
+        for start in range(first * seq_len, last * seq_len, batch_seqs * seq_len):
+            n = min(batch_seqs * seq_len, last * seq_len - start)
+            pad = batch_seqs * seq_len - n
+            chunk = F.pad(s.tokens[start:start + n + 1], (0, pad)).to(rt.device)
+            x, y = chunk[:-1].reshape(-1, seq_len), chunk[1:].reshape(-1, seq_len)
+            with rt.autocast():
+                logits = s.model.logits(s.hidden_fn(x)).float().reshape(-1, vocab)
+                nll = F.cross_entropy(logits, y.reshape(-1), reduction="none")[:n]
+            sums.loss += nll.mean().double() * n
+            sums.tokens += n
+            sums.bytes += count_bytes(s.luts, chunk[:n], chunk[1:n + 1]).sum()
+            if collect:
+                sums.nll[start:start + n] = nll.double()
+    s.model.train(was_training)
+    return sums
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """Evaluation windows: window i reads targets [start, start + length) and scores
+    its positions [score_from, length) (targets start + score_from ...)."""
+    start: np.ndarray
+    length: np.ndarray
+    score_from: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    def __getitem__(self, s: slice) -> "WindowPlan":
+        return WindowPlan(self.start[s], self.length[s], self.score_from[s])
+
+
+def sliding_windows(n_targets: int, seq_len: int, stride: int, tail: str) -> WindowPlan:
+    """Each window after the first scores only its last `stride` targets, so every scored target
+    sees at least seq_len - stride tokens of context."""
+    if tail == "original":
+        # The original's rule: a window at every multiple of the stride; the short ones at the
+        # end re-score targets already scored (kept to reproduce its published figures).
+        start = np.arange(0, n_targets, stride, dtype=np.int64)
+        length = np.minimum(seq_len, n_targets - start)
+        score_from = np.where(start == 0, 0, np.maximum(length - stride, 0))
+        return WindowPlan(start, length, score_from)
+    if n_targets <= seq_len:
+        return WindowPlan(np.zeros(1, np.int64), np.array([n_targets]), np.zeros(1, np.int64))
+    start = np.arange(0, n_targets - seq_len + 1, stride, dtype=np.int64)
+    score_from = np.where(start == 0, 0, seq_len - stride)
+    remaining = n_targets - (start[-1] + seq_len)
+    if remaining > 0:  # one last full-length window scores exactly the targets left over
+        start = np.append(start, n_targets - seq_len)
+        score_from = np.append(score_from, seq_len - remaining)
+    return WindowPlan(start, np.full(len(start), seq_len), score_from)
+
+
+def window_batches(n_windows: int, batch_seqs: int, interleave: int) -> list[np.ndarray]:
+    """Windows dealt round-robin into `interleave` lists (the original's 8 ranks), each cut
+    into batches. SLOT normalises its loss per batch and AdamW's eps makes that scale matter:
+    the grouping is part of the result."""
+    batches = []
+    for v in range(interleave):
+        ids = np.arange(v, n_windows, interleave)
+        batches += [ids[i:i + batch_seqs] for i in range(0, len(ids), batch_seqs)]
+    return batches
+
+
+def window_batch(tokens: np.ndarray, plan: WindowPlan, idx: np.ndarray, rows: int,
+                 L: int) -> tuple[np.ndarray, ...]:
+    """Windows idx as `rows` rows of L, on the host: inputs, targets (padding: id 0), the
+    scored and context masks (padding is neither) and target indices."""
+    ar, k = np.arange(L), len(idx)
+    start, score_from = plan.start[idx, None], plan.score_from[idx, None]
+    valid = ar < plan.length[idx, None]
+    pos = np.minimum(start + ar, len(tokens) - 2)
+    xy, masks = np.zeros((2, rows, L), np.int64), np.zeros((2, rows, L), bool)
+    where = np.zeros((rows, L), np.int64)
+    xy[:, :k] = np.where(valid, tokens[pos], 0), np.where(valid, tokens[pos + 1], 0)
+    masks[:, :k] = valid & (ar >= score_from), ar < score_from
+    where[:k] = start + ar
+    return xy, masks, where
+
+
+@dataclass
+class Batch:
+    """One batch of the window pass, for the scorers."""
+    windows: np.ndarray  # the plan's window indices in this batch
+    hid: Tensor  # [rows, L, d] final hidden states, in the autocast dtype
+    y: Tensor  # [rows, L] targets
+    scored: np.ndarray  # [rows, L] host masks: the positions each window scores ...
+    context: np.ndarray  # ... and those before them
+    pos: Tensor  # flat indices of the scored positions
+    x_pos: Tensor  # the token before each scored target (for its bytes)
+    y_pos: Tensor
+    where: Tensor | None  # each scored target's index in the stream (per-target collection)
+
+
+def window_pass(s: Scoring, plan: WindowPlan, batches: list[np.ndarray], rows: int,
+                seq_len: int, collect: bool) -> Iterator[Batch]:
+    """This rank's share of the batches, each padded to `rows` windows: one input shape."""
+    dev, host = s.rt.device, s.tokens.numpy()
+    for idx in batches[s.rt.rank::s.rt.world_size]:
+        xy, (scored, context), where = window_batch(host, plan, idx, rows, seq_len)
+        x, y = torch.from_numpy(xy).to(dev)
+        pos = torch.from_numpy(np.flatnonzero(scored)).to(dev)
+        where_t = torch.from_numpy(where[scored]).to(dev) if collect else None
+        with torch.no_grad(), s.rt.autocast():
+            hid = s.hidden_fn(x)
+        x_pos, y_pos = x.reshape(-1)[pos], y.reshape(-1)[pos]
+        yield Batch(idx, hid, y, scored, context, pos, x_pos, y_pos, where_t)
+
+
+class Scorer:
+    """What a scorer of the window pass holds: its sums and each batch's seconds."""
+
+    def __init__(self, name: str, sums: Sums):
+        self.name, self.sums, self.times = name, sums, []
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.times)
+
+
+class SlidingScorer(Scorer):
+    """The sliding-window score: each window's scored positions, read from the frozen states."""
+
+    def __call__(self, s: Scoring, b: Batch) -> None:
+        with torch.no_grad(), s.rt.autocast():
+            hid = b.hid.reshape(-1, b.hid.size(-1))[b.pos]
+            nll = F.cross_entropy(s.model.logits(hid).float(), b.y_pos, reduction="none")
+        self.sums.add(nll, b.x_pos, b.y_pos, s.luts, b.where)
+
+
+def slot_loss(delta: Tensor, bias: Tensor, base: Tensor, expand: Tensor, y: Tensor, w: Tensor,
+              weight: Tensor, softcap: float) -> Tensor:
+    """SLOT's loss at the fit positions; a compiled kernel, hence a tensor per argument. w is
+    1/n there and 0 on padding (fixed shapes). `expand` gives each row its window: indices (a
+    gather: the CPU's) or a one-hot matrix (CUDA's: a matmul backward, no atomic scatter)."""
+    shift = F.linear(delta, weight) + bias
+    z = base + (expand @ shift if expand.is_floating_point() else shift[expand])
+    return (F.cross_entropy(softcap * torch.tanh(z / softcap), y, reduction="none") * w).sum()
+
+
+class SlotScorer(Scorer):
+    """A per-window hidden delta and logit bias fitted by AdamW, then scoring the window.
+    "scored" (the original's) fits the scored positions; "context" those before them, which
+    earlier windows scored. Logits are h W^T (once, at the rows read) plus delta W^T + bias:
+    each step is elementwise work, not a matmul over every position."""
+
+    def __init__(self, mode: str, cfg: SlotConfig, s: Scoring, plan: WindowPlan,
+                 batches: list[np.ndarray], rows: int):
+        name = "final_slot" if mode == "scored" else "final_slot_context"
+        super().__init__(name, Sums(s.rt.device))
+        self.mode, self.cfg = mode, cfg
+        self.weight = s.model.head_weight().detach().float()
+        self.softcap = s.model.cfg.logit_softcap
+        self.loss_fn = s.rt.compiled(slot_loss)
+        self.counts = plan.length - plan.score_from if mode == "scored" else plan.score_from
+        # Each fit pads to a typical batch's size, or (the batch holding the first or the tail
+        # window) to the largest: two shapes per mode for the compiled loss.
+        largest = max(int(self.counts[b].sum()) for b in batches)
+        self.sizes = (rows * int(np.median(self.counts)), largest)
+
+    def __call__(self, s: Scoring, b: Batch) -> None:
+        n = int(self.counts[b.windows].sum())
+        size = self.sizes[0] if n <= self.sizes[0] else self.sizes[1]
+        fit = b.scored if self.mode == "scored" else b.context
+        nll = self.fit_and_score(b.hid.float(), b.y, fit, b.scored, size)
+        self.sums.add(nll, b.x_pos, b.y_pos, s.luts, b.where)
+
+    def fit_and_score(self, hid: Tensor, y: Tensor, fit: np.ndarray, score: np.ndarray,
+                      size: int) -> Tensor:
+        """Fits on `fit` (host mask, padded to `size`), returns the nll at `score`; no sync."""
+        B, L, dev, weight = hid.size(0), hid.size(1), hid.device, self.weight
+        hid, y = hid.reshape(B * L, -1), y.reshape(-1)
+        fit_pos = np.flatnonzero(fit)
+        n = len(fit_pos)
+        pos = torch.from_numpy(np.pad(fit_pos, (0, max(size - n, 0)))).to(dev)
+        w = (torch.arange(len(pos), device=dev) < n).float() / max(n, 1)
+        delta = torch.zeros(B, hid.size(-1), device=dev, requires_grad=True)
+        bias = torch.zeros(B, weight.size(0), device=dev, requires_grad=True)
+        fit_base = F.linear(hid[pos], weight)
+        if n:
+            self.fit(delta, bias, fit_base, pos // L, y[pos], w)
+        with torch.no_grad():
+            if self.mode == "scored":  # the scored rows are the fitted ones: reuse their base
+                pos, base = pos[:n], fit_base[:n]
+            else:
+                pos = torch.from_numpy(np.flatnonzero(score)).to(dev)
+                base = F.linear(hid[pos], weight)
+            z = base + (F.linear(delta, weight) + bias)[pos // L]
+            logits = self.softcap * torch.tanh(z / self.softcap)
+            return F.cross_entropy(logits, y[pos], reduction="none")
+
+    def fit(self, delta: Tensor, bias: Tensor, base: Tensor, rows: Tensor, y: Tensor, w: Tensor):
+        c, cuda = self.cfg, delta.is_cuda
+        opt = torch.optim.AdamW([delta, bias], lr=c.lr, betas=(0.9, 0.999), eps=1e-5,
+                                weight_decay=1e-8, **(dict(fused=True) if cuda else {}))
+        expand = F.one_hot(rows, delta.size(0)).float() if cuda else rows
+        for i in range(c.steps):  # (the fit needs autograd whatever the caller's grad mode)
+            for group in opt.param_groups:
+                cosine = 0.5 * (1 + math.cos(math.pi * i / c.steps))
+                group["lr"] = c.lr_min + (c.lr - c.lr_min) * cosine
+            opt.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                self.loss_fn(delta, bias, base, expand, y, w, self.weight, self.softcap).backward()
+            opt.step()
+
+
+def score_windows(s: Scoring, plan: WindowPlan, batches: list[np.ndarray], rows: int,
+                  seq_len: int, scorers: list, label: str = "") -> None:
+    """One window pass feeding every scorer, each batch timed per scorer (the hidden states
+    count toward the sliding one, or are shared out)."""
+    collect = any(sc.sums.nll is not None for sc in scorers)
+    sliding = isinstance(scorers[0], SlidingScorer)
+    n_mine = len(batches[s.rt.rank::s.rt.world_size])
+    was_training = s.model.training
+    s.model.eval()
+    t_start = last_report = t0 = time.perf_counter()
+    for done, batch in enumerate(window_pass(s, plan, batches, rows, seq_len, collect)):
+        s.rt.sync()
+        hidden_s = time.perf_counter() - t0
+        for i, sc in enumerate(scorers):
+            t1 = time.perf_counter()
+            sc(s, batch)
+            s.rt.sync()
+            share = (hidden_s if i == 0 else 0.0) if sliding else hidden_s / len(scorers)
+            sc.times.append(time.perf_counter() - t1 + share)
+        if label and s.rt.master and time.perf_counter() - last_report >= 30:
+            last_report = time.perf_counter()
+            elapsed, frac = last_report - t_start, (done + 1) / n_mine
+            s.rt.log(f"eval_progress:{label} {frac:.1%} elapsed:{elapsed:.0f}s "
+                     f"eta:{elapsed / frac - elapsed:.0f}s")
+        t0 = time.perf_counter()
+    s.model.train(was_training)
+
+
+@dataclass(frozen=True)
+class Score:
+    val_loss: float
+    val_bpb: float
+    seconds: float
+
+
+def log_result(rt: Runtime, name: str, sums: Sums, seconds: float, extra: str = "",
+               suffix: str = "") -> Score:
+    """An evaluation's two result lines (tools parse the `_exact` one)."""
+    val_loss, val_bpb = sums.result(rt)
+    rt.log(f"{name} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f}{extra} "
+           f"eval_time:{1000 * seconds:.0f}ms{suffix}")
+    rt.log(f"{name}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
+    return Score(val_loss, val_bpb, seconds)
+
+
+def log_timing(rt: Runtime, sc: Scorer) -> None:
+    """The first batch holds the compilation; the others' mean is the steady state."""
+    steady = sum(sc.times[1:]) / (len(sc.times) - 1) if len(sc.times) > 1 else float("nan")
+    first = sc.times[0] if sc.times else 0.0
+    rt.log(f"eval_timing:{sc.name} batches:{len(sc.times)} first_batch:{first:.4f}s "
+           f"steady_batch:{steady:.4f}s")
+
+
+def log_scores(rt: Runtime, scores: dict[str, Score]) -> None:
+    """The closing summary: every score with its kind (SCORE_KINDS); tools.submission reads it."""
+    for name, score in scores.items():
+        rt.log(f"score:{name} val_bpb:{score.val_bpb:.8f} kind:{SCORE_KINDS[name]}")
+
+
+def ttt_chunk_windows(plan: WindowPlan, n_targets: int, chunk: int) -> np.ndarray:
+    """Chunk bounds in window indices: a window belongs to the chunk of its first scored target
+    (which grows with the index, so each chunk's windows are consecutive)."""
+    n_chunks = -(-n_targets // chunk)
+    owner = np.minimum((plan.start + plan.score_from) // chunk, n_chunks - 1)
+    return np.searchsorted(owner, np.arange(n_chunks + 1))
+
+
+class TTTTrainer:
+    """SGD (momentum kept across chunks) on the unfrozen parameters, TTT_QAT in the forward."""
+
+    def __init__(self, cfg: TTTConfig, rt: Runtime, model: GPT, seq_len: int):
+        self.cfg, self.rt, self.model, self.seq_len = cfg, rt, model, seq_len
+        frozen = tuple(f"blocks.{i}." for i in range(cfg.freeze_blocks))
+        self.params = []
+        for name, p in model.named_parameters():
+            p.requires_grad_(not name.startswith(frozen))
+            if p.requires_grad:
+                self.params.append(p)
+        self.opt = torch.optim.SGD(self.params, lr=cfg.lr, momentum=cfg.momentum)
+        self.loss_fn = rt.compiled(self.step_loss)
+        self.steps = 0
+
+    def step_loss(self, x: Tensor, y: Tensor, w: Tensor) -> Tensor:
+        """The training loss, rows weighted by w."""
+        with self.rt.autocast():
+            logits = self.model.logits(self.model.hidden(x, self.cfg.qat), self.cfg.qat)
+        vocab = self.model.cfg.vocab_size
+        nll = F.cross_entropy(logits.float().reshape(-1, vocab), y.reshape(-1), reduction="none")
+        return (nll * w).sum()
+
+    def train_chunk(self, chunk: Tensor, lr: float) -> None:
+        """TTT_EPOCHS passes over the chunk's whole sequences, TTT_BATCH_SEQS a step split over
+        the ranks, each share padded to ceil(n / world) weightless rows (fixed shapes) and
+        weighted 1 / (the step's targets): the summed gradient is the step mean's, any world."""
+        L, W, rt, c = self.seq_len, self.rt.world_size, self.rt, self.cfg
+        n_seqs = (chunk.numel() - 1) // L
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        for _ in range(c.epochs):
+            for s in range(0, n_seqs, c.batch_seqs):
+                n = min(c.batch_seqs, n_seqs - s)
+                lo, hi, rows = s + n * rt.rank // W, s + n * (rt.rank + 1) // W, -(-n // W)
+                seq = F.pad(chunk[lo * L:hi * L + 1], (0, (rows - hi + lo) * L)).to(rt.device)
+                w = (torch.arange(rows * L, device=rt.device) < (hi - lo) * L).float() / (n * L)
+                self.opt.zero_grad(set_to_none=True)
+                self.loss_fn(seq[:-1].view(rows, L), seq[1:].view(rows, L), w).backward()
+                self.all_reduce_grads()
+                if c.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip)
+                self.opt.step()
+                self.steps += 1
+        self.model.eval()
+
+    def all_reduce_grads(self) -> None:
+        if not self.rt.distributed:
+            return
+        grads = [p.grad for p in self.params if p.grad is not None]  # one flat float32 collective
+        flat = torch.cat([g.float().reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+
+
+def eval_ttt(cfg: EvalConfig, rt: Runtime, model: GPT, tokens: Tensor, luts,
+             collect: bool = False) -> tuple[Sums, float]:
+    """Legal score-first TTT (record 2026-03-23), adapting `model`: each chunk's windows are
+    scored (final), then it is trained on, except the last. Returns (Sums, seconds)."""
+    c, L, n_targets = cfg.ttt, cfg.seq_len, tokens.numel() - 1
+    if c.float32:
+        model.float()
+    plan = sliding_windows(n_targets, L, cfg.window_stride, cfg.tail)
+    bounds = ttt_chunk_windows(plan, n_targets, c.chunk_tokens)
+    n_chunks = len(bounds) - 1
+    trainer = TTTTrainer(c, rt, model, L)
+    s = Scoring(model, rt.compiled(model.hidden), tokens, luts, rt)
+    # Scoring batches cut the fullest chunk evenly over the ranks: little padding, no rank waits.
+    most, per_step = int(np.diff(bounds).max()), cfg.slot.batch_seqs * rt.world_size
+    rows = -(-most // (-(-most // per_step) * rt.world_size))
+    scorer = SlidingScorer("legal_ttt", Sums(rt.device, n_targets if collect else 0))
+    rt.log(f"legal_ttt:start chunks:{n_chunks} windows:{len(plan)} chunk_tokens:{c.chunk_tokens} "
+           f"stride:{cfg.window_stride} lr:{c.lr} epochs:{c.epochs} "
+           f"freeze_blocks:{c.freeze_blocks} "
+           f"trained_params:{sum(p.numel() for p in trainer.params)}")
+    t0 = time.perf_counter()
+    for ci in range(n_chunks):
+        chunk_plan = plan[bounds[ci]:bounds[ci + 1]]
+        batches = window_batches(len(chunk_plan), rows, 1)
+        score_windows(s, chunk_plan, batches, rows, L, [scorer])
+        if ci < n_chunks - 1 and c.epochs > 0:
+            lr = c.lr * 0.5 * (1 + math.cos(math.pi * ci / max(n_chunks - 1, 1)))
+            trainer.train_chunk(tokens[ci * c.chunk_tokens:(ci + 1) * c.chunk_tokens + 1], lr)
+        if ci % 10 == 0 or ci == n_chunks - 1:
+            elapsed = time.perf_counter() - t0
+            rt.log(f"legal_ttt:chunk {ci + 1}/{n_chunks} bpb:{scorer.sums.result(rt)[1]:.6f} "
+                   f"elapsed:{elapsed:.1f}s eta:{elapsed / (ci + 1) * (n_chunks - ci - 1):.1f}s")
+    rt.log(f"legal_ttt:done optimizer_steps:{trainer.steps}")
+    return scorer.sums, time.perf_counter() - t0
+
+
+def sliding_pass(cfg: EvalConfig, s: Scoring, stride: int, name: str,
+                 slot_modes: tuple[str, ...] = (), collect: bool = False) -> list:
+    """One pass at `stride`: the sliding scorer `name` ("": none) and a SLOT scorer per mode,
+    returned filled (each target's nll too with `collect`)."""
+    plan = sliding_windows(s.n_targets, cfg.seq_len, stride, cfg.tail)
+    interleave = cfg.slot.interleave if slot_modes else 1
+    batches = window_batches(len(plan), cfg.slot.batch_seqs, interleave)
+    rows = max(len(b) for b in batches)
+    scorers = [SlidingScorer(name, Sums(s.rt.device))] if name else []
+    scorers += [SlotScorer(m, cfg.slot, s, plan, batches, rows) for m in slot_modes]
+    for sc in scorers if collect else ():
+        sc.sums = Sums(s.rt.device, s.n_targets)
+    score_windows(s, plan, batches, rows, cfg.seq_len, scorers, label=name or "final_slot")
+    return scorers
+
+
+def evaluate(cfg: Config, rt: Runtime, model: GPT, data: Data) -> dict[str, Score]:
+    """Every evaluation (docs/evaluation.md), on the round-tripped model, in the log's order."""
+    e, L = cfg.eval, cfg.eval.seq_len
+    s = Scoring(model, rt.compiled(model.hidden), data.val_tokens, data.luts, rt)
+    scores = {}
+    t0 = time.perf_counter()
+    sums = score_sequences(s, L, cfg.train.val_batch_size)
+    rt.sync()
+    seconds = time.perf_counter() - t0
+    scores["final_int6_roundtrip"] = log_result(rt, "final_int6_roundtrip", sums, seconds)
+    share = e.slot.enabled and e.window_stride == e.stride  # one hidden pass serves both
+    slot_scorers = []
+    passes = ((e.stride, "final_int6_sliding_window"), (64, "final_int6_sliding_window_s64"))
+    for stride, name in passes:
+        if not 0 < stride < L or (name.endswith("s64") and e.stride == 64):
+            continue
+        modes = e.slot.modes if share and stride == e.stride else ()
+        sliding, *slots = sliding_pass(e, s, stride, name, modes)
+        slot_scorers += slots
+        score = log_result(rt, name, sliding.sums, sliding.seconds, extra=f" stride:{stride}")
+        # The original repeats each sliding result as a roundtrip line; tools read the last one.
+        rt.log(f"final_int6_roundtrip_exact val_loss:{score.val_loss:.8f} "
+               f"val_bpb:{score.val_bpb:.8f}")
+        log_timing(rt, sliding)
+        scores[name] = score
+    if e.slot.enabled and not slot_scorers:
+        slot_scorers = sliding_pass(e, s, e.window_stride, "", e.slot.modes)
+    for sc in slot_scorers:
+        extra = f" steps:{e.slot.steps} lr:{e.slot.lr}"
+        scores[sc.name] = log_result(rt, sc.name, sc.sums, sc.seconds, extra, f" mode:{sc.mode}")
+        log_timing(rt, sc)
+    if e.ttt.enabled:  # last, and on a copy: no other evaluation sees adapted weights
+        sums, seconds = eval_ttt(e, rt, copy.deepcopy(model), data.val_tokens, data.luts)
+        scores["legal_ttt"] = log_result(rt, "legal_ttt", sums, seconds)
+    log_scores(rt, scores)
+    return scores
+
+# -----------------------------
+# MAIN
+# -----------------------------
+# Runs the stages in order. Every input is checked before the run writes anything; it then
+# holds its outputs, saves the weights before any evaluation and ends with one line.
+
+
+class Stopped(Exception):
+    """The run ended early, already logged; main prints `message` (if any) and exits `status`."""
+
+    def __init__(self, status: int, message: str | None = None):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def check_outputs(cfg: Config) -> None:
+    """Every folder the run writes into, before any work."""
+    logs = Path("logs")
+    if logs.exists() and not logs.is_dir():
+        raise ConfigError("logs: is a file; expected a folder for the run logs (move the "
+                          "file away)")
+    places = {"logs/": logs if logs.is_dir() else Path(".")}
+    if not cfg.run.eval_only:
+        files = (("MODEL_PATH", cfg.export.model_path), ("ARTIFACT", cfg.export.artifact))
+        for var, value in files:
+            if Path(value).is_dir():
+                raise ConfigError(f"{var}={value!r} is a directory; expected a file path")
+            places[f"{var}={value!r}"] = Path(value).parent
+    for what, folder in places.items():
+        try:
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as e:
+            raise ConfigError(f"{what}: cannot write in {str(folder)!r} ({e.strerror}); expected a "
+                              f"writable folder (run from one, or set ARTIFACT and "
+                              f"MODEL_PATH)") from None
+    if not cfg.run.eval_only:
+        check_replaceable(cfg.export)
+
+
+def create_log(run_id: str) -> str:
+    """logs/<RUN_ID>.txt, created exclusively (a name taken becomes <RUN_ID>-2, -3, ...)."""
+    os.makedirs("logs", exist_ok=True)
+    for n in itertools.count(1):
+        path = f"logs/{run_id}.txt" if n == 1 else f"logs/{run_id}-{n}.txt"
+        with contextlib.suppress(FileExistsError):
+            open(path, "x").close()
+            return path
+
+
+def log_header(rt: Runtime, code: Code) -> None:
+    smi = None
+    if shutil.which("nvidia-smi"):
+        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout
+    lines = [code.source, "=" * 100, f"Running Python {sys.version}",
+             f"Running PyTorch {torch.__version__}", smi, "=" * 100]
+    rt.log("\n".join(line for line in lines if line is not None), console=False)
+
+
+def log_config(cfg: Config, rt: Runtime, model: GPT, data: Data) -> None:
+    d, m, o, t = cfg.data, cfg.model, cfg.optim, cfg.train
+    rt.log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={d.tokenizer_path}")
+    rt.log(f"train_loader:dataset:{Path(d.data_path).name} train_shards:{len(data.train_files)}")
+    rt.log(f"val_loader:shards pattern={os.path.join(d.data_path, 'fineweb_val_*.bin')} "
+           f"tokens:{data.val_tokens.numel() - 1}")
+    rt.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    rt.log("\n".join(role_summary(model)))
+    rt.log("mtp_num_heads:0 mtp_loss_weight:0.2 mtp_params:0")  # the original's line, no heads
+    xsa = [i for i, b in enumerate(model.blocks) if b.attn.xsa]
+    rt.log(f"XSA:last_{m.xsa_last_n} active_layers:{xsa}")
+    rt.log(f"world_size:{rt.world_size} grad_accum_steps:{t.grad_accum_steps(rt.world_size)}")
+    kernel = "flash_attn_3" if flash_attn_3 is not None and rt.device.type == "cuda" else "sdpa"
+    rt.log(f"attention_kernel:{kernel} device:{rt.device.type} compile:{rt.compile}")
+    rt.log(f"attention_mode:{'gqa' if m.num_kv_heads != m.num_heads else 'mha'} "
+           f"num_heads:{m.num_heads} num_kv_heads:{m.num_kv_heads}")
+    embed_lr = o.tied_embed_lr if m.tie_embeddings else o.embed_lr
+    rt.log(f"tie_embeddings:{m.tie_embeddings} embed_lr:{embed_lr} "
+           f"head_lr:{0.0 if m.tie_embeddings else o.head_lr} matrix_lr:{o.matrix_lr} "
+           f"scalar_lr:{o.scalar_lr}")
+    rt.log(f"train_batch_tokens:{t.train_batch_tokens} train_seq_len:{t.train_seq_len} "
+           f"iterations:{t.iterations} warmup_steps:{t.warmup_steps} "
+           f"max_wallclock_seconds:{t.max_wallclock_seconds:.3f}")
+    rt.log(f"seed:{cfg.run.seed}")
+    threads = torch.get_num_threads() if rt.device.type == "cpu" else 0
+    rt.log(f"preset:{cfg.run.preset or 'none'} cpu_threads:{threads}")
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Everything the run reads, checked before it writes anything."""
+    data: Data
+    warnings: list[str]
+    model: GPT | None = None  # EVAL_ONLY: the artifact's; EXPORT_ONLY: the kept weights
+    weights_bytes: int = 0
+    artifact_bytes: int = 0
+    sidecar_line: str = ""
+
+
+def read_inputs(cfg: Config, rt: Runtime) -> Inputs:
+    if not cfg.run.eval_only:
+        codec(cfg.export.compressor)  # a missing codec would otherwise fail at export
+    check_outputs(cfg)
+    data, warnings = load_data(cfg, rt, training=not cfg.run.eval_only)
+    warnings = misspelt_settings(os.environ) + warnings
+    if cfg.run.eval_only:  # a bad artifact stops the run before anything is written
+        container = read_artifact(cfg.export.artifact)
+        blob = Path(cfg.export.artifact).read_bytes()
+        line = check_sidecar(cfg, blob)
+        model = eval_model(cfg.model, container, rt.device, cfg.export.artifact)
+        return Inputs(data, warnings, model, artifact_bytes=len(blob), sidecar_line=line)
+    if cfg.run.export_only:
+        model, weights_bytes = load_weights(cfg, rt)
+        return Inputs(data, warnings, model, weights_bytes)
+    return Inputs(data, warnings)
+
+
+@contextlib.contextmanager
+def stage(name: str) -> Iterator[None]:
+    """Ctrl-C or SIGTERM inside a stage ends the run with `interrupted during <name>`."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted during {name}") from None
+
+
+def trained_model(cfg: Config, rt: Runtime, inputs: Inputs) -> tuple[GPT, Trained, int]:
+    """The trained, saved model (or EXPORT_ONLY's), its training record and weight bytes."""
+    if inputs.model is not None:
+        model = inputs.model
+        log_config(cfg, rt, model, inputs.data)
+        rt.log(f"export_only weights:{cfg.export.model_path} bytes:{inputs.weights_bytes}")
+        return model, Trained(rt.compiled(model.hidden), 0.0), inputs.weights_bytes
+    model = build_model(cfg.model, rt.device, seed=cfg.run.seed)
+    log_config(cfg, rt, model, inputs.data)
+    t, reserve = cfg.train, 0.0
+    if cfg.export.gptq_enabled and t.max_wallclock_seconds > 0:
+        reserve = cfg.export.gptq_reserve_seconds
+    trained = train(cfg, rt, model, inputs.data, t.max_wallclock_seconds - reserve)
+    with stage("export"):  # saved before anything that can fail after training
+        weights_bytes = save_weights(cfg.export, rt, model) if rt.master else 0
+    return model, trained, weights_bytes
+
+
+def make_artifact(cfg: Config, rt: Runtime, inputs: Inputs, code: Code) -> GPT:
+    """Train (or take the kept weights), save, calibrate, export: returns the evaluation model."""
+    with stage("training"):
+        model, trained, weights_bytes = trained_model(cfg, rt, inputs)
+    with stage("export"):
+        data, hessians = inputs.data, None
+        if cfg.export.gptq_enabled:
+            hessians = calibrate(cfg, rt, model, data, trained.train_ms)
+        t0 = time.perf_counter()
+        s = Scoring(model, trained.hidden_fn, data.val_tokens, data.luts, rt)
+        sums = score_sequences(s, cfg.train.train_seq_len, cfg.train.val_batch_size)
+        val_loss, val_bpb = sums.result(rt)
+        rt.log(f"DIAGNOSTIC post_ema val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+               f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+        artifact = export_artifact(cfg, rt, model, hessians, weights_bytes, code)
+        return eval_model(cfg.model, artifact.container, rt.device, cfg.export.artifact)
+
+
+def outputs(cfg: Config) -> list[str]:
+    """The files this run writes (besides its log), which it locks and replaces."""
+    if cfg.run.eval_only:
+        return []
+    paths = [cfg.export.artifact, str(sidecar_path(cfg.export.artifact))]
+    return paths if cfg.run.export_only else [cfg.export.model_path] + paths
+
+
+def run(cfg: Config, code: Code) -> None:
+    rt = start_runtime(cfg.run)
+    cfg.check_world(rt.world_size)
+    inputs = read_inputs(cfg, rt)
+    lock = output_lock(outputs(cfg), cfg.run.run_id) if rt.master else contextlib.nullcontext()
+    with lock:
+        # Every input is valid: from here on the run writes its log and outputs.
+        rt = Runtime(rt.rank, rt.world_size, rt.device, rt.compile,
+                     create_log(cfg.run.run_id) if rt.master else None)
+        if rt.master:
+            print(f"log: {rt.log_path}", flush=True)
+            for stale in outputs(cfg):  # a stale model must never pass for this run's
+                Path(stale).unlink(missing_ok=True)
+        log_header(rt, code)
+        for line in inputs.warnings:
+            rt.log(line)
+        try:
+            if cfg.run.eval_only:
+                model = inputs.model
+                log_config(cfg, rt, model, inputs.data)
+                rt.log(f"eval_only artifact:{cfg.export.artifact} bytes:{inputs.artifact_bytes}")
+                rt.log(inputs.sidecar_line)
+            else:
+                model = make_artifact(cfg, rt, inputs, code)
+            with stage("evaluation"):
+                evaluate(cfg, rt, model, inputs.data)
+        except (KeyboardInterrupt, Interrupted) as e:
+            rt.log(str(e) if isinstance(e, Interrupted) else "interrupted during evaluation")
+            raise Stopped(130) from None
+        except (ConfigError, Diverged) as e:
+            with contextlib.suppress(OSError):  # (a full disk may refuse the log line too)
+                rt.log(f"error: {e}", console=False)
+            raise Stopped(2 if isinstance(e, ConfigError) else 1, f"error: {e}") from None
+
+
+def main(source: str | None = None) -> None:
+    """`source`: the text a packed file (tools/pack.py) runs; `Code size` counts its bytes."""
+    # SIGTERM (torchrun stopping its workers, a scheduler) stops the run like Ctrl-C.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    status, message = 0, None
+    try:
+        code = Code(source or Path(__file__).read_text(encoding="utf-8"), os.path.getsize(__file__))
+        run(Config.from_env(), code)
+    except ConfigError as e:
+        status, message = 2, f"error: {e}"
+    except Stopped as e:
+        status, message = e.status, e.message
+    except KeyboardInterrupt:
+        status, message = 130, "interrupted before the run started"
+    if message and int(os.environ.get("LOCAL_RANK", "0")) == 0:  # every rank meets the same input
+        print(message, file=sys.stderr, flush=True)
+    # A failing rank leaves at once (no barrier while others may wait in a collective): torchrun
+    # then stops the others. Only a run that succeeded everywhere meets at the barrier.
+    if dist.is_initialized():
+        if status == 0:
+            dist.barrier()
+            dist.destroy_process_group()
+        os._exit(status)  # every print flushed; no interpreter teardown (gloo's threads can abort)
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()
