@@ -24,6 +24,11 @@ DEMO = Path("data") / "datasets" / "demo_sp1024"
 DEMO_TOKENIZER = Path("data") / "tokenizers" / "demo_1024_bpe.model"
 SMALL_VAL_TOKENS = 16_385  # 256 sequences of 64: evaluations 6x cheaper than the whole demo split
 SMALL_TRAIN_TOKENS = 200_000  # more than any test trains on (12 steps of 2048 tokens)
+# The smallest model with every part of the record's (bigram, value embedding, XSA on both
+# layers), for in-process evaluation tests; 32-token sequences.
+TINY_MODEL = dict(VOCAB_SIZE="64", NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1",
+                  BIGRAM_VOCAB_SIZE="64", BIGRAM_DIM="16", VE_DIM="8", VE_LAYERS="1",
+                  XSA_LAST_N="2", TRAIN_SEQ_LEN="32", EVAL_SEQ_LEN="32")
 
 def demo_is_complete(root: Path) -> bool:
     """Whether root holds the demo corpus as tools.data writes it: the manifest's tokenizer

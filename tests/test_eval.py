@@ -8,22 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.conftest import TINY_MODEL
 import train_gpt as tg
 
 CPU = torch.device("cpu")
 TINY = dict(
-    VOCAB_SIZE="64",
-    NUM_LAYERS="2",
-    MODEL_DIM="32",
-    NUM_HEADS="2",
-    NUM_KV_HEADS="1",
-    BIGRAM_VOCAB_SIZE="64",
-    BIGRAM_DIM="16",
-    VE_DIM="8",
-    VE_LAYERS="1",
-    XSA_LAST_N="2",
-    TRAIN_SEQ_LEN="32",
-    EVAL_SEQ_LEN="32",
+    TINY_MODEL,
     EVAL_STRIDE="8",
     VAL_BATCH_SIZE=str(8 * 32 * 3),
     SLOT_STEPS="4",

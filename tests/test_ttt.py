@@ -13,6 +13,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
+from tests.conftest import TINY_MODEL
 import train_gpt as tg
 from tests.test_pipeline import REF, figures, process_state, run_script
 from tools._files import shard_bytes
@@ -20,18 +21,7 @@ from tools._files import shard_bytes
 CPU = torch.device("cpu")
 L, N = 32, 300
 TINY = dict(
-    VOCAB_SIZE="64",
-    NUM_LAYERS="2",
-    MODEL_DIM="32",
-    NUM_HEADS="2",
-    NUM_KV_HEADS="1",
-    BIGRAM_VOCAB_SIZE="64",
-    BIGRAM_DIM="16",
-    VE_DIM="8",
-    VE_LAYERS="1",
-    XSA_LAST_N="2",
-    TRAIN_SEQ_LEN=str(L),
-    EVAL_SEQ_LEN=str(L),
+    TINY_MODEL,
     EVAL_STRIDE="12",
     VAL_BATCH_SIZE=str(8 * 4 * L),
     SLOT_BATCH_SEQS="4",
