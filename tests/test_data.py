@@ -499,11 +499,8 @@ def test_tokenizer_too_little_text(tmp_path):
 
 # ---------------------------------------------------------------- demo
 
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo_a")
-    assert data.main(["demo", "--root", str(root)]) == 0
-    return root
+# demo_root: conftest's session corpus (the checkout's ./data when demo.sh built it, else one
+# build); the determinism test below builds it once more and compares the bytes.
 
 
 def tree_bytes(root):
@@ -512,12 +509,18 @@ def tree_bytes(root):
 
 def test_demo_build_is_deterministic(demo_root, tmp_path):
     assert data.main(["demo", "--root", str(tmp_path)]) == 0
-    first, second = tree_bytes(demo_root), tree_bytes(tmp_path)
+    def demo_files(root):  # (the checkout's ./data may hold other datasets beside the demo's)
+        files = tree_bytes(root / "data" / "datasets" / "demo_sp1024")
+        model = root / "data" / "tokenizers" / "demo_1024_bpe.model"
+        return {**{f"datasets/demo_sp1024/{k}": v for k, v in files.items()},
+                "tokenizers/demo_1024_bpe.model": model.read_bytes()}
+
+    first, second = demo_files(demo_root), demo_files(tmp_path)
     assert sorted(first) == [
-        "data/datasets/demo_sp1024/fineweb_train_000000.bin",
-        "data/datasets/demo_sp1024/fineweb_val_000000.bin",
-        "data/datasets/demo_sp1024/manifest.json",
-        "data/tokenizers/demo_1024_bpe.model",
+        "datasets/demo_sp1024/fineweb_train_000000.bin",
+        "datasets/demo_sp1024/fineweb_val_000000.bin",
+        "datasets/demo_sp1024/manifest.json",
+        "tokenizers/demo_1024_bpe.model",
     ]
     assert first == second
 
