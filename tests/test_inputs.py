@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from tests.conftest import DEMO, DEMO_TOKENIZER, tiny_env
+from tests.conftest import DEMO, tiny_env
 from tools._files import shard_bytes
 
 
