@@ -572,7 +572,9 @@ def test_killed_at_a_random_moment_leaves_a_parseable_summary(tmp_path):
     finally:
         proc.wait(timeout=30)
     s = json.loads(out.read_text())
-    assert s["state"] == ("finished" if finished else "running"), f"killed at {moment:.1f} s"
+    # A kill between the last summary's write and the process's exit finds it finished.
+    allowed = ("finished",) if finished else ("running", "finished")
+    assert s["state"] in allowed, f"killed at {moment:.1f} s"
     assert s["elapsed_s"] >= min(killed_at, s["elapsed_s"]) - 2 * gpu_check.WRITE_EVERY_S - 1.5
     for name in ("eval_model", "eval_slot"):
         st = s["stages"][name]
