@@ -77,6 +77,14 @@ def small_root(demo_root, tmp_path_factory) -> Path:
     return root
 
 
+def script_command(script: Path, torchrun: int = 0) -> list[str]:
+    """`python SCRIPT`, or the same under torchrun with `torchrun` processes on this machine."""
+    if not torchrun:
+        return [sys.executable, str(script)]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={torchrun}", str(script)]
+
+
 def tiny_env(root: Path, run_id: str) -> dict:
     """A 2-layer model of width 64 on the demo corpus under `root`: seconds per run."""
     return dict(

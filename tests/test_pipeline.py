@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ import sentencepiece as spm
 import torch
 
 import train_gpt as tg
-from tests.conftest import DEMO, ROOT, tiny_env  # noqa: F401  (tiny_env: imported from here)
+from tests.conftest import DEMO, ROOT, script_command, tiny_env  # noqa: F401  (tiny_env: imported from here)
 
 SCRIPT = ROOT / "train_gpt.py"
 REF = ROOT.parent / "shared" / "reference"
@@ -35,16 +34,7 @@ CPU = torch.device("cpu")
 
 def run_script(cwd: Path, env: dict, torchrun: int = 0, timeout: int = HANG_GUARD_S) -> str:
     """`python train_gpt.py` (or torchrun) in cwd with env added; returns the run's log."""
-    cmd = [sys.executable, str(SCRIPT)]
-    if torchrun:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={torchrun}",
-            str(SCRIPT),
-        ]
+    cmd = script_command(SCRIPT, torchrun)
     threads = "1" if torchrun else os.environ.get("OMP_NUM_THREADS", "2")
     full_env = {**os.environ, "OMP_NUM_THREADS": threads, **env}
     p = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from tests.conftest import script_command
 from tests.test_pipeline import DEMO, ROOT, SCRIPT, main_in_process, tiny_env
 from tools._files import read_shard, shard_bytes
 
@@ -31,16 +32,7 @@ OUTPUTS = ("final_model.pt", "final_model.int6.ptz", "final_model.int6.ptz.json"
 
 
 def launch(cwd: Path, env: dict, script: Path = SCRIPT, torchrun: int = 0) -> subprocess.Popen:
-    cmd = [sys.executable, str(script)]
-    if torchrun:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={torchrun}",
-            str(script),
-        ]
+    cmd = script_command(script, torchrun)
     # SIGINT back to its default: a shell's background job starts with it ignored, and Python then
     # keeps ignoring it.
     return subprocess.Popen(
