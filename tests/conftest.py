@@ -1,4 +1,5 @@
-"""Fixtures shared by the test modules, each built once per test session."""
+"""Fixtures shared by the test modules, each built once per test session (once per worker:
+pytest.ini runs the suite on pytest-xdist's workers, one per core, a whole module on each)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +22,16 @@ from tools import data as demo_data
 from tools._files import read_shard, shard_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
+# One thread per worker, for this process and what it starts (PRESET=demo asks for two): the
+# workers fill the cores, and more threads than free cores run several times slower.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER") is not None
+THREADS = 1 if WORKER else 2
+if WORKER:
+    torch.set_num_threads(1)
+    os.environ.update(OMP_NUM_THREADS="1", CPU_THREADS="1")
+# The longest modules first, so that no worker is left with one of them at the end.
+SLOW_MODULES = ("test_ttt.py", "test_gpu_check.py", "test_compile.py", "test_tools.py",
+                "test_pipeline.py", "test_gptq.py", "test_reliability.py", "test_pack.py")
 DEMO = Path("data") / "datasets" / "demo_sp1024"
 DEMO_TOKENIZER = Path("data") / "tokenizers" / "demo_1024_bpe.model"
 SMALL_VAL_TOKENS = 16_385  # 256 sequences of 64: evaluations 6x cheaper than the whole demo split
@@ -143,28 +155,6 @@ def finished_run(small_root, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def compiled_runs(small_root, tmp_path_factory):
-    """The same compiled run (COMPILE=1 on dynamo's eager backend, tests/test_compile.py) in one
-    process (train_gpt.main here) and under torchrun with two (tests/patched_run.py), side by
-    side; each counts the graphs compiled at every log line. Returns {"one": (folder, records),
-    "two": (folder, [records of each rank])}; the logs are logs/c1.txt and logs/c2.txt."""
-    from tests.test_compile import counted_in_process, torchrun_counted, torchrun_records
-
-    one, two = tmp_path_factory.mktemp("compiled_one"), tmp_path_factory.mktemp("compiled_two")
-    p = torchrun_counted(two, small_root, "c2", nproc=2)
-    monkeypatch = pytest.MonkeyPatch()
-    try:
-        records = counted_in_process(one, small_root, "c1", monkeypatch)
-    except BaseException:
-        p.kill()
-        p.communicate()
-        raise
-    finally:
-        monkeypatch.undo()
-    return {"one": (one, records), "two": (two, torchrun_records(p, two, nproc=2))}
-
-
-@pytest.fixture(scope="session")
 def default_model():
     """The default 27M-parameter model (SEED 1337), built once per test session: its
     orthogonal initialisation alone takes seconds. (Config, GPT)."""
@@ -179,3 +169,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        name = item.path.name
+        return SLOW_MODULES.index(name) if name in SLOW_MODULES else len(SLOW_MODULES)
+
+    items.sort(key=rank)  # stable: each module's own order is kept

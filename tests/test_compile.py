@@ -5,11 +5,12 @@ number of processes.
 
 One process runs train_gpt.main in this process with the counting patches applied by
 monkeypatch; two processes run tests/patched_run.py under torchrun, which applies the same
-patches (TEST_COMPILE_COUNTS). The pair is a session fixture (tests/conftest.py:
-compiled_runs): tests/test_pipeline.py compares their figures."""
+patches (TEST_COMPILE_COUNTS). The pair is this module's fixture (compiled_runs), run side by
+side; the last test compares their figures."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,8 @@ import torch
 import torch._dynamo
 
 import train_gpt as tg
-from tests.test_pipeline import DEMO, ROOT, main_in_process, tiny_env
+from tests.test_pipeline import (DEMO, LOG_FORMATS, ROOT, SCRIPT, figures, main_in_process,
+                                 tiny_env)
 from tools._files import read_shard, shard_bytes
 
 PATCHED = ROOT / "tests" / "patched_run.py"
@@ -122,8 +124,28 @@ def short_val_data(small_root, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def compiled_runs(small_root, tmp_path_factory):
+    """The same compiled run in one process (train_gpt.main here) and under torchrun with two
+    (tests/patched_run.py), side by side; each counts the graphs compiled at every log line.
+    {"one": (folder, records), "two": (folder, [records of each rank])}; the logs are
+    logs/c1.txt and logs/c2.txt."""
+    one, two = tmp_path_factory.mktemp("compiled_one"), tmp_path_factory.mktemp("compiled_two")
+    p = torchrun_counted(two, small_root, "c2", nproc=2)
+    monkeypatch = pytest.MonkeyPatch()
+    try:
+        records = counted_in_process(one, small_root, "c1", monkeypatch)
+    except BaseException:
+        p.kill()
+        p.communicate()
+        raise
+    finally:
+        monkeypatch.undo()
+    return {"one": (one, records), "two": (two, torchrun_records(p, two, nproc=2))}
+
+
+@pytest.fixture(scope="module")
 def one_process(compiled_runs):
-    """The one-process records of the session's compiled runs (tests/conftest.py)."""
+    """The one-process records of the compiled pair."""
     return compiled_runs["one"][1]
 
 
@@ -156,3 +178,48 @@ def test_two_processes_compile_nothing_after_the_timer_and_few_eval_graphs(compi
         warm, during, evals = phases(records)
         assert warm >= 3 and during == 0
         assert 0 < evals <= EVAL_GRAPH_LIMIT
+
+
+def test_two_processes_match_one(compiled_runs):
+    """torchrun --nproc_per_node=2 (gloo) with the same global batch: the same data in a
+    different micro-step order, so the final validation loss agrees within 1e-3; SLOT's
+    grouping makes its figures agree too. The one-process run's log has the original's line
+    formats (lzma, the default compressor), with the scored and context SLOT lines labelled,
+    and the submission builder reads its own figures; the script's log opens with its source.
+    (The compiled pair of this module's fixture; their graphs are counted below.)"""
+    one, two = compiled_runs["one"][0], compiled_runs["two"][0]
+    log1 = (one / "logs" / "c1.txt").read_text()
+    log2 = (two / "logs" / "c2.txt").read_text()
+    assert "device:cpu compile:True" in log1 and "device:cpu compile:True" in log2
+    assert "world_size:2 grad_accum_steps:4" in log2
+    for name in (
+        "step:12/12",
+        "final_int6_roundtrip_exact",
+        "final_slot_exact",
+        "final_slot_context_exact",
+    ):
+        a, b = figures(log1, name), figures(log2, name)
+        assert abs(a[0] - b[0]) < 1e-3, (name, a, b)
+
+    assert (one / "final_model.pt").is_file()
+    assert (
+        (one / "final_model.int6.ptz").read_bytes().startswith(b"\xfd7zXZ\x00")
+    )  # lzma's xz container
+    for pattern in LOG_FORMATS:
+        assert re.search(pattern, log1, re.M), pattern
+    source = SCRIPT.read_text()
+    assert log1.startswith(source + "\n") and log2.startswith(source + "\n")  # the full source
+    # Two roundtrip_exact lines: the round trip, then the sliding result repeated (no s64 pass:
+    # EVAL_SEQ_LEN is 64).
+    assert len(re.findall(r"^final_int6_roundtrip_exact ", log1, re.M)) == 2
+
+    from tools.submission import parse_log
+
+    record = parse_log(one / "logs" / "c1.txt")
+    assert (record.steps, record.seed, record.num_gpus, record.gpu_type) == (12, 3, 0, "cpu")
+    total = int(re.search(r"^Total submission size int6\+lzma: (\d+) bytes$", log1, re.M).group(1))
+    assert record.artifact_bytes == total
+    assert (record.evals["slot"].val_loss, record.evals["slot"].val_bpb) == figures(
+        log1, "final_slot_exact"
+    )
+    assert record.evals["slot_context"].val_bpb == figures(log1, "final_slot_context_exact")[1]

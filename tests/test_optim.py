@@ -94,6 +94,24 @@ def test_newton_schulz_one_by_one_by_hand():
     assert tg.newton_schulz5(torch.tensor([[-3.0]]), 1).item() == -0.6875
 
 
+@pytest.mark.parametrize("k", [64, 512])
+def test_cpu_bf16_matmul_rounds_the_exact_product_once(k):
+    """The CPU's bf16 product is the float64 product of its bf16 inputs rounded once to bf16:
+    within half a bf16 step, plus float32 accumulation's bound (K u sum |p q|, u = 2^-24), which
+    near-cancelling sums need. torch's own bf16 GEMM agrees with it but in a few entries."""
+    gen = torch.Generator().manual_seed(k)
+    p = torch.randn(96, k, generator=gen).bfloat16()
+    q = torch.randn(k, 128, generator=gen).bfloat16()
+    got = tg.cpu_bf16_matmul(p, q)
+    assert got.dtype == torch.bfloat16 and got.shape == (96, 128)
+    exact = p.double() @ q.double()
+    step = torch.pow(2.0, (torch.frexp(exact)[1] - 8).double())  # bf16: 8 significant bits
+    accumulation = k * 2.0**-24 * (p.double().abs() @ q.double().abs())
+    err = (got.double() - exact).abs()
+    assert torch.all(err <= 0.5 * step + accumulation)
+    assert (got != p @ q).float().mean() < 0.01
+
+
 # ---------------------------------------------------------------- Muon
 
 

@@ -13,7 +13,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from tests.conftest import TINY_MODEL
+from tests.conftest import THREADS, TINY_MODEL
 import train_gpt as tg
 from tests.test_pipeline import REF, figures, process_state, run_script
 from tools._files import shard_bytes
@@ -432,9 +432,9 @@ def test_two_processes_equal_one(tmp_path):
 @pytest.mark.skipif(not (REF / "ttt").exists(), reason="../shared/reference/ttt is absent")
 def test_reference_figures():
     """EVAL_ONLY on the reference model (reference/ttt/README.md's command), its stages run here
-    on CI's two threads: legal_ttt_exact and the control sliding line of the accepted record's
-    own TTT function to 1e-5 relative, its window, chunk and step counts, and its progress
-    figures for the first and the last chunk."""
+    (one thread per test worker, two in one process): legal_ttt_exact and the control sliding
+    line of the accepted record's own TTT function to 1e-5 relative, its window, chunk and step
+    counts, and its progress figures for the first and the last chunk."""
     exp = json.loads((REF / "ttt" / "expected.json").read_text())
     case = exp["cases"]["public"]
     env = dict(
@@ -445,7 +445,7 @@ def test_reference_figures():
         TOKENIZER_PATH=str(REF / "fineweb_1024_bpe.model"),
         RUN_ID="ref",
     )
-    log = evaluated_here(env, threads=2)
+    log = evaluated_here(env, threads=THREADS)
     for name, want in (
         ("legal_ttt_exact", case["legal_ttt_exact"]),
         ("final_int6_sliding_window_exact", case["control_sliding"]),

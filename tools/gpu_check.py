@@ -860,7 +860,7 @@ class Check:
         state = "finished" if final else ("stopping" if self.stopping else "running")
         pauses = [dict(from_s=_r(a), to_s=_r(b), note=c) for a, b, c in self.pauses]
         return dict(tool="tools.gpu_check", mode=self.plan.mode, started=self.started,
-                    budget_s=self.plan.budget_s, state=state, elapsed_s=round(now, 1),
+                    budget_s=self.plan.budget_s, state=state, elapsed_s=_r(now),
                     ok=(not failed) if final else None, failed_stages=failed if final else [],
                     host=self.host, pauses=pauses, figures=digest(stages, self.host), stages=stages)
 
@@ -869,6 +869,7 @@ class Check:
 
 
 def _r(x: float | None) -> float | None:
+    """Every time in a summary at one rounding, so no stage reads as ending after the summary."""
     return None if x is None else round(x, 2)
 
 
