@@ -276,6 +276,7 @@ def test_demo_log_settings_reproduce_its_configuration():
         "TRAIN_SEQ_LEN": "256", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "XSA_LAST_N": "4",
         "EVAL_STRIDE": "64", "SLOT_MODE": "both",
         "SLOT_STEPS": "8", "TTT_ENABLED": "1", "TTT_LR": "0.01", "TTT_CHUNK_TOKENS": "1024",
+        "CPU_THREADS": "2",
     }
     assert set(DEFAULTS) <= tg.Config.variables()
     cfg = tg.Config.from_env({**settings, "SEED": "1337"})
@@ -420,7 +421,7 @@ def test_demo_headline_is_legal_ttt(demo_folder):
     sub = read_json(out)
     headline = (sub["score"], sub["score_kind"], sub["score_line"])
     assert headline == ("legal_ttt", "accepted", "legal_ttt_exact")
-    assert (sub["val_bpb"], sub["val_loss"]) == (2.32743957, 4.28189673)
+    assert (sub["val_bpb"], sub["val_loss"]) == (2.32770419, 4.28238356)
     assert sub["scores"]["slot_context"]["kind"] == "causal, not accepted"
     assert sub["scores"]["slot_context"]["val_bpb"] < sub["val_bpb"]  # lower, yet not the headline
     assert sub["scores"]["slot"]["kind"] == "not causal"
@@ -534,11 +535,11 @@ def test_submission_json_fields_and_types(demo_folder):
         assert isinstance(sub[key], str), key
     for key in ("val_loss", "val_bpb", "val_loss_std", "val_bpb_std"):
         assert isinstance(sub[key], float), key
-    assert isinstance(sub["bytes_total"], int) and sub["bytes_total"] == 1_138_415
+    assert isinstance(sub["bytes_total"], int) and sub["bytes_total"] == 1_139_068
     assert sub["seeds"] == [1337]
     seed = sub["seed_results"]["1337"]
-    expected = {"val_loss": 4.28189673, "val_bpb": 2.32743957, "artifact_bytes": 1_138_415,
-                "steps": 120, "step_avg_ms": 1883.15, "eval_time_s": 67.031}
+    expected = {"val_loss": 4.28238356, "val_bpb": 2.32770419, "artifact_bytes": 1_139_068,
+                "steps": 120, "step_avg_ms": 697.05, "eval_time_s": 28.465}
     assert {key: seed[key] for key in expected} == expected
     assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in seed.values())
     assert sub["baseline"] is None and isinstance(sub["warnings"], list)
@@ -547,16 +548,16 @@ def test_submission_json_fields_and_types(demo_folder):
 def test_demo_readme_is_generated_from_the_log(demo_folder):
     out, _, _ = demo_folder
     readme = (out / "README.md").read_text()
-    assert readme.startswith("# CPU demo\n\n**val_bpb 2.32743957**: legal TTT "
+    assert readme.startswith("# CPU demo\n\n**val_bpb 2.32770419**: legal TTT "
                              "(`legal_ttt_exact`), **accepted**")
-    row = ("| 1337 | 120 | 1883.15 | 226.0 | 164.5 | 1,138,415 | 2.34407023 | 2.34056768 | "
-           "2.20453625 |")
+    row = ("| 1337 | 120 | 697.05 | 83.6 | 75.0 | 1,139,068 | 2.34456381 | 2.34107637 | "
+           "2.20495689 |")
     assert row in readme
     assert "| std |" in readme and "| mean |" in readme
     assert "export PRESET=demo DATA_PATH=./data/datasets/demo_sp1024" in readme
     assert "SEED=1337 python train_gpt.py" in readme
     assert "- Python 3.11.7, PyTorch 2.13.0+cpu" in readme
-    assert "| 1337 | yes (226.0 s) | yes (1,138,415) | yes (164.5 s) | **no** (cpu) |" in readme
+    assert "| 1337 | yes (83.6 s) | yes (1,139,068) | yes (75.0 s) | **no** (cpu) |" in readme
     assert "No baseline was given" in readme
     requirements = (out / "requirements.txt").read_text().splitlines()
     assert {"numpy", "sentencepiece", "torch==2.13.0"} <= set(requirements)
@@ -758,7 +759,7 @@ def refused(tmp_path, capsys, texts, *extra):
 def cut_demo(after: str, extra: str = "") -> str:
     """The demo log cut after the first line starting with `after`, plus `extra`."""
     lines = DEMO_LOG.read_text().splitlines(keepends=True)
-    body = lines.index("preset:demo cpu_threads:1\n")
+    body = lines.index("preset:demo cpu_threads:2\n")
     end = next(i for i in range(body, len(lines)) if lines[i].startswith(after))
     return "".join(lines[: end + 1]) + extra
 
@@ -809,9 +810,9 @@ def test_eval_only_log_refused(tmp_path, capsys, line, run):
 
 def test_a_log_cut_mid_line_is_not_read_to_its_last_character(tmp_path, capsys):
     """Killed while writing its round trip's figure: the part written is not a line (its
-    figure would read 2.3440)."""
+    figure would read 2.344)."""
     text = cut_demo("final_int6_roundtrip_exact")
-    assert text.endswith(" val_bpb:2.34407023\n")
+    assert text.endswith(" val_bpb:2.34456381\n")
     (path,), err = refused(tmp_path, capsys, [text[:-6]])
     assert "no final_int6_roundtrip_exact line: the log stops before its evaluations" in err
 
