@@ -173,13 +173,12 @@ def write_shard(path: Path, tokens: np.ndarray) -> None:
 
 
 @pytest.fixture(scope="module")
-def demo_root(tmp_path_factory) -> Path:
-    """The demo corpus (built offline from CPython's own prose) in a temporary root, and
-    beside it `short/`: its training shard with the validation split cut to 4,097 tokens
-    (what the runs here score does not matter, and three passes over 95,000 tokens cost)."""
-    root = tmp_path_factory.mktemp("demo_root")
-    subprocess.run([sys.executable, "-m", "tools.data", "demo", "--root", str(root)], cwd=ROOT,
-                   check=True, capture_output=True, timeout=120)
+def gptq_root(demo_root, tmp_path_factory) -> Path:
+    """The session's demo corpus (tests/conftest.py) under `data/`, and beside it `short/`: its
+    training shard with the validation split cut to 4,097 tokens (what the runs here score does
+    not matter, and three passes over 95,000 tokens cost)."""
+    root = tmp_path_factory.mktemp("gptq_root")
+    (root / "data").symlink_to(demo_root / "data", target_is_directory=True)
     demo = root / "data" / "datasets" / "demo_sp1024"
     short = root / "short"
     short.mkdir()
@@ -209,10 +208,10 @@ def every_linear(model: tg.GPT) -> dict:
 
 
 @pytest.fixture(scope="module")
-def demo_model(demo_root, one_thread):
+def demo_model(gptq_root, one_thread):
     """The tiny configuration trained 30 steps on the demo corpus (eager, the record's
     optimizers)."""
-    env = dict(tiny_env(demo_root, "gptq"), GPTQ_ENABLED="1", GPTQ_CALIBRATION_BATCHES="3",
+    env = dict(tiny_env(gptq_root, "gptq"), GPTQ_ENABLED="1", GPTQ_CALIBRATION_BATCHES="3",
                MAX_WALLCLOCK_SECONDS="600")
     cfg = tg.Config.from_env(env)
     rt = tg.Runtime()
@@ -321,7 +320,7 @@ def script_code() -> tg.Code:
     return tg.Code(SCRIPT.read_text(encoding="utf-8"), SCRIPT.stat().st_size)
 
 
-def test_training_cap_reserves_the_calibration_time(demo_root, tmp_path, monkeypatch):
+def test_training_cap_reserves_the_calibration_time(gptq_root, tmp_path, monkeypatch):
     """train() runs with MAX_WALLCLOCK_SECONDS - GPTQ_RESERVE_SECONDS when GPTQ is on and a cap
     is set (the cap is an argument: the config keeps MAX_WALLCLOCK_SECONDS as set)."""
     seen = []
@@ -336,7 +335,7 @@ def test_training_cap_reserves_the_calibration_time(demo_root, tmp_path, monkeyp
     monkeypatch.setattr(tg, "train", fake_train)
     monkeypatch.chdir(tmp_path)
     for gptq, cap in (("1", "600"), ("0", "600"), ("1", "0")):
-        env = dict(tiny_env(demo_root, "cap"), GPTQ_ENABLED=gptq, MAX_WALLCLOCK_SECONDS=cap)
+        env = dict(tiny_env(gptq_root, "cap"), GPTQ_ENABLED=gptq, MAX_WALLCLOCK_SECONDS=cap)
         with pytest.raises(Stop):
             tg.run(tg.Config.from_env(env), script_code())
     assert seen == [(590.0, 600.0), (600.0, 600.0), (0.0, 0.0)]
@@ -379,7 +378,7 @@ def torchrun(cwd: Path, env: dict, nproc: int) -> str:
     return (cwd / "logs" / f"{env['RUN_ID']}.txt").read_text()
 
 
-def test_one_and_two_processes_write_the_same_artifact(demo_root, tmp_path, monkeypatch, capsys):
+def test_one_and_two_processes_write_the_same_artifact(gptq_root, tmp_path, monkeypatch, capsys):
     """The calibration splits each global batch over the ranks as training does and sums in
     float64: torchrun with 2 processes (gloo) writes the single process's artifact byte for
     byte (the single process run in-process, on one thread as each rank), and its int6
@@ -387,10 +386,10 @@ def test_one_and_two_processes_write_the_same_artifact(demo_root, tmp_path, monk
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     monkeypatch.chdir(one)
-    tg.run(tg.Config.from_env(gptq_env(demo_root, "g1")), script_code())
+    tg.run(tg.Config.from_env(gptq_env(gptq_root, "g1")), script_code())
     capsys.readouterr()
     log1 = (one / "logs" / "g1.txt").read_text()
-    log2 = torchrun(two, gptq_env(demo_root, "g2"), 2)
+    log2 = torchrun(two, gptq_env(gptq_root, "g2"), 2)
     assert "world_size:2 grad_accum_steps:4" in log2
     for log in (log1, log2):
         assert re.search(r"^gptq:calibration batches:3 inputs:4 time:\d+ms$", log, re.M)
