@@ -375,7 +375,7 @@ def probe_kernel(torch, api, device, cfg) -> dict:
                attention_kernels=[k[:160] for k in attention[:6]],
                attention_ops=[o for o in ops if "attention" in o],
                top_kernels=[k[:160] for k in kernels[:8]], first_call_s=round(first_ms / 1000, 2),
-               ms_per_micro_step=timing["ms"], first_loss=float(loss), peak_allocated_mib=peak)
+               ms_per_micro_step=timing["ms"], first_loss=loss.item(), peak_allocated_mib=peak)
     out["failures"] = kernel_failures(out)
     return out
 
