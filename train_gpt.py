@@ -5,7 +5,8 @@ bits per byte on FineWeb with the round trip, sliding windows, SLOT and legal TT
 
 One file (its bytes count toward the artifact); every setting an environment variable.
 CUDA (bf16, compile, FlashAttention 3 if installed) or CPU (float32), one process or
-torchrun. Sections follow the run; `run()` at the end is the table of contents.
+torchrun. Sections: SETTINGS, MODEL, OPTIMIZERS AND SCHEDULE, RUNTIME AND DATA, TRAINING,
+EXPORT, EVALUATION, RUN SAFETY, MAIN (`run()` there is the table of contents).
 Entry points: Config.from_env, build_model, train, export_artifact, read_artifact,
 eval_model, evaluate, sliding_pass, score_windows, eval_ttt.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import difflib
 import glob
 import hashlib
 import importlib
@@ -50,11 +52,12 @@ except ImportError:
     flash_attn_3 = None
 
 # -----------------------------
-# SETUP: errors, settings, runtime, logging, atomic writes
+# SETTINGS
 # -----------------------------
-# What a run can get wrong from outside (a setting, a file, a signal) is one of the two
-# exceptions below, printed as one line. Settings are read once into frozen sections, one per
-# stage, each field with the values it accepts beside it. Runtime: where this process runs.
+# Every setting is an environment variable, read once into frozen sections, one per stage; each
+# field declares the values it accepts beside it, and constraints between fields sit in the
+# section's check(). A bad value stops the run with one line (ConfigError), never a traceback.
+# The model reads only GPTConfig. MAIN reads the environment (over PRESET's file).
 
 
 class ConfigError(Exception):
@@ -75,28 +78,17 @@ def choice(default: str, *choices: str):
     return setting(default, "one of " + ", ".join(repr(c) for c in choices), lambda v: v in choices)
 
 
-def count(default: int):
-    return setting(default, "a count >= 0", lambda v: v >= 0)
+def kind(expect: str, ok):
+    """A kind of setting: `kind(expect, ok)(default)` declares a field accepting what ok does."""
+    return lambda default: setting(default, expect, ok)
 
 
-def positive(default: int):
-    return setting(default, "a positive integer", lambda v: v > 0)
-
-
-def positive_number(default: float):
-    return setting(default, "a positive number", lambda v: v > 0)
-
-
-def nonneg(default: float):
-    return setting(default, "a number >= 0", lambda v: v >= 0)
-
-
-def unit(default: float):
-    return setting(default, "a number in [0, 1)", lambda v: 0 <= v < 1)
-
-
-def free(default):
-    return setting(default)
+count = kind("a count >= 0", lambda v: v >= 0)
+positive = kind("a positive integer", lambda v: v > 0)
+positive_number = kind("a positive number", lambda v: v > 0)
+nonneg = kind("a number >= 0", lambda v: v >= 0)
+unit = kind("a number in [0, 1)", lambda v: 0 <= v < 1)
+free = kind("", None)  # any value of the field's type
 
 
 def need(ok: bool, name: str, value, expected: str) -> None:
@@ -131,22 +123,6 @@ class Section:
 
     def check(self) -> None:
         """Constraints between this section's fields (one field's own are beside it)."""
-
-
-def parse_value(name: str, raw: str, kind: str):
-    booleans = {"1": True, "true": True, "yes": True, "on": True,
-                "0": False, "false": False, "no": False, "off": False}
-    parsers = {"int": int, "float": float, "bool": lambda r: booleans[r.lower()], "str": str}
-    try:
-        value = parsers[kind](raw)
-    except (ValueError, KeyError):
-        allowed = f"a valid {kind}"
-        if kind == "bool":
-            allowed = "a boolean: 1/0, true/false, yes/no, on/off"
-        raise ConfigError(f"{name}={raw!r} is not allowed; expected {allowed}") from None
-    if kind == "float" and not math.isfinite(value):
-        raise ConfigError(f"{name}={raw!r} is not allowed; expected a finite number")
-    return value
 
 
 def is_file_name(name: str) -> bool:
@@ -368,11 +344,6 @@ class EvalConfig(Section):
 
 
 ORIGINAL_WORLD = 8  # the original's 8 GPUs: its batch split, validation batch and SLOT grouping
-# Settings the original had and this script does not: set to anything but their default, a
-# run stops instead of silently ignoring them.
-REMOVED_SETTINGS = {"MTP_NUM_HEADS": ("0", "the record trains no multi-token heads"),
-                    "MTP_LOSS_WEIGHT": ("0.2", "it weighted the multi-token heads"),
-                    "DTG_ENABLED": ("0", "the record runs without the gate")}
 
 
 @dataclass(frozen=True)
@@ -421,413 +392,14 @@ class Config:
         need(not self.export.gptq_enabled or cap <= 0 or reserve < cap, "GPTQ_RESERVE_SECONDS",
              reserve, "less than MAX_WALLCLOCK_SECONDS with GPTQ on")
 
-    def check_world(self, world_size: int) -> None:
-        """Batch divisibility depends on the world size, known only at launch."""
-        t = self.train
-        accum = t.grad_accum_steps(world_size)
-        unit_tokens = world_size * accum * t.train_seq_len
-        if t.train_batch_tokens % unit_tokens:
-            raise ConfigError(
-                f"TRAIN_BATCH_TOKENS={t.train_batch_tokens} does not split over world_size="
-                f"{world_size} x grad_accum={accum} x TRAIN_SEQ_LEN={t.train_seq_len}; "
-                f"expected a multiple of {unit_tokens}")
-        per_rank = t.val_batch_size // ORIGINAL_WORLD
-        if per_rank < self.max_seq_len:
-            raise ConfigError(
-                f"VAL_BATCH_SIZE={t.val_batch_size} gives each rank {per_rank} tokens per batch; "
-                f"expected at least 8 x {self.max_seq_len} (one sequence per rank)")
-
-
-def read_settings(env) -> dict[str, str]:
-    """The variables this script reads, from the environment over PRESET's file."""
-    preset = env.get("PRESET", "").strip()
-    raw = {**(preset_defaults(preset) if preset else {}), **env}
-    for name, (default, why) in REMOVED_SETTINGS.items():
-        if name in raw and raw[name].strip() not in (default, "false", "off", "no"):
-            raise ConfigError(f"{name}={raw[name]!r} is not allowed: the setting was removed "
-                              f"({why}); unset it")
-    known = Config.variables()
-    return {k: v for k, v in raw.items() if k in known}
-
-
-def misspelt_settings(env) -> list[str]:
-    """Warnings for upper-case variables within two edits of a setting (SLOT_STPES)."""
-    known = Config.variables() | set(REMOVED_SETTINGS) | {"PRESET"}
-    warnings = []
-    for name in sorted(env):
-        if name in known or not name.isupper():
-            continue
-        close = [k for k in known if edit_distance(name, k) <= 2]
-        if close:
-            warnings.append(f"WARNING: {name} is not a setting of this script; did you mean "
-                            f"{min(close, key=lambda k: edit_distance(name, k))}?")
-    return warnings
-
-
-def edit_distance(a: str, b: str) -> int:
-    if abs(len(a) - len(b)) > 2:
-        return 3
-    row = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, cb in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
-    return row[-1]
-
-
-def preset_defaults(name: str) -> dict[str, str]:
-    """PRESET=NAME: defaults from presets/NAME.env beside this file (KEY=VALUE lines)."""
-    path = Path(__file__).resolve().with_name("presets") / f"{name}.env"
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, ValueError):
-        names = sorted(p.stem for p in path.parent.glob("*.env"))
-        found = f"one of: {', '.join(names)} (or unset)" if names else "unset (no presets found)"
-        raise ConfigError(f"PRESET={name!r} is not allowed; expected {found}; presets are read "
-                          f"from {path.parent}") from None
-    lines = [line.split("#", 1)[0].strip() for line in text.splitlines()]
-    return dict(line.split("=", 1) for line in lines if "=" in line)
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """Where this process runs, and its log."""
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-    compile: bool = False
-    log_path: str | None = None
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-    def log(self, msg: str, console: bool = True) -> None:
-        if not self.master:
-            return
-        if console:
-            print(msg, flush=True)
-        if self.log_path is not None:
-            with open(self.log_path, "a", encoding="utf-8") as f:
-                print(msg, file=f)
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-
-    def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
-
-    def reduce(self, values: list[float] | Tensor) -> Tensor:
-        t = torch.as_tensor(values, dtype=torch.float64, device=self.device).clone()
-        if self.distributed:
-            dist.all_reduce(t)
-        return t
-
-    def compiled(self, fn):
-        """fn compiled for fixed shapes on CUDA (or with COMPILE=1), else fn itself."""
-        return torch.compile(fn, dynamic=False, fullgraph=True) if self.compile else fn
-
-
-def start_runtime(cfg: RunConfig) -> Runtime:
-    """torchrun sets RANK/WORLD_SIZE: NCCL on CUDA, gloo on CPU; otherwise a single process."""
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise ConfigError("DEVICE='cuda' but no CUDA device is available; "
-                          "expected DEVICE=auto or cpu")
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device("cpu")
-    if use_cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if not use_cuda and cfg.cpu_threads > 0:
-        # One thread per process by default: more threads than free cores ran several times slower.
-        torch.set_num_threads(cfg.cpu_threads)
-    if use_cuda:
-        torch.cuda.set_device(device)
-        # The original's setting; it reaches SLOT's float32 logit matmul too.
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if world_size > 1 and not dist.is_initialized():
-        # A rank stuck in a collective ends the run after this long, not gloo's half hour.
-        timeout = datetime.timedelta(seconds=cfg.collective_timeout_seconds)
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout,
-                                device_id=device if use_cuda else None)
-    compiled = cfg.compile == "1" or (cfg.compile == "auto" and use_cuda)
-    return Runtime(rank=rank, world_size=world_size, device=device, compile=compiled)
-
-
-@contextlib.contextmanager
-def no_tf32():
-    """float32 matmuls in full precision for a stage (GPTQ), restored whatever happens."""
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
-
-
-def write_atomic(path, data: bytes) -> None:
-    """Write beside the target, then rename: a crash never leaves a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-# -----------------------------
-# DATA: token shards, the tokenizer's byte counts
-# -----------------------------
-# Takes DATA_PATH's shards and the tokenizer; returns the validation tokens, the byte tables
-# that turn nats into bits per byte, and the training files, streamed in the same order on
-# every rank. Headers, the first training shard's ids and the tokenizer are checked first.
-
-SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256  # as tools/_files.py
-HEADER_BYTES = HEADER_INTS * 4
-
-
-def load_data_shard(path) -> np.ndarray:
-    """A shard's tokens as a read-only uint16 memory map (no whole-file copy)."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read shard ({e.strerror})") from None
-    if header.size < HEADER_INTS:
-        raise ConfigError(f"{path}: truncated header ({size} bytes; a shard starts with a "
-                          f"{HEADER_BYTES}-byte header)")
-    if header[0] != SHARD_MAGIC:
-        raise ConfigError(f"{path}: bad magic {header[0]}; expected {SHARD_MAGIC}")
-    if header[1] != SHARD_VERSION:
-        raise ConfigError(f"{path}: unsupported version {header[1]}; expected {SHARD_VERSION}")
-    n = int(header[2])
-    if n < 0 or size != HEADER_BYTES + 2 * n:
-        raise ConfigError(f"{path}: size {size} bytes does not match header token count {n} "
-                          f"(expected {HEADER_BYTES + 2 * max(n, 0)} bytes)")
-    if n == 0:
-        return np.zeros(0, dtype=np.uint16)
-    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,))
-
-
-def checked_shard(path, vocab_size: int) -> np.ndarray:
-    """A shard whose ids all fit the vocabulary (an embedding lookup would fail mid-run)."""
-    tokens = load_data_shard(path)
-    if tokens.size and int(tokens.max()) >= vocab_size:
-        raise ConfigError(f"{path}: token id {int(tokens.max())} is out of range for "
-                          f"VOCAB_SIZE={vocab_size}")
-    return tokens
-
-
-def shard_files(data_path: str, split: str) -> list[str]:
-    if not os.path.isdir(data_path):
-        what = "is a file" if os.path.exists(data_path) else "does not exist"
-        raise ConfigError(f"DATA_PATH={data_path!r}: {what}; expected a folder of "
-                          f"fineweb_{split}_*.bin shards")
-    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
-    if not files:
-        raise ConfigError(f"DATA_PATH={data_path!r}: no fineweb_{split}_*.bin shards found")
-    return files
-
-
-class TokenStream:
-    """The train shards in order, wrapping around; each shard's ids checked as it loads."""
-
-    def __init__(self, files: list[str], vocab_size: int):
-        self.files, self.vocab_size, self.file_idx, self.pos = files, vocab_size, 0, 0
-        self.tokens = checked_shard(files[0], vocab_size)
-
-    def take(self, n: int) -> Tensor:
-        chunks = []
-        while n > 0:
-            if self.pos >= self.tokens.size:
-                self.file_idx = (self.file_idx + 1) % len(self.files)
-                self.tokens = checked_shard(self.files[self.file_idx], self.vocab_size)
-                self.pos = 0
-                continue
-            k = min(n, self.tokens.size - self.pos)
-            chunks.append(np.asarray(self.tokens[self.pos:self.pos + k], dtype=np.int64))
-            self.pos, n = self.pos + k, n - k
-        return torch.from_numpy(np.concatenate(chunks))
-
-
-class DistributedTokenLoader:
-    """Each micro-step takes one contiguous chunk; rank r reads its own (local + 1)-token slice."""
-
-    def __init__(self, files: list[str], vocab_size: int, rt: Runtime):
-        self.stream, self.rt = TokenStream(files, vocab_size), rt
-
-    def next_batch(self, global_tokens: int, seq_len: int, grad_accum: int) -> tuple[Tensor, ...]:
-        rank, world = self.rt.rank, self.rt.world_size
-        local = global_tokens // (world * grad_accum)
-        chunk = self.stream.take((local + 1) * world)
-        span = chunk[rank * (local + 1):(rank + 1) * (local + 1)]
-        if self.rt.device.type == "cuda":  # pinned: the copy overlaps the previous micro-step
-            span = span.pin_memory()
-        span = span.to(self.rt.device, non_blocking=True)
-        return span[:-1].reshape(-1, seq_len), span[1:].reshape(-1, seq_len)
-
-
-def load_validation_tokens(files: list[str], seq_len: int, vocab_size: int) -> Tensor:
-    parts = [np.asarray(checked_shard(f, vocab_size), dtype=np.int64) for f in files]
-    tokens = np.concatenate(parts)
-    usable = ((tokens.size - 1) // seq_len) * seq_len
-    if usable <= 0:
-        raise ConfigError(f"validation split ({', '.join(files)}) has {tokens.size} tokens; "
-                          f"expected more than one sequence of {seq_len}")
-    return torch.from_numpy(tokens[:usable + 1])
-
-
-def load_tokenizer(cfg: DataConfig, vocab_size: int) -> spm.SentencePieceProcessor:
-    path = Path(cfg.tokenizer_path)
-    if not path.is_file():
-        what = "is a directory" if path.is_dir() else "file not found"
-        raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path!r}: {what}; expected a "
-                          f"SentencePiece .model file")
-    sp = spm.SentencePieceProcessor()
-    try:
-        sp.load(str(path))
-    except (OSError, RuntimeError):
-        raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path!r}: not a SentencePiece "
-                          f"model") from None
-    if sp.vocab_size() != vocab_size:
-        raise ConfigError(f"VOCAB_SIZE={vocab_size} differs from the tokenizer's size "
-                          f"{sp.vocab_size()} ({cfg.tokenizer_path}); expected "
-                          f"VOCAB_SIZE={sp.vocab_size()}")
-    check_tokenizer_hash(cfg)
-    return sp
-
-
-def check_tokenizer_hash(cfg: DataConfig) -> None:
-    """Shards scored with another tokenizer give a meaningless bpb: tools.data's manifest.json
-    beside them records the tokenizer's sha256."""
-    manifest = Path(cfg.data_path) / "manifest.json"
-    try:
-        expected = json.loads(manifest.read_text(encoding="utf-8"))["tokenizer"]["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # no manifest, or one without a hash (the challenge's own): nothing to compare
-    actual = hashlib.sha256(Path(cfg.tokenizer_path).read_bytes()).hexdigest()
-    if actual != expected:
-        raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path!r} (sha256 {actual[:12]}...) is not "
-                          f"the tokenizer of DATA_PATH's shards ({manifest}: sha256 "
-                          f"{expected[:12]}...); expected the tokenizer they were made with")
-
-
-def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int, device) -> tuple[Tensor, ...]:
-    """Per-token UTF-8 byte counts, leading-space flags and boundary flags for val_bpb."""
-    table = max(sp.vocab_size(), vocab_size)
-    base_bytes = np.zeros(table, dtype=np.int16)
-    leading_space = np.zeros(table, dtype=np.bool_)
-    boundary = np.ones(table, dtype=np.bool_)  # ids past the tokenizer's size count as boundaries
-    for i in range(sp.vocab_size()):
-        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
-            continue
-        boundary[i] = False
-        if sp.is_byte(i):
-            base_bytes[i] = 1
-            continue
-        piece = sp.id_to_piece(i)
-        if piece.startswith("\u2581"):
-            leading_space[i], piece = True, piece[1:]
-        base_bytes[i] = len(piece.encode("utf-8"))
-    return tuple(torch.from_numpy(a).to(device) for a in (base_bytes, leading_space, boundary))
-
-
-def count_bytes(luts, prev_ids: Tensor, target_ids: Tensor) -> Tensor:
-    """Bytes of each target: its piece, plus the space it opens unless it follows a boundary."""
-    base_bytes, leading_space, boundary = luts
-    opens_space = leading_space[target_ids] & ~boundary[prev_ids]
-    return base_bytes[target_ids].double() + opens_space.double()
-
-
-@dataclass(frozen=True)
-class Data:
-    """What every later stage reads: validation tokens on the host, byte tables on the device."""
-    val_tokens: Tensor
-    luts: tuple[Tensor, ...]
-    train_files: list[str]
-    train_tokens: int
-
-
-def load_data(cfg: Config, rt: Runtime, training: bool) -> tuple[Data, list[str]]:
-    """Every data input checked; returns the data and the warnings to log."""
-    sp = load_tokenizer(cfg.data, cfg.model.vocab_size)
-    vocab = cfg.model.vocab_size
-    val_files = shard_files(cfg.data.data_path, "val")
-    val_tokens = load_validation_tokens(val_files, cfg.max_seq_len, vocab)
-    files = shard_files(cfg.data.data_path, "train") if training else []
-    sizes = [load_data_shard(f).size for f in files]  # every header before any work
-    warnings = []
-    if files:
-        if sum(sizes) == 0:
-            raise ConfigError(f"DATA_PATH={cfg.data.data_path!r}: the training split "
-                              f"({len(files)} shards) holds 0 tokens; expected training data")
-        checked_shard(next(f for f, n in zip(files, sizes) if n), vocab)  # the first one read
-        step = cfg.train.train_batch_tokens + rt.world_size
-        if sum(sizes) < step:
-            warnings.append(f"WARNING: the training split holds {sum(sizes)} tokens, less than one "
-                            f"step ({cfg.train.train_batch_tokens}): every step repeats it")
-        calibration = step * cfg.export.gptq_calibration_batches
-        if cfg.export.gptq_enabled and sum(sizes) < calibration:
-            warnings.append(f"WARNING: GPTQ's calibration reads {calibration} tokens; the training "
-                            f"split holds {sum(sizes)}, so it repeats them")
-    files = [f for f, n in zip(files, sizes) if n]  # an empty shard is skipped, not spun on
-    luts = build_byte_luts(sp, vocab, rt.device)
-    return Data(val_tokens, luts, files, sum(sizes)), warnings
-
 # -----------------------------
 # MODEL
 # -----------------------------
 # Takes a GPTConfig; returns the GPT: 11 blocks with U-Net skips, GQA attention with partial
 # RoPE, XSA and a value residual, a leaky-ReLU^2 MLP, hashed-bigram and value embeddings, a
 # tied soft-capped head. Every parameter has one declared role (optimizer group, CUDA dtype,
-# artifact format) that the optimizers, the precision layout, the quantiser and GPTQ read.
-
-
-@dataclass(frozen=True)
-class Role:
-    group: str  # optimizer: embed (AdamW), head (Adam), matrix (Muon), scalar (AdamW)
-    cuda_dtype: torch.dtype
-    export: str  # int6 | int8 | fp16; any tensor of at most PASSTHROUGH_MAX_NUMEL values is fp16
-
-
-# What a module declares each of its parameters to be. A control tensor is a scalar named by
-# CONTROL_TENSOR_NAME_PATTERNS: fp16 in the artifact at any size.
-ROLES = {
-    "embedding": Role("embed", torch.bfloat16, "int8"),  # the original keeps its tables bf16
-    "head": Role("head", torch.float32, "int8"),
-    "matrix": Role("matrix", torch.float32, "int6"),
-    "scalar": Role("scalar", torch.float32, "int8"),
-    "control": Role("scalar", torch.float32, "fp16"),
-}
-
-
-def parameter_roles(model: nn.Module, control_patterns: tuple[str, ...]) -> dict[str, Role]:
-    """Every parameter's role, from each module's `param_roles`; none or two stops the build."""
-    declared = {}
-    for prefix, module in model.named_modules():
-        for local, kind in getattr(module, "param_roles", {}).items():
-            name = f"{prefix}.{local}" if prefix else local
-            if name in declared:
-                raise ConfigError(f"parameter {name} has two roles ({declared[name]}, {kind}); "
-                                  f"declare it in one module's param_roles")
-            declared[name] = kind
-    roles = {}
-    for name, p in model.named_parameters():
-        if name not in declared:
-            raise ConfigError(f"parameter {name} {tuple(p.shape)} has no role; declare it in its "
-                              f"module's param_roles as one of {', '.join(ROLES)}")
-        kind = declared[name]
-        if kind == "scalar" and any(pattern in name for pattern in control_patterns):
-            kind = "control"
-        roles[name] = ROLES[kind]
-    return roles
+# artifact format) that the optimizers, the precision layout, the quantiser and GPTQ read: the
+# role table closes the section.
 
 
 def rms(x: Tensor) -> Tensor:
@@ -1118,6 +690,46 @@ def build_model(cfg: GPTConfig, device: torch.device, seed: int | None = None) -
     return (cuda_layout(model) if device.type == "cuda" else model.float()).to(device)
 
 
+@dataclass(frozen=True)
+class Role:
+    group: str  # optimizer: embed (AdamW), head (Adam), matrix (Muon), scalar (AdamW)
+    cuda_dtype: torch.dtype
+    export: str  # int6 | int8 | fp16; any tensor of at most PASSTHROUGH_MAX_NUMEL values is fp16
+
+
+# What a module declares each of its parameters to be. A control tensor is a scalar named by
+# CONTROL_TENSOR_NAME_PATTERNS: fp16 in the artifact at any size.
+ROLES = {
+    "embedding": Role("embed", torch.bfloat16, "int8"),  # the original keeps its tables bf16
+    "head": Role("head", torch.float32, "int8"),
+    "matrix": Role("matrix", torch.float32, "int6"),
+    "scalar": Role("scalar", torch.float32, "int8"),
+    "control": Role("scalar", torch.float32, "fp16"),
+}
+
+
+def parameter_roles(model: nn.Module, control_patterns: tuple[str, ...]) -> dict[str, Role]:
+    """Every parameter's role, from each module's `param_roles`; none or two stops the build."""
+    declared = {}
+    for prefix, module in model.named_modules():
+        for local, kind in getattr(module, "param_roles", {}).items():
+            name = f"{prefix}.{local}" if prefix else local
+            if name in declared:
+                raise ConfigError(f"parameter {name} has two roles ({declared[name]}, {kind}); "
+                                  f"declare it in one module's param_roles")
+            declared[name] = kind
+    roles = {}
+    for name, p in model.named_parameters():
+        if name not in declared:
+            raise ConfigError(f"parameter {name} {tuple(p.shape)} has no role; declare it in its "
+                              f"module's param_roles as one of {', '.join(ROLES)}")
+        kind = declared[name]
+        if kind == "scalar" and any(pattern in name for pattern in control_patterns):
+            kind = "control"
+        roles[name] = ROLES[kind]
+    return roles
+
+
 def cuda_layout(model: GPT) -> GPT:
     """The original's CUDA dtypes: each parameter in its role's (tables bf16, the rest float32)."""
     for name, p in model.named_parameters():
@@ -1302,6 +914,296 @@ class Schedule:
     def late_qat(self, lr_scale: float) -> bool:
         """Whether this multiplier switches late QAT on (the loop never switches it off)."""
         return 0 < self.late_qat_threshold and lr_scale < self.late_qat_threshold
+
+# -----------------------------
+# RUNTIME AND DATA
+# -----------------------------
+# Where this process runs (rank, device, compile, its log), then DATA_PATH's shards and the
+# tokenizer: the validation tokens, the byte tables that turn nats into bits per byte, and the
+# training files, streamed in the same order on every rank. Headers, the first training
+# shard's ids and the tokenizer are checked first.
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs, and its log."""
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    compile: bool = False
+    log_path: str | None = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def log(self, msg: str, console: bool = True) -> None:
+        if not self.master:
+            return
+        if console:
+            print(msg, flush=True)
+        if self.log_path is not None:
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                print(msg, file=f)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def reduce(self, values: list[float] | Tensor) -> Tensor:
+        t = torch.as_tensor(values, dtype=torch.float64, device=self.device).clone()
+        if self.distributed:
+            dist.all_reduce(t)
+        return t
+
+    def compiled(self, fn):
+        """fn compiled for fixed shapes on CUDA (or with COMPILE=1), else fn itself."""
+        return torch.compile(fn, dynamic=False, fullgraph=True) if self.compile else fn
+
+
+def start_runtime(cfg: RunConfig) -> Runtime:
+    """torchrun sets RANK/WORLD_SIZE: NCCL on CUDA, gloo on CPU; otherwise a single process."""
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ConfigError("DEVICE='cuda' but no CUDA device is available; "
+                          "expected DEVICE=auto or cpu")
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device("cpu")
+    if use_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if not use_cuda and cfg.cpu_threads > 0:
+        # One thread per process by default: more threads than free cores ran several times slower.
+        torch.set_num_threads(cfg.cpu_threads)
+    if use_cuda:
+        torch.cuda.set_device(device)
+        # The original's setting; it reaches SLOT's float32 logit matmul too.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1 and not dist.is_initialized():
+        # A rank stuck in a collective ends the run after this long, not gloo's half hour.
+        timeout = datetime.timedelta(seconds=cfg.collective_timeout_seconds)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout,
+                                device_id=device if use_cuda else None)
+    compiled = cfg.compile == "1" or (cfg.compile == "auto" and use_cuda)
+    return Runtime(rank=rank, world_size=world_size, device=device, compile=compiled)
+
+
+def check_world(cfg: Config, world_size: int) -> None:
+    """Batch divisibility depends on the world size, known only at launch."""
+    t = cfg.train
+    accum = t.grad_accum_steps(world_size)
+    unit_tokens = world_size * accum * t.train_seq_len
+    if t.train_batch_tokens % unit_tokens:
+        raise ConfigError(
+            f"TRAIN_BATCH_TOKENS={t.train_batch_tokens} does not split over world_size="
+            f"{world_size} x grad_accum={accum} x TRAIN_SEQ_LEN={t.train_seq_len}; "
+            f"expected a multiple of {unit_tokens}")
+    per_rank = t.val_batch_size // ORIGINAL_WORLD
+    if per_rank < cfg.max_seq_len:
+        raise ConfigError(
+            f"VAL_BATCH_SIZE={t.val_batch_size} gives each rank {per_rank} tokens per batch; "
+            f"expected at least 8 x {cfg.max_seq_len} (one sequence per rank)")
+
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256  # as tools/_files.py
+HEADER_BYTES = HEADER_INTS * 4
+
+
+def load_data_shard(path) -> np.ndarray:
+    """A shard's tokens as a read-only uint16 memory map (no whole-file copy)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read shard ({e.strerror})") from None
+    if header.size < HEADER_INTS:
+        raise ConfigError(f"{path}: truncated header ({size} bytes; a shard starts with a "
+                          f"{HEADER_BYTES}-byte header)")
+    if header[0] != SHARD_MAGIC:
+        raise ConfigError(f"{path}: bad magic {header[0]}; expected {SHARD_MAGIC}")
+    if header[1] != SHARD_VERSION:
+        raise ConfigError(f"{path}: unsupported version {header[1]}; expected {SHARD_VERSION}")
+    n = int(header[2])
+    if n < 0 or size != HEADER_BYTES + 2 * n:
+        raise ConfigError(f"{path}: size {size} bytes does not match header token count {n} "
+                          f"(expected {HEADER_BYTES + 2 * max(n, 0)} bytes)")
+    if n == 0:
+        return np.zeros(0, dtype=np.uint16)
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,))
+
+
+def checked_shard(path, vocab_size: int) -> np.ndarray:
+    """A shard whose ids all fit the vocabulary (an embedding lookup would fail mid-run)."""
+    tokens = load_data_shard(path)
+    if tokens.size and int(tokens.max()) >= vocab_size:
+        raise ConfigError(f"{path}: token id {int(tokens.max())} is out of range for "
+                          f"VOCAB_SIZE={vocab_size}")
+    return tokens
+
+
+def shard_files(data_path: str, split: str) -> list[str]:
+    if not os.path.isdir(data_path):
+        what = "is a file" if os.path.exists(data_path) else "does not exist"
+        raise ConfigError(f"DATA_PATH={data_path!r}: {what}; expected a folder of "
+                          f"fineweb_{split}_*.bin shards")
+    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    if not files:
+        raise ConfigError(f"DATA_PATH={data_path!r}: no fineweb_{split}_*.bin shards found")
+    return files
+
+
+class TokenStream:
+    """The train shards in order, wrapping around; each shard's ids checked as it loads."""
+
+    def __init__(self, files: list[str], vocab_size: int):
+        self.files, self.vocab_size, self.file_idx, self.pos = files, vocab_size, 0, 0
+        self.tokens = checked_shard(files[0], vocab_size)
+
+    def take(self, n: int) -> Tensor:
+        chunks = []
+        while n > 0:
+            if self.pos >= self.tokens.size:
+                self.file_idx = (self.file_idx + 1) % len(self.files)
+                self.tokens = checked_shard(self.files[self.file_idx], self.vocab_size)
+                self.pos = 0
+                continue
+            k = min(n, self.tokens.size - self.pos)
+            chunks.append(np.asarray(self.tokens[self.pos:self.pos + k], dtype=np.int64))
+            self.pos, n = self.pos + k, n - k
+        return torch.from_numpy(np.concatenate(chunks))
+
+
+class DistributedTokenLoader:
+    """Each micro-step takes one contiguous chunk; rank r reads its own (local + 1)-token slice."""
+
+    def __init__(self, files: list[str], vocab_size: int, rt: Runtime):
+        self.stream, self.rt = TokenStream(files, vocab_size), rt
+
+    def next_batch(self, global_tokens: int, seq_len: int, grad_accum: int) -> tuple[Tensor, ...]:
+        rank, world = self.rt.rank, self.rt.world_size
+        local = global_tokens // (world * grad_accum)
+        chunk = self.stream.take((local + 1) * world)
+        span = chunk[rank * (local + 1):(rank + 1) * (local + 1)]
+        if self.rt.device.type == "cuda":  # pinned: the copy overlaps the previous micro-step
+            span = span.pin_memory()
+        span = span.to(self.rt.device, non_blocking=True)
+        return span[:-1].reshape(-1, seq_len), span[1:].reshape(-1, seq_len)
+
+
+def load_validation_tokens(files: list[str], seq_len: int, vocab_size: int) -> Tensor:
+    parts = [np.asarray(checked_shard(f, vocab_size), dtype=np.int64) for f in files]
+    tokens = np.concatenate(parts)
+    usable = ((tokens.size - 1) // seq_len) * seq_len
+    if usable <= 0:
+        raise ConfigError(f"validation split ({', '.join(files)}) has {tokens.size} tokens; "
+                          f"expected more than one sequence of {seq_len}")
+    return torch.from_numpy(tokens[:usable + 1])
+
+
+def load_tokenizer(cfg: DataConfig, vocab_size: int) -> spm.SentencePieceProcessor:
+    path = Path(cfg.tokenizer_path)
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "file not found"
+        raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path!r}: {what}; expected a "
+                          f"SentencePiece .model file")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.load(str(path))
+    except (OSError, RuntimeError):
+        raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path!r}: not a SentencePiece "
+                          f"model") from None
+    if sp.vocab_size() != vocab_size:
+        raise ConfigError(f"VOCAB_SIZE={vocab_size} differs from the tokenizer's size "
+                          f"{sp.vocab_size()} ({cfg.tokenizer_path}); expected "
+                          f"VOCAB_SIZE={sp.vocab_size()}")
+    check_tokenizer_hash(cfg)
+    return sp
+
+
+def check_tokenizer_hash(cfg: DataConfig) -> None:
+    """Shards scored with another tokenizer give a meaningless bpb: tools.data's manifest.json
+    beside them records the tokenizer's sha256."""
+    manifest = Path(cfg.data_path) / "manifest.json"
+    try:
+        expected = json.loads(manifest.read_text(encoding="utf-8"))["tokenizer"]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no manifest, or one without a hash (the challenge's own): nothing to compare
+    actual = hashlib.sha256(Path(cfg.tokenizer_path).read_bytes()).hexdigest()
+    if actual != expected:
+        raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path!r} (sha256 {actual[:12]}...) is not "
+                          f"the tokenizer of DATA_PATH's shards ({manifest}: sha256 "
+                          f"{expected[:12]}...); expected the tokenizer they were made with")
+
+
+def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int, device) -> tuple[Tensor, ...]:
+    """Per-token UTF-8 byte counts, leading-space flags and boundary flags for val_bpb."""
+    table = max(sp.vocab_size(), vocab_size)
+    base_bytes = np.zeros(table, dtype=np.int16)
+    leading_space = np.zeros(table, dtype=np.bool_)
+    boundary = np.ones(table, dtype=np.bool_)  # ids past the tokenizer's size count as boundaries
+    for i in range(sp.vocab_size()):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        if sp.is_byte(i):
+            base_bytes[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581"):
+            leading_space[i], piece = True, piece[1:]
+        base_bytes[i] = len(piece.encode("utf-8"))
+    return tuple(torch.from_numpy(a).to(device) for a in (base_bytes, leading_space, boundary))
+
+
+def count_bytes(luts, prev_ids: Tensor, target_ids: Tensor) -> Tensor:
+    """Bytes of each target: its piece, plus the space it opens unless it follows a boundary."""
+    base_bytes, leading_space, boundary = luts
+    opens_space = leading_space[target_ids] & ~boundary[prev_ids]
+    return base_bytes[target_ids].double() + opens_space.double()
+
+
+@dataclass(frozen=True)
+class Data:
+    """What every later stage reads: validation tokens on the host, byte tables on the device."""
+    val_tokens: Tensor
+    luts: tuple[Tensor, ...]
+    train_files: list[str]
+    train_tokens: int
+
+
+def load_data(cfg: Config, rt: Runtime, training: bool) -> tuple[Data, list[str]]:
+    """Every data input checked; returns the data and the warnings to log."""
+    sp = load_tokenizer(cfg.data, cfg.model.vocab_size)
+    vocab = cfg.model.vocab_size
+    val_files = shard_files(cfg.data.data_path, "val")
+    val_tokens = load_validation_tokens(val_files, cfg.max_seq_len, vocab)
+    files = shard_files(cfg.data.data_path, "train") if training else []
+    sizes = [load_data_shard(f).size for f in files]  # every header before any work
+    warnings = []
+    if files:
+        if sum(sizes) == 0:
+            raise ConfigError(f"DATA_PATH={cfg.data.data_path!r}: the training split "
+                              f"({len(files)} shards) holds 0 tokens; expected training data")
+        checked_shard(next(f for f, n in zip(files, sizes) if n), vocab)  # the first one read
+        step = cfg.train.train_batch_tokens + rt.world_size
+        if sum(sizes) < step:
+            warnings.append(f"WARNING: the training split holds {sum(sizes)} tokens, less than one "
+                            f"step ({cfg.train.train_batch_tokens}): every step repeats it")
+        calibration = step * cfg.export.gptq_calibration_batches
+        if cfg.export.gptq_enabled and sum(sizes) < calibration:
+            warnings.append(f"WARNING: GPTQ's calibration reads {calibration} tokens; the training "
+                            f"split holds {sum(sizes)}, so it repeats them")
+    files = [f for f, n in zip(files, sizes) if n]  # an empty shard is skipped, not spun on
+    luts = build_byte_luts(sp, vocab, rt.device)
+    return Data(val_tokens, luts, files, sum(sizes)), warnings
 
 # -----------------------------
 # TRAINING
@@ -1521,6 +1423,7 @@ class EMA:
 # "m": schemes}, the original's layout), written compressed with a sidecar of the model
 # settings. Export and load are mirror images, so the evaluations score what was submitted.
 
+
 INT6_CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, None)  # None: the row max
 INT8_CLIP_QUANTILE = 0.9999984
 PASSTHROUGH_MAX_NUMEL = 65536
@@ -1695,6 +1598,17 @@ def calibrate(cfg: Config, rt: Runtime, model: GPT, data: Data, train_ms: float)
     return hessians
 
 
+@contextlib.contextmanager
+def no_tf32():
+    """float32 matmuls in full precision for a stage (GPTQ), restored whatever happens."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def _byte_shuffle(container: dict, inverse: bool) -> dict:
     """Each multi-byte tensor's bytes grouped by significance (brotli compresses that better)."""
     tensors = {}
@@ -1823,107 +1737,6 @@ class Artifact:
     nbytes: int
 
 
-class SaveError(ConfigError):
-    """A file the run could not write (disk full, I/O error): the log says what was kept."""
-
-
-def model_settings(cfg: GPTConfig) -> dict[str, object]:
-    """Every setting that shapes the model's computation, by variable name (the sidecar's)."""
-    return {GPTConfig.env_name(f): getattr(cfg, f.name) for f in fields(GPTConfig)}
-
-
-def sidecar_path(artifact) -> Path:
-    return Path(f"{artifact}.json")
-
-
-def write_sidecar(cfg: Config, blob: bytes) -> None:
-    """<ARTIFACT>.json: the model settings and the artifact's sha256 (the artifact keeps the
-    original's format)."""
-    meta = {"format": "train_gpt artifact sidecar", "sha256": hashlib.sha256(blob).hexdigest(),
-            "settings": model_settings(cfg.model)}
-    write_atomic(sidecar_path(cfg.export.artifact), (json.dumps(meta, indent=1) + "\n").encode())
-
-
-def check_sidecar(cfg: Config, blob: bytes) -> str:
-    """Other model settings would score the artifact wrongly, silently; returns a log line."""
-    path = sidecar_path(cfg.export.artifact)
-    if not path.is_file():
-        return f"eval_only: no {path.name} beside the artifact; its model settings are unchecked"
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-        sha, saved = meta["sha256"], meta["settings"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ConfigError(f"{path}: unreadable sidecar; expected the JSON written with the "
-                          f"artifact (remove it to evaluate unchecked)") from None
-    if sha != hashlib.sha256(blob).hexdigest():
-        raise ConfigError(f"{path}: describes another artifact (sha256 differs from "
-                          f"{cfg.export.artifact}); remove it to evaluate unchecked")
-    ours = model_settings(cfg.model)
-    diffs = [f"{k}={ours[k]!r} (artifact: {v!r})" for k, v in saved.items()
-             if k in ours and ours[k] != v]
-    if diffs:
-        raise ConfigError(f"ARTIFACT={cfg.export.artifact!r} was trained with other model "
-                          f"settings: {', '.join(diffs)}; set them as it was trained")
-    return f"eval_only: model settings match {path.name}"
-
-
-def is_our_file(path: Path, kind: str) -> bool:
-    """Whether `path` holds an artifact or weights of this project (all a run replaces)."""
-    try:
-        if kind == "artifact":
-            read_artifact(path)
-            return True
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return isinstance(state, dict) and all(isinstance(v, Tensor) for v in state.values())
-    except Exception:  # anything unreadable is somebody else's file
-        return False
-
-
-def check_replaceable(cfg: ExportConfig) -> None:
-    """A run never deletes or overwrites a file it did not write."""
-    outputs = (("ARTIFACT", cfg.artifact, "artifact"), ("MODEL_PATH", cfg.model_path, "weights"))
-    for var, value, kind in outputs:
-        path = Path(value)
-        if path.exists() and not (path.is_file() and is_our_file(path, kind)):
-            raise ConfigError(f"{var}={value!r} names an existing file that is not {kind} of this "
-                              f"project; expected a new path or one this script wrote")
-
-
-@contextlib.contextmanager
-def output_lock(paths: list[str], run_id: str) -> Iterator[None]:
-    """`.<name>.lock` (RUN_ID, pid) beside each output for the run's lifetime: a second run
-    refuses them; a lock whose process is gone is taken over."""
-    held = []
-    try:
-        for path in paths:
-            lock = Path(path).with_name(f".{Path(path).name}.lock")
-            take_lock(lock, path, run_id)
-            held.append(lock)
-        yield
-    finally:
-        for lock in held:
-            lock.unlink(missing_ok=True)
-
-
-def take_lock(lock: Path, path: str, run_id: str) -> None:
-    mine = json.dumps({"run_id": run_id, "pid": os.getpid()})
-    for _ in range(2):
-        try:
-            with open(lock, "x", encoding="utf-8") as f:
-                f.write(mine)
-            return
-        except FileExistsError:
-            try:
-                other = json.loads(lock.read_text(encoding="utf-8"))
-                os.kill(int(other["pid"]), 0)
-            except (OSError, ValueError, KeyError, TypeError):  # dead process or unreadable
-                lock.unlink(missing_ok=True)
-                continue
-            raise ConfigError(f"{path} is in use by run {other.get('run_id')!r} (process "
-                              f"{other['pid']}, lock {lock}); wait for it or choose other outputs")
-    raise ConfigError(f"{lock}: cannot take the output lock; remove it if no run is using {path}")
-
-
 def save_weights(cfg: ExportConfig, rt: Runtime, model: GPT) -> int:
     """The trained (EMA) weights, before anything that can fail after training; returns bytes."""
     buf = io.BytesIO()
@@ -1999,6 +1812,7 @@ def log_export(cfg: ExportConfig, rt: Runtime, container: dict, model_bytes: int
 # trip scores non-overlapping windows; the rest is one window pass (frozen hidden states)
 # feeding scorers: the sliding window, SLOT (either mode), each legal-TTT chunk. See
 # docs/evaluation.md; SCORE_KINDS says which scores the challenge accepts.
+
 
 SCORE_KINDS = {  # what the challenge accepts (docs/evaluation.md)
     "final_int6_roundtrip": "accepted", "final_int6_sliding_window": "accepted",
@@ -2479,10 +2293,12 @@ def evaluate(cfg: Config, rt: Runtime, model: GPT, data: Data) -> dict[str, Scor
     return scores
 
 # -----------------------------
-# MAIN
+# RUN SAFETY: atomic writes, sidecars, output locks, logs, signals
 # -----------------------------
-# Runs the stages in order. Every input is checked before the run writes anything; it then
-# holds its outputs, saves the weights before any evaluation and ends with one line.
+# What protects a run and the files around it, gathered here; the stages call it. Every file is
+# written beside its target and renamed into place; a run replaces only files of this project,
+# holds its outputs with a lock (RUN_ID, pid) while it runs, names each artifact's model
+# settings in a sidecar that EVAL_ONLY checks, and turns Ctrl-C / SIGTERM into one line.
 
 
 class Stopped(Exception):
@@ -2491,6 +2307,91 @@ class Stopped(Exception):
     def __init__(self, status: int, message: str | None = None):
         super().__init__(message)
         self.status, self.message = status, message
+
+
+class SaveError(ConfigError):
+    """A file the run could not write (disk full, I/O error): the log says what was kept."""
+
+
+def write_atomic(path, data: bytes) -> None:
+    """Write beside the target, then rename: a crash never leaves a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def model_settings(cfg: GPTConfig) -> dict[str, object]:
+    """Every setting that shapes the model's computation, by variable name (the sidecar's)."""
+    return {GPTConfig.env_name(f): getattr(cfg, f.name) for f in fields(GPTConfig)}
+
+
+def sidecar_path(artifact) -> Path:
+    return Path(f"{artifact}.json")
+
+
+def write_sidecar(cfg: Config, blob: bytes) -> None:
+    """<ARTIFACT>.json: the model settings and the artifact's sha256 (the artifact keeps the
+    original's format)."""
+    meta = {"format": "train_gpt artifact sidecar", "sha256": hashlib.sha256(blob).hexdigest(),
+            "settings": model_settings(cfg.model)}
+    write_atomic(sidecar_path(cfg.export.artifact), (json.dumps(meta, indent=1) + "\n").encode())
+
+
+def check_sidecar(cfg: Config, blob: bytes) -> str:
+    """Other model settings would score the artifact wrongly, silently; returns a log line."""
+    path = sidecar_path(cfg.export.artifact)
+    if not path.is_file():
+        return f"eval_only: no {path.name} beside the artifact; its model settings are unchecked"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        sha, saved = meta["sha256"], meta["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"{path}: unreadable sidecar; expected the JSON written with the "
+                          f"artifact (remove it to evaluate unchecked)") from None
+    if sha != hashlib.sha256(blob).hexdigest():
+        raise ConfigError(f"{path}: describes another artifact (sha256 differs from "
+                          f"{cfg.export.artifact}); remove it to evaluate unchecked")
+    ours = model_settings(cfg.model)
+    diffs = [f"{k}={ours[k]!r} (artifact: {v!r})" for k, v in saved.items()
+             if k in ours and ours[k] != v]
+    if diffs:
+        raise ConfigError(f"ARTIFACT={cfg.export.artifact!r} was trained with other model "
+                          f"settings: {', '.join(diffs)}; set them as it was trained")
+    return f"eval_only: model settings match {path.name}"
+
+
+def is_our_file(path: Path, kind: str) -> bool:
+    """Whether `path` holds an artifact or weights of this project (all a run replaces)."""
+    try:
+        if kind == "artifact":
+            read_artifact(path)
+            return True
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return isinstance(state, dict) and all(isinstance(v, Tensor) for v in state.values())
+    except Exception:  # anything unreadable is somebody else's file
+        return False
+
+
+def check_replaceable(cfg: ExportConfig) -> None:
+    """A run never deletes or overwrites a file it did not write."""
+    outputs = (("ARTIFACT", cfg.artifact, "artifact"), ("MODEL_PATH", cfg.model_path, "weights"))
+    for var, value, kind in outputs:
+        path = Path(value)
+        if path.exists() and not (path.is_file() and is_our_file(path, kind)):
+            raise ConfigError(f"{var}={value!r} names an existing file that is not {kind} of this "
+                              f"project; expected a new path or one this script wrote")
+
+
+def outputs(cfg: Config) -> list[str]:
+    """The files this run writes (besides its log), which it locks and replaces."""
+    if cfg.run.eval_only:
+        return []
+    paths = [cfg.export.artifact, str(sidecar_path(cfg.export.artifact))]
+    return paths if cfg.run.export_only else [cfg.export.model_path] + paths
 
 
 def check_outputs(cfg: Config) -> None:
@@ -2517,6 +2418,50 @@ def check_outputs(cfg: Config) -> None:
         check_replaceable(cfg.export)
 
 
+@contextlib.contextmanager
+def output_lock(paths: list[str], run_id: str) -> Iterator[None]:
+    """`.<name>.lock` (RUN_ID, pid) beside each output for the run's lifetime: a second run
+    refuses them; a lock whose process is gone is taken over."""
+    held = []
+    try:
+        for path in paths:
+            lock = Path(path).with_name(f".{Path(path).name}.lock")
+            take_lock(lock, path, run_id)
+            held.append(lock)
+        yield
+    finally:
+        for lock in held:
+            lock.unlink(missing_ok=True)
+
+
+def take_lock(lock: Path, path: str, run_id: str) -> None:
+    mine = json.dumps({"run_id": run_id, "pid": os.getpid()})
+    for _ in range(2):
+        try:
+            with open(lock, "x", encoding="utf-8") as f:
+                f.write(mine)
+            return
+        except FileExistsError:
+            try:
+                other = json.loads(lock.read_text(encoding="utf-8"))
+                os.kill(int(other["pid"]), 0)
+            except (OSError, ValueError, KeyError, TypeError):  # dead process or unreadable
+                lock.unlink(missing_ok=True)
+                continue
+            raise ConfigError(f"{path} is in use by run {other.get('run_id')!r} (process "
+                              f"{other['pid']}, lock {lock}); wait for it or choose other outputs")
+    raise ConfigError(f"{lock}: cannot take the output lock; remove it if no run is using {path}")
+
+
+@contextlib.contextmanager
+def stage(name: str) -> Iterator[None]:
+    """Ctrl-C or SIGTERM inside a stage ends the run with `interrupted during <name>`."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted during {name}") from None
+
+
 def create_log(run_id: str) -> str:
     """logs/<RUN_ID>.txt, created exclusively (a name taken becomes <RUN_ID>-2, -3, ...)."""
     os.makedirs("logs", exist_ok=True)
@@ -2525,6 +2470,74 @@ def create_log(run_id: str) -> str:
         with contextlib.suppress(FileExistsError):
             open(path, "x").close()
             return path
+
+# -----------------------------
+# MAIN
+# -----------------------------
+# Reads the settings (the environment over PRESET's file), checks every input before the run
+# writes anything, then runs the stages in order: run() is the table of contents. The weights
+# are saved before any evaluation; the run ends with one line.
+
+
+def parse_value(name: str, raw: str, kind: str):
+    booleans = {"1": True, "true": True, "yes": True, "on": True,
+                "0": False, "false": False, "no": False, "off": False}
+    parsers = {"int": int, "float": float, "bool": lambda r: booleans[r.lower()], "str": str}
+    try:
+        value = parsers[kind](raw)
+    except (ValueError, KeyError):
+        allowed = f"a valid {kind}"
+        if kind == "bool":
+            allowed = "a boolean: 1/0, true/false, yes/no, on/off"
+        raise ConfigError(f"{name}={raw!r} is not allowed; expected {allowed}") from None
+    if kind == "float" and not math.isfinite(value):
+        raise ConfigError(f"{name}={raw!r} is not allowed; expected a finite number")
+    return value
+
+
+# Settings the original had and this script does not: set to anything but their default, a
+# run stops instead of silently ignoring them.
+REMOVED_SETTINGS = {"MTP_NUM_HEADS": ("0", "the record trains no multi-token heads"),
+                    "MTP_LOSS_WEIGHT": ("0.2", "it weighted the multi-token heads"),
+                    "DTG_ENABLED": ("0", "the record runs without the gate")}
+
+
+def read_settings(env) -> dict[str, str]:
+    """The variables this script reads, from the environment over PRESET's file."""
+    preset = env.get("PRESET", "").strip()
+    raw = {**(preset_defaults(preset) if preset else {}), **env}
+    for name, (default, why) in REMOVED_SETTINGS.items():
+        if name in raw and raw[name].strip() not in (default, "false", "off", "no"):
+            raise ConfigError(f"{name}={raw[name]!r} is not allowed: the setting was removed "
+                              f"({why}); unset it")
+    known = Config.variables()
+    return {k: v for k, v in raw.items() if k in known}
+
+
+def misspelt_settings(env) -> list[str]:
+    """Warnings for upper-case variables that look like a setting misspelt (SLOT_STPES)."""
+    known = Config.variables() | set(REMOVED_SETTINGS) | {"PRESET"}
+    warnings = []
+    for name in sorted(env):
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        if name.isupper() and name not in known and close:
+            warnings.append(f"WARNING: {name} is not a setting of this script; did you mean "
+                            f"{close[0]}?")
+    return warnings
+
+
+def preset_defaults(name: str) -> dict[str, str]:
+    """PRESET=NAME: defaults from presets/NAME.env beside this file (KEY=VALUE lines)."""
+    path = Path(__file__).resolve().with_name("presets") / f"{name}.env"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, ValueError):
+        names = sorted(p.stem for p in path.parent.glob("*.env"))
+        found = f"one of: {', '.join(names)} (or unset)" if names else "unset (no presets found)"
+        raise ConfigError(f"PRESET={name!r} is not allowed; expected {found}; presets are read "
+                          f"from {path.parent}") from None
+    lines = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    return dict(line.split("=", 1) for line in lines if "=" in line)
 
 
 def log_header(rt: Runtime, code: Code) -> None:
@@ -2593,15 +2606,6 @@ def read_inputs(cfg: Config, rt: Runtime) -> Inputs:
     return Inputs(data, warnings)
 
 
-@contextlib.contextmanager
-def stage(name: str) -> Iterator[None]:
-    """Ctrl-C or SIGTERM inside a stage ends the run with `interrupted during <name>`."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        raise Interrupted(f"interrupted during {name}") from None
-
-
 def trained_model(cfg: Config, rt: Runtime, inputs: Inputs) -> tuple[GPT, Trained, int]:
     """The trained, saved model (or EXPORT_ONLY's), its training record and weight bytes."""
     if inputs.model is not None:
@@ -2638,17 +2642,9 @@ def make_artifact(cfg: Config, rt: Runtime, inputs: Inputs, code: Code) -> GPT:
         return eval_model(cfg.model, artifact.container, rt.device, cfg.export.artifact)
 
 
-def outputs(cfg: Config) -> list[str]:
-    """The files this run writes (besides its log), which it locks and replaces."""
-    if cfg.run.eval_only:
-        return []
-    paths = [cfg.export.artifact, str(sidecar_path(cfg.export.artifact))]
-    return paths if cfg.run.export_only else [cfg.export.model_path] + paths
-
-
 def run(cfg: Config, code: Code) -> None:
     rt = start_runtime(cfg.run)
-    cfg.check_world(rt.world_size)
+    check_world(cfg, rt.world_size)
     inputs = read_inputs(cfg, rt)
     lock = output_lock(outputs(cfg), cfg.run.run_id) if rt.master else contextlib.nullcontext()
     with lock:

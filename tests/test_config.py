@@ -157,7 +157,7 @@ def run_main(settings, cwd, capsys):
 def test_base_settings_are_valid(inputs):
     """The base environment is itself valid, so each case fails only for its one bad setting."""
     cfg = tg.Config.from_env(inputs["base"])
-    cfg.check_world(1)
+    tg.check_world(cfg, 1)
     assert tg.load_tokenizer(cfg.data, cfg.model.vocab_size).vocab_size() == TOKENIZER_VOCAB
     for split in ("train", "val"):
         files = tg.shard_files(cfg.data.data_path, split)
