@@ -42,6 +42,29 @@ and `VAL_BATCH_SIZE / 8` must hold at least one sequence of the longer of `TRAIN
 `EVAL_SEQ_LEN`.
 """
 
+# What a field's few words cannot say; kept here, beside the page's other prose.
+NOTES = """## Notes on some settings
+
+- **Schedule**: `MAX_WALLCLOCK_SECONDS` counts training only (validation excluded), and the
+  linear lr warm-down of `WARMDOWN_ITERS` steps is timed by that cap when there is one. The
+  `WARMUP_STEPS` compile the graphs; then the weights, optimizers and data are reset. Validation
+  runs at step 0, every `VAL_LOSS_EVERY` steps and at the end; the train loss is logged at steps
+  1-10 and every `TRAIN_LOG_EVERY` steps. Muon's momentum rises linearly from
+  `MUON_MOMENTUM_WARMUP_START` to `MUON_MOMENTUM` over `MUON_MOMENTUM_WARMUP_STEPS` steps.
+  `SEED` seeds python, numpy and torch before the model is built.
+- **Model and optimizers**: XSA removes the value direction from each attention output.
+  `TIED_EMBED_LR` is the AdamW lr of the tied embedding tables; untied, `EMBED_LR` and
+  `HEAD_LR` (Adam, no weight decay) apply instead.
+- **Export**: `COMPRESSOR=lzma` is preset 6, the original's; `brotli` is quality 11 after a
+  byte shuffle; the codec is checked before training and the reader detects it. GPTQ's
+  calibration batches are split over the processes: 1 or 8 give the same artifact.
+  `CONTROL_TENSOR_NAME_PATTERNS` are substrings marking, among the scalar parameters, the
+  control tensors, kept fp16 in the artifact at any size; the original's four patterns that
+  name no parameter of this model are gone.
+- **CPU**: one thread per process by default (`CPU_THREADS=1`): more threads than free cores
+  ran several times slower. `PRESET=demo` runs its one process on two.
+"""
+
 
 def section_paths(tg) -> dict[type, str]:
     """Each section class -> its place in Config ("run", "eval.slot", ...)."""
@@ -179,7 +202,7 @@ def removed_lines(tg) -> list[str]:
 def render() -> str:
     tg = import_train_gpt()
     source = Path(tg.__file__).read_text(encoding="utf-8")
-    body = [HEAD, *settings_tables(tg, source), *preset_lines(tg), *removed_lines(tg)]
+    body = [HEAD, *settings_tables(tg, source), NOTES, *preset_lines(tg), *removed_lines(tg)]
     return "\n".join(body).rstrip("\n") + "\n"
 
 
