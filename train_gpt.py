@@ -280,7 +280,7 @@ class TrainConfig(Section):
     iterations: int = count(20000)  # maximum optimizer steps
     max_wallclock_seconds: float = free(600.0)  # <= 0: no cap
     warmdown_iters: int = free(3500)  # <= 0: no warm-down
-    warmup_steps: int = count(20)  # compile warm-up, then undone
+    warmup_steps: int = count(20)  # compile warm-up, then reset
     train_batch_tokens: int = positive(786432)  # per step, all processes
     train_seq_len: int = setting(2048, "a positive integer at most 1048576",
                                  lambda v: 0 < v <= 1 << 20)
