@@ -134,14 +134,14 @@ class RunConfig(Section):
     run_id: str = setting("", "a file name without path separators, at most 200 bytes",
                           is_file_name)  # empty: a random uuid
     seed: int = setting(1337, "an integer in [0, 2**32 - 1] (numpy's seed range)",
-                        lambda v: 0 <= v < 2**32)
-    preset: str = free("")  # read before the others: see read_settings
-    device: str = choice("auto", "auto", "cpu", "cuda")
+                        lambda v: 0 <= v < 2**32)  # python, numpy and torch
+    preset: str = free("")  # defaults from presets/PRESET.env, read first
+    device: str = choice("auto", "auto", "cpu", "cuda")  # auto: CUDA when available
     cpu_threads: int = count(1)  # per process, CPU runs only; 0: torch's default
     compile: str = choice("auto", "auto", "0", "1")  # auto: on CUDA only
-    eval_only: bool = free(False)
+    eval_only: bool = free(False)  # evaluate ARTIFACT, no training
     export_only: bool = free(False)  # make the artifact from MODEL_PATH, then evaluate it
-    collective_timeout_seconds: float = positive_number(300.0)
+    collective_timeout_seconds: float = positive_number(300.0)  # a rank stuck this long ends a run
 
     def check(self) -> None:
         need(not (self.eval_only and self.export_only), "EXPORT_ONLY", self.export_only,
@@ -150,8 +150,8 @@ class RunConfig(Section):
 
 @dataclass(frozen=True)
 class DataConfig(Section):
-    data_path: str = free("./data/datasets/fineweb10B_sp1024")
-    tokenizer_path: str = free("./data/tokenizers/fineweb_1024_bpe.model")
+    data_path: str = free("./data/datasets/fineweb10B_sp1024")  # folder of the .bin shards
+    tokenizer_path: str = free("./data/tokenizers/fineweb_1024_bpe.model")  # SentencePiece model
 
 
 # The original's control patterns, less those that name no parameter of this model.
@@ -164,27 +164,27 @@ class GPTConfig(Section):
     """Everything the model reads, and nothing else (nanoGPT's GPTConfig)."""
     vocab_size: int = setting(1024, "an integer in [2, 65536] (tokens are stored as uint16)",
                               lambda v: 2 <= v <= 65536)
-    num_layers: int = positive(11)
+    num_layers: int = positive(11)  # half encoder, half decoder (U-Net skips)
     model_dim: int = positive(512)
     num_heads: int = positive(8)
     num_kv_heads: int = positive(4)
-    mlp_mult: float = positive_number(3.0)
+    mlp_mult: float = positive_number(3.0)  # MLP width / MODEL_DIM
     tie_embeddings: bool = free(True)
-    logit_softcap: float = positive_number(30.0)
+    logit_softcap: float = positive_number(30.0)  # c in c*tanh(z/c)
     rope_base: float = positive_number(10000.0)
-    qk_gain_init: float = free(4.0)
+    qk_gain_init: float = free(4.0)  # per-head query gain
     rope_dims: int = count(16)  # 0: all of each head's dims
-    ln_scale: bool = free(True)
-    xsa_last_n: int = count(11)
+    ln_scale: bool = free(True)  # block inputs x 1/sqrt(layer+1)
+    xsa_last_n: int = count(11)  # XSA on the last N layers
     bigram_vocab_size: int = setting(1024, "0 (no bigram table) or at least 2",
-                                     lambda v: v == 0 or v >= 2)
+                                     lambda v: v == 0 or v >= 2)  # hashed-bigram buckets
     bigram_dim: int = positive(128)
-    ve_enabled: bool = free(True)
+    ve_enabled: bool = free(True)  # shared value embedding
     ve_dim: int = positive(128)
-    ve_layers: str = free("9,10")
-    vrl_enabled: bool = free(True)
+    ve_layers: str = free("9,10")  # layers adding it
+    vrl_enabled: bool = free(True)  # value residual from layer 0
     tied_embed_init_std: float = nonneg(0.005)
-    control_tensor_name_patterns: str = free(CONTROL_PATTERNS_DEFAULT)
+    control_tensor_name_patterns: str = free(CONTROL_PATTERNS_DEFAULT)  # control tensors: kept fp16
 
     @property
     def head_dim(self) -> int:
@@ -237,35 +237,35 @@ class OptimConfig(Section):
     tied_embed_lr: float = nonneg(0.035)
     embed_lr: float = nonneg(0.6)  # untied only
     head_lr: float = nonneg(0.008)  # untied only
-    matrix_lr: float = nonneg(0.025)
-    scalar_lr: float = nonneg(0.025)
+    matrix_lr: float = nonneg(0.025)  # Muon
+    scalar_lr: float = nonneg(0.025)  # AdamW: scalars and controls
     muon_momentum: float = unit(0.99)
     muon_momentum_warmup_start: float = unit(0.92)
     muon_momentum_warmup_steps: int = count(1500)
-    muon_backend_steps: int = positive(5)
+    muon_backend_steps: int = positive(5)  # Newton-Schulz iterations
     muon_wd: float = nonneg(0.04)
     adam_wd: float = nonneg(0.04)
-    beta1: float = unit(0.9)
-    beta2: float = unit(0.95)
+    beta1: float = unit(0.9)  # Adam
+    beta2: float = unit(0.95)  # Adam
     adam_eps: float = nonneg(1e-8)
     grad_clip_norm: float = nonneg(0.3)  # 0: none
 
 
 @dataclass(frozen=True)
 class TrainConfig(Section):
-    iterations: int = count(20000)
+    iterations: int = count(20000)  # maximum optimizer steps
     max_wallclock_seconds: float = free(600.0)  # <= 0: no cap
     warmdown_iters: int = free(3500)  # <= 0: no warm-down
-    warmup_steps: int = count(20)
-    train_batch_tokens: int = positive(786432)
+    warmup_steps: int = count(20)  # compile warm-up, then reset
+    train_batch_tokens: int = positive(786432)  # per step, all processes
     train_seq_len: int = setting(2048, "a positive integer at most 1048576",
                                  lambda v: 0 < v <= 1 << 20)
     val_batch_size: int = positive(524288)  # each rank takes VAL_BATCH_SIZE / 8 tokens a batch
     val_loss_every: int = free(4000)  # <= 0: only at the end
     train_log_every: int = count(500)
-    ema_decay: float = unit(0.997)
-    qat_enabled: bool = free(False)
-    late_qat_threshold: float = free(0.15)  # <= 0: never
+    ema_decay: float = unit(0.997)  # the exported weights' EMA
+    qat_enabled: bool = free(False)  # fake int6 from the first step
+    late_qat_threshold: float = free(0.15)  # QAT once the lr scale drops below; <= 0: never
 
     def grad_accum_steps(self, world_size: int) -> int:
         # The original runs 8 // world_size micro-steps; other world sizes run one.
@@ -276,11 +276,11 @@ class TrainConfig(Section):
 class ExportConfig(Section):
     compressor: str = choice("lzma", "lzma", "brotli")
     gptq_enabled: bool = free(False)  # full-Hessian GPTQ for the int6 matrices (record 2026-03-29)
-    gptq_calibration_batches: int = positive(64)
+    gptq_calibration_batches: int = positive(64)  # for the Hessians
     gptq_reserve_seconds: float = nonneg(10.0)  # taken off the training cap for the calibration
-    artifact: str = setting("final_model.int6.ptz", "a file path",
+    artifact: str = setting("final_model.int6.ptz", "a file path",  # EVAL_ONLY reads it
                             lambda v: bool(v) and not v.endswith(("/", os.sep)))
-    model_path: str = setting("final_model.pt", "a file path",
+    model_path: str = setting("final_model.pt", "a file path",  # the unquantised EMA weights
                               lambda v: bool(v) and not v.endswith(("/", os.sep)))
 
     def check(self) -> None:
@@ -292,11 +292,11 @@ class ExportConfig(Section):
 class SlotConfig(Section):
     PREFIX = "SLOT_"
     enabled: bool = free(True)
-    steps: int = positive(48)
+    steps: int = positive(48)  # AdamW steps per batch
     lr: float = nonneg(0.012)  # peak, cosine to LR_MIN
     lr_min: float = nonneg(0.001)
     batch_seqs: int = positive(32)  # windows per SLOT (and sliding) batch
-    mode: str = choice("scored", "scored", "context", "both")
+    mode: str = choice("scored", "scored", "context", "both")  # scored: the original's, not causal
     interleave: int = positive(8)  # windows dealt round-robin into this many lists (8 GPUs)
 
     @property
@@ -308,14 +308,14 @@ class SlotConfig(Section):
 class TTTConfig(Section):
     PREFIX = "TTT_"
     enabled: bool = free(False)  # legal score-first test-time training (record 2026-03-23)
-    lr: float = nonneg(0.002)
-    epochs: int = count(3)
-    chunk_tokens: int = positive(32768)
-    freeze_blocks: int = count(0)
+    lr: float = nonneg(0.002)  # SGD, cosine over the chunks
+    epochs: int = count(3)  # passes over each scored chunk
+    chunk_tokens: int = positive(32768)  # targets per chunk
+    freeze_blocks: int = count(0)  # blocks 0..N-1 keep their weights
     momentum: float = unit(0.9)
-    batch_seqs: int = positive(32)
+    batch_seqs: int = positive(32)  # sequences per step
     grad_clip: float = nonneg(1.0)  # 0: no clipping
-    qat: bool = free(True)
+    qat: bool = free(True)  # fake int6 in TTT's training forward
     float32: bool = free(False)  # train the copy in float32 (the CPU reference's layout) on CUDA
 
 
@@ -325,7 +325,7 @@ class EvalConfig(Section):
     seq_len: int = setting(2048, "an integer at most 1048576 (<= 0: TRAIN_SEQ_LEN)",
                            lambda v: v <= 1 << 20)
     stride: int = free(96)  # <= 0 or >= SEQ_LEN: no stride-S sliding pass
-    tail: str = choice("once", "once", "original")
+    tail: str = choice("once", "once", "original")  # original: re-scores the last targets
     slot: SlotConfig = field(default_factory=SlotConfig)
     ttt: TTTConfig = field(default_factory=TTTConfig)
 

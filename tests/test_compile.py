@@ -28,6 +28,7 @@ from tools._files import read_shard, shard_bytes
 
 PATCHED = ROOT / "tests" / "patched_run.py"
 EVAL_GRAPH_LIMIT = 6  # dynamo's default recompile limit is 8 per function
+pytestmark = pytest.mark.slow  # every test here counts the graphs of whole runs
 
 
 def compiled_env(root: Path, run_id: str, data: Path | None) -> dict:

@@ -219,6 +219,7 @@ def script_runs(inputs, tmp_path_factory):
         return dict(pool.map(run_case, SCRIPT_CASES))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", SCRIPT_CASES, ids=[c[0] for c in SCRIPT_CASES])
 def test_bad_setting_stops_the_script_cleanly(case, script_runs, inputs):
     check_stopped_cleanly(case, script_runs[case[0]], inputs["root"])

@@ -378,6 +378,7 @@ def torchrun(cwd: Path, env: dict, nproc: int) -> str:
     return (cwd / "logs" / f"{env['RUN_ID']}.txt").read_text()
 
 
+@pytest.mark.slow
 def test_one_and_two_processes_write_the_same_artifact(gptq_root, tmp_path, monkeypatch, capsys):
     """The calibration splits each global batch over the ranks as training does and sums in
     float64: torchrun with 2 processes (gloo) writes the single process's artifact byte for

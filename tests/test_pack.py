@@ -256,6 +256,7 @@ def check_packed_run(plain, path: Path, packed_log: str, unpacked: str) -> None:
     print(f"packed: {size:,} bytes; plain source {len(SOURCE.encode()):,} bytes")
 
 
+@pytest.mark.slow
 def test_packed_file_runs_like_the_plain_script(plain, packed_runs):
     """The file `python -m tools.pack` writes (brotli, the smaller): the same training losses,
     validations and evaluation figures; `Code size` counts the packed file and the log header
@@ -265,6 +266,7 @@ def test_packed_file_runs_like_the_plain_script(plain, packed_runs):
     check_packed_run(plain, path, log, source)
 
 
+@pytest.mark.slow
 def test_minified_lzma_packed_file_runs_like_the_plain_script(plain, packed_runs):
     """The other loader (raw LZMA2) on the minified source: the same figures."""
     if "lzma" not in packed_runs:

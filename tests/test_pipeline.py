@@ -94,6 +94,7 @@ def tiny_data(demo_root) -> Path:
     return demo_root
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not TRAJ.exists(), reason="../shared/reference/trajectory is absent")
 def test_reference_trajectory(tmp_path):
     """The original's own CPU run: every train_loss within 2.5e-3 up to late QAT (3e-2 after),
@@ -226,6 +227,7 @@ def check_kept_weights(cwd: Path, cfg: tg.Config, log: str, tokens: torch.Tensor
     assert all(torch.equal(container["w"][k], v) for k, v in expected["w"].items())
 
 
+@pytest.mark.slow
 def test_capped_brotli_run_and_eval_only(small_root, tmp_path):
     """One run capped at 1 s of training (MAX_WALLCLOCK_SECONDS=1, ITERATIONS=1000), a validation
     after every step, COMPRESSOR=brotli; then EVAL_ONLY on its artifact:

@@ -90,6 +90,7 @@ def test_unwritable_artifact_folder_stops_before_training(small_root, tmp_path):
     assert time.perf_counter() - t0 < 30
 
 
+@pytest.mark.slow
 def test_interrupt_mid_training_stops_cleanly(small_root, finished, tmp_path):
     """Stopped mid-training by SIGINT (Ctrl-C) or SIGTERM (torchrun, a scheduler): one console
     line, the log ends with `interrupted at step N/M`, exit 130, no traceback, the previous run's
@@ -122,6 +123,7 @@ def test_interrupt_mid_training_stops_cleanly(small_root, finished, tmp_path):
         assert not list(cwd.glob(".*.lock"))
 
 
+@pytest.mark.slow
 def test_a_stale_lock_is_taken_over_and_released(finished):
     """The finished run started over a lock left by a process that is gone: it took the lock
     over, and released all three (artifact, sidecar, weights) at the end."""
@@ -130,6 +132,7 @@ def test_a_stale_lock_is_taken_over_and_released(finished):
     assert not list(cwd.glob(".*.lock"))
 
 
+@pytest.mark.slow
 def test_a_misspelt_setting_is_warned_in_the_log(finished):
     """SLOT_STPES=3 was in the finished run's environment: its log says what was meant."""
     log = (finished[0] / "logs" / "shared.txt").read_text()
@@ -138,6 +141,7 @@ def test_a_misspelt_setting_is_warned_in_the_log(finished):
     )
 
 
+@pytest.mark.slow
 def test_a_run_never_appends_to_another_runs_log(finished):
     """EVAL_ONLY with the same RUN_ID writes logs/shared-2.txt and leaves the training log as it
     was:
@@ -156,6 +160,7 @@ def test_a_run_never_appends_to_another_runs_log(finished):
     assert parse_log(cwd / "logs" / "shared.txt").steps == 4
 
 
+@pytest.mark.slow
 def test_thread_count_and_preset_are_logged(finished):
     """One CPU thread per process unless CPU_THREADS says otherwise, logged with the preset."""
     cwd, _ = finished
@@ -164,6 +169,7 @@ def test_thread_count_and_preset_are_logged(finished):
     )
 
 
+@pytest.mark.slow
 def test_eval_only_refuses_other_model_settings(finished, tmp_path):
     """XSA_LAST_N=1 on an artifact trained with 2 loads without complaint (same tensors) and
     would score garbage: the sidecar names the setting and both values; nothing is written."""
@@ -181,6 +187,7 @@ def test_eval_only_refuses_other_model_settings(finished, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_eval_only_without_a_sidecar_says_the_settings_are_unchecked(finished, tmp_path):
     cwd, env = finished
     shutil.copy(cwd / "final_model.int6.ptz", tmp_path / "m.ptz")
@@ -194,6 +201,7 @@ def test_eval_only_without_a_sidecar_says_the_settings_are_unchecked(finished, t
     assert re.search(r"^final_int6_roundtrip_exact val_loss:\S+ val_bpb:\S+$", log, re.M)
 
 
+@pytest.mark.slow
 def test_export_only_makes_the_training_runs_artifact(finished, tmp_path):
     """EXPORT_ONLY=1 from the kept final_model.pt alone: the same artifact bytes as the run that
     trained it, its sidecar, and the evaluations; no training."""
@@ -213,6 +221,7 @@ def test_export_only_makes_the_training_runs_artifact(finished, tmp_path):
     assert re.search(r"^final_int6_roundtrip_exact val_loss:\S+ val_bpb:\S+$", log, re.M)
 
 
+@pytest.mark.slow
 def test_a_failed_artifact_write_says_the_weights_are_kept(small_root, tmp_path, monkeypatch):
     """The disk fills as the artifact is written: one logged `error:` line says the trained
     weights are kept in final_model.pt (which loads), exit 2, no artifact."""
@@ -239,6 +248,7 @@ def test_a_failed_artifact_write_says_the_weights_are_kept(small_root, tmp_path,
     )
 
 
+@pytest.mark.slow
 def test_a_diverged_run_stops_and_exports_nothing(small_root, tmp_path):
     """SCALAR_LR=1e9 without clipping: the loss turns nan within a few steps; the run stops at
     the first logged non-finite loss (exit 1), exporting nothing."""
@@ -262,6 +272,7 @@ def test_a_diverged_run_stops_and_exports_nothing(small_root, tmp_path):
     assert not any((tmp_path / name).exists() for name in OUTPUTS)
 
 
+@pytest.mark.slow
 def test_a_rank_failing_in_evaluation_ends_the_run(finished, tmp_path):
     """torchrun, 2 processes (gloo): rank 1 raises in evaluation while rank 0 goes on into its
     collectives. The run ends promptly (no rank waits in a barrier while the other is gone) and the
@@ -337,6 +348,7 @@ def dataset_with_train_shard(small_root: Path, folder: Path, tokens: np.ndarray)
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["empty", "out_of_range"])
 def test_bad_training_split_stops_before_anything_is_deleted(small_root, finished, tmp_path, case):
     """A training split of 0 tokens (a valid header), or a shard with an id past VOCAB_SIZE:
@@ -380,6 +392,7 @@ def test_a_foreign_file_at_artifact_is_refused_untouched(small_root, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]
 
 
+@pytest.mark.slow
 def test_outputs_in_use_by_a_live_run_are_refused(small_root, finished, tmp_path):
     """A lock beside the artifact held by a live process (this one, standing in for a first run):
     a second run refuses, naming the first's RUN_ID and process id, and touches nothing."""

@@ -426,6 +426,7 @@ def demo_data(request, tmp_path_factory):
     return data_root / "datasets" / "demo_sp1024", data_root / "tokenizers" / "demo_1024_bpe.model"
 
 
+@pytest.mark.slow
 def test_bench_train_default_invocation(demo_data, capsys):
     """The default (PRESET=demo on the CPU, training only) for 4 steps: the step time and the
     tokens per second it prints agree with the 8,192-token batch of the demo preset."""

@@ -390,6 +390,7 @@ def evaluated_here(env: dict, threads: int) -> str:
     return out.getvalue()
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
     """torchrun --nproc_per_node=2 (gloo), EVAL_ONLY on a small artifact with no sidecar: chunks
     of 5 sequences in steps of 3 (split 1 + 2, then 1 + 1 over the ranks) give the one-process
@@ -429,6 +430,7 @@ def test_two_processes_equal_one(tmp_path):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (REF / "ttt").exists(), reason="../shared/reference/ttt is absent")
 def test_reference_figures():
     """EVAL_ONLY on the reference model (reference/ttt/README.md's command), its stages run here
