@@ -17,6 +17,7 @@ import contextlib
 import copy
 import datetime
 import difflib
+import fcntl
 import glob
 import hashlib
 import importlib
@@ -31,7 +32,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field, fields
@@ -284,8 +284,10 @@ class ExportConfig(Section):
                               lambda v: bool(v) and not v.endswith(("/", os.sep)))
 
     def check(self) -> None:
-        need(Path(self.artifact).resolve() != Path(self.model_path).resolve(), "ARTIFACT",
-             self.artifact, f"a path other than MODEL_PATH={self.model_path!r}")
+        artifact = Path(self.artifact).resolve()
+        need(Path(self.model_path).resolve() not in (artifact, sidecar_path(artifact)), "ARTIFACT",
+             self.artifact, f"outputs that do not collide with MODEL_PATH={self.model_path!r} "
+             f"(it and {self.artifact}.json)")
 
 
 @dataclass(frozen=True)
@@ -975,6 +977,11 @@ def start_runtime(cfg: RunConfig) -> Runtime:
         raise ConfigError("DEVICE='cuda' but no CUDA device is available; "
                           "expected DEVICE=auto or cpu")
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    missing = {"RANK", "MASTER_ADDR", "MASTER_PORT"} - set(os.environ)
+    if world_size > 1 and missing:
+        raise ConfigError(f"WORLD_SIZE={world_size} is set without torchrun (no "
+                          f"{', '.join(sorted(missing))}); expected a torchrun launch or "
+                          f"WORLD_SIZE unset")
     device = torch.device("cpu")
     if use_cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -1128,19 +1135,20 @@ def load_tokenizer(cfg: DataConfig, vocab_size: int) -> spm.SentencePieceProcess
     return sp
 
 
-def check_tokenizer_hash(cfg: DataConfig) -> None:
+def check_tokenizer_hash(cfg: DataConfig) -> list[str]:
     """Shards scored with another tokenizer give a meaningless bpb: tools.data's manifest.json
-    beside them records the tokenizer's sha256."""
+    beside them records the tokenizer's sha256. Returns a warning without one."""
     manifest = Path(cfg.data_path) / "manifest.json"
     try:
         expected = json.loads(manifest.read_text(encoding="utf-8"))["tokenizer"]["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # no manifest, or one without a hash (the challenge's own): nothing to compare
+    except (OSError, ValueError, KeyError, TypeError):  # no manifest, or one without a hash
+        return [f"WARNING: TOKENIZER_PATH is unchecked: no tokenizer sha256 in {manifest}"]
     actual = hashlib.sha256(Path(cfg.tokenizer_path).read_bytes()).hexdigest()
     if actual != expected:
         raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path!r} (sha256 {actual[:12]}...) is not "
                           f"the tokenizer of DATA_PATH's shards ({manifest}: sha256 "
                           f"{expected[:12]}...); expected the tokenizer they were made with")
+    return []
 
 
 def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int, device) -> tuple[Tensor, ...]:
@@ -1186,13 +1194,12 @@ def load_data(cfg: Config, rt: Runtime, training: bool) -> tuple[Data, list[str]
     val_files = shard_files(cfg.data.data_path, "val")
     val_tokens = load_validation_tokens(val_files, cfg.max_seq_len, vocab)
     files = shard_files(cfg.data.data_path, "train") if training else []
-    sizes = [load_data_shard(f).size for f in files]  # every header before any work
-    warnings = []
+    sizes = [checked_shard(f, vocab).size for f in files]  # every header and id before any work
+    warnings = check_tokenizer_hash(cfg.data)
     if files:
         if sum(sizes) == 0:
             raise ConfigError(f"DATA_PATH={cfg.data.data_path!r}: the training split "
                               f"({len(files)} shards) holds 0 tokens; expected training data")
-        checked_shard(next(f for f, n in zip(files, sizes) if n), vocab)  # the first one read
         step = cfg.train.train_batch_tokens + rt.world_size
         if sum(sizes) < step:
             warnings.append(f"WARNING: the training split holds {sum(sizes)} tokens, less than one "
@@ -1669,11 +1676,15 @@ def unpack_artifact(blob: bytes, path) -> dict:
 
 
 def read_artifact(path) -> dict:
+    return unpack_artifact(artifact_bytes(path), path)
+
+
+def artifact_bytes(path) -> bytes:
     path = Path(path)
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "file not found"
         raise ConfigError(f"ARTIFACT={str(path)!r}: {what}; expected an artifact file")
-    return unpack_artifact(path.read_bytes(), path)
+    return path.read_bytes()
 
 
 def load_container(model: GPT, container: dict, path) -> GPT:
@@ -2296,8 +2307,8 @@ def evaluate(cfg: Config, rt: Runtime, model: GPT, data: Data) -> dict[str, Scor
 # RUN SAFETY: atomic writes, sidecars, output locks, logs, signals
 # -----------------------------
 # What protects a run and the files around it, gathered here; the stages call it. Every file is
-# written beside its target and renamed into place; a run replaces only files of this project,
-# holds its outputs with a lock (RUN_ID, pid) while it runs, names each artifact's model
+# written beside its target and renamed over it when complete; a run replaces only files of this
+# project, holds its outputs with a lock (RUN_ID, pid) while it runs, names each artifact's model
 # settings in a sidecar that EVAL_ONLY checks, and turns Ctrl-C / SIGTERM into one line.
 
 
@@ -2313,10 +2324,18 @@ class SaveError(ConfigError):
     """A file the run could not write (disk full, I/O error): the log says what was kept."""
 
 
+class LostRank(Exception):
+    """Another rank was killed or stalled (a collective failed)."""
+
+
+def temporary(path) -> Path:
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
 def write_atomic(path, data: bytes) -> None:
     """Write beside the target, then rename: a crash never leaves a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary(path)
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)
@@ -2341,22 +2360,22 @@ def write_sidecar(cfg: Config, blob: bytes) -> None:
     write_atomic(sidecar_path(cfg.export.artifact), (json.dumps(meta, indent=1) + "\n").encode())
 
 
-def check_sidecar(cfg: Config, blob: bytes) -> str:
+def check_sidecar(cfg: Config, sha256: str) -> str:
     """Other model settings would score the artifact wrongly, silently; returns a log line."""
     path = sidecar_path(cfg.export.artifact)
     if not path.is_file():
         return f"eval_only: no {path.name} beside the artifact; its model settings are unchecked"
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-        sha, saved = meta["sha256"], meta["settings"]
-    except (OSError, ValueError, KeyError, TypeError):
+        sha, saved = meta["sha256"], meta["settings"].items()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise ConfigError(f"{path}: unreadable sidecar; expected the JSON written with the "
                           f"artifact (remove it to evaluate unchecked)") from None
-    if sha != hashlib.sha256(blob).hexdigest():
+    if sha != sha256:
         raise ConfigError(f"{path}: describes another artifact (sha256 differs from "
                           f"{cfg.export.artifact}); remove it to evaluate unchecked")
     ours = model_settings(cfg.model)
-    diffs = [f"{k}={ours[k]!r} (artifact: {v!r})" for k, v in saved.items()
+    diffs = [f"{k}={ours[k]!r} (artifact: {v!r})" for k, v in saved
              if k in ours and ours[k] != v]
     if diffs:
         raise ConfigError(f"ARTIFACT={cfg.export.artifact!r} was trained with other model "
@@ -2387,79 +2406,104 @@ def check_replaceable(cfg: ExportConfig) -> None:
 
 
 def outputs(cfg: Config) -> list[str]:
-    """The files this run writes (besides its log), which it locks and replaces."""
+    """The files this run writes (besides its log), which it locks and replaces; EVAL_ONLY
+    locks the artifact it evaluates (where a run could replace it)."""
+    artifact = cfg.export.artifact
     if cfg.run.eval_only:
-        return []
-    paths = [cfg.export.artifact, str(sidecar_path(cfg.export.artifact))]
+        return [artifact] if os.access(Path(artifact).parent, os.W_OK) else []
+    paths = [artifact, str(sidecar_path(artifact))]
     return paths if cfg.run.export_only else [cfg.export.model_path] + paths
 
 
 def check_outputs(cfg: Config) -> None:
-    """Every folder the run writes into, before any work."""
-    logs = Path("logs")
+    """Every folder the run writes into and name it writes there (the longest: a lock's
+    temporary), before any work."""
+    logs, e = Path("logs"), cfg.export
     if logs.exists() and not logs.is_dir():
         raise ConfigError("logs: is a file; expected a folder for the run logs (move the "
                           "file away)")
-    places = {"logs/": logs if logs.is_dir() else Path(".")}
-    if not cfg.run.eval_only:
-        files = (("MODEL_PATH", cfg.export.model_path), ("ARTIFACT", cfg.export.artifact))
-        for var, value in files:
-            if Path(value).is_dir():
-                raise ConfigError(f"{var}={value!r} is a directory; expected a file path")
-            places[f"{var}={value!r}"] = Path(value).parent
-    for what, folder in places.items():
+    probes = {"logs/": temporary((logs if logs.is_dir() else Path(".")) / "log")}
+    for path in outputs(cfg):  # the sidecar's probe (longer) replaces the artifact's
+        var, value = ("MODEL_PATH", path) if path == e.model_path else ("ARTIFACT", e.artifact)
+        if not cfg.run.eval_only and os.path.isdir(value):
+            raise ConfigError(f"{var}={value!r} is a directory; expected a file path")
+        probes[f"{var}={value!r}"] = temporary(lock_path(path))
+    for what, probe in probes.items():
         try:
-            tempfile.TemporaryFile(dir=folder).close()
-        except OSError as e:
-            raise ConfigError(f"{what}: cannot write in {str(folder)!r} ({e.strerror}); expected a "
-                              f"writable folder (run from one, or set ARTIFACT and "
-                              f"MODEL_PATH)") from None
+            open(probe, "a").close()
+            probe.unlink()
+        except OSError as err:
+            raise ConfigError(f"{what}: cannot write {str(probe)!r} ({err.strerror}); expected a "
+                              f"writable folder and a shorter name") from None
     if not cfg.run.eval_only:
-        check_replaceable(cfg.export)
+        check_replaceable(e)
+
+
+def lock_path(path) -> Path:
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
 
 
 @contextlib.contextmanager
 def output_lock(paths: list[str], run_id: str) -> Iterator[None]:
-    """`.<name>.lock` (RUN_ID, pid) beside each output for the run's lifetime: a second run
-    refuses them; a lock whose process is gone is taken over."""
+    """`.<name>.lock` (RUN_ID, pid) beside each output, held (flock) for the run's lifetime: a
+    second run refuses it; one whose holder died (the kernel released it) is taken over."""
     held = []
     try:
         for path in paths:
-            lock = Path(path).with_name(f".{Path(path).name}.lock")
-            take_lock(lock, path, run_id)
-            held.append(lock)
+            held.append((lock_path(path), take_lock(lock_path(path), path, run_id)))
         yield
     finally:
-        for lock in held:
-            lock.unlink(missing_ok=True)
+        for lock, fd in held:
+            lock.unlink(missing_ok=True)  # then closed: a run that opened it sees another file
+            os.close(fd)
 
 
-def take_lock(lock: Path, path: str, run_id: str) -> None:
-    mine = json.dumps({"run_id": run_id, "pid": os.getpid()})
-    for _ in range(2):
-        try:
-            with open(lock, "x", encoding="utf-8") as f:
-                f.write(mine)
-            return
-        except FileExistsError:
-            try:
-                other = json.loads(lock.read_text(encoding="utf-8"))
-                os.kill(int(other["pid"]), 0)
-            except (OSError, ValueError, KeyError, TypeError):  # dead process or unreadable
-                lock.unlink(missing_ok=True)
-                continue
-            raise ConfigError(f"{path} is in use by run {other.get('run_id')!r} (process "
-                              f"{other['pid']}, lock {lock}); wait for it or choose other outputs")
-    raise ConfigError(f"{lock}: cannot take the output lock; remove it if no run is using {path}")
+def take_lock(lock: Path, path: str, run_id: str) -> int:
+    """The lock's descriptor: a temporary written and held, then linked as the lock (never
+    seen empty), or renamed over one that nobody holds."""
+    tmp = temporary(lock)
+    tmp.write_text(json.dumps({"run_id": run_id, "pid": os.getpid()}), encoding="utf-8")
+    fd = os.open(tmp, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        for _ in range(3):
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, lock)
+                return fd
+            with contextlib.suppress(FileNotFoundError), open(lock, "rb") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    other = json.loads(f.read())
+                    raise ConfigError(f"{path} is in use by run {other['run_id']!r} (process "
+                                      f"{other['pid']}, lock {lock}); wait for it or choose "
+                                      f"other outputs") from None
+                if os.fstat(f.fileno()).st_ino == os.stat(lock).st_ino:  # still the lock
+                    os.replace(tmp, lock)
+                    return fd
+        raise ConfigError(f"{lock}: cannot take the output lock; remove it if no run is using "
+                          f"{path}")
+    except BaseException:
+        os.close(fd)
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
 def stage(name: str) -> Iterator[None]:
-    """Ctrl-C or SIGTERM inside a stage ends the run with `interrupted during <name>`."""
+    """Ctrl-C or SIGTERM inside a stage ends the run with `interrupted during <name>`, a failed
+    collective with `rank R lost another rank during <name>`."""
     try:
         yield
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted during {name}") from None
+    except RuntimeError as e:
+        if not (isinstance(e, dist.DistError) or "gloo" in str(e)):
+            raise
+        raise LostRank(f"rank {dist.get_rank()} lost another rank during {name} (killed or "
+                       f"stalled): {str(e).split('] ', 1)[-1].split('. ')[0][:160]}") from None
 
 
 def create_log(run_id: str) -> str:
@@ -2584,8 +2628,7 @@ class Inputs:
     warnings: list[str]
     model: GPT | None = None  # EVAL_ONLY: the artifact's; EXPORT_ONLY: the kept weights
     weights_bytes: int = 0
-    artifact_bytes: int = 0
-    sidecar_line: str = ""
+    eval_lines: tuple[str, ...] = ()  # EVAL_ONLY: what it evaluates
 
 
 def read_inputs(cfg: Config, rt: Runtime) -> Inputs:
@@ -2595,11 +2638,13 @@ def read_inputs(cfg: Config, rt: Runtime) -> Inputs:
     data, warnings = load_data(cfg, rt, training=not cfg.run.eval_only)
     warnings = misspelt_settings(os.environ) + warnings
     if cfg.run.eval_only:  # a bad artifact stops the run before anything is written
-        container = read_artifact(cfg.export.artifact)
-        blob = Path(cfg.export.artifact).read_bytes()
-        line = check_sidecar(cfg, blob)
-        model = eval_model(cfg.model, container, rt.device, cfg.export.artifact)
-        return Inputs(data, warnings, model, artifact_bytes=len(blob), sidecar_line=line)
+        path = cfg.export.artifact
+        blob = artifact_bytes(path)  # read once: the bytes hashed are those evaluated
+        container, sha = unpack_artifact(blob, path), hashlib.sha256(blob).hexdigest()
+        lines = (f"eval_only artifact:{path} bytes:{len(blob)}", f"eval_only sha256:{sha}",
+                 check_sidecar(cfg, sha))
+        model = eval_model(cfg.model, container, rt.device, path)
+        return Inputs(data, warnings, model, eval_lines=lines)
     if cfg.run.export_only:
         model, weights_bytes = load_weights(cfg, rt)
         return Inputs(data, warnings, model, weights_bytes)
@@ -2649,21 +2694,19 @@ def run(cfg: Config, code: Code) -> None:
     lock = output_lock(outputs(cfg), cfg.run.run_id) if rt.master else contextlib.nullcontext()
     with lock:
         # Every input is valid: from here on the run writes its log and outputs.
+        started = time.time()
         rt = Runtime(rt.rank, rt.world_size, rt.device, rt.compile,
                      create_log(cfg.run.run_id) if rt.master else None)
         if rt.master:
             print(f"log: {rt.log_path}", flush=True)
-            for stale in outputs(cfg):  # a stale model must never pass for this run's
-                Path(stale).unlink(missing_ok=True)
-        log_header(rt, code)
-        for line in inputs.warnings:
-            rt.log(line)
         try:
+            log_header(rt, code)
+            for line in inputs.warnings:
+                rt.log(line)
             if cfg.run.eval_only:
                 model = inputs.model
                 log_config(cfg, rt, model, inputs.data)
-                rt.log(f"eval_only artifact:{cfg.export.artifact} bytes:{inputs.artifact_bytes}")
-                rt.log(inputs.sidecar_line)
+                rt.log("\n".join(inputs.eval_lines))
             else:
                 model = make_artifact(cfg, rt, inputs, code)
             with stage("evaluation"):
@@ -2671,7 +2714,11 @@ def run(cfg: Config, code: Code) -> None:
         except (KeyboardInterrupt, Interrupted) as e:
             rt.log(str(e) if isinstance(e, Interrupted) else "interrupted during evaluation")
             raise Stopped(130) from None
-        except (ConfigError, Diverged) as e:
+        except OSError as e:  # the log's (the outputs' are SaveErrors)
+            kept = [p for p in outputs(cfg) if os.path.isfile(p) and os.path.getmtime(p) > started]
+            raise Stopped(1, f"error: {e.filename or rt.log_path}: {e.strerror}; the run stopped, "
+                             f"keeping {', '.join(kept) or 'no output of its own'}") from None
+        except (ConfigError, Diverged, LostRank) as e:
             with contextlib.suppress(OSError):  # (a full disk may refuse the log line too)
                 rt.log(f"error: {e}", console=False)
             raise Stopped(2 if isinstance(e, ConfigError) else 1, f"error: {e}") from None

@@ -2,6 +2,8 @@
 observe or break a real run (torchrun can launch this file like the script itself).
 
 TEST_FAIL_RANK=r       evaluate raises on rank r (the others carry on into their collectives)
+TEST_LOSE_RANK=r:how   at its third training step rank r is killed (how=kill: SIGKILL) or stalls
+                       (how=stall: sleeps until stopped)
 TEST_COMPILE_COUNTS=F  torch.compile uses the "eager" backend (dynamo traces as on CUDA, no C++
                        compiler needed); at every log line, rank 0 appends the number of graphs
                        compiled so far and the line to F (JSON lines; rank r > 0 writes F.r)
@@ -9,7 +11,9 @@ TEST_COMPILE_COUNTS=F  torch.compile uses the "eager" backend (dynamo traces as 
 
 import json
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -33,6 +37,19 @@ if "TEST_FAIL_RANK" in os.environ:
         return evaluate(cfg, rt, model, data)
 
     tg.evaluate = failing_evaluate
+
+if "TEST_LOSE_RANK" in os.environ:
+    lose_rank, how = os.environ["TEST_LOSE_RANK"].split(":")
+    log_train_step = tg.log_train_step
+
+    def losing_log_train_step(t, rt, step, *args):
+        if rt.rank == int(lose_rank) and step == 3:
+            if how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(3600)
+        return log_train_step(t, rt, step, *args)
+
+    tg.log_train_step = losing_log_train_step
 
 if "TEST_COMPILE_COUNTS" in os.environ:
     counts_path, real_compile, real_log = (

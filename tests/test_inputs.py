@@ -81,7 +81,8 @@ def test_a_foreign_artifact_is_named_without_torchs_unsafe_loading_advice(tmp_pa
 def test_the_collective_timeout_reaches_the_process_group(monkeypatch):
     seen = {}
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
+    for name, value in (("RANK", "0"), ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)  # torchrun's
     monkeypatch.setattr(tg.dist, "is_initialized", lambda: False)
     monkeypatch.setattr(tg.dist, "init_process_group", lambda **kw: seen.update(kw))
     threads = torch.get_num_threads()

@@ -1,6 +1,6 @@
 """Nothing lost, nothing misleading: inputs and output folders checked before any work, outputs
 locked and never replaced unless this project wrote them, Ctrl-C and SIGTERM stop cleanly
-without leaving a stale model behind, a run never appends to another run's log, an artifact
+leaving an earlier run's files whole, a run never appends to another run's log, an artifact
 is evaluated only under the settings it was trained with, a failed write or a diverged run
 says what was kept, and one failing rank ends a distributed run promptly with its message.
 
@@ -94,24 +94,25 @@ def test_unwritable_artifact_folder_stops_before_training(small_root, tmp_path):
 def test_interrupt_mid_training_stops_cleanly(small_root, finished, tmp_path):
     """Stopped mid-training by SIGINT (Ctrl-C) or SIGTERM (torchrun, a scheduler): one console
     line, the log ends with `interrupted at step N/M`, exit 130, no traceback, the previous run's
-    model files are gone (a later EVAL_ONLY cannot evaluate an old model as this run's) and the
-    output locks are released. The two runs go side by side (one core each)."""
+    model files are there byte for byte (a run writes each under a temporary name and renames it
+    only when whole) and the output locks are released. The two runs go side by side (one core
+    each)."""
     runs = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         cwd = tmp_path / sig.name
         cwd.mkdir()
-        copy_outputs(finished[0], cwd)
+        before = copy_outputs(finished[0], cwd)
         env = {**tiny_env(small_root, "stopped"), "ITERATIONS": "100000", "WARMDOWN_ITERS": "0"}
-        runs[sig] = cwd, launch(cwd, env)
+        runs[sig] = cwd, launch(cwd, env), before
     deadline = time.time() + 120
-    for sig, (cwd, p) in runs.items():
+    for sig, (cwd, p, _) in runs.items():
         log = cwd / "logs" / "stopped.txt"
         while time.time() < deadline and not (
             log.exists() and re.search(r"^step:3/", log.read_text(), re.M)
         ):
             time.sleep(0.2)
         p.send_signal(sig)
-    for sig, (cwd, p) in runs.items():
+    for sig, (cwd, p, before) in runs.items():
         rc, out, err = finish(p, timeout=60)
         assert rc == 130, (sig.name, err)
         assert "Traceback" not in err and "Traceback" not in out
@@ -119,8 +120,8 @@ def test_interrupt_mid_training_stops_cleanly(small_root, finished, tmp_path):
         m = re.fullmatch(r"interrupted at step (\d+)/100000", last)
         assert m and int(m.group(1)) >= 3, (sig.name, last)
         assert out.strip().splitlines()[-1] == last  # the one console line
-        assert not any((cwd / name).exists() for name in OUTPUTS)
-        assert not list(cwd.glob(".*.lock"))
+        assert {name: (cwd / name).read_bytes() for name in OUTPUTS} == before
+        assert not list(cwd.glob(".*.lock")) and not list(cwd.glob(".*.tmp"))
 
 
 @pytest.mark.slow
@@ -398,14 +399,15 @@ def test_outputs_in_use_by_a_live_run_are_refused(small_root, finished, tmp_path
     a second run refuses, naming the first's RUN_ID and process id, and touches nothing."""
     before = copy_outputs(finished[0], tmp_path)
     lock = tmp_path / ".final_model.int6.ptz.lock"
-    lock.write_text(json.dumps({"run_id": "first", "pid": os.getpid()}))
-    status, out, err = main_in_process(tmp_path, tiny_env(small_root, "second"))
+    with tg.output_lock([str(tmp_path / "final_model.int6.ptz")], "first"):
+        status, out, err = main_in_process(tmp_path, tiny_env(small_root, "second"))
+        held = json.loads(lock.read_text())
     assert status == 2
     line = one_error(err)
     assert (
         "final_model.int6.ptz is in use by run 'first'" in line
         and f"(process {os.getpid()}," in line
     )
-    assert json.loads(lock.read_text()) == {"run_id": "first", "pid": os.getpid()}
+    assert held == {"run_id": "first", "pid": os.getpid()}
     assert {name: (tmp_path / name).read_bytes() for name in OUTPUTS} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*OUTPUTS, lock.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(OUTPUTS)
