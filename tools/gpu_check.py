@@ -45,9 +45,9 @@ ROUND_TRIP, TTT = "final_int6_roundtrip", "legal_ttt"
 BANDS = {"final_int6_sliding_window": "near", "final_int6_sliding_window_s64": "near",
          "final_slot": "below", "final_slot_context": "not above", TTT: "not above"}
 # Graphs each stage compiles (forward+backward of the model: training's without and with late
-# QAT, TTT's step; forward only; small: Newton-Schulz per shape, SLOT's loss), worst-case seconds
-# of each from a cold cache (GPU: inductor, 11 layers; dry: the eager backend, 2 layers, a busy
-# 2-core machine), and each stage's start-up (imports, CUDA, data) and work.
+# QAT, TTT's step; forward only; small: Newton-Schulz per shape, SLOT's loss), each one's worst
+# seconds from a cold cache (GPU: inductor, 11 layers; dry: eager backend, 2 layers, a busy 2-core
+# machine), and each stage's start-up (imports, CUDA, data) and work.
 GRAPHS = dict(probes=(0, 0, 0), training=(2, 1, 6), evaluation=(0, 2, 2), ttt=(1, 1, 0))
 GRAPH_S = dict(gpu=(50, 20, 4), dry=(12, 5, 2))
 OTHER_S = dict(gpu=dict(probes=(15, 25), training=(15, 45), evaluation=(15, 30), ttt=(15, 15)),
@@ -93,9 +93,8 @@ def loss_failures(steps: list, vocab: int) -> list[str]:
 
 
 def speed(steps: list, iterations: int) -> dict:
-    """ms/step from step 2 (the first ones grow the allocator) to the last before the traced
-    one; on 8xH100 each GPU runs one of the 8 micro-steps (and an eighth of Muon's work) one GPU
-    runs here: an eighth, the all-reduce not counted."""
+    """ms/step from step 2 (the first grow the allocator) to the last before the traced one; on
+    8xH100 each GPU runs one of the 8 micro-steps, and Muon's work, an eighth (less all-reduce)."""
     timed = [s for s in steps if 2 <= s[0] < iterations]
     if len(timed) < 2:
         return {}
@@ -156,8 +155,7 @@ def stage_failures(r: dict) -> list[str]:
 
 
 def eval_budget(stages: dict) -> dict:
-    """Each evaluation's 8xH100 projection with its compile seconds, and the sum of those the
-    configuration runs against the challenge's evaluation limit."""
+    """Each evaluation's 8xH100 projection and compile seconds; the configuration's total."""
     ev, ttt = (stages[s]["result"] for s in ("evaluation", "ttt"))
     out = {e["name"]: [e.get("projected_8xh100_s"), e["compile_s"]]
            for e in ev.get("evaluations", [])}
@@ -282,15 +280,15 @@ class StageProcess:
                     cuda_peak_allocated_mib=cuda and cuda.max_memory_allocated() // 2**20,
                     cuda_peak_reserved_mib=cuda and cuda.max_memory_reserved() // 2**20)
 
-    def compiled(self, graphs: bool = False) -> dict:
+    def compiled(self) -> dict:
         """torch's own accounting: dynamo's frame compilations (recompilations included) and
         the backward graphs compiled at their first backward, with their seconds."""
         utils = self.torch._dynamo.utils
         times = [t for k in ("_compile.compile_inner", "backward._backward_impl")
                  for t in utils.compilation_time_metrics.get(k, [])]
-        return dict(count=len(times), seconds=round(sum(times), 3), **dict(graphs=[
+        return dict(count=len(times), seconds=round(sum(times), 3), graphs=[
             [str(m.compile_id), m.co_name or "backward", round(m.duration_us / 1e6, 3)]
-            for m in utils.get_compilation_metrics()]) if graphs else {})
+            for m in utils.get_compilation_metrics()])
 
     def runtime(self, cfg, world: int):
         """train_gpt's Runtime standing for rank 0 of `world` without collectives (one GPU
@@ -320,31 +318,33 @@ class StageProcess:
                                    seconds=int(m[4]) / 1000,
                                    compile_s=round(state["seconds"] - self.mark["seconds"], 3)))
             self.mark = state
-            self.timing(m[1], None) if m[1] == ROUND_TRIP else self.emit(evaluations=self.evals)
+            if m[1] == ROUND_TRIP and self.cfg:
+                self.project(self.evals[-1], None)
+            self.emit(evaluations=self.evals)
         elif (m := TIMING.match(msg)) and self.cfg:
-            self.timing(m[1], (int(m[2]), float(m[3])))
+            self.project(next(e for e in self.evals[::-1] if e["name"] == m[1]),
+                         (int(m[2]), float(m[3])))
+            self.emit(evaluations=self.evals)
         elif m := CHUNK.match(msg):  # the line follows a sync (the chunk's score): time it here
             self.chunks.append([int(m[1]), int(m[2]), round(time.perf_counter(), 4)])
 
-    def timing(self, name: str, timing: tuple | None) -> None:
-        """Steady seconds per batch (the round trip logs no eval_timing: its seconds less its
-        compilation, per batch) times rank 0's batches (SLOT_BATCH_SEQS windows or the round
-        trip's rows) on 8 GPUs over the record's split."""
-        e, cfg = next(e for e in self.evals[::-1] if e["name"] == name), self.cfg
-        L, ev, n = cfg.eval.seq_len, cfg.eval, self.n_targets // cfg.eval.seq_len
-        rows = max(cfg.train.val_batch_size // 8 // L, 1)
-        batches, steady = timing or (-(-n // min(rows, n)), e["seconds"] - e["compile_s"])
-        steady = steady if timing else steady / batches
-        windows = -(-(RECORD_VAL_TARGETS // L) // 8) * 8  # the round trip's sequences
+    def project(self, e: dict, logged: tuple | None) -> None:
+        """Steady seconds per batch (logged: its eval_timing; the round trip logs none: its
+        seconds less its compilation, per batch) times rank 0's batches on 8 GPUs over the
+        record's split: its share of the sequences, or of the windows, in batches as here."""
+        name, ev, L = e["name"], self.cfg.eval, self.cfg.eval.seq_len
+        n, rows = self.n_targets // L, max(self.cfg.train.val_batch_size // 8 // L, 1)
+        batches = -(-n // min(rows, n))
+        batches, steady = logged or (batches, (e["seconds"] - e["compile_s"]) / batches)
+        share = -(-(RECORD_VAL_TARGETS // L) // 8)
         if name != ROUND_TRIP:
             stride = {"final_int6_sliding_window": ev.stride}.get(name, ev.window_stride)
             stride = 64 if name.endswith("_s64") else stride
-            windows = len(self.tg.sliding_windows(RECORD_VAL_TARGETS // L * L, L, stride, ev.tail))
-            rows = ev.slot.batch_seqs
-        record = -(-windows // (8 * rows))
+            plan = self.tg.sliding_windows(RECORD_VAL_TARGETS // L * L, L, stride, ev.tail)
+            share, rows = -(-len(plan) // 8), ev.slot.batch_seqs
+        record = -(-share // rows)
         e.update(batches=batches, steady_s_per_batch=round(steady, 5), record_batches=record,
                  projected_8xh100_s=round(steady * record, 1))
-        self.emit(evaluations=self.evals)
 
     def step(self, step: int, loss: float, ms: float) -> None:
         """A logged step; the profiler over the last one (the compiled step as it runs)."""
@@ -457,14 +457,14 @@ class StageProcess:
         t0 = time.perf_counter()
         trained = tg.train(cfg, rt, model, data, 0.0)
         t1 = time.perf_counter()
-        hessians = cfg.export.gptq_enabled and tg.calibrate(cfg, rt, model, data, trained.train_ms)
-        artifact = tg.export_artifact(cfg, rt, model, hessians or None, 0, self.code)
+        gptq = cfg.export.gptq_enabled  # the record's export has none; a preset may ask for it
+        hessians = tg.calibrate(cfg, rt, model, data, trained.train_ms) if gptq else None
+        artifact = tg.export_artifact(cfg, rt, model, hessians, 0, self.code)
         self.emit(train_s=round(t1 - t0, 2), export_s=round(time.perf_counter() - t1, 2),
                   artifact_bytes=artifact.nbytes)
 
     def evaluated_model(self, world: int):
-        """The config, runtime, data, and the model of the training stage's artifact (or, when
-        it wrote none, of the initial weights exported)."""
+        """Config, runtime, data, the artifact's model (the initial weights' if none came)."""
         tg, cfg = self.tg, self.tg.Config.from_env(os.environ)
         rt = self.runtime(cfg, world)
         data, _ = tg.load_data(cfg, rt, training=False)
@@ -519,7 +519,7 @@ def child(stage: str) -> int:
         traceback.print_exc(file=sys.stdout)
         proc.emit(error=f"{type(e).__name__}: {e}"[:500])
         status = 1
-    proc.emit(memory=proc.memory(), compile=proc.compiled(graphs=True))
+    proc.emit(memory=proc.memory(), compile=proc.compiled())
     return status
 
 
@@ -543,8 +543,9 @@ def trace_figures(torch, events) -> dict:
 # ---------------------------------------------------------------- the command
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage; exit status 2
-        sys.exit(print(f"error: {message}", file=sys.stderr) or 2)
+    def error(self, message: str):  # one line, no usage
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 def parse_args(argv):
