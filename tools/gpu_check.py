@@ -403,7 +403,7 @@ class StageProcess:
                     n = max(1, min(20, int(300 / max(self.timed(device, call), 1e-3))))
                     out[backend] = dict(ms=round(self.timed(device, call, n) / n, 3), rows=B,
                                         seq_len=T)
-                except RuntimeError as e:  # SDPA warns each reason, then raises; out of memory
+                except Exception as e:  # SDPA warns each reason, then raises; out of memory too
                     why = "; ".join(dict.fromkeys(str(x.message).strip() for x in w)) or str(e)
                     out[backend] = dict(refused=why.strip().split("\n")[0][:300])
         if device.type == "cuda":
