@@ -1,1151 +1,599 @@
-"""The one-shot GPU proof: on one CUDA GPU, inside 420 s, what the record's configuration must
-show before a real run, and the figures a fix would need without a second run.
-
-From the repository root, with a 480 s limit on the command (it needs what train_gpt.py
-imports and nothing else: no network, FlashAttention 3, brotli or zstandard):
+"""The one-shot GPU check: on one CUDA GPU within --budget (330 s; run it under a 380 s limit,
+so that two tries fit in 15 minutes), what the record's configuration must show before a real
+run, and the figures a fix would need (README.md: the stages, checks and figures):
 
     python3 -m tools.data demo && python3 -m tools.gpu_check --out "$OUT/gpu_check.json"
 
-Five stages, each a process of its own with a deadline inside the total (--budget, 420 s),
-side by side where they can be (compiling is mostly host work), so that one that fails or
-hangs leaves the others' results:
-
-  probes      the GPU; GPTQ on it (one Hessian, one solve of a 512x1536 matrix) against the
-              CPU; the eager SDPA call under each backend; a profiler trace of one compiled
-              training micro-step of the 11-layer model: the attention kernel the graph runs
-  training    train_gpt.py, the 11-layer model at 786,432 tokens per step (8 micro-steps of
-              48 rows): every loss finite, the first near ln(vocab), falling; compile seconds
-              per graph, none in the timed loop; ms/step; peak memory; export and round trip
-  eval_model  the evaluations' own 11-layer artifact: a few eager steps, exported
-  eval_slot   EVAL_ONLY on that artifact: round trip, sliding s96 and s64, SLOT both modes
-  eval_ttt    EVAL_ONLY on it: round trip, sliding, legal TTT
-
-The evaluations start once eval_model has written its artifact; each must be finite and near
-its round trip (SLOT scored below it), and gives its steady-state seconds per batch and the
-time it would take on 8xH100 over the record's whole validation split. While training runs
-its timed steps the other stages are paused (SIGSTOP): its ms/step is its own.
-
-Beside --out (default: gpu_check.json in $OUT when set, else here) go its text copy (.txt)
-and one log per stage (<stem>_<stage>.log: each line after the second it arrived). All are
-written as results come in (the summary atomically): a kill at any moment leaves what was
-measured. Exit status 0 when every stage passed, 1 otherwise, 2 for bad arguments.
-
-    python -m tools.gpu_check --dry-run    # on a CPU: the same processes, deadlines and
-                                           # checks on a tiny model, in one to two minutes
-
---dry-run compiles with dynamo's eager backend (the same graphs, guards and recompilations;
-inductor's code generation would take minutes on a CPU). Without it a machine with no CUDA
-device is refused.
+Exit 0 when every stage passed, 1 otherwise, 2 for bad arguments. --dry-run: the same on the
+CPU, a 2-layer model, dynamo's eager backend (inductor would take minutes there).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import dataclasses
+import functools
 import json
 import math
 import os
-import platform
 import re
+import resource
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+import traceback
+import warnings
+from datetime import datetime
+from importlib import metadata, util
 from pathlib import Path
 
-import numpy as np
-
-from tools import runlog
 from tools._files import read_shard, shard_bytes, write_atomic
-from tools.runlog import EVAL_TAGS, PART_PREFIX, POST_EMA
 
-STAGES = ("probes", "training", "eval_model", "eval_slot", "eval_ttt")
-SCRIPT_STAGES = STAGES[1:]  # the stages that run train_gpt.py
-# Each stage's deadline as a share of the total. What follows the last is for cutting a stage
-# that overran and writing the summary; eval_model gates the evaluations, so it comes early.
-DEADLINE_SHARE = dict(probes=0.75, training=0.95, eval_model=0.4, eval_slot=0.95, eval_ttt=0.95)
-MAX_PAUSE_SHARE = 0.25  # the others wait at most this share of the total for training's steps
-CUT_GRACE_S = 3.0  # after SIGTERM (train_gpt then logs where it was stopped), SIGKILL
-WRITE_EVERY_S = 1.0
-TORCH_LOGS = "recompiles,dynamo,torch._inductor.compile_fx"  # compile ids, guards, start/end
-# train_gpt.py's defaults for the settings read here (names and defaults are stable).
-DEFAULTS = dict(VOCAB_SIZE="1024", TRAIN_SEQ_LEN="2048", EVAL_SEQ_LEN="2048", EVAL_STRIDE="96",
-                VAL_BATCH_SIZE="524288", SLOT_ENABLED="1", SLOT_MODE="scored", SLOT_STEPS="48",
-                SLOT_BATCH_SEQS="32", SLOT_INTERLEAVE="8", TTT_ENABLED="0",
-                TTT_CHUNK_TOKENS="32768", ITERATIONS="20000", LATE_QAT_THRESHOLD="0.15")
-TOLERANCE_BPB = 0.05  # an evaluation vs its round trip, on the demo corpus
-EAGER_TOLERANCE_BPB = 0.01  # a compiled round trip vs the eager one of the same artifact
-H100_MEMORY_BOUND = 4.8 / 3.35  # H200 / H100 memory bandwidth: the most an H100 can be slower
-DRY_RUN_VAL_TOKENS = 16384  # SLOT's cost grows with every scored token: a CPU needs fewer
-# The dry run's model: the record's architecture, 2 layers of 64.
-DRY_MODEL = dict(PRESET="demo", DEVICE="cpu", NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4",
-                 NUM_KV_HEADS="2", VE_LAYERS="0,1", XSA_LAST_N="2", BIGRAM_DIM="16", VE_DIM="16",
-                 TRAIN_SEQ_LEN="128", EVAL_SEQ_LEN="128")
-ROUND_TRIP, SLIDING, S64 = EVAL_TAGS["roundtrip"], EVAL_TAGS["sliding"], EVAL_TAGS["sliding_s64"]
-SLOT, SLOT_CONTEXT, TTT = EVAL_TAGS["slot"], EVAL_TAGS["slot_context"], EVAL_TAGS["legal_ttt"]
-SLOT_EVALS = (SLOT, SLOT_CONTEXT)
-REQUIRED_EVALS = dict(training=(POST_EMA, ROUND_TRIP, SLIDING),
-                      eval_model=(POST_EMA, ROUND_TRIP, SLIDING),
-                      eval_slot=(ROUND_TRIP, SLIDING, S64, *SLOT_EVALS),
-                      eval_ttt=(ROUND_TRIP, SLIDING, S64, TTT))
-# Where each evaluation must sit against the round trip of the same run.
-BANDS = {POST_EMA: "near", SLIDING: "near", S64: "near", SLOT: "below",
-         SLOT_CONTEXT: "not above", TTT: "not above"}
-BAND_TEXT = dict(near=f"within {TOLERANCE_BPB}", below="below it",
-                 **{"not above": f"at most {TOLERANCE_BPB} above it"})
-PROBE_PARTS = ("device", "gptq", "sdpa", "kernel")
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_DATA = ROOT / "data" / "datasets" / "demo_sp1024"
+DEMO_TOKENIZER = ROOT / "data" / "tokenizers" / "demo_1024_bpe.model"
+CACHE = Path(tempfile.gettempdir()) / "gpu_check_inductor"  # kept: a second try compiles less
+STAGES = ("probes", "training", "evaluation", "ttt")
+RECORD_MS_PER_STEP, RECORD_VAL_TARGETS, EVAL_LIMIT_S = 91.25, 62_021_632, 600.0
+TOLERANCE_BPB, CUT_GRACE_S = 0.05, 3.0
+ROUND_TRIP, TTT = "final_int6_roundtrip", "legal_ttt"
+BANDS = {"final_int6_sliding_window": "near", "final_int6_sliding_window_s64": "near",
+         "final_slot": "below", "final_slot_context": "not above", TTT: "not above"}
+# Graphs each stage compiles (forward+backward of the model: training's without and with late
+# QAT, TTT's step; forward only; small: Newton-Schulz per shape, SLOT's loss), each one's worst
+# seconds from a cold cache (GPU: inductor, 11 layers; dry: eager backend, 2 layers, a busy 2-core
+# machine), and each stage's start-up (imports, CUDA, data) and work.
+GRAPHS = dict(probes=(0, 0, 0), training=(2, 1, 6), evaluation=(0, 2, 2), ttt=(1, 1, 0))
+GRAPH_S = dict(gpu=(50, 20, 4), dry=(12, 5, 2))
+OTHER_S = dict(gpu=dict(probes=(15, 25), training=(15, 45), evaluation=(15, 30), ttt=(15, 15)),
+               dry=dict(probes=(10, 15), training=(10, 25), evaluation=(10, 25), ttt=(10, 15)))
+STEPS = dict(gpu=16, dry=8)
+DRY_ENV = dict(DEVICE="cpu", NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2",
+               VE_LAYERS="0,1", XSA_LAST_N="2", BIGRAM_DIM="16", VE_DIM="16", TRAIN_SEQ_LEN="128",
+               EVAL_SEQ_LEN="128", TRAIN_BATCH_TOKENS="1024", VAL_BATCH_SIZE="65536",
+               SLOT_STEPS="2", TTT_CHUNK_TOKENS="4096")  # the record's architecture, smaller
+STEP = re.compile(r"^step:(\d+)/\d+ train_loss:(\S+) train_time:([\d.]+)ms")
+RESULT = re.compile(r"^(\w+) val_loss:(\S+) val_bpb:(\S+).* eval_time:(\d+)ms")
+TIMING = re.compile(r"^eval_timing:(\w+) batches:(\d+) first_batch:\S+s steady_batch:(\S+)s$")
+CHUNK = re.compile(r"^legal_ttt:chunk (\d+)/(\d+) ")
+SDPA_OPS = {"flash_attention": "FLASH_ATTENTION", "efficient_attention": "EFFICIENT_ATTENTION",
+            "cudnn_attention": "CUDNN_ATTENTION", "attention_math": "MATH"}
+KERNEL_WORDS = (("cudnn", "CUDNN_ATTENTION"), ("flash", "FLASH_ATTENTION"),  # cuDNN's say flash
+                ("fmha", "EFFICIENT_ATTENTION"), ("cutlassf", "EFFICIENT_ATTENTION"))
 
 
-class CheckError(Exception):
-    """A bad argument: printed as one line."""
+# ---------------------------------------------------------------- checks and figures (pure)
+
+def reserves(mode: str, budget: float) -> dict[str, float]:
+    """Each stage's worst-case estimate, scaled down alike when together they exceed budget."""
+    est = {s: sum(OTHER_S[mode][s]) + sum(n * t for n, t in zip(GRAPHS[s], GRAPH_S[mode]))
+           for s in STAGES}
+    return {s: round(e * min(1.0, budget / sum(est.values())), 1) for s, e in est.items()}
 
 
-# ---------------------------------------------------------------- the plan
-
-@dataclasses.dataclass
-class StageSpec:
-    name: str
-    command: list[str]
-    env: dict[str, str]  # train_gpt settings (or the probes' JSON), added to the environment
-    cwd: Path
-    deadline_s: float  # seconds after the check's start
-    after: tuple[str, ...] = ()  # stages that must pass first
-
-
-@dataclasses.dataclass
-class Plan:
-    mode: str  # gpu | dry-run
-    budget_s: float
-    stages: dict[str, StageSpec]
-    skipped: dict[str, str]  # stage -> why it does not run
-    work: Path
-    sets: dict[str, dict[str, str]]  # --set, by stage
-
-
-def parse_sets(items: list[str]) -> dict[str, dict[str, str]]:
-    """--set [STAGE:]VAR=VALUE: for one train_gpt stage, or (no STAGE) for all of them."""
-    out: dict[str, dict[str, str]] = {s: {} for s in SCRIPT_STAGES}
-    for item in items:
-        head, eq, value = item.partition("=")
-        target, colon, key = head.rpartition(":")
-        if not eq or not re.fullmatch(r"[A-Z_][A-Z0-9_]*", key) or (colon and target not in out):
-            raise CheckError(f"--set {item!r} is not allowed; expected VAR=VALUE or "
-                             f"STAGE:VAR=VALUE with STAGE one of {', '.join(SCRIPT_STAGES)}")
-        for stage in [target] if colon else SCRIPT_STAGES:
-            out[stage][key] = value
+def loss_failures(steps: list, vocab: int) -> list[str]:
+    """Every loss finite, step 1's within 0.3 of ln(vocab), the last third's mean 0.05 under."""
+    bad = [(s, loss) for s, loss, _ in steps if not math.isfinite(loss)]
+    if bad or not steps:
+        return [f"train_loss {bad[0][1]} at step {bad[0][0]} (the first non-finite; {len(bad)} "
+                f"of {len(steps)} logged steps)"] if bad else []
+    (s0, first, _), ln_v = steps[0], math.log(vocab)
+    tail = [loss for _, loss, _ in steps[-max(1, len(steps) // 3):]]
+    out = [f"first train_loss {first:.4f} is {first - ln_v:+.4f} from ln({vocab}); expected "
+           f"within 0.3"] if s0 == 1 and abs(first - ln_v) > 0.3 else []
+    if len(steps) >= 3 and not sum(tail) / len(tail) <= first - 0.05:
+        out.append(f"train_loss not falling: step {s0} {first:.4f}, mean of the last "
+                   f"{len(tail)} {sum(tail) / len(tail):.4f}; expected at least 0.05 lower")
     return out
 
 
-def parse_deadlines(items: list[str], budget: float) -> dict[str, float]:
-    out = {s: round(DEADLINE_SHARE[s] * budget, 1) for s in STAGES}
-    for item in items:
-        stage, _, value = item.partition("=")
-        try:
-            seconds = float(value)
-        except ValueError:
-            seconds = -1.0
-        if stage not in STAGES or not 0 < seconds <= budget:
-            raise CheckError(f"--deadline {item!r} is not allowed; expected STAGE=SECONDS with "
-                             f"STAGE one of {', '.join(STAGES)} and 0 < SECONDS <= the budget "
-                             f"({budget:g})")
-        out[stage] = seconds
+def speed(steps: list, iterations: int) -> dict:
+    """ms/step from step 2 (the first grow the allocator) to the last before the traced one; on
+    8xH100 each GPU runs one of the 8 micro-steps, and Muon's work, an eighth (less all-reduce)."""
+    timed = [s for s in steps if 2 <= s[0] < iterations]
+    if len(timed) < 2:
+        return {}
+    ms = (timed[-1][2] - timed[0][2]) / (timed[-1][0] - timed[0][0])
+    return dict(ms_per_step=round(ms, 2), steps=[timed[0][0], timed[-1][0]],
+                projected_8xh100_ms=round(ms / 8, 2), record_8xh100_ms=RECORD_MS_PER_STEP)
+
+
+def eval_failures(evals: list[dict], ref: float | None = None,
+                  ref_name: str = "round trip") -> list[str]:
+    """Each evaluation finite and in its band around `ref` (default: the round trip)."""
+    out = [f"{e['name']} val_loss {e['val_loss']} val_bpb {e['val_bpb']}: not finite"
+           for e in evals if not (math.isfinite(e["val_loss"]) and math.isfinite(e["val_bpb"]))]
+    rt = next((e["val_bpb"] for e in evals if e["name"] == ROUND_TRIP), math.nan)
+    ref, tol = rt if ref is None else ref, TOLERANCE_BPB
+    for name, x in ((e["name"], e["val_bpb"]) for e in evals if math.isfinite(ref + e["val_bpb"])):
+        band = BANDS.get(name)
+        ok = {None: True, "near": abs(x - ref) <= tol, "below": x < ref}.get(band, x <= ref + tol)
+        if not ok:
+            out.append(f"{name} val_bpb {x:.4f} vs {ref_name} {ref:.4f} ({x - ref:+.4f}); "
+                       f"expected {band} it" + f" (tolerance {tol})" * (band != "below"))
     return out
 
 
-def schedule_env(iterations: int, warmup: int, late_qat_threshold: float) -> dict[str, str]:
-    """A short run whose late QAT switches on halfway: the warm-down spans iterations / (2 x
-    threshold) steps, so the LR scale falls under the threshold just past the middle and the
-    QAT graph (compiled in the warm-up) is used by the timed loop."""
-    return dict(ITERATIONS=str(iterations), WARMUP_STEPS=str(warmup),
-                WARMDOWN_ITERS=str(math.ceil(iterations / (2 * late_qat_threshold))),
-                MAX_WALLCLOCK_SECONDS="0", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="1")
-
-
-def script_envs(dry: bool, steps: int, warmup: int, artifact: Path) -> dict[str, dict[str, str]]:
-    """Each train_gpt stage's settings. Training stops after its export and round trip (one
-    sliding pass, at stride 64): SLOT and TTT are the evaluation stages' work."""
-    # The demo preset's stride is 64, which would leave out the s64 pass: the record's 96. Its
-    # TTT chunks of 1,024 make 16 chunks here: 4 are enough.
-    small = dict(DRY_MODEL, TRAIN_BATCH_TOKENS="1024", VAL_BATCH_SIZE="65536", SLOT_STEPS="2",
-                 EVAL_STRIDE="96", TTT_CHUNK_TOKENS="4096") if dry else {}
-    base = dict(small, DATA_PATH=str(runlog.DEMO_DATA), TOKENIZER_PATH=str(runlog.DEMO_TOKENIZER),
-                COMPILE="1" if dry else "auto")
-    no_evals = dict(SLOT_ENABLED="0", TTT_ENABLED="0", EVAL_STRIDE="64")
-    threshold = float(DEFAULTS["LATE_QAT_THRESHOLD"])
-    training = dict(base, RUN_ID="gpu_check_training", **schedule_env(steps, warmup, threshold),
-                    **no_evals)
-    # Eager (no compile: ready in seconds), the full learning rate, no EMA: weights that
-    # already predict, so that the evaluations' numbers and bands mean something.
-    eval_model = dict(base, RUN_ID="gpu_check_eval_model", ITERATIONS="8" if dry else "10",
-                      WARMUP_STEPS="0", COMPILE="0", WARMDOWN_ITERS="0", EMA_DECAY="0",
-                      MAX_WALLCLOCK_SECONDS="0", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="1",
-                      ARTIFACT=str(artifact), **no_evals)
-    if not dry:
-        eval_model["TRAIN_BATCH_TOKENS"] = "131072"  # 8 micro-steps of 8 rows
-    evals = dict(base, EVAL_ONLY="1", ARTIFACT=str(artifact))
-    return dict(training=training, eval_model=eval_model,
-                eval_slot=dict(evals, RUN_ID="gpu_check_eval_slot", SLOT_ENABLED="1",
-                               SLOT_MODE="both", TTT_ENABLED="0"),
-                eval_ttt=dict(evals, RUN_ID="gpu_check_eval_ttt", SLOT_ENABLED="0",
-                              TTT_ENABLED="1"))
-
-
-def probe_settings(dry: bool) -> dict:
-    """What the probes child runs: shapes (the record's per-GPU ones on the GPU) and its model."""
-    if dry:
-        return dict(device="cpu", dtype="float32", gptq_shape=[64, 192],
-                    sdpa_shape=[2, 128, 8, 4, 64], trace_rows=8, trace_seq=128, eager=True,
-                    model_env=dict(DRY_MODEL))
-    return dict(device="cuda", dtype="bfloat16", gptq_shape=[512, 1536],
-                sdpa_shape=[48, 2048, 8, 4, 64], trace_rows=48, trace_seq=2048, eager=False,
-                model_env={})
-
-
-def chosen_stages(only: str | None) -> set[str]:
-    chosen = set(only.split(",")) if only else set(STAGES)
-    if chosen - set(STAGES):
-        raise CheckError(f"--only {only!r} is not allowed; expected stages among "
-                         f"{', '.join(STAGES)}")
-    if chosen & {"eval_slot", "eval_ttt"} and "eval_model" not in chosen:
-        raise CheckError(f"--only {only!r}: eval_slot and eval_ttt evaluate eval_model's artifact; "
-                         "add eval_model")
-    return chosen
-
-
-def build_plan(args, work: Path) -> Plan:
-    dry = args.dry_run
-    budget = args.budget if args.budget is not None else (170.0 if dry else 420.0)
-    deadlines = parse_deadlines(args.deadline, budget)
-    sets = parse_sets(args.set)
-    chosen = chosen_stages(args.only)
-    steps = args.steps if args.steps is not None else (8 if dry else 36)
-    warmup = args.warmup if args.warmup is not None else (2 if dry else 4)
-    envs = script_envs(dry, steps, warmup, work / "eval_model" / "final_model.int6.ptz")
-    probes = [sys.executable, "-m", "tools._gpu_probes", "probes"]
-    stages = {"probes": StageSpec("probes", probes, dict(GPU_CHECK_PROBES=json.dumps(
-        probe_settings(dry))), runlog.ROOT, deadlines["probes"])}
-    boot = [sys.executable, "-m", "tools._gpu_probes", "boot", str(runlog.ROOT / "train_gpt.py")]
-    for name in SCRIPT_STAGES:
-        after = ("eval_model",) if name in ("eval_slot", "eval_ttt") else ()
-        stages[name] = StageSpec(name, boot, dict(envs[name], **sets[name]), work / name,
-                                 deadlines[name], after)
-    skipped = {name: "not asked for (--only)" for name in STAGES if name not in chosen}
-    for name in skipped:
-        del stages[name]
-    return Plan(mode="dry-run" if dry else "gpu", budget_s=budget, stages=stages, skipped=skipped,
-                work=work, sets=sets)
-
-
-def settings_of(env: dict[str, str]) -> dict[str, str]:
-    """A stage's effective train_gpt settings: the defaults, its preset's, then its own."""
-    preset = {}
-    if env.get("PRESET"):
-        path = runlog.ROOT / "presets" / f"{env['PRESET']}.env"
-        text = path.read_text(encoding="utf-8")
-        lines = [line.split("#", 1)[0].strip() for line in text.splitlines()]
-        preset = dict(line.split("=", 1) for line in lines if "=" in line)
-    return {**DEFAULTS, **preset, **env}
-
-
-def trimmed_data(source: Path, dest: Path, val_tokens: int) -> str:
-    """A copy of a shard folder whose validation split keeps its first val_tokens tokens."""
-    dest.mkdir(parents=True)
-    for shard in sorted(source.glob("fineweb_train_*.bin")):
-        (dest / shard.name).symlink_to(shard.resolve())
-    val = sorted(source.glob("fineweb_val_*.bin"))
-    tokens = np.concatenate([read_shard(f) for f in val])[:val_tokens]
-    write_atomic(dest / val[0].name, shard_bytes(tokens))
-    return str(dest)
-
-
-# ---------------------------------------------------------------- plan arithmetic (train_gpt's)
-
-def n_windows(n_targets: int, seq_len: int, stride: int) -> int:
-    """Sliding windows under EVAL_TAIL=once: one every `stride` targets while a whole window
-    fits, and one more, last, for the targets left over."""
-    if n_targets <= seq_len:
-        return 1
-    k = (n_targets - seq_len) // stride + 1
-    return k + (n_targets - ((k - 1) * stride + seq_len) > 0)
-
-
-def pass_batches(windows: int, batch_seqs: int, interleave: int, world: int) -> int:
-    """Batches rank 0 runs in a windowed pass: the windows dealt round-robin into `interleave`
-    lists, each cut into batches of batch_seqs, the batches dealt over the ranks."""
-    total = sum(-(-len(range(v, windows, interleave)) // batch_seqs) for v in range(interleave))
-    return -(-total // world)
-
-
-def roundtrip_batches(n_targets: int, seq_len: int, val_batch_size: int, world: int) -> int:
-    """Batches rank 0 runs in the non-overlapping pass (eval_standard)."""
-    n_seqs = n_targets // seq_len
-    batch = max(min(val_batch_size // 8 // seq_len, -(-n_seqs // world)), 1)
-    return -(-(n_seqs // world) // batch)
-
-
-def eval_seq_len(s: dict[str, str]) -> int:
-    return int(s["EVAL_SEQ_LEN"]) if int(s["EVAL_SEQ_LEN"]) > 0 else int(s["TRAIN_SEQ_LEN"])
-
-
-def eval_batches(name: str, n_targets: int, s: dict[str, str], world: int) -> int | None:
-    """Batches (legal_ttt: chunks) rank 0 runs for one evaluation under settings s."""
-    L, stride, seqs = eval_seq_len(s), int(s["EVAL_STRIDE"]), int(s["SLOT_BATCH_SEQS"])
-    window_stride = stride if stride > 0 else 64
-    slot_on = s["SLOT_ENABLED"] not in ("0", "false", "no", "off")
-    interleave = int(s["SLOT_INTERLEAVE"])
-    if name in (ROUND_TRIP, POST_EMA):
-        seq_len = L if name == ROUND_TRIP else int(s["TRAIN_SEQ_LEN"])
-        return roundtrip_batches(n_targets, seq_len, int(s["VAL_BATCH_SIZE"]), world)
-    if name == SLIDING:  # the pass SLOT shares (at its stride) deals its windows as SLOT does
-        shared = slot_on and window_stride == stride
-        windows = n_windows(n_targets, L, stride)
-        return pass_batches(windows, seqs, interleave if shared else 1, world)
-    if name == S64:
-        return pass_batches(n_windows(n_targets, L, 64), seqs, 1, world)
-    if name in SLOT_EVALS:
-        return pass_batches(n_windows(n_targets, L, window_stride), seqs, interleave, world)
-    if name == TTT:
-        return -(-n_targets // int(s["TTT_CHUNK_TOKENS"]))
-    return None
-
-
-def record_seconds(name: str, s: dict[str, str]) -> float | None:
-    """The record's published eval time for this evaluation, where this run's settings are the
-    record's (stride 96, 2048-token windows, SLOT's 48 steps)."""
-    same = s["EVAL_STRIDE"] == "96" and eval_seq_len(s) == 2048
-    if name in SLOT_EVALS:
-        same = same and s["SLOT_STEPS"] == "48"
-    return runlog.RECORD_EVAL_S.get(name) if same else None
-
-
-# ---------------------------------------------------------------- checks on the numbers (pure)
-
-def loss_failures(losses: list[tuple[int, float]], vocab: int, default_init: bool,
-                  falling: bool) -> list[str]:
-    """Every train loss finite; the first (step 1, before any update) within 0.3 of ln(vocab)
-    at the default init; the mean of the last third at least 0.05 under the first."""
-    if not losses:
-        return ["no train_loss line in the log"]
-    bad = [(s, v) for s, v in losses if not math.isfinite(v)]
-    if bad:
-        return [f"train_loss {bad[0][1]} at step {bad[0][0]} (the first non-finite; {len(bad)} of "
-                f"{len(losses)} logged steps non-finite)"]
-    out, ln_v = [], math.log(vocab)
-    s0, first = losses[0]
-    if default_init and s0 == 1 and abs(first - ln_v) > 0.3:
-        out.append(f"first train_loss {first:.4f} is {first - ln_v:+.4f} from ln({vocab}) = "
-                   f"{ln_v:.4f}; expected within 0.3 at the default init")
-    tail = losses[-max(1, len(losses) // 3):]
-    mean = sum(v for _, v in tail) / len(tail)
-    if falling and len(losses) >= 3 and not mean <= first - 0.05:
-        out.append(f"train_loss not falling: step {s0} {first:.4f}, mean of steps "
-                   f"{tail[0][0]}..{tail[-1][0]} {mean:.4f}; expected at least 0.05 lower")
-    return out
-
-
-def val_failures(vals: list[tuple[int, float, float]]) -> list[str]:
-    return [f"validation at step {s}: val_loss {a} val_bpb {b}: not finite" for s, a, b in vals
-            if not (math.isfinite(a) and math.isfinite(b))]
-
-
-def band_failure(name: str, x: float, rt: float) -> str | None:
-    band = BANDS.get(name)
-    if band is None or not math.isfinite(x):
+def ttt_projection(adapted: list, unadapted: list, record_chunks: int) -> dict | None:
+    """The record's chunks on 8 GPUs from this rank-0-of-8 run's chunk lines ([chunk, chunks,
+    seconds]): the unadapted pass's chunks 2..n (chunk 1 compiles) give the scoring per chunk,
+    the adapted pass's extra time the training of its chunks 2..n-1 (the last trains none)."""
+    if min(len(adapted), len(unadapted)) < 2 or adapted[-1][1] < 3:
         return None
-    ok = {"near": abs(x - rt) <= TOLERANCE_BPB, "below": x < rt,
-          "not above": x <= rt + TOLERANCE_BPB}[band]
-    return None if ok else (f"{name} val_bpb {x:.4f} vs round trip {rt:.4f} ({x - rt:+.4f}); "
-                            f"expected {BAND_TEXT[band]}")
+    n = adapted[-1][1]
+    score = (unadapted[-1][2] - unadapted[0][2]) / (n - 1)
+    train = max(adapted[-1][2] - adapted[0][2] - score * (n - 1), 0.0) / (n - 2)
+    return dict(score_s_per_chunk=round(score, 4), train_s_per_chunk=round(train, 4),
+                record_chunks=record_chunks,
+                projected_8xh100_s=round(record_chunks * score + (record_chunks - 1) * train, 1))
 
 
-def eval_failures(evals: list[dict], required: tuple[str, ...], finished: bool,
-                  eager_rt: float | None) -> list[str]:
-    """Every evaluation finite and in its band around the round trip; the required ones
-    present (once the run finished); a compiled round trip equal to the eager one."""
-    out = [f"{e['name']} val_loss {e['val_loss']} val_bpb {e['val_bpb']}: not finite" for e in evals
-           if not (math.isfinite(e["val_bpb"]) and math.isfinite(e["val_loss"]))]
-    names = [e["name"] for e in evals]
-    if finished:
-        out += [f"no {name} evaluation in the log" for name in required if name not in names]
-    rt = next((e["val_bpb"] for e in evals if e["name"] == ROUND_TRIP), None)
-    if rt is None or not math.isfinite(rt):
-        return out
-    out += [f for f in (band_failure(e["name"], e["val_bpb"], rt) for e in evals) if f]
-    eager_off = eager_rt is not None and math.isfinite(eager_rt) and abs(rt - eager_rt)
-    if eager_off and eager_off > EAGER_TOLERANCE_BPB:
-        out.append(f"compiled round trip val_bpb {rt:.4f} vs {eager_rt:.4f} eager on the same "
-                   f"artifact ({rt - eager_rt:+.4f}); expected within {EAGER_TOLERANCE_BPB}")
+def stage_failures(r: dict) -> list[str]:
+    """The checks on what a stage reported so far (a stage cut short shows what it measured)."""
+    g, sdpa, trace, runs = (r.get(k) or {} for k in ("gptq", "sdpa", "trace", "runs"))
+    out = loss_failures(r.get("steps", []), r.get("vocab", 2))
+    if g and not 0.98 <= g["error_ratio"] <= 1.02:
+        out.append(f"gptq: output error {g['error_ratio']:.4f}x the CPU's (codes equal "
+                   f"{g['codes_equal']:.2%}); expected within 2%")
+    if sdpa and not any("ms" in sdpa[b] for b in SDPA_OPS.values()):
+        out.append("sdpa: no backend accepts a micro-step's attention shape")
+    if r.get("timed_loop_graphs"):
+        out.append(f"{r['timed_loop_graphs']} graph(s) compiled once the training timer ran")
+    if trace.get("attention_kernel") in (None, "MATH") and ("trace" in r or "train_s" in r):
+        out.append(f"the traced step's attention runs {trace.get('attention_kernel')} "
+                   f"{trace.get('top_kernels')}; expected flash, cuDNN or memory-efficient")
+    out += eval_failures(r.get("evaluations", []))
+    if {"adapted", "unadapted"} <= set(runs):
+        out += eval_failures([runs["adapted"]], ref=runs["unadapted"]["val_bpb"],
+                             ref_name="the same windows unadapted")
     return out
 
 
-def compile_failures(parsed: dict, log: str) -> list[str]:
-    """A compilation once the training timer runs, a recompilation in the in-loop validation,
-    a recompile-limit hit."""
-    failures = []
-    for c in parsed["compilations"]:
-        kind = "recompilation" if c["recompile"] else "compilation"
-        what = f"{kind} {c['id']} of {c['function']}"
-        why = f" ({c['reason']})" if c["reason"] else ""
-        if c["phase"] == runlog.TRAINING:
-            failures.append(f"{what} during the timed training steps{why}")
-        elif c["phase"] == runlog.VALIDATION and c["recompile"]:
-            failures.append(f"{what} after the warm-up, in the in-loop validation before ema:{why}")
-    failures += [f"recompile limit hit: {line}" for line in dict.fromkeys(parsed["limit_hits"])]
-    if not runlog.first("train_step", log):
-        failures.append("the run never reached the timed training loop: compile counts incomplete")
-    return failures
+def eval_budget(stages: dict) -> dict:
+    """Each evaluation's 8xH100 projection and compile seconds; the configuration's total."""
+    ev, ttt = (stages[s]["result"] for s in ("evaluation", "ttt"))
+    out = {e["name"]: [e.get("projected_8xh100_s"), e["compile_s"]]
+           for e in ev.get("evaluations", [])}
+    if ttt.get("runs"):
+        out[TTT] = [(ttt.get("projection") or {}).get("projected_8xh100_s"),
+                    ttt["runs"]["adapted"]["compile_s"]]
+    counted = [s for name, (s, _) in out.items() if name != TTT or ttt.get("preset_runs_ttt")]
+    return dict(projected_s_and_compile_s=out, limit_s=EVAL_LIMIT_S,
+                total_s=round(sum(counted), 1) if counted and None not in counted else None)
 
 
-# ---------------------------------------------------------------- figures (pure)
-
-def overlap_s(t0: float, t1: float, pauses: list[list]) -> float:
-    """Seconds of [t0, t1] inside the pauses ([from, to or None while it lasts, note])."""
-    return sum(max(0.0, min(t1, t1 if b is None else b) - max(t0, a)) for a, b, _ in pauses)
-
-
-def eval_compile_seconds(compiles: list[dict], names: list[str]) -> dict[str, float]:
-    """Compile seconds inside each evaluation. SLOT's graphs compile inside the sliding pass it
-    shares: they go to the SLOT modes run, in equal shares; the others to the evaluation whose
-    result line closes the lines they were logged among."""
-    out = dict.fromkeys(names, 0.0)
-    slot = [n for n in names if n in SLOT_EVALS]
-    for c in compiles:
-        if c["function"] == "slot_loss" and slot:
-            for n in slot:
-                out[n] += c["seconds"] / len(slot)
-        elif c["phase"] == runlog.EVALUATION and c["evaluation"] in out:
-            out[c["evaluation"]] += c["seconds"]
-    return {k: round(v, 3) for k, v in out.items()}
-
-
-def steady_state(e: dict, text: str, batches: int | None) -> tuple[float | None, str]:
-    """Seconds per batch once compiled, timed from the second batch where the log allows: the
-    eval_timing line (once train_gpt prints it); legal_ttt's chunk lines (chunks 2..n); two
-    eval_progress lines; else the eval time less its pauses and compile seconds, per batch."""
-    timing = runlog.eval_timing(text).get(e["name"])
-    if timing and timing["batches"] > 1 and math.isfinite(timing["steady_batch_s"]):
-        return timing["steady_batch_s"], "measured: eval_timing line, batches 2..n"
-    if e["name"] == TTT:
-        chunks = runlog.ttt_chunk_lines(text)
-        if len(chunks) >= 2 and chunks[-1][0] > chunks[0][0]:
-            (c0, _, e0), (c1, _, e1) = chunks[0], chunks[-1]
-            return (e1 - e0) / (c1 - c0), f"measured: legal_ttt:chunk lines, chunks {c0 + 1}..{c1}"
-    progress = runlog.progress_lines(text, e["name"])
-    if len(progress) >= 2 and batches and progress[-1][0] > progress[0][0]:
-        (f0, e0), (f1, e1) = progress[0], progress[-1]
-        return (e1 - e0) / ((f1 - f0) * batches), "measured: eval_progress lines"
-    if not batches:
-        return None, "no batch count"
-    net = e["seconds"] - e["paused_s"] - e["compile_s"]
-    return max(net, 0.0) / batches, "derived: eval_time less pauses and compile seconds, per batch"
-
-
-def projection(e: dict, s: dict[str, str]) -> dict:
-    """The record's validation split on 8 GPUs at this run's settings: rank 0's batches there
-    times the steady seconds per batch here (an 8xH100 rank runs the batch shape this one GPU
-    runs). legal_ttt: each chunk's windows and steps split over 8 ranks, ideally an eighth of a
-    chunk here (the gradient all-reduce not counted). An H100 has the H200's compute: the same
-    speed where compute bounds the work, up to 4.8/3.35 slower where memory bandwidth does (the
-    upper figure). Compilation is not included (compile_s gives it)."""
-    L = max(eval_seq_len(s), int(s["TRAIN_SEQ_LEN"]))
-    full = runlog.RECORD_VAL_TARGETS // L * L  # trimmed to whole sequences, as train_gpt does
-    ttt = e["name"] == TTT
-    batches = eval_batches(e["name"], full, s, 1 if ttt else 8)
-    steady = e.get("steady_s_per_batch")
-    out = dict(projected_batches=batches, projected_8xh100_s=None, projected_8xh100_upper_s=None,
-               record_8xh100_s=record_seconds(e["name"], s))
-    if steady is not None and batches is not None:
-        seconds = steady * batches / (8 if ttt else 1)
-        out.update(projected_8xh100_s=round(seconds, 1),
-                   projected_8xh100_upper_s=round(seconds * H100_MEMORY_BOUND, 1))
-    return out
-
-
-def evaluation_figures(run: StageRun, compiles: dict, pauses: list[list]) -> list[dict]:
-    """Every evaluation of a run with its timing figures and projection."""
-    text, s = run.text, settings_of(run.spec.env)
-    evals = runlog.eval_times(text)
-    arrivals = [run.times[i] for i, line in enumerate(run.lines) if runlog.match("result", line)]
-    n_targets = int(runlog.config(run.lines).get("val_tokens", 0))
-    compile_s = eval_compile_seconds(compiles["compilations"], [e["name"] for e in evals])
-    for e, arrived in zip(evals, arrivals):
-        e["seconds"] = e["ms"] / 1000
-        e["paused_s"] = round(overlap_s(arrived - e["seconds"], arrived, pauses), 3)
-        e["compile_s"] = compile_s[e["name"]]
-        e["batches"] = eval_batches(e["name"], n_targets, s, 1) if n_targets else None
-        steady, e["steady_basis"] = steady_state(e, text, e["batches"])
-        e["steady_s_per_batch"] = None if steady is None else round(steady, 5)
-        e.update(projection(e, s))
-    return evals
-
-
-def training_figures(text: str) -> dict:
-    """Step time after the first steps, before / with late QAT, tokens/s; the record's figure."""
-    steps = runlog.step_times(text)
-    out: dict = dict(steps_logged=len(steps), last_step=steps[-1][0] if steps else 0)
-    if len(steps) < 2:
-        return out
-    skip = 2 if len(steps) <= 10 else 5  # the first steps include the allocator's growth
-    ms, s0, s1 = runlog.mean_step_ms(steps, skip)
-    config = runlog.config(text)
-    tokens, world = int(config.get("train_batch_tokens", 0)), int(config.get("world_size", 1))
-    accum = config.get("grad_accum_steps")
-    out.update(ms_per_step=round(ms, 2), averaged_steps=[s0, s1], tokens_per_step=tokens,
-               world_size=world, tokens_per_s_per_gpu=round(tokens / (ms / 1000) / world),
-               grad_accum_steps=int(accum) if accum else None)
-    qat = runlog.first("late_qat", text)
-    if qat:  # late_qat:enabled step:S is logged before step S + 1, the first with QAT on
-        on = int(qat["step"])
-        before, after = [s for s in steps if s[0] <= on], [s for s in steps if s[0] >= on]
-        out["late_qat_from_step"] = on + 1
-        out["ms_per_step_before_qat"] = _span_ms(before[min(skip, len(before) - 2):])
-        out["ms_per_step_with_qat"] = _span_ms(after)
-    one_gpu = 8 * runlog.ORIGINAL_MS_PER_STEP  # one GPU runs the record's 8 ranks' micro-steps
-    out["record"] = dict(ms_per_step_8xh100=runlog.ORIGINAL_MS_PER_STEP,
-                         single_gpu_equivalent_ms=one_gpu, ratio=round(ms / one_gpu, 3),
-                         peak_allocated_mib=runlog.ORIGINAL_PEAK_MIB)
-    return out
-
-
-def _span_ms(steps: list[tuple[int, float]]) -> float | None:
-    if len(steps) < 2:
-        return None
-    (s0, t0), (s1, t1) = steps[0], steps[-1]
-    return round((t1 - t0) / (s1 - s0), 2)
-
-
-def memory_figures(text: str) -> dict:
-    peaks = runlog.memory_peaks(text) or {}
-    line = runlog.first("peak", text)  # train_gpt's own, after training
-    if line:
-        peaks.update(logged_allocated_mib=int(line["allocated"]),
-                     logged_reserved_mib=int(line["reserved"]))
-    return peaks
-
-
-# ---------------------------------------------------------------- analysis of one stage
-
-@dataclasses.dataclass
-class StageRun:
-    spec: StageSpec
-    log_path: Path
-    status: str = "pending"  # pending | running | ok | failed | cut | skipped
-    proc: subprocess.Popen | None = None
-    started_s: float | None = None
-    ended_s: float | None = None
-    returncode: int | None = None
-    cut: str | None = None  # why it was stopped
-    term_sent_s: float | None = None
-    exited_s: float | None = None
-    paused: bool = False
-    error: str | None = None
-    times: list = dataclasses.field(default_factory=list)
-    lines: list = dataclasses.field(default_factory=list)
-    parts: dict = dataclasses.field(default_factory=dict)
-    reader: threading.Thread | None = None
-    result: dict = dataclasses.field(default_factory=dict)
-
-    @property
-    def text(self) -> str:
-        return "\n".join(self.lines)
-
-
-def analyse(run: StageRun, ctx: dict, ended: bool) -> dict:
-    """The figures and failures of a stage from what it printed so far (at any moment: a stage
-    still running or cut shows what it measured); `ended`: its process is gone."""
-    if run.spec.name == "probes":
-        return analyse_probes(run, ctx, ended)
-    return analyse_script(run, ctx, ended)
-
-
-def analyse_probes(run: StageRun, ctx: dict, ended: bool) -> dict:
-    """The probes' parts as they came; a part that ran while the stage was paused for training's
-    timed steps says for how long (its timings include that time)."""
-    parts = {}
-    for name, part in run.parts.items():
-        start = part["arrived_s"] - part.get("seconds", 0.0)
-        paused = overlap_s(start, part["arrived_s"], ctx["pauses"])
-        parts[name] = dict(part, paused_s=round(paused, 2))
-    failures = [f"{name}: {f}" for name, part in parts.items() for f in part.get("failures", [])]
-    if ended:
-        failures += [f"{name}: not reached" for name in PROBE_PARTS if name not in parts]
-    return dict(parts=parts, failures=failures)
-
-
-def analyse_script(run: StageRun, ctx: dict, ended: bool) -> dict:
-    name, text, s = run.spec.name, run.text, settings_of(run.spec.env)
-    compiles = runlog.parse_compiles(run.lines)
-    settings = {k: v for k, v in run.spec.env.items() if "PATH" not in k and k != "ARTIFACT"}
-    out = dict(settings=settings, compile=compiles, memory=memory_figures(text),
-               evaluations=evaluation_figures(run, compiles, ctx["pauses"]))
-    finished = ended and run.returncode == 0 and not run.cut
-    failures = val_failures(runlog.val_losses(text))
-    if name in ("training", "eval_model"):
-        losses, vocab = runlog.train_losses(text), int(s["VOCAB_SIZE"])
-        out["loss"] = dict(first=losses[0] if losses else None, last=losses[-1] if losses else None,
-                           ln_vocab=round(math.log(vocab), 4), logged=len(losses))
-        default_init = not any("INIT" in k for k in ctx["sets"][name])
-        failures += loss_failures(losses, vocab, default_init, falling=name == "training")
-    if name == "training":
-        out["speed"] = training_figures(text)
-        if runlog.first("train_step", text) or ended:
-            failures += compile_failures(compiles, text)
-        planned = int(s["ITERATIONS"])
-        if finished and out["speed"]["last_step"] < planned:
-            failures.append(f"{out['speed']['last_step']} of {planned} steps logged")
-        if finished and ctx["mode"] == "gpu" and "logged_allocated_mib" not in out["memory"]:
-            failures.append("no peak memory line in the log")
-    if name == "eval_model" and finished and not Path(run.spec.env["ARTIFACT"]).is_file():
-        failures.append("no artifact written")
-    eager = ctx["eager_roundtrip"] if name in ("eval_slot", "eval_ttt") else None
-    out["failures"] = failures + eval_failures(out["evaluations"], REQUIRED_EVALS[name], finished,
-                                               eager)
-    return out
-
-
-def run_problem(run: StageRun) -> str | None:
-    """Why an ended run is not a complete one: its exit status and its last own lines."""
-    if run.error:
-        return f"could not start: {run.error}"
-    if run.returncode not in (0, None) and not run.cut:
-        own = [line for line in run.lines if not runlog.GLOG_LINE.match(line)][-6:]
-        return f"exited {run.returncode}: " + " | ".join(t.strip() for t in own)[-600:]
-    return None
+def update(path: Path, change) -> dict:
+    """The summary with change(summary) applied and what derives from its stages recomputed,
+    written atomically (by gpu_check, or by the stage it waits for: one writer at a time)."""
+    s = json.loads(path.read_text(encoding="utf-8"))
+    change(s)
+    for st in s["stages"].values():
+        st["failures"] = st["notes"] + stage_failures(st["result"])
+    s.update(elapsed_s=round(time.time() - s["start_time"], 2),
+             evaluation_8xh100=eval_budget(s["stages"]))
+    write_atomic(path, (json.dumps(s, indent=1) + "\n").encode())
+    return s
 
 
 # ---------------------------------------------------------------- running the stages
 
-class Check:
-    """Starts the stages, enforces their deadlines, pauses the others during training's timed
-    steps, and rewrites the summary as results come in. Everything that spawns, signals or
-    writes runs on the main thread; the reader threads only collect lines (under the lock)."""
+def run(args) -> dict:
+    """The stages in order. Each may run until the budget's end less the later stages'
+    estimates; then SIGTERM, and SIGKILL after a grace."""
+    reserve = reserves(args.mode, args.budget)
+    stages = {s: dict(status="pending", notes=[], failures=[], reserve_s=r, result={},
+                      log=f"{args.out.stem}_{s}.log", **dict.fromkeys(
+                          ("deadline_s", "started_s", "ended_s", "pid", "exit")))
+              for s, r in reserve.items()}
+    write_atomic(args.out, json.dumps(dict(
+        tool="tools.gpu_check", mode=args.mode, preset=args.preset, budget_s=args.budget,
+        started=datetime.now().isoformat("T", "seconds"), start_time=time.time(),
+        state="running", ok=None, failed_stages=[], stages=stages)).encode())
+    for i, name in enumerate(STAGES):
+        deadline = round(args.budget - sum(list(reserve.values())[i + 1:]))
+        now = update(args.out, lambda s: None)["elapsed_s"]
+        s = run_stage(args, name, now, deadline) if deadline > now else update(
+            args.out, lambda s: s["stages"][name].update(status="skipped", notes=["no time left"]))
+        print(f"gpu_check {s['elapsed_s']:6.1f} s  [{name}] {s['stages'][name]['status']}")
+    return update(args.out, lambda s: s.update(
+        state="finished", ok=all(st["status"] == "ok" for st in s["stages"].values()),
+        failed_stages=[n for n, st in s["stages"].items() if st["status"] != "ok"]))
 
-    def __init__(self, plan: Plan, paths: dict[str, Path], echo: bool):
-        self.plan, self.paths, self.echo = plan, paths, echo
-        self.t0 = time.monotonic()
-        self.lock = threading.Lock()
-        self.runs = {n: StageRun(spec, paths[n]) for n, spec in plan.stages.items()}
-        self.pauses: list[list] = []  # [from, to (None while it lasts), note]
-        self.timed = "before"  # training: before | inside | after its timed steps
-        self.scanned = 0  # training's lines read for that
-        self.stopping: str | None = None
-        self.last_write = -1e9
-        self.started = runlog.now_iso()
-        self.host = host_info()
 
-    def clock(self) -> float:
-        return time.monotonic() - self.t0
+def run_stage(args, name: str, start: float, deadline: float) -> dict:
+    """One stage's process, in a session of its own (signals reach its whole process group,
+    never gpu_check's): the demo corpus, the shared artifact, the preset, the stage's own."""
+    env = dict(os.environ, DATA_PATH=str(args.data), TOKENIZER_PATH=str(DEMO_TOKENIZER),
+               RUN_ID="gpu_check", ARTIFACT=str(args.work / "final_model.int6.ptz"),
+               MODEL_PATH=str(args.work / "final_model.pt"), TTT_ENABLED=str(int(name == "ttt")),
+               COMPILE="1" if args.dry_run else "auto", **(DRY_ENV if args.dry_run else {}),
+               PYTHONUNBUFFERED="1", GPU_CHECK_SUMMARY=str(args.out),
+               GPU_CHECK_DRY=str(args.dry_run), GPU_CHECK_PARENT=str(os.getpid()),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               TORCHINDUCTOR_CACHE_DIR=str(CACHE),
+               TORCHINDUCTOR_COMPILE_THREADS=str(len(os.sched_getaffinity(0))))
+    env.update({"PRESET": args.preset} if args.preset else {}, WORLD_SIZE="1", RANK="0",
+               LOCAL_RANK="0")
+    if name == "training":  # EMA 0: the evaluations score trained weights, not ~90% initial
+        env.update(ITERATIONS=str(STEPS[args.mode]), WARMUP_STEPS="2", MAX_WALLCLOCK_SECONDS="0",
+                   VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="1", EMA_DECAY="0")
+    with open(args.out.with_name(f"{args.out.stem}_{name}.log"), "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "tools.gpu_check", "--child", name],
+                                cwd=args.work, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    update(args.out, lambda s: s["stages"][name].update(status="running", pid=proc.pid,
+                                                        started_s=start, deadline_s=deadline))
+    cut = None
+    try:
+        proc.wait(timeout=max(deadline - start, 0))
+    except subprocess.TimeoutExpired:
+        cut = f"stopped at its deadline ({deadline} s after the start), {deadline - start:.0f} s in"
+    for sig in (signal.SIGTERM, signal.SIGKILL):  # the SIGKILL: whatever the stage left behind
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=CUT_GRACE_S if cut else 0)
 
-    def run(self) -> dict:
-        self.write(force=True)
-        while any(r.status in ("pending", "running") for r in self.runs.values()):
-            now = self.clock()
-            if self.stopping:
-                self.stop_all(now)
-            self.update_pause(now)
-            for run in self.runs.values():
-                if run.status == "pending":
-                    self.maybe_start(run, now)
-                elif run.status == "running":
-                    self.poll(run, now)
-            self.write()
-            time.sleep(0.1)
-        self.resume(self.clock())
-        return self.write(force=True, final=True)
+    for stray in args.out.parent.glob(f".{args.out.name}.*.tmp"):  # a write the cut stopped
+        stray.unlink()
 
-    def maybe_start(self, run: StageRun, now: float) -> None:
-        before = [self.runs.get(n) for n in run.spec.after]
-        bad = ("failed", "cut", "skipped")
-        blocked = [n for n, r in zip(run.spec.after, before) if r is None or r.status in bad]
-        if blocked:
-            self.finish(run, now, "skipped", f"needs {', '.join(blocked)}, which did not pass")
-        elif now >= run.spec.deadline_s:
-            self.finish(run, now, "skipped",
-                        f"its deadline ({run.spec.deadline_s:.0f} s) passed before it could start")
-        elif all(r.status == "ok" for r in before) and not self.paused_now():
-            self.spawn(run, now)
+    def ended(s: dict) -> None:
+        st, code = s["stages"][name], proc.wait()
+        st["notes"] = [cut] * bool(cut) + st["notes"] + [
+            f"exited {code} (its log says why)"] * bool(code and not cut and not st["notes"])
+        bad = code or stage_failures(st["result"])
+        st.update(status="cut" if cut else "failed" if bad else "ok", exit=code,
+                  ended_s=round(time.time() - s["start_time"], 2))
 
-    def spawn(self, run: StageRun, now: float) -> None:
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        path = os.pathsep.join(filter(None, [str(runlog.ROOT), env.get("PYTHONPATH")]))
-        env.update(run.spec.env, TORCH_LOGS=TORCH_LOGS, PYTHONUNBUFFERED="1", PYTHONPATH=path,
-                   GPU_CHECK_PARENT=str(os.getpid()))
-        if self.plan.mode == "dry-run":
-            env["GPU_CHECK_EAGER"] = "1"
-        run.spec.cwd.mkdir(parents=True, exist_ok=True)
-        run.started_s, run.status = now, "running"
-        run.log_path.write_text("")
-        try:  # a session of its own: signals reach its whole process group, never ours
-            run.proc = subprocess.Popen(run.spec.command, cwd=run.spec.cwd, env=env, text=True,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        errors="replace", start_new_session=True)
-        except OSError as e:
-            run.error = f"{type(e).__name__}: {e}"
-            self.finish(run, now, "failed")
-            return
-        run.reader = threading.Thread(target=self.collect, args=(run,), daemon=True)
-        run.reader.start()
-        self.say(f"[{run.spec.name}] started (deadline {run.spec.deadline_s:.0f} s)")
+    return update(args.out, ended)
 
-    def collect(self, run: StageRun) -> None:
-        with open(run.log_path, "a", encoding="utf-8") as log:
-            for line in run.proc.stdout:
-                t, line = self.clock(), line.rstrip("\n")
-                log.write(runlog.capture_line(t, line))
-                log.flush()  # a kill at any moment leaves the log up to here
-                with self.lock:
-                    run.times.append(t)
-                    run.lines.append(line)
-                    if line.startswith(PART_PREFIX):
-                        self.add_part(run, line, t)
-                own = not runlog.GLOG_LINE.match(line) and not line.startswith("gpu_check:")
-                if self.echo and own:
-                    print(f"  {run.spec.name} | {line}", flush=True)
 
-    def add_part(self, run: StageRun, line: str, t: float) -> None:
-        try:
-            part = json.loads(line[len(PART_PREFIX):])
-            run.parts[part.pop("name")] = dict(part, arrived_s=round(t, 2))
-        except (ValueError, KeyError, AttributeError, TypeError) as e:
-            run.parts["unreadable"] = dict(failures=[f"a part line gpu_check could not read: {e}"],
-                                           arrived_s=round(t, 2))
+# ---------------------------------------------------------------- inside a stage's process
 
-    def poll(self, run: StageRun, now: float) -> None:
-        rc = run.proc.poll()
-        if rc is not None:
-            # Its last lines may still be in the pipe: wait for the reader, briefly (a compile
-            # worker left behind can hold the pipe open; its process group is killed below).
-            run.exited_s = now if run.exited_s is None else run.exited_s
-            if run.reader.is_alive() and now - run.exited_s < 2.0:
-                return
-            self.signal(run, signal.SIGKILL)  # whatever the stage left in its process group
-            run.returncode = rc
-            self.finish(run, now, "cut" if run.cut else None)
-        elif now >= run.spec.deadline_s and run.term_sent_s is None:
-            run.cut = (f"stopped at its deadline ({run.spec.deadline_s:.0f} s after the start), "
-                       f"{now - run.started_s:.0f} s in")
-            self.terminate(run, now)
-        elif run.term_sent_s is not None and now - run.term_sent_s > CUT_GRACE_S:
-            self.signal(run, signal.SIGKILL)
+class StageProcess:
+    """One stage in its own process: train_gpt's functions called, the figures merged into the
+    summary as they come, with those train_gpt only logs (its steps, results, eval_timing and
+    legal_ttt:chunk lines, each read as it is logged)."""
 
-    def terminate(self, run: StageRun, now: float) -> None:
-        self.signal(run, signal.SIGCONT)  # a paused stage must run to act on its SIGTERM
-        self.signal(run, signal.SIGTERM)  # train_gpt logs where it was, then exits
-        run.term_sent_s = now
+    def __init__(self, stage: str, torch, tg):
+        self.stage, self.torch, self.tg, self.iterations, self.cfg = stage, torch, tg, 0, None
+        self.steps, self.evals, self.chunks, self.trace = [], [], [], None
+        self.mark = self.warm = self.compiled()
+        self.code = tg.Code(Path(tg.__file__).read_text(encoding="utf-8"),
+                            Path(tg.__file__).stat().st_size)
 
-    def signal(self, run: StageRun, sig: int) -> None:
-        try:
-            os.killpg(run.proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+    def emit(self, error: str | None = None, **figures) -> None:
+        def merge(s: dict) -> None:
+            s["stages"][self.stage]["result"].update(json.loads(json.dumps(figures)))
+            s["stages"][self.stage]["notes"] += [error] * bool(error)
 
-    def finish(self, run: StageRun, now: float, status: str | None, why: str | None = None) -> None:
-        """A stage's end: its final analysis decides ok / failed unless it was cut or skipped."""
-        run.ended_s = now
-        result = self.analysis(run, ended=True)
-        problem = run_problem(run)
-        first = [x for x in (why, run.cut, problem) if x]
-        result["failures"] = first + result.get("failures", [])
-        run.result = result
-        run.status = status or ("failed" if result["failures"] else "ok")
-        tail = f": {result['failures'][0]}" if result["failures"] else ""
-        self.say(f"[{run.spec.name}] {run.status} at {now:.0f} s{tail}")
-        self.write(force=True)
+        update(Path(os.environ["GPU_CHECK_SUMMARY"]), merge)
 
-    def analysis(self, run: StageRun, ended: bool) -> dict:
-        ctx = dict(pauses=[list(p) for p in self.pauses], mode=self.plan.mode, sets=self.plan.sets,
-                   eager_roundtrip=self.eager_roundtrip())
-        with self.lock:
-            snapshot = dataclasses.replace(run, times=list(run.times), lines=list(run.lines),
-                                           parts=dict(run.parts))
-        try:
-            return analyse(snapshot, ctx, ended)
-        except Exception as e:  # a log cut mid-line must not cost the summary
-            return dict(failures=[f"gpu_check could not read this stage's log: "
-                                  f"{type(e).__name__}: {e}"])
+    def memory(self) -> dict:
+        cuda = self.torch.cuda if self.torch.cuda.is_initialized() else None
+        return dict(rss_peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+                    cuda_peak_allocated_mib=cuda and cuda.max_memory_allocated() // 2**20,
+                    cuda_peak_reserved_mib=cuda and cuda.max_memory_reserved() // 2**20)
 
-    def eager_roundtrip(self) -> float | None:
-        run = self.runs.get("eval_model")
-        evals = run.result.get("evaluations", []) if run else []
-        return next((e["val_bpb"] for e in evals if e["name"] == ROUND_TRIP), None)
+    def compiled(self) -> dict:
+        """torch's own accounting: dynamo's frame compilations (recompilations included) and
+        the backward graphs compiled at their first backward, with their seconds."""
+        utils = self.torch._dynamo.utils
+        times = [t for k in ("_compile.compile_inner", "backward._backward_impl")
+                 for t in utils.compilation_time_metrics.get(k, [])]
+        return dict(count=len(times), seconds=round(sum(times), 3), graphs=[
+            [str(m.compile_id), m.co_name or "backward", round(m.duration_us / 1e6, 3)]
+            for m in utils.get_compilation_metrics()])
 
-    # -- pausing the others while training times its steps
+    def runtime(self, cfg, world: int):
+        """train_gpt's Runtime standing for rank 0 of `world` without collectives (one GPU
+        runs rank 0's shapes), every log line read by self.line too."""
+        base, line = self.tg.start_runtime(cfg.run), self.line
 
-    def training_timed(self) -> bool:
-        """Training is inside its timed loop: after its last warm-up line (its first step
-        without warm-up), until `ema:` or its end."""
-        run = self.runs.get("training")
-        if run is None or run.status != "running" or self.timed == "after":
-            return False
-        warmup = int(run.spec.env["WARMUP_STEPS"]) > 0
-        with self.lock:
-            new, self.scanned = run.lines[self.scanned:], len(run.lines)
-        for line in new:
-            warm = runlog.match("warmup", line)
-            if self.timed == "before" and (warm and warm["step"] == warm["steps"] if warmup
-                                           else runlog.match("train_step", line)):
-                self.timed = "inside"
-            elif self.timed == "inside" and runlog.match("ema", line):
-                self.timed = "after"
-        return self.timed == "inside"
+        class Watched(type(base)):
+            distributed = property(lambda self: False)
 
-    def paused_now(self) -> bool:
-        return bool(self.pauses) and self.pauses[-1][1] is None
+            def log(self, msg: str, console: bool = True) -> None:
+                super().log(msg, console)
+                line(msg)
 
-    def update_pause(self, now: float) -> None:
-        timed = self.training_timed()
-        if self.paused_now():
-            over = now - self.pauses[-1][0] > MAX_PAUSE_SHARE * self.plan.budget_s
-            if over or not timed or self.stopping:
-                self.pauses[-1][2] = "its longest allowed, then resumed" if over else "ok"
-                self.resume(now)
-        elif timed and not self.pauses and not self.stopping:  # once: a pause cut short stays so
-            self.pauses.append([now, None, "ok"])
-            for run in self.runs.values():
-                if run.spec.name != "training" and run.status == "running":
-                    self.signal(run, signal.SIGSTOP)
-                    run.paused = True
-            self.say("pausing the other stages for training's timed steps")
+        return Watched(rank=0, world_size=world, device=base.device, compile=base.compile)
 
-    def resume(self, now: float) -> None:
-        if self.paused_now():
-            self.pauses[-1][1] = now
-            self.say(f"resuming the other stages after {now - self.pauses[-1][0]:.1f} s")
-        for run in self.runs.values():
-            if run.paused:
-                self.signal(run, signal.SIGCONT)
-                run.paused = False
+    def line(self, msg: str) -> None:
+        if re.fullmatch(r"warmup_step:(\d+)/\1", msg):
+            self.warm = self.compiled()
+        elif msg.startswith(("ema:", "late_qat:")):
+            self.emit(**{msg.split(":")[0]: msg,
+                         "timed_loop_graphs": self.compiled()["count"] - self.warm["count"]})
+        elif m := STEP.match(msg):
+            self.step(int(m[1]), float(m[2]), float(m[3]))
+        elif m := RESULT.match(msg):
+            state = self.compiled()
+            self.evals.append(dict(name=m[1], val_loss=float(m[2]), val_bpb=float(m[3]),
+                                   seconds=int(m[4]) / 1000,
+                                   compile_s=round(state["seconds"] - self.mark["seconds"], 3)))
+            self.mark = state
+            if m[1] == ROUND_TRIP and self.cfg:
+                self.project(self.evals[-1], None)
+            self.emit(evaluations=self.evals)
+        elif (m := TIMING.match(msg)) and self.cfg:
+            self.project(next(e for e in self.evals[::-1] if e["name"] == m[1]),
+                         (int(m[2]), float(m[3])))
+            self.emit(evaluations=self.evals)
+        elif m := CHUNK.match(msg):  # the line follows a sync (the chunk's score): time it here
+            self.chunks.append([int(m[1]), int(m[2]), round(time.perf_counter(), 4)])
 
-    def stop_all(self, now: float) -> None:
-        for run in self.runs.values():
-            if run.status == "pending":
-                self.finish(run, now, "skipped", f"gpu_check was stopped ({self.stopping})")
-            elif run.status == "running" and run.term_sent_s is None:
-                run.cut = f"gpu_check was stopped ({self.stopping}), {now - run.started_s:.0f} s in"
-                self.terminate(run, now)
+    def project(self, e: dict, logged: tuple | None) -> None:
+        """Steady seconds per batch (logged: its eval_timing; the round trip logs none: its
+        seconds less its compilation, per batch) times rank 0's batches on 8 GPUs over the
+        record's split: its share of the sequences, or of the windows, in batches as here."""
+        name, ev, L = e["name"], self.cfg.eval, self.cfg.eval.seq_len
+        n, rows = self.n_targets // L, max(self.cfg.train.val_batch_size // 8 // L, 1)
+        batches = -(-n // min(rows, n))
+        batches, steady = logged or (batches, (e["seconds"] - e["compile_s"]) / batches)
+        share = -(-(RECORD_VAL_TARGETS // L) // 8)
+        if name != ROUND_TRIP:
+            stride = {"final_int6_sliding_window": ev.stride}.get(name, ev.window_stride)
+            stride = 64 if name.endswith("_s64") else stride
+            plan = self.tg.sliding_windows(RECORD_VAL_TARGETS // L * L, L, stride, ev.tail)
+            share, rows = -(-len(plan) // 8), ev.slot.batch_seqs
+        record = -(-share // rows)
+        e.update(batches=batches, steady_s_per_batch=round(steady, 5), record_batches=record,
+                 projected_8xh100_s=round(steady * record, 1))
 
-    # -- the summary
+    def step(self, step: int, loss: float, ms: float) -> None:
+        """A logged step; the profiler over the last one (the compiled step as it runs)."""
+        self.steps.append([step, loss, ms])
+        self.emit(steps=self.steps, speed=speed(self.steps, self.iterations),
+                  compile=self.compiled(), memory=self.memory())
+        if step == self.iterations - 1:
+            from torch.profiler import ProfilerActivity, profile
+            cuda = [ProfilerActivity.CUDA] if self.torch.cuda.is_available() else []
+            self.trace = profile(activities=[ProfilerActivity.CPU, *cuda])
+            self.trace.__enter__()
+        elif self.trace is not None and step == self.iterations:
+            self.trace.__exit__(None, None, None)
+            self.emit(trace=trace_figures(self.torch, self.trace.events()))
 
-    def write(self, force: bool = False, final: bool = False) -> dict | None:
-        now = self.clock()
-        if not force and now - self.last_write < WRITE_EVERY_S:  # the running stages' figures too
-            return None
-        summary = self.summary(now, final)
-        data = json.dumps(summary, indent=1, default=str) + "\n"
-        write_atomic(self.paths["summary"], data.encode())
-        write_atomic(self.paths["text"], render_text(summary).encode())
-        self.last_write = now
-        return summary
+    def probes(self) -> None:
+        """The software and the machine; SDPA's backends; GPTQ on the device against the CPU."""
+        torch, cfg = self.torch, self.tg.Config.from_env(os.environ)
+        device = self.tg.start_runtime(cfg.run).device
+        info = dict(torch=torch.__version__, cuda=torch.version.cuda, cpu_count=os.cpu_count(),
+                    cudnn=torch.backends.cudnn.version(), cpu_usable=len(os.sched_getaffinity(0)),
+                    fa3=util.find_spec("flash_attn_interface") is not None, driver=None,
+                    flash_attn=util.find_spec("flash_attn") is not None, gpu=None)
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            info["triton"] = metadata.version("triton")
+        if shutil.which("nvidia-smi"):
+            query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+            info["driver"] = subprocess.run(query, capture_output=True, text=True).stdout.strip()
+        if device.type == "cuda":
+            p = torch.cuda.get_device_properties(0)
+            info["gpu"] = dict(name=p.name, memory_gib=round(p.total_memory / 2**30, 1),
+                               capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count)
+        self.emit(device=info)
+        self.emit(sdpa=self.sdpa(device, cfg))
+        self.emit(gptq=self.gptq(device, cfg.model.model_dim, cfg.model.mlp_hidden))
 
-    def stage_summary(self, name: str) -> dict:
-        run = self.runs.get(name)
-        if run is None:
-            return dict(status="skipped", why=self.plan.skipped.get(name), failures=[])
-        if run.status == "running":
-            result = self.analysis(run, ended=False)
-        else:
-            result = run.result
-        out = dict(status=run.status, deadline_s=run.spec.deadline_s, started_s=_r(run.started_s),
-                   ended_s=_r(run.ended_s), pid=run.proc.pid if run.proc else None,
-                   exit=run.returncode, log=run.log_path.name, **result)
-        out.setdefault("failures", [])
+    def sdpa(self, device, cfg) -> dict:
+        """train_gpt's SDPA call (causal, GQA) forward and backward at a record GPU's
+        micro-step under each backend forced, or why it refuses; the math backend at a small
+        shape ([T, T] scores: ~20 GB at the large one), the memory peak reset after it."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        torch, m, L = self.torch, cfg.model, cfg.train.train_seq_len
+        rows = max(cfg.train.train_batch_tokens // (8 * L), 1)
+        out = dict(shape=[rows, L, m.num_heads, m.num_kv_heads, m.head_dim])
+        for backend in SDPA_OPS.values():
+            B, T = (1, min(L, 512)) if backend == "MATH" else (rows, L)
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            q, k, v = (torch.randn(B, h, T, m.head_dim, device=device, dtype=dtype).requires_grad_()
+                       for h in (m.num_heads, m.num_kv_heads, m.num_kv_heads))
+            call = (lambda: torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=m.num_heads != m.num_kv_heads).sum().backward())
+            forced = sdpa_kernel([getattr(SDPBackend, backend)])
+            with forced, warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                try:  # as many calls as fit in ~0.3 s (1 to 20) after a first
+                    n = max(1, min(20, int(300 / max(self.timed(device, call), 1e-3))))
+                    out[backend] = dict(ms=round(self.timed(device, call, n) / n, 3), rows=B,
+                                        seq_len=T)
+                except Exception as e:  # SDPA warns each reason, then raises; out of memory too
+                    why = "; ".join(dict.fromkeys(str(x.message).strip() for x in w)) or str(e)
+                    out[backend] = dict(refused=why.strip().split("\n")[0][:300])
+        if device.type == "cuda":
+            out["peak_mib_before_reset"] = torch.cuda.max_memory_allocated() // 2**20
+            torch.cuda.reset_peak_memory_stats()
+        flash, cudnn = out["FLASH_ATTENTION"].get("ms"), out["CUDNN_ATTENTION"].get("ms")
+        out["cudnn_over_flash"] = round(cudnn / flash, 3) if flash and cudnn else None
         return out
 
-    def summary(self, now: float, final: bool) -> dict:
-        stages = {name: self.stage_summary(name) for name in STAGES}
-        failed = [n for n, s in stages.items() if n in self.runs and s["status"] != "ok"]
-        state = "finished" if final else ("stopping" if self.stopping else "running")
-        pauses = [dict(from_s=_r(a), to_s=_r(b), note=c) for a, b, c in self.pauses]
-        return dict(tool="tools.gpu_check", mode=self.plan.mode, started=self.started,
-                    budget_s=self.plan.budget_s, state=state, elapsed_s=_r(now),
-                    ok=(not failed) if final else None, failed_stages=failed if final else [],
-                    host=self.host, pauses=pauses, figures=digest(stages, self.host), stages=stages)
+    def timed(self, device, fn, times: int = 1) -> float:
+        """Milliseconds of `times` calls of fn, the device synchronised on both sides."""
+        sync = self.torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(times):
+            fn()
+        sync()
+        return 1000 * (time.perf_counter() - t0)
 
-    def say(self, msg: str) -> None:
-        print(f"gpu_check {self.clock():6.1f} s  {msg}", flush=True)
+    def gptq(self, device, rows: int, cols: int) -> dict:
+        """gptq_quantize on the device and on the CPU (TF32 off, as in the export), one Hessian
+        of seeded squared-ReLU activations: the device must do as well on the error GPTQ
+        minimises, trace(E H E^T)."""
+        torch, quantize, gen, out = self.torch, self.tg.gptq_quantize, self.torch.Generator(), {}
+        X = torch.randn(4 * cols, cols, generator=gen.manual_seed(0)).relu().square()
+        W, H = torch.randn(rows, cols, generator=gen) * 0.02, (X.T @ X).double() / X.size(0)
+        with self.tg.no_tf32():
+            ms = [self.timed(device, lambda: out.update(dev=quantize(W.to(device),
+                                                                     H.float().to(device)))),
+                  self.timed(torch.device("cpu"), lambda: out.update(cpu=quantize(W, H.float())))]
+        E = [W.double() - q.cpu().double() * s.cpu().double()[:, None]
+             for q, s in (out["dev"], out["cpu"])]
+        err = [float(((e @ H) * e).sum()) for e in E]
+        return dict(shape=[rows, cols], device=device.type, solve_ms=round(ms[0], 1),
+                    cpu_solve_ms=round(ms[1], 1), error_ratio=err[0] / err[1],
+                    codes_equal=float((out["dev"][0].cpu() == out["cpu"][0]).float().mean()))
+
+    def training(self) -> None:
+        """train() as the record runs it, late QAT switching on halfway; export_artifact()."""
+        tg, cfg = self.tg, self.tg.Config.from_env(os.environ)
+        if cfg.train.late_qat_threshold > 0:  # the warm-down reaches it past the middle
+            warmdown = math.ceil(cfg.train.iterations / (2 * cfg.train.late_qat_threshold))
+            cfg = tg.Config.from_env(dict(os.environ, WARMDOWN_ITERS=str(warmdown)))
+        rt, self.iterations = self.runtime(cfg, 1), cfg.train.iterations
+        data, _ = tg.load_data(cfg, rt, training=True)
+        model = tg.build_model(cfg.model, rt.device, seed=cfg.run.seed)
+        tg.log_config(cfg, rt, model, data)
+        self.emit(vocab=cfg.model.vocab_size, iterations=cfg.train.iterations,
+                  tokens_per_step=cfg.train.train_batch_tokens,
+                  grad_accum=cfg.train.grad_accum_steps(1))
+        t0 = time.perf_counter()
+        trained = tg.train(cfg, rt, model, data, 0.0)
+        t1 = time.perf_counter()
+        gptq = cfg.export.gptq_enabled  # the record's export has none; a preset may ask for it
+        hessians = tg.calibrate(cfg, rt, model, data, trained.train_ms) if gptq else None
+        artifact = tg.export_artifact(cfg, rt, model, hessians, 0, self.code)
+        self.emit(train_s=round(t1 - t0, 2), export_s=round(time.perf_counter() - t1, 2),
+                  artifact_bytes=artifact.nbytes)
+
+    def evaluated_model(self, world: int):
+        """Config, runtime, data, the artifact's model (the initial weights' if none came)."""
+        tg, cfg = self.tg, self.tg.Config.from_env(os.environ)
+        rt = self.runtime(cfg, world)
+        data, _ = tg.load_data(cfg, rt, training=False)
+        path = cfg.export.artifact
+        if not Path(path).is_file():
+            model = tg.build_model(cfg.model, rt.device, seed=cfg.run.seed)
+            tg.export_artifact(cfg, rt, model, None, 0, self.code)
+            self.emit(artifact="the initial weights (the training stage wrote no artifact)")
+        return cfg, rt, data, tg.eval_model(cfg.model, tg.read_artifact(path), rt.device, path)
+
+    def evaluation(self) -> None:
+        """evaluate(), each result projected as it comes."""
+        cfg, rt, data, model = self.evaluated_model(1)
+        self.cfg, self.n_targets, self.mark = cfg, data.val_tokens.numel() - 1, self.compiled()
+        self.tg.evaluate(cfg, rt, model, data)
+
+    def ttt(self) -> None:
+        """eval_ttt() as rank 0 of 8, then the same windows scored with no TTT step."""
+        cfg, rt, data, model = self.evaluated_model(8)
+        preset = {k: v for k, v in os.environ.items() if k == "PRESET"}
+        self.emit(preset_runs_ttt=self.tg.Config.from_env(preset).eval.ttt.enabled, world=8)
+        unadapted = dataclasses.replace(cfg.eval, ttt=dataclasses.replace(cfg.eval.ttt, epochs=0))
+        runs, chunks = {}, {}
+        for name, eval_cfg in (("adapted", cfg.eval), ("unadapted", unadapted)):
+            before, self.chunks = self.compiled()["seconds"], []
+            sums, seconds = self.tg.eval_ttt(eval_cfg, rt, copy.deepcopy(model), data.val_tokens,
+                                             data.luts)
+            loss, bpb = sums.result(rt)
+            runs[name] = dict(name=TTT, val_loss=loss, val_bpb=bpb, seconds=round(seconds, 3),
+                              compile_s=round(self.compiled()["seconds"] - before, 3))
+            chunks[name] = self.chunks
+            self.emit(runs=runs, chunks=chunks)
+        record_chunks = -(-RECORD_VAL_TARGETS // cfg.eval.ttt.chunk_tokens)
+        self.emit(projection=ttt_projection(chunks["adapted"], chunks["unadapted"], record_chunks))
 
 
-def _r(x: float | None) -> float | None:
-    """Every time in a summary at one rounding, so no stage reads as ending after the summary."""
-    return None if x is None else round(x, 2)
-
-
-def host_info() -> dict:
-    """What the parent can tell without touching the GPU: versions, the driver, the CPUs."""
+def child(stage: str) -> int:
+    """The stage's process: it dies with gpu_check; the error that stops it is one line."""
+    with contextlib.suppress(Exception):  # Linux: die with gpu_check, even by SIGKILL
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if str(os.getppid()) != os.environ.get("GPU_CHECK_PARENT", str(os.getppid())):
+        return 1  # gpu_check died before prctl took hold
     import torch
-
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    out = dict(python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
-               triton=_package_version("triton"), numpy=np.__version__,
-               sentencepiece=_package_version("sentencepiece"), cpu_count=os.cpu_count(),
-               cpu_usable=usable, platform=platform.platform(), driver=None, gpus=None)
-    if not shutil.which("nvidia-smi"):
-        return out
-    query = ["nvidia-smi", "--query-gpu=driver_version,name,memory.total", "--format=csv,noheader"]
+    if os.environ.get("GPU_CHECK_DRY") == "True":  # dynamo's graphs, guards, recompilations
+        torch.compile = functools.partial(torch.compile, backend="eager")
+    from tools._common import import_train_gpt
+    proc, status = StageProcess(stage, torch, import_train_gpt()), 0
     try:
-        res = subprocess.run(query, capture_output=True, text=True, timeout=20)
-        rows = [[c.strip() for c in line.split(",")] for line in res.stdout.strip().splitlines()]
-        out["driver"] = rows[0][0] if rows else None
-        out["gpus"] = [dict(name=r[1], memory=r[2]) for r in rows if len(r) >= 3]
-    except (OSError, subprocess.SubprocessError) as e:
-        out["driver"] = f"nvidia-smi failed: {e}"[:200]
-    return out
+        getattr(proc, stage)()
+    except Exception as e:  # a bad setting, a diverged run, a CUDA error (its log: the rest)
+        traceback.print_exc(file=sys.stdout)
+        proc.emit(error=f"{type(e).__name__}: {e}"[:500])
+        status = 1
+    proc.emit(memory=proc.memory(), compile=proc.compiled())
+    return status
 
 
-def _package_version(name: str) -> str | None:
-    from importlib import metadata
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def digest(stages: dict, host: dict) -> dict:
-    """The figures issue 21 asks for, gathered from the stages (None where not measured yet)."""
-    parts = stages["probes"].get("parts", {})
-    kernel, gptq = parts.get("kernel", {}), parts.get("gptq", {})
-    keys = ("shape", "device", "hessian_ms", "solve_ms", "cpu_solve_ms", "codes_equal",
-            "error_ratio")
-    out = dict(driver=host.get("driver"), cpu_count=host.get("cpu_count"),
-               attention_kernel=kernel.get("attention_kernel"),
-               gptq={k: gptq.get(k) for k in keys} if "solve_ms" in gptq else None,
-               ms_per_step=stages["training"].get("speed", {}).get("ms_per_step"),
-               compile_s={}, peak_mib={}, steady_s_per_batch={}, projected_8xh100_s={})
-    if kernel.get("peak_allocated_mib") is not None:
-        out["peak_mib"]["kernel_trace"] = kernel["peak_allocated_mib"]
-    for name in SCRIPT_STAGES:
-        st = stages[name]
-        if "compile" in st:
-            graphs = [dict(id=c["id"], function=c["function"], where=c["evaluation"] or c["phase"],
-                           seconds=c["seconds"]) for c in st["compile"]["compilations"]]
-            out["compile_s"][name] = dict(total=st["compile"]["seconds"], graphs=graphs)
-        mem = st.get("memory") or {}
-        peak = next((mem[k] for k in ("cuda_allocated_peak_mib", "logged_allocated_mib",
-                                      "rss_peak_mib") if mem.get(k) is not None), None)
-        if peak is not None:
-            out["peak_mib"][name] = peak
-        for e in st.get("evaluations", []) if name in ("eval_slot", "eval_ttt") else []:
-            out["steady_s_per_batch"][f"{name}/{e['name']}"] = e.get("steady_s_per_batch")
-            out["projected_8xh100_s"][f"{name}/{e['name']}"] = e.get("projected_8xh100_s")
-    return out
-
-
-# ---------------------------------------------------------------- the text report
-
-def render_text(summary: dict) -> str:
-    failed, h = summary["failed_stages"], summary["host"]
-    state = f"{summary['state']} (incomplete)"
-    if summary["state"] == "finished":
-        state = "every stage passed" if not failed else "FAILED: " + ", ".join(failed)
-    out = [f"gpu_check ({summary['mode']}) {summary['started']}: {summary['elapsed_s']:.0f} s of "
-           f"{summary['budget_s']:.0f}: {state}",
-           f"host: python {h['python']}, torch {h['torch']}, CUDA {h['cuda']}, triton "
-           f"{h['triton']}; driver {h['driver']}; {h['cpu_count']} CPUs ({h['cpu_usable']} usable)"]
-    for p in summary["pauses"]:
-        out.append(f"paused the other stages {p['from_s']:.0f}-{_fmt(p['to_s'], '.0f', '…')} s for "
-                   f"training's timed steps" + ("" if p["note"] == "ok" else f" ({p['note']})"))
-    for name, stage in summary["stages"].items():
-        out += ["", *stage_text(name, stage)]
-    return "\n".join(out) + "\n"
-
-
-def stage_text(name: str, s: dict) -> list[str]:
-    when = ""
-    if s.get("started_s") is not None:
-        when = (f" {s['started_s']:.0f}-{_fmt(s.get('ended_s'), '.0f', '…')} s "
-                f"(deadline {s['deadline_s']:.0f})")
-    out = [f"[{name}] {s['status']}{when}" + (f" ({s['why']})" if s.get("why") else "")]
-    out += [f"  failure: {f}" for f in s["failures"]]
-    try:  # a stage cut early holds only part of its figures: show what renders
-        out += _text_probes(s) if name == "probes" else _text_script(name, s)
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
-        pass
-    return out
-
-
-def _fmt(x, spec: str = ".1f", none: str = "-") -> str:
-    return none if x is None else format(x, spec)
-
-
-def _paused(part: dict) -> str:
-    if not part.get("paused_s"):
-        return ""
-    return f" [paused {part['paused_s']:.0f} s inside: timings include it]"
-
-
-def _text_probes(s: dict) -> list[str]:
-    p, out = s.get("parts", {}), []
-    if "device" in p and "torch" in p["device"]:
-        d, gpu = p["device"], p["device"].get("gpu")
-        where = (f"{gpu['name']}, {gpu['memory_gib']} GiB, sm {gpu['capability']}, "
-                 f"{gpu['multiprocessors']} SMs" if gpu else "no GPU")
-        fa3 = "importable" if d.get("fa3", {}).get("importable") else "not importable"
-        out.append(f"  device: {where}; cuDNN {d.get('cudnn')}; FlashAttention 3 {fa3}")
-    if "solve_ms" in p.get("gptq", {}):
-        g = p["gptq"]
-        out.append(f"  gptq: {g['shape'][0]}x{g['shape'][1]} on {g['device']}: Hessian "
-                   f"{g['hessian_ms']:.1f} ms, solve {g['solve_ms']:.0f} ms (CPU "
-                   f"{g['cpu_solve_ms']:.0f} ms); vs the CPU: output error "
-                   f"x{g['error_ratio']:.4f}, codes equal {g['codes_equal']:.2%}, Hessian "
-                   f"{g['hessian_max_rel_diff']:.1e}"
-                   f"{_paused(g)}")
-    if "default" in p.get("sdpa", {}):
-        d, b = p["sdpa"]["default"], p["sdpa"]["backends"]
-        each = ", ".join(f"{n.split('_')[0]} " + (f"{v['ms']:.2f} ms" if v["status"] == "ok"
-                                                   else v["status"]) for n, v in b.items())
-        out.append(f"  sdpa (eager): default {d['backend']} {d['ms']:.2f} ms fwd+bwd; {each}"
-                   f"{_paused(p['sdpa'])}")
-    if "attention_kernel" in p.get("kernel", {}):
-        k = p["kernel"]
-        names = (k["attention_kernels"] or k["attention_ops"] or ["-"])[0][:80]
-        out.append(f"  kernel (compiled training micro-step, {k['rows']}x{k['seq_len']}): "
-                   f"attention {k['attention_kernel']} ({names}); first call "
-                   f"{k['first_call_s']:.1f} s, {k['ms_per_micro_step']:.1f} ms, peak "
-                   f"{_fmt(k['peak_allocated_mib'], ',')} MiB"
-                   f"{_paused(k)}")
-    return out
-
-
-def _text_script(name: str, s: dict) -> list[str]:
-    out = []
-    lo = s.get("loss") or {}
-    if lo.get("first"):
-        out.append(f"  loss: step {lo['first'][0]} {lo['first'][1]:.4f} (ln vocab "
-                   f"{lo['ln_vocab']:.4f}), step {lo['last'][0]} {lo['last'][1]:.4f}; "
-                   f"{lo['logged']} steps logged")
-    sp = s.get("speed", {})
-    if sp.get("ms_per_step"):
-        r = sp["record"]
-        out.append(f"  speed: {sp['ms_per_step']:.1f} ms/step (steps {sp['averaged_steps'][0]}.."
-                   f"{sp['averaged_steps'][1]}; late QAT from step {sp.get('late_qat_from_step')}: "
-                   f"{_fmt(sp.get('ms_per_step_before_qat'))} before, "
-                   f"{_fmt(sp.get('ms_per_step_with_qat'))} with), {sp['tokens_per_s_per_gpu']:,} "
-                   f"tokens/s; the record's 8 micro-steps: {r['single_gpu_equivalent_ms']:.0f} ms "
-                   f"(ratio {r['ratio']:.2f})")
-    m = s.get("memory") or {}
-    if m:
-        out.append(f"  memory: CUDA peak {_fmt(m.get('cuda_allocated_peak_mib'), ',')} MiB "
-                   f"allocated, {_fmt(m.get('cuda_reserved_peak_mib'), ',')} reserved (record "
-                   f"{runlog.ORIGINAL_PEAK_MIB:,} per GPU); host RSS "
-                   f"{_fmt(m.get('rss_peak_mib'), ',')} MiB")
-    c = s.get("compile")
-    if c:
-        graphs = ", ".join(f"{x['id']} {x['function']} [{x['evaluation'] or x['phase']}] "
-                           f"{x['seconds']:.1f} s" for x in c["compilations"])
-        out.append(f"  compile: {c['total']} graphs ({c['recompilations']} recompilations), "
-                   f"{c['seconds']:.1f} s" + (f": {graphs}" if graphs else ""))
-    for e in s.get("evaluations", []):
-        out.append(_text_eval(e, full=name in ("eval_slot", "eval_ttt")))
-    return out
-
-
-def _text_eval(e: dict, full: bool) -> str:
-    line = (f"  {e['name']:<30} bpb {e['val_bpb']:.4f} {e['seconds']:7.1f} s, compile "
-            f"{e['compile_s']:.1f} s")
-    if not full:
-        return line
-    unit = "chunks" if e["name"] == TTT else "batches"
-    record = f" (record {e['record_8xh100_s']} s)" if e.get("record_8xh100_s") else ""
-    return (line + f", {_fmt(e['batches'], 'd')} {unit}, steady "
-            f"{_fmt(e['steady_s_per_batch'], '.4f')} s each [{e['steady_basis'].split(':')[0]}]; "
-            f"8xH100 whole split "
-            f"{_fmt(e['projected_8xh100_s'], '.0f')}-{_fmt(e['projected_8xh100_upper_s'], '.0f')} s"
-            + record)
+def trace_figures(torch, events) -> dict:
+    """The attention of a traced step: on CUDA by its kernels' names (no fused kernel but a
+    softmax: the math path), on the CPU by the aten op it dispatched."""
+    ops = sorted({e.name for e in events if e.name.startswith("aten::") and "attention" in e.name})
+    kernels: dict[str, float] = {}
+    for e in events:
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[e.name] = kernels.get(e.name, 0.0) + e.device_time_total
+    names = sorted(kernels, key=kernels.get, reverse=True)  # by device time
+    fused = [(n[:160], b) for n in names for w, b in KERNEL_WORDS if w in n.lower()]
+    softmax = any("softmax" in n.lower() for n in names)
+    kernel = fused[0][1] if fused else "MATH" if softmax else None
+    by_op = next((b for k, b in SDPA_OPS.items() for op in ops if k in op), None)
+    return dict(attention_kernel=kernel if names else by_op, aten_ops=ops,
+                attention_kernels=list(dict(fused))[:4], top_kernels=[n[:160] for n in names[:5]])
 
 
 # ---------------------------------------------------------------- the command
 
-def output_paths(out: str | None) -> dict[str, Path]:
-    if out is None:
-        folder = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path.cwd()
-        path = folder / "gpu_check.json"
-    else:
-        path = Path(out)
-    if path.suffix != ".json":
-        raise CheckError(f"--out {str(path)!r} is not allowed; expected a .json path (the text "
-                         "copy goes beside it)")
-    if not path.parent.is_dir():
-        raise CheckError(f"--out {str(path)!r}: folder {str(path.parent)!r} does not exist")
-    logs = {name: path.with_name(f"{path.stem}_{name}.log") for name in STAGES}
-    return dict(summary=path, text=path.with_suffix(".txt"), **logs)
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m tools.gpu_check", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", help="summary JSON path (default: gpu_check.json in $OUT or here)")
-    p.add_argument("--dry-run", action="store_true", help="on the CPU: the same stages, tiny model")
-    p.add_argument("--budget", type=float,
-                   help="seconds for the whole check (default 420; dry run 170)")
-    p.add_argument("--steps", type=int, help="training steps (default 36; dry run 8)")
-    p.add_argument("--warmup", type=int, help="training's compile warm-up steps (default 4; dry 2)")
-    p.add_argument("--set", action="append", default=[], metavar="[STAGE:]VAR=VALUE",
-                   help="a train_gpt setting for every script stage, or for one")
-    p.add_argument("--deadline", action="append", default=[], metavar="STAGE=SECONDS",
-                   help="one stage's deadline, in seconds after the start")
-    p.add_argument("--only", metavar="STAGE,...", help="run these stages only")
-    p.add_argument("-q", "--quiet", action="store_true", help="do not echo the stages' output")
-    args = p.parse_args(argv)
-    if args.budget is not None and not (math.isfinite(args.budget) and args.budget > 0):
-        raise CheckError(f"--budget={args.budget} is not allowed; expected seconds > 0")
-    if args.steps is not None and args.steps < 3:
-        raise CheckError(f"--steps={args.steps} is not allowed; expected at least 3 steps "
-                         "(the loss must be seen falling)")
-    if args.warmup is not None and args.warmup < 0:
-        raise CheckError(f"--warmup={args.warmup} is not allowed; expected a count >= 0")
-    return args
+    p = Parser(prog="python -m tools.gpu_check", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, help="summary path (default: gpu_check.json in $OUT or .)")
+    p.add_argument("--dry-run", action="store_true", help="on the CPU: a 2-layer model")
+    p.add_argument("--preset", choices=sorted(x.stem for x in (ROOT / "presets").glob("*.env")),
+                   help="a train_gpt preset (default: the record's configuration)")
+    p.add_argument("--budget", type=float, help="seconds for the whole check (330; dry run 240)")
+    p.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    a.mode = "dry" if a.dry_run else "gpu"
+    a.budget = a.budget if a.budget is not None else (240.0 if a.dry_run else 330.0)
+    a.out = a.out or Path(os.environ.get("OUT") or ".") / "gpu_check.json"
+    if not (math.isfinite(a.budget) and a.budget > 0):
+        p.error(f"--budget {a.budget} is not allowed; expected seconds > 0")
+    if a.out.suffix != ".json" or not a.out.parent.is_dir():
+        p.error(f"--out {str(a.out)!r} is not allowed; expected a .json path in an existing "
+                f"folder (the stages' logs go beside it)")
+    return a
 
 
 def main(argv=None) -> int:
-    try:
-        args = parse_args(argv)
-        paths = output_paths(args.out)
-        import torch
-
-        if not args.dry_run and not torch.cuda.is_available():
-            print("error: no CUDA device; this check needs a GPU (on a CPU: `python -m "
-                  "tools.gpu_check --dry-run`, or `python -m tools.bench_train`)", file=sys.stderr)
-            return 1
-        work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
-        try:
-            plan = build_plan(args, work)
-        except CheckError:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
-    except CheckError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        return run_plan(plan, paths, echo=not args.quiet)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def run_plan(plan: Plan, paths: dict[str, Path], echo: bool) -> int:
-    runlog.ensure_demo_data(runlog.DEMO_DATA)
-    if plan.mode == "dry-run":  # the dry run's shorter validation split, for every script stage
-        data = trimmed_data(runlog.DEMO_DATA, plan.work / "data", DRY_RUN_VAL_TOKENS)
-        for spec in plan.stages.values():
-            if spec.env.get("DATA_PATH") == str(runlog.DEMO_DATA):
-                spec.env["DATA_PATH"] = data
-    check = Check(plan, paths, echo)
-
-    def stop(signum, frame):  # SIGTERM or Ctrl-C: cut the stages, keep what they measured
-        check.stopping = signal.Signals(signum).name
-
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        summary = check.run()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    print("\n" + render_text(summary), end="")
-    print(f"summary: {paths['summary']} (text: {paths['text'].name}; "
-          f"logs: {paths['summary'].stem}_<stage>.log)")
-    return 0 if summary["ok"] else 1
+    args = parse_args(argv)
+    if args.child:
+        return child(args.child)
+    import torch
+    if not args.dry_run and not torch.cuda.is_available():
+        print("error: no CUDA device; this check needs a GPU (on a CPU: `python -m "
+              "tools.gpu_check --dry-run`, or `python -m tools.bench_train`)", file=sys.stderr)
+        return 1
+    if not DEMO_DATA.exists():
+        subprocess.run([sys.executable, "-m", "tools.data", "demo", "--root", str(ROOT)],
+                       check=True, cwd=ROOT)
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as work:
+        args.work = Path(work)
+        args.data = args.work if args.dry_run else DEMO_DATA
+        for shard in DEMO_DATA.glob("fineweb_*.bin") if args.dry_run else ():
+            keep = 16384 if "_val_" in shard.name else None  # a CPU scores fewer targets
+            write_atomic(args.work / shard.name, shard_bytes(read_shard(shard)[:keep]))
+        s = run(args)
+    print(f"gpu_check ({s['mode']}): {s['elapsed_s']:.0f} s of {s['budget_s']:.0f}: "
+          + ("every stage passed" if s["ok"] else "FAILED: " + ", ".join(s["failed_stages"])))
+    for name, st in s["stages"].items():
+        print("\n".join([f"[{name}] {st['status']}"] + [f"  failure: {f}" for f in st["failures"]]))
+    print(f"evaluation on 8xH100: {json.dumps(s['evaluation_8xh100'])}\nsummary: {args.out}")
+    return 0 if s["ok"] else 1
 
 
 if __name__ == "__main__":
