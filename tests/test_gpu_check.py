@@ -103,7 +103,7 @@ def crafted_log(training_recompile: bool = True, limit_hit: bool = True) -> str:
 # ---------------------------------------------------------------- log readers
 
 def test_compilations_by_phase_with_their_seconds():
-    parsed = runlog.parse_compiles(crafted_log())
+    parsed = gpu_check.parse_compiles(crafted_log())
     got = [(c["id"], c["function"], c["phase"], c["evaluation"], c["recompile"], c["seconds"])
            for c in parsed["compilations"]]
     # 0/0: 20 s of forward plus its backward's 30 s, not the 5 s between them.
@@ -126,10 +126,10 @@ def test_compilations_by_phase_with_their_seconds():
 def test_a_compilation_cut_short_counts_to_its_last_line_and_days_wrap():
     lines = [glog(3599.5, "0/0", "Step 1: torchdynamo start tracing forward /x/t.py:1"),
              glog(3599.9, "0/0", "Step 2: calling compiler function inductor", "o.py:3116")]
-    (c,) = runlog.parse_compiles(lines)["compilations"]
+    (c,) = gpu_check.parse_compiles(lines)["compilations"]
     assert c["seconds"] == pytest.approx(0.4) and not c["finished"]
     # 23:59:59 then 00:00:01: two seconds, not minus a day.
-    times = runlog.glog_seconds(["I1201 23:59:59.000000 1 a.py:1] x", "own line",
+    times = gpu_check.glog_seconds(["I1201 23:59:59.000000 1 a.py:1] x", "own line",
                                  "I1202 00:00:01.000000 1 a.py:1] y"])
     assert times[0] is not None and times[1] is None and times[2] - times[0] == pytest.approx(2.0)
 
@@ -140,14 +140,14 @@ def test_an_eval_only_log_compiles_inside_its_evaluations():
              "final_int6_roundtrip val_loss:1.9 val_bpb:1.10 eval_time:4000ms",
              *compile_lines(9, "1/0", "slot_loss", 2),
              "final_int6_sliding_window val_loss:1.9 val_bpb:1.10 stride:96 eval_time:900ms"]
-    phases = [(c["phase"], c["evaluation"]) for c in runlog.parse_compiles(lines)["compilations"]]
+    phases = [(c["phase"], c["evaluation"]) for c in gpu_check.parse_compiles(lines)["compilations"]]
     assert phases == [("evaluation", "final_int6_roundtrip"),
                       ("evaluation", "final_int6_sliding_window")]
 
 
 def test_compile_failures_flag_the_timed_loop_the_validation_recompile_and_the_limit():
     log = crafted_log()
-    failures = gpu_check.compile_failures(runlog.parse_compiles(log), log)
+    failures = gpu_check.compile_failures(gpu_check.parse_compiles(log), log)
     assert len(failures) == 3
     assert failures[0].startswith("recompilation 0/2 of forward during the timed training steps "
                                   "(tensor 'ids'")
@@ -155,10 +155,10 @@ def test_compile_failures_flag_the_timed_loop_the_validation_recompile_and_the_l
                                   "validation")
     assert failures[2].startswith("recompile limit hit:") and "recompile_limit (8)" in failures[2]
     clean = crafted_log(training_recompile=False, limit_hit=False)
-    found = gpu_check.compile_failures(runlog.parse_compiles(clean), clean)
+    found = gpu_check.compile_failures(gpu_check.parse_compiles(clean), clean)
     assert [f.split(" of ")[0] for f in found] == ["recompilation 1/1"]
     early = "\n".join(["seed:1337", *compile_lines(0, "0/0", "forward", 1), "warmup_step:1/4"])
-    assert gpu_check.compile_failures(runlog.parse_compiles(early), early) == [
+    assert gpu_check.compile_failures(gpu_check.parse_compiles(early), early) == [
         "the run never reached the timed training loop: compile counts incomplete"]
 
 
@@ -175,7 +175,7 @@ def test_training_figures_from_the_log():
 def test_the_childrens_memory_line_is_the_one_read():
     from tools import _gpu_probes
 
-    peaks = runlog.memory_peaks(_gpu_probes.memory_line(torch))
+    peaks = gpu_check.memory_peaks(_gpu_probes.memory_line(torch))
     assert peaks["rss_peak_mib"] > 0 and set(peaks) == {
         "rss_peak_mib", "cuda_allocated_peak_mib", "cuda_reserved_peak_mib"}
 
@@ -189,9 +189,9 @@ def test_defaults_are_train_gpts():
 
 
 def test_captured_lines_keep_their_arrival_times():
-    text = runlog.capture_line(1.5, "step:1/2 train_loss:6.9\n")
-    text += runlog.capture_line(12.25, "x | y")
-    assert runlog.read_captured(text) == ([1.5, 12.25], ["step:1/2 train_loss:6.9", "x | y"])
+    text = gpu_check.capture_line(1.5, "step:1/2 train_loss:6.9\n")
+    text += gpu_check.capture_line(12.25, "x | y")
+    assert gpu_check.read_captured(text) == ([1.5, 12.25], ["step:1/2 train_loss:6.9", "x | y"])
 
 
 # ---------------------------------------------------------------- checks on the numbers
@@ -384,7 +384,7 @@ def gone(pid: int) -> bool:
 
 
 def stage_log(out: Path, stage: str) -> tuple[list[float], list[str]]:
-    return runlog.read_captured(out.with_name(f"{out.stem}_{stage}.log").read_text())
+    return gpu_check.read_captured(out.with_name(f"{out.stem}_{stage}.log").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -432,8 +432,8 @@ def test_dry_run_compile_seconds_come_from_its_own_log(dry_run):
         starts = [ln for ln in lines if "torchdynamo start tracing" in ln]
         assert graphs and len(graphs) == len(starts)
         for g in graphs:  # eager backend: a graph from its first line to dynamo's `done compiler`
-            mine = [ln for ln in lines if runlog.GLOG_LINE.match(ln) and f"] [{g['id']}] " in ln]
-            t = runlog.glog_seconds(mine)
+            mine = [ln for ln in lines if gpu_check.GLOG_LINE.match(ln) and f"] [{g['id']}] " in ln]
+            t = gpu_check.glog_seconds(mine)
             done = next(i for i, ln in enumerate(mine) if "Step 2: done compiler function" in ln)
             assert g["seconds"] == pytest.approx(t[done] - t[0], abs=1e-3)
     training = figures["compile_s"]["training"]["graphs"]
@@ -452,7 +452,7 @@ def test_dry_run_steady_state_and_projections_come_from_its_own_log(dry_run):
     assert slot["batches"] == len(tg.window_batches(len(plan), 32, 8))
     # The script's eval_timing line (batches 2..n) is the best source; it counts this rank's
     # batches as the plan does.
-    timing = runlog.eval_timing(text)["final_slot"]
+    timing = gpu_check.eval_timing(text)["final_slot"]
     assert timing["batches"] == slot["batches"] and slot["steady_basis"].startswith(
         "measured: eval_timing line")
     assert slot["steady_s_per_batch"] == pytest.approx(timing["steady_batch_s"], abs=1e-5)
@@ -464,7 +464,7 @@ def test_dry_run_steady_state_and_projections_come_from_its_own_log(dry_run):
         slot["steady_s_per_batch"] * slot["projected_batches"], rel=1e-3, abs=0.2)
     assert s["figures"]["projected_8xh100_s"]["eval_slot/final_slot"] == slot["projected_8xh100_s"]
     ttt = s["stages"]["eval_ttt"]["evaluations"][-1]
-    chunks = runlog.ttt_chunk_lines("\n".join(stage_log(out, "eval_ttt")[1]))
+    chunks = gpu_check.ttt_chunk_lines("\n".join(stage_log(out, "eval_ttt")[1]))
     assert ttt["batches"] == chunks[-1][1] == 4  # TTT_CHUNK_TOKENS=4096 over 16,256 targets
     assert ttt["steady_basis"].startswith("measured: legal_ttt:chunk")
     steady = (chunks[-1][2] - chunks[0][2]) / (chunks[-1][0] - chunks[0][0])

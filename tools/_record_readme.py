@@ -8,7 +8,6 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from tools.runlog import RunRecord
 
 KIND_LINES = (
     ("accepted", "the round trip, the sliding window at any stride and legal score-first TTT: what "
@@ -29,7 +28,7 @@ RUN_COLUMNS = (
 )
 
 
-def _bpb(name: str) -> Callable[[RunRecord], float | None]:
+def _bpb(name: str) -> Callable[[object], float | None]:
     return lambda r: r.evals[name].val_bpb if name in r.evals else None
 
 
@@ -49,7 +48,7 @@ def _score_columns(submission: dict) -> list[tuple]:
     return columns
 
 
-def _summary_row(label: str, columns: list[tuple], records: Sequence[RunRecord],
+def _summary_row(label: str, columns: list[tuple], records: Sequence[object],
                  spread: bool) -> list[str]:
     row = [label]
     for _, get, fmt in columns:
@@ -63,7 +62,7 @@ def _summary_row(label: str, columns: list[tuple], records: Sequence[RunRecord],
     return row
 
 
-def results_table(records: Sequence[RunRecord], submission: dict) -> str:
+def results_table(records: Sequence[object], submission: dict) -> str:
     """Markdown table: a row per seed, then each column's mean and std over the seeds."""
     columns = [*RUN_COLUMNS, *_score_columns(submission)]
     rows = [["seed", *(h for h, _, _ in columns)], ["---:"] * (len(columns) + 1)]
@@ -133,7 +132,7 @@ def _wrapped(words: list[str], width: int = 92) -> list[str]:
     return lines + [line] if line else lines
 
 
-def _reproduction(s: dict, records: Sequence[RunRecord]) -> list[str]:
+def _reproduction(s: dict, records: Sequence[object]) -> list[str]:
     """The shared settings exported once, then a line per seed (submission.json's "commands"
     spell each seed's in full)."""
     rep = s["reproduction"]
@@ -151,7 +150,7 @@ def _reproduction(s: dict, records: Sequence[RunRecord]) -> list[str]:
             f"are {others}. Each log's `model_params:{params}` checks the model built."]
 
 
-def _hardware(s: dict, records: Sequence[RunRecord]) -> list[str]:
+def _hardware(s: dict, records: Sequence[object]) -> list[str]:
     v, world = s["versions"], records[0].config.get("world_size", "?")
     driver = f" (driver {v['driver']}, CUDA {v['cuda']})" if "driver" in v else ""
     return ["", "## Hardware and versions", "",
@@ -163,7 +162,7 @@ def _yes(ok: bool, figure: str) -> str:
     return f"{'yes' if ok else '**no**'} ({figure})"
 
 
-def _compliance_row(r: RunRecord, met: dict[str, bool]) -> str:
+def _compliance_row(r: object, met: dict[str, bool]) -> str:
     cells = (_yes(met["train_under_600s"], f"{r.training_time_seconds:.1f} s"),
              _yes(met["artifact_under_16mb"], f"{r.artifact_bytes:,}"),
              _yes(met["eval_under_600s"], f"{r.eval_time_seconds:.1f} s"),
@@ -171,7 +170,7 @@ def _compliance_row(r: RunRecord, met: dict[str, bool]) -> str:
     return f"| {r.seed} | " + " | ".join(cells) + " |"
 
 
-def _compliance(s: dict, records: Sequence[RunRecord]) -> list[str]:
+def _compliance(s: dict, records: Sequence[object]) -> list[str]:
     kind = s["score_kind"]
     accepted = "is accepted" if kind == "accepted" else f"is **not** accepted ({kind})"
     track = ""
@@ -200,7 +199,7 @@ def _files(s: dict) -> list[str]:
                         "is theirs."]
 
 
-def render_readme(submission: dict, records: Sequence[RunRecord]) -> str:
+def render_readme(submission: dict, records: Sequence[object]) -> str:
     s = submission
     table = results_table(records, s).rstrip("\n")
     lines = [*_headline(s), *_scores(s), "", "## Per seed", "", table, *_comparison(s),

@@ -41,6 +41,7 @@ device is refused.
 from __future__ import annotations
 
 import argparse
+import datetime
 import dataclasses
 import json
 import math
@@ -61,6 +62,265 @@ import numpy as np
 from tools import runlog
 from tools._files import read_shard, shard_bytes, write_atomic
 from tools.runlog import EVAL_TAGS, PART_PREFIX, POST_EMA
+from tools.runlog import Log, find, last, match
+
+# ---------------------------------------------------------------- moved from tools/runlog.py
+# (the reader keeps what submission and bench_train read; these are the GPU check's own)
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_DATA = ROOT / "data" / "datasets" / "demo_sp1024"
+DEMO_TOKENIZER = ROOT / "data" / "tokenizers" / "demo_1024_bpe.model"
+
+# The record on 8xH100 (published): 786,432 tokens per step, one micro-step of 48 rows per GPU.
+ORIGINAL_MS_PER_STEP = 91.25
+ORIGINAL_PEAK_MIB = 22524
+RECORD_VAL_TARGETS = 62_021_632  # targets in the record's validation split
+RECORD_EVAL_S = {"final_int6_sliding_window": 54.5, "final_slot": 408.7}  # eval_time on 8xH100
+
+
+def ensure_demo_data(data: Path) -> None:
+    """The demo corpus is built offline in seconds by `python -m tools.data demo`."""
+    if data == DEMO_DATA and not DEMO_DATA.exists():
+        command = [sys.executable, "-m", "tools.data", "demo", "--root", str(ROOT)]
+        subprocess.run(command, check=True, cwd=ROOT)
+
+
+def train_losses(log: Log) -> list[tuple[int, float]]:
+    """(step, train_loss) of every logged step; nan and inf parse as such."""
+    return [(int(m["step"]), float(m["train_loss"])) for m in find("train_step", log)]
+
+
+def val_losses(log: Log) -> list[tuple[int, float, float]]:
+    """(step, val_loss, val_bpb) of every in-loop validation line."""
+    return [(int(m["step"]), float(m["val_loss"]), float(m["val_bpb"]))
+            for m in find("val_step", log)]
+
+
+def ttt_chunk_lines(log: Log) -> list[tuple[int, int, float]]:
+    """(chunk, chunks, elapsed seconds) of every legal_ttt:chunk line."""
+    return [(int(m["chunk"]), int(m["chunks"]), float(m["elapsed"]))
+            for m in find("ttt_chunk", log)]
+
+
+def progress_lines(log: Log, label: str) -> list[tuple[float, float]]:
+    """(fraction done, elapsed seconds) of the eval_progress lines of one pass."""
+    return [(float(m["percent"]) / 100, float(m["elapsed"])) for m in find("progress", log)
+            if m["label"] == label]
+
+
+def eval_timing(log: Log) -> dict[str, dict]:
+    """The eval_timing lines by evaluation name."""
+    return {m["name"]: dict(batches=int(m["batches"]), first_batch_s=float(m["first"]),
+                            steady_batch_s=float(m["steady"])) for m in find("timing", log)}
+
+
+def memory_peaks(log: Log) -> dict | None:
+    """The last gpu_check:memory line: peak resident memory and CUDA peaks (None off CUDA)."""
+    m = last("memory", log)
+    if m is None:
+        return None
+    rss, alloc, reserved = (int(m[k]) for k in ("rss", "allocated", "reserved"))
+    return dict(rss_peak_mib=rss, cuda_allocated_peak_mib=alloc if alloc >= 0 else None,
+                cuda_reserved_peak_mib=reserved if reserved >= 0 else None)
+
+
+# ---------------------------------------------------------------- captured logs
+
+CAPTURED = re.compile(r"^ *(\d+\.\d+)\| ?(.*)$")  # written by capture_line
+
+
+def capture_line(t: float, line: str) -> str:
+    """A line as gpu_check stores it: seconds since the check started, then the line."""
+    return f"{t:9.3f}| {line.rstrip(chr(10))}\n"
+
+
+def read_captured(text: str) -> tuple[list[float], list[str]]:
+    """Arrival times and lines of a captured log (a line without a prefix takes the last time)."""
+    times, lines, t = [], [], 0.0
+    for raw in text.splitlines():
+        m = CAPTURED.match(raw)
+        if m:
+            t, raw = float(m[1]), m[2]
+        times.append(t)
+        lines.append(raw)
+    return times, lines
+
+
+# ---------------------------------------------------------------- dynamo's compilations
+
+# torch's own lines under TORCH_LOGS (glog format), not train_gpt.py's.
+GLOG_LINE = re.compile(r"^(?:\[rank\d+\]:)?[IWEVDC]\d{4} (\d\d):(\d\d):(\d\d\.\d+) +\d+ \S+:\d+\] ")
+COMPILE_ID = re.compile(r"\] \[(\d+)/(\d+)(?:_\d+)?\] ")
+START_TRACING = re.compile(r"torchdynamo start tracing (\S+) (\S+)")
+RECOMPILING = re.compile(r"Recompiling function (\S+) in (\S+)")
+GUARD_FAILURE = re.compile(r"\[__recompiles\]\s+- \d+/\d+: (.*)")
+LIMIT_HIT = re.compile(r"hit config\.(?:recompile|cache_size)_limit|FailOnRecompileLimitHit")
+FORWARD_DONE = "Step 2: done compiler function"
+BACKWARD_START = "Step 3: torchinductor compiling BACKWARDS graph"
+BACKWARD_DONE = "Step 3: torchinductor done compiling BACKWARDS graph"
+
+# Phases of a training log; WARMUP is everything before the training timer starts.
+WARMUP, TRAINING, VALIDATION, EVALUATION = "warmup", "training", "validation", "evaluation"
+PHASES = (WARMUP, TRAINING, VALIDATION, EVALUATION)
+
+
+def glog_seconds(lines: list[str]) -> list[float | None]:
+    """Each glog line's wall-clock time in seconds (a day boundary adds 86,400), None elsewhere."""
+    out, offset, prev = [], 0.0, None
+    for line in lines:
+        m = GLOG_LINE.match(line)
+        if not m:
+            out.append(None)
+            continue
+        t = int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3]) + offset
+        if prev is not None and t < prev - 43200:
+            offset += 86400
+            t += 86400
+        out.append(t)
+        prev = t
+    return out
+
+
+def compile_seconds(entries: list[tuple[float, str]]) -> tuple[float, bool]:
+    """(seconds, finished) of one compilation from its lines (time, text) in log order: the
+    forward from its first line to dynamo's `done compiler function`, and each backward from
+    inductor's `compiling BACKWARDS` to its `done` line. Inductor may compile a backward lazily,
+    at the first backward call: the time between belongs to the program, not the compiler."""
+    total, start, state = 0.0, entries[0][0], "forward"
+    for t, text in entries:
+        if state == "forward" and FORWARD_DONE in text:
+            total, state = total + t - start, "idle"
+        elif BACKWARD_START in text and state != "backward":
+            if state == "forward":  # no done line before the backward: the forward ends here
+                total += t - start
+            start, state = t, "backward"
+        elif state == "backward" and BACKWARD_DONE in text:
+            total, state = total + t - start, "idle"
+    if state != "idle":  # cut mid-compilation: count up to its last line
+        total += entries[-1][0] - start
+    return total, state == "idle"
+
+
+def _warm_end(lines: list[str], own: list[int]) -> tuple[int, bool]:
+    """The last line of the warm-up (the eval_only line, else the last warm-up line, else the
+    seed line that ends the config; -1: none) and whether the log is an EVAL_ONLY run's."""
+    eval_only = [i for i in own if match("eval_only", lines[i])]
+    marks = eval_only or [i for i in own if match("warmup", lines[i])] or [
+        i for i in own if match("seed", lines[i])]
+    return (marks[-1] if marks else -1), bool(eval_only)
+
+
+def line_phases(lines: list[str]) -> list[tuple[str, str | None]]:
+    """(phase, evaluation name) of every line. Up to the last warm-up line (or the end of the
+    config when there is no warm-up): warm-up. Then, until `ema:`, a line belongs to the
+    training step or the validation whose log line closes it (TRAIN_LOG_EVERY=1 logs every
+    step). After `ema:` (an EVAL_ONLY run: after its `eval_only` line), to the evaluation whose
+    eval_time line closes it."""
+    own = [i for i, line in enumerate(lines) if not GLOG_LINE.match(line)]
+    warm_end, eval_only = _warm_end(lines, own)
+    labels: list[tuple[str, str | None]] = [(WARMUP, None)] * (warm_end + 1)
+    pending, region = 0, EVALUATION if eval_only else TRAINING
+    for i in range(warm_end + 1, len(lines)):
+        line = lines[i]
+        glog = bool(GLOG_LINE.match(line))
+        if region == TRAINING and not glog and match("ema", line):
+            labels += [(TRAINING, None)] * (pending + 1)
+            pending, region = 0, EVALUATION
+            continue
+        pending += 1
+        if glog:
+            continue
+        if region == TRAINING and (match("train_step", line) or match("val_step", line)):
+            labels += [(TRAINING if match("train_step", line) else VALIDATION, None)] * pending
+            pending = 0
+        elif region == EVALUATION:
+            ev = match("result", line)
+            if ev:
+                labels += [(EVALUATION, ev["name"])] * pending
+                pending = 0
+    labels += [(region, None if region == TRAINING else "(unfinished)")] * pending
+    return labels
+
+
+def _compile_entries(lines: list[str]) -> tuple[dict, list[str]]:
+    """Every compile id's first line index and (time, text) lines; and the recompile-limit hits."""
+    times = glog_seconds(lines)
+    found: dict[tuple[int, int], dict] = {}
+    limit_hits = []
+    for i, line in enumerate(lines):
+        if LIMIT_HIT.search(line):
+            limit_hits.append(line.strip()[-300:])
+        m = COMPILE_ID.search(line) if times[i] is not None else None
+        if m:
+            entry = found.setdefault((int(m[1]), int(m[2])), dict(first=i, lines=[]))
+            entry["lines"].append((times[i], line))
+    return found, limit_hits
+
+
+def parse_compiles(log: Log) -> dict:
+    """Every dynamo compilation in the log (one per compile id [frame/n]; n > 0 is a
+    recompilation of frame `frame`): its phase, function, the guard that failed and its seconds."""
+    lines = log.splitlines() if isinstance(log, str) else log
+    phases = line_phases(lines)
+    found, limit_hits = _compile_entries(lines)
+    ordered = []
+    for (frame, n), entry in sorted(found.items(), key=lambda kv: kv[1]["first"]):
+        phase, name = phases[entry["first"]]
+        seconds, finished = compile_seconds(entry["lines"])
+        c = dict(id=f"{frame}/{n}", function=None, location=None, phase=phase, evaluation=name,
+                 recompile=n > 0, reason=None, seconds=round(seconds, 3), finished=finished)
+        for _, text in entry["lines"]:
+            fn = START_TRACING.search(text) or RECOMPILING.search(text)
+            if fn and c["function"] is None:
+                c["function"], c["location"] = fn[1], Path(fn[2]).name
+            guard = GUARD_FAILURE.search(text)
+            if guard and c["reason"] is None:
+                c["reason"] = guard[1].split("  #")[0].strip()[:200]
+        ordered.append(c)
+    return dict(total=len(ordered), recompilations=sum(c["recompile"] for c in ordered),
+                seconds=round(sum(c["seconds"] for c in ordered), 3),
+                by_phase=_count_phases(ordered), by_evaluation=_count_evaluations(ordered),
+                functions=_count_functions(ordered), compilations=ordered, limit_hits=limit_hits)
+
+
+def _count_phases(ordered: list[dict]) -> dict:
+    counts = {p: dict(compilations=0, recompilations=0, seconds=0.0) for p in PHASES}
+    for c in ordered:
+        _add(counts[c["phase"]], c)
+    return counts
+
+
+def _count_evaluations(ordered: list[dict]) -> dict:
+    by_eval: dict[str, dict] = {}
+    for c in ordered:
+        if c["phase"] == EVALUATION:
+            empty = dict(compilations=0, recompilations=0, seconds=0.0)
+            _add(by_eval.setdefault(c["evaluation"], empty), c)
+    return by_eval
+
+
+def _count_functions(ordered: list[dict]) -> list[dict]:
+    frames: dict[str, dict] = {}
+    for c in ordered:
+        frame = c["id"].split("/")[0]
+        f = frames.setdefault(frame, dict(function=c["function"], location=c["location"],
+                                          entries=0, seconds=0.0))
+        f["entries"] += 1
+        f["seconds"] = round(f["seconds"] + c["seconds"], 3)
+        f["function"] = f["function"] or c["function"]
+        f["location"] = f["location"] or c["location"]
+    return list(frames.values())
+
+
+def _add(count: dict, c: dict) -> None:
+    count["compilations"] += 1
+    count["recompilations"] += c["recompile"]
+    count["seconds"] = round(count["seconds"] + c["seconds"], 3)
+
+
+def now_iso() -> str:
+    return datetime.datetime.now().isoformat(timespec="seconds")
+
 
 STAGES = ("probes", "training", "eval_model", "eval_slot", "eval_ttt")
 SCRIPT_STAGES = STAGES[1:]  # the stages that run train_gpt.py
@@ -171,7 +431,7 @@ def script_envs(dry: bool, steps: int, warmup: int, artifact: Path) -> dict[str,
     # TTT chunks of 1,024 make 16 chunks here: 4 are enough.
     small = dict(DRY_MODEL, TRAIN_BATCH_TOKENS="1024", VAL_BATCH_SIZE="65536", SLOT_STEPS="2",
                  EVAL_STRIDE="96", TTT_CHUNK_TOKENS="4096") if dry else {}
-    base = dict(small, DATA_PATH=str(runlog.DEMO_DATA), TOKENIZER_PATH=str(runlog.DEMO_TOKENIZER),
+    base = dict(small, DATA_PATH=str(DEMO_DATA), TOKENIZER_PATH=str(DEMO_TOKENIZER),
                 COMPILE="1" if dry else "auto")
     no_evals = dict(SLOT_ENABLED="0", TTT_ENABLED="0", EVAL_STRIDE="64")
     threshold = float(DEFAULTS["LATE_QAT_THRESHOLD"])
@@ -226,8 +486,8 @@ def build_plan(args, work: Path) -> Plan:
     envs = script_envs(dry, steps, warmup, work / "eval_model" / "final_model.int6.ptz")
     probes = [sys.executable, "-m", "tools._gpu_probes", "probes"]
     stages = {"probes": StageSpec("probes", probes, dict(GPU_CHECK_PROBES=json.dumps(
-        probe_settings(dry))), runlog.ROOT, deadlines["probes"])}
-    boot = [sys.executable, "-m", "tools._gpu_probes", "boot", str(runlog.ROOT / "train_gpt.py")]
+        probe_settings(dry))), ROOT, deadlines["probes"])}
+    boot = [sys.executable, "-m", "tools._gpu_probes", "boot", str(ROOT / "train_gpt.py")]
     for name in SCRIPT_STAGES:
         after = ("eval_model",) if name in ("eval_slot", "eval_ttt") else ()
         stages[name] = StageSpec(name, boot, dict(envs[name], **sets[name]), work / name,
@@ -243,7 +503,7 @@ def settings_of(env: dict[str, str]) -> dict[str, str]:
     """A stage's effective train_gpt settings: the defaults, its preset's, then its own."""
     preset = {}
     if env.get("PRESET"):
-        path = runlog.ROOT / "presets" / f"{env['PRESET']}.env"
+        path = ROOT / "presets" / f"{env['PRESET']}.env"
         text = path.read_text(encoding="utf-8")
         lines = [line.split("#", 1)[0].strip() for line in text.splitlines()]
         preset = dict(line.split("=", 1) for line in lines if "=" in line)
@@ -318,7 +578,7 @@ def record_seconds(name: str, s: dict[str, str]) -> float | None:
     same = s["EVAL_STRIDE"] == "96" and eval_seq_len(s) == 2048
     if name in SLOT_EVALS:
         same = same and s["SLOT_STEPS"] == "48"
-    return runlog.RECORD_EVAL_S.get(name) if same else None
+    return RECORD_EVAL_S.get(name) if same else None
 
 
 # ---------------------------------------------------------------- checks on the numbers (pure)
@@ -389,9 +649,9 @@ def compile_failures(parsed: dict, log: str) -> list[str]:
         kind = "recompilation" if c["recompile"] else "compilation"
         what = f"{kind} {c['id']} of {c['function']}"
         why = f" ({c['reason']})" if c["reason"] else ""
-        if c["phase"] == runlog.TRAINING:
+        if c["phase"] == TRAINING:
             failures.append(f"{what} during the timed training steps{why}")
-        elif c["phase"] == runlog.VALIDATION and c["recompile"]:
+        elif c["phase"] == VALIDATION and c["recompile"]:
             failures.append(f"{what} after the warm-up, in the in-loop validation before ema:{why}")
     failures += [f"recompile limit hit: {line}" for line in dict.fromkeys(parsed["limit_hits"])]
     if not runlog.first("train_step", log):
@@ -416,7 +676,7 @@ def eval_compile_seconds(compiles: list[dict], names: list[str]) -> dict[str, fl
         if c["function"] == "slot_loss" and slot:
             for n in slot:
                 out[n] += c["seconds"] / len(slot)
-        elif c["phase"] == runlog.EVALUATION and c["evaluation"] in out:
+        elif c["phase"] == EVALUATION and c["evaluation"] in out:
             out[c["evaluation"]] += c["seconds"]
     return {k: round(v, 3) for k, v in out.items()}
 
@@ -425,15 +685,15 @@ def steady_state(e: dict, text: str, batches: int | None) -> tuple[float | None,
     """Seconds per batch once compiled, timed from the second batch where the log allows: the
     eval_timing line (once train_gpt prints it); legal_ttt's chunk lines (chunks 2..n); two
     eval_progress lines; else the eval time less its pauses and compile seconds, per batch."""
-    timing = runlog.eval_timing(text).get(e["name"])
+    timing = eval_timing(text).get(e["name"])
     if timing and timing["batches"] > 1 and math.isfinite(timing["steady_batch_s"]):
         return timing["steady_batch_s"], "measured: eval_timing line, batches 2..n"
     if e["name"] == TTT:
-        chunks = runlog.ttt_chunk_lines(text)
+        chunks = ttt_chunk_lines(text)
         if len(chunks) >= 2 and chunks[-1][0] > chunks[0][0]:
             (c0, _, e0), (c1, _, e1) = chunks[0], chunks[-1]
             return (e1 - e0) / (c1 - c0), f"measured: legal_ttt:chunk lines, chunks {c0 + 1}..{c1}"
-    progress = runlog.progress_lines(text, e["name"])
+    progress = progress_lines(text, e["name"])
     if len(progress) >= 2 and batches and progress[-1][0] > progress[0][0]:
         (f0, e0), (f1, e1) = progress[0], progress[-1]
         return (e1 - e0) / ((f1 - f0) * batches), "measured: eval_progress lines"
@@ -451,7 +711,7 @@ def projection(e: dict, s: dict[str, str]) -> dict:
     speed where compute bounds the work, up to 4.8/3.35 slower where memory bandwidth does (the
     upper figure). Compilation is not included (compile_s gives it)."""
     L = max(eval_seq_len(s), int(s["TRAIN_SEQ_LEN"]))
-    full = runlog.RECORD_VAL_TARGETS // L * L  # trimmed to whole sequences, as train_gpt does
+    full = RECORD_VAL_TARGETS // L * L  # trimmed to whole sequences, as train_gpt does
     ttt = e["name"] == TTT
     batches = eval_batches(e["name"], full, s, 1 if ttt else 8)
     steady = e.get("steady_s_per_batch")
@@ -503,10 +763,10 @@ def training_figures(text: str) -> dict:
         out["late_qat_from_step"] = on + 1
         out["ms_per_step_before_qat"] = _span_ms(before[min(skip, len(before) - 2):])
         out["ms_per_step_with_qat"] = _span_ms(after)
-    one_gpu = 8 * runlog.ORIGINAL_MS_PER_STEP  # one GPU runs the record's 8 ranks' micro-steps
-    out["record"] = dict(ms_per_step_8xh100=runlog.ORIGINAL_MS_PER_STEP,
+    one_gpu = 8 * ORIGINAL_MS_PER_STEP  # one GPU runs the record's 8 ranks' micro-steps
+    out["record"] = dict(ms_per_step_8xh100=ORIGINAL_MS_PER_STEP,
                          single_gpu_equivalent_ms=one_gpu, ratio=round(ms / one_gpu, 3),
-                         peak_allocated_mib=runlog.ORIGINAL_PEAK_MIB)
+                         peak_allocated_mib=ORIGINAL_PEAK_MIB)
     return out
 
 
@@ -518,7 +778,7 @@ def _span_ms(steps: list[tuple[int, float]]) -> float | None:
 
 
 def memory_figures(text: str) -> dict:
-    peaks = runlog.memory_peaks(text) or {}
+    peaks = memory_peaks(text) or {}
     line = runlog.first("peak", text)  # train_gpt's own, after training
     if line:
         peaks.update(logged_allocated_mib=int(line["allocated"]),
@@ -577,14 +837,14 @@ def analyse_probes(run: StageRun, ctx: dict, ended: bool) -> dict:
 
 def analyse_script(run: StageRun, ctx: dict, ended: bool) -> dict:
     name, text, s = run.spec.name, run.text, settings_of(run.spec.env)
-    compiles = runlog.parse_compiles(run.lines)
+    compiles = parse_compiles(run.lines)
     settings = {k: v for k, v in run.spec.env.items() if "PATH" not in k and k != "ARTIFACT"}
     out = dict(settings=settings, compile=compiles, memory=memory_figures(text),
                evaluations=evaluation_figures(run, compiles, ctx["pauses"]))
     finished = ended and run.returncode == 0 and not run.cut
-    failures = val_failures(runlog.val_losses(text))
+    failures = val_failures(val_losses(text))
     if name in ("training", "eval_model"):
-        losses, vocab = runlog.train_losses(text), int(s["VOCAB_SIZE"])
+        losses, vocab = train_losses(text), int(s["VOCAB_SIZE"])
         out["loss"] = dict(first=losses[0] if losses else None, last=losses[-1] if losses else None,
                            ln_vocab=round(math.log(vocab), 4), logged=len(losses))
         default_init = not any("INIT" in k for k in ctx["sets"][name])
@@ -611,7 +871,7 @@ def run_problem(run: StageRun) -> str | None:
     if run.error:
         return f"could not start: {run.error}"
     if run.returncode not in (0, None) and not run.cut:
-        own = [line for line in run.lines if not runlog.GLOG_LINE.match(line)][-6:]
+        own = [line for line in run.lines if not GLOG_LINE.match(line)][-6:]
         return f"exited {run.returncode}: " + " | ".join(t.strip() for t in own)[-600:]
     return None
 
@@ -633,7 +893,7 @@ class Check:
         self.scanned = 0  # training's lines read for that
         self.stopping: str | None = None
         self.last_write = -1e9
-        self.started = runlog.now_iso()
+        self.started = now_iso()
         self.host = host_info()
 
     def clock(self) -> float:
@@ -670,7 +930,7 @@ class Check:
 
     def spawn(self, run: StageRun, now: float) -> None:
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        path = os.pathsep.join(filter(None, [str(runlog.ROOT), env.get("PYTHONPATH")]))
+        path = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         env.update(run.spec.env, TORCH_LOGS=TORCH_LOGS, PYTHONUNBUFFERED="1", PYTHONPATH=path,
                    GPU_CHECK_PARENT=str(os.getpid()))
         if self.plan.mode == "dry-run":
@@ -694,14 +954,14 @@ class Check:
         with open(run.log_path, "a", encoding="utf-8") as log:
             for line in run.proc.stdout:
                 t, line = self.clock(), line.rstrip("\n")
-                log.write(runlog.capture_line(t, line))
+                log.write(capture_line(t, line))
                 log.flush()  # a kill at any moment leaves the log up to here
                 with self.lock:
                     run.times.append(t)
                     run.lines.append(line)
                     if line.startswith(PART_PREFIX):
                         self.add_part(run, line, t)
-                own = not runlog.GLOG_LINE.match(line) and not line.startswith("gpu_check:")
+                own = not GLOG_LINE.match(line) and not line.startswith("gpu_check:")
                 if self.echo and own:
                     print(f"  {run.spec.name} | {line}", flush=True)
 
@@ -1029,7 +1289,7 @@ def _text_script(name: str, s: dict) -> list[str]:
     if m:
         out.append(f"  memory: CUDA peak {_fmt(m.get('cuda_allocated_peak_mib'), ',')} MiB "
                    f"allocated, {_fmt(m.get('cuda_reserved_peak_mib'), ',')} reserved (record "
-                   f"{runlog.ORIGINAL_PEAK_MIB:,} per GPU); host RSS "
+                   f"{ORIGINAL_PEAK_MIB:,} per GPU); host RSS "
                    f"{_fmt(m.get('rss_peak_mib'), ',')} MiB")
     c = s.get("compile")
     if c:
@@ -1125,11 +1385,11 @@ def main(argv=None) -> int:
 
 
 def run_plan(plan: Plan, paths: dict[str, Path], echo: bool) -> int:
-    runlog.ensure_demo_data(runlog.DEMO_DATA)
+    ensure_demo_data(DEMO_DATA)
     if plan.mode == "dry-run":  # the dry run's shorter validation split, for every script stage
-        data = trimmed_data(runlog.DEMO_DATA, plan.work / "data", DRY_RUN_VAL_TOKENS)
+        data = trimmed_data(DEMO_DATA, plan.work / "data", DRY_RUN_VAL_TOKENS)
         for spec in plan.stages.values():
-            if spec.env.get("DATA_PATH") == str(runlog.DEMO_DATA):
+            if spec.env.get("DATA_PATH") == str(DEMO_DATA):
                 spec.env["DATA_PATH"] = data
     check = Check(plan, paths, echo)
 
