@@ -35,19 +35,18 @@ import re
 import shlex
 import shutil
 import sys
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from scipy import stats
 
-from tools import _packed, runlog
+from tools import _packed
 from tools._files import write_atomic
-from tools._record_readme import render_readme, results_table
 from tools.runlog import EVAL_TAGS, LINES, config, env_value, find, first, last, malformed, match
-
-__all__ = ["RunRecord", "EvalResult", "parse_log", "build_submission", "acceptance_p_value", "main"]
 
 ACCEPTED, CAUSAL_NOT_ACCEPTED, NOT_CAUSAL = "accepted", "causal, not accepted", "not causal"
 KIND_WHY = {
@@ -59,19 +58,25 @@ KIND_WHY = {
     NOT_CAUSAL: "SLOT in its scored mode fits delta and bias to the very targets it then scores "
                 "(it fails the flip test, docs/evaluation.md): not a compression result",
 }
+KIND_LINES = {ACCEPTED: "the round trip, the sliding window at any stride and legal score-first "
+                        "TTT: what the challenge's accepted records report",
+              CAUSAL_NOT_ACCEPTED: "the context-only SLOT: it passes the flip test, but its "
+                                   "legality was never ruled on and no accepted record uses SLOT",
+              NOT_CAUSAL: "the scored SLOT (the original's 0.74): fitted to the very targets it "
+                          "scores, so not a compression result"}
 # The kind words of train_gpt.py's closing score: lines (its SCORE_KINDS), for each kind here.
 LOG_KINDS = {kind: kind.replace(", ", "_").replace(" ", "_") for kind in KIND_WHY}
 
 
-@dataclass(frozen=True)
-class Score:
+class Score(NamedTuple):
     label: str
     kind: str
 
 
 # --score choices (the names of tools.runlog.EVAL_TAGS), in evaluation order.
 SCORES = {"roundtrip": Score("round trip", ACCEPTED), "sliding": Score("sliding window", ACCEPTED),
-          "sliding_s64": Score("sliding window", ACCEPTED), "slot": Score("SLOT scored", NOT_CAUSAL),
+          "sliding_s64": Score("sliding window", ACCEPTED),
+          "slot": Score("SLOT scored", NOT_CAUSAL),
           "slot_context": Score("SLOT context", CAUSAL_NOT_ACCEPTED),
           "legal_ttt": Score("legal TTT", ACCEPTED)}
 RECORD_TRACK = "10min_16mb"
@@ -391,16 +396,17 @@ def _identity(record: RunRecord) -> dict[str, str]:
 
 def check_consistent(records: Sequence[RunRecord]) -> None:
     """Refuse logs of different sources, configurations and repeated seeds."""
-    first, seen = records[0], {}
-    if differ := [r.path for r in records[1:] if r.source != first.source]:
+    first_record, seen = records[0], {}
+    if differ := [r.path for r in records[1:] if r.source != first_record.source]:
         raise SubmissionError(f"{', '.join(differ)}: the source at the log's head differs from "
-                              f"{first.path}'s (or only one carries it): one record holds one "
-                              "script")
+                              f"{first_record.path}'s (or only one carries it): one record holds "
+                              "one script")
     for record in records:
-        a, b = _identity(first), _identity(record)
+        a, b = _identity(first_record), _identity(record)
         if keys := sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)):
             diffs = "; ".join(f"{k} {a.get(k, 'absent')} vs {b.get(k, 'absent')}" for k in keys)
-            raise SubmissionError(f"{record.path}: config differs from {first.path}: {diffs}")
+            raise SubmissionError(f"{record.path}: config differs from {first_record.path}: "
+                                  f"{diffs}")
         if record.seed in seen:
             raise SubmissionError(f"{record.path}: seed {record.seed} duplicates "
                                   f"{seen[record.seed]}: each run needs its own seed")
@@ -444,17 +450,15 @@ def _given_script(path: Path, source: str | None, code: int) -> Script:
     except OSError as exc:
         raise SubmissionError(f"--script {path}: cannot read ({exc.strerror})") from None
     packed = _packed.unpacked(data)
-    if packed is None:
-        try:
-            runs = data.decode("utf-8")
-            compile(runs, str(path), "exec")
-        except UnicodeDecodeError:
-            raise SubmissionError(f"--script {path}: not UTF-8 text, so not a train_gpt.py") from None
-        except SyntaxError as exc:
-            raise SubmissionError(f"--script {path}: not valid Python (line {exc.lineno}: "
-                                  f"{exc.msg})") from None
-    else:
-        runs = packed[1]
+    runs = packed[1] if packed else None
+    try:
+        runs = runs or data.decode("utf-8")
+        compile(runs, str(path), "exec")
+    except UnicodeDecodeError:
+        raise SubmissionError(f"--script {path}: not UTF-8 text, so not a train_gpt.py") from None
+    except SyntaxError as exc:
+        raise SubmissionError(f"--script {path}: not valid Python (line {exc.lineno}: "
+                              f"{exc.msg})") from None
     if source is not None and runs != source:
         raise SubmissionError(f"--script {path}: not the script the logs ran (neither the source "
                               "at their head nor a packed file of it)")
@@ -557,11 +561,8 @@ def compare(records: Sequence[RunRecord], score: str, baseline: Baseline, min_ga
             "val_loss_from_bpb": not baseline.losses,
             "delta_bpb": float(np.mean(bpbs)) - baseline.bpb,
             "delta_nats": float(np.mean(losses)) - base_loss, "min_gain_nats": min_gain,
-            "p_value": p,
-            "test": test if p is not None else f"needs at least 2 seeds with spread (got {len(bpbs)})"}
-
-
-# ----------------------------------------------------------------------------- limits
+            "p_value": p, "test": test if p is not None else
+            f"needs at least 2 seeds with spread (got {len(bpbs)})"}
 
 
 def seed_compliance(record: RunRecord) -> dict[str, bool]:
@@ -573,20 +574,25 @@ def seed_compliance(record: RunRecord) -> dict[str, bool]:
             "hardware_8xh100": record.num_gpus == 8 and "H100" in record.gpu_type}
 
 
-def track_warnings(records: Sequence[RunRecord], track: str) -> list[str]:
-    """The runs that break the record track's limits (none for another track)."""
-    warnings = []
+def _warnings(records: Sequence[RunRecord], score: str, script: Script | None,
+              track: str) -> list[str]:
+    """A headline that is not accepted, a script of another size, the runs that break the
+    record track's limits (on that track), and the runs' own WARNING lines."""
+    kind, out = SCORES[score].kind, list(script.warnings if script else ())
+    if kind != ACCEPTED:
+        out.insert(0, f"the headline score '{score}' ({score_label(score, records[0])}) is "
+                      f"{kind}: {KIND_WHY[kind]}")
     for r in records if track == RECORD_TRACK else ():
         met, where = seed_compliance(r), f"the {track} track's"
         broken = {"hardware_8xh100": f"trained on {r.hardware}; {where} time limits are on 8xH100",
                   "train_under_600s": f"training took {r.training_time_seconds:,.1f} s, over "
                                       f"{where} {TRAIN_S:g} s",
-                  "artifact_under_16mb": f"artifact {r.artifact_bytes:,} bytes, not under {where} "
-                                         f"{TOTAL_BYTES:,}-byte cap",
+                  "artifact_under_16mb": f"artifact {r.artifact_bytes:,} bytes, not under "
+                                         f"{where} {TOTAL_BYTES:,}-byte cap",
                   "eval_under_600s": f"the evaluations took {r.eval_time_seconds:,.1f} s, over "
                                      f"{where} {EVAL_S:g} s"}
-        warnings += [f"{r.path}: {text}" for key, text in broken.items() if not met[key]]
-    return warnings
+        out += [f"{r.path}: {text}" for key, text in broken.items() if not met[key]]
+    return out + [f"{r.path}: the run warned: {message}" for r in records for message in r.warnings]
 
 
 # ----------------------------------------------------------------------------- submission.json
@@ -640,34 +646,9 @@ def reproduction(records: Sequence[RunRecord]) -> dict:
     if world > 1:
         launch = f"torchrun --standalone --nproc_per_node={world} train_gpt.py"
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in settings.items())
-    commands = {str(r.seed): " ".join(filter(None, [env, f"SEED={r.seed}", launch]))
-                for r in records}
-    return {"settings": settings, "launch": launch, "commands": commands}
-
-
-def _seed_results(records: Sequence[RunRecord], score: str) -> dict:
-    """Per seed; the score's own evaluation time (None only where its line has none) and all the
-    run's evaluations together beside it."""
-    return {str(r.seed): {"val_loss": r.evals[score].val_loss, "val_bpb": r.evals[score].val_bpb,
-                          "artifact_bytes": r.artifact_bytes, "steps": r.steps,
-                          "step_avg_ms": r.step_avg_ms,
-                          "eval_time_s": None if r.evals[score].eval_time_ms is None
-                          else r.evals[score].eval_time_ms / 1000.0,
-                          "eval_time_total_s": r.eval_time_seconds,
-                          "train_time_s": r.training_time_seconds}
-            for r in records}
-
-
-def _warnings(records: Sequence[RunRecord], score: str, script: Script | None,
-              track: str) -> list[str]:
-    """A headline that is not accepted, a script of another size, broken limits, and the runs'
-    own WARNING lines (a misspelt setting, short data, GPTQ over the cap...)."""
-    kind, out = SCORES[score].kind, list(script.warnings if script else ())
-    if kind != ACCEPTED:
-        out.insert(0, f"the headline score '{score}' ({score_label(score, records[0])}) is "
-                      f"{kind}: {KIND_WHY[kind]}")
-    return [*out, *track_warnings(records, track),
-            *(f"{r.path}: the run warned: {message}" for r in records for message in r.warnings)]
+    return {"settings": settings, "launch": launch,
+            "commands": {str(r.seed): " ".join(filter(None, [env, f"SEED={r.seed}", launch]))
+                         for r in records}}
 
 
 def build_submission(records: Sequence[RunRecord], score: str | None = None,
@@ -678,26 +659,30 @@ def build_submission(records: Sequence[RunRecord], score: str | None = None,
     if not records:
         raise SubmissionError("no logs given")
     meta = {"name": "", "author": "", "github_id": "", "blurb": "", "track": RECORD_TRACK,
+            "date": datetime.date.today().isoformat(),
             **{k: v for k, v in (meta or {}).items() if v}}
     check_consistent(records)
     score = resolve_score(records, score)
-    head, first = aggregate(records, score), records[0]
-    per_seed = [seed_compliance(r) for r in records]
+    head, per_seed = aggregate(records, score), [seed_compliance(r) for r in records]
     return {
-        **{k: meta[k] for k in ("name", "author", "github_id")},
-        "date": meta.get("date") or datetime.date.today().isoformat(),
-        "track": meta["track"], "blurb": meta["blurb"],
+        **{k: meta[k] for k in ("name", "author", "github_id", "date", "track", "blurb")},
         **{k: head[k] for k in ("val_loss", "val_bpb", "val_loss_std", "val_bpb_std")},
         "seeds": [r.seed for r in records],
-        "seed_results": _seed_results(records, score),
+        # the score's own evaluation time (None only where its line has none), all the run's beside
+        "seed_results": {str(r.seed): {
+            "val_loss": r.evals[score].val_loss, "val_bpb": r.evals[score].val_bpb,
+            "artifact_bytes": r.artifact_bytes, "steps": r.steps, "step_avg_ms": r.step_avg_ms,
+            "eval_time_s": None if r.evals[score].eval_time_ms is None
+            else r.evals[score].eval_time_ms / 1000.0, "eval_time_total_s": r.eval_time_seconds,
+            "train_time_s": r.training_time_seconds} for r in records},
         "bytes_total": max(r.artifact_bytes for r in records),
-        "bytes_code": len(script.data) if script else first.code_bytes,
+        "bytes_code": len(script.data) if script else records[0].code_bytes,
         "score": score, "score_label": head["label"], "score_kind": head["kind"],
         "score_line": head["line"],
         "scores": {name: aggregate(records, name) for name in shared_scores(records)},
-        "score_kinds": KIND_WHY,
-        "hardware": first.hardware, "num_gpus": first.num_gpus, "gpu_type": first.gpu_type,
-        "versions": first.versions,
+        "score_kinds": KIND_WHY, "hardware": records[0].hardware,
+        "num_gpus": records[0].num_gpus, "gpu_type": records[0].gpu_type,
+        "versions": records[0].versions,
         "training_time_seconds": max(r.training_time_seconds for r in records),
         "script": script and {"form": script.form, "origin": script.origin,
                               "bytes": len(script.data)},
@@ -708,11 +693,6 @@ def build_submission(records: Sequence[RunRecord], score: str | None = None,
         "baseline": compare(records, score, baseline, min_gain) if baseline else None,
         "warnings": _warnings(records, score, script, meta["track"]),
     }
-
-
-# Import names whose pip package has another name, or that are optional extras.
-OPTIONAL_NOTES = {"flash_attn_interface": "FlashAttention 3 for Hopper GPUs, built from its own "
-                                          "repository; PyTorch SDPA is used without it"}
 
 
 def requirements(script: Script, records: Sequence[RunRecord]) -> str:
@@ -732,18 +712,125 @@ def requirements(script: Script, records: Sequence[RunRecord]) -> str:
             found[top] = found.get(top, False) or id(node) not in guarded
     codecs = {records[0].compressor, script.form.removeprefix("packed (").rstrip(")")}
     found.update(dict.fromkeys(codecs & {"brotli"}, True))
-    torch_version = records[0].versions.get("pytorch", "")
+    torch = records[0].versions.get("pytorch", "")
     lines = [f"# What train_gpt.py needs beyond Python {records[0].versions.get('python', '3')}'s "
              "standard library."]
-    if torch_version:
-        lines.append(f"# The logs ran PyTorch {torch_version}: install that build from PyTorch's "
-                     "index.")
-    for name in sorted(k for k, required in found.items() if required):
-        lines.append(name + (f"=={torch_version.split('+')[0]}" if name == "torch" and torch_version
-                             else ""))
-    lines += [f"# optional: {name} ({OPTIONAL_NOTES.get(name, 'imported when installed')})"
+    if torch:
+        lines.append(f"# The logs ran PyTorch {torch}: install that build from PyTorch's index.")
+    lines += [name + (f"=={torch.split('+')[0]}" if name == "torch" and torch else "")
+              for name in sorted(k for k, required in found.items() if required)]
+    notes = {"flash_attn_interface": "FlashAttention 3 for Hopper GPUs, built from its own "
+                                     "repository; PyTorch SDPA is used without it"}
+    lines += [f"# optional: {name} ({notes.get(name, 'imported when installed')})"
               for name in sorted(k for k, required in found.items() if not required)]
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- README.md
+
+
+def results_table(records: Sequence[RunRecord], s: dict) -> str:
+    """Markdown: a row per seed, then each column's mean and std over the seeds; one column per
+    score the logs hold, with its kind, the headline marked."""
+    columns = [("steps", lambda r: r.steps, "{:,.1f}"),
+               ("ms/step", lambda r: r.step_avg_ms, "{:.2f}"),
+               ("train s", lambda r: r.training_time_seconds, "{:.1f}"),
+               ("eval s", lambda r: r.eval_time_seconds, "{:.1f}"),
+               ("artifact bytes", lambda r: r.artifact_bytes, "{:,.1f}")]
+    columns += [(f"{b['label']} bpb ({b['kind']}{', the score' * (name == s['score'])})",
+                 lambda r, name=name: r.evals[name].val_bpb, "{:.8f}")
+                for name, b in s["scores"].items()]
+    rows = [["seed", *(h for h, _, _ in columns)], ["---:"] * (len(columns) + 1)]
+    rows += [[str(r.seed), *(f"{v:,}" if isinstance(v := get(r), int) else fmt.format(v)
+                             for _, get, fmt in columns)] for r in records]
+    rows += [[label, *(fmt.format(_mean_std([get(r) for r in records])[i])
+                       for _, get, fmt in columns)] for i, label in enumerate(("mean", "std"))]
+    return "".join("| " + " | ".join(row) + " |\n" for row in rows)
+
+
+def _readme_head(s: dict) -> list[str]:
+    kind = s["score_kind"]
+    lines = [f"# {s['name'] or 'Record'}", "",
+             f"**val_bpb {s['val_bpb']:.8f}**: {s['score_label']} (`{s['score_line']}`), "
+             f"**{kind}**; mean of {len(s['seeds'])} seed(s), std {s['val_bpb_std']:.8f}; "
+             f"val_loss {s['val_loss']:.8f} nats. Total {s['bytes_total']:,} bytes (largest "
+             f"seed), {s['hardware']}, track `{s['track']}`."]
+    if kind != ACCEPTED:
+        lines += ["", f"> **This headline is not an accepted kind of score: {kind}.** "
+                      f"{s['score_kinds'][kind]}."]
+    lines += ["", s["blurb"]] * bool(s["blurb"]) + ["", "Kinds of score:"]
+    lines += [f"- **{k}**: {text}." for k, text in KIND_LINES.items()]
+    lines += ["", "## Scores (mean over the seeds)", "",
+              "| score | kind | log line | val_bpb | std | val_loss (nats) | std |",
+              "|---|---|---|---:|---:|---:|---:|"]
+    for name, x in s["scores"].items():
+        label = f"**{x['label']} (the score)**" if name == s["score"] else x["label"]
+        lines.append(f"| {label} | {x['kind']} | `{x['line']}` | {x['val_bpb']:.8f} | "
+                     f"{x['val_bpb_std']:.8f} | {x['val_loss']:.8f} | {x['val_loss_std']:.8f} |")
+    return lines
+
+
+def _baseline_lines(b: dict | None) -> list[str]:
+    lines = ["", "## Against a baseline", ""]
+    if b is None:
+        return lines + ["No baseline was given (`--baseline-bpb` or `--baseline-logs`): no "
+                        "delta, no p-value."]
+    p = f"{b['p_value']:.3g} ({b['test']})" if b["p_value"] is not None else f"none: {b['test']}"
+    return lines + [
+        f"- baseline: {b['what']}: val_bpb {b['val_bpb']:.8f}, val_loss {b['val_loss']:.8f} nats"
+        + " (from its bpb, with this run's nats per bpb)" * b["val_loss_from_bpb"],
+        f"- delta: {b['delta_bpb']:+.8f} bpb, {b['delta_nats']:+.8f} nats",
+        f"- p-value that this run beats the baseline by at least {b['min_gain_nats']} nats: {p}"]
+
+
+def render_readme(s: dict, records: Sequence[RunRecord]) -> str:
+    rep, v, cfg = s["reproduction"], s["versions"], records[0].config
+    preset = rep["settings"].get("PRESET")
+    kind, script = s["score_kind"], s["script"]
+    driver = f" (driver {v['driver']}, CUDA {v['cuda']})" if "driver" in v else ""
+    exports = textwrap.wrap(" ".join(f"{k}={shlex.quote(x)}" for k, x in rep["settings"].items()),
+                            86, break_long_words=False, break_on_hyphens=False)
+    track = "" if s["track"] == RECORD_TRACK else (
+        f" (this folder's track, `{s['track']}`, is not the record track: for comparison)")
+
+    def yes(ok: bool, figure: str) -> str:
+        return f"{'yes' if ok else '**no**'} ({figure})"
+
+    lines = [*_readme_head(s), "", "## Per seed", "", results_table(records, s).rstrip("\n"),
+             *_baseline_lines(s["baseline"]), "", "## Reproduction", "", "```bash",
+             *(f"export {line}" for line in exports),
+             *(f"SEED={seed} {rep['launch']}" for seed in s["seeds"]), "```", "",
+             "The settings listed are every setting that differs from the script's defaults, as "
+             "the logs record them (a log without its settings: line records some: the others "
+             f"are the script's defaults{f', or those of `presets/{preset}.env`' * bool(preset)})."
+             f" Each log's `model_params:{cfg.get('model_params', '?')}` checks the model built.",
+             "", "## Hardware and versions", "",
+             f"- {s['hardware']}{driver}, world size {cfg.get('world_size', '?')}",
+             f"- Python {v.get('python', 'not logged')}, PyTorch {v.get('pytorch', 'not logged')}",
+             "", "## Compliance", "",
+             f"- Score: the headline, {s['score_label']}, "
+             f"{'is accepted' if kind == ACCEPTED else f'is **not** accepted ({kind})'}: "
+             f"{s['score_kinds'][kind]}.",
+             f"- The record track's limits{track}: training 600 s, artifact total (model + code) "
+             "under 16,000,000 bytes, evaluation 600 s (all the logged evaluations together), "
+             "on 8×H100.", "", "| seed | training | total bytes | evaluation | 8×H100 |",
+             "|---:|---|---|---|---|"]
+    for r in records:
+        met = s["compliance"]["per_seed"][str(r.seed)]
+        cells = (yes(met["train_under_600s"], f"{r.training_time_seconds:.1f} s"),
+                 yes(met["artifact_under_16mb"], f"{r.artifact_bytes:,}"),
+                 yes(met["eval_under_600s"], f"{r.eval_time_seconds:.1f} s"),
+                 yes(met["hardware_8xh100"], r.hardware))
+        lines.append(f"| {r.seed} | " + " | ".join(cells) + " |")
+    lines += ["", "## Files", "",
+              f"- `train_gpt.py`: the script the logs ran, {script['form']}, "
+              f"{script['bytes']:,} bytes; {script['origin']}.",
+              f"- {', '.join(f'`train_seed{seed}.log`' for seed in s['seeds'])}: the run logs, "
+              "as written.",
+              "- `submission.json`: these figures; `requirements.txt`: what the script imports."]
+    lines += ["", "## Warnings", "", *(f"- {w}" for w in s["warnings"])] * bool(s["warnings"])
+    return "\n".join(lines + ["", "Generated by `python -m tools.submission` from the logs: every "
+                                  "figure is theirs."]) + "\n"
 
 
 # ----------------------------------------------------------------------------- the folder
@@ -806,14 +893,7 @@ def write_folder(out: Path, files: dict[str, bytes], force: bool = False) -> Non
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@dataclass
-class Folder:
-    files: dict[str, bytes]
-    submission: dict
-    records: list[RunRecord]
-
-
-def plan_folder(args: argparse.Namespace) -> Folder:
+def plan_folder(args: argparse.Namespace) -> tuple[dict[str, bytes], dict, list[RunRecord]]:
     """Everything the folder holds, in memory: each refusal happens before anything is written."""
     records = [parse_log(path) for path in args.logs]
     check_consistent(records)
@@ -831,29 +911,28 @@ def plan_folder(args: argparse.Namespace) -> Folder:
     submission["written_by"] = WRITTEN_BY
     submission["files"] = {name: _sha256(data) for name, data in files.items()}
     files["submission.json"] = (json.dumps(submission, indent=2, allow_nan=False) + "\n").encode()
-    return Folder(files, submission, records)
+    return files, submission, records
 
 
-def summary(folder: Folder, out: Path) -> str:
+def summary(files: dict[str, bytes], s: dict, records: list[RunRecord], out: Path) -> str:
     """The console's account: the table, the headline with its kind, the other scores labelled."""
-    s, n = folder.submission, len(folder.records)
     kind = s["score_kind"] if s["score_kind"] == ACCEPTED else s["score_kind"].upper()
-    lines = [results_table(folder.records, s),
-             f"score: {s['score_label']} ({kind}), {s['score_line']} over {n} seed(s): "
-             f"val_loss {s['val_loss']:.8f} (std {s['val_loss_std']:.8f}), "
+    lines = [results_table(records, s),
+             f"score: {s['score_label']} ({kind}), {s['score_line']} over {len(records)} "
+             f"seed(s): val_loss {s['val_loss']:.8f} (std {s['val_loss_std']:.8f}), "
              f"val_bpb {s['val_bpb']:.8f} (std {s['val_bpb_std']:.8f})"]
     lines += [f"beside it, {b['kind']}: {b['label']}, {b['line']}: val_bpb {b['val_bpb']:.8f} "
-              f"(std {b['val_bpb_std']:.8f})" for name, b in s["scores"].items() if name != s["score"]]
-    cap = "under" if s["bytes_total"] < TOTAL_BYTES else "OVER"
-    lines.append(f"artifact: {s['bytes_total']:,} bytes (max of the seeds), {cap} the "
+              f"(std {b['val_bpb_std']:.8f})" for name, b in s["scores"].items()
+              if name != s["score"]]
+    lines.append(f"artifact: {s['bytes_total']:,} bytes (max of the seeds), "
+                 f"{'under' if s['bytes_total'] < TOTAL_BYTES else 'OVER'} the "
                  f"{TOTAL_BYTES:,}-byte cap")
     if (b := s["baseline"]) is not None:
         p = f"{b['p_value']:.6g}" if b["p_value"] is not None else b["test"]
         lines.append(f"vs baseline {b['what']}: {b['delta_bpb']:+.8f} bpb, {b['delta_nats']:+.8f} "
                      f"nats; p-value (beats it by >= {b['min_gain_nats']} nats): {p}")
-    script = s["script"]
-    lines.append(f"wrote {out}/: train_gpt.py ({script['bytes']:,} bytes, {script['form']}), "
-                 f"{', '.join(name for name in folder.files if name != 'train_gpt.py')}")
+    lines.append(f"wrote {out}/: train_gpt.py ({s['script']['bytes']:,} bytes, "
+                 f"{s['script']['form']}), {', '.join(n for n in files if n != 'train_gpt.py')}")
     return "\n".join(lines)
 
 
@@ -902,16 +981,16 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        folder = plan_folder(args)
-        write_folder(args.out, folder.files, args.force)
+        files, submission, records = plan_folder(args)
+        write_folder(args.out, files, args.force)
     except SubmissionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"error: cannot write {args.out}: {exc}", file=sys.stderr)
         return 2
-    print(summary(folder, args.out))
-    for warning in folder.submission["warnings"]:
+    print(summary(files, submission, records, args.out))
+    for warning in submission["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     return 0
 
