@@ -2,7 +2,6 @@
 
     python -m tools.bench_eval                      # CPU-sized defaults, a random stream
     python -m tools.bench_eval --val data/datasets/demo_sp1024 --tokenizer TOKENIZER
-    python -m tools.bench_eval --compressors final_model.pt   # also: artifact bytes per compressor
 
 Times (a) the stride-S sliding evaluation alone, (b) SLOT alone, (c) the whole suite as
 train_gpt.evaluate runs it (artifact load, round trip, one shared sliding + SLOT pass, stride
@@ -15,8 +14,6 @@ its target is marked MISSES TARGET, and --strict makes that exit status 1.
 The ratios depend on how the model's body compares with SLOT's own work (48 steps of d x V
 logits at the scored positions): the CPU-sized default body is ~50x smaller than the record's,
 so SLOT's share there is far larger than on the record (--record on a GPU for its proportions).
---compressors FILE: a torch.save'd state dict (final_model.pt of a run), whose model settings
-come from the environment (PRESET and the model variables, as for the run that wrote it).
 """
 
 from __future__ import annotations
@@ -35,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tools._common import REPO_ROOT, fit_slot, import_train_gpt
+from tools._common import fit_slot, import_train_gpt
 
 tg = import_train_gpt()
 
@@ -55,8 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stride", type=int, default=96, help="EVAL_STRIDE")
     p.add_argument("--slot-steps", type=int, default=48, help="SLOT_STEPS")
     p.add_argument("--slot-batch", type=int, default=32, help="SLOT_BATCH_SEQS")
-    p.add_argument("--tokens", type=int, default=16384,
-                   help="validation targets (0 skips the timing, e.g. with --compressors)")
+    p.add_argument("--tokens", type=int, default=16384, help="validation targets")
     p.add_argument("--val", default=None,
                    help="a folder of fineweb_val_*.bin shards (default: a random stream)")
     p.add_argument("--tokenizer", default=None,
@@ -72,8 +68,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "needs a stream of several times that; 0 skips (e))")
     p.add_argument("--skip-suite", action="store_true", help="do not time (c), the whole suite")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compressors", metavar="STATE_DICT", default=None,
-                   help="print the artifact bytes of lzma and brotli for this state dict")
     p.add_argument("--verbose", action="store_true", help="show the suite's own log lines")
     p.add_argument("--strict", action="store_true",
                    help="exit 1 when a ratio misses its target (every ratio is printed first)")
@@ -236,28 +230,6 @@ def run_suite(cfg, s, verbose: bool):
     return seconds, {name: score.seconds for name, score in scores.items()}
 
 
-def compressor_sizes(path: str) -> None:
-    cfg = tg.Config.from_env()
-    roles = tg.build_model(cfg.model, torch.device("cpu")).roles
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    container = tg.quantize_state_dict(state, roles)
-    code = len((REPO_ROOT / "train_gpt.py").read_bytes())
-    print(f"\nartifact bytes for {path} ({sum(t.numel() for t in state.values()):,} values; "
-          f"train_gpt.py {code:,} bytes)")
-    print(f"{'compressor':<12}{'artifact':>14}{'+ code':>14}{'pack s':>10}{'unpack s':>10}  "
-          f"round trip")
-    for name in ("lzma", "brotli"):
-        t0 = time.perf_counter()
-        blob = tg.pack_artifact(container, name)
-        t1 = time.perf_counter()
-        back = tg.unpack_artifact(blob, path)
-        t2 = time.perf_counter()
-        same = back["m"] == container["m"] and all(torch.equal(back["w"][k], v)
-                                                   for k, v in container["w"].items())
-        print(f"{name:<12}{len(blob):>14,}{len(blob) + code:>14,}{t1 - t0:>10.2f}{t2 - t1:>10.2f}  "
-              f"{'exact' if same else 'MISMATCH'}")
-
-
 def bench(a: argparse.Namespace, device: torch.device) -> int:
     """Time the evaluations and print the table; returns report_ratios' exit status."""
     env = bench_env(a, device)
@@ -332,13 +304,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     use_cuda = a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
     try:
-        status = bench(a, torch.device("cuda" if use_cuda else "cpu")) if a.tokens > 0 else 0
-        if a.compressors is not None:
-            compressor_sizes(a.compressors)
+        return bench(a, torch.device("cuda" if use_cuda else "cpu"))
     except tg.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return status
 
 
 if __name__ == "__main__":

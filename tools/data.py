@@ -718,57 +718,31 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tools.data",
                                      description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    _download_parser(commands)
-    _shards_parser(commands)
-    root = dict(type=Path, default=Path("."), help="folder that holds data/ (default .)")
-    p = commands.add_parser("demo", help="build the offline demo corpus, tokenizer and shards",
-                            description="Build a small corpus from the prose shipped with "
-                            f"CPython, train a {DEMO_VOCAB}-piece tokenizer on it and write its "
-                            "shards under ROOT/data. No network; repeat builds are identical.")
-    p.add_argument("--root", **root)
-    p.set_defaults(run=lambda a: build_demo(a.root))
-    p = commands.add_parser("verify", help="check every shard in a folder",
-                            description="Check every .bin shard in DIR (magic, version, size, "
-                            "ids), that each split is there, holds tokens and is numbered without "
-                            "gaps, and the shard counts its manifest lists.")
-    p.add_argument("dir", type=Path, metavar="DIR")
-    p.add_argument("--vocab-size", type=_count(1), default=None,
-                   help="reject ids at or above this (default: the manifest's vocabulary size)")
-    p.set_defaults(run=lambda a: verify_dir(a.dir, a.vocab_size))
-    return parser
 
+    def command(name: str, run, text: str) -> argparse.ArgumentParser:
+        p = commands.add_parser(name, help=text.split(":")[0], description=text,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.set_defaults(run=run, parser=p)
+        return p
 
-def _download_parser(commands) -> None:
-    p = commands.add_parser("download", help="fetch the challenge shards and tokenizer from the "
-                            "hub", description="Fetch the whole val split, the first N train "
-                            "shards and the tokenizer files of the challenge export into "
-                            "ROOT/data, as its manifest.json lists them, and write the shard "
-                            "folder's manifest.json with the tokenizer's sha256. Complete files "
-                            "are kept; corrupt ones are fetched again; a failed download resumes.")
-    p.add_argument("--variant", type=_variant, default="sp1024",
-                   help="tokenizer variant (default sp1024)")
-    p.add_argument("--train-shards", type=_count(0), default=80,
-                   help="train shards to fetch (default 80)")
+    p = command("download", lambda a: download(a.root, a.variant, a.train_shards, a.val_shards,
+                                                hub_source(a.repo_id, a.remote_root)),
+                "fetch the challenge shards and tokenizer from the hub: the whole val split, the "
+                "first N train shards and the tokenizer files, as the export's manifest.json "
+                "lists them, then the shard folder's manifest.json with the tokenizer's sha256 "
+                "(complete files are kept, corrupt ones fetched again, a failed download resumes)")
+    p.add_argument("--variant", type=_variant, default="sp1024", help="tokenizer variant")
+    p.add_argument("--train-shards", type=_count(0), default=80, help="train shards to fetch")
     p.add_argument("--val-shards", type=_count(1), default=None,
-                   help="val shards to fetch (default: all the manifest lists; fewer give a "
+                   help="val shards to fetch (None: all the manifest lists; fewer give a "
                    "val_bpb that is not the challenge's)")
-    p.add_argument("--root", type=Path, default=Path("."),
-                   help="folder that holds data/ (default .)")
     p.add_argument("--repo-id", default=None, metavar="OWNER/NAME",
-                   help=f"hub dataset (default ${REPO_ENV}, else {HUB_REPO})")
+                   help=f"hub dataset (None: ${REPO_ENV}, else {HUB_REPO})")
     p.add_argument("--remote-root", default=None, metavar="FOLDER",
-                   help=f"the export's folder in the dataset (default ${ROOT_ENV}, else "
-                   f"{HUB_ROOT})")
-    p.set_defaults(run=lambda a: download(a.root, a.variant, a.train_shards, a.val_shards,
-                                          hub_source(a.repo_id, a.remote_root)))
-
-
-def _shards_parser(commands) -> None:
-    p = commands.add_parser("shards", help="tokenize .txt/.jsonl documents into shards",
-                            description="Tokenize documents into shards: a .txt file is one "
-                            "document, a .jsonl file one per line (its \"text\" field), each "
-                            "BOS + ids; the first --val-docs form the val split. Writes "
-                            "DIR/manifest.json; built beside DIR, moved in only when complete.")
+                   help=f"the export's folder in the dataset (None: ${ROOT_ENV}, else {HUB_ROOT})")
+    p = command("shards", _run_shards, "tokenize .txt/.jsonl documents into shards: a .txt file "
+                "is one document, a .jsonl file one per line (its \"text\" field), each BOS + "
+                "ids; the first --val-docs form the val split; DIR/manifest.json lists them")
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help=".txt or .jsonl file")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     source = p.add_mutually_exclusive_group(required=True)
@@ -778,14 +752,24 @@ def _shards_parser(commands) -> None:
                         help="train a BPE tokenizer on the inputs with the challenge settings; "
                         "needs --tokenizer-out")
     p.add_argument("--vocab-size", type=_count(5), default=None,
-                   help=f"pieces when training (default {TRAIN_VOCAB})")
+                   help=f"pieces when training (None: {TRAIN_VOCAB})")
     p.add_argument("--tokenizer-out", type=Path, metavar="PATH",
                    help="where the trained model is saved (required with --train-tokenizer)")
-    p.add_argument("--val-docs", type=_count(0), default=VAL_DOCS,
-                   help=f"val documents (default {VAL_DOCS})")
-    p.add_argument("--shard-tokens", type=_count(1), default=SHARD_TOKENS,
-                   help=f"tokens per shard (default {SHARD_TOKENS})")
-    p.set_defaults(run=_run_shards, parser=p)
+    p.add_argument("--val-docs", type=_count(0), default=VAL_DOCS, help="val documents")
+    p.add_argument("--shard-tokens", type=_count(1), default=SHARD_TOKENS, help="tokens per shard")
+    command("demo", lambda a: build_demo(a.root), "build the offline demo corpus, tokenizer and "
+            f"shards: CPython's own prose, a {DEMO_VOCAB}-piece tokenizer, under ROOT/data; no "
+            "network, and repeat builds are byte-identical")
+    p = command("verify", lambda a: verify_dir(a.dir, a.vocab_size), "check every shard in a "
+                "folder: magic, version, size and ids of every .bin shard, each split there, "
+                "holding tokens and numbered without gaps, and the counts its manifest lists")
+    p.add_argument("dir", type=Path, metavar="DIR")
+    p.add_argument("--vocab-size", type=_count(1), default=None,
+                   help="reject ids at or above this (None: the manifest's vocabulary size)")
+    for name in ("download", "demo"):
+        commands.choices[name].add_argument("--root", type=Path, default=Path("."),
+                                            help="folder that holds data/")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

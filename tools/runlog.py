@@ -13,12 +13,8 @@ that is cut, interrupted, stopped with an error or breaks a line's format.
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import re
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
