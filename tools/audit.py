@@ -1,15 +1,10 @@
-"""The community "flip test" (docs/evaluation.md) on every evaluation mode of train_gpt.py.
-
-A mode is causal when the score of a target depends only on the tokens before it.
-The test: score every target of a random token stream with a small random model,
-change the target token at position p, score again; in a causal mode no target
-before p moves. The original's SLOT ("scored") fits its delta and bias to the
-very targets it then scores, so it fails; the context-only variant passes, and so
-does legal score-first TTT (docs/evaluation.md), which trains only on chunks already scored.
+"""The community flip test (docs/evaluation.md) on every evaluation mode of train_gpt.py: score
+every target of a random stream with a small random model, change the target at p, score
+again; in a causal mode no target before p moves. The scored SLOT fits the very targets it
+scores and fails; the context SLOT and legal score-first TTT pass.
 
     python -m tools.audit                       # all five modes, exit 0 if as expected
     python -m tools.audit --strict              # exit 1 if any mode is not causal
-    python -m tools.audit --modes context,sliding --positions 16 --seed 3
 """
 
 from __future__ import annotations

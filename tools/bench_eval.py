@@ -1,19 +1,12 @@
 """Time train_gpt.py's evaluations on a random-weight model with 2048-token windows.
 
-    python -m tools.bench_eval                      # CPU-sized defaults, a random stream
-    python -m tools.bench_eval --val data/datasets/demo_sp1024 --tokenizer TOKENIZER
+    python -m tools.bench_eval [--strict]       # CPU-sized defaults, a random stream
 
-Times (a) the stride-S sliding evaluation alone, (b) SLOT alone, (c) the whole suite as
-train_gpt.evaluate runs it (artifact load, round trip, one shared sliding + SLOT pass, stride
-64), (d) a straightforward original-style SLOT (logits over all L positions of every window),
-measured on a few windows and extrapolated to all, and (e) legal score-first TTT (the record's
-recipe, chunks of --ttt-chunk targets; the last chunk is never trained on). Prints seconds and
-the ratios SLOT/sliding, TTT/sliding, suite/sliding and original-style/fast SLOT; a ratio over
-its target is marked MISSES TARGET, and --strict makes that exit status 1.
-
-The ratios depend on how the model's body compares with SLOT's own work (48 steps of d x V
-logits at the scored positions): the CPU-sized default body is ~50x smaller than the record's,
-so SLOT's share there is far larger than on the record (--record on a GPU for its proportions).
+(a) the sliding window, (b) SLOT, (c) the whole suite as train_gpt.evaluate runs it, (d) an
+original-style SLOT (logits at every position of every window, timed on a few windows and
+extrapolated), (e) legal score-first TTT; then the ratios to (a), each over its target marked
+MISSES TARGET (--strict: exit 1). The CPU-sized body is ~50x smaller than the record's, so
+SLOT's share there is far larger than on the record (--record on a GPU for its proportions).
 """
 
 from __future__ import annotations

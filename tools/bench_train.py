@@ -1,12 +1,8 @@
-"""Training speed of train_gpt.py, measured on its real loop: runs the script in a subprocess
-for a few steps and reads its own log lines (tools.runlog).
+"""Training speed of train_gpt.py on its real loop: the script in a subprocess for a few steps,
+read through its own log lines: step time, tokens/s, peak memory, MFU on CUDA, launch to the
+first step. Needs shards: by default the demo corpus, built when missing.
 
-    python -m tools.bench_train                 # a config that fits the device found
-    python -m tools.bench_train --end-to-end    # also every evaluation, with its time
-
-Prints step time, tokens per second, peak memory and, on CUDA, model FLOPs utilisation; also the
-seconds from launch to the first step (start-up cost: compilation is off on the CPU by default).
-Needs shards: by default the demo corpus, built when missing (`python -m tools.data demo`).
+    python -m tools.bench_train [--end-to-end]   # --end-to-end: every evaluation's time too
 """
 
 from __future__ import annotations

@@ -1,17 +1,9 @@
-"""Pack train_gpt.py into a self-extracting submission file (the format: tools/_packed.py).
-
-The source is compressed with raw LZMA2 and with brotli, and the smaller stream is embedded as
-it is in one string literal of a latin-1 file (only the bytes Python cannot hold there are
-escaped: about 2% over the compressed size; base85 added 25%). The packed file runs the source
-as a module whose `__file__` is the packed file (whose bytes `Code size` counts) and calls its
-`main(source)`, which logs the full source in the header.
+"""Pack train_gpt.py into a self-extracting submission file (the format: tools/_packed.py):
+the source compressed with raw LZMA2 and with brotli, the smaller stream embedded as it is in a
+latin-1 string literal (escapes cost about 2%; base85 cost 25%).
 
     python -m tools.pack train_gpt.py records/x/train_gpt.py
-    python -m tools.pack --minify train_gpt.py OUT.py   # needs python-minifier
-
---minify first strips docstrings and comments and shortens local names with python-minifier,
-after checking that the result defines the same top-level names and dataclass fields; the log
-header then shows the minified source.
+    python -m tools.pack --minify train_gpt.py OUT.py   # python-minifier first (if installed)
 """
 
 from __future__ import annotations

@@ -1,15 +1,8 @@
-"""Reading the logs train_gpt.py writes: the one place every line a tool parses is defined.
-Pure text: no torch, no train_gpt import.
-
-LINES is the contract: each line a tool reads, written as the line itself with its fields in
-braces, and the train_gpt.py function that writes it (tests/test_submission.py checks that each
-writer prints its line's literal start). A log is the full source of the script that ran, a row
-of '=', the versions (Python, PyTorch, nvidia-smi), a row of '=', then the run's lines. Its
-`settings:` line holds every setting as the run resolved it (JSON, name -> value); the
-original's published logs predate it, and their own lines are the contract for them
-(legacy_settings). parse_log reads the figures a submission is built from, and refuses a log
-that is cut, interrupted, stopped with an error or breaks a line's format.
-"""
+"""Reading the logs train_gpt.py writes: LINES defines once every line a tool parses, written as
+the line itself with its fields in braces, and names the function that writes it. Pure text: no
+torch, no train_gpt import. A run's `settings:` line holds its whole resolved configuration
+(JSON); the original's published logs predate it and are read from their own lines
+(tools.submission)."""
 
 from __future__ import annotations
 

@@ -2,23 +2,12 @@
 
     python -m tools.submission LOG... --out records/track_10min_16mb/DATE_NAME [--script FILE]
 
-writes DIR/train_gpt.py (the exact script the logs ran), DIR/train_seed<SEED>.log for each log,
-DIR/submission.json, DIR/README.md and DIR/requirements.txt; every figure comes from the logs.
-Three kinds of score are kept apart everywhere (SCORES): accepted (the round trip, the sliding
-window, legal score-first TTT), causal but not accepted (the context-only SLOT) and not causal
-(the scored SLOT, the original's 0.74). The headline is the best accepted score every log
-holds; --score chooses another, which then carries its kind in the JSON, README and console.
-
-The script: a log carries the full source at its head. A plain run's script is that source; a
-packed run's (its Code size differs from the source's bytes) is re-made from it with
-tools._packed and must come out at exactly the logged Code size, else --script is needed, as
-for a log without its source (the original's published logs).
-
-Refused with one line and nothing written: a log that is cut, interrupted, stopped with an
-error or breaks a line's format (tools.runlog), one without the chosen score, logs of different
-configurations, sources or repeated seeds. The folder is written whole into a temporary
-sibling and renamed into place; --force replaces an existing folder only when this tool wrote
-it and every file in it is still as written (submission.json lists them with their sha256).
+writes the exact script the logs ran (the source at their head, re-packed for a packed run, or
+--script for logs without it), the logs, submission.json, README.md and requirements.txt, every
+figure from the logs. Three kinds of score stay apart (SCORES); the headline is the best
+accepted one every log holds unless --score says otherwise. A cut, interrupted, failed or
+malformed log, or logs of different configurations, sources or repeated seeds, are refused in
+one line with nothing written; --force replaces only a folder this tool wrote, as it wrote it.
 """
 
 from __future__ import annotations
@@ -58,12 +47,6 @@ KIND_WHY = {
     NOT_CAUSAL: "SLOT in its scored mode fits delta and bias to the very targets it then scores "
                 "(it fails the flip test, docs/evaluation.md): not a compression result",
 }
-KIND_LINES = {ACCEPTED: "the round trip, the sliding window at any stride and legal score-first "
-                        "TTT: what the challenge's accepted records report",
-              CAUSAL_NOT_ACCEPTED: "the context-only SLOT: it passes the flip test, but its "
-                                   "legality was never ruled on and no accepted record uses SLOT",
-              NOT_CAUSAL: "the scored SLOT (the original's 0.74): fitted to the very targets it "
-                          "scores, so not a compression result"}
 # The kind words of train_gpt.py's closing score: lines (its SCORE_KINDS), for each kind here.
 LOG_KINDS = {kind: kind.replace(", ", "_").replace(" ", "_") for kind in KIND_WHY}
 
@@ -759,7 +742,8 @@ def _readme_head(s: dict) -> list[str]:
         lines += ["", f"> **This headline is not an accepted kind of score: {kind}.** "
                       f"{s['score_kinds'][kind]}."]
     lines += ["", s["blurb"]] * bool(s["blurb"]) + ["", "Kinds of score:"]
-    lines += [f"- **{k}**: {text}." for k, text in KIND_LINES.items()]
+    lines += [f"- **{k}**: {', '.join(sorted({x.label for x in SCORES.values() if x.kind == k}))}"
+              f": {why}." for k, why in KIND_WHY.items()]
     lines += ["", "## Scores (mean over the seeds)", "",
               "| score | kind | log line | val_bpb | std | val_loss (nats) | std |",
               "|---|---|---|---:|---:|---:|---:|"]
