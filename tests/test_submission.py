@@ -952,7 +952,8 @@ def test_a_real_runs_settings_line_is_its_whole_configuration(finished_run):
              tg.OptimConfig: resolved.optim, tg.TrainConfig: resolved.train,
              tg.ExportConfig: resolved.export, tg.EvalConfig: resolved.eval,
              tg.SlotConfig: resolved.eval.slot, tg.TTTConfig: resolved.eval.ttt}
-    assert logged == {name: getattr(owner[section], f.name) for name, (f, section) in fields.items()}
+    assert logged == {name: getattr(owner[section], f.name)
+                      for name, (f, section) in fields.items()}
     record = parse_log(cwd / "logs" / "shared.txt")
     changed = {name for name, (f, _) in fields.items() if logged[name] != f.default}
     assert set(submission.reproduction([record])["settings"]) == changed - {"RUN_ID", "SEED"}
