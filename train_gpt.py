@@ -2619,6 +2619,11 @@ def log_config(cfg: Config, rt: Runtime, model: GPT, data: Data) -> None:
     rt.log(f"seed:{cfg.run.seed}")
     threads = torch.get_num_threads() if rt.device.type == "cpu" else 0
     rt.log(f"preset:{cfg.run.preset or 'none'} cpu_threads:{threads}")
+    # Every setting as resolved, for the tools (the lines above are the original's).
+    sections = (cfg.run, cfg.data, cfg.model, cfg.optim, cfg.train, cfg.export, cfg.eval,
+                cfg.eval.slot, cfg.eval.ttt)
+    rt.log("settings:" + json.dumps({name: getattr(s, f.name) for s in sections
+                                     for name, f in s.settings().items()}))
 
 
 @dataclass(frozen=True)

@@ -740,7 +740,7 @@ def local_files(root):
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
 
-EXPECTED_LOCAL = [
+EXPECTED_SHARDS = [
     "data/datasets/fineweb10B_sp1024/fineweb_train_000000.bin",
     "data/datasets/fineweb10B_sp1024/fineweb_train_000001.bin",
     "data/datasets/fineweb10B_sp1024/fineweb_val_000000.bin",
@@ -748,13 +748,15 @@ EXPECTED_LOCAL = [
     "data/tokenizers/fineweb_1024_bpe.model",
     "data/tokenizers/fineweb_1024_bpe.vocab",
 ]
+# With the shard folder's own manifest, written once every file is there.
+EXPECTED_LOCAL = sorted(EXPECTED_SHARDS + ["data/datasets/fineweb10B_sp1024/manifest.json"])
 
 
 def test_download_then_skip_complete_files(hub, tmp_path, capsys):
     root = tmp_path / "repo"
     assert run_download(root) == 0
     assert local_files(root) == EXPECTED_LOCAL
-    for name in EXPECTED_LOCAL:
+    for name in EXPECTED_SHARDS:
         remote = hub.folder / REPO / name.replace("data/", "datasets/", 1)
         assert (root / name).read_bytes() == remote.read_bytes()
     assert hub.names() == ["datasets/manifest.json", f"{SHARD_DIR}/fineweb_val_000000.bin",
@@ -768,6 +770,30 @@ def test_download_then_skip_complete_files(hub, tmp_path, capsys):
     assert len(hub.calls) == 6  # nothing fetched again
     assert "[5/5] fineweb_1024_bpe.vocab: 14 bytes (present)" in capsys.readouterr().out
     assert data.main(["verify", str(root / "data/datasets/fineweb10B_sp1024")]) == 0
+
+
+def test_download_records_the_tokenizer_of_its_shards(hub, tmp_path, monkeypatch):
+    """The shard folder's manifest names the tokenizer fetched with the shards by its sha256,
+    so that train_gpt.py refuses another tokenizer of the same vocabulary size (without it, a
+    wrong tokenizer scored the shards silently)."""
+    train_gpt = import_train_gpt()
+    root = tmp_path / "repo"
+    assert run_download(root) == 0
+    folder, model = root / "data/datasets/fineweb10B_sp1024", root / EXPECTED_SHARDS[4]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["tokenizer"] == {"file": "fineweb_1024_bpe.model", "vocab_size": 64,
+                                     "sha256": hashlib.sha256(model.read_bytes()).hexdigest()}
+    assert {split: info["files"] for split, info in manifest["splits"].items()} == {
+        "val": ["fineweb_val_000000.bin"],
+        "train": ["fineweb_train_000000.bin", "fineweb_train_000001.bin"]}
+    assert manifest["splits"]["train"]["tokens"] == 22 and manifest["splits"]["val"]["shards"] == 1
+    given = train_gpt.DataConfig(data_path=str(folder), tokenizer_path=str(model))
+    train_gpt.check_tokenizer_hash(given)  # the shards' own: accepted
+    other = tmp_path / "other.model"
+    data.train_tokenizer(corpus(30, seed=9), 64, other)
+    with pytest.raises(train_gpt.ConfigError, match="is not the tokenizer of DATA_PATH's shards"):
+        train_gpt.check_tokenizer_hash(train_gpt.DataConfig(str(folder), str(other)))
+    assert data.main(["verify", str(folder)]) == 0  # its counts and vocabulary are the files'
 
 
 def test_download_replaces_partial_file(hub, tmp_path, capsys):
@@ -806,7 +832,7 @@ def test_interrupted_download_resumes(hub, tmp_path, capsys):
     assert "fineweb_train_000001.bin" in capsys.readouterr().err
     assert local_files(root) == [
         "data/datasets/fineweb10B_sp1024/.fineweb_train_000001.bin.download/.cache/huggingface/"
-        f"download/{shard}.incomplete", *EXPECTED_LOCAL[:1], *EXPECTED_LOCAL[2:4]]
+        f"download/{shard}.incomplete", *EXPECTED_SHARDS[:1], *EXPECTED_SHARDS[2:4]]
     assert run_download(root) == 0
     assert hub.resumed == [(shard, 700)]
     assert local_files(root) == EXPECTED_LOCAL

@@ -343,3 +343,15 @@ def test_preflight_counts_the_packed_file_and_lists_the_budget():
         text,
         re.M,
     )
+
+
+def test_a_file_that_is_not_the_script_is_refused(tmp_path, capsys):
+    """Any Python file used to pack, and its packed file then failed when run (no main): a file
+    without the script's top-level main(source) is refused, in one line, nothing written."""
+    other = tmp_path / "helper.py"
+    other.write_text("def helper(x):\n    return x\n\nmain = 3\n")
+    assert pack.main([str(other), str(tmp_path / "o.py")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {other}: not this project's train_gpt.py (no top-level main(source), "
+                   "which the packed file calls); expected the script to pack\n")
+    assert not (tmp_path / "o.py").exists()

@@ -15,7 +15,7 @@ import pytest
 from scipy import stats
 
 from tools import _packed, runlog, submission
-from tools.runlog import DEFAULTS, EVAL_TAGS, REMOVED_DEFAULTS
+from tools.runlog import EVAL_TAGS
 from tools.submission import RunRecord, acceptance_p_value, build_submission, main, parse_log
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,6 +57,7 @@ LOG_DEFAULTS = dict(
     legal_ttt=None,
     gpus=0,
     current=False,  # with the lines train_gpt.py added since: param tables, eval_timing, score:
+    settings=None,  # a dict: the settings: line (every setting as resolved, as JSON)
 )
 # train_gpt.SCORE_KINDS, as its score: lines write them.
 KIND_WORDS = {"final_int6_roundtrip": "accepted", "final_int6_sliding_window": "accepted",
@@ -83,6 +84,7 @@ def _log_training(spec, seed: int) -> list[str]:
         "train_batch_tokens:786432 train_seq_len:2048 iterations:20000 warmup_steps:20 "
         "max_wallclock_seconds:600.000",
         f"seed:{seed}",
+        *([f"settings:{json.dumps(spec.settings)}"] if spec.settings is not None else []),
         "warmup_step:1/20",
         "step:0/20000 val_loss:6.9310 val_bpb:4.1049 train_time:0ms step_avg:0.01ms",
         f"step:{steps - 1}/20000 train_loss:2.0516 train_time:{train_ms - 90}ms step_avg:91.24ms",
@@ -278,7 +280,7 @@ def test_demo_log_settings_reproduce_its_configuration():
         "SLOT_STEPS": "8", "TTT_ENABLED": "1", "TTT_LR": "0.01", "TTT_CHUNK_TOKENS": "1024",
         "CPU_THREADS": "2",
     }
-    assert set(DEFAULTS) <= tg.Config.variables()
+    assert set(settings) <= tg.Config.variables()
     cfg = tg.Config.from_env({**settings, "SEED": "1337"})
     m, t, e = cfg.model, cfg.train, cfg.eval
     shape = (m.num_heads, m.num_kv_heads, t.train_seq_len, t.iterations, e.stride)
@@ -287,20 +289,15 @@ def test_demo_log_settings_reproduce_its_configuration():
     assert evaluation == ("both", 8, True, 0.01, 1337)
 
 
-def test_defaults_table_matches_train_gpt():
-    """The defaults a reproduction command is compared against are train_gpt.py's."""
+def test_declared_defaults_are_train_gpts():
+    """The defaults a reproduction command is compared against are read from the script's source
+    (no copy): for train_gpt.py they are its settings' own, every one of them."""
     import train_gpt as tg
 
     fields = {name: f for section in tg.Config.SECTIONS for name, f in section.settings().items()}
-    for name, default in DEFAULTS.items():
-        value = fields[name].default
-        value = str(int(value)) if isinstance(value, bool) else str(value)
-        assert submission.same_value(default, value), (name, default, value)
-    # The removed ones the original's logs record: their defaults are train_gpt.py's too.
-    assert set(REMOVED_DEFAULTS) <= set(tg.REMOVED_SETTINGS)
-    assert not set(REMOVED_DEFAULTS) & set(fields)
-    for name, default in REMOVED_DEFAULTS.items():
-        assert tg.REMOVED_SETTINGS[name][0] == default, name
+    declared = submission.declared_defaults((REPO / "train_gpt.py").read_text())
+    assert declared == {name: runlog.env_value(f.default) for name, f in fields.items()}
+    assert submission.declared_defaults(FAKE_SOURCE) == {}  # a script that declares none
 
 
 def test_every_evaluation_has_a_kind():
@@ -346,11 +343,9 @@ def test_every_line_format_names_the_function_that_writes_it():
         checked += 1
     assert checked >= 40
     line = runlog.MEMORY_LINE.format(rss=512, allocated=-1, reserved=7)
-    assert runlog.memory_peaks(line) == dict(rss_peak_mib=512, cuda_allocated_peak_mib=None,
-                                             cuda_reserved_peak_mib=7)
+    assert runlog.match("memory", line).group("rss", "allocated", "reserved") == ("512", "-1", "7")
     groups = runlog.first("param_groups", make_log(current=True))
-    assert runlog.param_counts(groups) == {"embed": (3, 623616), "matrix": (66, 25952256),
-                                           "scalar": (57, 286822)}
+    assert groups["counts"] == " embed:3/623616 matrix:66/25952256 scalar:57/286822"
 
 
 def test_a_whole_log_and_its_lines_read_the_same():
@@ -364,7 +359,8 @@ def test_a_whole_log_and_its_lines_read_the_same():
               "peak memory allocated: 22524 MiB reserved: 22564 MiB",
               "gptq:calibration batches:64 inputs:66 time:9312ms",
               "gpu_check:memory rss_peak_mib:3100 cuda_allocated_peak_mib:-1 "
-              "cuda_reserved_peak_mib:-1", 'gpu_check:part {"name": "device"}']
+              "cuda_reserved_peak_mib:-1", 'gpu_check:part {"name": "device"}',
+              'settings:{"SEED": 1337, "SLOT_MODE": "both"}']
     text = DEMO_LOG.read_text() + make_log(current=True, legal_ttt=(1.8, 1.1), gpus=2)
     text += "\n".join(others) + "\n"
     lines = text.splitlines()
@@ -649,12 +645,55 @@ def test_existing_folder_needs_force(tmp_path, capsys, demo_folder):
 
 
 def test_force_never_replaces_a_folder_it_did_not_write(tmp_path, capsys):
+    """A folder without the tool's mark is not replaced, even one holding a stray
+    submission.json beside a user's file (it used to be deleted whole)."""
     keep = tmp_path / "project"
     keep.mkdir()
     (keep / "notes.txt").write_text("mine")
     code, _, err = run_cli([DEMO_LOG, "--out", keep, "--force"], capsys)
-    assert code == 2 and "not a record folder" in err
+    assert code == 2 and "not a record folder this tool wrote" in err
     assert [p.name for p in keep.iterdir()] == ["notes.txt"]
+    (keep / "submission.json").write_text(json.dumps({"val_bpb": 1.1}))
+    (keep / "thesis.tex").write_text("\\documentclass{article}")
+    before = {p.name: p.read_bytes() for p in keep.iterdir()}
+    code, _, err = run_cli([DEMO_LOG, "--out", keep, "--force"], capsys)
+    assert code == 2 and "not a record folder this tool wrote" in err
+    assert {p.name: p.read_bytes() for p in keep.iterdir()} == before
+
+
+@pytest.mark.parametrize("change", ["added", "edited", "folder"])
+def test_force_never_deletes_a_file_it_did_not_write(tmp_path, capsys, demo_folder, change):
+    """A folder the tool wrote is replaced only as it wrote it: a file added to it, one edited
+    since or a folder made in it are kept, and the folder with them."""
+    out, _, _ = demo_folder
+    assert set(read_json(out)["files"]) == {p.name for p in out.iterdir()} - {"submission.json"}
+    name = {"added": "thesis.tex", "edited": "README.md", "folder": "figures"}[change]
+    if change == "folder":
+        (out / name).mkdir()
+    else:
+        (out / name).write_text("mine")
+    before = sorted(p.name for p in out.iterdir())
+    code, _, err = run_cli([DEMO_LOG, "--out", out, "--force"], capsys)
+    assert code == 2 and err == (f"error: {out}: holds files this tool did not write, or changed "
+                                 f"since ({name}): --force replaces only a folder as this tool "
+                                 "wrote it; move them away first\n")
+    assert sorted(p.name for p in out.iterdir()) == before
+    if change != "folder":
+        assert (out / name).read_text() == "mine"
+
+
+def test_a_log_with_crlf_line_ends_is_read(tmp_path, capsys, demo_folder):
+    """A log that went through a system writing CRLF gives the same figures, and the folder
+    keeps the log as it was given."""
+    crlf = tmp_path / "crlf.log"
+    crlf.write_bytes(DEMO_LOG.read_bytes().replace(b"\n", b"\r\n"))
+    code, _, err = run_cli([crlf, "--out", tmp_path / "out", "--track", "cpu_demo", "--name",
+                            "CPU demo", "--date", "2026-05-01"], capsys)
+    assert code == 0, err
+    ours, theirs = read_json(tmp_path / "out"), read_json(demo_folder[0])
+    assert {k: v for k, v in ours.items() if k != "files"} == {
+        k: v for k, v in theirs.items() if k != "files"}
+    assert (tmp_path / "out" / "train_seed1337.log").read_bytes() == crlf.read_bytes()
 
 
 def test_a_failed_write_leaves_nothing(tmp_path, capsys, monkeypatch, demo_folder):
@@ -814,7 +853,111 @@ def test_a_log_cut_mid_line_is_not_read_to_its_last_character(tmp_path, capsys):
     text = cut_demo("final_int6_roundtrip_exact")
     assert text.endswith(" val_bpb:2.34456381\n")
     (path,), err = refused(tmp_path, capsys, [text[:-6]])
-    assert "no final_int6_roundtrip_exact line: the log stops before its evaluations" in err
+    assert err == (f"error: {path}: its last line, 'final_int6_roundtrip_exact val_loss:4.31340099 "
+                   "val_bpb:2.344', ends mid-line: the log was cut while it was being written\n")
+
+
+@pytest.mark.parametrize("log", [DEMO_LOG, REFERENCE_LOGS[0]], ids=["demo", "original"])
+def test_a_complete_log_without_its_last_newline_is_read(tmp_path, log):
+    """Only the final newline missing: the last line (the demo's closing score: line, the
+    original's final_slot_exact) is whole, the log is complete."""
+    if not log.exists():
+        pytest.skip("../shared reference logs absent")
+    (path,) = write_logs(tmp_path, [log.read_text().rstrip("\n")])
+    record, whole = parse_log(path), parse_log(log)
+    assert record.evals == whole.evals and record.settings == whole.settings
+
+
+@pytest.mark.parametrize("cut", ["legal_ttt_exact val_loss:4.28238356 val_bpb:2.327",
+                                 "legal_ttt_exact val_loss:4.28238356 val_bpb:2.32770419",
+                                 "score:final_int6_roun",
+                                 "score:legal_ttt val_bpb:2.32770419 kind:accep"])
+def test_a_log_cut_mid_line_in_its_last_evaluation_line_is_refused(tmp_path, capsys, cut):
+    """Killed while writing its last evaluation line or its closing summary: the part written
+    is not a line, and the log is refused as cut (it was read as complete and copied)."""
+    text = DEMO_LOG.read_text()
+    assert cut.split(" kind:")[0] in text
+    (path,), err = refused(tmp_path, capsys, [text[:text.index(cut) + len(cut)]])
+    assert err == (f"error: {path}: its last line, '{cut}', ends mid-line: the log was cut while "
+                   "it was being written\n")
+
+
+def default_settings(**changes) -> dict:
+    """Every setting as train_gpt.py resolves it with these changes: its settings: line."""
+    import train_gpt as tg
+
+    cfg = tg.Config.from_env({"RUN_ID": "r1", **changes})
+    sections = (cfg.run, cfg.data, cfg.model, cfg.optim, cfg.train, cfg.export, cfg.eval,
+                cfg.eval.slot, cfg.eval.ttt)
+    return {name: getattr(s, f.name) for s in sections for name, f in s.settings().items()}
+
+
+def test_settings_line_gives_the_settings_and_the_reproduction(tmp_path):
+    """A log with the settings: line: its settings are the line's, and the reproduction lists
+    those that differ from the defaults the script declares (here: the repository's, the fake
+    source declaring none), whatever the original's lines say."""
+    changes = dict(MATRIX_LR="0.03", NUM_LAYERS="12", COMPRESSOR="brotli", TTT_ENABLED="1",
+                   SEED="7")
+    logged = default_settings(**changes)
+    (path,) = write_logs(tmp_path, [make_log(7, current=True, settings=logged)])
+    record = parse_log(path)
+    assert record.settings == {k: str(int(v)) if isinstance(v, bool) else str(v)
+                               for k, v in logged.items()}
+    rep = submission.reproduction([record])
+    assert rep["settings"] == {"NUM_LAYERS": "12", "MATRIX_LR": "0.03", "COMPRESSOR": "brotli",
+                               "TTT_ENABLED": "1"}
+    assert rep["commands"]["7"] == ("NUM_LAYERS=12 MATRIX_LR=0.03 COMPRESSOR=brotli TTT_ENABLED=1"
+                                    " SEED=7 python train_gpt.py")
+
+
+def test_logs_whose_settings_lines_differ_are_refused(tmp_path, capsys):
+    """Every logged setting but the seed and the run id must agree across the seeds."""
+    texts = [make_log(1, current=True, settings={**default_settings(SEED="1"), "RUN_ID": "a"}),
+             make_log(2, current=True, settings=default_settings(SEED="2", VE_DIM="64"))]
+    paths, err = refused(tmp_path, capsys, texts)
+    assert f"error: {paths[1]}: config differs from {paths[0]}: VE_DIM 128 vs 64\n" == err
+
+
+def test_a_log_with_the_settings_line_must_end_with_its_summary(tmp_path, capsys):
+    """A current log (settings: line) cut at a line's end before its closing score: lines is
+    cut; an older log without them is read as before."""
+    text = make_log(1, current=True, settings=default_settings(SEED="1"))
+    cut = text.split("score:")[0]
+    (path,), err = refused(tmp_path, capsys, [cut])
+    assert "the score: lines name nothing but the evaluations are final_int6_roundtrip, " in err
+    assert err.endswith(": the log is cut in its closing summary\n")
+    (tmp_path / "older").mkdir()
+    (older,) = write_logs(tmp_path / "older", [make_log(1, current=False)])
+    assert all(e.kind is None for e in parse_log(older).evals.values())
+
+
+def test_a_real_runs_settings_line_is_its_whole_configuration(finished_run):
+    """The script's own log: one settings: line naming every setting with the value the run
+    resolved (the script's own parser, run here on the same environment), and a reproduction
+    of exactly the settings that differ from their defaults."""
+    import os
+
+    import train_gpt as tg
+
+    cwd, env, status, _, _ = finished_run
+    assert status == 0
+    text = (cwd / "logs" / "shared.txt").read_text()
+    (line,) = re.findall(r"^settings:(.*)$", text.split(SEPARATOR)[-1], re.M)
+    logged = json.loads(line)
+    assert set(logged) == tg.Config.variables()
+    resolved = tg.Config.from_env({**os.environ, **env})
+    fields = {name: (f, section) for section in tg.Config.SECTIONS
+              for name, f in section.settings().items()}
+    owner = {tg.RunConfig: resolved.run, tg.DataConfig: resolved.data, tg.GPTConfig: resolved.model,
+             tg.OptimConfig: resolved.optim, tg.TrainConfig: resolved.train,
+             tg.ExportConfig: resolved.export, tg.EvalConfig: resolved.eval,
+             tg.SlotConfig: resolved.eval.slot, tg.TTTConfig: resolved.eval.ttt}
+    assert logged == {name: getattr(owner[section], f.name)
+                      for name, (f, section) in fields.items()}
+    record = parse_log(cwd / "logs" / "shared.txt")
+    changed = {name for name, (f, _) in fields.items() if logged[name] != f.default}
+    assert set(submission.reproduction([record])["settings"]) == changed - {"RUN_ID", "SEED"}
+    assert {"DATA_PATH", "ITERATIONS", "SLOT_ENABLED", "NUM_LAYERS"} <= changed
 
 
 SCORE_SLOT = "score:final_slot val_bpb:0.73502047 kind:not_causal"

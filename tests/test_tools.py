@@ -6,7 +6,6 @@ tools.submission's default invocations are tested in test_data.py and test_submi
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import math
 import re
@@ -253,36 +252,37 @@ def test_artifact_estimate_is_deterministic():
 ESTIMATE_ENV = dict(NUM_LAYERS="2", MODEL_DIM="256", NUM_HEADS="4", NUM_KV_HEADS="2",
                     MLP_MULT="3", BIGRAM_DIM="64", VE_DIM="64", VE_LAYERS="1", XSA_LAST_N="2",
                     TRAIN_SEQ_LEN="128", EVAL_SEQ_LEN="128", RUN_ID="t")
-# ESTIMATE_ENV's container (seed 1337's initial weights, and preflight's trained-like ones),
-# pinned from the script before its restructure (commit 82f82f8): its contents, and under the
-# torch that CI installs (torch.save's archive layout depends on the version) its lzma bytes.
+# The lzma bytes of ESTIMATE_ENV's containers (seed 1337's initial weights, and preflight's
+# trained-like ones) under the torch that CI installs (torch.save's archive layout depends on the
+# version), measured on an AVX2 machine: their tensors' low bits depend on the processor's
+# kernels (the orthogonal initialisation's), so the sizes hold to a tolerance, not a digest.
 PINNED_TORCH = "2.13.0"
-PINNED = {
-    "seeded": ("bfa089888efd45e88be37a7ca1e750b2507de4e36b69ec76eb8866785cdf8c0e",
-               "22dcb465cd27801432c8ec7e81d3825cb22436331f1b159c52d1740a759e2655"),
-    "estimate": ("e25ddc728c60eaeec59c905d74504dcf8f51ee848ab558d2720075d93b597f05",
-                 "b100b6ad04252152e66ffa651500d51583b967a4f2ce80aa0c4ca2f70204e098"),
-}
+PINNED_LZMA_BYTES = {"seeded": 705_496, "estimate": 1_696_700}
 
 
-def content_digest(container: dict) -> str:
-    """sha256 of a container's names, dtypes, shapes, bytes and schemes."""
-    h = hashlib.sha256()
-    for name in sorted(container["w"]):
-        t = container["w"][name]
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    h.update(repr(sorted((k, str(v)) for k, v in container["m"].items())).encode())
-    return h.hexdigest()
+def assert_quantised(container: dict, state: dict) -> None:
+    """The container holds `state` in each tensor's scheme, checked here from the stored values:
+    an int6 tensor is the weights rounded at its stored per-row scale, clamped to [-31, 31]; an
+    int8 one within 0.6 of a step of the weights inside its clip ([-127, 127] steps); the rest
+    the weights in fp16."""
+    for name, w in state.items():
+        scheme, w = container["m"][name], w.float()
+        if isinstance(scheme, str):
+            assert torch.equal(container["w"][name], w.half()), name
+            continue
+        q, scale = container["w"][name + ".q"], container["w"][name + ".scale"].float()[:, None]
+        if scheme["type"] == "int6":
+            assert torch.equal(q, torch.clamp(torch.round(w / scale), -31, 31).to(torch.int8)), name
+        else:
+            inside = w.abs() <= 127 * scale
+            assert q.abs().max() <= 127 and inside.float().mean() > 0.99, name
+            assert ((q.float() * scale - w).abs() <= 0.6 * scale)[inside].all(), name
 
 
-def assert_pinned(kind: str, container: dict, blob: bytes | None = None) -> None:
-    """The container's contents, and its lzma bytes (`blob`, else packed here) where pinned."""
-    contents, packed = PINNED[kind]
-    assert content_digest(container) == contents, kind
+def assert_lzma_size(kind: str, container: dict, blob: bytes | None = None) -> None:
     if torch.__version__.split("+")[0] == PINNED_TORCH:
         blob = tg.pack_artifact(container, "lzma") if blob is None else blob
-        assert hashlib.sha256(blob).hexdigest() == packed, kind
+        assert abs(len(blob) / PINNED_LZMA_BYTES[kind] - 1) < 0.005, (kind, len(blob))
 
 
 def trained_like_by_hand(model, seed: int) -> dict:
@@ -305,14 +305,17 @@ def trained_like_by_hand(model, seed: int) -> dict:
 def test_artifact_estimate_is_the_packed_size_of_such_weights(one_thread):
     """The estimate against the real packed size (train_gpt's own quantisation and compressor) of a
     state dict drawn in the test from the basis the tool states: within 1% (measured: 0.04-0.08%),
-    with the value counts of the export rules worked out by hand; the containers' bytes are
-    those of the script before its restructure."""
+    with the value counts of the export rules worked out by hand; each container holds its
+    weights in their schemes, and packs to the size it had (within 0.5%)."""
     cfg = tg.Config.from_env(ESTIMATE_ENV)
     model = tg.build_model(cfg.model, torch.device("cpu"), seed=cfg.run.seed)
     state = model.state_dict()
-    assert_pinned("seeded", tg.quantize_state_dict(state, model.roles))
+    seeded = tg.quantize_state_dict(state, model.roles)
+    assert_quantised(seeded, state)
+    assert_lzma_size("seeded", seeded)
     est = preflight.estimate_artifact(tg, model.roles, state, seed=0)
-    assert_pinned("estimate", est.container, est.blob)
+    assert_quantised(est.container, preflight.trained_like_state(tg, model.roles, state, seed=0))
+    assert_lzma_size("estimate", est.container, est.blob)
     by_hand = tg.quantize_state_dict(trained_like_by_hand(model, seed=1), model.roles)
     actual = len(tg.pack_artifact(by_hand, "lzma"))
     assert abs(est.model_bytes / actual - 1) < 0.01, (est.model_bytes, actual)

@@ -38,7 +38,7 @@ def shard_bytes(tokens: np.ndarray) -> bytes:
 
 
 def read_shard(path) -> np.ndarray:
-    """A shard's tokens as a read-only uint16 memory map, with train_gpt.load_data_shard's checks."""
+    """A shard's tokens as a read-only uint16 memory map, with load_data_shard's checks."""
     path = Path(path)
     try:
         size = path.stat().st_size

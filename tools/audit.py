@@ -1,15 +1,10 @@
-"""The community "flip test" (docs/evaluation.md) on every evaluation mode of train_gpt.py.
-
-A mode is causal when the score of a target depends only on the tokens before it.
-The test: score every target of a random token stream with a small random model,
-change the target token at position p, score again; in a causal mode no target
-before p moves. The original's SLOT ("scored") fits its delta and bias to the
-very targets it then scores, so it fails; the context-only variant passes, and so
-does legal score-first TTT (docs/evaluation.md), which trains only on chunks already scored.
+"""The community flip test (docs/evaluation.md) on every evaluation mode of train_gpt.py: score
+every target of a random stream with a small random model, change the target at p, score
+again; in a causal mode no target before p moves. The scored SLOT fits the very targets it
+scores and fails; the context SLOT and legal score-first TTT pass.
 
     python -m tools.audit                       # all five modes, exit 0 if as expected
     python -m tools.audit --strict              # exit 1 if any mode is not causal
-    python -m tools.audit --modes context,sliding --positions 16 --seed 3
 """
 
 from __future__ import annotations
@@ -195,30 +190,24 @@ def format_report(r: AuditReport) -> str:
     s, m, slot, ttt = r.settings, r.config.model, r.config.eval.slot, r.config.eval.ttt
     lines = [
         "flip test (docs/evaluation.md): change the target at p, look for a change before p",
-        f"model: {m.num_layers} layers, d={m.model_dim}, {m.num_heads} heads "
-        f"({m.num_kv_heads} kv), V={m.vocab_size}, bigram, VE, VRL, XSA; weights: "
-        f"SEED={s.seed} init + N(0, {WEIGHT_NOISE}^2) noise",
+        f"model: {m.num_layers} layers, d={m.model_dim}, {m.num_heads} heads ({m.num_kv_heads} "
+        f"kv), V={m.vocab_size}, bigram, VE, VRL, XSA; weights: SEED={s.seed} init + "
+        f"N(0, {WEIGHT_NOISE}^2) noise",
         f"stream: {s.targets} random targets; windows of {s.seq_len}, stride {s.stride}, "
         f"EVAL_TAIL={s.eval_tail} ({r.n_windows} windows); SLOT {slot.steps} steps, lr {slot.lr}, "
         f"batches of {slot.batch_seqs} dealt over {slot.interleave}; TTT chunks of "
         f"{ttt.chunk_tokens}, {ttt.epochs} epochs, lr {ttt.lr}",
-        f"flipped targets ({len(r.positions)}): {', '.join(map(str, r.positions))}",
-        "",
-        format_table(r.results),
-        "",
+        f"flipped targets ({len(r.positions)}): {', '.join(map(str, r.positions))}", "",
+        format_table(r.results), "",
         f"threshold {s.threshold:g}: a larger change of an earlier target's nll means the mode "
-        f"reads later tokens; 'at/after p' shows each flip did change something",
-    ]
-    for x in r.results:
-        if x.verdict == "NOT causal":
-            lines.append(f"{LABELS[x.mode]}: flipping target {x.worst_position} moved the nll of "
-                         f"target {x.worst_target} by {x.max_earlier:.3g}")
-    causal_noise = [x.max_earlier for x in r.results if x.verdict == "causal"]
-    if causal_noise:
-        lines.append(f"largest change of an earlier target in the causal modes: "
-                     f"{max(causal_noise):.3g} (float32 on the CPU repeats them exactly)")
-    lines.append(f"time: {r.seconds:.1f} s")
-    return "\n".join(lines)
+        "reads later tokens; 'at/after p' shows each flip did change something"]
+    lines += [f"{LABELS[x.mode]}: flipping target {x.worst_position} moved the nll of target "
+              f"{x.worst_target} by {x.max_earlier:.3g}" for x in r.results
+              if x.verdict == "NOT causal"]
+    if noise := [x.max_earlier for x in r.results if x.verdict == "causal"]:
+        lines.append(f"largest change of an earlier target in the causal modes: {max(noise):.3g} "
+                     "(float32 on the CPU repeats them exactly)")
+    return "\n".join(lines + [f"time: {r.seconds:.1f} s"])
 
 
 def format_table(results: list[ModeResult]) -> str:
@@ -240,29 +229,22 @@ def exit_code(results: list[ModeResult], strict: bool) -> int:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(
-        prog="python -m tools.audit",
+        prog="python -m tools.audit", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Flip test (docs/evaluation.md) of train_gpt.py's evaluation modes on a small "
                     "random model. Exit 0 when the verdicts are as expected (standard, sliding, "
                     "SLOT context and TTT causal; SLOT scored not causal); with --strict, exit 1 "
                     "when any mode is not causal.")
     d = AuditSettings()
-    p.add_argument("--seed", type=int, default=d.seed,
-                   help="model, stream and flip positions (default %(default)s)")
-    p.add_argument("--positions", type=int, default=d.positions,
-                   help="targets to flip (default %(default)s)")
-    p.add_argument("--stride", type=int, default=d.stride,
-                   help="sliding/SLOT stride (default %(default)s)")
-    p.add_argument("--seq-len", type=int, default=d.seq_len,
-                   help="window length (default %(default)s)")
-    p.add_argument("--targets", type=int, default=d.targets,
-                   help="targets in the stream (default %(default)s)")
-    p.add_argument("--slot-steps", type=int, default=d.slot_steps,
-                   help="SLOT steps (default %(default)s, the record's)")
+    for option, help_text in (("seed", "model, stream and flip positions"),
+                              ("positions", "targets to flip"), ("stride", "sliding/SLOT stride"),
+                              ("seq-len", "window length"), ("targets", "targets in the stream"),
+                              ("slot-steps", "SLOT steps (the record's)")):
+        p.add_argument(f"--{option}", type=int, default=getattr(d, option.replace("-", "_")),
+                       help=help_text)
     p.add_argument("--eval-tail", choices=("once", "original"), default=d.eval_tail,
                    help="EVAL_TAIL rule")
-    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of %(default)s")
-    p.add_argument("--threshold", type=float, default=d.threshold,
-                   help="largest allowed change (default %(default)g)")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset")
+    p.add_argument("--threshold", type=float, default=d.threshold, help="largest allowed change")
     p.add_argument("--strict", action="store_true", help="exit 1 if any mode is not causal")
     return p.parse_args(argv)
 

@@ -1,30 +1,12 @@
 """Time train_gpt.py's evaluations on a random-weight model with 2048-token windows.
 
-    python -m tools.bench_eval                      # CPU-sized defaults, a random stream
-    python -m tools.bench_eval --val data/datasets/demo_sp1024 --tokenizer TOKENIZER
-    # (TOKENIZER: data/tokenizers/demo_1024_bpe.model, the shards' own)
-    python -m tools.bench_eval --compressors final_model.pt   # also: artifact bytes per compressor
+    python -m tools.bench_eval [--strict]       # CPU-sized defaults, a random stream
 
-Times (a) the stride-S sliding evaluation alone, (b) SLOT alone, (c) the whole
-suite as train_gpt.evaluate runs it (artifact load, round trip, one shared
-sliding + SLOT pass, stride 64), and (d) a straightforward
-original-style SLOT (logits over all L positions of every window), measured on
-a few windows and extrapolated to all of them, and (e) legal score-first TTT
-(the accepted record's recipe: the defaults' epochs, chunks of --ttt-chunk targets). Prints
-seconds and the ratios SLOT/sliding, TTT/sliding, suite/sliding and
-original-style/fast SLOT; a ratio over its target is marked MISSES TARGET, and
---strict makes that exit status 1. The last TTT chunk is never trained on: the default
-chunk leaves 3 of the default stream's 4 chunks trained, so TTT/sliding there
-slightly understates the ratio on a long stream.
-
-The ratios depend on how the model's body compares with SLOT's own work
-(48 steps of d x V logits at the scored positions): the CPU-sized default
-body is ~50x smaller than the record's, so SLOT's share there is far larger
-than on the record (use --record on a GPU for the record's proportions).
-
---compressors FILE: FILE is a torch.save'd state dict (final_model.pt of a run);
-the model configuration comes from the environment (PRESET and the model
-variables, as for train_gpt.py), so set them as for the run that wrote it.
+(a) the sliding window, (b) SLOT, (c) the whole suite as train_gpt.evaluate runs it, (d) an
+original-style SLOT (logits at every position of every window, timed on a few windows and
+extrapolated), (e) legal score-first TTT; then the ratios to (a), each over its target marked
+MISSES TARGET (--strict: exit 1). The CPU-sized body is ~50x smaller than the record's, so
+SLOT's share there is far larger than on the record (--record on a GPU for its proportions).
 """
 
 from __future__ import annotations
@@ -43,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tools._common import REPO_ROOT, fit_slot, import_train_gpt
+from tools._common import fit_slot, import_train_gpt
 
 tg = import_train_gpt()
 
@@ -51,43 +33,34 @@ tg = import_train_gpt()
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tools.bench_eval",
                                 description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--layers", type=int, default=2,
-                   help="NUM_LAYERS (default 2; a deeper body makes SLOT's share, and so the "
-                        "ratios, more like the record's)")
-    p.add_argument("--dim", type=int, default=128,
-                   help="MODEL_DIM (default 128; 4 heads, 2 kv heads)")
+                   help="NUM_LAYERS (a deeper body makes the ratios more like the record's)")
+    p.add_argument("--dim", type=int, default=128, help="MODEL_DIM (4 heads, 2 kv heads)")
     p.add_argument("--record", action="store_true",
-                   help="the record's own model (11 layers, 512 wide, 26.9M parameters; for a "
-                        "GPU): --layers and --dim are ignored")
-    p.add_argument("--vocab", type=int, default=1024, help="VOCAB_SIZE (default 1024)")
-    p.add_argument("--seq-len", type=int, default=2048,
-                   help="EVAL_SEQ_LEN = TRAIN_SEQ_LEN (default 2048)")
-    p.add_argument("--stride", type=int, default=96, help="EVAL_STRIDE (default 96)")
-    p.add_argument("--slot-steps", type=int, default=48, help="SLOT_STEPS (default 48)")
-    p.add_argument("--slot-batch", type=int, default=32, help="SLOT_BATCH_SEQS (default 32)")
-    p.add_argument("--tokens", type=int, default=16384,
-                   help="validation targets to use (default 16384; 0 skips the timing, e.g. with "
-                        "--compressors)")
+                   help="the record's own model (26.9M parameters; for a GPU): ignores --layers "
+                        "and --dim")
+    p.add_argument("--vocab", type=int, default=1024, help="VOCAB_SIZE")
+    p.add_argument("--seq-len", type=int, default=2048, help="EVAL_SEQ_LEN = TRAIN_SEQ_LEN")
+    p.add_argument("--stride", type=int, default=96, help="EVAL_STRIDE")
+    p.add_argument("--slot-steps", type=int, default=48, help="SLOT_STEPS")
+    p.add_argument("--slot-batch", type=int, default=32, help="SLOT_BATCH_SEQS")
+    p.add_argument("--tokens", type=int, default=16384, help="validation targets")
     p.add_argument("--val", default=None,
                    help="a folder of fineweb_val_*.bin shards (default: a random stream)")
     p.add_argument("--tokenizer", default=None,
                    help="SentencePiece model for the byte tables (default: random)")
     p.add_argument("--orig-windows", type=int, default=2,
-                   help="windows on which to time the original-style SLOT (default 2; 0 skips it)")
+                   help="windows to time the original-style SLOT on (0 skips it)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: small kernels on a shared CPU run steadier "
-                        "on one thread; 0 keeps torch's choice)")
+                   help="torch CPU threads (small kernels on a shared CPU run steadier on one; "
+                        "0 keeps torch's choice)")
     p.add_argument("--ttt-chunk", type=int, default=4096,
-                   help="TTT_CHUNK_TOKENS for (e) (default 4096: two 2048-token sequences per "
-                        "chunk; the record's 32768 needs a stream of several times that; 0 skips "
-                        "(e))")
+                   help="TTT_CHUNK_TOKENS for (e) (two 2048-token sequences; the record's 32768 "
+                        "needs a stream of several times that; 0 skips (e))")
     p.add_argument("--skip-suite", action="store_true", help="do not time (c), the whole suite")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compressors", metavar="STATE_DICT", default=None,
-                   help="print the artifact bytes of lzma and brotli for this state dict "
-                        "(default: skip)")
     p.add_argument("--verbose", action="store_true", help="show the suite's own log lines")
     p.add_argument("--strict", action="store_true",
                    help="exit 1 when a ratio misses its target (every ratio is printed first)")
@@ -123,27 +96,22 @@ def ratio_line(r: Ratio) -> str:
 
 def report_ratios(ratios: list[Ratio], strict: bool) -> int:
     """Print every ratio's row; the exit status: 1 with strict when any misses its target."""
-    for r in ratios:
-        print(ratio_line(r))
+    print("\n".join(map(ratio_line, ratios)))
     missed = [r.name.strip() for r in ratios if r.misses]
     if missed and strict:
-        print(f"error: {_count(missed, 'ratio')} over target ({', '.join(missed)}); "
-              "--strict fails the run", file=sys.stderr)
+        count = "1 ratio" if len(missed) == 1 else f"{len(missed)} ratios"
+        print(f"error: {count} over target ({', '.join(missed)}); --strict fails the run",
+              file=sys.stderr)
         return 1
     return 0
 
 
-def _count(items: list, noun: str) -> str:
-    return f"1 {noun}" if len(items) == 1 else f"{len(items)} {noun}s"
-
-
 def bench_env(a: argparse.Namespace, device: torch.device) -> dict[str, str]:
     """The benchmark's settings, as the environment of a run would give them."""
-    env = dict(
-        VOCAB_SIZE=a.vocab, TRAIN_SEQ_LEN=a.seq_len, EVAL_SEQ_LEN=a.seq_len, EVAL_STRIDE=a.stride,
-        SLOT_STEPS=a.slot_steps, SLOT_BATCH_SEQS=a.slot_batch, SLOT_MODE="scored",
-        DEVICE=device.type, CPU_THREADS=max(a.threads, 0), RUN_ID="bench_eval",
-    )
+    env = dict(VOCAB_SIZE=a.vocab, TRAIN_SEQ_LEN=a.seq_len, EVAL_SEQ_LEN=a.seq_len,
+               EVAL_STRIDE=a.stride, SLOT_STEPS=a.slot_steps, SLOT_BATCH_SEQS=a.slot_batch,
+               SLOT_MODE="scored", DEVICE=device.type, CPU_THREADS=max(a.threads, 0),
+               RUN_ID="bench_eval")
     if a.val:  # the tokenizer is checked against the shards' manifest, as in a run
         env.update(DATA_PATH=a.val)
     if a.tokenizer:
@@ -179,15 +147,12 @@ def stream_and_luts(a: argparse.Namespace, cfg, device: torch.device):
     if tokens.numel() <= L:
         raise tg.ConfigError(f"--tokens={tokens.numel() - 1}: expected more than one window of {L}")
     if a.tokenizer:
-        sp = tg.load_tokenizer(cfg.data, vocab)
-        luts = tg.build_byte_luts(sp, vocab, device)
-    else:
-        base = torch.randint(1, 5, (vocab,), generator=g).to(torch.int16)
-        lead = torch.rand(vocab, generator=g) < 0.4
-        boundary = torch.zeros(vocab, dtype=torch.bool)
-        boundary[:4] = True
-        luts = (base.to(device), lead.to(device), boundary.to(device))
-    return tokens, luts
+        return tokens, tg.build_byte_luts(tg.load_tokenizer(cfg.data, vocab), vocab, device)
+    boundary = torch.zeros(vocab, dtype=torch.bool)
+    boundary[:4] = True
+    luts = (torch.randint(1, 5, (vocab,), generator=g).to(torch.int16),
+            torch.rand(vocab, generator=g) < 0.4, boundary)
+    return tokens, tuple(t.to(device) for t in luts)
 
 
 def timed(rt, fn):
@@ -232,12 +197,10 @@ def compare_slot_styles(s, e, k: int):
     b = next(tg.window_pass(plain, plan, [idx], len(idx), e.seq_len, collect=False))
     hid, scored = b.hid.float(), torch.from_numpy(b.scored).to(rt.device)
     fast, t_fast = timed(rt, lambda: scorer.fit_and_score(hid, b.y, b.scored, b.scored, 0))
-    softcap = s.model.cfg.logit_softcap
     orig, t_orig = timed(rt, lambda: original_style_slot(hid, b.y, scored, scorer.weight, e.slot,
-                                                         softcap))
+                                                         s.model.cfg.logit_softcap))
     gap = float(((fast - orig).abs() / orig.abs().clamp_min(1e-6)).max())
-    k = len(idx)
-    return tuple(t / k for t in t_fast), tuple(t / k for t in t_orig), k, gap
+    return tuple(t / len(idx) for t in t_fast), tuple(t / len(idx) for t in t_orig), len(idx), gap
 
 
 def run_suite(cfg, s, verbose: bool):
@@ -256,60 +219,8 @@ def run_suite(cfg, s, verbose: bool):
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             scores, seconds = timed(rt, suite)
-    if verbose:
-        print(out.getvalue(), end="")
+    print(out.getvalue() if verbose else "", end="")
     return seconds, {name: score.seconds for name, score in scores.items()}
-
-
-def compressor_sizes(path: str) -> None:
-    cfg = tg.Config.from_env()
-    roles = tg.build_model(cfg.model, torch.device("cpu")).roles
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    container = tg.quantize_state_dict(state, roles)
-    code = len((REPO_ROOT / "train_gpt.py").read_bytes())
-    print(f"\nartifact bytes for {path} ({sum(t.numel() for t in state.values()):,} values; "
-          f"train_gpt.py {code:,} bytes)")
-    print(f"{'compressor':<12}{'artifact':>14}{'+ code':>14}{'pack s':>10}{'unpack s':>10}  "
-          f"round trip")
-    for name in ("lzma", "brotli"):
-        t0 = time.perf_counter()
-        blob = tg.pack_artifact(container, name)
-        t1 = time.perf_counter()
-        back = tg.unpack_artifact(blob, path)
-        t2 = time.perf_counter()
-        same = back["m"] == container["m"] and all(torch.equal(back["w"][k], v)
-                                                   for k, v in container["w"].items())
-        print(f"{name:<12}{len(blob):>14,}{len(blob) + code:>14,}{t1 - t0:>10.2f}{t2 - t1:>10.2f}  "
-              f"{'exact' if same else 'MISMATCH'}")
-
-
-def main(argv=None) -> int:
-    a = parse_args(argv)
-    if a.threads > 0:
-        torch.set_num_threads(a.threads)
-    use_cuda = a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if use_cuda else "cpu")
-    try:
-        status = bench(a, device) if a.tokens > 0 else 0
-        if a.compressors is not None:
-            compressor_sizes(a.compressors)
-    except tg.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return status
-
-
-@dataclass
-class Timings:
-    """(wall, CPU) seconds of each evaluation timed; None: not run."""
-    sliding: tuple
-    slot: tuple
-    ttt: tuple | None = None
-    suite: tuple | None = None
-    orig: tuple | None = None  # (d): the original-style SLOT's estimated total
-    fast_w: tuple = (0.0, 0.0)  # SLOT fit per window: fast, original-style
-    orig_w: tuple = (0.0, 0.0)
-    gap: float = 0.0
 
 
 def bench(a: argparse.Namespace, device: torch.device) -> int:
@@ -322,77 +233,74 @@ def bench(a: argparse.Namespace, device: torch.device) -> int:
     s = tg.Scoring(model, rt.compiled(model.hidden), tokens, luts, rt)
     m, e = cfg.model, cfg.eval
     n_windows = len(tg.sliding_windows(s.n_targets, e.seq_len, e.stride, e.tail))
-    n_params = sum(p.numel() for p in model.parameters())
     print(f"device:{device} threads:{torch.get_num_threads()} layers:{m.num_layers} "
-          f"dim:{m.model_dim} vocab:{m.vocab_size} params:{n_params:,} L:{e.seq_len} "
+          f"dim:{m.model_dim} vocab:{m.vocab_size} "
+          f"params:{sum(p.numel() for p in model.parameters()):,} L:{e.seq_len} "
           f"stride:{e.stride} targets:{s.n_targets:,} windows:{n_windows} "
           f"slot_steps:{e.slot.steps} slot_batch:{e.slot.batch_seqs} "
           f"stream:{'val shards' if a.val else 'random'}")
-    t, rows, suite_parts = time_evaluations(a, env, cfg, s)
-    print_table(rows, suite_parts, device.type == "cpu")
-    return report_ratios(ratios_of(t, 1 if device.type == "cpu" else 0), a.strict)
+    cpu = device.type == "cpu"
+    rows, parts, ratios = time_evaluations(a, env, cfg, s, n_windows, use=1 if cpu else 0)
+    print(f"\n{'evaluation':<46}{'wall s':>10}{'cpu s' if cpu else '':>10}{'val_bpb':>10}")
+    for name, (wall, cpu_s), bpb in rows:
+        print(f"{name:<46}{wall:>10.2f}{f'{cpu_s:.2f}' if cpu else '':>10}"
+              f"{'' if bpb is None else f'{bpb:.4f}':>10}")
+    print("".join(f"    {name:<42}{sec:>10.2f}\n" for name, sec in parts), end="")
+    title = f"ratio (of {'CPU' if cpu else 'wall'} seconds)"
+    print(f"\n{title:<46}{'value':>10}{'target':>10}{'original':>10}")
+    return report_ratios(ratios, a.strict)
 
 
-def time_evaluations(a, env: dict, cfg, s):
-    """Every timing of the table: (Timings, rows (name, seconds, val_bpb), suite parts)."""
+def time_evaluations(a, env: dict, cfg, s, n_windows: int, use: int):
+    """Every timing of the table: rows (name, (wall, CPU) seconds, val_bpb), the suite's parts
+    and the ratios (of CPU seconds, use=1, on a CPU; of wall seconds on a GPU)."""
     e, rt = cfg.eval, s.rt
     warm = tg.Scoring(s.model, s.hidden_fn, s.tokens[:e.seq_len + e.stride + 1], s.luts, rt)
     tg.sliding_pass(e, warm, e.stride, "sliding", ("scored",))  # kernels (and compilation) warm
     (sliding,), t_a = timed(rt, lambda: tg.sliding_pass(e, s, e.stride, "sliding"))
     (slot,), t_b = timed(rt, lambda: tg.sliding_pass(e, s, e.stride, "", ("scored",)))
-    t = Timings(t_a, t_b)
     rows = [(f"(a) sliding s{e.stride}", t_a, sliding.sums.result(rt)[1]),
             (f"(b) SLOT-{e.slot.steps} (fast)", t_b, slot.sums.result(rt)[1])]
+    ratios, parts = [Ratio("SLOT / sliding", t_b[use] / t_a[use], 1.5, 7.5)], {}
     if a.ttt_chunk > 0:
-        ttt_cfg = tg.Config.from_env({**env, "TTT_ENABLED": "1",
-                                      "TTT_CHUNK_TOKENS": str(a.ttt_chunk)})
+        ttt_eval = tg.Config.from_env({**env, "TTT_ENABLED": "1",
+                                       "TTT_CHUNK_TOKENS": str(a.ttt_chunk)}).eval
 
         def ttt(stream):  # on a copy: TTT adapts the model it runs on
             with contextlib.redirect_stdout(io.StringIO()):
-                return tg.eval_ttt(ttt_cfg.eval, rt, copy.deepcopy(s.model), stream, s.luts)
+                return tg.eval_ttt(ttt_eval, rt, copy.deepcopy(s.model), stream, s.luts)
 
         ttt(s.tokens[:2 * a.ttt_chunk + 1])  # a trained chunk and a scored one: graphs compiled
-        (sums, _), t.ttt = timed(rt, lambda: ttt(s.tokens))
+        (sums, _), t_e = timed(rt, lambda: ttt(s.tokens))
         n_chunks = -(-s.n_targets // a.ttt_chunk)
-        rows.append((f"(e) legal TTT ({n_chunks - 1} of {n_chunks} chunks trained)", t.ttt,
+        rows.append((f"(e) legal TTT ({n_chunks - 1} of {n_chunks} chunks trained)", t_e,
                      sums.result(rt)[1]))
-    suite_parts = {}
+        ratios.append(Ratio("TTT / sliding", t_e[use] / t_a[use], 1.5))
     if not a.skip_suite:
-        t.suite, suite_parts = run_suite(cfg, s, a.verbose)
-        rows.append(("(c) suite (evaluate)", t.suite, None))
+        t_c, parts = run_suite(cfg, s, a.verbose)
+        rows.append(("(c) suite (evaluate)", t_c, None))
+        ratios.append(Ratio("suite / sliding", t_c[use] / t_a[use], 3, 10))
     if a.orig_windows > 0:
-        t.fast_w, t.orig_w, k, t.gap = compare_slot_styles(s, e, a.orig_windows)
-        n_windows = len(tg.sliding_windows(s.n_targets, e.seq_len, e.stride, e.tail))
-        t.orig = tuple(b + (o - f) * n_windows for b, o, f in zip(t_b, t.orig_w, t.fast_w))
-        rows.append((f"(d) original-style SLOT (est. from {k} windows)", t.orig, None))
-    return t, rows, suite_parts
+        fast_w, orig_w, k, gap = compare_slot_styles(s, e, a.orig_windows)
+        t_d = tuple(b + (o - f) * n_windows for b, o, f in zip(t_b, orig_w, fast_w))
+        rows.append((f"(d) original-style SLOT (est. from {k} windows)", t_d, None))
+        ratios += [Ratio("original-style SLOT / fast SLOT", t_d[use] / t_b[use]),
+                   Ratio("  SLOT fit per window: original / fast", orig_w[use] / fast_w[use],
+                         note=f"({orig_w[use]:.3f}s vs {fast_w[use]:.3f}s; max rel. nll gap "
+                              f"{gap:.1e})")]
+    return rows, list(parts.items()), ratios
 
 
-def print_table(rows: list, suite_parts: dict, cpu: bool) -> None:
-    print(f"\n{'evaluation':<46}{'wall s':>10}{'cpu s' if cpu else '':>10}{'val_bpb':>10}")
-    for name, (wall, cpu_s), bpb in rows:
-        cpu_col = f"{cpu_s:.2f}" if cpu else ""
-        bpb_col = "" if bpb is None else f"{bpb:.4f}"
-        print(f"{name:<46}{wall:>10.2f}{cpu_col:>10}{bpb_col:>10}")
-    for name, sec in suite_parts.items():
-        print(f"    {name:<42}{sec:>10.2f}")
-    title = f"ratio (of {'CPU' if cpu else 'wall'} seconds)"
-    print(f"\n{title:<46}{'value':>10}{'target':>10}{'original':>10}")
-
-
-def ratios_of(t: Timings, use: int) -> list[Ratio]:
-    """The printed ratios; use: 1 for CPU seconds (on a CPU), 0 for wall seconds (on a GPU)."""
-    ratios = [Ratio("SLOT / sliding", t.slot[use] / t.sliding[use], 1.5, 7.5)]
-    if t.ttt is not None:
-        ratios.append(Ratio("TTT / sliding", t.ttt[use] / t.sliding[use], 1.5))
-    if t.suite is not None:
-        ratios.append(Ratio("suite / sliding", t.suite[use] / t.sliding[use], 3, 10))
-    if t.orig is not None:
-        fast, orig = t.fast_w[use], t.orig_w[use]
-        ratios.append(Ratio("original-style SLOT / fast SLOT", t.orig[use] / t.slot[use]))
-        ratios.append(Ratio("  SLOT fit per window: original / fast", orig / fast,
-                            note=f"({orig:.3f}s vs {fast:.3f}s; max rel. nll gap {t.gap:.1e})"))
-    return ratios
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    use_cuda = a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
+    try:
+        return bench(a, torch.device("cuda" if use_cuda else "cpu"))
+    except tg.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Data for train_gpt.py: FineWeb shards from the challenge hub, shards made
-from local text, an offline demo corpus, and shard checks.
+"""Data for train_gpt.py: FineWeb shards from the challenge hub, shards made from local text,
+an offline demo corpus, and shard checks.
 
     python -m tools.data download [--variant sp1024] [--train-shards 80] [--root .]
                                   [--repo-id OWNER/NAME] [--remote-root FOLDER]
@@ -8,8 +8,9 @@ from local text, an offline demo corpus, and shard checks.
     python -m tools.data demo [--root .]
     python -m tools.data verify DIR [--vocab-size N]
 
-Shard file: 256 little-endian int32 (magic, version, token count N, zeros),
-then N little-endian uint16 tokens; every document starts with BOS (id 1).
+Shard file: 256 little-endian int32 (magic, version, token count N, zeros), then N
+little-endian uint16 tokens; every document starts with BOS (id 1). Each shard folder this tool
+writes holds a manifest.json naming its tokenizer by sha256, which train_gpt.py checks.
 """
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ import shutil
 import sys
 import sysconfig
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -39,41 +39,27 @@ from tools._files import HEADER_INTS, ShardError, shard_bytes, write_atomic
 from tools._files import SHARD_MAGIC as MAGIC
 from tools._files import SHARD_VERSION as VERSION
 from tools._files import read_shard as _read_shard
+
 MAX_VOCAB = 1 << 16  # tokens are stored as uint16
-
-SHARD_TOKENS = 10**8
-VAL_DOCS = 50_000
-TRAIN_VOCAB = 1024
-
-# The challenge tokenizer's trainer settings, as stored in the published
-# fineweb_1024_bpe.model. byte_fallback is off there (the model has no byte
-# pieces): turning it on would spend 256 of the 1024 pieces on bytes.
+SHARD_TOKENS, VAL_DOCS, TRAIN_VOCAB = 10**8, 50_000, 1024
+# The challenge tokenizer's trainer settings, as stored in the published fineweb_1024_bpe.model.
+# byte_fallback is off there (no byte pieces): on, it would spend 256 of the 1024 pieces. One
+# thread and every sentence in input order make the model bytes repeatable.
 TOKENIZER_SETTINGS = dict(
-    model_type="bpe",
-    character_coverage=0.999,
-    split_digits=True,
-    normalization_rule_name="nmt_nfkc",
-    add_dummy_prefix=False,
-    hard_vocab_limit=False,
-    byte_fallback=False,
-    pad_id=0,
-    bos_id=1,
-    eos_id=2,
-    unk_id=3,
-)
-# One thread and every sentence in input order make the model bytes repeatable.
-DETERMINISTIC_TRAINING = dict(num_threads=1, input_sentence_size=0, shuffle_input_sentence=False)
+    model_type="bpe", character_coverage=0.999, split_digits=True,
+    normalization_rule_name="nmt_nfkc", add_dummy_prefix=False, hard_vocab_limit=False,
+    byte_fallback=False, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
+    num_threads=1, input_sentence_size=0, shuffle_input_sentence=False)
+FORMAT = {"magic": MAGIC, "version": VERSION, "header_int32": HEADER_INTS,
+          "token_dtype": "uint16 little-endian", "bos_before_each_document": True}
 
-HUB_REPO = "willdepueoai/parameter-golf"
-HUB_ROOT = "datasets"  # the hub repo keeps the export under this folder
+HUB_REPO, HUB_ROOT = "willdepueoai/parameter-golf", "datasets"  # the export's folder in the repo
 # The challenge's own downloader reads these to point at another export.
 REPO_ENV, ROOT_ENV = "MATCHED_FINEWEB_REPO_ID", "MATCHED_FINEWEB_REMOTE_ROOT_PREFIX"
 # Tests put a stand-in here; it is called like huggingface_hub.hf_hub_download.
 HUB_DOWNLOAD: Callable[..., str] | None = None
 
-DEMO_SEED = 1337
-DEMO_VOCAB = 1024
-DEMO_VAL_TOKENS = 80_000
+DEMO_SEED, DEMO_VOCAB, DEMO_VAL_TOKENS = 1337, 1024, 80_000
 DEMO_MAX_BYTES = 4_000_000  # bounds the build time whatever the Python version
 # Test suites are mostly code; site-packages is not part of CPython.
 DEMO_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
@@ -83,7 +69,7 @@ class DataError(Exception):
     """A file or input is unusable; the message names it and says what is wrong."""
 
 
-# ---------------------------------------------------------------- shard files
+# ---------------------------------------------------------------- files and shards
 
 def _save_file(path: Path, data: bytes) -> None:
     try:
@@ -136,8 +122,7 @@ def _staged(dest: Path):
 
 def write_shard(path: str | os.PathLike, tokens) -> None:
     """Write tokens (ids 0..65535) as a shard file, atomically."""
-    path = Path(path)
-    tokens = np.asarray(tokens)
+    path, tokens = Path(path), np.asarray(tokens)
     if tokens.ndim != 1:
         raise DataError(f"{path}: tokens must be one-dimensional, got shape {tokens.shape}")
     if tokens.size and (tokens.min() < 0 or tokens.max() >= MAX_VOCAB):
@@ -187,7 +172,7 @@ def _tokenizer_from(model: bytes, path: Path) -> spm.SentencePieceProcessor:
     return sp
 
 
-def train_tokenizer(sentences: Iterable[str], vocab_size: int, out: Path) -> spm.SentencePieceProcessor:
+def train_tokenizer(sentences: Iterable[str], vocab_size: int, out: Path):
     """Train a BPE model with the challenge settings and save it atomically."""
     model, sp = _train_model(sentences, vocab_size, out)
     _save_file(out, model)
@@ -207,17 +192,13 @@ def _train_model(sentences: Iterable[str], vocab_size: int,
             raise
 
     model = io.BytesIO()
-    try:
-        # model_writer keeps input and output paths out of the stored trainer spec.
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=guarded(), model_writer=model, vocab_size=vocab_size,
-            minloglevel=2, **TOKENIZER_SETTINGS, **DETERMINISTIC_TRAINING)
-    except RuntimeError as e:
-        # SentencePiece turns an error raised while reading input into a RuntimeError.
-        raise (errors[0] if errors else DataError(f"{out}: tokenizer training failed ({e})")) from None
+    try:  # model_writer keeps input and output paths out of the stored trainer spec
+        spm.SentencePieceTrainer.train(sentence_iterator=guarded(), model_writer=model,
+                                       vocab_size=vocab_size, minloglevel=2, **TOKENIZER_SETTINGS)
+    except RuntimeError as e:  # SentencePiece's wrapping of an error raised reading the input
+        raise errors[0] if errors else DataError(f"{out}: tokenizer training failed ({e})")
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
-    # hard_vocab_limit off lets a small corpus end up with fewer pieces.
-    if sp.vocab_size() != vocab_size:
+    if sp.vocab_size() != vocab_size:  # hard_vocab_limit off: a small corpus gives fewer pieces
         raise DataError(f"{out}: the text only supports {sp.vocab_size()} pieces, "
                         f"not {vocab_size}; give more text or a smaller --vocab-size")
     return model.getvalue(), sp
@@ -229,33 +210,25 @@ def _sentences(documents: Iterable[str]) -> Iterator[str]:
         yield from (line for line in doc.splitlines() if line.strip())
 
 
-def encode_documents(sp: spm.SentencePieceProcessor, documents: Iterable[str],
-                     batch: int = 256) -> Iterator[np.ndarray]:
+def encode_documents(sp, documents: Iterable[str], batch: int = 256) -> Iterator[np.ndarray]:
     """Each document as BOS + its ids, the way the challenge encoded FineWeb."""
     docs = iter(documents)
     while chunk := [doc for _, doc in zip(range(batch), docs)]:
         for ids in sp.encode(chunk, add_bos=False, add_eos=False):
-            tokens = np.array([sp.bos_id(), *ids], dtype=np.int64)
-            if tokens.max() >= sp.vocab_size():
-                raise DataError(f"tokenizer produced id {tokens.max()} outside its "
-                                f"{sp.vocab_size()} pieces")
-            yield tokens.astype(np.uint16)
+            yield np.array([sp.bos_id(), *ids], dtype=np.uint16)
 
 
 # ---------------------------------------------------------------- datasets
 
 class _SplitWriter:
-    """Cuts one split's token stream into shards of exactly shard_tokens
-    (the last may be shorter); a document may run on into the next shard."""
+    """Cuts one split's token stream into shards of exactly shard_tokens (the last may be
+    shorter); a document may run on into the next shard."""
 
     def __init__(self, out_dir: Path, split: str, shard_tokens: int):
         self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
-        self.pending: list[np.ndarray] = []
-        self.pending_tokens = 0
+        self.pending, self.pending_tokens, self.documents, self.tokens = [], 0, 0, 0
         self.files: list[str] = []
         self.sizes: list[int] = []
-        self.documents = 0
-        self.tokens = 0
 
     def add(self, tokens: np.ndarray) -> None:
         self.pending.append(tokens)
@@ -271,7 +244,6 @@ class _SplitWriter:
     def close(self) -> None:
         if self.pending_tokens:
             self._write(np.concatenate(self.pending))
-        self.pending, self.pending_tokens = [], 0
 
     def _write(self, tokens: np.ndarray) -> None:
         name = f"fineweb_{self.split}_{len(self.files):06d}.bin"
@@ -284,94 +256,78 @@ class _SplitWriter:
                 "shards": len(self.files), "files": self.files}
 
 
+def _tokenizer_entry(model: bytes, path: Path) -> dict:
+    """The manifest's record of the tokenizer the shards were made with (train_gpt.py checks
+    TOKENIZER_PATH against its sha256)."""
+    return {"file": path.name, "sha256": hashlib.sha256(model).hexdigest(),
+            "vocab_size": _tokenizer_from(model, path).vocab_size()}
+
+
 def write_dataset(token_docs: Iterable[np.ndarray], out_dir: Path, *, val_docs: int,
                   shard_tokens: int, tokenizer: Path, model: bytes | None = None) -> dict:
-    """The first val_docs documents go to val shards, the rest to train
-    shards; manifest.json records what was written. All of it is built in a
-    scratch folder beside out_dir and moves in only when complete; model, a
-    tokenizer trained for this dataset, is saved to tokenizer at that point."""
+    """The first val_docs documents go to val shards, the rest to train shards; manifest.json
+    records what was written. All of it is built in a scratch folder beside out_dir and moves in
+    only when complete (shards first, the manifest last; other files of out_dir stay, shards of
+    an earlier, longer build go); model, a tokenizer trained for this dataset, is saved to
+    tokenizer at that point."""
     _check_target(out_dir, folder=True)
-    model_bytes = model if model is not None else _read_tokenizer(tokenizer)
+    if model is None:
+        _require_file(tokenizer, "a SentencePiece .model file")
+    model_bytes = model if model is not None else tokenizer.read_bytes()
     with _staged(out_dir) as stage:
         writers = {split: _SplitWriter(stage, split, shard_tokens) for split in ("val", "train")}
         for i, tokens in enumerate(token_docs):
             writers["val" if i < val_docs else "train"].add(tokens)
-        for writer in writers.values():
-            writer.close()
         total = sum(w.documents for w in writers.values())
         for split, writer in writers.items():
+            writer.close()
             if not writer.documents:
                 raise DataError(f"{out_dir}: no {split} documents ({total} documents in all, "
                                 f"the first {val_docs} for val)")
-        manifest = {
-            "format": {"magic": MAGIC, "version": VERSION, "header_int32": HEADER_INTS,
-                       "token_dtype": "uint16 little-endian", "bos_before_each_document": True},
-            "shard_tokens": shard_tokens,
-            "tokenizer": {"file": tokenizer.name, "sha256": hashlib.sha256(model_bytes).hexdigest(),
-                          "vocab_size": _tokenizer_from(model_bytes, tokenizer).vocab_size()},
-            "splits": {split: writer.summary() for split, writer in writers.items()},
-        }
+        manifest = {"format": FORMAT, "shard_tokens": shard_tokens,
+                    "tokenizer": _tokenizer_entry(model_bytes, tokenizer),
+                    "splits": {split: writer.summary() for split, writer in writers.items()}}
         write_atomic(stage / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
         if model is not None:
             _save_file(tokenizer, model)
             print(f"trained {tokenizer} ({manifest['tokenizer']['vocab_size']} pieces)")
-        _move_in(stage, out_dir, writers.values())
+        out_dir.mkdir(exist_ok=True)
+        for writer in writers.values():
+            for name, size in zip(writer.files, writer.sizes):
+                os.replace(stage / name, out_dir / name)
+                print(f"wrote {out_dir / name}: {size:,} tokens")
+        keep = {name for writer in writers.values() for name in writer.files}
+        for path in sorted(out_dir.glob("fineweb_*_*.bin")):
+            if path.name not in keep:
+                path.unlink()
+                print(f"removed stale {path}")
+        os.replace(stage / "manifest.json", out_dir / "manifest.json")
     return manifest
 
 
-def _read_tokenizer(path: Path) -> bytes:
-    _require_file(path, "a SentencePiece .model file")
-    return path.read_bytes()
-
-
-def _move_in(stage: Path, out_dir: Path, writers: Iterable[_SplitWriter]) -> None:
-    """Shards first, the manifest last; files of out_dir that are not shards stay."""
-    out_dir.mkdir(exist_ok=True)
-    keep = set()
-    for writer in writers:
-        for name, size in zip(writer.files, writer.sizes):
-            os.replace(stage / name, out_dir / name)
-            keep.add(name)
-            print(f"wrote {out_dir / name}: {size:,} tokens")
-    _remove_stale_shards(out_dir, keep)
-    os.replace(stage / "manifest.json", out_dir / "manifest.json")
-
-
-def _remove_stale_shards(out_dir: Path, keep: set[str]) -> None:
-    """Shards left by an earlier, longer build would otherwise join the new data."""
-    for path in sorted(out_dir.glob("fineweb_*_*.bin")):
-        if path.name not in keep:
-            path.unlink()
-            print(f"removed stale {path}")
-
-
 def read_documents(paths: Iterable[Path]) -> Iterator[str]:
-    """A .txt file is one document; a .jsonl file has one per line, in its
-    "text" field (blank lines skipped)."""
+    """A .txt file is one document; a .jsonl file has one per line, in its "text" field
+    (blank lines skipped)."""
     for path in paths:
         try:
             if path.suffix == ".txt":
                 yield path.read_text(encoding="utf-8")
-            else:
-                yield from _jsonl_documents(path)
+                continue
+            with open(path, encoding="utf-8") as f:
+                for number, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+                    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                        raise DataError(f'{path}:{number}: no "text" string field')
+                    yield record["text"]
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         except OSError as e:
             raise DataError(f"{path}: cannot read ({e.strerror})") from None
-
-
-def _jsonl_documents(path: Path) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise DataError(f'{path}:{number}: no "text" string field')
-            yield record["text"]
 
 
 def build_shards(inputs: list[Path], out_dir: Path, *, tokenizer: Path | None,
@@ -392,21 +348,20 @@ def build_shards(inputs: list[Path], out_dir: Path, *, tokenizer: Path | None,
         tokenizer = tokenizer_out
     else:
         sp = load_tokenizer(tokenizer)
-    token_docs = encode_documents(sp, read_documents(inputs))
-    return write_dataset(token_docs, out_dir, val_docs=val_docs, shard_tokens=shard_tokens,
-                         tokenizer=tokenizer, model=model)
+    return write_dataset(encode_documents(sp, read_documents(inputs)), out_dir, val_docs=val_docs,
+                         shard_tokens=shard_tokens, tokenizer=tokenizer, model=model)
 
 
 # ---------------------------------------------------------------- demo corpus
 
 def demo_documents() -> list[str]:
-    """English prose every CPython ships: the pydoc topics, then per stdlib
-    module its docstrings and comment blocks; shuffled with a fixed seed so
-    that the val split mixes both kinds."""
+    """English prose every CPython ships: the pydoc topics, then per stdlib module its
+    docstrings and comment blocks; shuffled with a fixed seed so that the val split mixes both
+    kinds."""
     from pydoc_data.topics import topics
     docs = [topics[key] for key in sorted(topics)]
     size = sum(len(doc) for doc in docs)
-    for doc in _stdlib_documents():
+    for doc in _stdlib_prose():
         if size >= DEMO_MAX_BYTES:
             break
         docs.append(doc)
@@ -415,17 +370,16 @@ def demo_documents() -> list[str]:
     return docs
 
 
-def _stdlib_documents() -> Iterator[str]:
+def _stdlib_prose() -> Iterator[str]:
     for folder, dirs, files in os.walk(sysconfig.get_paths()["stdlib"]):
         dirs[:] = sorted(d for d in dirs if d not in DEMO_SKIP_DIRS)  # walk order = sorted
         for name in sorted(f for f in files if f.endswith(".py")):
-            doc = _module_prose(Path(folder, name))
-            if doc:
+            if doc := _module_prose(Path(folder, name)):
                 yield doc
 
 
 def _module_prose(path: Path) -> str:
-    """Docstrings and full-line comment blocks, in source order."""
+    """Docstrings and runs of full-line comments with words in them, in source order."""
     try:
         source = path.read_text(encoding="utf-8")
         with warnings.catch_warnings():
@@ -433,38 +387,25 @@ def _module_prose(path: Path) -> str:
             tree = ast.parse(source)
     except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
         return ""
-    parts = []
-    in_strings = set()  # a '#' line inside a string literal is not a comment
+    parts, in_strings = [], set()  # a '#' line inside a string literal is not a comment
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            text = ast.get_docstring(node)
-            if text:
+            if text := ast.get_docstring(node):
                 parts.append((node.body[0].lineno, text))
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
             in_strings.update(range(node.lineno, node.end_lineno + 1))
-    parts += _comment_blocks(source, in_strings)
-    return "\n\n".join(text for _, text in sorted(parts))
-
-
-_COMMENT = re.compile(r"[ \t]*#+[ \t]?(.*)")
-
-
-def _comment_blocks(source: str, skip_lines: set[int]) -> list[tuple[int, str]]:
-    """Runs of comment lines with words in them, as (first line, text)."""
-    blocks, lines, start = [], [], 0
-    for number, line in enumerate(source.splitlines(), 1):
-        match = None if number in skip_lines else _COMMENT.fullmatch(line)
+    lines, start = [], 0
+    for number, line in enumerate(source.splitlines() + [""], 1):
+        match = None if number in in_strings else re.fullmatch(r"[ \t]*#+[ \t]?(.*)", line)
         text = match.group(1).rstrip() if match else ""
         # Shebang and coding lines, rules and bare '#' lines are not prose.
         if any(c.isalpha() for c in text) and not text.startswith("!") and "-*-" not in text:
             start = start or number
             lines.append(text)
         elif lines:
-            blocks.append((start, "\n".join(lines)))
+            parts.append((start, "\n".join(lines)))
             lines, start = [], 0
-    if lines:
-        blocks.append((start, "\n".join(lines)))
-    return blocks
+    return "\n\n".join(text for _, text in sorted(parts))
 
 
 def build_demo(root: Path) -> dict:
@@ -478,8 +419,7 @@ def build_demo(root: Path) -> dict:
     model_bytes, sp = _train_model(_sentences(docs), DEMO_VOCAB, model)
     token_docs = list(encode_documents(sp, docs))
     # Val: the first documents up to DEMO_VAL_TOKENS, enough for a CPU eval.
-    val_tokens = np.cumsum([t.size for t in token_docs])
-    val_docs = int(np.searchsorted(val_tokens, DEMO_VAL_TOKENS)) + 1
+    val_docs = int(np.searchsorted(np.cumsum([t.size for t in token_docs]), DEMO_VAL_TOKENS)) + 1
     manifest = write_dataset(token_docs, out, val_docs=val_docs, shard_tokens=SHARD_TOKENS,
                              tokenizer=model, model=model_bytes)
     # Without the preset train_gpt.py would build the 27M-parameter record model.
@@ -490,36 +430,7 @@ def build_demo(root: Path) -> dict:
 
 # ---------------------------------------------------------------- download
 
-@dataclass(frozen=True)
-class HubSource:
-    """Where the challenge export lives: a hub dataset and the folder in it."""
-    repo: str = HUB_REPO
-    root: str = HUB_ROOT
-
-    @classmethod
-    def resolve(cls, repo: str | None, root: str | None) -> "HubSource":
-        """Options first, then the challenge downloader's environment variables."""
-        repo = repo if repo is not None else os.environ.get(REPO_ENV, HUB_REPO)
-        root = (root if root is not None else os.environ.get(ROOT_ENV, HUB_ROOT)).strip("/")
-        if not repo.strip():
-            raise DataError(f"hub repository id is empty (--repo-id or {REPO_ENV})")
-        if ".." in root.split("/"):
-            raise DataError(f"remote root {root!r} (--remote-root or {ROOT_ENV}) "
-                            "must stay inside the repository")
-        return cls(repo, root)
-
-    def path(self, relative: str) -> str:
-        return f"{self.root}/{relative}" if self.root else relative
-
-
-def _hub_download() -> Callable[..., str]:
-    if HUB_DOWNLOAD is not None:
-        return HUB_DOWNLOAD
-    from huggingface_hub import hf_hub_download  # only this command needs it
-    return hf_hub_download
-
-
-def _fetch(hub: HubSource, remote: str, dest: Path, check: Callable[[Path], object]) -> str:
+def _fetch(hub: tuple[str, str], remote: str, dest: Path, check: Callable[[Path], object]) -> str:
     """Bring remote (relative to the hub root) to dest unless a complete copy is there;
     returns what happened."""
     state = "downloaded"
@@ -534,32 +445,40 @@ def _fetch(hub: HubSource, remote: str, dest: Path, check: Callable[[Path], obje
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"{dest.parent}: cannot create ({e.strerror})") from None
-    # The hub downloads into this folder beside dest. A failed attempt leaves it, with
-    # the hub's partial file, so that the next attempt resumes from it (huggingface_hub
-    # resumes when force_download is off; versions 1.18 and later restart instead).
-    scratch = dest.with_name(f".{dest.name}.download")
+    # The hub downloads into this folder beside dest. A failed attempt leaves it, with the hub's
+    # partial file, so that the next attempt resumes from it (huggingface_hub resumes when
+    # force_download is off; versions 1.18 and later restart instead).
+    scratch, name = dest.with_name(f".{dest.name}.download"), _remote(hub, remote)
+    if HUB_DOWNLOAD is None:
+        from huggingface_hub import hf_hub_download  # only this command needs it
     try:
-        got = _hub_download()(repo_id=hub.repo, filename=hub.path(remote),
-                              repo_type="dataset", local_dir=str(scratch))
+        got = (HUB_DOWNLOAD or hf_hub_download)(repo_id=hub[0], filename=name, repo_type="dataset",
+                                                local_dir=str(scratch))
     except Exception as e:  # connection, HTTP and not-found errors have no common base
-        raise DataError(f"could not download {hub.path(remote)} from the Hugging Face "
-                        f"hub dataset {hub.repo}: {e}") from None
+        raise DataError(f"could not download {name} from the Hugging Face hub dataset "
+                        f"{hub[0]}: {e}") from None
     try:
         check(Path(got))
         os.replace(got, dest)
     except DataError as e:
-        raise DataError(f"downloaded {hub.path(remote)} is unusable: {e}") from None
-    finally:
-        # Whole, good or bad: the hub would hand a bad file back again unchanged.
+        raise DataError(f"downloaded {name} is unusable: {e}") from None
+    finally:  # whole, good or bad: the hub would hand a bad file back again unchanged
         shutil.rmtree(scratch, ignore_errors=True)
     return state
 
 
-def _check_json(path: Path) -> None:
+def _remote(hub: tuple[str, str], relative: str) -> str:
+    return f"{hub[1]}/{relative}" if hub[1] else relative
+
+
+def _check_json(path: Path) -> dict:
     try:
-        json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: not a JSON object")
+    return manifest
 
 
 def _check_text(path: Path) -> None:
@@ -571,135 +490,127 @@ def _check_text(path: Path) -> None:
         raise DataError(f"{path}: empty")
 
 
-def _artifact_check(name: str) -> Callable[[Path], object]:
-    if name.endswith(".model"):
-        return load_tokenizer
-    return _check_json if name.endswith(".json") else _check_text
+def _entries(manifest: dict, section: str) -> list[dict]:
+    entries = manifest.get(section)
+    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
 
 
-def _hub_plan(manifest, where: str, variant: str, train_shards: int,
-              val_shards: int | None) -> list[tuple[str, str]]:
-    """The files to fetch as (path under the hub root, path under data/), read from the
-    manifest the way the challenge's downloader reads it: the "datasets" entry named
-    fineweb10B_<variant> gives the shard counts in "stats" and a "tokenizer_name"; that
+def _named(manifest: dict, section: str, name) -> dict | None:
+    return next((e for e in _entries(manifest, section) if e.get("name") == name), None)
+
+
+def _hub_plan(manifest: dict, where: str, variant: str, train_shards: int,
+              val_shards: int | None) -> dict[str, list[str]]:
+    """The files to fetch ("val", "train": shards; "tokenizer": files, all under the hub root),
+    read from the manifest the way the challenge's downloader reads it: the "datasets" entry
+    named fineweb10B_<variant> gives the shard counts in "stats" and a "tokenizer_name"; that
     "tokenizers" entry lists the tokenizer files under model_path, vocab_path and path.
     Anything missing stops the download, naming where (the manifest) and what."""
-    dataset_dir = f"fineweb10B_{variant}"
-    dataset = _named_entry(manifest, "datasets", dataset_dir)
+    name = f"fineweb10B_{variant}"
+    dataset = _named(manifest, "datasets", name)
     if dataset is None:
         names = [e.get("name") for e in _entries(manifest, "datasets")]
-        raise DataError(f"{where}: no dataset {dataset_dir!r} (it lists {names or 'none'}); "
+        raise DataError(f"{where}: no dataset {name!r} (it lists {names or 'none'}); "
                         "check --variant and --remote-root")
     stats = dataset.get("stats") if isinstance(dataset.get("stats"), dict) else {}
-    counts = {key: stats.get(key) for key in ("files_train", "files_val")}
-    missing = [f"stats.{key}" for key, value in counts.items() if not isinstance(value, int)]
-    if missing:
-        raise DataError(f"{where}: dataset {dataset_dir!r} has no shard counts "
+    counts = {split: stats.get(f"files_{split}") for split in ("train", "val")}
+    if missing := [f"stats.files_{k}" for k, v in counts.items() if not isinstance(v, int)]:
+        raise DataError(f"{where}: dataset {name!r} has no shard counts "
                         f"({' and '.join(missing)} missing)")
-    if train_shards > counts["files_train"]:
-        raise DataError(f"{variant}: the hub has {counts['files_train']} training shards, "
-                        f"{train_shards} were asked for")
-    if val_shards is None:
-        val_shards = counts["files_val"]
-    elif val_shards > counts["files_val"]:
-        raise DataError(f"{variant}: the hub has {counts['files_val']} val shards, "
-                        f"{val_shards} were asked for")
-    elif val_shards < counts["files_val"]:
-        print(f"note: {val_shards} of {counts['files_val']} val shards; "
+    asked = {"train": train_shards, "val": counts["val"] if val_shards is None else val_shards}
+    for split, kind in (("train", "training"), ("val", "val")):
+        if asked[split] > counts[split]:
+            raise DataError(f"{variant}: the hub has {counts[split]} {kind} shards, "
+                            f"{asked[split]} were asked for")
+    if asked["val"] < counts["val"]:
+        print(f"note: {asked['val']} of {counts['val']} val shards; "
               "a val_bpb on part of the val split is not the challenge's")
-    shards = ([f"datasets/{dataset_dir}/fineweb_val_{i:06d}.bin" for i in range(val_shards)]
-              + [f"datasets/{dataset_dir}/fineweb_train_{i:06d}.bin" for i in range(train_shards)])
-    return [(name, name) for name in shards] + _tokenizer_files(manifest, where, dataset)
-
-
-def _tokenizer_files(manifest, where: str, dataset: dict) -> list[tuple[str, str]]:
-    name = dataset.get("tokenizer_name")
-    tokenizer = _named_entry(manifest, "tokenizers", name) if isinstance(name, str) else None
+    tokenizer = _named(manifest, "tokenizers", dataset.get("tokenizer_name"))
     if tokenizer is None:
-        raise DataError(f"{where}: no tokenizer {name!r} (named by dataset {dataset['name']!r})")
+        raise DataError(f"{where}: no tokenizer {dataset.get('tokenizer_name')!r} (named by "
+                        f"dataset {name!r})")
     files = [tokenizer[key] for key in ("model_path", "vocab_path", "path")
              if isinstance(tokenizer.get(key), str) and tokenizer[key]]
     if not files:
-        raise DataError(f"{where}: tokenizer {name!r} lists no files "
+        raise DataError(f"{where}: tokenizer {tokenizer['name']!r} lists no files "
                         "(model_path, vocab_path or path)")
     for remote in files:
         if remote.startswith("/") or ".." in remote.split("/"):
             raise DataError(f"{where}: tokenizer file {remote!r} is not a path inside the export")
-    # Whatever folder the manifest names, the files land in data/tokenizers.
-    return [(remote, f"tokenizers/{remote.rsplit('/', 1)[-1]}") for remote in files]
-
-
-def _entries(manifest, section: str) -> list[dict]:
-    entries = manifest.get(section) if isinstance(manifest, dict) else None
-    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
-
-
-def _named_entry(manifest, section: str, name) -> dict | None:
-    return next((e for e in _entries(manifest, section) if e.get("name") == name), None)
+    return {split: [f"datasets/{name}/fineweb_{split}_{i:06d}.bin" for i in range(asked[split])]
+            for split in ("val", "train")} | {"tokenizer": files}
 
 
 def download(root: Path, variant: str, train_shards: int, val_shards: int | None,
-             hub: HubSource = HubSource()) -> None:
+             hub: tuple[str, str]) -> None:
+    """The shards and tokenizer files as the hub manifest lists them, into root/data (the
+    tokenizer files into data/tokenizers); then the shard folder's own manifest.json, with the
+    tokenizer's sha256, for train_gpt.py to check TOKENIZER_PATH against."""
     data = root / "data"
     _check_target(data, folder=True)
-    local_manifest = data / "manifest.json"
-    state = _fetch(hub, "manifest.json", local_manifest, _check_json)
-    print(f"manifest.json: {local_manifest.stat().st_size:,} bytes ({state})")
-    manifest = json.loads(local_manifest.read_text(encoding="utf-8"))
-    where = f"{local_manifest} (hub dataset {hub.repo}, {hub.path('manifest.json')})"
-    plan = _hub_plan(manifest, where, variant, train_shards, val_shards)
-    for i, (remote, local) in enumerate(plan, 1):
-        dest = data / local
-        check = read_shard if local.endswith(".bin") else _artifact_check(local)
+    local = data / "manifest.json"
+    state = _fetch(hub, "manifest.json", local, _check_json)
+    print(f"manifest.json: {local.stat().st_size:,} bytes ({state})")
+    where = f"{local} (hub dataset {hub[0]}, {_remote(hub, 'manifest.json')})"
+    plan = _hub_plan(_check_json(local), where, variant, train_shards, val_shards)
+    fetched = [(remote, data / remote) for remote in plan["val"] + plan["train"]]
+    fetched += [(remote, data / "tokenizers" / remote.rsplit("/", 1)[-1])
+                for remote in plan["tokenizer"]]
+    for i, (remote, dest) in enumerate(fetched, 1):
+        check = (read_shard if dest.suffix == ".bin" else load_tokenizer if dest.suffix == ".model"
+                 else _check_json if dest.suffix == ".json" else _check_text)
         state = _fetch(hub, remote, dest, check)
-        print(f"[{i}/{len(plan)}] {dest.name}: {dest.stat().st_size:,} bytes ({state})")
+        print(f"[{i}/{len(fetched)}] {dest.name}: {dest.stat().st_size:,} bytes ({state})")
+    model = next((dest for _, dest in fetched if dest.suffix == ".model"), None)
+    if model is not None:
+        folder = data / "datasets" / f"fineweb10B_{variant}"
+        splits = {split: {"shards": len(plan[split]), "files": [Path(f).name for f in plan[split]],
+                          "tokens": sum(read_shard(data / f).size for f in plan[split])}
+                  for split in ("val", "train")}
+        manifest = {"format": FORMAT, "source": f"hub dataset {hub[0]}, {_remote(hub, '')}",
+                    "tokenizer": _tokenizer_entry(model.read_bytes(), model), "splits": splits}
+        _save_file(folder / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+        print(f"wrote {folder / 'manifest.json'} (tokenizer {model.name}, sha256 "
+              f"{manifest['tokenizer']['sha256'][:12]}...)")
+
+
+def hub_source(repo: str | None, root: str | None) -> tuple[str, str]:
+    """The export's hub dataset and folder: the options, else the challenge downloader's
+    environment variables, else the challenge's own."""
+    repo = repo if repo is not None else os.environ.get(REPO_ENV, HUB_REPO)
+    root = (root if root is not None else os.environ.get(ROOT_ENV, HUB_ROOT)).strip("/")
+    if not repo.strip():
+        raise DataError(f"hub repository id is empty (--repo-id or {REPO_ENV})")
+    if ".." in root.split("/"):
+        raise DataError(f"remote root {root!r} (--remote-root or {ROOT_ENV}) "
+                        "must stay inside the repository")
+    return repo, root
 
 
 # ---------------------------------------------------------------- verify
 
-_SHARD_NAME = re.compile(r"fineweb_(train|val)_(\d{6})\.bin")
+def _listing(folder: Path) -> tuple[Path, int | None, dict, set[str]] | None:
+    """What a manifest says a shard folder holds: (the manifest, vocabulary size, shards per
+    split, splits that may hold only their first shards). The folder's manifest.json as this tool
+    writes it, or else, for a download by the challenge's own script (data/datasets/NAME),
+    the hub manifest's entry NAME in data/manifest.json: all of val, a prefix of train."""
+    def number(entry, key):
+        value = entry.get(key) if isinstance(entry, dict) else None
+        return value if isinstance(value, int) else None
 
-
-@dataclass(frozen=True)
-class _Listing:
-    """What a manifest says a shard folder holds."""
-    source: Path
-    vocab_size: int | None
-    shards: dict[str, int | None]  # per split
-    prefixes: frozenset[str] = frozenset()  # splits that may hold only their first shards
-
-
-def _listing(folder: Path) -> _Listing | None:
-    """The folder's manifest.json as this tool writes it, or else, for a download
-    (data/datasets/NAME), the hub manifest's entry NAME in data/manifest.json."""
     own, hub = folder / "manifest.json", folder.parent.parent / "manifest.json"
     if own.is_file():
-        manifest = _load_json(own)
+        manifest = _check_json(own)
         splits = manifest.get("splits") if isinstance(manifest.get("splits"), dict) else {}
-        return _Listing(own, _int_field(manifest.get("tokenizer"), "vocab_size"),
-                        {split: _int_field(splits.get(split), "shards") for split in ("val", "train")})
+        return (own, number(manifest.get("tokenizer"), "vocab_size"),
+                {split: number(splits.get(split), "shards") for split in ("val", "train")}, set())
     if folder.parent.name == "datasets" and hub.is_file():
-        entry = _named_entry(_load_json(hub), "datasets", folder.name)
-        if entry is not None:
+        if (entry := _named(_check_json(hub), "datasets", folder.name)) is not None:
             stats = entry.get("stats")
-            # A download takes the first --train-shards of the training shards.
-            return _Listing(hub, _int_field(entry, "vocab_size"),
-                            {split: _int_field(stats, f"files_{split}") for split in ("val", "train")},
-                            frozenset({"train"}))
+            return (hub, number(entry, "vocab_size"),
+                    {split: number(stats, f"files_{split}") for split in ("val", "train")},
+                    {"train"})
     return None
-
-
-def _load_json(path: Path) -> dict:
-    _check_json(path)
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(manifest, dict):
-        raise DataError(f"{path}: not a JSON object")
-    return manifest
-
-
-def _int_field(entry, key: str) -> int | None:
-    value = entry.get(key) if isinstance(entry, dict) else None
-    return value if isinstance(value, int) else None
 
 
 def verify_dir(folder: Path, vocab_size: int | None) -> dict[str, int]:
@@ -707,41 +618,38 @@ def verify_dir(folder: Path, vocab_size: int | None) -> dict[str, int]:
     lists; print every problem, then fail if there was one. Returns token totals per split."""
     if not folder.is_dir():
         raise DataError(f"{folder}: {'not a folder' if folder.exists() else 'no such folder'}")
-    paths = sorted(folder.glob("*.bin"))
-    if not paths:
+    if not (paths := sorted(folder.glob("*.bin"))):
         raise DataError(f"{folder}: no .bin shards")
     listing = _listing(folder)
-    if vocab_size is None and listing is not None and listing.vocab_size is not None:
-        vocab_size = listing.vocab_size
-        print(f"vocabulary: {vocab_size} pieces (from {listing.source})")
+    if vocab_size is None and listing is not None and listing[1] is not None:
+        vocab_size = listing[1]
+        print(f"vocabulary: {vocab_size} pieces (from {listing[0]})")
     elif vocab_size is None:
         print("vocabulary: unknown (no --vocab-size, no manifest): token ids are not checked")
-    problems: list[str] = []
-    totals: dict[str, int] = {}
-    unreadable: set[str] = set()  # splits with a shard whose tokens are not counted
+    problems, totals, unreadable = [], {}, set()  # unreadable: splits with an uncounted shard
     numbers: dict[str, list[int]] = {"val": [], "train": []}
     for path in paths:
-        named = _SHARD_NAME.fullmatch(path.name)
+        named = re.fullmatch(r"fineweb_(train|val)_(\d{6})\.bin", path.name)
         split = named.group(1) if named else "other"
         if named:
             numbers[split].append(int(named.group(2)))
         try:
             count, top = verify_shard(path, vocab_size)
         except DataError as e:
-            _report(problems, str(e))
+            problems.append(str(e))
             unreadable.add(split)
             continue
         totals[split] = totals.get(split, 0) + count
         print(f"{path.name}: {count:,} tokens, max id {top}")
-    for problem in _layout_problems(folder, numbers, listing):
-        _report(problems, problem)
-    for split in ("val", "train"):
-        # On an empty train split training waited forever for its first batch.
+    problems += _layout_problems(folder, numbers, listing)
+    for split in ("val", "train"):  # on an empty train split training waited forever
         if numbers[split] and split not in unreadable and not totals.get(split):
-            _report(problems, f"{folder}: the {split} split holds 0 tokens "
-                    f"({_plural(len(numbers[split]), 'shard')}, all empty)")
+            problems.append(f"{folder}: the {split} split holds 0 tokens "
+                            f"({_plural(len(numbers[split]), 'shard')}, all empty)")
     for split, count in totals.items():
         print(f"total {split}: {count:,} tokens")
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
     if problems:
         raise DataError(f"{folder}: {_plural(len(problems), 'problem')} (listed above)")
     return totals
@@ -751,29 +659,25 @@ def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
-def _report(problems: list[str], problem: str) -> None:
-    problems.append(problem)
-    print(f"error: {problem}", file=sys.stderr)
-
-
-def _layout_problems(folder: Path, numbers: dict[str, list[int]],
-                     listing: _Listing | None) -> Iterator[str]:
-    """train_gpt.py reads whatever fineweb_<split>_*.bin it finds: a missing split stops
-    it, but a missing shard would go unnoticed (in val, a val_bpb on part of the data)."""
+def _layout_problems(folder: Path, numbers: dict[str, list[int]], listing) -> list[str]:
+    """train_gpt.py reads whatever fineweb_<split>_*.bin it finds: a missing split stops it,
+    but a missing shard would go unnoticed (in val, a val_bpb on part of the data)."""
+    problems = []
     for split, present in numbers.items():
         if not present:
-            yield f"{folder}: no fineweb_{split}_*.bin shards"
+            problems.append(f"{folder}: no fineweb_{split}_*.bin shards")
             continue
-        gaps = sorted(set(range(max(present))) - set(present))
-        if gaps:
+        if gaps := sorted(set(range(max(present))) - set(present)):
             names = ", ".join(f"fineweb_{split}_{i:06d}.bin" for i in gaps[:5])
             more = f" and {len(gaps) - 5} more" if len(gaps) > 5 else ""
-            yield f"{folder}: {names}{more} missing (shards are numbered from 000000 without gaps)"
-        listed = listing.shards.get(split) if listing is not None else None
-        if listed is None or len(present) == listed:
-            continue
-        if len(present) > listed or split not in listing.prefixes:
-            yield f"{folder}: {len(present)} {split} shards, but {listing.source} lists {listed}"
+            problems.append(f"{folder}: {names}{more} missing (shards are numbered from 000000 "
+                            "without gaps)")
+        listed = listing[2].get(split) if listing is not None else None
+        if listed is not None and (len(present) > listed or
+                                   (len(present) < listed and split not in listing[3])):
+            problems.append(f"{folder}: {len(present)} {split} shards, but {listing[0]} lists "
+                            f"{listed}")
+    return problems
 
 
 # ---------------------------------------------------------------- command line
@@ -796,16 +700,12 @@ def _variant(text: str) -> str:
     return text
 
 
-def _run_download(args) -> None:
-    download(args.root, args.variant, args.train_shards, args.val_shards,
-             HubSource.resolve(args.repo_id, args.remote_root))
-
-
 def _run_shards(args) -> None:
     if args.train_tokenizer and args.tokenizer_out is None:
         args.parser.error("--train-tokenizer needs --tokenizer-out PATH, where the trained "
                           "model is saved (the shards' manifest refers to it)")
-    for option, value in (("--tokenizer-out", args.tokenizer_out), ("--vocab-size", args.vocab_size)):
+    for option, value in (("--tokenizer-out", args.tokenizer_out),
+                          ("--vocab-size", args.vocab_size)):
         if args.tokenizer and value is not None:
             args.parser.error(f"{option} applies to --train-tokenizer, not to --tokenizer")
     build_shards(args.inputs, args.out, tokenizer=args.tokenizer,
@@ -814,77 +714,61 @@ def _run_shards(args) -> None:
                  shard_tokens=args.shard_tokens)
 
 
-def _run_demo(args) -> None:
-    build_demo(args.root)
-
-
-def _run_verify(args) -> None:
-    verify_dir(args.dir, args.vocab_size)
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m tools.data", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.data",
+                                     description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("download", help="fetch the challenge shards and tokenizer from the hub",
-                            description="Fetch the whole val split, the first N train shards and the "
-                            "tokenizer files of the challenge export into ROOT/data, as its "
-                            "manifest.json lists them. Complete files are kept; corrupt ones "
-                            "are fetched again. A failed download leaves the hub's partial file "
-                            "in a hidden folder beside the target for the next attempt "
-                            "(huggingface_hub before 1.18 resumes from it).")
-    p.add_argument("--variant", type=_variant, default="sp1024", help="tokenizer variant (default sp1024)")
-    p.add_argument("--train-shards", type=_count(0), default=80, help="train shards to fetch (default 80)")
-    p.add_argument("--val-shards", type=_count(1), default=None,
-                   help="val shards to fetch (default: all the manifest lists; fewer give a "
-                   "val_bpb that is not the challenge's)")
-    p.add_argument("--root", type=Path, default=Path("."), help="folder that holds data/ (default .)")
-    p.add_argument("--repo-id", default=None, metavar="OWNER/NAME",
-                   help=f"hub dataset (default ${REPO_ENV}, else {HUB_REPO})")
-    p.add_argument("--remote-root", default=None, metavar="FOLDER",
-                   help=f"folder of the export in the dataset (default ${ROOT_ENV}, else {HUB_ROOT})")
-    p.set_defaults(run=_run_download)
+    def command(name: str, run, text: str) -> argparse.ArgumentParser:
+        p = commands.add_parser(name, help=text.split(":")[0], description=text,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.set_defaults(run=run, parser=p)
+        return p
 
-    p = commands.add_parser("shards", help="tokenize .txt/.jsonl documents into shards",
-                            description="Tokenize documents into shards: a .txt file is one "
-                            "document, a .jsonl file one per line (its \"text\" field). Each "
-                            "document is BOS + ids without a dummy prefix; the first --val-docs "
-                            "documents form the val split. Writes DIR/manifest.json. Everything "
-                            "is built beside DIR and moved in only when complete.")
+    p = command("download", lambda a: download(a.root, a.variant, a.train_shards, a.val_shards,
+                                                hub_source(a.repo_id, a.remote_root)),
+                "fetch the challenge shards and tokenizer from the hub: the whole val split, the "
+                "first N train shards and the tokenizer files, as the export's manifest.json "
+                "lists them, then the shard folder's manifest.json with the tokenizer's sha256 "
+                "(complete files are kept, corrupt ones fetched again, a failed download resumes)")
+    p.add_argument("--variant", type=_variant, default="sp1024", help="tokenizer variant")
+    p.add_argument("--train-shards", type=_count(0), default=80, help="train shards to fetch")
+    p.add_argument("--val-shards", type=_count(1), default=None,
+                   help="val shards to fetch (None: all the manifest lists; fewer give a "
+                   "val_bpb that is not the challenge's)")
+    p.add_argument("--repo-id", default=None, metavar="OWNER/NAME",
+                   help=f"hub dataset (None: ${REPO_ENV}, else {HUB_REPO})")
+    p.add_argument("--remote-root", default=None, metavar="FOLDER",
+                   help=f"the export's folder in the dataset (None: ${ROOT_ENV}, else {HUB_ROOT})")
+    p = command("shards", _run_shards, "tokenize .txt/.jsonl documents into shards: a .txt file "
+                "is one document, a .jsonl file one per line (its \"text\" field), each BOS + "
+                "ids; the first --val-docs form the val split; DIR/manifest.json lists them")
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help=".txt or .jsonl file")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--tokenizer", type=Path, metavar="MODEL", help="SentencePiece model to use")
+    source.add_argument("--tokenizer", type=Path, metavar="MODEL",
+                        help="SentencePiece model to use")
     source.add_argument("--train-tokenizer", action="store_true",
                         help="train a BPE tokenizer on the inputs with the challenge settings; "
                         "needs --tokenizer-out")
     p.add_argument("--vocab-size", type=_count(5), default=None,
-                   help=f"pieces when training (default {TRAIN_VOCAB})")
+                   help=f"pieces when training (None: {TRAIN_VOCAB})")
     p.add_argument("--tokenizer-out", type=Path, metavar="PATH",
                    help="where the trained model is saved (required with --train-tokenizer)")
-    p.add_argument("--val-docs", type=_count(0), default=VAL_DOCS, help=f"val documents (default {VAL_DOCS})")
-    p.add_argument("--shard-tokens", type=_count(1), default=SHARD_TOKENS,
-                   help=f"tokens per shard (default {SHARD_TOKENS})")
-    p.set_defaults(run=_run_shards, parser=p)
-
-    p = commands.add_parser("demo", help="build the offline demo corpus, tokenizer and shards",
-                            description="Build a small corpus from the prose shipped with CPython "
-                            "(pydoc topics, stdlib docstrings and comments), train a "
-                            f"{DEMO_VOCAB}-piece tokenizer on it and write its shards under "
-                            "ROOT/data. Needs no network; repeat builds are byte-identical.")
-    p.add_argument("--root", type=Path, default=Path("."), help="folder that holds data/ (default .)")
-    p.set_defaults(run=_run_demo)
-
-    p = commands.add_parser("verify", help="check every shard in a folder",
-                            description="Check magic, version, size and ids of every .bin shard "
-                            "in DIR, that each split is there, holds tokens and is numbered "
-                            "without gaps, and the shard counts DIR's manifest lists "
-                            "(DIR/manifest.json, or for a download data/manifest.json); print "
-                            "token counts and every problem.")
+    p.add_argument("--val-docs", type=_count(0), default=VAL_DOCS, help="val documents")
+    p.add_argument("--shard-tokens", type=_count(1), default=SHARD_TOKENS, help="tokens per shard")
+    command("demo", lambda a: build_demo(a.root), "build the offline demo corpus, tokenizer and "
+            f"shards: CPython's own prose, a {DEMO_VOCAB}-piece tokenizer, under ROOT/data; no "
+            "network, and repeat builds are byte-identical")
+    p = command("verify", lambda a: verify_dir(a.dir, a.vocab_size), "check every shard in a "
+                "folder: magic, version, size and ids of every .bin shard, each split there, "
+                "holding tokens and numbered without gaps, and the counts its manifest lists")
     p.add_argument("dir", type=Path, metavar="DIR")
     p.add_argument("--vocab-size", type=_count(1), default=None,
-                   help="reject ids at or above this (default: the manifest's vocabulary size)")
-    p.set_defaults(run=_run_verify)
+                   help="reject ids at or above this (None: the manifest's vocabulary size)")
+    for name in ("download", "demo"):
+        commands.choices[name].add_argument("--root", type=Path, default=Path("."),
+                                            help="folder that holds data/")
     return parser
 
 

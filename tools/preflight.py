@@ -1,13 +1,7 @@
-"""Preflight: check a train_gpt.py configuration on a CPU, with no data, before a GPU run.
-
-Reads the same environment variables as train_gpt.py (PRESET included), then checks:
-the configuration and its split over the world size, the model's parameter count and
-its parameter table's counts (per optimizer group and per artifact format), a forward
-pass (loss at initialisation near ln V), a torch.compile(fullgraph=True) of a shrunk
-copy of the architecture, the code bytes (plain and packed by tools.pack), and an
-estimate of the artifact size of a trained model of this shape against the
-16,000,000-byte limit, with the budget line by line. Prints PASS/FAIL per check;
-exits 1 if any check fails.
+"""Preflight: check a train_gpt.py configuration (its environment variables, PRESET included)
+on a CPU, with no data, before a GPU run: the configuration and its split over the world size,
+the parameter count and table, a forward pass, torch.compile of a shrunk copy, the code bytes
+and the artifact size of trained-like weights against the limit. Exit 1 if a check fails.
 
     python -m tools.preflight
     PRESET=demo python -m tools.preflight --no-compile
@@ -23,7 +17,7 @@ import os
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,8 +28,7 @@ from tools._common import import_train_gpt, perturbed_model
 DEFAULT_WORLD_SIZE = 8  # the record's 8xH100
 FORWARD_TOLERANCE = 0.1  # |loss - ln V| at initialisation; see check_forward
 COMPILE_TOLERANCE = 1e-4
-# Variables the original reads that change nothing: not typos.
-IGNORED_VARS = ("MUON_BETA2", "SWA_ENABLED", "SWA_EVERY")
+IGNORED_VARS = ("MUON_BETA2", "SWA_ENABLED", "SWA_EVERY")  # the original's, changing nothing
 
 # Trained-like weights for the artifact estimate. Muon's orthogonalised update of a rows x cols
 # matrix has entries of RMS 1/sqrt(cols) (after its sqrt(max(1, rows/cols)) factor), so trained
@@ -47,19 +40,11 @@ IGNORED_VARS = ("MUON_BETA2", "SWA_ENABLED", "SWA_EVERY")
 ROW_NORM = 4.1
 ROW_NORM_SPREAD = 0.3  # sigma of the row norm's log
 VECTOR_JITTER = 0.1  # vectors and scalars: their initial value times (1 + 0.1 N(0, 1))
-RECORD_PARAMS, RECORD_MODEL_BYTES, RECORD_CODE_BYTES = 26_862_694, 15_689_612, 61_983
-
-
-@dataclass
-class Outcome:
-    name: str
-    status: str  # PASS | FAIL | SKIP
-    summary: str
-    details: list[str] = field(default_factory=list)
+RECORD_PARAMS, RECORD_MODEL_BYTES = 26_862_694, 15_689_612
 
 
 class CheckSkipped(Exception):
-    """A check that did not run (asked not to, or an earlier check it needs failed)."""
+    """A check asked not to run."""
 
 
 class CheckFailed(Exception):
@@ -73,24 +58,16 @@ class CheckFailed(Exception):
 @dataclass
 class Context:
     env: dict
-    world_size: int | None
-    compile: bool
-    backend: str
-    artifact: bool
-    seed: int
-    packed: bool = False  # count the packed file's bytes (tools.pack), not the plain script's
+    args: argparse.Namespace
     tg: object = None
     cfg: object = None  # train_gpt.Config
     model: object = None
     code: object = None  # train_gpt.Code: what the submission counts, plain or packed as asked
     estimate: Future | None = None  # the artifact estimate, started once the model exists
 
-# -----------------------------
-# CHECKS: each returns (summary, details), raises CheckFailed or CheckSkipped, or returns
-# None when an earlier check it needs failed
-# -----------------------------
 
-
+# Each check returns (summary, details), raises CheckFailed or CheckSkipped, or returns None when
+# an earlier check it needs failed.
 def check_import(ctx: Context):
     ctx.tg = import_train_gpt()
     return f"train_gpt.py imported (torch {torch.__version__}, Python {sys.version.split()[0]})", []
@@ -99,24 +76,18 @@ def check_import(ctx: Context):
 def check_config(ctx: Context):
     tg = ctx.tg
     try:
-        cfg = tg.Config.from_env(ctx.env)
+        ctx.cfg = cfg = tg.Config.from_env(ctx.env)
     except tg.ConfigError as e:
         raise CheckFailed(str(e)) from None
-    ctx.cfg = cfg
-    m, e, known = cfg.model, cfg.eval, known_vars(tg)
-    given = ', '.join(f'{k}={ctx.env[k]}' for k in known if k in ctx.env)
-    details = [f"set: {given or '(nothing)'}"]
-    details += [f"note: {n}" for n in suspicious_vars(tg, ctx.env)]
+    m, e = cfg.model, cfg.eval
+    given = ", ".join(f"{k}={ctx.env[k]}" for k in sorted(tg.Config.variables() | {"PRESET"})
+                      if k in ctx.env)
     slot = f"SLOT {e.slot.mode} {e.slot.steps} steps" if e.slot.enabled else "SLOT off"
-    summary = (f"PRESET={cfg.run.preset or '(none)'}: {m.num_layers} layers, d={m.model_dim}, "
-               f"{m.num_heads} heads ({m.num_kv_heads} kv), MLP x{m.mlp_mult:g}, V={m.vocab_size}, "
-               f"seq {cfg.train.train_seq_len}/{e.seq_len}, {slot}, "
-               f"COMPRESSOR={cfg.export.compressor}")
-    return summary, details
-
-
-def known_vars(tg) -> list[str]:
-    return sorted(tg.Config.variables() | {"PRESET"})
+    return (f"PRESET={cfg.run.preset or '(none)'}: {m.num_layers} layers, d={m.model_dim}, "
+            f"{m.num_heads} heads ({m.num_kv_heads} kv), MLP x{m.mlp_mult:g}, V={m.vocab_size}, "
+            f"seq {cfg.train.train_seq_len}/{e.seq_len}, {slot}, "
+            f"COMPRESSOR={cfg.export.compressor}"), [
+        f"set: {given or '(nothing)'}", *(f"note: {n}" for n in suspicious_vars(tg, ctx.env))]
 
 
 def suspicious_vars(tg, env) -> list[str]:
@@ -131,25 +102,22 @@ def suspicious_vars(tg, env) -> list[str]:
 def check_world(ctx: Context):
     if ctx.cfg is None:
         return None
-    world = ctx.world_size
-    if world is None:
-        raw = ctx.env.get("WORLD_SIZE", str(DEFAULT_WORLD_SIZE))
-        try:
-            world = int(raw)
-        except ValueError:
-            raise CheckFailed(f"WORLD_SIZE={raw!r} is not an integer") from None
+    raw = ctx.env.get("WORLD_SIZE", str(DEFAULT_WORLD_SIZE))
+    try:
+        world = ctx.args.world_size if ctx.args.world_size is not None else int(raw)
+    except ValueError:
+        raise CheckFailed(f"WORLD_SIZE={raw!r} is not an integer") from None
     if world < 1:
         raise CheckFailed(f"world size {world}: expected at least 1")
     t = ctx.cfg.train
     try:
-        ctx.cfg.check_world(world)
+        ctx.tg.check_world(ctx.cfg, world)
     except ctx.tg.ConfigError as e:
         raise CheckFailed(str(e)) from None
     accum = t.grad_accum_steps(world)
     local = t.train_batch_tokens // (world * accum)
-    details = [] if 8 % world == 0 else [
-        f"note: {world} does not divide 8, so grad_accum is 1 (the original requires a divisor "
-        f"of 8)"]
+    details = [] if 8 % world == 0 else [f"note: {world} does not divide 8, so grad_accum is 1 "
+                                         "(the original requires a divisor of 8)"]
     return (f"world_size={world}: grad_accum {accum}, {local:,} tokens per rank per micro-step "
             f"({local // t.train_seq_len} rows of {t.train_seq_len}); validation "
             f"{t.val_batch_size // 8:,} tokens per rank per batch"), details
@@ -162,23 +130,15 @@ def check_model(ctx: Context):
         return None
     t0 = time.perf_counter()
     ctx.model = ctx.tg.build_model(ctx.cfg.model, torch.device("cpu"), seed=ctx.cfg.run.seed)
-    n = count_params(ctx.model)
+    n = sum(p.numel() for p in ctx.model.parameters())  # as train_gpt.py's model_params line
     note = " - the record's count" if n == RECORD_PARAMS else ""
-    summary = f"{n:,} parameters{note} (built in {time.perf_counter() - t0:.1f} s)"
-    return summary, ctx.tg.role_summary(ctx.model)
-
-
-def count_params(model) -> int:
-    """As train_gpt.py's model_params log line."""
-    return sum(p.numel() for p in model.parameters())
+    return (f"{n:,} parameters{note} (built in {time.perf_counter() - t0:.1f} s)",
+            ctx.tg.role_summary(ctx.model))
 
 
 def sample_batch(cfg, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    T, V = min(cfg.train.train_seq_len, 256), cfg.model.vocab_size
-    x = torch.randint(0, V, (2, T), generator=gen)
-    y = torch.randint(0, V, (2, T), generator=gen)
-    return x, y
+    gen, shape = torch.Generator().manual_seed(seed), (2, min(cfg.train.train_seq_len, 256))
+    return tuple(torch.randint(0, cfg.model.vocab_size, shape, generator=gen) for _ in "xy")
 
 
 def check_forward(ctx: Context):
@@ -188,11 +148,9 @@ def check_forward(ctx: Context):
     by ~0.01 at V = 1024; a wrong init scale, a broken norm or a NaN moves it much more."""
     if ctx.model is None:
         return None
-    model = ctx.model
-    x, y = sample_batch(ctx.cfg, ctx.seed)
-    model.eval()
+    x, y = sample_batch(ctx.cfg, ctx.args.seed)
     with torch.no_grad():
-        loss = model(x, y).item()
+        loss = ctx.model.eval()(x, y).item()
     ln_v = math.log(ctx.cfg.model.vocab_size)
     line = (f"loss {loss:.4f} at init on 2x{x.size(1)} random tokens, ln V = {ln_v:.4f}, "
             f"|diff| {abs(loss - ln_v):.4f}")
@@ -206,60 +164,55 @@ def shrunk_config(env):
     vocab, bigram table, RoPE dims, softcap...), keeping which optional parts exist: bigram/VE
     projections, VE on a layer, XSA on all or only the last layer, VRL. Built from the
     environment with those variables changed, as a run would read it."""
-    m = import_train_gpt().Config.from_env(env).model
+    config = import_train_gpt().Config.from_env
+    m = config(env).model
     head_dim = min(m.head_dim, max(16, m.rope_dims))
     d, kv = m.num_heads * head_dim, m.num_kv_heads * head_dim
-    ve_ids = sorted({0 if i == 0 else 1 for i in m.ve_layer_ids}) or [1]
-    xsa = 0 if m.xsa_last_n == 0 else (2 if m.xsa_last_n >= m.num_layers else 1)
+    def width(same: bool, full: int) -> int:  # a small width that keeps a projection's presence
+        return full if same else (32 if full != 32 else 16)
+
     changed = dict(
-        NUM_LAYERS=2, MODEL_DIM=d, XSA_LAST_N=xsa, VE_LAYERS=",".join(map(str, ve_ids)),
-        BIGRAM_DIM=d if m.bigram_dim == m.model_dim else _other_than(d, 32),
-        VE_DIM=kv if m.ve_dim == m.kv_dim else _other_than(kv, 32),
+        NUM_LAYERS=2, MODEL_DIM=d, XSA_LAST_N=0 if m.xsa_last_n == 0 else
+        (2 if m.xsa_last_n >= m.num_layers else 1),
+        VE_LAYERS=",".join(map(str, sorted({0 if i == 0 else 1 for i in m.ve_layer_ids}) or [1])),
+        BIGRAM_DIM=width(m.bigram_dim == m.model_dim, d), VE_DIM=width(m.ve_dim == m.kv_dim, kv),
         TTT_FREEZE_BLOCKS=0)  # at most NUM_LAYERS: what it freezes is not compiled here
-    return import_train_gpt().Config.from_env({**env, **{k: str(v) for k, v in changed.items()}})
-
-
-def _optional_parts(m) -> str:
-    bigram = f"bigram_dim {m.bigram_dim}" if m.bigram_vocab_size else "no bigram"
-    ve = f"ve_dim {m.ve_dim} on layer(s) {m.ve_layers}" if m.ve_enabled else "no VE"
-    return f"{bigram}, {ve}, VRL {'on' if m.vrl_enabled else 'off'}"
-
-
-def _other_than(width: int, preferred: int) -> int:
-    """A small embedding width that differs from `width`, so the projection still exists."""
-    return preferred if preferred != width else preferred // 2
+    return config({**env, **{k: str(v) for k, v in changed.items()}})
 
 
 def check_compile(ctx: Context):
     if ctx.cfg is None:
         return None
-    if not ctx.compile:
+    if ctx.args.no_compile:
         raise CheckSkipped("--no-compile")
     small = shrunk_config(ctx.env)
-    m = small.model
-    model = perturbed_model(ctx.tg, m, ctx.seed, noise=0.05).train()
-    x, y = sample_batch(small, ctx.seed)
-    desc = (f"GPT.forward (train mode, late-QAT path on) of a shrunk copy: 2 layers, "
+    m, backend = small.model, ctx.args.compile_backend
+    model = perturbed_model(ctx.tg, m, ctx.args.seed, noise=0.05).train()
+    x, y = sample_batch(small, ctx.args.seed)
+    parts = (f"{'bigram_dim ' + str(m.bigram_dim) if m.bigram_vocab_size else 'no bigram'}, "
+             f"{f've_dim {m.ve_dim} on layer(s) {m.ve_layers}' if m.ve_enabled else 'no VE'}, "
+             f"VRL {'on' if m.vrl_enabled else 'off'}")
+    desc = [f"compiled: GPT.forward (train mode, late-QAT path on) of a shrunk copy: 2 layers, "
             f"d={m.model_dim} ({m.num_heads}x{m.head_dim} heads, {m.num_kv_heads} kv), "
-            f"MLP x{m.mlp_mult:g}, {_optional_parts(m)}, XSA last {m.xsa_last_n}; "
-            f"batch 2x{x.size(1)}; torch.compile(fullgraph=True, dynamic=False, "
-            f"backend={ctx.backend!r}); weights perturbed")
+            f"MLP x{m.mlp_mult:g}, {parts}, XSA last {m.xsa_last_n}; batch 2x{x.size(1)}; "
+            f"torch.compile(fullgraph=True, dynamic=False, backend={backend!r}); weights "
+            "perturbed"]
     t0 = time.perf_counter()
     try:  # the late-QAT branch is the superset of the training forward
         with torch.no_grad():
             eager = model(x, y, qat=True).item()
-            fn = torch.compile(model, dynamic=False, fullgraph=True, backend=ctx.backend)
+            fn = torch.compile(model, dynamic=False, fullgraph=True, backend=backend)
             compiled = fn(x, y, qat=True).item()
     except Exception as e:  # a graph break under fullgraph, a lowering error, no C++ compiler...
-        raise CheckFailed(f"{type(e).__name__}: {first_line(e)}", [f"compiled: {desc}"]) from None
+        raise CheckFailed(f"{type(e).__name__}: {first_line(e)}", desc) from None
     finally:
         torch._dynamo.reset()
     diff = abs(eager - compiled)
     line = (f"no graph break; loss eager {eager:.6f}, compiled {compiled:.6f}, |diff| {diff:.2e} "
             f"(compile + run {time.perf_counter() - t0:.0f} s)")
     if not diff < COMPILE_TOLERANCE:
-        raise CheckFailed(line + f" >= {COMPILE_TOLERANCE}", [f"compiled: {desc}"])
-    return line, [f"compiled: {desc}"]
+        raise CheckFailed(line + f" >= {COMPILE_TOLERANCE}", desc)
+    return line, desc
 
 
 def first_line(e: Exception) -> str:
@@ -268,47 +221,51 @@ def first_line(e: Exception) -> str:
 
 
 def check_code(ctx: Context):
-    """The bytes the submission counts for the script: plain, or the file tools.pack writes
-    (its pack(source) -> (text, codec, sizes))."""
+    """The bytes the submission counts for the script: plain, or tools.pack's file."""
     source = Path(ctx.tg.__file__).read_text(encoding="utf-8")
     _, codec, sizes = pack.pack(source)
     plain = len(source.encode("utf-8"))
-    ctx.code = ctx.tg.Code(source, sizes[codec] if ctx.packed else plain)
-    counted = "packed" if ctx.packed else "plain"
-    return (f"{ctx.code.size:,} bytes of train_gpt.py ({counted}; plain {plain:,}, packed by "
-            f"tools.pack {sizes[codec]:,} with {codec}); leaves "
+    ctx.code = ctx.tg.Code(source, sizes[codec] if ctx.args.packed else plain)
+    return (f"{ctx.code.size:,} bytes of train_gpt.py ({'packed' if ctx.args.packed else 'plain'}"
+            f"; plain {plain:,}, packed by tools.pack {sizes[codec]:,} with {codec}); leaves "
             f"{ctx.tg.SIZE_LIMIT - ctx.code.size:,} bytes for the compressed model"), []
 
 
 def check_artifact(ctx: Context):
     if ctx.model is None or ctx.code is None:
         return None
-    if not ctx.artifact:
+    if ctx.args.no_artifact:
         raise CheckSkipped("--no-artifact")
-    tg, comp, code = ctx.tg, ctx.cfg.export.compressor, ctx.code
+    tg, export, code = ctx.tg, ctx.cfg.export, ctx.code
     est, seconds = ctx.estimate.result() if ctx.estimate else timed_estimate(ctx)
-    total = est.model_bytes + code.size
+    total, comp = est.model_bytes + code.size, export.compressor
     margin = tg.SIZE_LIMIT - total
-    bits = 8 * est.model_bytes / max(est.total_params, 1)
     details = [
         f"quantised: {est.counts['int6']:,} int6 + {est.counts['int8']:,} int8 + "
         f"{est.counts['fp16']:,} fp16 values; {est.raw_bytes:,} bytes serialised, "
-        f"{est.model_bytes:,} after {comp} ({bits:.2f} bits/param)",
+        f"{est.model_bytes:,} after {comp} "
+        f"({8 * est.model_bytes / max(est.total_params, 1):.2f} bits/param)",
         *tg.budget_lines(est.container, est.model_bytes, comp, code),
-        *basis_lines(ctx.cfg.export),
-        *record_comparison(est, comp),
-        f"estimate took {seconds:.0f} s (in the background while the other checks ran)",
-    ]
+        f"basis: weight matrices' rows of L2 norm ~{ROW_NORM:g} (Muon's update scale) times "
+        f"lognormal(0, {ROW_NORM_SPREAD}); vectors and scalars: init x (1 + {VECTOR_JITTER} "
+        f"N(0,1)); the norm calibrated on the seed-42 record's {RECORD_MODEL_BYTES:,} lzma bytes "
+        "(3.5 / 4.5 give -4.2% / +2.1% there)",
+        *([f"note: calibrated with lzma; COMPRESSOR={comp} is estimated with the same weights"]
+          if comp != "lzma" else []),
+        *(["note: GPTQ_ENABLED=1 is estimated with the clip search: GPTQ needs the trained "
+           "weights and their Hessians (on a trained demo model its artifact was 0.7% larger)"]
+          if export.gptq_enabled else []),
+        *([f"the record's shape: {100 * (est.model_bytes / RECORD_MODEL_BYTES - 1):+.2f}% "
+           "model bytes against its artifact"] if est.total_params == RECORD_PARAMS else []),
+        f"estimate took {seconds:.0f} s (in the background while the other checks ran)"]
     line = (f"estimated {est.model_bytes:,} model + {code.size:,} code = {total:,} bytes "
             f"{'<' if margin > 0 else '>='} {tg.SIZE_LIMIT:,}")
     if margin <= 0:
         raise CheckFailed(f"{line} (over by {-margin:,})", details)
     return f"{line} (margin {margin:,}, {100 * margin / tg.SIZE_LIMIT:.1f}%)", details
 
-# -----------------------------
-# ARTIFACT ESTIMATE
-# -----------------------------
 
+# ---------------------------------------------------------------- the artifact estimate
 
 @dataclass
 class ArtifactEstimate:
@@ -329,7 +286,7 @@ class ArtifactEstimate:
 def timed_estimate(ctx: Context) -> tuple[ArtifactEstimate, float]:
     t0 = time.perf_counter()
     est = estimate_artifact(ctx.tg, ctx.model.roles, ctx.model.state_dict(),
-                            ctx.cfg.export.compressor, seed=ctx.seed)
+                            ctx.cfg.export.compressor, seed=ctx.args.seed)
     return est, time.perf_counter() - t0
 
 
@@ -337,8 +294,7 @@ def trained_like_state(tg, roles: dict, state: dict, seed: int = 0,
                        row_norm: float = ROW_NORM) -> dict:
     """A state dict of the same names and shapes with trained-like values (see ROW_NORM);
     roles: the model's parameter table (model.roles): control tensors keep their values."""
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
+    gen, out = torch.Generator().manual_seed(seed), {}
     for name, t in state.items():
         if not t.is_floating_point():
             out[name] = t.clone()
@@ -355,116 +311,46 @@ def estimate_artifact(tg, roles: dict, state: dict, compressor: str = "lzma", se
                       row_norm: float = ROW_NORM) -> ArtifactEstimate:
     """Quantise trained-like weights of this shape with train_gpt's own quantize_state_dict
     (each tensor in its role's format) and compress them with pack_artifact."""
-    weights = trained_like_state(tg, roles, state, seed, row_norm)
-    container = tg.quantize_state_dict(weights, roles)
+    container = tg.quantize_state_dict(trained_like_state(tg, roles, state, seed, row_norm), roles)
     counts = dict(int6=0, int8=0, fp16=0)
     for name, scheme in container["m"].items():
         if isinstance(scheme, dict):
             counts[scheme["type"]] += container["w"][name + ".q"].numel()
         elif container["w"][name].is_floating_point():
             counts["fp16"] += container["w"][name].numel()
-    raw = len(pack_raw(container))
-    return ArtifactEstimate(tg.pack_artifact(container, compressor), raw, counts, container)
-
-
-def pack_raw(container: dict) -> bytes:
     buf = io.BytesIO()
     torch.save(container, buf)
-    return buf.getvalue()
+    return ArtifactEstimate(tg.pack_artifact(container, compressor), len(buf.getvalue()), counts,
+                            container)
 
 
-def basis_lines(export) -> list[str]:
-    """export: train_gpt.ExportConfig."""
-    return [
-        f"basis: every weight matrix (rows x cols) drawn N(0, (c/sqrt(cols))^2) per entry, i.e. "
-        f"rows of L2 norm ~c (Muon's update scale, 1/sqrt(fan-in)), each row's norm times "
-        f"lognormal(0, {ROW_NORM_SPREAD}); vectors and scalars: init x (1 + {VECTOR_JITTER} "
-        f"N(0,1)); c = {ROW_NORM:g}",
-        f"calibration: c chosen so that the default configuration ({RECORD_PARAMS:,} params, lzma) "
-        f"lands on the seed-42 record's {RECORD_MODEL_BYTES:,} compressed bytes; int6's 1/31 "
-        f"scale floor makes the weights' absolute scale, not only their shape, set the size",
-        "uncertainty: the weights' scale is known only through that one size; on the default "
-        "configuration c = 3.5 / 4.5 gives 15,050,236 / 16,034,528 bytes (-4.2% / +2.1%)",
-        *([f"note: calibrated with lzma; COMPRESSOR={export.compressor} is estimated with the "
-           f"same weights"] if export.compressor != "lzma" else []),
-        *(["note: GPTQ_ENABLED=1 is estimated with the clip search: GPTQ needs the trained "
-           "weights and their Hessians (on a trained 4-layer d=288 demo model its lzma artifact "
-           "was 0.7% larger)"] if export.gptq_enabled else []),
-    ]
+# ---------------------------------------------------------------- runner
+
+CHECKS = (("import", check_import), ("config", check_config), ("world", check_world),
+          ("model", check_model), ("forward", check_forward), ("compile", check_compile),
+          ("code", check_code), ("artifact", check_artifact))
 
 
-def record_comparison(est: ArtifactEstimate, compressor: str) -> list[str]:
-    """For the record's shape, set the estimate beside the record's own artifact."""
-    if est.total_params != RECORD_PARAMS or compressor != "lzma":
-        return []
-    record_total = RECORD_MODEL_BYTES + RECORD_CODE_BYTES
-    diff = 100 * (est.model_bytes - RECORD_MODEL_BYTES) / RECORD_MODEL_BYTES
-    return [f"record (this shape): {RECORD_MODEL_BYTES:,} model + {RECORD_CODE_BYTES:,} code = "
-            f"{record_total:,} bytes; estimated model bytes {diff:+.2f}%"]
-
-# -----------------------------
-# RUNNER
-# -----------------------------
-
-
-CHECKS = (
-    ("import", check_import),
-    ("config", check_config),
-    ("world", check_world),
-    ("model", check_model),
-    ("forward", check_forward),
-    ("compile", check_compile),
-    ("code", check_code),
-    ("artifact", check_artifact),
-)
-
-
-def run_check(name: str, fn, ctx: Context) -> Outcome:
+def run_check(fn, ctx: Context) -> tuple[str, str, list[str]]:
+    """(status, summary, details)."""
     try:
         result = fn(ctx)
     except CheckFailed as e:
-        return Outcome(name, "FAIL", str(e), e.details)
+        return "FAIL", str(e), e.details
     except CheckSkipped as e:
-        return Outcome(name, "SKIP", str(e))
+        return "SKIP", str(e), []
     except Exception as e:  # an unexpected error is a failed check, not a crash of the tool
-        return Outcome(name, "FAIL", f"{type(e).__name__}: {first_line(e)}")
-    if result is None:
-        return Outcome(name, "SKIP", "skipped: an earlier check failed")
-    return Outcome(name, "PASS", *result)
+        return "FAIL", f"{type(e).__name__}: {first_line(e)}", []
+    return ("SKIP", "skipped: an earlier check failed", []) if result is None else ("PASS", *result)
 
 
-def print_outcome(o: Outcome, out) -> None:
-    print(f"{o.status:<4}  {o.name:<8}  {o.summary}", file=out, flush=True)
-    for line in o.details:
-        print(f"{'':<16}{line}", file=out, flush=True)
-
-
-def run_preflight(ctx: Context, out) -> list[Outcome]:
-    outcomes = []
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        for name, fn in CHECKS:
-            outcome = run_check(name, fn, ctx)
-            print_outcome(outcome, out)
-            outcomes.append(outcome)
-            if name == "import" and outcome.status == "FAIL":
-                break  # nothing else can run without train_gpt
-            if name == "model" and ctx.model is not None and ctx.artifact:
-                # quantile and lzma release the GIL: the estimate's minute overlaps the compile
-                # check
-                ctx.estimate = pool.submit(timed_estimate, ctx)
-    return outcomes
-
-
-def parse_args(argv):
+def main(argv=None, env=None, out=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m tools.preflight",
         description="Check the train_gpt.py configuration set in the environment (the same "
-                    "variables, PRESET included) on a CPU with no data: config, world split, "
-                    "parameter count and table, forward pass, torch.compile of a shrunk copy, "
-                    "code bytes and an artifact-size estimate. Exit 1 if any check fails.")
-    p.add_argument("--world-size", type=int, default=None,
-                   help=f"GPUs of the planned run (default: $WORLD_SIZE, else "
-                        f"{DEFAULT_WORLD_SIZE} like the record)")
+                    "variables, PRESET included) on a CPU with no data. Exit 1 if any check fails.")
+    p.add_argument("--world-size", type=int, default=None, help="GPUs of the planned run "
+                   f"(default: $WORLD_SIZE, else {DEFAULT_WORLD_SIZE} like the record)")
     p.add_argument("--no-compile", action="store_true",
                    help="skip the torch.compile check (the slowest)")
     p.add_argument("--compile-backend", default="inductor",
@@ -477,25 +363,26 @@ def parse_args(argv):
                         "train_gpt.py)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the random tokens and weights (default %(default)s)")
-    return p.parse_args(argv)
-
-
-def main(argv=None, env=None, out=None) -> int:
-    a = parse_args(argv)
-    out = sys.stdout if out is None else out
-    ctx = Context(env=dict(os.environ if env is None else env), world_size=a.world_size,
-                  compile=not a.no_compile, backend=a.compile_backend,
-                  artifact=not a.no_artifact, seed=a.seed, packed=a.packed)
-    t0 = time.perf_counter()
+    ctx = Context(env=dict(os.environ if env is None else env), args=p.parse_args(argv))
+    out, t0, statuses = sys.stdout if out is None else out, time.perf_counter(), {}
     print("preflight: train_gpt.py configuration from the environment, on the CPU, no data",
           file=out)
-    outcomes = run_preflight(ctx, out)
-    failed = [o.name for o in outcomes if o.status == "FAIL"]
-    passed = sum(o.status == "PASS" for o in outcomes)
-    skipped = sum(o.status == "SKIP" for o in outcomes)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for name, fn in CHECKS:
+            status, summary, details = run_check(fn, ctx)
+            statuses[name] = status
+            print(f"{status:<4}  {name:<8}  {summary}", file=out, flush=True)
+            print("".join(f"{'':<16}{line}\n" for line in details), end="", file=out, flush=True)
+            if name == "import" and status == "FAIL":
+                break  # nothing else can run without train_gpt
+            if name == "model" and ctx.model is not None and not ctx.args.no_artifact:
+                # quantile and lzma release the GIL: the estimate overlaps the compile check
+                ctx.estimate = pool.submit(timed_estimate, ctx)
+    failed = [name for name, status in statuses.items() if status == "FAIL"]
     verdict = f"FAIL ({', '.join(failed)})" if failed else "PASS"
-    print(f"preflight: {verdict} - {passed} passed, {len(failed)} failed, {skipped} skipped in "
-          f"{time.perf_counter() - t0:.0f} s", file=out)
+    counts = list(statuses.values())
+    print(f"preflight: {verdict} - {counts.count('PASS')} passed, {len(failed)} failed, "
+          f"{counts.count('SKIP')} skipped in {time.perf_counter() - t0:.0f} s", file=out)
     return 1 if failed else 0
 
 

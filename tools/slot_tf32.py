@@ -2,21 +2,15 @@
 
     python -m tools.slot_tf32 --artifact final_model.int6.ptz [--batches 8]
 
-Model and data settings come from the environment, as for train_gpt.py (for the
-CPU demo's artifact: PRESET=demo).
-
-On CUDA both scripts run SLOT's float32 logit matmul with TF32 enabled (the
-original's setting), and TF32 keeps only 10 of float32's 23 mantissa bits of
-each matmul operand. The original computes (h + delta) W^T, so TF32 rounds
-h + delta; this project computes h W^T once per batch and adds delta W^T each
-step (what makes its SLOT fast), so TF32 rounds h and delta separately. In
-float32 the two are the same number to float32 precision; under TF32 they are
-two roundings of it. This tool runs SLOT both ways on the same frozen hidden
-states, with and without emulated TF32 (operands rounded to nearest in the
-forward and the backward matmul), and prints the relative change of the mean
-scored loss (= of val_bpb): ours against the original's under TF32, beside
-the original's own TF32 against float32. It is an estimate of size: the
-hardware's rounding of operands may differ from round-to-nearest.
+Model and data settings come from the environment, as for train_gpt.py (PRESET=demo for the CPU
+demo's artifact). On CUDA both scripts run SLOT's float32 logit matmul with TF32 (the
+original's setting), which keeps 10 of float32's 23 mantissa bits of each operand. The
+original computes (h + delta) W^T, so TF32 rounds h + delta; this project computes h W^T once
+per batch and adds delta W^T each step (what makes its SLOT fast), so TF32 rounds h and delta
+apart: in float32 the same number, under TF32 two roundings of it. This tool runs SLOT both
+ways on the same frozen hidden states, with and without emulated TF32 (operands rounded to
+nearest in the forward and backward matmuls), and prints the relative change of the mean
+scored loss (= of val_bpb): an estimate of size, the hardware's rounding may differ.
 """
 
 from __future__ import annotations

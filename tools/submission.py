@@ -2,59 +2,40 @@
 
     python -m tools.submission LOG... --out records/track_10min_16mb/DATE_NAME [--script FILE]
 
-writes DIR/train_gpt.py (the exact script the logs ran), DIR/train_seed<SEED>.log for each log,
-DIR/submission.json, DIR/README.md and DIR/requirements.txt. Every figure comes from the logs,
-so the folder cannot disagree with them (the original record's submission reported step counts
-its logs did not show).
-
-Three kinds of score, kept apart everywhere:
-- accepted: the round trip, the sliding window at any stride, legal score-first TTT; what the
-  challenge's accepted records report;
-- causal, not accepted: the context-only SLOT; it passes the flip test, but its legality was
-  never ruled on and no accepted record uses SLOT;
-- not causal: the scored SLOT (the original's 0.74): fitted to the very targets it scores.
-The headline is the best accepted score every log holds; --score chooses another, and a headline
-that is not accepted carries its kind in the JSON, the README and the console.
-
-The script: a log carries the full source at its head. A plain run's script is that source; a
-packed run's (its Code size differs from the source's bytes) is re-made from it with the
-packed format of tools.pack, and must come out at exactly the logged Code size, else --script
-is needed. A log without its source (the original's published logs) needs --script FILE.
-
-Refused, with one line naming the log and what is missing, and nothing written: a log that
-stopped early, was interrupted or stopped with an error, one with a line out of its format
-(tools.runlog.LINES), one without the chosen score, one whose closing score: lines give a
-score another kind than SCORES does, logs of different configurations, sources or repeated
-seeds. The runs' WARNING lines are repeated as warnings. The folder is written whole into a
-temporary sibling and renamed into place; an existing folder is replaced only with --force.
+writes the exact script the logs ran (the source at their head, re-packed for a packed run, or
+--script for logs without it), the logs, submission.json, README.md and requirements.txt, every
+figure from the logs. Three kinds of score stay apart (SCORES); the headline is the best
+accepted one every log holds unless --score says otherwise. A cut, interrupted, failed or
+malformed log, or logs of different configurations, sources or repeated seeds, are refused in
+one line with nothing written; --force replaces only a folder this tool wrote, as it wrote it.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import datetime
+import hashlib
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import sys
+import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from scipy import stats
 
 from tools import _packed
 from tools._files import write_atomic
-from tools._record_readme import render_readme, results_table
-from tools import runlog
-from tools.runlog import DEFAULTS, EVAL_TAGS, REMOVED_DEFAULTS, EvalResult, LogError, RunRecord
-from tools.runlog import same_value
-
-__all__ = ["RunRecord", "EvalResult", "parse_log", "build_submission", "acceptance_p_value", "main"]
+from tools.runlog import EVAL_TAGS, LINES, config, env_value, find, first, last, malformed, match
 
 ACCEPTED, CAUSAL_NOT_ACCEPTED, NOT_CAUSAL = "accepted", "causal, not accepted", "not causal"
 KIND_WHY = {
@@ -66,58 +47,302 @@ KIND_WHY = {
     NOT_CAUSAL: "SLOT in its scored mode fits delta and bias to the very targets it then scores "
                 "(it fails the flip test, docs/evaluation.md): not a compression result",
 }
+# The kind words of train_gpt.py's closing score: lines (its SCORE_KINDS), for each kind here.
+LOG_KINDS = {kind: kind.replace(", ", "_").replace(" ", "_") for kind in KIND_WHY}
 
 
-@dataclass(frozen=True)
-class Score:
+class Score(NamedTuple):
     label: str
     kind: str
 
 
 # --score choices (the names of tools.runlog.EVAL_TAGS), in evaluation order.
-SCORES = {
-    "roundtrip": Score("round trip", ACCEPTED),
-    "sliding": Score("sliding window", ACCEPTED),
-    "sliding_s64": Score("sliding window", ACCEPTED),
-    "slot": Score("SLOT scored", NOT_CAUSAL),
-    "slot_context": Score("SLOT context", CAUSAL_NOT_ACCEPTED),
-    "legal_ttt": Score("legal TTT", ACCEPTED),
-}
-# The kind words of train_gpt.py's closing score: lines (its SCORE_KINDS), for each kind here:
-# a log that says otherwise means the two tables disagree.
-LOG_KINDS = {ACCEPTED: "accepted", CAUSAL_NOT_ACCEPTED: "causal_not_accepted",
-             NOT_CAUSAL: "not_causal"}
-
-
-@dataclass(frozen=True)
-class TrackLimits:
-    train_seconds: float = 600.0
-    total_bytes: int = 16_000_000  # the artifact total (model + code) must stay under it
-    eval_seconds: float = 600.0
-    hardware: str = "8xH100"  # what the time limits are measured on
-
-
-TRACK_LIMITS = {"10min_16mb": TrackLimits()}
-RECORD_LIMITS = TRACK_LIMITS["10min_16mb"]  # the compliance section always shows these
-FOLDER_CAP = RECORD_LIMITS.total_bytes  # the challenge's validator also caps the folder
+SCORES = {"roundtrip": Score("round trip", ACCEPTED), "sliding": Score("sliding window", ACCEPTED),
+          "sliding_s64": Score("sliding window", ACCEPTED),
+          "slot": Score("SLOT scored", NOT_CAUSAL),
+          "slot_context": Score("SLOT context", CAUSAL_NOT_ACCEPTED),
+          "legal_ttt": Score("legal TTT", ACCEPTED)}
+RECORD_TRACK = "10min_16mb"
+TRAIN_S, TOTAL_BYTES, EVAL_S = 600.0, 16_000_000, 600.0  # the record track's limits, on 8xH100
+WRITTEN_BY = "tools.submission"  # submission.json's mark on a folder this tool wrote
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class SubmissionError(Exception):
     """A refusal: the message names the log (when there is one) and the reason."""
 
 
-def parse_log(path: str | os.PathLike) -> RunRecord:
-    """One train_gpt.py log (tools.runlog); SubmissionError when it cannot be a submission's."""
+# ----------------------------------------------------------------------------- a run's record
+
+SEPARATOR = "=" * 100
+
+
+@dataclass
+class EvalResult:
+    val_loss: float
+    val_bpb: float
+    line: str  # the log line the figures were read from
+    eval_time_ms: float | None = None
+    params: dict[str, str] = field(default_factory=dict)  # stride, steps, lr, mode...
+    kind: str | None = None  # its score: line's kind (SCORE_KINDS); None in a log without them
+
+
+@dataclass
+class RunRecord:
+    path: str
+    data: bytes  # the log's bytes, as read
+    source: str | None  # the full source at the log's head; None when it was removed
+    seed: int
+    steps: int  # steps actually run: the last step line's N
+    iterations: int
+    training_time_ms: float
+    step_avg_ms: float  # on the line training_time_ms was read from
+    artifact_bytes: int
+    model_bytes: int | None
+    code_bytes: int
+    compressor: str
+    num_gpus: int
+    gpu_type: str
+    versions: dict[str, str]  # python, pytorch and, with GPUs, driver and cuda
+    config: dict[str, str]  # the configuration lines' fields (config())
+    settings: dict[str, str]  # setting -> value as its variable spells it; SEED included
+    evals: dict[str, EvalResult]  # keyed by evaluation name (EVAL_TAGS)
+    stop_reason: str | None = None
+    warnings: list[str] = field(default_factory=list)  # the run's WARNING lines, as logged
+
+    @property
+    def training_time_seconds(self) -> float:
+        return self.training_time_ms / 1000.0
+
+    @property
+    def eval_time_seconds(self) -> float:
+        """All the run's evaluations together, as their lines report them."""
+        return sum(e.eval_time_ms or 0.0 for e in self.evals.values()) / 1000.0
+
+    @property
+    def hardware(self) -> str:
+        return f"{self.num_gpus}x {self.gpu_type}" if self.num_gpus else self.gpu_type
+
+
+def _number(text: str, key: str, where: str) -> float:
     try:
-        record = runlog.parse_log(path)
-    except LogError as exc:
-        raise SubmissionError(str(exc)) from None
-    check_kinds(record)
-    return record
+        value = float(text.removesuffix("ms"))
+    except ValueError:
+        raise ValueError(f"malformed '{where}' line: no number for {key}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"'{where}' line: {key} is {text}, not a finite number")
+    return value
 
 
-def check_kinds(record: RunRecord) -> None:
-    """The kinds the log's score: lines give (logs before them have none) against SCORES."""
+def split_log(text: str) -> tuple[str | None, list[str], list[str]]:
+    """(source, versions block, body). The source is None when the log's head was removed (the
+    original's published logs start at 'Running Python')."""
+    head = SEPARATOR + "\nRunning Python "
+    if (end := text.find("\n" + head)) > 0:
+        source, rest = text[:end], text[end + 1:]
+    elif text.startswith(head):
+        source, rest = None, text
+    elif text.startswith("Running Python "):
+        source, rest = None, SEPARATOR + "\n" + text
+    else:
+        raise ValueError("no 'Running Python' header after the source: not a train_gpt.py log")
+    lines = rest.splitlines()
+    rows = [i for i, line in enumerate(lines) if line.rstrip() == SEPARATOR][:2]
+    if len(rows) < 2:
+        raise ValueError("the versions block has no closing row of '=': the log is cut")
+    return source, lines[rows[0] + 1:rows[1]], lines[rows[1] + 1:]
+
+
+def _check_body(text: str, source: str | None, body: list[str]) -> None:
+    """The refusals that come first: the most telling reason for what is missing. A last line
+    without its newline must be the whole closing line of a finished log: a score: line (or, in
+    the original's published logs, which have no source at their head and no summary, an _exact
+    line) with all its decimals."""
+    if body and not text.endswith("\n"):
+        m = match("score", body[-1]) or (match("exact", body[-1]) if source is None else None)
+        if not (m and all(re.fullmatch(r"\d+\.\d{8}", m[k]) for k in ("val_bpb", "val_loss")
+                          if k in m.groupdict())):
+            raise ValueError(f"its last line, '{body[-1][:120]}', ends mid-line: the log was cut "
+                             "while it was being written")
+    if stopped := last("interrupted", body):
+        raise ValueError(f"the run was interrupted ('{stopped.group(0).strip()}'): not a "
+                         "finished run")
+    if failed := last("error", body):
+        raise ValueError(f"the run stopped with an error ('{failed.group(0)[:200]}'): not a "
+                         "finished run")
+    if problem := malformed(body):
+        raise ValueError(problem)
+
+
+def _training(body: list[str]) -> tuple[int, int, float, float]:
+    """(steps run, iterations, training ms, step average ms): the last step line's N/M and
+    the last validation line's train_time and step_avg."""
+    steps = [m for line in body if (m := match("train_step", line) or match("val_step", line))]
+    if not steps:
+        for kind, run in (("eval_only", "EVAL_ONLY"), ("export_only", "EXPORT_ONLY")):
+            if last(kind, body):
+                raise ValueError(f"an {run} log (no training): a submission needs the training "
+                                 "run's log")
+        raise ValueError("no 'step:N/M' line: training did not run or the log is cut")
+    timed = [m for m in steps if m.re is LINES["val_step"].pattern] or [steps[-1]]
+    train_ms = _number(timed[-1]["train_time"], "train_time", "step")
+    step_avg_ms = _number(timed[-1]["step_avg"], "step_avg", "step")
+    return int(steps[-1]["step"]), int(steps[-1]["iterations"]), train_ms, step_avg_ms
+
+
+def _evals(body: list[str]) -> dict[str, EvalResult]:
+    """Each evaluation's figures (its _exact line), time and parameters (its result line). The
+    original repeats final_int6_roundtrip_exact after each sliding result: the round trip's
+    own line is the first; the others take their last."""
+    exact: dict[str, list[re.Match]] = {}
+    summary: dict[str, list[re.Match]] = {}
+    for kind, found in (("exact", exact), ("result", summary)):
+        for m in find(kind, body):
+            found.setdefault(m["name"], []).append(m)
+    if "final_int6_roundtrip" not in exact:
+        raise ValueError("no final_int6_roundtrip_exact line: the log stops before its evaluations")
+    evals = {}
+    for name, tag in EVAL_TAGS.items():
+        if tag in summary and tag not in exact:
+            raise ValueError(f"'{tag}' has no {tag}_exact line: the log is cut in its evaluations")
+        if tag in exact:
+            pick = 0 if name == "roundtrip" else -1
+            figures, line = exact[tag][pick], summary[tag][pick] if tag in summary else None
+            evals[name] = EvalResult(
+                _number(figures["val_loss"], "val_loss", tag + "_exact"),
+                _number(figures["val_bpb"], "val_bpb", tag + "_exact"), tag + "_exact",
+                _number(line["ms"], "eval_time", tag) if line else None,
+                dict(w.split(":", 1) for w in (line["extra"] + line["suffix"]).split() if ":" in w)
+                if line else {})
+    started = [m["label"] for m in find("progress", body)] + ["legal_ttt"] * bool(
+        last("ttt_start", body))
+    for label in started:  # a SLOT pass of its own is labelled final_slot whichever modes it scores
+        if not any(tag.startswith(label) and tag in exact for tag in EVAL_TAGS.values()):
+            raise ValueError(f"{label} started but has no {label}_exact line: "
+                             "the run did not finish its evaluations")
+    return evals
+
+
+def _score_kinds(body: list[str], evals: dict[str, EvalResult], summary_due: bool) -> None:
+    """The closing score: lines, one per evaluation, each with the figure of its _exact line;
+    their kinds go to the results. Logs of the script before them have none; a log with the
+    settings: line must end with them."""
+    scores = {m["name"]: m for m in find("score", body)}
+    if not scores and not summary_due:
+        return
+    known = {tag: name for name, tag in EVAL_TAGS.items()}
+    if unknown := sorted(set(scores) - set(known)):
+        raise ValueError(f"score:{unknown[0]} names an evaluation this reader does not know "
+                         "(tools/runlog.py EVAL_TAGS)")
+    evaluated = sorted(EVAL_TAGS[name] for name in evals)
+    if sorted(scores) != evaluated:
+        raise ValueError(f"the score: lines name {', '.join(sorted(scores)) or 'nothing'} but the "
+                         f"evaluations are {', '.join(evaluated)}: the log is cut in its closing "
+                         "summary")
+    for tag, m in scores.items():
+        result = evals[known[tag]]
+        if float(m["val_bpb"]) != result.val_bpb:
+            raise ValueError(f"score:{tag} val_bpb:{m['val_bpb']} is not its {result.line} "
+                             f"line's {result.val_bpb:.8f}: the log disagrees with itself")
+        result.kind = m["kind"]
+
+
+LEGACY_FIELDS = ("tokenizer_path", "iterations", "max_wallclock_seconds", "warmup_steps",
+                 "train_batch_tokens", "train_seq_len", "num_heads", "num_kv_heads", "xsa_last_n",
+                 "tie_embeddings", "matrix_lr", "scalar_lr")
+
+
+def legacy_settings(cfg: dict[str, str], body: list[str], evals: dict[str, EvalResult],
+                    compressor: str) -> dict[str, str]:
+    """The settings a log without the settings: line records in its own lines (the original's:
+    its configuration lines, the evaluations it ran and their parameters)."""
+    s = {"PRESET": cfg.get("preset", "none")}
+    if "val_pattern" in cfg:  # val_loader:shards pattern=<DATA_PATH>/fineweb_val_*.bin
+        s["DATA_PATH"] = os.path.dirname(cfg["val_pattern"])
+    s.update({name.upper(): cfg[name] for name in LEGACY_FIELDS if name in cfg})
+    tied = cfg.get("tie_embeddings", "True") == "True"  # head_lr is logged as 0.0 then
+    if "embed_lr" in cfg:
+        s["TIED_EMBED_LR" if tied else "EMBED_LR"] = cfg["embed_lr"]
+    if "head_lr" in cfg and not tied:
+        s["HEAD_LR"] = cfg["head_lr"]
+    if cfg.get("cpu_threads", "0") != "0":  # 0: a CUDA run, which ignores the setting
+        s["CPU_THREADS"] = cfg["cpu_threads"]
+    if "compile" in cfg and (cfg["compile"] == "True") != (cfg.get("device") == "cuda"):
+        s["COMPILE"] = cfg["compile"]  # the default compiles on CUDA only
+    # No sliding-window line: EVAL_STRIDE was 0 (or at least EVAL_SEQ_LEN, which means the same).
+    s["EVAL_STRIDE"] = evals["sliding"].params.get("stride", "") if "sliding" in evals else "0"
+    modes = [mode for mode, name in (("scored", "slot"), ("context", "slot_context"))
+             if name in evals]
+    if modes:
+        s["SLOT_MODE"] = "both" if len(modes) == 2 else modes[0]
+        slot = evals["slot" if "slot" in evals else "slot_context"].params
+        s.update({f"SLOT_{k.upper()}": slot[k] for k in ("steps", "lr") if k in slot})
+    else:
+        s["SLOT_ENABLED"] = "0"
+    start = last("ttt_start", body)
+    if "legal_ttt" in evals or start:
+        s["TTT_ENABLED"] = "1"
+        s.update({f"TTT_{k.upper()}": start[k] for k in ("chunk_tokens", "lr", "epochs",
+                                                          "freeze_blocks") if start})
+    if gptq := last("gptq", body):
+        s.update(GPTQ_ENABLED="1", GPTQ_CALIBRATION_BATCHES=gptq["batches"])
+    s["COMPRESSOR"] = compressor
+    plain = {"True": "1", "False": "0"}  # and '600.000' as '600'
+    return {k: plain.get(v, v.rstrip("0").rstrip(".") if re.fullmatch(r"-?\d+\.\d+", v) else v)
+            for k, v in s.items() if (k, v) != ("PRESET", "none")}
+
+
+def _parse(path: str, data: bytes) -> RunRecord:
+    try:
+        text = data.decode("utf-8")  # strictly: the source at its head must come back byte for byte
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 text (byte {exc.start}): not a train_gpt.py log") from None
+    text = text.replace("\r\n", "\n")  # a log that went through a system writing CRLF
+    source, env, body = split_log(text)
+    _check_body(text, source, body)
+    if (seed := last("seed", body)) is None:
+        raise ValueError("no 'seed:S' line")
+    steps, iterations, train_ms, step_avg_ms = _training(body)
+    stop = last("stop", body)
+    if steps < iterations and stop is None:
+        raise ValueError(f"training ends at step {steps}/{iterations} without a stopping_early "
+                         "line: the log is cut")
+    if (artifact := last("artifact", body)) is None:
+        raise ValueError("no 'Total submission size int6+...' line (artifact size): the log "
+                         "stops before it")
+    if (code := last("code", body)) is None:
+        raise ValueError("no 'Code size' line")
+    evals, logged = _evals(body), last("settings", body)
+    _score_kinds(body, evals, summary_due=logged is not None)
+    run_config, model = config(body), last("model", body)
+    settings = ({k: env_value(v) for k, v in json.loads(logged["json"]).items()} if logged else
+                {"SEED": seed["seed"], **legacy_settings(run_config, body, evals,
+                                                         artifact["compressor"])})
+    gpus = {int(m["index"]): m["name"] for m in find("gpu", env)}
+    versions = {k: m["version"] for k in ("python", "pytorch") if (m := last(k, env))}
+    if driver := first("driver", env):
+        versions.update(driver=driver["driver"], cuda=driver["cuda"])
+    return RunRecord(
+        path=path, data=data, source=source, seed=int(seed["seed"]), steps=steps,
+        iterations=iterations, training_time_ms=train_ms, step_avg_ms=step_avg_ms,
+        artifact_bytes=int(artifact["bytes"]), model_bytes=int(model["bytes"]) if model else None,
+        code_bytes=int(code["bytes"]), compressor=artifact["compressor"], num_gpus=len(gpus),
+        gpu_type=", ".join(sorted(set(gpus.values()))) or "cpu", versions=versions,
+        config=run_config, settings=settings, evals=evals,
+        stop_reason=stop["reason"] if stop else None,
+        warnings=[m["message"] for m in find("warning", body)])
+
+
+def parse_log(path: str | os.PathLike) -> RunRecord:
+    """One train_gpt.py log; SubmissionError when it is unreadable, incomplete, cut,
+    interrupted, breaks a line's format, or when its score: lines give a kind other than SCORES
+    does."""
+    try:
+        record = _parse(str(path), Path(path).read_bytes())
+    except OSError as exc:
+        raise SubmissionError(f"{path}: cannot read ({exc.strerror})") from None
+    except ValueError as exc:
+        raise SubmissionError(f"{path}: {exc}") from None
     for name, result in record.evals.items():
         ours = SCORES[name].kind
         if result.kind is not None and result.kind != LOG_KINDS[ours]:
@@ -125,16 +350,7 @@ def check_kinds(record: RunRecord) -> None:
                 f"{record.path}: its score:{EVAL_TAGS[name]} line says kind:{result.kind}, but "
                 f"tools.submission counts '{name}' as {ours}: train_gpt.SCORE_KINDS and "
                 "tools.submission.SCORES disagree")
-
-
-@dataclass(frozen=True)
-class Meta:
-    name: str = ""
-    author: str = ""
-    github_id: str = ""
-    blurb: str = ""
-    track: str = "10min_16mb"
-    date: str = ""  # YYYY-MM-DD; empty: today
+    return record
 
 
 @dataclass(frozen=True)
@@ -153,32 +369,27 @@ class Baseline:
     losses: tuple[float, ...] = ()  # per-seed val_loss (nats) from its logs; empty for a figure
 
 
-# ----------------------------------------------------------------------------- consistency
-
-
 def _identity(record: RunRecord) -> dict[str, str]:
-    """What the seeds of one submission share: every recorded setting but the seed, the model's
-    size, the script's bytes and the hardware."""
-    settings = {k: v for k, v in record.settings.items() if k != "SEED"}
-    return {**settings, "model_params": record.config.get("model_params", "absent"),
-            "world_size": record.config.get("world_size", "absent"),
+    """What the seeds of one submission share: every setting and configuration line but the
+    seed (and run id), the script's bytes and the hardware."""
+    return {**{k: v for k, v in record.config.items() if k != "seed"},
+            **{k: v for k, v in record.settings.items() if k not in ("SEED", "RUN_ID")},
             "code_bytes": str(record.code_bytes), "gpus": record.hardware}
 
 
 def check_consistent(records: Sequence[RunRecord]) -> None:
     """Refuse logs of different sources, configurations and repeated seeds."""
-    first, seen = records[0], {}
-    differ = [r.path for r in records[1:] if r.source != first.source]
-    if differ:
+    first_record, seen = records[0], {}
+    if differ := [r.path for r in records[1:] if r.source != first_record.source]:
         raise SubmissionError(f"{', '.join(differ)}: the source at the log's head differs from "
-                              f"{first.path}'s (or only one carries it): one record holds one "
-                              "script")
+                              f"{first_record.path}'s (or only one carries it): one record holds "
+                              "one script")
     for record in records:
-        a, b = _identity(first), _identity(record)
-        keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-        if keys:
+        a, b = _identity(first_record), _identity(record)
+        if keys := sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)):
             diffs = "; ".join(f"{k} {a.get(k, 'absent')} vs {b.get(k, 'absent')}" for k in keys)
-            raise SubmissionError(f"{record.path}: config differs from {first.path}: {diffs}")
+            raise SubmissionError(f"{record.path}: config differs from {first_record.path}: "
+                                  f"{diffs}")
         if record.seed in seen:
             raise SubmissionError(f"{record.path}: seed {record.seed} duplicates "
                                   f"{seen[record.seed]}: each run needs its own seed")
@@ -189,70 +400,54 @@ def check_consistent(records: Sequence[RunRecord]) -> None:
 
 
 def recover_script(records: Sequence[RunRecord], given: Path | None = None) -> Script:
-    """The script the logs ran: the logged source, the packed file re-made from it, or --script."""
-    source, code = records[0].source, records[0].code_bytes
+    """The script the logs ran: the logged source, the packed file re-made from it, or --script.
+    A packed run's log holds the unpacked source and counts the packed file's bytes; packing is
+    deterministic, so re-packing gives the file back at exactly the logged Code size."""
+    path, source, code = records[0].path, records[0].source, records[0].code_bytes
     if given is not None:
         return _given_script(given, source, code)
     if source is None:
-        raise SubmissionError(f"{records[0].path}: no source at the log's head (removed, as in "
-                              "the original's published logs): give the script that ran with "
+        raise SubmissionError(f"{path}: no source at the log's head (removed, as in the "
+                              "original's published logs): give the script that ran with "
                               "--script FILE")
     if len(source.encode("utf-8")) == code:
-        origin = "the full source at the head of every log"
-        return Script(source.encode("utf-8"), "plain", origin, source)
-    return _repacked(records[0].path, source, code)
-
-
-def _repacked(path: str, source: str, code: int) -> Script:
-    """A packed run: its log holds the unpacked source and counts the packed file's bytes. The
-    packed format is deterministic, so re-packing gives the file back; its size must be the
-    logged Code size (else the run used another packer or --minify, and --script is needed)."""
+        return Script(source.encode("utf-8"), "plain", "the full source at the head of every log",
+                      source)
     files = _packed.packed_files(source)
     for codec, data in files.items():
         if len(data) == code:
             origin = f"re-packed ({codec}) from the full source at the head of every log"
             return Script(data, f"packed ({codec})", origin, source)
     sizes = " or ".join(f"{len(d):,} ({c})" for c, d in files.items())
-    plain = len(source.encode("utf-8"))
     raise SubmissionError(
-        f"{path}: Code size {code:,} bytes is not the logged source's {plain:,} (a packed run), "
-        f"and re-packing that source gives {sizes} bytes: give the packed file that ran with "
-        "--script FILE")
-
-
-def _read_script(path: Path) -> tuple[bytes, str]:
-    """The file's bytes and the source it runs (a packed file's unpacked one)."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise SubmissionError(f"--script {path}: cannot read ({exc.strerror})") from None
-    packed = _packed.unpacked(data)
-    if packed:
-        return data, packed[1]
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise SubmissionError(f"--script {path}: not UTF-8 text, so not a train_gpt.py") from None
-    try:
-        compile(text, str(path), "exec")
-    except SyntaxError as exc:
-        raise SubmissionError(f"--script {path}: not valid Python (line {exc.lineno}: "
-                              f"{exc.msg})") from None
-    return data, text
+        f"{path}: Code size {code:,} bytes is not the logged source's "
+        f"{len(source.encode('utf-8')):,} (a packed run), and re-packing that source gives "
+        f"{sizes} bytes: give the packed file that ran with --script FILE")
 
 
 def _given_script(path: Path, source: str | None, code: int) -> Script:
     """--script: for logs without their source (checked against the logged Code size), or a
     packed file the logs' source comes out of."""
-    data, runs = _read_script(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SubmissionError(f"--script {path}: cannot read ({exc.strerror})") from None
     packed = _packed.unpacked(data)
+    runs = packed[1] if packed else None
+    try:
+        runs = runs or data.decode("utf-8")
+        compile(runs, str(path), "exec")
+    except UnicodeDecodeError:
+        raise SubmissionError(f"--script {path}: not UTF-8 text, so not a train_gpt.py") from None
+    except SyntaxError as exc:
+        raise SubmissionError(f"--script {path}: not valid Python (line {exc.lineno}: "
+                              f"{exc.msg})") from None
     if source is not None and runs != source:
         raise SubmissionError(f"--script {path}: not the script the logs ran (neither the source "
                               "at their head nor a packed file of it)")
-    warnings = ()
-    if len(data) != code:
-        warnings = (f"--script {path} is {len(data):,} bytes, but the logs' Code size is {code:,} "
-                    "bytes: their artifact totals counted a script of another size",)
+    warnings = () if len(data) == code else (
+        f"--script {path} is {len(data):,} bytes, but the logs' Code size is {code:,} bytes: "
+        "their artifact totals counted a script of another size",)
     form = f"packed ({packed[0]})" if packed else "plain"
     return Script(data, form, f"given with --script ({path.name})", runs, warnings)
 
@@ -263,10 +458,6 @@ def _given_script(path: Path, source: str | None, code: int) -> Script:
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     a = np.asarray(values, dtype=float)
     return float(a.mean()), (float(a.std(ddof=1)) if a.size > 1 else 0.0)
-
-
-def _mean_bpb(records: Sequence[RunRecord], name: str) -> float:
-    return _mean_std([r.evals[name].val_bpb for r in records])[0]
 
 
 def shared_scores(records: Sequence[RunRecord]) -> list[str]:
@@ -289,7 +480,7 @@ def resolve_score(records: Sequence[RunRecord], score: str | None = None) -> str
             raise SubmissionError(f"{', '.join(r.path for r in records)}: no accepted score "
                                   "(round trip, sliding window, legal TTT) in every log; --score "
                                   "chooses another kind")
-        return min(accepted, key=lambda name: _mean_bpb(records, name))
+        return min(accepted, key=lambda name: _mean_std([r.evals[name].val_bpb for r in records]))
     for record in records:
         if score not in record.evals:
             raise SubmissionError(f"{record.path}: no {EVAL_TAGS[score]}_exact line for score "
@@ -298,23 +489,16 @@ def resolve_score(records: Sequence[RunRecord], score: str | None = None) -> str
 
 
 def aggregate(records: Sequence[RunRecord], name: str) -> dict:
-    results = [r.evals[name] for r in records]
-    loss_mean, loss_std = _mean_std([e.val_loss for e in results])
-    bpb_mean, bpb_std = _mean_std([e.val_bpb for e in results])
+    loss_mean, loss_std = _mean_std([r.evals[name].val_loss for r in records])
+    bpb_mean, bpb_std = _mean_std([r.evals[name].val_bpb for r in records])
     return {"label": score_label(name, records[0]), "kind": SCORES[name].kind,
-            "line": results[0].line, "val_loss": loss_mean, "val_bpb": bpb_mean,
+            "line": records[0].evals[name].line, "val_loss": loss_mean, "val_bpb": bpb_mean,
             "val_loss_std": loss_std, "val_bpb_std": bpb_std}
 
 
-# ----------------------------------------------------------------------------- comparison
-
-
-def acceptance_p_value(
-    losses: Sequence[float],
-    baseline_loss: float | None = None,
-    baseline_losses: Sequence[float] | None = None,
-    min_gain: float = 0.005,
-) -> float | None:
+def acceptance_p_value(losses: Sequence[float], baseline_loss: float | None = None,
+                       baseline_losses: Sequence[float] | None = None,
+                       min_gain: float = 0.005) -> float | None:
     """One-sided p-value that the runs' val_loss beats the baseline by at least min_gain nats:
     Welch's t against the baseline's seeds, or a one-sample t against a single figure. None
     with fewer than 2 runs or a degenerate sample."""
@@ -323,8 +507,8 @@ def acceptance_p_value(
     x = np.asarray(losses, dtype=float)
     if baseline_losses is not None and len(baseline_losses) > 1:
         # Shifting the new losses by min_gain tests mean(baseline) - mean(new) > min_gain.
-        base = np.asarray(baseline_losses, dtype=float)
-        result = stats.ttest_ind(base, x + min_gain, equal_var=False, alternative="greater")
+        result = stats.ttest_ind(np.asarray(baseline_losses, dtype=float), x + min_gain,
+                                 equal_var=False, alternative="greater")
     else:
         figure = float(np.mean(baseline_losses)) if baseline_losses is not None else baseline_loss
         result = stats.ttest_1samp(figure - x - min_gain, 0.0, alternative="greater")
@@ -343,8 +527,8 @@ def read_baseline(bpb: float | None, logs: Sequence[str] | None) -> Baseline | N
     name = resolve_score(records)
     head = aggregate(records, name)
     names = ", ".join(Path(r.path).name for r in records)
-    what = f"{len(records)} log(s) ({names}), {head['label']}"
-    return Baseline(what, head["val_bpb"], tuple(r.evals[name].val_loss for r in records))
+    return Baseline(f"{len(records)} log(s) ({names}), {head['label']}", head["val_bpb"],
+                    tuple(r.evals[name].val_loss for r in records))
 
 
 def compare(records: Sequence[RunRecord], score: str, baseline: Baseline, min_gain: float) -> dict:
@@ -356,234 +540,293 @@ def compare(records: Sequence[RunRecord], score: str, baseline: Baseline, min_ga
     base_loss = float(np.mean(baseline.losses)) if baseline.losses else baseline.bpb * nats_per_bpb
     p = acceptance_p_value(losses, base_loss, baseline.losses or None, min_gain)
     test = "Welch's t, one-sided" if len(baseline.losses) > 1 else "one-sample t, one-sided"
-    return {
-        "what": baseline.what,
-        "val_bpb": baseline.bpb,
-        "val_loss": base_loss,
-        "val_loss_from_bpb": not baseline.losses,
-        "delta_bpb": float(np.mean(bpbs)) - baseline.bpb,
-        "delta_nats": float(np.mean(losses)) - base_loss,
-        "min_gain_nats": min_gain,
-        "p_value": p,
-        "test": test if p is not None else f"needs at least 2 seeds with spread (got {len(bpbs)})",
-    }
+    return {"what": baseline.what, "val_bpb": baseline.bpb, "val_loss": base_loss,
+            "val_loss_from_bpb": not baseline.losses,
+            "delta_bpb": float(np.mean(bpbs)) - baseline.bpb,
+            "delta_nats": float(np.mean(losses)) - base_loss, "min_gain_nats": min_gain,
+            "p_value": p, "test": test if p is not None else
+            f"needs at least 2 seeds with spread (got {len(bpbs)})"}
 
 
-# ----------------------------------------------------------------------------- limits
-
-
-def seed_compliance(record: RunRecord, limits: TrackLimits = RECORD_LIMITS) -> dict[str, bool]:
+def seed_compliance(record: RunRecord) -> dict[str, bool]:
     """Whether one run met the record track's limits."""
     one_step = record.step_avg_ms / 1000  # the cap is checked after each step: one step past it
-    return {
-        "train_under_600s": record.training_time_seconds <= limits.train_seconds + one_step,
-        "artifact_under_16mb": record.artifact_bytes < limits.total_bytes,
-        "eval_under_600s": record.eval_time_seconds <= limits.eval_seconds,
-        "hardware_8xh100": record.num_gpus == 8 and "H100" in record.gpu_type,
-    }
+    return {"train_under_600s": record.training_time_seconds <= TRAIN_S + one_step,
+            "artifact_under_16mb": record.artifact_bytes < TOTAL_BYTES,
+            "eval_under_600s": record.eval_time_seconds <= EVAL_S,
+            "hardware_8xh100": record.num_gpus == 8 and "H100" in record.gpu_type}
 
 
-def track_warnings(records: Sequence[RunRecord], track: str) -> list[str]:
-    """The runs that break the track's limits (none for a track without known limits)."""
-    limits = TRACK_LIMITS.get(track)
-    if limits is None:
-        return []
-    warnings = []
-    for r in records:
-        met = seed_compliance(r, limits)
-        if not met["hardware_8xh100"]:
-            warnings.append(f"{r.path}: trained on {r.hardware}; the {track} track's time limits "
-                            f"are on {limits.hardware}")
-        if not met["train_under_600s"]:
-            warnings.append(f"{r.path}: training took {r.training_time_seconds:,.1f} s, over the "
-                            f"{track} track's {limits.train_seconds:g} s")
-        if not met["artifact_under_16mb"]:
-            warnings.append(f"{r.path}: artifact {r.artifact_bytes:,} bytes, not under the {track} "
-                            f"track's {limits.total_bytes:,}-byte cap")
-        if not met["eval_under_600s"]:
-            warnings.append(f"{r.path}: the evaluations took {r.eval_time_seconds:,.1f} s, over "
-                            f"the {track} track's {limits.eval_seconds:g} s")
-    return warnings
+def _warnings(records: Sequence[RunRecord], score: str, script: Script | None,
+              track: str) -> list[str]:
+    """A headline that is not accepted, a script of another size, the runs that break the
+    record track's limits (on that track), and the runs' own WARNING lines."""
+    kind, out = SCORES[score].kind, list(script.warnings if script else ())
+    if kind != ACCEPTED:
+        out.insert(0, f"the headline score '{score}' ({score_label(score, records[0])}) is "
+                      f"{kind}: {KIND_WHY[kind]}")
+    for r in records if track == RECORD_TRACK else ():
+        met, where = seed_compliance(r), f"the {track} track's"
+        broken = {"hardware_8xh100": f"trained on {r.hardware}; {where} time limits are on 8xH100",
+                  "train_under_600s": f"training took {r.training_time_seconds:,.1f} s, over "
+                                      f"{where} {TRAIN_S:g} s",
+                  "artifact_under_16mb": f"artifact {r.artifact_bytes:,} bytes, not under "
+                                         f"{where} {TOTAL_BYTES:,}-byte cap",
+                  "eval_under_600s": f"the evaluations took {r.eval_time_seconds:,.1f} s, over "
+                                     f"{where} {EVAL_S:g} s"}
+        out += [f"{r.path}: {text}" for key, text in broken.items() if not met[key]]
+    return out + [f"{r.path}: the run warned: {message}" for r in records for message in r.warnings]
 
 
 # ----------------------------------------------------------------------------- submission.json
 
 
+def declared_defaults(source: str) -> dict[str, str]:
+    """The settings' defaults as this project's script declares them, read from its source
+    without running it: in a Section class, `name: type = kind(default, ...)` is the setting
+    PREFIX + NAME. {} for a script that declares none (the original's)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return {}
+    names = {t.id: node.value for node in tree.body if isinstance(node, ast.Assign)
+             for t in node.targets if isinstance(t, ast.Name)}
+    out = {}
+    for cls in tree.body:
+        if not (isinstance(cls, ast.ClassDef) and "Section" in map(ast.unparse, cls.bases)):
+            continue
+        prefix = next((ast.literal_eval(s.value) for s in cls.body if isinstance(s, ast.Assign)
+                       and ast.unparse(s.targets[0]) == "PREFIX"), "")
+        for s in cls.body:
+            if isinstance(s, ast.AnnAssign) and isinstance(s.value, ast.Call) and s.value.args:
+                arg = s.value.args[0]
+                with contextlib.suppress(ValueError):
+                    value = ast.literal_eval(names.get(getattr(arg, "id", None), arg))
+                    out[prefix + s.target.id.upper()] = env_value(value)
+    return out
+
+
+def same_value(a: str, b: str | None) -> bool:
+    """Two settings' values mean the same: equal text, or equal numbers ('0.5' and '0.50')."""
+    if a == b or b is None:
+        return a == b
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return False
+
+
 def reproduction(records: Sequence[RunRecord]) -> dict:
-    """The command per seed: every recorded setting that differs from the script's defaults (the
-    seeds share them, check_consistent saw to it), then the launcher the run used."""
-    logged, defaults = records[0].settings, {**DEFAULTS, **REMOVED_DEFAULTS}
-    settings = {k: logged[k] for k in defaults
-                if k in logged and not same_value(logged[k], defaults[k])}
+    """The command per seed: every setting that differs from the defaults the script declares
+    (the repository's train_gpt.py's for a log without its source: they are the original's),
+    then the launcher the run used."""
+    defaults = declared_defaults(records[0].source or "") or declared_defaults(
+        (ROOT / "train_gpt.py").read_text(encoding="utf-8"))
+    settings = {k: v for k, v in records[0].settings.items()
+                if k not in ("SEED", "RUN_ID") and not same_value(v, defaults.get(k))}
     world = int(records[0].config.get("world_size", "1"))
     launch = "python train_gpt.py"
     if world > 1:
         launch = f"torchrun --standalone --nproc_per_node={world} train_gpt.py"
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in settings.items())
-    commands = {str(r.seed): " ".join(filter(None, [env, f"SEED={r.seed}", launch]))
-                for r in records}
-    return {"settings": settings, "launch": launch, "commands": commands}
+    return {"settings": settings, "launch": launch,
+            "commands": {str(r.seed): " ".join(filter(None, [env, f"SEED={r.seed}", launch]))
+                         for r in records}}
 
 
-def _seconds(ms: float | None) -> float | None:
-    return None if ms is None else ms / 1000.0
-
-
-def _seed_results(records: Sequence[RunRecord], score: str) -> dict:
-    return {
-        str(r.seed): {
-            "val_loss": r.evals[score].val_loss,
-            "val_bpb": r.evals[score].val_bpb,
-            "artifact_bytes": r.artifact_bytes,
-            "steps": r.steps,
-            "step_avg_ms": r.step_avg_ms,
-            # the score's own evaluation (None only where its line has no eval_time); all the
-            # run's evaluations together beside it
-            "eval_time_s": _seconds(r.evals[score].eval_time_ms),
-            "eval_time_total_s": r.eval_time_seconds,
-            "train_time_s": r.training_time_seconds,
-        }
-        for r in records
-    }
-
-
-def _compliance(records: Sequence[RunRecord], score: str) -> dict:
-    per_seed = [seed_compliance(r) for r in records]
-    met = {key: all(s[key] for s in per_seed) for key in per_seed[0]}
-    return {**met, "score_accepted": SCORES[score].kind == ACCEPTED,
-            "per_seed": {str(r.seed): s for r, s in zip(records, per_seed, strict=True)}}
-
-
-def _script_facts(script: Script | None) -> dict | None:
-    if script is None:
-        return None
-    return {"form": script.form, "origin": script.origin, "bytes": len(script.data)}
-
-
-def log_warnings(records: Sequence[RunRecord]) -> list[str]:
-    """The runs' own WARNING lines (a misspelt setting, short data, GPTQ over the cap...)."""
-    return [f"{r.path}: the run warned: {message}" for r in records for message in r.warnings]
-
-
-def _headline_warnings(records: Sequence[RunRecord], score: str) -> list[str]:
-    kind = SCORES[score].kind
-    if kind == ACCEPTED:
-        return []
-    label = score_label(score, records[0])
-    return [f"the headline score '{score}' ({label}) is {kind}: {KIND_WHY[kind]}"]
-
-
-def build_submission(
-    records: Sequence[RunRecord],
-    score: str | None = None,
-    meta: Meta | None = None,
-    script: Script | None = None,
-    baseline: Baseline | None = None,
-    min_gain: float = 0.005,
-) -> dict:
-    """The submission.json content for the runs of one configuration."""
+def build_submission(records: Sequence[RunRecord], score: str | None = None,
+                     meta: dict | None = None, script: Script | None = None,
+                     baseline: Baseline | None = None, min_gain: float = 0.005) -> dict:
+    """The submission.json content for the runs of one configuration; meta: name, author,
+    github_id, blurb, track and date (YYYY-MM-DD; default today)."""
     if not records:
         raise SubmissionError("no logs given")
-    meta = meta or Meta()
+    meta = {"name": "", "author": "", "github_id": "", "blurb": "", "track": RECORD_TRACK,
+            "date": datetime.date.today().isoformat(),
+            **{k: v for k, v in (meta or {}).items() if v}}
     check_consistent(records)
     score = resolve_score(records, score)
-    head = aggregate(records, score)
-    first = records[0]
+    head, per_seed = aggregate(records, score), [seed_compliance(r) for r in records]
     return {
-        "name": meta.name,
-        "author": meta.author,
-        "github_id": meta.github_id,
-        "date": meta.date or datetime.date.today().isoformat(),
-        "track": meta.track,
-        "blurb": meta.blurb,
-        "val_loss": head["val_loss"],
-        "val_bpb": head["val_bpb"],
-        "val_loss_std": head["val_loss_std"],
-        "val_bpb_std": head["val_bpb_std"],
+        **{k: meta[k] for k in ("name", "author", "github_id", "date", "track", "blurb")},
+        **{k: head[k] for k in ("val_loss", "val_bpb", "val_loss_std", "val_bpb_std")},
         "seeds": [r.seed for r in records],
-        "seed_results": _seed_results(records, score),
+        # the score's own evaluation time (None only where its line has none), all the run's beside
+        "seed_results": {str(r.seed): {
+            "val_loss": r.evals[score].val_loss, "val_bpb": r.evals[score].val_bpb,
+            "artifact_bytes": r.artifact_bytes, "steps": r.steps, "step_avg_ms": r.step_avg_ms,
+            "eval_time_s": None if r.evals[score].eval_time_ms is None
+            else r.evals[score].eval_time_ms / 1000.0, "eval_time_total_s": r.eval_time_seconds,
+            "train_time_s": r.training_time_seconds} for r in records},
         "bytes_total": max(r.artifact_bytes for r in records),
-        "bytes_code": len(script.data) if script else first.code_bytes,
-        "score": score,
-        "score_label": head["label"],
-        "score_kind": head["kind"],
+        "bytes_code": len(script.data) if script else records[0].code_bytes,
+        "score": score, "score_label": head["label"], "score_kind": head["kind"],
         "score_line": head["line"],
         "scores": {name: aggregate(records, name) for name in shared_scores(records)},
-        "score_kinds": KIND_WHY,
-        "hardware": first.hardware,
-        "num_gpus": first.num_gpus,
-        "gpu_type": first.gpu_type,
-        "versions": first.versions,
+        "score_kinds": KIND_WHY, "hardware": records[0].hardware,
+        "num_gpus": records[0].num_gpus, "gpu_type": records[0].gpu_type,
+        "versions": records[0].versions,
         "training_time_seconds": max(r.training_time_seconds for r in records),
-        "script": _script_facts(script),
+        "script": script and {"form": script.form, "origin": script.origin,
+                              "bytes": len(script.data)},
         "reproduction": reproduction(records),
-        "compliance": _compliance(records, score),
+        "compliance": {**{key: all(s[key] for s in per_seed) for key in per_seed[0]},
+                       "score_accepted": SCORES[score].kind == ACCEPTED,
+                       "per_seed": {str(r.seed): s for r, s in zip(records, per_seed)}},
         "baseline": compare(records, score, baseline, min_gain) if baseline else None,
-        "warnings": [*_headline_warnings(records, score), *(script.warnings if script else ()),
-                     *track_warnings(records, meta.track), *log_warnings(records)],
+        "warnings": _warnings(records, score, script, meta["track"]),
     }
-
-
-# ----------------------------------------------------------------------------- requirements.txt
-
-# Import names whose pip package has another name, or that are optional extras.
-PIP_NAMES = {"sentencepiece": "sentencepiece", "numpy": "numpy", "brotli": "brotli"}
-OPTIONAL_NOTES = {"flash_attn_interface": "FlashAttention 3 for Hopper GPUs, built from its own "
-                                          "repository; PyTorch SDPA is used without it"}
-
-
-def _catches_import_error(handler: ast.ExceptHandler) -> bool:
-    return handler.type is not None and ast.unparse(handler.type).endswith("ImportError")
-
-
-def _imports(source: str) -> dict[str, bool]:
-    """Top-level modules the source imports -> required (False: only inside a try that catches
-    ImportError, which the script runs without)."""
-    tree = ast.parse(source)
-    guarded = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Try) and any(_catches_import_error(h) for h in node.handlers):
-            guarded |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
-    found: dict[str, bool] = {}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module]
-        else:
-            continue
-        for top in (name.split(".")[0] for name in names):
-            found[top] = found.get(top, False) or id(node) not in guarded
-    return found
 
 
 def requirements(script: Script, records: Sequence[RunRecord]) -> str:
     """What the script imports beyond the standard library (and the compressor it loads by name),
-    with torch pinned to the version the logs ran."""
-    imports = {k: v for k, v in _imports(script.source).items() if k not in sys.stdlib_module_names}
+    with torch pinned to the version the logs ran; an import inside a try that catches
+    ImportError is optional."""
+    tree, guarded, found = ast.parse(script.source), set(), {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try) and any(
+                h.type is not None and ast.unparse(h.type).endswith("ImportError")
+                for h in node.handlers):
+            guarded |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    for node in ast.walk(tree):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+            [node.module] if isinstance(node, ast.ImportFrom) and not node.level else [])
+        for top in {name.split(".")[0] for name in names} - set(sys.stdlib_module_names):
+            found[top] = found.get(top, False) or id(node) not in guarded
     codecs = {records[0].compressor, script.form.removeprefix("packed (").rstrip(")")}
-    imports.update({codec: True for codec in codecs & {"brotli"}})
-    versions = records[0].versions
-    torch_version = versions.get("pytorch", "")
-    python = versions.get("python", "3")
-    lines = [f"# What train_gpt.py needs beyond Python {python}'s standard library."]
-    if torch_version:
-        lines.append(f"# The logs ran PyTorch {torch_version}: install that build from PyTorch's "
-                     "index.")
-    for name in sorted(k for k, required in imports.items() if required):
-        pin = f"=={torch_version.split('+')[0]}" if name == "torch" and torch_version else ""
-        lines.append(PIP_NAMES.get(name, name) + pin)
-    for name in sorted(k for k, required in imports.items() if not required):
-        lines.append(f"# optional: {name} ({OPTIONAL_NOTES.get(name, 'imported when installed')})")
+    found.update(dict.fromkeys(codecs & {"brotli"}, True))
+    torch = records[0].versions.get("pytorch", "")
+    lines = [f"# What train_gpt.py needs beyond Python {records[0].versions.get('python', '3')}'s "
+             "standard library."]
+    if torch:
+        lines.append(f"# The logs ran PyTorch {torch}: install that build from PyTorch's index.")
+    lines += [name + (f"=={torch.split('+')[0]}" if name == "torch" and torch else "")
+              for name in sorted(k for k, required in found.items() if required)]
+    notes = {"flash_attn_interface": "FlashAttention 3 for Hopper GPUs, built from its own "
+                                     "repository; PyTorch SDPA is used without it"}
+    lines += [f"# optional: {name} ({notes.get(name, 'imported when installed')})"
+              for name in sorted(k for k, required in found.items() if not required)]
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- README.md
+
+
+def results_table(records: Sequence[RunRecord], s: dict) -> str:
+    """Markdown: a row per seed, then each column's mean and std over the seeds; one column per
+    score the logs hold, with its kind, the headline marked."""
+    columns = [("steps", lambda r: r.steps, "{:,.1f}"),
+               ("ms/step", lambda r: r.step_avg_ms, "{:.2f}"),
+               ("train s", lambda r: r.training_time_seconds, "{:.1f}"),
+               ("eval s", lambda r: r.eval_time_seconds, "{:.1f}"),
+               ("artifact bytes", lambda r: r.artifact_bytes, "{:,.1f}")]
+    columns += [(f"{b['label']} bpb ({b['kind']}{', the score' * (name == s['score'])})",
+                 lambda r, name=name: r.evals[name].val_bpb, "{:.8f}")
+                for name, b in s["scores"].items()]
+    rows = [["seed", *(h for h, _, _ in columns)], ["---:"] * (len(columns) + 1)]
+    rows += [[str(r.seed), *(f"{v:,}" if isinstance(v := get(r), int) else fmt.format(v)
+                             for _, get, fmt in columns)] for r in records]
+    rows += [[label, *(fmt.format(_mean_std([get(r) for r in records])[i])
+                       for _, get, fmt in columns)] for i, label in enumerate(("mean", "std"))]
+    return "".join("| " + " | ".join(row) + " |\n" for row in rows)
+
+
+def _readme_head(s: dict) -> list[str]:
+    kind = s["score_kind"]
+    lines = [f"# {s['name'] or 'Record'}", "",
+             f"**val_bpb {s['val_bpb']:.8f}**: {s['score_label']} (`{s['score_line']}`), "
+             f"**{kind}**; mean of {len(s['seeds'])} seed(s), std {s['val_bpb_std']:.8f}; "
+             f"val_loss {s['val_loss']:.8f} nats. Total {s['bytes_total']:,} bytes (largest "
+             f"seed), {s['hardware']}, track `{s['track']}`."]
+    if kind != ACCEPTED:
+        lines += ["", f"> **This headline is not an accepted kind of score: {kind}.** "
+                      f"{s['score_kinds'][kind]}."]
+    lines += ["", s["blurb"]] * bool(s["blurb"]) + ["", "Kinds of score:"]
+    lines += [f"- **{k}**: {', '.join(sorted({x.label for x in SCORES.values() if x.kind == k}))}"
+              f": {why}." for k, why in KIND_WHY.items()]
+    lines += ["", "## Scores (mean over the seeds)", "",
+              "| score | kind | log line | val_bpb | std | val_loss (nats) | std |",
+              "|---|---|---|---:|---:|---:|---:|"]
+    for name, x in s["scores"].items():
+        label = f"**{x['label']} (the score)**" if name == s["score"] else x["label"]
+        lines.append(f"| {label} | {x['kind']} | `{x['line']}` | {x['val_bpb']:.8f} | "
+                     f"{x['val_bpb_std']:.8f} | {x['val_loss']:.8f} | {x['val_loss_std']:.8f} |")
+    return lines
+
+
+def _baseline_lines(b: dict | None) -> list[str]:
+    lines = ["", "## Against a baseline", ""]
+    if b is None:
+        return lines + ["No baseline was given (`--baseline-bpb` or `--baseline-logs`): no "
+                        "delta, no p-value."]
+    p = f"{b['p_value']:.3g} ({b['test']})" if b["p_value"] is not None else f"none: {b['test']}"
+    return lines + [
+        f"- baseline: {b['what']}: val_bpb {b['val_bpb']:.8f}, val_loss {b['val_loss']:.8f} nats"
+        + " (from its bpb, with this run's nats per bpb)" * b["val_loss_from_bpb"],
+        f"- delta: {b['delta_bpb']:+.8f} bpb, {b['delta_nats']:+.8f} nats",
+        f"- p-value that this run beats the baseline by at least {b['min_gain_nats']} nats: {p}"]
+
+
+def render_readme(s: dict, records: Sequence[RunRecord]) -> str:
+    rep, v, cfg = s["reproduction"], s["versions"], records[0].config
+    preset = rep["settings"].get("PRESET")
+    kind, script = s["score_kind"], s["script"]
+    driver = f" (driver {v['driver']}, CUDA {v['cuda']})" if "driver" in v else ""
+    exports = textwrap.wrap(" ".join(f"{k}={shlex.quote(x)}" for k, x in rep["settings"].items()),
+                            86, break_long_words=False, break_on_hyphens=False)
+    track = "" if s["track"] == RECORD_TRACK else (
+        f" (this folder's track, `{s['track']}`, is not the record track: for comparison)")
+
+    def yes(ok: bool, figure: str) -> str:
+        return f"{'yes' if ok else '**no**'} ({figure})"
+
+    lines = [*_readme_head(s), "", "## Per seed", "", results_table(records, s).rstrip("\n"),
+             *_baseline_lines(s["baseline"]), "", "## Reproduction", "", "```bash",
+             *(f"export {line}" for line in exports),
+             *(f"SEED={seed} {rep['launch']}" for seed in s["seeds"]), "```", "",
+             "The settings listed are every setting that differs from the script's defaults, as "
+             "the logs record them (a log without its settings: line records some: the others "
+             f"are the script's defaults{f', or those of `presets/{preset}.env`' * bool(preset)})."
+             f" Each log's `model_params:{cfg.get('model_params', '?')}` checks the model built.",
+             "", "## Hardware and versions", "",
+             f"- {s['hardware']}{driver}, world size {cfg.get('world_size', '?')}",
+             f"- Python {v.get('python', 'not logged')}, PyTorch {v.get('pytorch', 'not logged')}",
+             "", "## Compliance", "",
+             f"- Score: the headline, {s['score_label']}, "
+             f"{'is accepted' if kind == ACCEPTED else f'is **not** accepted ({kind})'}: "
+             f"{s['score_kinds'][kind]}.",
+             f"- The record track's limits{track}: training 600 s, artifact total (model + code) "
+             "under 16,000,000 bytes, evaluation 600 s (all the logged evaluations together), "
+             "on 8×H100.", "", "| seed | training | total bytes | evaluation | 8×H100 |",
+             "|---:|---|---|---|---|"]
+    for r in records:
+        met = s["compliance"]["per_seed"][str(r.seed)]
+        cells = (yes(met["train_under_600s"], f"{r.training_time_seconds:.1f} s"),
+                 yes(met["artifact_under_16mb"], f"{r.artifact_bytes:,}"),
+                 yes(met["eval_under_600s"], f"{r.eval_time_seconds:.1f} s"),
+                 yes(met["hardware_8xh100"], r.hardware))
+        lines.append(f"| {r.seed} | " + " | ".join(cells) + " |")
+    lines += ["", "## Files", "",
+              f"- `train_gpt.py`: the script the logs ran, {script['form']}, "
+              f"{script['bytes']:,} bytes; {script['origin']}.",
+              f"- {', '.join(f'`train_seed{seed}.log`' for seed in s['seeds'])}: the run logs, "
+              "as written.",
+              "- `submission.json`: these figures; `requirements.txt`: what the script imports."]
+    lines += ["", "## Warnings", "", *(f"- {w}" for w in s["warnings"])] * bool(s["warnings"])
+    return "\n".join(lines + ["", "Generated by `python -m tools.submission` from the logs: every "
+                                  "figure is theirs."]) + "\n"
 
 
 # ----------------------------------------------------------------------------- the folder
 
 
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def _check_target(out: Path, force: bool) -> None:
-    """An existing folder is replaced only with --force, and only if it is a record folder
-    (submission.json, no subfolders): --force never deletes a folder this tool did not write."""
+    """An existing folder is replaced only with --force, and only when this tool wrote it and
+    everything in it is as it wrote it: --force never deletes a file it did not write."""
     if not out.exists() and not out.is_symlink():
         return
     if not out.is_dir() or out.is_symlink():
@@ -591,9 +834,21 @@ def _check_target(out: Path, force: bool) -> None:
                               "record")
     if not force:
         raise SubmissionError(f"{out}: exists; --force replaces it")
-    if not (out / "submission.json").is_file() or any(p.is_dir() for p in out.iterdir()):
-        raise SubmissionError(f"{out}: not a record folder (no submission.json, or it holds "
-                              "folders): --force replaces only a folder this tool wrote")
+    try:
+        mark = json.loads((out / "submission.json").read_text(encoding="utf-8"))
+        written = mark["files"] if mark.get("written_by") == WRITTEN_BY else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        written = None
+    if not isinstance(written, dict):
+        raise SubmissionError(f"{out}: not a record folder this tool wrote (its submission.json "
+                              "does not list the files it wrote): --force replaces only such a "
+                              "folder")
+    foreign = sorted(p.name for p in out.iterdir() if p.name != "submission.json" and (
+        not p.is_file() or p.is_symlink() or written.get(p.name) != _sha256(p.read_bytes())))
+    if foreign:
+        raise SubmissionError(f"{out}: holds files this tool did not write, or changed since "
+                              f"({', '.join(foreign[:5])}): --force replaces only a folder as "
+                              "this tool wrote it; move them away first")
 
 
 def write_folder(out: Path, files: dict[str, bytes], force: bool = False) -> None:
@@ -602,78 +857,66 @@ def write_folder(out: Path, files: dict[str, bytes], force: bool = False) -> Non
     _check_target(out, force)
     out = out.resolve()  # a name to put the siblings beside, even for --out with '..' in it
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp, old = (out.with_name(f".{out.name}.{os.getpid()}.{end}") for end in ("tmp", "old"))
     shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier run of this process id
     try:
         tmp.mkdir()
         for name, data in files.items():
             write_atomic(tmp / name, data)
-        if out.exists():
-            old = out.with_name(f".{out.name}.{os.getpid()}.old")
-            os.rename(out, old)
-            try:
-                os.rename(tmp, out)
-            except OSError:
-                os.rename(old, out)
-                raise
-            shutil.rmtree(old)
-        else:
+        if not out.exists():
             os.rename(tmp, out)
+            return
+        os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            os.rename(old, out)
+            raise
+        shutil.rmtree(old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@dataclass
-class Folder:
-    files: dict[str, bytes]
-    submission: dict
-    records: list[RunRecord]
-
-
-def plan_folder(args: argparse.Namespace) -> Folder:
+def plan_folder(args: argparse.Namespace) -> tuple[dict[str, bytes], dict, list[RunRecord]]:
     """Everything the folder holds, in memory: each refusal happens before anything is written."""
     records = [parse_log(path) for path in args.logs]
     check_consistent(records)
     script = recover_script(records, args.script)
-    meta = Meta(args.name, args.author, args.github_id, args.blurb, args.track, args.date or "")
+    meta = {k: getattr(args, k) for k in ("name", "author", "github_id", "blurb", "track", "date")}
     baseline = read_baseline(args.baseline_bpb, args.baseline_logs)
     submission = build_submission(records, args.score, meta, script, baseline, args.min_gain)
     files = {"train_gpt.py": script.data, **{f"train_seed{r.seed}.log": r.data for r in records},
              "requirements.txt": requirements(script, records).encode("utf-8")}
     # The JSON and README are small; with them the folder must stay under the validator's cap.
-    total = sum(map(len, files.values())) + 200_000
-    if total >= FOLDER_CAP:
+    if (total := sum(map(len, files.values())) + 200_000) >= TOTAL_BYTES:
         submission["warnings"].append(f"the record folder holds about {total:,} bytes, not under "
-                                      f"the challenge's {FOLDER_CAP:,}")
-    text = json.dumps(submission, indent=2, allow_nan=False) + "\n"
-    files["submission.json"] = text.encode("utf-8")
+                                      f"the challenge's {TOTAL_BYTES:,}")
     files["README.md"] = render_readme(submission, records).encode("utf-8")
-    return Folder(files, submission, records)
+    submission["written_by"] = WRITTEN_BY
+    submission["files"] = {name: _sha256(data) for name, data in files.items()}
+    files["submission.json"] = (json.dumps(submission, indent=2, allow_nan=False) + "\n").encode()
+    return files, submission, records
 
 
-def summary(folder: Folder, out: Path) -> str:
+def summary(files: dict[str, bytes], s: dict, records: list[RunRecord], out: Path) -> str:
     """The console's account: the table, the headline with its kind, the other scores labelled."""
-    s, n = folder.submission, len(folder.records)
-    lines = [results_table(folder.records, s), ""]
     kind = s["score_kind"] if s["score_kind"] == ACCEPTED else s["score_kind"].upper()
-    lines.append(f"score: {s['score_label']} ({kind}), {s['score_line']} over {n} seed(s): "
-                 f"val_loss {s['val_loss']:.8f} (std {s['val_loss_std']:.8f}), "
-                 f"val_bpb {s['val_bpb']:.8f} (std {s['val_bpb_std']:.8f})")
-    for name, block in s["scores"].items():
-        if name != s["score"]:
-            lines.append(f"beside it, {block['kind']}: {block['label']}, {block['line']}: "
-                         f"val_bpb {block['val_bpb']:.8f} (std {block['val_bpb_std']:.8f})")
-    cap = "under" if s["bytes_total"] < RECORD_LIMITS.total_bytes else "OVER"
-    lines.append(f"artifact: {s['bytes_total']:,} bytes (max of the seeds), {cap} the "
-                 f"{RECORD_LIMITS.total_bytes:,}-byte cap")
+    lines = [results_table(records, s),
+             f"score: {s['score_label']} ({kind}), {s['score_line']} over {len(records)} "
+             f"seed(s): val_loss {s['val_loss']:.8f} (std {s['val_loss_std']:.8f}), "
+             f"val_bpb {s['val_bpb']:.8f} (std {s['val_bpb_std']:.8f})"]
+    lines += [f"beside it, {b['kind']}: {b['label']}, {b['line']}: val_bpb {b['val_bpb']:.8f} "
+              f"(std {b['val_bpb_std']:.8f})" for name, b in s["scores"].items()
+              if name != s["score"]]
+    lines.append(f"artifact: {s['bytes_total']:,} bytes (max of the seeds), "
+                 f"{'under' if s['bytes_total'] < TOTAL_BYTES else 'OVER'} the "
+                 f"{TOTAL_BYTES:,}-byte cap")
     if (b := s["baseline"]) is not None:
         p = f"{b['p_value']:.6g}" if b["p_value"] is not None else b["test"]
-        lines.append(f"vs baseline {b['what']}: {b['delta_bpb']:+.8f} bpb, "
-                     f"{b['delta_nats']:+.8f} nats; p-value (beats it by >= "
-                     f"{b['min_gain_nats']} nats): {p}")
-    script = s["script"]
-    lines.append(f"wrote {out}/: train_gpt.py ({script['bytes']:,} bytes, {script['form']}), "
-                 f"{', '.join(name for name in folder.files if name != 'train_gpt.py')}")
+        lines.append(f"vs baseline {b['what']}: {b['delta_bpb']:+.8f} bpb, {b['delta_nats']:+.8f} "
+                     f"nats; p-value (beats it by >= {b['min_gain_nats']} nats): {p}")
+    lines.append(f"wrote {out}/: train_gpt.py ({s['script']['bytes']:,} bytes, "
+                 f"{s['script']['form']}), {', '.join(n for n in files if n != 'train_gpt.py')}")
     return "\n".join(lines)
 
 
@@ -693,18 +936,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("logs", nargs="+", metavar="LOG", help="run log, one per seed")
     p.add_argument("--out", required=True, type=Path,
                    help="the record folder to write (must not exist)")
-    p.add_argument("--force", action="store_true", help="replace an existing record folder")
+    p.add_argument("--force", action="store_true",
+                   help="replace a record folder this tool wrote, if nothing in it changed")
     p.add_argument("--script", type=Path, metavar="FILE",
                    help="the script that ran, for logs without their source (or a packed file)")
     p.add_argument("--score", choices=tuple(SCORES),
                    help="the headline score (default: the accepted one with the lowest mean "
                         "val_bpb that every log has; slot_context is causal but not accepted, "
                         "slot not causal)")
-    p.add_argument("--name", default="", help="submission name")
-    p.add_argument("--author", default="")
-    p.add_argument("--github-id", default="")
-    p.add_argument("--blurb", default="", help="one-paragraph description")
-    p.add_argument("--track", default="10min_16mb",
+    for option, text in (("--name", "submission name"), ("--author", None), ("--github-id", None),
+                         ("--blurb", "one-paragraph description")):
+        p.add_argument(option, default="", help=text)
+    p.add_argument("--track", default=RECORD_TRACK,
                    help="challenge track (default %(default)s: warns when a run is not on "
                         "8xH100, trains or evaluates over 600 s or has a total of 16,000,000 "
                         "bytes or more)")
@@ -722,16 +965,16 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        folder = plan_folder(args)
-        write_folder(args.out, folder.files, args.force)
+        files, submission, records = plan_folder(args)
+        write_folder(args.out, files, args.force)
     except SubmissionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"error: cannot write {args.out}: {exc}", file=sys.stderr)
         return 2
-    print(summary(folder, args.out))
-    for warning in folder.submission["warnings"]:
+    print(summary(files, submission, records, args.out))
+    for warning in submission["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     return 0
 
