@@ -34,7 +34,8 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field, fields
+import warnings
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -44,12 +45,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
-
-try:  # FlashAttention 3 (Hopper); PyTorch SDPA is used when it is absent.
-    from flash_attn_interface import flash_attn_func as flash_attn_3
-except ImportError:
-    flash_attn_3 = None
 
 # -----------------------------
 # SETTINGS
@@ -139,6 +136,8 @@ class RunConfig(Section):
     device: str = choice("auto", "auto", "cpu", "cuda")
     cpu_threads: int = count(1)  # per process, CPU runs only; 0: torch's default
     compile: str = choice("auto", "auto", "0", "1")  # auto: on CUDA only
+    attention_backend: str = choice("auto", "auto", "fa3", "fa2", "flash", "cudnn", "efficient",
+                                    "math")  # see attention_kernel
     eval_only: bool = free(False)
     export_only: bool = free(False)  # make the artifact from MODEL_PATH, then evaluate it
     collective_timeout_seconds: float = positive_number(300.0)
@@ -462,18 +461,40 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((a * cos + b * sin, a * (-sin) + b * cos, rest), dim=-1)
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+SDPA_PINS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+FLASH_MODULES = (("fa3", "flash_attn_interface"), ("fa2", "flash_attn.flash_attn_interface"),
+                 ("fa2", "flash_attn"))
+
+
+def attention_kernel(setting: str, device: torch.device) -> tuple:
+    """(kernel, flash_attn_func or None) for ATTENTION_BACKEND. auto: the original's order on CUDA
+    (FlashAttention 3, the flash-attn package, SDPA's flash), torch's choice on the CPU."""
+    if setting == "auto" and device.type != "cuda":
+        return "sdpa", None
+    for name, module in FLASH_MODULES:
+        with contextlib.suppress(ImportError, AttributeError):  # (as `from m import f`)
+            if setting in ("auto", name):
+                return name, importlib.import_module(module).flash_attn_func
+    need(setting not in ("fa3", "fa2"), "ATTENTION_BACKEND", setting, "a kernel that is installed")
+    return ("flash" if setting == "auto" else setting), None
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "sdpa",
+                     flash=None) -> Tensor:
     """q [B,T,H,D], k/v [B,T,Hkv,D] -> [B,T,H,D]; query head h reads kv head h // (H/Hkv)."""
     if torch.is_autocast_enabled(q.device.type):
         # One dtype for all three: torch >= 2.12's CUDA autocast keeps rms_norm, so q and k, in
         # float32 while v is bf16, and FA3 (not an autocast op) refuses mixed dtypes.
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    if flash_attn_3 is not None and q.is_cuda:
-        out = flash_attn_3(q, k, v, causal=True)
+    if flash is not None:
+        out = flash(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       is_causal=True, enable_gqa=q.size(2) != k.size(2))
+    with sdpa_kernel(SDPA_PINS[backend]) if backend in SDPA_PINS else contextlib.nullcontext():
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                           v.transpose(1, 2), is_causal=True,
+                                           enable_gqa=q.size(2) != k.size(2))
     return y.transpose(1, 2)
 
 
@@ -487,6 +508,7 @@ class Attention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
         self.vrl_gate = nn.Parameter(torch.tensor(-1.5)) if cfg.vrl_enabled and layer > 0 else None
         self.xsa = layer >= cfg.num_layers - cfg.xsa_last_n
+        self.kernel = ("sdpa", None)  # (build_model's: attention_kernel)
         self.c_q = CastedLinear(cfg.model_dim, cfg.model_dim)
         self.c_k = CastedLinear(cfg.model_dim, cfg.kv_dim)
         self.c_v = CastedLinear(cfg.model_dim, cfg.kv_dim)
@@ -507,7 +529,7 @@ class Attention(nn.Module):
         v = v.reshape(B, T, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(rms(q), *rope), apply_rotary(rms(k), *rope)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        y = causal_attention(q, k, v)
+        y = causal_attention(q, k, v, *self.kernel)
         if self.xsa:  # remove each head's component along its (normalised) value vector
             group = self.num_heads // self.num_kv_heads
             y = y.reshape(B, T, self.num_kv_heads, group, self.head_dim)
@@ -680,13 +702,18 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.float().reshape(-1, self.cfg.vocab_size), targets.reshape(-1))
 
 
-def build_model(cfg: GPTConfig, device: torch.device, seed: int | None = None) -> GPT:
+def build_model(cfg: GPTConfig, device: torch.device, seed: int | None = None,
+                attention: str = "auto") -> GPT:
     """Built on the CPU (the original's draws, seeded without touching the caller's generator),
     rounded through bf16, then each parameter in its role's dtype on CUDA, float32 on the CPU."""
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.default_generator.manual_seed(seed)
         model = GPT(cfg).bfloat16()
+    kernel = attention_kernel(attention, device)
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.kernel = kernel
     return (cuda_layout(model) if device.type == "cuda" else model.float()).to(device)
 
 
@@ -932,6 +959,7 @@ class Runtime:
     device: torch.device = torch.device("cpu")
     compile: bool = False
     log_path: str | None = None
+    attention: str = "sdpa"  # ATTENTION_BACKEND on this device
 
     @property
     def distributed(self) -> bool:
@@ -992,7 +1020,23 @@ def start_runtime(cfg: RunConfig) -> Runtime:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout,
                                 device_id=device if use_cuda else None)
     compiled = cfg.compile == "1" or (cfg.compile == "auto" and use_cuda)
-    return Runtime(rank=rank, world_size=world_size, device=device, compile=compiled)
+    return Runtime(rank, world_size, device, compiled,
+                   attention=attention_kernel(cfg.attention_backend, device)[0])
+
+
+def check_attention(cfg: Config, rt: Runtime) -> None:
+    """A kernel that refuses the model stops the run here (pinned SDPA never falls back)."""
+    m = cfg.model
+    q = torch.zeros(1, cfg.max_seq_len, m.num_heads, m.head_dim, device=rt.device,
+                    requires_grad=True)
+    kv = q[:, :, :m.num_kv_heads]
+    try:
+        with rt.autocast(), warnings.catch_warnings(record=True) as why:
+            causal_attention(q, kv, kv, *attention_kernel(rt.attention, rt.device)).sum().backward()
+    except RuntimeError as e:
+        reason = "; ".join(str(w.message) for w in why) or str(e)
+        raise ConfigError(f"ATTENTION_BACKEND={cfg.run.attention_backend!r}: {rt.attention} "
+                          f"refuses this model ({reason[:300]})") from None
 
 
 def check_world(cfg: Config, world_size: int) -> None:
@@ -1696,9 +1740,10 @@ def load_container(model: GPT, container: dict, path) -> GPT:
     return model.eval()
 
 
-def eval_model(cfg: GPTConfig, container: dict, device: torch.device, path) -> GPT:
+def eval_model(cfg: GPTConfig, container: dict, device: torch.device, path,
+               attention: str = "auto") -> GPT:
     """A fresh model holding the artifact's weights: what every evaluation scores."""
-    return load_container(build_model(cfg, device), container, path)
+    return load_container(build_model(cfg, device, attention=attention), container, path)
 
 
 def budget_lines(container: dict, model_bytes: int, compressor: str, code: "Code") -> list[str]:
@@ -1755,7 +1800,7 @@ def load_weights(cfg: Config, rt: Runtime) -> tuple[GPT, int]:
     if not path.is_file() or not is_our_file(path, "weights"):
         raise ConfigError(f"MODEL_PATH={str(path)!r}: no weights of this project there; expected "
                           f"the final_model.pt a training run saved")
-    model = build_model(cfg.model, rt.device)
+    model = build_model(cfg.model, rt.device, attention=rt.attention)
     state = torch.load(path, map_location=rt.device, weights_only=True)
     try:
         model.load_state_dict(state, strict=True)
@@ -2561,8 +2606,7 @@ def log_config(cfg: Config, rt: Runtime, model: GPT, data: Data) -> None:
     xsa = [i for i, b in enumerate(model.blocks) if b.attn.xsa]
     rt.log(f"XSA:last_{m.xsa_last_n} active_layers:{xsa}")
     rt.log(f"world_size:{rt.world_size} grad_accum_steps:{t.grad_accum_steps(rt.world_size)}")
-    kernel = "flash_attn_3" if flash_attn_3 is not None and rt.device.type == "cuda" else "sdpa"
-    rt.log(f"attention_kernel:{kernel} device:{rt.device.type} compile:{rt.compile}")
+    rt.log(f"attention_kernel:{rt.attention} device:{rt.device.type} compile:{rt.compile}")
     rt.log(f"attention_mode:{'gqa' if m.num_kv_heads != m.num_heads else 'mha'} "
            f"num_heads:{m.num_heads} num_kv_heads:{m.num_kv_heads}")
     embed_lr = o.tied_embed_lr if m.tie_embeddings else o.embed_lr
@@ -2598,7 +2642,7 @@ def read_inputs(cfg: Config, rt: Runtime) -> Inputs:
         container = read_artifact(cfg.export.artifact)
         blob = Path(cfg.export.artifact).read_bytes()
         line = check_sidecar(cfg, blob)
-        model = eval_model(cfg.model, container, rt.device, cfg.export.artifact)
+        model = eval_model(cfg.model, container, rt.device, cfg.export.artifact, rt.attention)
         return Inputs(data, warnings, model, artifact_bytes=len(blob), sidecar_line=line)
     if cfg.run.export_only:
         model, weights_bytes = load_weights(cfg, rt)
@@ -2639,18 +2683,19 @@ def make_artifact(cfg: Config, rt: Runtime, inputs: Inputs, code: Code) -> GPT:
         rt.log(f"DIAGNOSTIC post_ema val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
         artifact = export_artifact(cfg, rt, model, hessians, weights_bytes, code)
-        return eval_model(cfg.model, artifact.container, rt.device, cfg.export.artifact)
+        return eval_model(cfg.model, artifact.container, rt.device, cfg.export.artifact,
+                          rt.attention)
 
 
 def run(cfg: Config, code: Code) -> None:
     rt = start_runtime(cfg.run)
     check_world(cfg, rt.world_size)
+    check_attention(cfg, rt)
     inputs = read_inputs(cfg, rt)
     lock = output_lock(outputs(cfg), cfg.run.run_id) if rt.master else contextlib.nullcontext()
     with lock:
         # Every input is valid: from here on the run writes its log and outputs.
-        rt = Runtime(rt.rank, rt.world_size, rt.device, rt.compile,
-                     create_log(cfg.run.run_id) if rt.master else None)
+        rt = replace(rt, log_path=create_log(cfg.run.run_id) if rt.master else None)
         if rt.master:
             print(f"log: {rt.log_path}", flush=True)
             for stale in outputs(cfg):  # a stale model must never pass for this run's
