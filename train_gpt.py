@@ -265,6 +265,12 @@ class TrainConfig(Section):
     ema_decay: float = unit(0.997)
     qat_enabled: bool = free(False)
     late_qat_threshold: float = free(0.15)  # <= 0: never
+    late_qat: str = choice("record", "record", "on", "off")  # record: as the original ran (below)
+
+    def late_qat_acts(self, compiled: bool) -> bool:
+        """LATE_QAT=record: as the original's class-wide switch, which acted eagerly but was
+        folded into its compiled graph (its 8xH100 runs never fake-quantised)."""
+        return self.late_qat == "on" or (self.late_qat == "record" and not compiled)
 
     def grad_accum_steps(self, world_size: int) -> int:
         # The original runs 8 // world_size micro-steps; other world sizes run one.
@@ -1339,7 +1345,7 @@ class Trainer:
         t, rt = self.cfg.train, self.rt
         initial_model = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         initial_opt = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
-        qat_later = not t.qat_enabled and t.late_qat_threshold > 0
+        qat_later = not t.qat_enabled and t.late_qat_threshold > 0 and t.late_qat_acts(rt.compile)
         self.model.train()
         for i in range(t.warmup_steps):
             self.zero_grad()
@@ -1386,7 +1392,8 @@ def train(cfg: Config, rt: Runtime, model: GPT, data: Data, cap_seconds: float) 
         trainer.warm_up()
     schedule = Schedule.of(t, cfg.optim, cap_seconds)
     ema = EMA(model, t.ema_decay)
-    qat, stop_after, step = t.qat_enabled, None, 0
+    qat = switched = t.qat_enabled
+    stop_after, step = None, 0
     clock = Clock(rt)
     try:
         while True:
@@ -1404,9 +1411,12 @@ def train(cfg: Config, rt: Runtime, model: GPT, data: Data, cap_seconds: float) 
                            f"step:{step}/{t.iterations}")
                 break
             scale = schedule.lr_scale(step, clock.now_ms())
-            if schedule.late_qat(scale) and not qat:
-                qat = True  # never switched off again
-                rt.log(f"late_qat:enabled step:{step} scale:{scale:.4f}")
+            if schedule.late_qat(scale) and not switched:
+                switched, qat = True, t.late_qat_acts(rt.compile)  # never switched off again
+                if qat:
+                    rt.log(f"late_qat:enabled step:{step} scale:{scale:.4f}")
+                rt.log(f"late_qat:{'applied' if qat else 'skipped'} LATE_QAT={t.late_qat} "
+                       f"compile:{rt.compile}")
             train_loss = trainer.step(qat, scale, schedule.momentum(step))
             ema.update()
             step += 1
