@@ -1117,7 +1117,8 @@ class TokenStream:
         self.files, self.vocab_size, self.file_idx, self.pos = files, vocab_size, 0, 0
         self.tokens = checked_shard(files[0], vocab_size)
 
-    def take(self, n: int) -> Tensor:
+    def take(self, n: int) -> np.ndarray:
+        """The next n tokens as stored (uint16): each rank widens only its own span."""
         chunks = []
         while n > 0:
             if self.pos >= self.tokens.size:
@@ -1126,9 +1127,9 @@ class TokenStream:
                 self.pos = 0
                 continue
             k = min(n, self.tokens.size - self.pos)
-            chunks.append(np.asarray(self.tokens[self.pos:self.pos + k], dtype=np.int64))
+            chunks.append(self.tokens[self.pos:self.pos + k])
             self.pos, n = self.pos + k, n - k
-        return torch.from_numpy(np.concatenate(chunks))
+        return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
 
 class DistributedTokenLoader:
@@ -1141,7 +1142,7 @@ class DistributedTokenLoader:
         rank, world = self.rt.rank, self.rt.world_size
         local = global_tokens // (world * grad_accum)
         chunk = self.stream.take((local + 1) * world)
-        span = chunk[rank * (local + 1):(rank + 1) * (local + 1)]
+        span = torch.from_numpy(chunk[rank * (local + 1):(rank + 1) * (local + 1)].astype(np.int64))
         if self.rt.device.type == "cuda":  # pinned: the copy overlaps the previous micro-step
             span = span.pin_memory()
         span = span.to(self.rt.device, non_blocking=True)
