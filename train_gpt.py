@@ -700,7 +700,8 @@ class GPT(nn.Module):
             z = F.linear(x, self.head_weight().to(x.dtype))
         else:
             z = self.lm_head(x, qat)
-        return self.cfg.logit_softcap * torch.tanh(z / self.cfg.logit_softcap)
+        # Rounded once, as the original's compiled graph does.
+        return (self.cfg.logit_softcap * torch.tanh(z.float() / self.cfg.logit_softcap)).to(z.dtype)
 
     def forward(self, ids: Tensor, targets: Tensor, qat: bool = False) -> Tensor:
         """The training loss: mean cross-entropy over every target."""
@@ -987,6 +988,14 @@ class Runtime:
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+
+    def mark(self):
+        """Now on the device's timeline, without a sync: a CUDA event (or the host clock)."""
+        if self.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
@@ -2141,26 +2150,32 @@ def score_windows(s: Scoring, plan: WindowPlan, batches: list[np.ndarray], rows:
     count toward the sliding one, or are shared out)."""
     collect = any(sc.sums.nll is not None for sc in scorers)
     sliding = isinstance(scorers[0], SlidingScorer)
-    n_mine = len(batches[s.rt.rank::s.rt.world_size])
+    n_mine, k = len(batches[s.rt.rank::s.rt.world_size]), len(scorers) + 1
     was_training = s.model.training
     s.model.eval()
-    t_start = last_report = t0 = time.perf_counter()
+    t_start = last_report = time.perf_counter()
+    marks = [s.rt.mark()]  # each batch: after its hidden states, after each scorer
     for done, batch in enumerate(window_pass(s, plan, batches, rows, seq_len, collect)):
-        s.rt.sync()
-        hidden_s = time.perf_counter() - t0
-        for i, sc in enumerate(scorers):
-            t1 = time.perf_counter()
+        marks.append(s.rt.mark())
+        for sc in scorers:
             sc(s, batch)
-            s.rt.sync()
-            share = (hidden_s if i == 0 else 0.0) if sliding else hidden_s / len(scorers)
-            sc.times.append(time.perf_counter() - t1 + share)
+            marks.append(s.rt.mark())
         if label and s.rt.master and time.perf_counter() - last_report >= 30:
             last_report = time.perf_counter()
             elapsed, frac = last_report - t_start, (done + 1) / n_mine
             s.rt.log(f"eval_progress:{label} {frac:.1%} elapsed:{elapsed:.0f}s "
                      f"eta:{elapsed / frac - elapsed:.0f}s")
-        t0 = time.perf_counter()
+    s.rt.sync()  # once per pass: every event has happened
+    for b in range(0, len(marks) - 1, k):
+        hidden_s = seconds_between(marks[b], marks[b + 1])
+        for i, sc in enumerate(scorers):
+            share = (hidden_s if i == 0 else 0.0) if sliding else hidden_s / len(scorers)
+            sc.times.append(seconds_between(marks[b + i + 1], marks[b + i + 2]) + share)
     s.model.train(was_training)
+
+
+def seconds_between(a, b) -> float:
+    return a.elapsed_time(b) / 1000 if isinstance(a, torch.cuda.Event) else b - a
 
 
 @dataclass(frozen=True)
