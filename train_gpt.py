@@ -2240,6 +2240,20 @@ class TTTTrainer:
         nll = F.cross_entropy(logits.float().reshape(-1, vocab), y.reshape(-1), reduction="none")
         return (nll * w).sum()
 
+    def warm_up(self, s: Scoring, rows: int, n_seqs: int) -> None:
+        """Compiles the scoring and each training step shape before the timer (zeros: nothing
+        changes)."""
+        L, dev, step = self.seq_len, self.rt.device, self.cfg.batch_seqs
+        with torch.no_grad(), self.rt.autocast():
+            s.hidden_fn(torch.zeros(rows, L, dtype=torch.long, device=dev))
+        self.model.train()
+        for n in dict.fromkeys(min(step, n_seqs - i) for i in range(0, n_seqs, step)):
+            r = -(-n // self.rt.world_size)
+            seq = torch.zeros(r * L + 1, dtype=torch.long, device=dev)
+            self.loss_fn(seq[:-1].view(r, L), seq[1:].view(r, L), seq[1:].float()).backward()
+        self.opt.zero_grad(set_to_none=True)
+        self.model.eval()
+
     def train_chunk(self, chunk: Tensor, lr: float) -> None:
         """TTT_EPOCHS passes over the chunk's whole sequences, TTT_BATCH_SEQS a step split over
         the ranks, each share padded to ceil(n / world) weightless rows (fixed shapes) and
@@ -2286,9 +2300,9 @@ def eval_ttt(cfg: EvalConfig, rt: Runtime, model: GPT, tokens: Tensor, luts,
     n_chunks = len(bounds) - 1
     trainer = TTTTrainer(c, rt, model, L)
     s = Scoring(model, rt.compiled(model.hidden), tokens, luts, rt)
-    # Scoring batches cut the fullest chunk evenly over the ranks: little padding, no rank waits.
-    most, per_step = int(np.diff(bounds).max()), cfg.slot.batch_seqs * rt.world_size
-    rows = -(-most // (-(-most // per_step) * rt.world_size))
+    # The sliding evaluation's rows (on any world size): its compiled graph serves.
+    rows = min(cfg.slot.batch_seqs, int(np.diff(bounds).max()))
+    trainer.warm_up(s, rows, c.chunk_tokens // L if n_chunks > 1 and c.epochs else 0)
     scorer = SlidingScorer("legal_ttt", Sums(rt.device, n_targets if collect else 0))
     rt.log(f"legal_ttt:start chunks:{n_chunks} windows:{len(plan)} chunk_tokens:{c.chunk_tokens} "
            f"stride:{cfg.window_stride} lr:{c.lr} epochs:{c.epochs} "

@@ -228,8 +228,49 @@ def test_two_processes_match_one(compiled_runs):
 
 
 # -----------------------------
-# issue 29: late QAT as the record ran it
+# issue 29: TTT's timer, late QAT as the record ran it
 # -----------------------------
+
+
+@pytest.mark.parametrize("world", [1, 8])
+def test_ttt_compiles_nothing_inside_its_timer(world, monkeypatch):
+    """Compiled legal TTT as rank 0 of `world` (collectives stubbed): its scoring forward and each
+    shape of its training step are compiled before `legal_ttt:start` (the timer starts after
+    it); from there to `legal_ttt:done` no graph is built. Scoring uses the sliding
+    evaluation's row count on any world size."""
+    from tests.test_ttt import config, perturbed_model
+
+    cfg = config(ttt_chunk_tokens=160, ttt_batch_seqs=3)
+    model = perturbed_model(cfg.model, 0, 0.3).eval()
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, cfg.model.vocab_size, (301,), generator=gen)
+    luts = (torch.ones(64, dtype=torch.int16), torch.zeros(64, dtype=torch.bool),
+            torch.zeros(64, dtype=torch.bool))
+    records, shapes, real_compile, compiled = [], set(), torch.compile, tg.Runtime.compiled
+
+    def spy_compiled(self, fn):  # the scoring forward's input shapes, outside the graph
+        graph = compiled(self, fn)
+        if getattr(fn, "__name__", "") != "hidden":
+            return graph
+        return lambda ids: shapes.add(tuple(ids.shape)) or graph(ids)
+
+    def counting_log(self, msg, console=True):
+        records.append({"graphs": int(torch._dynamo.utils.counters["stats"]["unique_graphs"]),
+                        "line": msg})
+
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: real_compile(*a, **{**k, "backend": "eager"}))
+    monkeypatch.setattr(tg.Runtime, "log", counting_log)
+    monkeypatch.setattr(tg.Runtime, "compiled", spy_compiled)
+    monkeypatch.setattr(tg.dist, "all_reduce", lambda t, op=None: None)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    try:
+        tg.eval_ttt(cfg.eval, tg.Runtime(world_size=world, compile=True), model, tokens, luts)
+    finally:
+        torch._dynamo.reset()
+    start, done = graphs_at(records, "legal_ttt:start"), graphs_at(records, "legal_ttt:done")
+    assert start >= 2 and done == start
+    assert shapes == {(cfg.eval.slot.batch_seqs, 32)}
 
 
 def late_qat_run(root: Path, setting: str, compiled: bool, monkeypatch) -> tuple[list, list]:
