@@ -34,7 +34,8 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field, fields
+import warnings
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -44,12 +45,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
-
-try:  # FlashAttention 3 (Hopper); PyTorch SDPA is used when it is absent.
-    from flash_attn_interface import flash_attn_func as flash_attn_3
-except ImportError:
-    flash_attn_3 = None
 
 # -----------------------------
 # SETTINGS
@@ -139,6 +136,8 @@ class RunConfig(Section):
     device: str = choice("auto", "auto", "cpu", "cuda")  # auto: CUDA when available
     cpu_threads: int = count(1)  # per process, CPU runs only; 0: torch's default
     compile: str = choice("auto", "auto", "0", "1")  # auto: on CUDA only
+    attention_backend: str = choice("auto", "auto", "fa3", "fa2", "flash", "cudnn", "efficient",
+                                    "math")  # see attention_kernel
     eval_only: bool = free(False)  # evaluate ARTIFACT, no training
     export_only: bool = free(False)  # make the artifact from MODEL_PATH, then evaluate it
     collective_timeout_seconds: float = positive_number(300.0)  # a rank stuck this long ends a run
@@ -266,6 +265,12 @@ class TrainConfig(Section):
     ema_decay: float = unit(0.997)  # the exported weights' EMA
     qat_enabled: bool = free(False)  # fake int6 from the first step
     late_qat_threshold: float = free(0.15)  # QAT once the lr scale drops below; <= 0: never
+    late_qat: str = choice("record", "record", "on", "off")  # record: as the original ran (below)
+
+    def late_qat_acts(self, compiled: bool) -> bool:
+        """LATE_QAT=record: as the original's class-wide switch, which acted eagerly but was
+        folded into its compiled graph (its 8xH100 runs never fake-quantised)."""
+        return self.late_qat == "on" or (self.late_qat == "record" and not compiled)
 
     def grad_accum_steps(self, world_size: int) -> int:
         # The original runs 8 // world_size micro-steps; other world sizes run one.
@@ -464,18 +469,40 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((a * cos + b * sin, a * (-sin) + b * cos, rest), dim=-1)
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+SDPA_PINS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+FLASH_MODULES = (("fa3", "flash_attn_interface"), ("fa2", "flash_attn.flash_attn_interface"),
+                 ("fa2", "flash_attn"))
+
+
+def attention_kernel(setting: str, device: torch.device) -> tuple:
+    """(kernel, flash_attn_func or None) for ATTENTION_BACKEND. auto: the original's order on CUDA
+    (FlashAttention 3, the flash-attn package, SDPA's flash), torch's choice on the CPU."""
+    if setting == "auto" and device.type != "cuda":
+        return "sdpa", None
+    for name, module in FLASH_MODULES:
+        with contextlib.suppress(ImportError, AttributeError):  # (as `from m import f`)
+            if setting in ("auto", name):
+                return name, importlib.import_module(module).flash_attn_func
+    need(setting not in ("fa3", "fa2"), "ATTENTION_BACKEND", setting, "a kernel that is installed")
+    return ("flash" if setting == "auto" else setting), None
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "sdpa",
+                     flash=None) -> Tensor:
     """q [B,T,H,D], k/v [B,T,Hkv,D] -> [B,T,H,D]; query head h reads kv head h // (H/Hkv)."""
     if torch.is_autocast_enabled(q.device.type):
         # One dtype for all three: torch >= 2.12's CUDA autocast keeps rms_norm, so q and k, in
         # float32 while v is bf16, and FA3 (not an autocast op) refuses mixed dtypes.
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    if flash_attn_3 is not None and q.is_cuda:
-        out = flash_attn_3(q, k, v, causal=True)
+    if flash is not None:
+        out = flash(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       is_causal=True, enable_gqa=q.size(2) != k.size(2))
+    with sdpa_kernel(SDPA_PINS[backend]) if backend in SDPA_PINS else contextlib.nullcontext():
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                           v.transpose(1, 2), is_causal=True,
+                                           enable_gqa=q.size(2) != k.size(2))
     return y.transpose(1, 2)
 
 
@@ -489,6 +516,7 @@ class Attention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
         self.vrl_gate = nn.Parameter(torch.tensor(-1.5)) if cfg.vrl_enabled and layer > 0 else None
         self.xsa = layer >= cfg.num_layers - cfg.xsa_last_n
+        self.kernel = ("sdpa", None)  # (build_model's: attention_kernel)
         self.c_q = CastedLinear(cfg.model_dim, cfg.model_dim)
         self.c_k = CastedLinear(cfg.model_dim, cfg.kv_dim)
         self.c_v = CastedLinear(cfg.model_dim, cfg.kv_dim)
@@ -509,7 +537,7 @@ class Attention(nn.Module):
         v = v.reshape(B, T, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(rms(q), *rope), apply_rotary(rms(k), *rope)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        y = causal_attention(q, k, v)
+        y = causal_attention(q, k, v, *self.kernel)
         if self.xsa:  # remove each head's component along its (normalised) value vector
             group = self.num_heads // self.num_kv_heads
             y = y.reshape(B, T, self.num_kv_heads, group, self.head_dim)
@@ -674,7 +702,8 @@ class GPT(nn.Module):
             z = F.linear(x, self.head_weight().to(x.dtype))
         else:
             z = self.lm_head(x, qat)
-        return self.cfg.logit_softcap * torch.tanh(z / self.cfg.logit_softcap)
+        # Rounded once, as the original's compiled graph does.
+        return (self.cfg.logit_softcap * torch.tanh(z.float() / self.cfg.logit_softcap)).to(z.dtype)
 
     def forward(self, ids: Tensor, targets: Tensor, qat: bool = False) -> Tensor:
         """The training loss: mean cross-entropy over every target."""
@@ -682,13 +711,18 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.float().reshape(-1, self.cfg.vocab_size), targets.reshape(-1))
 
 
-def build_model(cfg: GPTConfig, device: torch.device, seed: int | None = None) -> GPT:
+def build_model(cfg: GPTConfig, device: torch.device, seed: int | None = None,
+                attention: str = "auto") -> GPT:
     """Built on the CPU (the original's draws, seeded without touching the caller's generator),
     rounded through bf16, then each parameter in its role's dtype on CUDA, float32 on the CPU."""
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.default_generator.manual_seed(seed)
         model = GPT(cfg).bfloat16()
+    kernel = attention_kernel(attention, device)
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.kernel = kernel
     return (cuda_layout(model) if device.type == "cuda" else model.float()).to(device)
 
 
@@ -934,6 +968,7 @@ class Runtime:
     device: torch.device = torch.device("cpu")
     compile: bool = False
     log_path: str | None = None
+    attention: str = "sdpa"  # ATTENTION_BACKEND on this device
 
     @property
     def distributed(self) -> bool:
@@ -955,6 +990,14 @@ class Runtime:
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+
+    def mark(self):
+        """Now on the device's timeline, without a sync: a CUDA event (or the host clock)."""
+        if self.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
@@ -999,7 +1042,23 @@ def start_runtime(cfg: RunConfig) -> Runtime:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout,
                                 device_id=device if use_cuda else None)
     compiled = cfg.compile == "1" or (cfg.compile == "auto" and use_cuda)
-    return Runtime(rank=rank, world_size=world_size, device=device, compile=compiled)
+    return Runtime(rank, world_size, device, compiled,
+                   attention=attention_kernel(cfg.attention_backend, device)[0])
+
+
+def check_attention(cfg: Config, rt: Runtime) -> None:
+    """A kernel that refuses the model stops the run here (pinned SDPA never falls back)."""
+    m = cfg.model
+    q = torch.zeros(1, cfg.max_seq_len, m.num_heads, m.head_dim, device=rt.device,
+                    requires_grad=True)
+    kv = q[:, :, :m.num_kv_heads]
+    try:
+        with rt.autocast(), warnings.catch_warnings(record=True) as why:
+            causal_attention(q, kv, kv, *attention_kernel(rt.attention, rt.device)).sum().backward()
+    except RuntimeError as e:
+        reason = "; ".join(str(w.message) for w in why) or str(e)
+        raise ConfigError(f"ATTENTION_BACKEND={cfg.run.attention_backend!r}: {rt.attention} "
+                          f"refuses this model ({reason[:300]})") from None
 
 
 def check_world(cfg: Config, world_size: int) -> None:
@@ -1074,7 +1133,8 @@ class TokenStream:
         self.files, self.vocab_size, self.file_idx, self.pos = files, vocab_size, 0, 0
         self.tokens = checked_shard(files[0], vocab_size)
 
-    def take(self, n: int) -> Tensor:
+    def take(self, n: int) -> np.ndarray:
+        """The next n tokens as stored (uint16): each rank widens only its own span."""
         chunks = []
         while n > 0:
             if self.pos >= self.tokens.size:
@@ -1083,9 +1143,9 @@ class TokenStream:
                 self.pos = 0
                 continue
             k = min(n, self.tokens.size - self.pos)
-            chunks.append(np.asarray(self.tokens[self.pos:self.pos + k], dtype=np.int64))
+            chunks.append(self.tokens[self.pos:self.pos + k])
             self.pos, n = self.pos + k, n - k
-        return torch.from_numpy(np.concatenate(chunks))
+        return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
 
 class DistributedTokenLoader:
@@ -1098,7 +1158,7 @@ class DistributedTokenLoader:
         rank, world = self.rt.rank, self.rt.world_size
         local = global_tokens // (world * grad_accum)
         chunk = self.stream.take((local + 1) * world)
-        span = chunk[rank * (local + 1):(rank + 1) * (local + 1)]
+        span = torch.from_numpy(chunk[rank * (local + 1):(rank + 1) * (local + 1)].astype(np.int64))
         if self.rt.device.type == "cuda":  # pinned: the copy overlaps the previous micro-step
             span = span.pin_memory()
         span = span.to(self.rt.device, non_blocking=True)
@@ -1302,7 +1362,7 @@ class Trainer:
         t, rt = self.cfg.train, self.rt
         initial_model = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         initial_opt = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
-        qat_later = not t.qat_enabled and t.late_qat_threshold > 0
+        qat_later = not t.qat_enabled and t.late_qat_threshold > 0 and t.late_qat_acts(rt.compile)
         self.model.train()
         for i in range(t.warmup_steps):
             self.zero_grad()
@@ -1349,7 +1409,8 @@ def train(cfg: Config, rt: Runtime, model: GPT, data: Data, cap_seconds: float) 
         trainer.warm_up()
     schedule = Schedule.of(t, cfg.optim, cap_seconds)
     ema = EMA(model, t.ema_decay)
-    qat, stop_after, step = t.qat_enabled, None, 0
+    qat = switched = t.qat_enabled
+    stop_after, step = None, 0
     clock = Clock(rt)
     try:
         while True:
@@ -1367,9 +1428,12 @@ def train(cfg: Config, rt: Runtime, model: GPT, data: Data, cap_seconds: float) 
                            f"step:{step}/{t.iterations}")
                 break
             scale = schedule.lr_scale(step, clock.now_ms())
-            if schedule.late_qat(scale) and not qat:
-                qat = True  # never switched off again
-                rt.log(f"late_qat:enabled step:{step} scale:{scale:.4f}")
+            if schedule.late_qat(scale) and not switched:
+                switched, qat = True, t.late_qat_acts(rt.compile)  # never switched off again
+                if qat:
+                    rt.log(f"late_qat:enabled step:{step} scale:{scale:.4f}")
+                rt.log(f"late_qat:{'applied' if qat else 'skipped'} LATE_QAT={t.late_qat} "
+                       f"compile:{rt.compile}")
             train_loss = trainer.step(qat, scale, schedule.momentum(step))
             ema.update()
             step += 1
@@ -1536,7 +1600,10 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, block: int = 128) -> tuple[Te
         Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     except torch.linalg.LinAlgError:  # not positive definite in float32: the clip search
         return quantize_int6(weight)
-    found = [(gptq_round(W, Hinv, s.float(), block), s) for s in int6_clip_scales(w32)]
+    scales = list(int6_clip_scales(w32))
+    # All candidates in one pass, as rows: a fifth of the launches.
+    codes = gptq_round(W.repeat(len(scales), 1), Hinv, torch.cat(scales).float(), block)
+    found = list(zip(codes.split(W.size(0)), scales))
     errs = [(W - q.float() * s.float()[:, None]).pow(2).mean().item() for q, s in found]
     q, scale = found[errs.index(min(errs))]  # the least error after GPTQ, the first of equals
     return q[:, torch.argsort(perm)], scale
@@ -1568,9 +1635,11 @@ def gptq_modules(model: GPT) -> dict[str, nn.Module]:
     return found
 
 
-def calibrate(cfg: Config, rt: Runtime, model: GPT, data: Data, train_ms: float) -> dict:
+def calibrate(cfg: Config, rt: Runtime, model: GPT, data: Data, train_ms: float,
+              micro_batches: int = 0) -> dict:
     """H = mean X^T X over GPTQ_CALIBRATION_BATCHES training batches, X each int6 linear's
-    input: float64 sums of the training micro-batches (any world size, one artifact), no TF32."""
+    input: float64 sums of the training micro-batches (any world size, one artifact), products
+    in TF32 on CUDA. `micro_batches`: only these, their sums returned as they are (timing)."""
     t0, sums, last, batches = time.perf_counter(), {}, {}, cfg.export.gptq_calibration_batches
 
     def hook(name):
@@ -1586,11 +1655,13 @@ def calibrate(cfg: Config, rt: Runtime, model: GPT, data: Data, train_ms: float)
     loader = DistributedTokenLoader(data.train_files, cfg.model.vocab_size, rt)
     accum, t = cfg.train.grad_accum_steps(rt.world_size), cfg.train
     model.eval()
-    with torch.no_grad(), rt.autocast(), no_tf32():
-        for _ in range(batches * accum):
+    with torch.no_grad(), rt.autocast():
+        for _ in range(micro_batches or batches * accum):
             model.hidden(loader.next_batch(t.train_batch_tokens, t.train_seq_len, accum)[0])
     for handle in handles:
         handle.remove()
+    if micro_batches:
+        return sums
     for H in sums.values() if rt.distributed else ():
         dist.all_reduce(H)
     hessians = {name: (H / batches).float() for name, H in sums.items()}
@@ -1603,6 +1674,28 @@ def calibrate(cfg: Config, rt: Runtime, model: GPT, data: Data, train_ms: float)
         rt.log(f"{'gptq:' if under else 'WARNING: '}training+calibration {total:.0f}ms "
                f"{'under' if under else 'over'} MAX_WALLCLOCK_SECONDS ({cap:.0f}ms)")
     return hessians
+
+
+def gptq_reserve(cfg: Config, rt: Runtime, model: GPT, data: Data) -> float:
+    """GPTQ_RESERVE_SECONDS, or the calibration's time if longer, measured: set-up and one
+    micro-batch, the others at what a second adds, plus a quarter (the ranks' mean)."""
+    e, cap = cfg.export, cfg.train.max_wallclock_seconds
+    if not e.gptq_enabled or cap <= 0:
+        return 0.0
+    ms = []
+    for n in (1, 1, 2):  # the first warms up
+        clock = Clock(rt)
+        calibrate(cfg, rt, model, data, 0.0, micro_batches=n)
+        clock.pause()
+        ms.append(clock.ms)
+    micro = e.gptq_calibration_batches * cfg.train.grad_accum_steps(rt.world_size)
+    mine = 1.25e-3 * (ms[1] + (micro - 1) * max(ms[2] - ms[1], 0.0))
+    measured = float(rt.reduce([mine])) / rt.world_size
+    reserve = max(e.gptq_reserve_seconds, measured)
+    model.train()
+    rt.log(f"gptq:reserve {reserve:.1f}s (calibration measured at {measured:.1f}s)")
+    need(reserve < cap, "GPTQ_CALIBRATION_BATCHES", e.gptq_calibration_batches, "fewer batches")
+    return reserve
 
 
 @contextlib.contextmanager
@@ -1707,9 +1800,10 @@ def load_container(model: GPT, container: dict, path) -> GPT:
     return model.eval()
 
 
-def eval_model(cfg: GPTConfig, container: dict, device: torch.device, path) -> GPT:
+def eval_model(cfg: GPTConfig, container: dict, device: torch.device, path,
+               attention: str = "auto") -> GPT:
     """A fresh model holding the artifact's weights: what every evaluation scores."""
-    return load_container(build_model(cfg, device), container, path)
+    return load_container(build_model(cfg, device, attention=attention), container, path)
 
 
 def budget_lines(container: dict, model_bytes: int, compressor: str, code: "Code") -> list[str]:
@@ -1766,7 +1860,7 @@ def load_weights(cfg: Config, rt: Runtime) -> tuple[GPT, int]:
     if not path.is_file() or not is_our_file(path, "weights"):
         raise ConfigError(f"MODEL_PATH={str(path)!r}: no weights of this project there; expected "
                           f"the final_model.pt a training run saved")
-    model = build_model(cfg.model, rt.device)
+    model = build_model(cfg.model, rt.device, attention=rt.attention)
     state = torch.load(path, map_location=rt.device, weights_only=True)
     try:
         model.load_state_dict(state, strict=True)
@@ -2096,26 +2190,32 @@ def score_windows(s: Scoring, plan: WindowPlan, batches: list[np.ndarray], rows:
     count toward the sliding one, or are shared out)."""
     collect = any(sc.sums.nll is not None for sc in scorers)
     sliding = isinstance(scorers[0], SlidingScorer)
-    n_mine = len(batches[s.rt.rank::s.rt.world_size])
+    n_mine, k = len(batches[s.rt.rank::s.rt.world_size]), len(scorers) + 1
     was_training = s.model.training
     s.model.eval()
-    t_start = last_report = t0 = time.perf_counter()
+    t_start = last_report = time.perf_counter()
+    marks = [s.rt.mark()]  # each batch: after its hidden states, after each scorer
     for done, batch in enumerate(window_pass(s, plan, batches, rows, seq_len, collect)):
-        s.rt.sync()
-        hidden_s = time.perf_counter() - t0
-        for i, sc in enumerate(scorers):
-            t1 = time.perf_counter()
+        marks.append(s.rt.mark())
+        for sc in scorers:
             sc(s, batch)
-            s.rt.sync()
-            share = (hidden_s if i == 0 else 0.0) if sliding else hidden_s / len(scorers)
-            sc.times.append(time.perf_counter() - t1 + share)
+            marks.append(s.rt.mark())
         if label and s.rt.master and time.perf_counter() - last_report >= 30:
             last_report = time.perf_counter()
             elapsed, frac = last_report - t_start, (done + 1) / n_mine
             s.rt.log(f"eval_progress:{label} {frac:.1%} elapsed:{elapsed:.0f}s "
                      f"eta:{elapsed / frac - elapsed:.0f}s")
-        t0 = time.perf_counter()
+    s.rt.sync()  # once per pass: every event has happened
+    for b in range(0, len(marks) - 1, k):
+        hidden_s = seconds_between(marks[b], marks[b + 1])
+        for i, sc in enumerate(scorers):
+            share = (hidden_s if i == 0 else 0.0) if sliding else hidden_s / len(scorers)
+            sc.times.append(seconds_between(marks[b + i + 1], marks[b + i + 2]) + share)
     s.model.train(was_training)
+
+
+def seconds_between(a, b) -> float:
+    return a.elapsed_time(b) / 1000 if isinstance(a, torch.cuda.Event) else b - a
 
 
 @dataclass(frozen=True)
@@ -2180,6 +2280,20 @@ class TTTTrainer:
         nll = F.cross_entropy(logits.float().reshape(-1, vocab), y.reshape(-1), reduction="none")
         return (nll * w).sum()
 
+    def warm_up(self, s: Scoring, rows: int, n_seqs: int) -> None:
+        """Compiles the scoring and each training step shape before the timer (zeros: nothing
+        changes)."""
+        L, dev, step = self.seq_len, self.rt.device, self.cfg.batch_seqs
+        with torch.no_grad(), self.rt.autocast():
+            s.hidden_fn(torch.zeros(rows, L, dtype=torch.long, device=dev))
+        self.model.train()
+        for n in dict.fromkeys(min(step, n_seqs - i) for i in range(0, n_seqs, step)):
+            r = -(-n // self.rt.world_size)
+            seq = torch.zeros(r * L + 1, dtype=torch.long, device=dev)
+            self.loss_fn(seq[:-1].view(r, L), seq[1:].view(r, L), seq[1:].float()).backward()
+        self.opt.zero_grad(set_to_none=True)
+        self.model.eval()
+
     def train_chunk(self, chunk: Tensor, lr: float) -> None:
         """TTT_EPOCHS passes over the chunk's whole sequences, TTT_BATCH_SEQS a step split over
         the ranks, each share padded to ceil(n / world) weightless rows (fixed shapes) and
@@ -2226,9 +2340,9 @@ def eval_ttt(cfg: EvalConfig, rt: Runtime, model: GPT, tokens: Tensor, luts,
     n_chunks = len(bounds) - 1
     trainer = TTTTrainer(c, rt, model, L)
     s = Scoring(model, rt.compiled(model.hidden), tokens, luts, rt)
-    # Scoring batches cut the fullest chunk evenly over the ranks: little padding, no rank waits.
-    most, per_step = int(np.diff(bounds).max()), cfg.slot.batch_seqs * rt.world_size
-    rows = -(-most // (-(-most // per_step) * rt.world_size))
+    # The sliding evaluation's rows (on any world size): its compiled graph serves.
+    rows = min(cfg.slot.batch_seqs, int(np.diff(bounds).max()))
+    trainer.warm_up(s, rows, c.chunk_tokens // L if n_chunks > 1 and c.epochs else 0)
     scorer = SlidingScorer("legal_ttt", Sums(rt.device, n_targets if collect else 0))
     rt.log(f"legal_ttt:start chunks:{n_chunks} windows:{len(plan)} chunk_tokens:{c.chunk_tokens} "
            f"stride:{cfg.window_stride} lr:{c.lr} epochs:{c.epochs} "
@@ -2605,8 +2719,7 @@ def log_config(cfg: Config, rt: Runtime, model: GPT, data: Data) -> None:
     xsa = [i for i, b in enumerate(model.blocks) if b.attn.xsa]
     rt.log(f"XSA:last_{m.xsa_last_n} active_layers:{xsa}")
     rt.log(f"world_size:{rt.world_size} grad_accum_steps:{t.grad_accum_steps(rt.world_size)}")
-    kernel = "flash_attn_3" if flash_attn_3 is not None and rt.device.type == "cuda" else "sdpa"
-    rt.log(f"attention_kernel:{kernel} device:{rt.device.type} compile:{rt.compile}")
+    rt.log(f"attention_kernel:{rt.attention} device:{rt.device.type} compile:{rt.compile}")
     rt.log(f"attention_mode:{'gqa' if m.num_kv_heads != m.num_heads else 'mha'} "
            f"num_heads:{m.num_heads} num_kv_heads:{m.num_kv_heads}")
     embed_lr = o.tied_embed_lr if m.tie_embeddings else o.embed_lr
@@ -2648,7 +2761,7 @@ def read_inputs(cfg: Config, rt: Runtime) -> Inputs:
         container, sha = unpack_artifact(blob, path), hashlib.sha256(blob).hexdigest()
         lines = (f"eval_only artifact:{path} bytes:{len(blob)}", f"eval_only sha256:{sha}",
                  check_sidecar(cfg, sha))
-        model = eval_model(cfg.model, container, rt.device, path)
+        model = eval_model(cfg.model, container, rt.device, path, rt.attention)
         return Inputs(data, warnings, model, eval_lines=lines)
     if cfg.run.export_only:
         model, weights_bytes = load_weights(cfg, rt)
@@ -2663,12 +2776,10 @@ def trained_model(cfg: Config, rt: Runtime, inputs: Inputs) -> tuple[GPT, Traine
         log_config(cfg, rt, model, inputs.data)
         rt.log(f"export_only weights:{cfg.export.model_path} bytes:{inputs.weights_bytes}")
         return model, Trained(rt.compiled(model.hidden), 0.0), inputs.weights_bytes
-    model = build_model(cfg.model, rt.device, seed=cfg.run.seed)
+    model = build_model(cfg.model, rt.device, cfg.run.seed, rt.attention)
     log_config(cfg, rt, model, inputs.data)
-    t, reserve = cfg.train, 0.0
-    if cfg.export.gptq_enabled and t.max_wallclock_seconds > 0:
-        reserve = cfg.export.gptq_reserve_seconds
-    trained = train(cfg, rt, model, inputs.data, t.max_wallclock_seconds - reserve)
+    reserve = gptq_reserve(cfg, rt, model, inputs.data)
+    trained = train(cfg, rt, model, inputs.data, cfg.train.max_wallclock_seconds - reserve)
     with stage("export"):  # saved before anything that can fail after training
         weights_bytes = save_weights(cfg.export, rt, model) if rt.master else 0
     return model, trained, weights_bytes
@@ -2689,19 +2800,20 @@ def make_artifact(cfg: Config, rt: Runtime, inputs: Inputs, code: Code) -> GPT:
         rt.log(f"DIAGNOSTIC post_ema val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
         artifact = export_artifact(cfg, rt, model, hessians, weights_bytes, code)
-        return eval_model(cfg.model, artifact.container, rt.device, cfg.export.artifact)
+        return eval_model(cfg.model, artifact.container, rt.device, cfg.export.artifact,
+                          rt.attention)
 
 
 def run(cfg: Config, code: Code) -> None:
     rt = start_runtime(cfg.run)
     check_world(cfg, rt.world_size)
+    check_attention(cfg, rt)
     inputs = read_inputs(cfg, rt)
     lock = output_lock(outputs(cfg), cfg.run.run_id) if rt.master else contextlib.nullcontext()
     with lock:
         # Every input is valid: from here on the run writes its log and outputs.
         started = time.time()
-        rt = Runtime(rt.rank, rt.world_size, rt.device, rt.compile,
-                     create_log(cfg.run.run_id) if rt.master else None)
+        rt = replace(rt, log_path=create_log(cfg.run.run_id) if rt.master else None)
         if rt.master:
             print(f"log: {rt.log_path}", flush=True)
         try:

@@ -33,12 +33,14 @@ pytestmark = pytest.mark.slow  # every test here counts the graphs of whole runs
 
 def compiled_env(root: Path, run_id: str, data: Path | None) -> dict:
     # SLOT batches of 8 windows: both validation lengths below fill several batches per list.
+    # LATE_QAT=on: compiled, the record's setting would not fake-quantise at all.
     env = {
         **tiny_env(root, run_id),
         "COMPILE": "1",
         "WARMUP_STEPS": "2",
         "VAL_LOSS_EVERY": "4",
         "LATE_QAT_THRESHOLD": "0.5",
+        "LATE_QAT": "on",
         "SLOT_BATCH_SEQS": "8",
     }
     if data is not None:
@@ -224,3 +226,95 @@ def test_two_processes_match_one(compiled_runs):
         log1, "final_slot_exact"
     )
     assert record.evals["slot_context"].val_bpb == figures(log1, "final_slot_context_exact")[1]
+
+
+# -----------------------------
+# issue 29: TTT's timer, late QAT as the record ran it
+# -----------------------------
+
+
+@pytest.mark.parametrize("world", [1, 8])
+def test_ttt_compiles_nothing_inside_its_timer(world, monkeypatch):
+    """Compiled legal TTT as rank 0 of `world` (collectives stubbed): its scoring forward and each
+    shape of its training step are compiled before `legal_ttt:start` (the timer starts after
+    it); from there to `legal_ttt:done` no graph is built. Scoring uses the sliding
+    evaluation's row count on any world size."""
+    from tests.test_ttt import config, perturbed_model
+
+    cfg = config(ttt_chunk_tokens=160, ttt_batch_seqs=3)
+    model = perturbed_model(cfg.model, 0, 0.3).eval()
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, cfg.model.vocab_size, (301,), generator=gen)
+    luts = (torch.ones(64, dtype=torch.int16), torch.zeros(64, dtype=torch.bool),
+            torch.zeros(64, dtype=torch.bool))
+    records, shapes, real_compile, compiled = [], set(), torch.compile, tg.Runtime.compiled
+
+    def spy_compiled(self, fn):  # the scoring forward's input shapes, outside the graph
+        graph = compiled(self, fn)
+        if getattr(fn, "__name__", "") != "hidden":
+            return graph
+        return lambda ids: shapes.add(tuple(ids.shape)) or graph(ids)
+
+    def counting_log(self, msg, console=True):
+        records.append({"graphs": int(torch._dynamo.utils.counters["stats"]["unique_graphs"]),
+                        "line": msg})
+
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: real_compile(*a, **{**k, "backend": "eager"}))
+    monkeypatch.setattr(tg.Runtime, "log", counting_log)
+    monkeypatch.setattr(tg.Runtime, "compiled", spy_compiled)
+    monkeypatch.setattr(tg.dist, "all_reduce", lambda t, op=None: None)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    try:
+        tg.eval_ttt(cfg.eval, tg.Runtime(world_size=world, compile=True), model, tokens, luts)
+    finally:
+        torch._dynamo.reset()
+    start, done = graphs_at(records, "legal_ttt:start"), graphs_at(records, "legal_ttt:done")
+    assert start >= 2 and done == start
+    assert shapes == {(cfg.eval.slot.batch_seqs, 32)}
+
+
+def late_qat_run(root: Path, setting: str, compiled: bool, monkeypatch) -> tuple[list, list]:
+    """train() on the small corpus as a compiled or an eager run (torch.compile stubbed out: the
+    decision is the point); returns its log lines and, per training forward, whether the
+    linears fake-quantised."""
+    cfg = tg.Config.from_env({**tiny_env(root, "q"), "LATE_QAT": setting, "ITERATIONS": "8",
+                              "WARMDOWN_ITERS": "4"})
+    lines, qat_calls, forward = [], [], tg.CastedLinear.forward
+
+    def spy(self, x, qat=False):
+        if self.training and self is model.blocks[0].attn.c_q:
+            qat_calls.append(bool(qat))
+        return forward(self, x, qat)
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **k: fn)
+    monkeypatch.setattr(tg.CastedLinear, "forward", spy)
+    rt = tg.Runtime(compile=compiled)
+    monkeypatch.setattr(tg.Runtime, "log", lambda self, msg, console=True: lines.append(msg))
+    data, _ = tg.load_data(cfg, rt, training=True)
+    model = tg.build_model(cfg.model, rt.device, seed=cfg.run.seed)
+    tg.train(cfg, rt, model, data, 0.0)
+    return lines, qat_calls
+
+
+@pytest.mark.parametrize("setting, compiled, applied", [
+    ("record", False, True), ("record", True, False), ("on", False, True), ("on", True, True),
+    ("off", False, False), ("off", True, False)])
+def test_late_qat_setting(small_root, monkeypatch, setting, compiled, applied):
+    """LATE_QAT=record fake-quantises as the original did: in an eager run, not in a compiled
+    one (whose graph had folded the class switch in); on: both; off: never. At the switch the
+    log says which and why; the original's `late_qat:enabled` line only when it applies. The
+    warm-up runs the quantised step only when the loop will."""
+    lines, qat_calls = late_qat_run(small_root, setting, compiled, monkeypatch)
+    switch = [line for line in lines if line.startswith("late_qat:")]
+    why = f"LATE_QAT={setting} compile:{compiled}"
+    if applied:
+        assert re.fullmatch(r"late_qat:enabled step:(\d+) scale:\d\.\d{4}", switch[0])
+        assert switch[1:] == [f"late_qat:applied {why}"]
+    else:
+        assert switch == [f"late_qat:skipped {why}"]
+    # Warm-up: 2 steps x 8 micro-steps (the second half quantised if the loop will), then 8 steps.
+    warm, timed = qat_calls[:16], qat_calls[16:]
+    assert warm == [False] * 8 + [applied] * 8 and len(timed) == 8 * 8
+    step = int(re.search(r"step:(\d+)", switch[0]).group(1)) if applied else 8
+    assert timed == [False] * (8 * step) + [True] * (8 * (8 - step))

@@ -324,7 +324,9 @@ ORIGINAL_PATTERNS = ("attn_scale,attn_scales,mlp_scale,mlp_scales,resid_mix,resi
 NEW_DEFAULTS = [("EXPORT_ONLY", "run.export_only", False),
                 ("MODEL_PATH", "export.model_path", "final_model.pt"),
                 ("COLLECTIVE_TIMEOUT_SECONDS", "run.collective_timeout_seconds", 300.0),
-                ("TTT_FLOAT32", "eval.ttt.float32", False)]
+                ("TTT_FLOAT32", "eval.ttt.float32", False),
+                ("ATTENTION_BACKEND", "run.attention_backend", "auto"),  # issue 29
+                ("LATE_QAT", "train.late_qat", "record")]
 
 
 def lookup(cfg: tg.Config, path: str):
@@ -335,7 +337,7 @@ def lookup(cfg: tg.Config, path: str):
 
 def test_every_original_setting_keeps_its_name_and_default():
     """The original's 84 variables less the three removed ones (and RUN_ID, below) are
-    settings with the same default and type; the only other settings are the four new ones."""
+    settings with the same default and type; the only other settings are the new ones."""
     names = [n for n, _, _ in ORIGINAL_DEFAULTS]
     assert len(names) == len(set(names)) == 84 - len(REMOVED) - 1  # RUN_ID: below
     assert tg.Config.variables() == set(names) | {"RUN_ID"} | {n for n, _, _ in NEW_DEFAULTS}

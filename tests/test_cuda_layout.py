@@ -84,9 +84,9 @@ def attention_dtypes(monkeypatch):
     entry, kernel = [], []
     attention, sdpa = tg.causal_attention, F.scaled_dot_product_attention
 
-    def spy_attention(q, k, v):
+    def spy_attention(q, k, v, *kernel):
         entry.append((q.dtype, k.dtype, v.dtype))
-        return attention(q, k, v)
+        return attention(q, k, v, *kernel)
 
     def spy_sdpa(q, k, v, **kwargs):
         kernel.append((q.dtype, k.dtype, v.dtype))

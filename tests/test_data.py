@@ -903,3 +903,57 @@ def test_download_from_another_export(hub, tmp_path, monkeypatch):
     assert local_files(tmp_path / "b") == EXPECTED_LOCAL
     assert {call[0] for call in hub.calls} == {REPO}
     assert hub.names()[0] == "datasets/manifest.json"
+
+
+# ---------------------------------------------------------------- the training loader
+
+def old_loader_batches(files, world, accum, global_tokens, seq_len, steps):
+    """The loader as it was, written out: every rank widened the whole chunk of (local + 1) *
+    world tokens (the shards read in order, wrapping around) to int64, then took its slice.
+    Returns, per micro-step, each rank's (inputs, targets)."""
+    stream = np.concatenate([np.fromfile(f, dtype="<u2", offset=1024) for f in files])
+    local = global_tokens // (world * accum)
+    n, out = (local + 1) * world, []
+    for i in range(steps):
+        chunk = stream[np.arange(i * n, (i + 1) * n) % stream.size].astype(np.int64)
+        spans = [chunk[r * (local + 1):(r + 1) * (local + 1)] for r in range(world)]
+        out.append([(s[:-1].reshape(-1, seq_len), s[1:].reshape(-1, seq_len)) for s in spans])
+    return out
+
+
+@pytest.mark.parametrize("world, accum", [(1, 8), (2, 4), (3, 1), (8, 1)])
+def test_loader_gives_each_rank_the_old_batches(tmp_path, world, accum):
+    """Shards of 1,000, 37 and 2,500 tokens, so chunks straddle shard ends and wrap around:
+    every rank gets, micro-step by micro-step, the batches of the old whole-chunk loader."""
+    tg = import_train_gpt()
+    torch = importlib.import_module("torch")
+    rng = np.random.default_rng(world)
+    files = []
+    for i, size in enumerate((1000, 37, 2500)):
+        path = tmp_path / f"fineweb_train_{i:06d}.bin"
+        path.write_bytes(shard_bytes(tokens=rng.integers(0, 1024, size)))
+        files.append(str(path))
+    seq_len, steps = 16, 12
+    global_tokens = 3 * seq_len * world * accum  # three rows per rank and micro-step
+    want = old_loader_batches(files, world, accum, global_tokens, seq_len, steps)
+    for rank in range(world):
+        loader = tg.DistributedTokenLoader(files, 1024, tg.Runtime(rank=rank, world_size=world))
+        for i in range(steps):
+            x, y = loader.next_batch(global_tokens, seq_len, accum)
+            assert x.dtype == y.dtype == torch.int64
+            assert np.array_equal(x.numpy(), want[i][rank][0]), (rank, i)
+            assert np.array_equal(y.numpy(), want[i][rank][1]), (rank, i)
+
+
+def test_token_stream_hands_out_stored_tokens(tmp_path):
+    """Within a shard the stream hands out a uint16 view of the memory map (no copy, no
+    widening: each rank widens only its own span); across a shard end, one uint16 array."""
+    tg = import_train_gpt()
+    paths = [tmp_path / f"fineweb_train_{i:06d}.bin" for i in range(2)]
+    for i, path in enumerate(paths):
+        path.write_bytes(shard_bytes(tokens=np.arange(100) + 100 * i))
+    stream = tg.TokenStream([str(p) for p in paths], 1024)
+    inside = stream.take(60)
+    assert inside.dtype == np.uint16 and np.shares_memory(inside, stream.tokens)
+    across = stream.take(60)
+    assert across.dtype == np.uint16 and across.tolist() == list(range(60, 120))

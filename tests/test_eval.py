@@ -577,3 +577,72 @@ def test_padded_slot_fit_equals_the_unpadded_one(setup):
         plain = scorer.fit_and_score(hid, y, fit, scored, int(fit.sum()))
         padded = scorer.fit_and_score(hid, y, fit, scored, int(fit.sum()) + 37)
         assert plain.numel() == 32 + 2 * 8 and torch.equal(plain, padded)
+
+
+# -----------------------------
+# issue 29: logits rounded once, batches timed without a sync each
+# -----------------------------
+
+
+def test_logits_are_rounded_once_as_the_compiled_graph_rounds_them(setup):
+    """In bf16 the soft cap runs in float32 on the bf16 product and is rounded once (what the
+    original's compiled graph stores), not after each of its three steps as eager bf16 would;
+    in float32 (the CPU mode) the figures are the plain formula's, bit for bit."""
+    cfg, model, _, _ = setup
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 32, cfg.model.model_dim, generator=g)
+    weight = model.tok_emb.weight.detach()
+    cap = cfg.model.logit_softcap
+    z32 = F.linear(x, weight)
+    assert torch.equal(model.logits(x), cap * torch.tanh(z32 / cap))
+
+    bf16 = tg.build_model(cfg.model, CPU, seed=0).bfloat16()
+    with torch.no_grad():
+        bf16.tok_emb.weight.copy_(weight.bfloat16())
+        z = F.linear(x.bfloat16(), weight.bfloat16())
+        want = (cap * torch.tanh(z.float() / cap)).bfloat16()
+        three = cap * torch.tanh(z / cap)  # each step rounded to bf16
+        got = bf16.logits(x.bfloat16())
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert (three != want).float().mean() > 0.01  # measured: 4.6% of these logits
+
+
+class CountingRuntime(tg.Runtime):
+    """The CPU runtime, counting host syncs; its marks are fake CUDA events on the host clock."""
+    syncs = 0
+
+    def sync(self):
+        CountingRuntime.syncs += 1
+
+    def mark(self):
+        return FakeEvent(tg.time.perf_counter())
+
+
+class FakeEvent:
+    def __init__(self, t):
+        self.t = t
+
+    def elapsed_time(self, end):  # milliseconds, as torch.cuda.Event's
+        return 1000 * (end.t - self.t)
+
+
+def test_batches_are_timed_by_events_with_one_sync_per_pass(setup, monkeypatch):
+    """A window pass with the sliding and two SLOT scorers marks the device's timeline around
+    each batch's hidden states and each scorer (events: no host sync in the loop) and syncs once
+    at the end; every scorer gets one time per batch, the hidden states counted in the sliding
+    scorer's, and the times add up to the pass."""
+    cfg, model, tokens, luts = setup
+    monkeypatch.setattr(tg.torch.cuda, "Event", FakeEvent)
+    s = scoring(model, tokens, luts, CountingRuntime())
+    plan = tg.sliding_windows(N_TARGETS, 32, 8, "once")
+    batches = tg.window_batches(len(plan), 4, 3)
+    scorers = [tg.SlidingScorer("sliding", tg.Sums(CPU))]
+    scorers += [tg.SlotScorer(m, cfg.eval.slot, s, plan, batches, 4) for m in ("scored", "context")]
+    CountingRuntime.syncs = 0
+    t0 = tg.time.perf_counter()
+    tg.score_windows(s, plan, batches, 4, 32, scorers)
+    elapsed = tg.time.perf_counter() - t0
+    assert CountingRuntime.syncs == 1
+    assert all(len(sc.times) == len(batches) for sc in scorers)
+    assert all(t > 0 for sc in scorers for t in sc.times)
+    assert 0.9 * elapsed < sum(sc.seconds for sc in scorers) <= elapsed

@@ -793,3 +793,132 @@ def test_a_parameter_declared_twice_is_named(monkeypatch):
     monkeypatch.setattr(tg.Block, "param_roles", {**tg.Block.param_roles, "attn.q_gain": "matrix"})
     with pytest.raises(tg.ConfigError, match=r"^parameter blocks\.0\.attn\.q_gain has two roles"):
         tg.build_model(tiny_cfg(), CPU, seed=0)
+
+
+# -----------------------------
+# the attention kernel (ATTENTION_BACKEND, issue 29)
+# -----------------------------
+
+CUDA = torch.device("cuda")  # a device object only: nothing here runs on a GPU
+FA_MODULES = ("flash_attn_interface", "flash_attn.flash_attn_interface", "flash_attn")
+
+
+@pytest.fixture
+def installed(monkeypatch):
+    """A fake table of importable FlashAttention modules: each one's flash_attn_func is its
+    name; every import attempt is recorded."""
+    table, tried, real = set(), [], tg.importlib.import_module
+
+    def fake_import(name, *args):
+        if name not in FA_MODULES:
+            return real(name, *args)
+        tried.append(name)
+        if name not in table:
+            raise ImportError(name)
+        return type("Module", (), {"flash_attn_func": name})
+
+    monkeypatch.setattr(tg.importlib, "import_module", fake_import)
+    return table, tried
+
+
+@pytest.mark.parametrize("available, want", [
+    (FA_MODULES, ("fa3", "flash_attn_interface")),
+    (FA_MODULES[1:], ("fa2", "flash_attn.flash_attn_interface")),
+    (FA_MODULES[2:], ("fa2", "flash_attn")),
+    ((), ("flash", None)),
+])
+def test_auto_takes_the_originals_order_on_cuda(installed, available, want):
+    """auto on CUDA: FlashAttention 3, then the flash-attn package (its interface module, then
+    the package), then SDPA pinned to flash; on the CPU torch's own choice, nothing imported."""
+    table, tried = installed
+    table.update(available)
+    assert tg.attention_kernel("auto", CUDA) == want
+    assert tried == list(FA_MODULES[:FA_MODULES.index(want[1]) + 1 if want[1] else 3])
+    tried.clear()
+    assert tg.attention_kernel("auto", CPU) == ("sdpa", None) and tried == []
+
+
+def test_named_kernels_are_pinned_or_refused(installed):
+    """fa3/fa2 name their package (refused, naming the setting, where it is not installed);
+    flash, cudnn, efficient and math are SDPA pins on any device."""
+    table, _ = installed
+    table.add("flash_attn_interface")
+    assert tg.attention_kernel("fa3", CPU) == ("fa3", "flash_attn_interface")
+    with pytest.raises(tg.ConfigError, match=r"ATTENTION_BACKEND='fa2' is not allowed"):
+        tg.attention_kernel("fa2", CUDA)
+    for name in ("flash", "cudnn", "efficient", "math"):
+        assert tg.attention_kernel(name, CUDA) == tg.attention_kernel(name, CPU) == (name, None)
+    with pytest.raises(tg.ConfigError, match="ATTENTION_BACKEND='xformers'"):
+        tg.Config.from_env({"ATTENTION_BACKEND": "xformers"})
+
+
+SDPA_FLAGS = ("flash_sdp_enabled", "math_sdp_enabled", "mem_efficient_sdp_enabled",
+              "cudnn_sdp_enabled")
+
+
+@pytest.mark.parametrize("backend, allowed", [
+    ("auto", SDPA_FLAGS), ("flash", SDPA_FLAGS[:1]), ("math", SDPA_FLAGS[1:2]),
+    ("efficient", SDPA_FLAGS[2:3]), ("cudnn", SDPA_FLAGS[3:])])
+def test_sdpa_runs_pinned_to_one_kernel(monkeypatch, backend, allowed):
+    """Inside the model's forward SDPA may use exactly the named kernel (no fallback); auto on the
+    CPU leaves torch's choice open. The flash and math pins give the unpinned figures."""
+    seen, sdpa = [], F.scaled_dot_product_attention
+    cfg = tiny_cfg()
+    ids = torch.randint(0, 64, (2, 64), generator=torch.Generator().manual_seed(0))
+    unpinned = tg.build_model(cfg, CPU, seed=0).hidden(ids)
+
+    def spy(q, k, v, **kwargs):
+        seen.append({f for f in SDPA_FLAGS if getattr(torch.backends.cuda, f)()})
+        if backend in ("efficient", "cudnn"):  # refused by the CPU: the flags are the point
+            return torch.zeros_like(q)
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = tg.build_model(cfg, CPU, seed=0, attention=backend)
+    out = model.hidden(ids)
+    assert seen and all(flags == set(allowed) for flags in seen)
+    assert all(getattr(torch.backends.cuda, f)() for f in SDPA_FLAGS)  # restored after
+    if backend in ("auto", "flash", "math"):
+        torch.testing.assert_close(out, unpinned, rtol=0, atol=1e-5)
+
+
+def test_flash_attn_function_gets_the_models_layout():
+    """A FlashAttention function gets q [B, T, H, D], k and v [B, T, Hkv, D] (no transposes),
+    causal=True, in one dtype; its output (or a tuple's first item, as FA3 returns) is the
+    attention: the same hidden states as SDPA's."""
+    calls = []
+
+    def fake_flash(q, k, v, causal=False):
+        calls.append((q.shape, k.shape, v.shape, causal))
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=causal, enable_gqa=True).transpose(1, 2)
+        return y, None  # (out, softmax_lse)
+
+    cfg = tiny_cfg()
+    ids = torch.randint(0, 64, (2, 64), generator=torch.Generator().manual_seed(1))
+    model = tg.build_model(cfg, CPU, seed=0)
+    want = model.hidden(ids)
+    for module in model.modules():
+        if isinstance(module, tg.Attention):
+            module.kernel = ("fa3", fake_flash)
+    torch.testing.assert_close(model.hidden(ids), want, rtol=0, atol=1e-5)
+    assert calls and all(c == ((2, 64, 4, 16), (2, 64, 2, 16), (2, 64, 2, 16), True) for c in calls)
+
+
+def test_a_refusing_kernel_stops_the_run_with_one_line(tmp_path):
+    """ATTENTION_BACKEND=efficient on the CPU (no such kernel there): the run stops before any
+    work with one line naming the setting and torch's reason; fa3 where it is not installed
+    likewise. The chosen kernel is the one the log names."""
+    from tests.test_pipeline import main_in_process
+
+    for backend, reason in (("efficient", "efficient refuses this model"),
+                            ("fa3", "expected a kernel that is installed")):
+        status, out, err = main_in_process(tmp_path, {**TINY, "ATTENTION_BACKEND": backend,
+                                                      "RUN_ID": "k", "DATA_PATH": str(tmp_path)})
+        assert status == 2 and err.count("\n") == 1 and "Traceback" not in err
+        assert f"ATTENTION_BACKEND='{backend}'" in err and reason in err
+        assert not (tmp_path / "logs").exists()
+    cfg = tg.Config.from_env({**TINY, "ATTENTION_BACKEND": "math"})
+    rt = tg.start_runtime(cfg.run)
+    assert rt.attention == "math"
+    tg.check_attention(cfg, rt)  # math runs anything
