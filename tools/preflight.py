@@ -142,7 +142,7 @@ def check_world(ctx: Context):
         raise CheckFailed(f"world size {world}: expected at least 1")
     t = ctx.cfg.train
     try:
-        ctx.cfg.check_world(world)
+        ctx.tg.check_world(ctx.cfg, world)
     except ctx.tg.ConfigError as e:
         raise CheckFailed(str(e)) from None
     accum = t.grad_accum_steps(world)
@@ -215,7 +215,8 @@ def shrunk_config(env):
         NUM_LAYERS=2, MODEL_DIM=d, XSA_LAST_N=xsa, VE_LAYERS=",".join(map(str, ve_ids)),
         BIGRAM_DIM=d if m.bigram_dim == m.model_dim else _other_than(d, 32),
         VE_DIM=kv if m.ve_dim == m.kv_dim else _other_than(kv, 32),
-        TTT_FREEZE_BLOCKS=0)  # at most NUM_LAYERS: what it freezes is not compiled here
+        TTT_FREEZE_BLOCKS=0,  # at most NUM_LAYERS: what it freezes is not compiled here
+        RECUR_LAYERS="1" if m.recur_ids else "", PARALLEL_START_LAYER=1)  # lanes on layer 1
     return import_train_gpt().Config.from_env({**env, **{k: str(v) for k, v in changed.items()}})
 
 
@@ -247,9 +248,9 @@ def check_compile(ctx: Context):
     t0 = time.perf_counter()
     try:  # the late-QAT branch is the superset of the training forward
         with torch.no_grad():
-            eager = model(x, y, qat=True).item()
+            eager = model(x, y, qat=True, recur=True).item()
             fn = torch.compile(model, dynamic=False, fullgraph=True, backend=ctx.backend)
-            compiled = fn(x, y, qat=True).item()
+            compiled = fn(x, y, qat=True, recur=True).item()
     except Exception as e:  # a graph break under fullgraph, a lowering error, no C++ compiler...
         raise CheckFailed(f"{type(e).__name__}: {first_line(e)}", [f"compiled: {desc}"]) from None
     finally:
