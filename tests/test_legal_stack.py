@@ -432,8 +432,9 @@ def test_a_training_run_logs_activates_and_evaluates_recurrently(stack_run):
              for line in log.splitlines() if re.match(kinds, line)]
     assert order == [
         "parallel_residual: active=1 start_layer=2 start_mode=physical params=18",
-        "recurrence: layers=[1] start_step=5 active=0", "warmup_step:1/2", "warmup_step:2/2", "recurrence:prewarm active=1 virtual_layers:4",
-        "warmup_step:1/2", "warmup_step:2/2", "step:4/12 train_loss", "step:5/12 train_loss",
+        "recurrence: layers=[1] start_step=5 active=0", "warmup_step:1/2", "warmup_step:2/2",
+        "recurrence:prewarm active=1 virtual_layers:4", "warmup_step:1/2", "warmup_step:2/2",
+        "step:4/12 train_loss", "step:5/12 train_loss",
         "recurrence:activated step:5 layers:[1] virtual_layers:4", "step:5/12 val_loss",
         "step:6/12 train_loss", "late_qat:enabled step:10 scale:0.3333", "ema:applying EMA weights",
         "parallel_residual:converged active=1 start_layer=2 start_mode=physical "
