@@ -21,3 +21,4 @@ rm -f logs/demo.txt  # a taken log name would send this run to logs/demo-2.txt
 PRESET=demo python train_gpt.py
 python -m tools.submission logs/demo.txt --out runs/demo --force --name "CPU demo (not a record)" --track cpu_demo \
     --blurb "PRESET=demo on the embedded demo corpus, one CPU process: a pipeline check, not a record."
+python -m tools.plot logs/demo.txt --out runs/demo/train_loss_and_scores.png

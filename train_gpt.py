@@ -88,6 +88,18 @@ unit = kind("a number in [0, 1)", lambda v: 0 <= v < 1)
 free = kind("", None)  # any value of the field's type
 
 
+def layer_ids(text: str) -> tuple[int, ...] | None:
+    """A comma list of distinct layer indices ('9,10') in its order; None if it is not one."""
+    try:
+        ids = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        return None
+    return ids if len(set(ids)) == len(ids) and min(ids, default=0) >= 0 else None
+
+
+layers = kind("distinct comma-separated layer indices", lambda v: layer_ids(v) is not None)
+
+
 def need(ok: bool, name: str, value, expected: str) -> None:
     if not ok:
         raise ConfigError(f"{name}={value!r} is not allowed; expected {expected}")
@@ -180,8 +192,11 @@ class GPTConfig(Section):
     bigram_dim: int = positive(128)
     ve_enabled: bool = free(True)  # shared value embedding
     ve_dim: int = positive(128)
-    ve_layers: str = free("9,10")  # layers adding it
+    ve_layers: str = layers("9,10")  # layers adding it
     vrl_enabled: bool = free(True)  # value residual from layer 0
+    parallel_residual: bool = free(False)  # two residual lanes (docs/legal_stack.md)
+    parallel_start_layer: int = count(7)  # the first physical layer with lanes
+    recur_layers: str = layers("")  # physical layers run a second time, once activated
     tied_embed_init_std: float = nonneg(0.005)
     control_tensor_name_patterns: str = free(CONTROL_PATTERNS_DEFAULT)  # control tensors: kept fp16
 
@@ -199,9 +214,11 @@ class GPTConfig(Section):
 
     @property
     def ve_layer_ids(self) -> tuple[int, ...]:
-        if not self.ve_enabled:
-            return ()
-        return tuple(int(s) for s in self.ve_layers.split(",") if s.strip())
+        return layer_ids(self.ve_layers) if self.ve_enabled else ()
+
+    @property
+    def recur_ids(self) -> tuple[int, ...]:
+        return tuple(sorted(layer_ids(self.recur_layers)))
 
     @property
     def control_patterns(self) -> tuple[str, ...]:
@@ -221,14 +238,18 @@ class GPTConfig(Section):
              f"at most NUM_LAYERS={self.num_layers}")
         need(self.mlp_hidden > 0, "MLP_MULT", self.mlp_mult,
              "a value giving at least one hidden unit")
-        if self.ve_enabled:
-            try:
-                ids = [int(s) for s in self.ve_layers.split(",") if s.strip()]
-            except ValueError:
-                ids = None
-            fits = ids and all(0 <= i < self.num_layers for i in ids) and len(set(ids)) == len(ids)
-            need(fits, "VE_LAYERS", self.ve_layers,
-                 f"distinct comma-separated layer indices in [0, {self.num_layers})")
+        L, S, R = self.num_layers, self.parallel_start_layer, self.recur_ids
+        for name, ids, least in (("VE_LAYERS", self.ve_layer_ids, self.ve_enabled),
+                                 ("RECUR_LAYERS", R, 0)):
+            need(len(ids) >= least and max(ids, default=0) < L, name,
+                 getattr(self, name.lower()), f"distinct comma-separated layer indices in [0, {L})")
+        if self.parallel_residual:
+            need(S < L, "PARALLEL_START_LAYER", S, f"less than NUM_LAYERS={L} with lanes on")
+        if self.parallel_residual and R:
+            # A layer below S run again after the lanes started would read a stale stream.
+            need(not R[0] < S <= R[-1], "PARALLEL_START_LAYER", S,
+                 f"at most min(RECUR_LAYERS)={R[0]} or above max(RECUR_LAYERS)={R[-1]} with "
+                 f"PARALLEL_RESIDUAL=1")
 
 
 @dataclass(frozen=True)
@@ -242,6 +263,7 @@ class OptimConfig(Section):
     muon_momentum_warmup_start: float = unit(0.92)
     muon_momentum_warmup_steps: int = count(1500)
     muon_backend_steps: int = positive(5)  # Newton-Schulz iterations
+    muon_row_normalize: bool = free(False)  # MuonEq-R: rows of each update to unit norm
     muon_wd: float = nonneg(0.04)
     adam_wd: float = nonneg(0.04)
     beta1: float = unit(0.9)  # Adam
@@ -265,6 +287,7 @@ class TrainConfig(Section):
     ema_decay: float = unit(0.997)  # the exported weights' EMA
     qat_enabled: bool = free(False)  # fake int6 from the first step
     late_qat_threshold: float = free(0.15)  # QAT once the lr scale drops below; <= 0: never
+    recur_start_step: int = count(3000)  # the first step that trains on RECUR_LAYERS twice
     late_qat: str = choice("record", "record", "on", "off")  # record: as the original ran (below)
 
     def late_qat_acts(self, compiled: bool) -> bool:
@@ -577,6 +600,17 @@ class Block(nn.Module):
         x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms(x) * self.ln_scale, qat)
         return x, v_raw
 
+    def parallel(self, x, x0, rope, v_first, ve, qat: bool, lam):
+        """The block on lanes x = [lane0, lane1]: attention reads lane 0, the MLP lane 1 (after
+        this attention wrote it); each adds to both by post [2, 2], resid [2] scales them."""
+        post, resid = (t.to(x0.dtype)[..., None, None, None] for t in lam)
+        mix = self.resid_mix.to(x0.dtype)
+        a, v_raw = self.attn(rms(mix[0] * x[0] + mix[1] * x0) * self.ln_scale, rope, v_first, ve,
+                             qat)
+        x = resid[0] * x + post[0] * (self.attn_scale.to(x0.dtype) * a)
+        m = self.mlp(rms(mix[0] * x[1] + mix[1] * x0) * self.ln_scale, qat)
+        return resid[1] * x + post[1] * (self.mlp_scale.to(x0.dtype) * m), v_raw
+
 
 class ScaledEmbedding(nn.Module):
     """A table, projected to out_dim if narrower (zero init), times a learned scalar."""
@@ -631,16 +665,20 @@ class SmearGate(nn.Module):
 
 
 class GPT(nn.Module):
-    # skip_weights is a gain per decoder layer and width, not a matrix to orthogonalise.
-    param_roles = {"skip_weights": "scalar"}
+    # skip_weights is a gain per decoder layer and width, not a matrix to orthogonalise; so
+    # are the lanes' lambdas.
+    param_roles = {"skip_weights": "scalar", "parallel_post_lambdas": "scalar",
+                   "parallel_resid_lambdas": "scalar"}
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.cfg = cfg
-        self.num_encoder = cfg.num_layers // 2
-        num_skips = min(self.num_encoder, cfg.num_layers - self.num_encoder)
+        self.cfg, self.ve_ids, self.recur_ids = cfg, cfg.ve_layer_ids, cfg.recur_ids
+        num_skips = min(cfg.num_layers // 2, cfg.num_layers - cfg.num_layers // 2)
         # Construction order is the order of the random draws: keep it (same SEED, same weights).
         self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim))
+        if cfg.parallel_residual:  # row p: physical layer p's (no random draw)
+            self.parallel_post_lambdas = nn.Parameter(torch.ones(cfg.num_layers, 2, 2))
+            self.parallel_resid_lambdas = nn.Parameter(torch.full((cfg.num_layers, 2), 1.1**0.5))
         self.tok_emb = Table(cfg.vocab_size, cfg.model_dim)
         self.bigram = BigramHash(cfg) if cfg.bigram_vocab_size > 0 else None
         self.smear = SmearGate(cfg.model_dim)
@@ -673,8 +711,16 @@ class GPT(nn.Module):
     def head_weight(self) -> Tensor:
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
-    def hidden(self, ids: Tensor, qat: bool = False) -> Tensor:
-        """Final hidden states after the last RMS norm, [B, T, d]; `qat`: fake int6 weights."""
+    def layer_order(self, recur: bool) -> list[int]:
+        """The physical layer of each virtual layer: with `recur`, RECUR_LAYERS run again after
+        the last of them (mini depth recurrence, shared weights; docs/legal_stack.md)."""
+        L, R = self.cfg.num_layers, self.recur_ids if recur else ()
+        cut = R[-1] + 1 if R else L
+        return [*range(cut), *R, *range(cut, L)]
+
+    def hidden(self, ids: Tensor, qat: bool = False, recur: bool = False) -> Tensor:
+        """Final hidden states after the last RMS norm, [B, T, d]; `qat`: fake int6 weights;
+        `recur`: RECUR_LAYERS run twice. x: one stream, or two lanes [2, B, T, d]."""
         cfg = self.cfg
         x = self.tok_emb(ids)
         if self.bigram is not None:
@@ -684,18 +730,27 @@ class GPT(nn.Module):
         rope_dims = cfg.rope_dims or cfg.head_dim
         rope = rotary_cos_sin(ids.size(1), rope_dims, cfg.rope_base, ids.device, x.dtype)
         ve_base = self.ve_shared(ids, qat) if self.ve_shared is not None else None
-        for i, block in enumerate(self.blocks):
-            if i >= self.num_encoder and skips:  # U-Net: decoder i reads encoder outputs, LIFO
-                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
+        order = self.layer_order(recur)
+        encoder, rows = len(order) // 2, len(self.skip_weights)
+        for i, p in enumerate(order):
+            lanes = cfg.parallel_residual and p >= cfg.parallel_start_layer
+            if lanes and x.dim() == 3:
+                x = torch.stack((x, x))  # both lanes start as the stream
+            if i >= encoder and skips:  # U-Net: decoder i reads encoder outputs, LIFO
+                x = x + self.skip_weights[min(i - encoder, rows - 1)].to(x0.dtype) * skips.pop()
             ve = None
-            if i in cfg.ve_layer_ids:
-                ve = ve_base * self.ve_layer_scales[cfg.ve_layer_ids.index(i)].to(ve_base.dtype)
-            x, v_raw = block(x, x0, rope, v_first, ve, qat)
+            if p in self.ve_ids:
+                ve = ve_base * self.ve_layer_scales[self.ve_ids.index(p)].to(ve_base.dtype)
+            if lanes:
+                lam = (self.parallel_post_lambdas[p], self.parallel_resid_lambdas[p])
+                x, v_raw = self.blocks[p].parallel(x, x0, rope, v_first, ve, qat, lam)
+            else:
+                x, v_raw = self.blocks[p](x, x0, rope, v_first, ve, qat)
             if v_first is None:
                 v_first = v_raw
-            if i < self.num_encoder:
+            if i < encoder:
                 skips.append(x)
-        return rms(x)
+        return rms(x if x.dim() == 3 else (x[0] + x[1]) * 0.5)
 
     def logits(self, x: Tensor, qat: bool = False) -> Tensor:
         if self.lm_head is None:
@@ -705,9 +760,10 @@ class GPT(nn.Module):
         # Rounded once, as the original's compiled graph does.
         return (self.cfg.logit_softcap * torch.tanh(z.float() / self.cfg.logit_softcap)).to(z.dtype)
 
-    def forward(self, ids: Tensor, targets: Tensor, qat: bool = False) -> Tensor:
+    def forward(self, ids: Tensor, targets: Tensor, qat: bool = False,
+                recur: bool = False) -> Tensor:
         """The training loss: mean cross-entropy over every target."""
-        logits = self.logits(self.hidden(ids, qat), qat)
+        logits = self.logits(self.hidden(ids, qat, recur), qat)
         return F.cross_entropy(logits.float().reshape(-1, self.cfg.vocab_size), targets.reshape(-1))
 
 
@@ -821,6 +877,12 @@ def newton_schulz5(g: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
     return x.T if transposed else x
 
 
+def row_normalized_newton_schulz5(g: Tensor, steps: int) -> Tensor:
+    """MuonEq-R (record 2026-04-03): each row of g to unit norm (float32), then Newton-Schulz."""
+    return newton_schulz5(g / g.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(g.dtype),
+                          steps)
+
+
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum, orthogonalised by Newton-Schulz. Distributed, rank k % world_size
     orthogonalises parameter k and one all-reduce of a flat bf16 buffer shares the updates."""
@@ -896,7 +958,8 @@ def build_optimizers(model: GPT, cfg: OptimConfig, compiled: bool = False) -> li
     ]
     # Compiled on CUDA, as the original: eagerly, Newton-Schulz is thousands of small launches a
     # step. Fixed shapes: one graph per matrix shape, none re-traced as dynamic.
-    orthogonalize = torch.compile(newton_schulz5, dynamic=False) if compiled else newton_schulz5
+    orthogonalize = row_normalized_newton_schulz5 if cfg.muon_row_normalize else newton_schulz5
+    orthogonalize = torch.compile(orthogonalize, dynamic=False) if compiled else orthogonalize
     muon = Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum,
                 backend_steps=cfg.muon_backend_steps, weight_decay=cfg.muon_wd,
                 orthogonalize=orthogonalize)
@@ -1288,6 +1351,7 @@ class Diverged(Exception):
 class Trained:
     hidden_fn: object  # model.hidden, compiled on CUDA (validation and the post-EMA check)
     train_ms: float
+    recur: bool  # the model as the loop left it runs RECUR_LAYERS twice
 
 
 def check_finite(value: float, what: str) -> float:
@@ -1314,7 +1378,7 @@ class Trainer:
     def new_loader(self) -> DistributedTokenLoader:
         return DistributedTokenLoader(self.data.train_files, self.cfg.model.vocab_size, self.rt)
 
-    def gradients(self, qat: bool) -> Tensor:
+    def gradients(self, qat: bool, recur: bool) -> Tensor:
         """The step's mean loss, its gradients accumulated over the micro-steps."""
         t, total = self.cfg.train, torch.zeros((), device=self.rt.device)
         for micro in range(self.accum):
@@ -1323,7 +1387,7 @@ class Trainer:
             no_sync = self.rt.distributed and micro < self.accum - 1
             with self.ddp.no_sync() if no_sync else contextlib.nullcontext():
                 with self.rt.autocast():
-                    loss = self.ddp(x, y, qat=qat)
+                    loss = self.ddp(x, y, qat=qat, recur=recur)
                 (loss * (1.0 / self.accum)).backward()
             total += loss.detach()
         return total / self.accum
@@ -1332,9 +1396,9 @@ class Trainer:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
 
-    def step(self, qat: bool, lr_scale: float, momentum: float) -> Tensor:
+    def step(self, qat: bool, recur: bool, lr_scale: float, momentum: float) -> Tensor:
         self.zero_grad()
-        loss = self.gradients(qat)
+        loss = self.gradients(qat, recur)
         for group in self.muon.param_groups:
             group["momentum"] = momentum
         for opt in self.optimizers:
@@ -1347,33 +1411,37 @@ class Trainer:
         self.zero_grad()
         return loss
 
-    def validate(self) -> tuple[float, float]:
+    def validate(self, recur: bool) -> tuple[float, float]:
         t = self.cfg.train
-        sums = score_sequences(self.scoring(), t.train_seq_len, t.val_batch_size)
+        sums = score_sequences(self.scoring(recur=recur), t.train_seq_len, t.val_batch_size)
         return sums.result(self.rt)
 
-    def scoring(self, tokens: Tensor | None = None) -> "Scoring":
+    def scoring(self, tokens: Tensor | None = None, recur: bool = False) -> "Scoring":
         tokens = self.data.val_tokens if tokens is None else tokens
-        return Scoring(self.model, self.hidden_fn, tokens, self.data.luts, self.rt)
+        return Scoring(self.model, self.hidden_fn, tokens, self.data.luts, self.rt, recur)
 
     def warm_up(self) -> None:
         """Compiles every graph the timed loop uses (the step without and with late QAT, and
-        validation), then restores weights, optimizer states and data stream exactly."""
-        t, rt = self.cfg.train, self.rt
-        initial_model = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        validation; again recurrent with RECUR_LAYERS), then restores weights, optimizer
+        states and data stream exactly."""
+        t, rt, model = self.cfg.train, self.rt, self.model
+        initial_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         initial_opt = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
         qat_later = not t.qat_enabled and t.late_qat_threshold > 0 and t.late_qat_acts(rt.compile)
-        self.model.train()
-        for i in range(t.warmup_steps):
-            self.zero_grad()
-            self.gradients(t.qat_enabled or (qat_later and i >= t.warmup_steps // 2))
-            for opt in self.optimizers:
-                opt.step()
-            if i == 0:
-                warm = self.data.val_tokens[:rt.world_size * t.val_batch_size // ORIGINAL_WORLD + 1]
-                score_sequences(self.scoring(warm), t.train_seq_len, t.val_batch_size)
-            if t.warmup_steps <= 20 or (i + 1) % 10 == 0 or i + 1 == t.warmup_steps:
-                rt.log(f"warmup_step:{i + 1}/{t.warmup_steps}")
+        warm = self.data.val_tokens[:rt.world_size * t.val_batch_size // ORIGINAL_WORLD + 1]
+        model.train()
+        for recur in (False, True)[:1 + bool(model.recur_ids)]:
+            if recur:
+                rt.log(f"recurrence:prewarm active=1 virtual_layers:{len(model.layer_order(True))}")
+            for i in range(t.warmup_steps):
+                self.zero_grad()
+                self.gradients(t.qat_enabled or (qat_later and i >= t.warmup_steps // 2), recur)
+                for opt in self.optimizers:
+                    opt.step()
+                if i == 0:
+                    score_sequences(self.scoring(warm, recur), t.train_seq_len, t.val_batch_size)
+                if t.warmup_steps <= 20 or (i + 1) % 10 == 0 or i + 1 == t.warmup_steps:
+                    rt.log(f"warmup_step:{i + 1}/{t.warmup_steps}")
         self.model.load_state_dict(initial_model, strict=True)
         for opt, state in zip(self.optimizers, initial_opt):
             opt.load_state_dict(state)
@@ -1409,15 +1477,19 @@ def train(cfg: Config, rt: Runtime, model: GPT, data: Data, cap_seconds: float) 
         trainer.warm_up()
     schedule = Schedule.of(t, cfg.optim, cap_seconds)
     ema = EMA(model, t.ema_decay)
-    qat = switched = t.qat_enabled
-    stop_after, step = None, 0
+    qat, recur, stop_after, step = t.qat_enabled, False, None, 0
+    switched = qat
     clock = Clock(rt)
     try:
         while True:
+            if model.recur_ids and not recur and step >= t.recur_start_step:
+                recur = True  # never switched off again; nothing is copied (shared weights)
+                rt.log(f"recurrence:activated step:{step} layers:{list(model.recur_ids)} "
+                       f"virtual_layers:{len(model.layer_order(True))}")
             last = step == t.iterations or (stop_after is not None and step >= stop_after)
             if last or (t.val_loss_every > 0 and step % t.val_loss_every == 0):
                 clock.pause()
-                val_loss, val_bpb = trainer.validate()
+                val_loss, val_bpb = trainer.validate(recur)
                 rt.log(f"step:{step}/{t.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                        f"train_time:{clock.ms:.0f}ms step_avg:{clock.ms / max(step, 1):.2f}ms")
                 check_finite(val_loss, f"val_loss at step {step}")
@@ -1434,7 +1506,7 @@ def train(cfg: Config, rt: Runtime, model: GPT, data: Data, cap_seconds: float) 
                     rt.log(f"late_qat:enabled step:{step} scale:{scale:.4f}")
                 rt.log(f"late_qat:{'applied' if qat else 'skipped'} LATE_QAT={t.late_qat} "
                        f"compile:{rt.compile}")
-            train_loss = trainer.step(qat, scale, schedule.momentum(step))
+            train_loss = trainer.step(qat, recur, scale, schedule.momentum(step))
             ema.update()
             step += 1
             ms = clock.now_ms()
@@ -1448,7 +1520,38 @@ def train(cfg: Config, rt: Runtime, model: GPT, data: Data, cap_seconds: float) 
                f"reserved: {torch.cuda.max_memory_reserved() // 1024 // 1024} MiB")
     rt.log("ema:applying EMA weights")
     ema.apply()
-    return Trained(trainer.hidden_fn, clock.ms)
+    if cfg.model.parallel_residual:
+        rt.log("\n".join(lane_table(model, recur)))
+    return Trained(trainer.hidden_fn, clock.ms, recur)
+
+
+def lane_table(model: GPT, recur: bool) -> list[str]:
+    """The lanes' lambdas, a line per parallel virtual layer (record 2026-03-31's table; its
+    `final_lane=mlp` misnamed the mean)."""
+    S = model.cfg.parallel_start_layer
+    rows = [(i, p) for i, p in enumerate(model.layer_order(recur)) if p >= S]
+    lines = [f"parallel_residual:converged active=1 start_layer={S} start_mode=physical "
+             f"final_lane=mean used_layers={len(rows)}"]
+    for i, p in rows:
+        (aa, am), (ma, mm) = model.parallel_post_lambdas[p].tolist()
+        ar, mr = model.parallel_resid_lambdas[p].tolist()
+        lines.append(f"parallel_residual layer:{i} physical:{p} attn_resid:{ar:.4f} "
+                     f"attn_to_attn:{aa:.4f} attn_to_mlp:{am:.4f} mlp_resid:{mr:.4f} "
+                     f"mlp_to_attn:{ma:.4f} mlp_to_mlp:{mm:.4f}")
+    return lines
+
+
+def component_lines(cfg: Config) -> list[str]:
+    """The configuration lines of the accepted records' components that are on."""
+    m, training = cfg.model, not (cfg.run.eval_only or cfg.run.export_only)
+    lines = ["muon: row_normalize=1"] if cfg.optim.muon_row_normalize and training else []
+    if m.parallel_residual:
+        lines.append(f"parallel_residual: active=1 start_layer={m.parallel_start_layer} "
+                     f"start_mode=physical params={6 * m.num_layers}")
+    if m.recur_ids:
+        lines.append(f"recurrence: layers={list(m.recur_ids)} "
+                     f"start_step={cfg.train.recur_start_step} active={int(not training)}")
+    return lines
 
 
 def log_train_step(t: TrainConfig, rt: Runtime, step: int, loss: Tensor, ms: float, stopping: bool):
@@ -1638,8 +1741,9 @@ def gptq_modules(model: GPT) -> dict[str, nn.Module]:
 def calibrate(cfg: Config, rt: Runtime, model: GPT, data: Data, train_ms: float,
               micro_batches: int = 0) -> dict:
     """H = mean X^T X over GPTQ_CALIBRATION_BATCHES training batches, X each int6 linear's
-    input: float64 sums of the training micro-batches (any world size, one artifact), products
-    in TF32 on CUDA. `micro_batches`: only these, their sums returned as they are (timing)."""
+    input (at each use): float64 sums of the training micro-batches (any world size, one
+    artifact), products in TF32 on CUDA. `micro_batches`: only these, their sums returned as
+    they are (timing)."""
     t0, sums, last, batches = time.perf_counter(), {}, {}, cfg.export.gptq_calibration_batches
 
     def hook(name):
@@ -1657,7 +1761,8 @@ def calibrate(cfg: Config, rt: Runtime, model: GPT, data: Data, train_ms: float,
     model.eval()
     with torch.no_grad(), rt.autocast():
         for _ in range(micro_batches or batches * accum):
-            model.hidden(loader.next_batch(t.train_batch_tokens, t.train_seq_len, accum)[0])
+            x = loader.next_batch(t.train_batch_tokens, t.train_seq_len, accum)[0]
+            model.hidden(x, recur=bool(cfg.model.recur_ids))
     for handle in handles:
         handle.remove()
     if micro_batches:
@@ -1961,6 +2066,7 @@ class Scoring:
     tokens: Tensor
     luts: tuple[Tensor, ...]
     rt: Runtime
+    recur: bool = False  # hidden_fn's graph on RECUR_LAYERS run twice
 
     @property
     def n_targets(self) -> int:
@@ -1984,7 +2090,7 @@ def score_sequences(s: Scoring, seq_len: int, batch_tokens: int, collect: bool =
             chunk = F.pad(s.tokens[start:start + n + 1], (0, pad)).to(rt.device)
             x, y = chunk[:-1].reshape(-1, seq_len), chunk[1:].reshape(-1, seq_len)
             with rt.autocast():
-                logits = s.model.logits(s.hidden_fn(x)).float().reshape(-1, vocab)
+                logits = s.model.logits(s.hidden_fn(x, recur=s.recur)).float().reshape(-1, vocab)
                 nll = F.cross_entropy(logits, y.reshape(-1), reduction="none")[:n]
             sums.loss += nll.mean().double() * n
             sums.tokens += n
@@ -2082,7 +2188,7 @@ def window_pass(s: Scoring, plan: WindowPlan, batches: list[np.ndarray], rows: i
         pos = torch.from_numpy(np.flatnonzero(scored)).to(dev)
         where_t = torch.from_numpy(where[scored]).to(dev) if collect else None
         with torch.no_grad(), s.rt.autocast():
-            hid = s.hidden_fn(x)
+            hid = s.hidden_fn(x, recur=s.recur)
         x_pos, y_pos = x.reshape(-1)[pos], y.reshape(-1)[pos]
         yield Batch(idx, hid, y, scored, context, pos, x_pos, y_pos, where_t)
 
@@ -2270,12 +2376,12 @@ class TTTTrainer:
                 self.params.append(p)
         self.opt = torch.optim.SGD(self.params, lr=cfg.lr, momentum=cfg.momentum)
         self.loss_fn = rt.compiled(self.step_loss)
-        self.steps = 0
+        self.steps, self.recur = 0, bool(model.recur_ids)
 
     def step_loss(self, x: Tensor, y: Tensor, w: Tensor) -> Tensor:
         """The training loss, rows weighted by w."""
         with self.rt.autocast():
-            logits = self.model.logits(self.model.hidden(x, self.cfg.qat), self.cfg.qat)
+            logits = self.model.logits(self.model.hidden(x, self.cfg.qat, self.recur), self.cfg.qat)
         vocab = self.model.cfg.vocab_size
         nll = F.cross_entropy(logits.float().reshape(-1, vocab), y.reshape(-1), reduction="none")
         return (nll * w).sum()
@@ -2285,7 +2391,7 @@ class TTTTrainer:
         changes)."""
         L, dev, step = self.seq_len, self.rt.device, self.cfg.batch_seqs
         with torch.no_grad(), self.rt.autocast():
-            s.hidden_fn(torch.zeros(rows, L, dtype=torch.long, device=dev))
+            s.hidden_fn(torch.zeros(rows, L, dtype=torch.long, device=dev), recur=s.recur)
         self.model.train()
         for n in dict.fromkeys(min(step, n_seqs - i) for i in range(0, n_seqs, step)):
             r = -(-n // self.rt.world_size)
@@ -2339,7 +2445,7 @@ def eval_ttt(cfg: EvalConfig, rt: Runtime, model: GPT, tokens: Tensor, luts,
     bounds = ttt_chunk_windows(plan, n_targets, c.chunk_tokens)
     n_chunks = len(bounds) - 1
     trainer = TTTTrainer(c, rt, model, L)
-    s = Scoring(model, rt.compiled(model.hidden), tokens, luts, rt)
+    s = Scoring(model, rt.compiled(model.hidden), tokens, luts, rt, trainer.recur)
     # The sliding evaluation's rows (on any world size): its compiled graph serves.
     rows = min(cfg.slot.batch_seqs, int(np.diff(bounds).max()))
     trainer.warm_up(s, rows, c.chunk_tokens // L if n_chunks > 1 and c.epochs else 0)
@@ -2383,7 +2489,8 @@ def sliding_pass(cfg: EvalConfig, s: Scoring, stride: int, name: str,
 def evaluate(cfg: Config, rt: Runtime, model: GPT, data: Data) -> dict[str, Score]:
     """Every evaluation (docs/evaluation.md), on the round-tripped model, in the log's order."""
     e, L = cfg.eval, cfg.eval.seq_len
-    s = Scoring(model, rt.compiled(model.hidden), data.val_tokens, data.luts, rt)
+    s = Scoring(model, rt.compiled(model.hidden), data.val_tokens, data.luts, rt,
+                bool(model.recur_ids))
     scores = {}
     t0 = time.perf_counter()
     sums = score_sequences(s, L, cfg.train.val_batch_size)
@@ -2653,19 +2760,25 @@ def parse_value(name: str, raw: str, kind: str):
     return value
 
 
-# Settings the original had and this script does not: set to anything but their default, a
-# run stops instead of silently ignoring them.
+# Settings the original (or a record we take parts from) had and this script does not: set to
+# anything but their default (None: unset), a run stops instead of silently ignoring them.
 REMOVED_SETTINGS = {"MTP_NUM_HEADS": ("0", "the record trains no multi-token heads"),
                     "MTP_LOSS_WEIGHT": ("0.2", "it weighted the multi-token heads"),
-                    "DTG_ENABLED": ("0", "the record runs without the gate")}
+                    "DTG_ENABLED": ("0", "the record runs without the gate"),
+                    "PARALLEL_START_LAYER_IS_PHYSICAL": ("1", "lanes start at a physical layer"),
+                    "REPEAT_UNTIE_MLP": ("none", "untied repeat MLPs: +1.8 MB, over 16 MB"),
+                    "REPEAT_UNTIE_MLP_LAYERS": ("", "untied repeat MLPs"),
+                    "RECUR_WARMUP_STEPS": (None, "the warm-up compiles the recurrent graphs"),
+                    "DISABLE_LAYER0_ATTN": ("0", "the value residual reads layer 0's values")}
 
 
 def read_settings(env) -> dict[str, str]:
     """The variables this script reads, from the environment over PRESET's file."""
     preset = env.get("PRESET", "").strip()
     raw = {**(preset_defaults(preset) if preset else {}), **env}
+    off = ("0", "false", "off", "no")
     for name, (default, why) in REMOVED_SETTINGS.items():
-        if name in raw and raw[name].strip() not in (default, "false", "off", "no"):
+        if name in raw and raw[name].strip().lower() not in (off if default == "0" else (default,)):
             raise ConfigError(f"{name}={raw[name]!r} is not allowed: the setting was removed "
                               f"({why}); unset it")
     known = Config.variables()
@@ -2714,6 +2827,8 @@ def log_config(cfg: Config, rt: Runtime, model: GPT, data: Data) -> None:
     rt.log(f"val_loader:shards pattern={os.path.join(d.data_path, 'fineweb_val_*.bin')} "
            f"tokens:{data.val_tokens.numel() - 1}")
     rt.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    for line in component_lines(cfg):
+        rt.log(line)
     rt.log("\n".join(role_summary(model)))
     rt.log("mtp_num_heads:0 mtp_loss_weight:0.2 mtp_params:0")  # the original's line, no heads
     xsa = [i for i, b in enumerate(model.blocks) if b.attn.xsa]
@@ -2775,7 +2890,8 @@ def trained_model(cfg: Config, rt: Runtime, inputs: Inputs) -> tuple[GPT, Traine
         model = inputs.model
         log_config(cfg, rt, model, inputs.data)
         rt.log(f"export_only weights:{cfg.export.model_path} bytes:{inputs.weights_bytes}")
-        return model, Trained(rt.compiled(model.hidden), 0.0), inputs.weights_bytes
+        recur = bool(model.recur_ids)  # EXPORT_ONLY: recurrent iff RECUR_LAYERS is set
+        return model, Trained(rt.compiled(model.hidden), 0.0, recur), inputs.weights_bytes
     model = build_model(cfg.model, rt.device, cfg.run.seed, rt.attention)
     log_config(cfg, rt, model, inputs.data)
     reserve = gptq_reserve(cfg, rt, model, inputs.data)
@@ -2789,12 +2905,14 @@ def make_artifact(cfg: Config, rt: Runtime, inputs: Inputs, code: Code) -> GPT:
     """Train (or take the kept weights), save, calibrate, export: returns the evaluation model."""
     with stage("training"):
         model, trained, weights_bytes = trained_model(cfg, rt, inputs)
+    if not trained.recur:  # calibrated, recorded (sidecar) and scored without recurrence
+        cfg = replace(cfg, model=replace(cfg.model, recur_layers=""))
     with stage("export"):
         data, hessians = inputs.data, None
         if cfg.export.gptq_enabled:
             hessians = calibrate(cfg, rt, model, data, trained.train_ms)
         t0 = time.perf_counter()
-        s = Scoring(model, trained.hidden_fn, data.val_tokens, data.luts, rt)
+        s = Scoring(model, trained.hidden_fn, data.val_tokens, data.luts, rt, trained.recur)
         sums = score_sequences(s, cfg.train.train_seq_len, cfg.train.val_batch_size)
         val_loss, val_bpb = sums.result(rt)
         rt.log(f"DIAGNOSTIC post_ema val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "

@@ -320,13 +320,19 @@ ORIGINAL_DEFAULTS = [
 ]
 ORIGINAL_PATTERNS = ("attn_scale,attn_scales,mlp_scale,mlp_scales,resid_mix,resid_mixes,q_gain,"
                      "skip_weight,skip_weights,smear,dtg_gate,ve_layer_scales,ve_shared.scale")
-# Added by issue 19 and the reliability work.
+# Added by issue 19, the reliability work and issue 30.
 NEW_DEFAULTS = [("EXPORT_ONLY", "run.export_only", False),
                 ("MODEL_PATH", "export.model_path", "final_model.pt"),
                 ("COLLECTIVE_TIMEOUT_SECONDS", "run.collective_timeout_seconds", 300.0),
                 ("TTT_FLOAT32", "eval.ttt.float32", False),
                 ("ATTENTION_BACKEND", "run.attention_backend", "auto"),  # issue 29
-                ("LATE_QAT", "train.late_qat", "record")]
+                ("LATE_QAT", "train.late_qat", "record"),
+                # Issue 30: the accepted records' components (docs/legal_stack.md).
+                ("MUON_ROW_NORMALIZE", "optim.muon_row_normalize", False),
+                ("PARALLEL_RESIDUAL", "model.parallel_residual", False),
+                ("PARALLEL_START_LAYER", "model.parallel_start_layer", 7),
+                ("RECUR_LAYERS", "model.recur_layers", ""),
+                ("RECUR_START_STEP", "train.recur_start_step", 3000)]
 
 
 def lookup(cfg: tg.Config, path: str):

@@ -265,9 +265,9 @@ def test_step_shapes_are_fixed_and_ranks_pad_their_share(setup, monkeypatch):
     shapes = []
     hidden = tg.GPT.hidden
 
-    def spy(self, ids, qat=False):
+    def spy(self, ids, qat=False, recur=False):
         shapes.append((self.training, tuple(ids.shape)))
-        return hidden(self, ids, qat)
+        return hidden(self, ids, qat, recur)
 
     monkeypatch.setattr(tg.GPT, "hidden", spy)
     ttt(setup, ttt_chunk_tokens=160, ttt_batch_seqs=3)

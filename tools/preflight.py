@@ -176,7 +176,8 @@ def shrunk_config(env):
         (2 if m.xsa_last_n >= m.num_layers else 1),
         VE_LAYERS=",".join(map(str, sorted({0 if i == 0 else 1 for i in m.ve_layer_ids}) or [1])),
         BIGRAM_DIM=width(m.bigram_dim == m.model_dim, d), VE_DIM=width(m.ve_dim == m.kv_dim, kv),
-        TTT_FREEZE_BLOCKS=0)  # at most NUM_LAYERS: what it freezes is not compiled here
+        TTT_FREEZE_BLOCKS=0,  # at most NUM_LAYERS: what it freezes is not compiled here
+        RECUR_LAYERS="1" if m.recur_ids else "", PARALLEL_START_LAYER=1)  # lanes on layer 1
     return config({**env, **{k: str(v) for k, v in changed.items()}})
 
 
@@ -200,9 +201,9 @@ def check_compile(ctx: Context):
     t0 = time.perf_counter()
     try:  # the late-QAT branch is the superset of the training forward
         with torch.no_grad():
-            eager = model(x, y, qat=True).item()
+            eager = model(x, y, qat=True, recur=True).item()
             fn = torch.compile(model, dynamic=False, fullgraph=True, backend=backend)
-            compiled = fn(x, y, qat=True).item()
+            compiled = fn(x, y, qat=True, recur=True).item()
     except Exception as e:  # a graph break under fullgraph, a lowering error, no C++ compiler...
         raise CheckFailed(f"{type(e).__name__}: {first_line(e)}", desc) from None
     finally:

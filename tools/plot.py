@@ -1,0 +1,143 @@
+"""Runs side by side, as a picture: the train loss of each run by step and by training time,
+and each run's evaluation figures (val_bpb) by kind of score.
+
+    python -m tools.plot LOG... --out FILE.png
+    python -m tools.plot examples/cpu_demo/train_seed1337.log logs/legal_demo.txt --out x.png
+
+Each log is read with tools/runlog.py's reader (parse_log: a finished train_gpt.py run; any
+other file is refused with one line, and nothing is written). One colour per configuration:
+logs whose recorded settings differ only in SEED are the seeds of one configuration and share
+their colour (a line style each, their mean marked on the evaluation panel); two logs of one
+seed are two configurations, even when the settings the logs record do not tell them apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from tools.runlog import EVAL_TAGS, LogError, RunRecord, parse_log, step_times, train_losses
+
+STYLES = ("-", "--", ":", "-.")
+KIND_WORDS = {"accepted": "accepted", "causal_not_accepted": "causal, not accepted",
+              "not_causal": "not causal"}
+
+
+def configurations(records: list[RunRecord]) -> list[list[RunRecord]]:
+    """The runs grouped by configuration, in the order given: the settings and configuration
+    lines a log records, less its seed; a seed met twice starts another configuration."""
+    groups: list[tuple[tuple, list[RunRecord]]] = []
+    for r in records:
+        key = (sorted((k, v) for k, v in r.settings.items() if k != "SEED"),
+               sorted((k, v) for k, v in r.config.items() if k != "seed"))
+        group = next((g for k, g in groups if k == key and r.seed not in {x.seed for x in g}),
+                     None)
+        if group is None:
+            groups.append((key, [r]))
+        else:
+            group.append(r)
+    return [g for _, g in groups]
+
+
+def labels(groups: list[list[RunRecord]]) -> list[str]:
+    """Each configuration by its first log's name (with its folder where names repeat), and
+    its seeds."""
+    stems = [Path(r.path).stem for g in groups for r in g]
+    out = []
+    for g in groups:
+        first = Path(g[0].path)
+        name = first.stem if stems.count(first.stem) == 1 else f"{first.parent.name}/{first.stem}"
+        seeds = ", ".join(str(r.seed) for r in g)
+        out.append(f"{name} (seed{'s' if len(g) > 1 else ''} {seeds})")
+    return out
+
+
+def draw(records: list[RunRecord]):
+    """The figure: train loss by step, by training time, and the evaluations by kind."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    groups = configurations(records)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, (by_step, by_time, evals) = plt.subplots(1, 3, figsize=(16, 4.8),
+                                                  gridspec_kw=dict(width_ratios=(1, 1, 1.3)))
+    for gi, (group, label) in enumerate(zip(groups, labels(groups))):
+        colour = colours[gi % len(colours)]
+        for si, r in enumerate(group):
+            text = r.data.decode("utf-8")
+            losses, times = train_losses(text), step_times(text)
+            style = dict(color=colour, linestyle=STYLES[si % len(STYLES)], linewidth=1.2,
+                         label=label if si == 0 else None)
+            by_step.plot([s for s, _ in losses], [v for _, v in losses], **style)
+            by_time.plot([ms / 1000 for _, ms in times], [v for _, v in losses], **style)
+    for ax, xlabel, by in ((by_step, "step", "step"), (by_time, "training time (s)", "time")):
+        ax.set(xlabel=xlabel, ylabel="train loss", title=f"train loss by {by}")
+        ax.grid(alpha=0.3)
+    by_step.legend(fontsize=8)
+    draw_evaluations(evals, groups, colours)
+    fig.tight_layout()
+    return fig
+
+
+def draw_evaluations(ax, groups: list[list[RunRecord]], colours: list[str]) -> None:
+    """val_bpb of every evaluation a run holds, grouped by evaluation; each seed a point, the
+    configuration's mean a short line; the tick says the score's kind."""
+    names = [n for n in EVAL_TAGS if any(n in r.evals for g in groups for r in g)]
+    width = 0.8 / max(len(groups), 1)
+    for gi, group in enumerate(groups):
+        colour = colours[gi % len(colours)]
+        for xi, name in enumerate(names):
+            values = [r.evals[name].val_bpb for r in group if name in r.evals]
+            if not values:
+                continue
+            x = xi - 0.4 + width * (gi + 0.5)
+            ax.scatter([x] * len(values), values, color=colour, s=18, zorder=3)
+            mean = sum(values) / len(values)
+            ax.hlines(mean, x - width / 2.5, x + width / 2.5, color=colour, linewidth=2)
+            ax.annotate(f"{mean:.4f}", (x, mean), textcoords="offset points", xytext=(0, 4),
+                        ha="center", fontsize=7, color=colour)
+    kinds = []
+    for name in names:
+        found = {r.evals[name].kind for g in groups for r in g if name in r.evals} - {None}
+        kinds.append(KIND_WORDS.get(found.pop(), "") if len(found) == 1 else "")
+    ax.set_xticks(range(len(names)), [f"{EVAL_TAGS[n]}\n{k}" for n, k in zip(names, kinds)],
+                  fontsize=7, rotation=20, ha="right")
+    ax.set(ylabel="val_bpb", title="evaluations (val_bpb, lower is better)")
+    ax.grid(axis="y", alpha=0.3)
+
+
+def save(fig, out: Path) -> None:
+    """Written beside the target, then renamed: never a half-written picture."""
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp{out.suffix}")
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.plot", description=__doc__.split("\n\n")[0])
+    p.add_argument("logs", nargs="+", help="train_gpt.py logs of finished runs")
+    p.add_argument("--out", required=True, type=Path, help="the picture (.png)")
+    a = p.parse_args(argv)
+    if a.out.suffix.lower() != ".png" or not a.out.parent.is_dir():
+        print(f"error: --out {a.out}: expected a .png file in an existing folder", file=sys.stderr)
+        return 2
+    try:
+        records = [parse_log(path) for path in a.logs]
+    except LogError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    fig = draw(records)
+    save(fig, a.out)
+    print(f"wrote {a.out}: {len(records)} run(s) in {len(configurations(records))} "
+          f"configuration(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
