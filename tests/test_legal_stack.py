@@ -375,7 +375,7 @@ def test_gptq_hessians_sum_both_uses_of_a_recurrent_layer(small_root, monkeypatc
     accum = t.grad_accum_steps(1)
     with torch.no_grad():
         for _ in range(2 * accum):
-            span = stream.take(t.train_batch_tokens // accum + 1)
+            span = torch.from_numpy(stream.take(t.train_batch_tokens // accum + 1).astype("int64"))
             model.hidden(span[:-1].reshape(-1, t.train_seq_len), recur=True)
     for handle in handles:
         handle.remove()

@@ -1,4 +1,4 @@
-"""tools.plot: runs side by side as a picture, read through tools/runlog.py's reader; the seeds
+"""tools.plot: runs side by side as a picture, read through the record reader (tools.submission.parse_log); the seeds
 of one configuration share a colour; anything but a finished run's log is refused with one
 line and nothing is written."""
 
@@ -9,7 +9,8 @@ import pytest
 from matplotlib.collections import PathCollection
 
 from tools import plot
-from tools.runlog import parse_log, step_times, train_losses
+from tools.runlog import step_times, train_losses
+from tools.submission import parse_log
 
 DEMO_LOG = Path(__file__).resolve().parents[1] / "examples" / "cpu_demo" / "train_seed1337.log"
 

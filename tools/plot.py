@@ -4,7 +4,7 @@ and each run's evaluation figures (val_bpb) by kind of score.
     python -m tools.plot LOG... --out FILE.png
     python -m tools.plot examples/cpu_demo/train_seed1337.log logs/legal_demo.txt --out x.png
 
-Each log is read with tools/runlog.py's reader (parse_log: a finished train_gpt.py run; any
+Each log is read with the record reader (tools.submission.parse_log: a finished train_gpt.py run; any
 other file is refused with one line, and nothing is written). One colour per configuration:
 logs whose recorded settings differ only in SEED are the seeds of one configuration and share
 their colour (a line style each, their mean marked on the evaluation panel); two logs of one
@@ -14,11 +14,13 @@ seed are two configurations, even when the settings the logs record do not tell 
 from __future__ import annotations
 
 import argparse
-import os
+import io
 import sys
 from pathlib import Path
 
-from tools.runlog import EVAL_TAGS, LogError, RunRecord, parse_log, step_times, train_losses
+from tools._files import write_atomic
+from tools.runlog import EVAL_TAGS, step_times, train_losses
+from tools.submission import RunRecord, SubmissionError, parse_log
 
 STYLES = ("-", "--", ":", "-.")
 KIND_WORDS = {"accepted": "accepted", "causal_not_accepted": "causal, not accepted",
@@ -110,13 +112,9 @@ def draw_evaluations(ax, groups: list[list[RunRecord]], colours: list[str]) -> N
 
 
 def save(fig, out: Path) -> None:
-    """Written beside the target, then renamed: never a half-written picture."""
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp{out.suffix}")
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    write_atomic(out, buf.getvalue())  # never a half-written picture
 
 
 def main(argv=None) -> int:
@@ -129,7 +127,7 @@ def main(argv=None) -> int:
         return 2
     try:
         records = [parse_log(path) for path in a.logs]
-    except LogError as e:
+    except SubmissionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     fig = draw(records)

@@ -207,6 +207,11 @@ def step_times(log: Log) -> list[tuple[int, float]]:
     return [(int(m["step"]), float(m["train_time"])) for m in find("train_step", log)]
 
 
+def train_losses(log: Log) -> list[tuple[int, float]]:
+    """(step, train_loss) of every logged training step."""
+    return [(int(m["step"]), float(m["train_loss"])) for m in find("train_step", log)]
+
+
 def mean_step_ms(steps: list[tuple[int, float]], skip: int) -> tuple[float, int, int]:
     """Mean ms per step from the `skip`-th logged step to the last (the first steps include
     compilation for new shapes): (ms, first step, last step)."""
