@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from tools._files import write_atomic
-from tools._packed import EXEC_LINE, MAIN_LINE, packed_files
+from tools._packed import packed_files
+from tools._packed import unpacked as read_packed
 
 SIZE_GOAL = 20_000  # bytes: what the packed file should stay under
 SIZE_LIMIT = 35_000  # bytes: the most the project's rules allow for the packed script
@@ -33,14 +34,11 @@ def pack(source: str) -> tuple[bytes, str, dict[str, int]]:
     return files[codec], codec, {c: len(data) for c, data in files.items()}
 
 
-def unpacked(data: bytes, path: str = "<packed>") -> str:
-    """The source a packed file decompresses, by running its loader's first lines (the literal
-    read by Python's own tokenizer, as when the file runs) without executing the script."""
-    if not data.endswith(EXEC_LINE + MAIN_LINE):
-        raise PackError(f"{path}: not a file written by tools.pack (its last lines differ)")
-    namespace = {"__file__": path, "__name__": "tools.pack.check"}
-    exec(compile(data[:len(data) - len(EXEC_LINE + MAIN_LINE)], path, "exec"), namespace)
-    return namespace["s"]
+def unpacked(data: bytes) -> str:
+    """The source of a packed file, read as tools.submission reads it (nothing executed)."""
+    if (found := read_packed(data)) is None:
+        raise PackError("not a file written by tools.pack")
+    return found[1]
 
 
 def minify(source: str, path: str) -> str:
