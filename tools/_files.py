@@ -16,7 +16,7 @@ HEADER_BYTES = HEADER_INTS * 4
 
 
 class ShardError(Exception):
-    """A shard that cannot be read; the message names the file."""
+    """A shard (or, in tools.data, any input) that cannot be used; the message names it."""
 
 
 def write_atomic(path, data: bytes) -> None:

@@ -221,10 +221,13 @@ def format_table(results: list[ModeResult]) -> str:
                      for row in rows)
 
 
+def failing(results: list[ModeResult], strict: bool) -> list[ModeResult]:
+    """The modes that fail the run: with strict, every one not causal."""
+    return [x for x in results if (x.verdict != "causal" if strict else not x.as_expected)]
+
+
 def exit_code(results: list[ModeResult], strict: bool) -> int:
-    if strict:
-        return 0 if all(x.verdict == "causal" for x in results) else 1
-    return 0 if all(x.as_expected for x in results) else 1
+    return 1 if failing(results, strict) else 0
 
 
 def parse_args(argv):
@@ -262,16 +265,13 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_report(report))
-    code = exit_code(report.results, a.strict)
-    if code == 0:
-        why = "" if a.strict else " (verdicts as expected; SLOT scored fits the targets it scores)"
-        print("result: PASS" + why)
-    else:
-        bad = [LABELS[x.mode] for x in report.results
-               if (x.verdict != "causal" if a.strict else not x.as_expected)]
+    if bad := [LABELS[x.mode] for x in failing(report.results, a.strict)]:
         what = "not causal" if a.strict else "not as expected"
         print(f"result: FAIL ({', '.join(bad)}: {what})")
-    return code
+        return 1
+    why = "" if a.strict else " (verdicts as expected; SLOT scored fits the targets it scores)"
+    print("result: PASS" + why)
+    return 0
 
 
 if __name__ == "__main__":

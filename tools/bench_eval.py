@@ -46,10 +46,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--slot-steps", type=int, default=48, help="SLOT_STEPS")
     p.add_argument("--slot-batch", type=int, default=32, help="SLOT_BATCH_SEQS")
     p.add_argument("--tokens", type=int, default=16384, help="validation targets")
-    p.add_argument("--val", default=None,
-                   help="a folder of fineweb_val_*.bin shards (default: a random stream)")
-    p.add_argument("--tokenizer", default=None,
-                   help="SentencePiece model for the byte tables (default: random)")
     p.add_argument("--orig-windows", type=int, default=2,
                    help="windows to time the original-style SLOT on (0 skips it)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -112,10 +108,6 @@ def bench_env(a: argparse.Namespace, device: torch.device) -> dict[str, str]:
                EVAL_STRIDE=a.stride, SLOT_STEPS=a.slot_steps, SLOT_BATCH_SEQS=a.slot_batch,
                SLOT_MODE="scored", DEVICE=device.type, CPU_THREADS=max(a.threads, 0),
                RUN_ID="bench_eval")
-    if a.val:  # the tokenizer is checked against the shards' manifest, as in a run
-        env.update(DATA_PATH=a.val)
-    if a.tokenizer:
-        env.update(TOKENIZER_PATH=a.tokenizer)
     if not a.record:
         ve_layers = ",".join(str(i) for i in range(max(a.layers - 2, 0), a.layers))
         env.update(NUM_LAYERS=a.layers, MODEL_DIM=a.dim, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=3,
@@ -137,17 +129,13 @@ def random_weights(model, seed: int):
 
 
 def stream_and_luts(a: argparse.Namespace, cfg, device: torch.device):
-    """The validation tokens (shards or random) and the byte tables (a tokenizer's or random)."""
+    """A random stream and random byte tables: the weights are random too, so real text would
+    change no timing and give no meaningful val_bpb."""
     g = torch.Generator().manual_seed(a.seed + 1)
     vocab, L = cfg.model.vocab_size, cfg.eval.seq_len
-    if a.val:
-        tokens = tg.load_validation_tokens(tg.shard_files(a.val, "val"), 1, vocab)[: a.tokens + 1]
-    else:
-        tokens = torch.randint(0, vocab, (a.tokens + 1,), generator=g)
-    if tokens.numel() <= L:
-        raise tg.ConfigError(f"--tokens={tokens.numel() - 1}: expected more than one window of {L}")
-    if a.tokenizer:
-        return tokens, tg.build_byte_luts(tg.load_tokenizer(cfg.data, vocab), vocab, device)
+    if a.tokens < L:
+        raise tg.ConfigError(f"--tokens={a.tokens}: expected more than one window of {L}")
+    tokens = torch.randint(0, vocab, (a.tokens + 1,), generator=g)
     boundary = torch.zeros(vocab, dtype=torch.bool)
     boundary[:4] = True
     luts = (torch.randint(1, 5, (vocab,), generator=g).to(torch.int16),
@@ -237,8 +225,7 @@ def bench(a: argparse.Namespace, device: torch.device) -> int:
           f"dim:{m.model_dim} vocab:{m.vocab_size} "
           f"params:{sum(p.numel() for p in model.parameters()):,} L:{e.seq_len} "
           f"stride:{e.stride} targets:{s.n_targets:,} windows:{n_windows} "
-          f"slot_steps:{e.slot.steps} slot_batch:{e.slot.batch_seqs} "
-          f"stream:{'val shards' if a.val else 'random'}")
+          f"slot_steps:{e.slot.steps} slot_batch:{e.slot.batch_seqs} stream:random")
     cpu = device.type == "cpu"
     rows, parts, ratios = time_evaluations(a, env, cfg, s, n_windows, use=1 if cpu else 0)
     print(f"\n{'evaluation':<46}{'wall s':>10}{'cpu s' if cpu else '':>10}{'val_bpb':>10}")

@@ -1,12 +1,5 @@
 """Data for train_gpt.py: FineWeb shards from the challenge hub, shards made from local text,
-an offline demo corpus, and shard checks.
-
-    python -m tools.data download [--variant sp1024] [--train-shards 80] [--root .]
-                                  [--repo-id OWNER/NAME] [--remote-root FOLDER]
-    python -m tools.data shards INPUT... --out DIR
-                                (--tokenizer MODEL | --train-tokenizer --tokenizer-out PATH)
-    python -m tools.data demo [--root .]
-    python -m tools.data verify DIR [--vocab-size N]
+an offline demo corpus, and shard checks (`python -m tools.data --help` lists the commands).
 
 Shard file: 256 little-endian int32 (magic, version, token count N, zeros), then N
 little-endian uint16 tokens; every document starts with BOS (id 1). Each shard folder this tool
@@ -35,10 +28,10 @@ import sentencepiece as spm
 
 # The shard format, its reader and the atomic writer, without torch: the data tools run
 # before any PyTorch is installed. tests/test_data.py holds them to train_gpt.py's own copies.
-from tools._files import HEADER_INTS, ShardError, shard_bytes, write_atomic
+# read_shard checks a shard as train_gpt.load_data_shard does (same verdicts, same messages).
+from tools._files import HEADER_INTS, ShardError, read_shard, shard_bytes, write_atomic
 from tools._files import SHARD_MAGIC as MAGIC
 from tools._files import SHARD_VERSION as VERSION
-from tools._files import read_shard as _read_shard
 
 MAX_VOCAB = 1 << 16  # tokens are stored as uint16
 SHARD_TOKENS, VAL_DOCS, TRAIN_VOCAB = 10**8, 50_000, 1024
@@ -65,8 +58,9 @@ DEMO_MAX_BYTES = 4_000_000  # bounds the build time whatever the Python version
 DEMO_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 
 
-class DataError(Exception):
-    """A file or input is unusable; the message names it and says what is wrong."""
+# A file or input is unusable; the message names it and says what is wrong. The shard reader's
+# own error, so that its refusals need no translating.
+DataError = ShardError
 
 
 # ---------------------------------------------------------------- files and shards
@@ -129,15 +123,6 @@ def write_shard(path: str | os.PathLike, tokens) -> None:
         raise DataError(f"{path}: token ids must lie in 0..{MAX_VOCAB - 1}, "
                         f"got {tokens.min()}..{tokens.max()}")
     write_atomic(path, shard_bytes(tokens))
-
-
-def read_shard(path: str | os.PathLike) -> np.ndarray:
-    """The shard's tokens (uint16, memory-mapped), checked as train_gpt.load_data_shard checks
-    them (same verdicts, same messages), so that the tools accept exactly what training accepts."""
-    try:
-        return _read_shard(path)
-    except ShardError as e:
-        raise DataError(str(e)) from None
 
 
 def verify_shard(path: str | os.PathLike, vocab_size: int | None = None) -> tuple[int, int]:
