@@ -320,8 +320,6 @@ def build_shards(inputs: list[Path], out_dir: Path, *, tokenizer: Path | None,
                  val_docs: int, shard_tokens: int) -> dict:
     """Shards from .txt/.jsonl inputs, with a given or a freshly trained tokenizer."""
     for path in inputs:
-        if path.is_dir():
-            raise DataError(f"{path}: is a folder; expected a .txt or .jsonl file")
         if path.suffix not in (".txt", ".jsonl"):
             raise DataError(f"{path}: unsupported input (expected .txt or .jsonl)")
         _require_file(path, "a .txt or .jsonl file")
