@@ -50,8 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="windows to time the original-style SLOT on (0 skips it)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (small kernels on a shared CPU run steadier on one; "
-                        "0 keeps torch's choice)")
+                   help="CPU_THREADS (small kernels on a shared CPU run steadier on one; 0 keeps "
+                        "torch's choice)")
     p.add_argument("--ttt-chunk", type=int, default=4096,
                    help="TTT_CHUNK_TOKENS for (e) (two 2048-token sequences; the record's 32768 "
                         "needs a stream of several times that; 0 skips (e))")
@@ -280,8 +280,6 @@ def time_evaluations(a, env: dict, cfg, s, n_windows: int, use: int):
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    if a.threads > 0:
-        torch.set_num_threads(a.threads)
     use_cuda = a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
     try:
         return bench(a, torch.device("cuda" if use_cuda else "cpu"))
