@@ -16,11 +16,13 @@ import io
 import re
 import sys
 import tokenize
+from itertools import takewhile
 from dataclasses import fields
 from pathlib import Path
 
 from tools._common import REPO_ROOT, import_train_gpt
 from tools._files import write_atomic
+from tools.runlog import env_value
 
 PAGE = REPO_ROOT / "docs" / "settings.md"
 # What train_gpt.parse_value accepts for a field whose declaration states nothing more.
@@ -79,10 +81,6 @@ def section_paths(tg) -> dict[type, str]:
     return paths
 
 
-def class_nodes(tree: ast.Module, names: set[str]) -> dict[str, ast.ClassDef]:
-    return {n.name: n for n in tree.body if isinstance(n, ast.ClassDef) and n.name in names}
-
-
 def comments_by_line(source: str) -> dict[int, str]:
     tokens = tokenize.generate_tokens(io.StringIO(source).readline)
     return {t.start[0]: t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT}
@@ -139,9 +137,7 @@ def constraints(nodes: dict[str, ast.ClassDef], classes: dict[str, type], tg) ->
 
 
 def shown(value) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    return "(empty)" if value == "" else str(value)
+    return "(empty)" if value == "" else env_value(value)
 
 
 def cell(text: str) -> str:
@@ -151,7 +147,8 @@ def cell(text: str) -> str:
 def settings_tables(tg, source: str) -> list[str]:
     paths = section_paths(tg)
     classes = {c.__name__: c for c in [*tg.Config.SECTIONS, tg.Config]}
-    nodes = class_nodes(ast.parse(source), set(classes))
+    nodes = {n.name: n for n in ast.parse(source).body
+             if isinstance(n, ast.ClassDef) and n.name in classes}
     comments = comments_by_line(source)
     rules = constraints(nodes, classes, tg)
     lines = []
@@ -174,11 +171,7 @@ def preset_lines(tg) -> list[str]:
              "variables; a variable set in the environment overrides the preset's value.", ""]
     for path in sorted((REPO_ROOT / "presets").glob("*.env")):
         text = path.read_text(encoding="utf-8").splitlines()
-        intro = []
-        for line in text:
-            if not line.startswith("#"):
-                break
-            intro.append(line.lstrip("#").strip())
+        intro = [line.lstrip("#").strip() for line in takewhile(lambda x: x[:1] == "#", text)]
         names = [line.split("=", 1)[0] for line in text if "=" in line and line[0] != "#"]
         lines += [f"- [`{path.stem}`](../presets/{path.name}): {' '.join(intro)}",
                   f"  Sets {', '.join(f'`{n}`' for n in names)}."]
@@ -214,8 +207,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     text = render()
     if args.check:
-        current = args.out.read_text(encoding="utf-8") if args.out.exists() else None
-        if current != text:
+        if not args.out.exists() or args.out.read_text(encoding="utf-8") != text:
             print(f"{args.out} is stale: run `python -m tools.settings_doc`", file=sys.stderr)
             return 1
         print(f"{args.out} is up to date")

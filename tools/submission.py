@@ -72,8 +72,6 @@ class SubmissionError(Exception):
     """A refusal: the message names the log (when there is one) and the reason."""
 
 
-# ----------------------------------------------------------------------------- a run's record
-
 SEPARATOR = "=" * 100
 
 
@@ -115,8 +113,7 @@ class RunRecord:
         return self.training_time_ms / 1000.0
 
     @property
-    def eval_time_seconds(self) -> float:
-        """All the run's evaluations together, as their lines report them."""
+    def eval_time_seconds(self) -> float:  # all the run's evaluations together
         return sum(e.eval_time_ms or 0.0 for e in self.evals.values()) / 1000.0
 
     @property
@@ -240,11 +237,15 @@ def _score_kinds(body: list[str], evals: dict[str, EvalResult], summary_due: boo
                          f"evaluations are {', '.join(evaluated)}: the log is cut in its closing "
                          "summary")
     for tag, m in scores.items():
-        result = evals[known[tag]]
-        if float(m["val_bpb"]) != result.val_bpb:
-            raise ValueError(f"score:{tag} val_bpb:{m['val_bpb']} is not its {result.line} "
-                             f"line's {result.val_bpb:.8f}: the log disagrees with itself")
-        result.kind = m["kind"]
+        name, ours = known[tag], SCORES[known[tag]].kind
+        if float(m["val_bpb"]) != evals[name].val_bpb:
+            raise ValueError(f"score:{tag} val_bpb:{m['val_bpb']} is not its {evals[name].line} "
+                             f"line's {evals[name].val_bpb:.8f}: the log disagrees with itself")
+        if m["kind"] != LOG_KINDS[ours]:
+            raise ValueError(f"its score:{tag} line says kind:{m['kind']}, but tools.submission "
+                             f"counts '{name}' as {ours}: train_gpt.SCORE_KINDS and "
+                             "tools.submission.SCORES disagree")
+        evals[name].kind = m["kind"]
 
 
 LEGACY_FIELDS = ("tokenizer_path", "iterations", "max_wallclock_seconds", "warmup_steps",
@@ -334,23 +335,13 @@ def _parse(path: str, data: bytes) -> RunRecord:
 
 
 def parse_log(path: str | os.PathLike) -> RunRecord:
-    """One train_gpt.py log; SubmissionError when it is unreadable, incomplete, cut,
-    interrupted, breaks a line's format, or when its score: lines give a kind other than SCORES
-    does."""
+    """One train_gpt.py log of a finished run; SubmissionError naming the log otherwise."""
     try:
-        record = _parse(str(path), Path(path).read_bytes())
+        return _parse(str(path), Path(path).read_bytes())
     except OSError as exc:
         raise SubmissionError(f"{path}: cannot read ({exc.strerror})") from None
     except ValueError as exc:
         raise SubmissionError(f"{path}: {exc}") from None
-    for name, result in record.evals.items():
-        ours = SCORES[name].kind
-        if result.kind is not None and result.kind != LOG_KINDS[ours]:
-            raise SubmissionError(
-                f"{record.path}: its score:{EVAL_TAGS[name]} line says kind:{result.kind}, but "
-                f"tools.submission counts '{name}' as {ours}: train_gpt.SCORE_KINDS and "
-                "tools.submission.SCORES disagree")
-    return record
 
 
 @dataclass(frozen=True)
@@ -395,8 +386,6 @@ def check_consistent(records: Sequence[RunRecord]) -> None:
                                   f"{seen[record.seed]}: each run needs its own seed")
         seen[record.seed] = record.path
 
-
-# ----------------------------------------------------------------------------- the script
 
 
 def recover_script(records: Sequence[RunRecord], given: Path | None = None) -> Script:
@@ -451,8 +440,6 @@ def _given_script(path: Path, source: str | None, code: int) -> Script:
     form = f"packed ({packed[0]})" if packed else "plain"
     return Script(data, form, f"given with --script ({path.name})", runs, warnings)
 
-
-# ----------------------------------------------------------------------------- scores
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -578,8 +565,6 @@ def _warnings(records: Sequence[RunRecord], score: str, script: Script | None,
     return out + [f"{r.path}: the run warned: {message}" for r in records for message in r.warnings]
 
 
-# ----------------------------------------------------------------------------- submission.json
-
 
 def declared_defaults(source: str) -> dict[str, str]:
     """The settings' defaults as this project's script declares them, read from its source
@@ -701,15 +686,13 @@ def requirements(script: Script, records: Sequence[RunRecord]) -> str:
     if torch:
         lines.append(f"# The logs ran PyTorch {torch}: install that build from PyTorch's index.")
     lines += [name + (f"=={torch.split('+')[0]}" if name == "torch" and torch else "")
-              for name in sorted(k for k, required in found.items() if required)]
+              for name in sorted(found) if found[name]]
     notes = {"flash_attn_interface": "FlashAttention 3 for Hopper GPUs, built from its own "
                                      "repository; PyTorch SDPA is used without it"}
     lines += [f"# optional: {name} ({notes.get(name, 'imported when installed')})"
-              for name in sorted(k for k, required in found.items() if not required)]
+              for name in sorted(found) if not found[name]]
     return "\n".join(lines) + "\n"
 
-
-# ----------------------------------------------------------------------------- README.md
 
 
 def results_table(records: Sequence[RunRecord], s: dict) -> str:
@@ -817,8 +800,6 @@ def render_readme(s: dict, records: Sequence[RunRecord]) -> str:
                                   "figure is theirs."]) + "\n"
 
 
-# ----------------------------------------------------------------------------- the folder
-
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
@@ -919,8 +900,6 @@ def summary(files: dict[str, bytes], s: dict, records: list[RunRecord], out: Pat
                  f"{s['script']['form']}), {', '.join(n for n in files if n != 'train_gpt.py')}")
     return "\n".join(lines)
 
-
-# ----------------------------------------------------------------------------- command line
 
 
 def _iso_date(text: str) -> str:
