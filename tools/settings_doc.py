@@ -1,8 +1,6 @@
-"""docs/settings.md, generated from the settings' own declarations in train_gpt.py, so that the
-page cannot drift from the code: each field of the frozen Config sections gives its variable
-(the section's PREFIX + the field name in capitals), its default and the values it accepts (the
-field's `expect`, and the section checks' `need(...)` calls that name it); the trailing comment
-on its declaration gives its meaning.
+"""docs/settings.md, generated from the settings' declarations in train_gpt.py so that it
+cannot drift: variable, default, accepted values (`expect` and the checks' `need(...)` calls)
+and meaning (the declaration's trailing comment).
 
     python -m tools.settings_doc            # writes docs/settings.md
     python -m tools.settings_doc --check    # exit 1 when docs/settings.md is stale
@@ -81,11 +79,6 @@ def section_paths(tg) -> dict[type, str]:
     return paths
 
 
-def comments_by_line(source: str) -> dict[int, str]:
-    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
-    return {t.start[0]: t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT}
-
-
 def meanings(node: ast.ClassDef, comments: dict[int, str]) -> dict[str, str]:
     """Field name -> the comments on its declaration's lines."""
     out = {}
@@ -149,7 +142,9 @@ def settings_tables(tg, source: str) -> list[str]:
     classes = {c.__name__: c for c in [*tg.Config.SECTIONS, tg.Config]}
     nodes = {n.name: n for n in ast.parse(source).body
              if isinstance(n, ast.ClassDef) and n.name in classes}
-    comments = comments_by_line(source)
+    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+    comments = {t.start[0]: t.string.lstrip("#").strip() for t in tokens
+                if t.type == tokenize.COMMENT}
     rules = constraints(nodes, classes, tg)
     lines = []
     for section in tg.Config.SECTIONS:
@@ -185,11 +180,9 @@ def removed_lines(tg) -> list[str]:
              "them.", "", "| variable | accepted value | why it was removed |", "|---|---|---|"]
     for name, (default, why) in tg.REMOVED_SETTINGS.items():
         lines.append(f"| `{name}` | `{default}` | {cell(why)} |")
-    if hasattr(tg, "misspelt_settings"):
-        lines += ["", "An upper-case variable within two edits of a setting's name "
-                  "(`SLOT_STPES`) gets a `WARNING:` line in the log naming the setting it "
-                  "resembles."]
-    return lines + [""]
+    return lines + ["", "An upper-case variable within two edits of a setting's name "
+                    "(`SLOT_STPES`) gets a `WARNING:` line in the log naming the setting it "
+                    "resembles.", ""]
 
 
 def render() -> str:
