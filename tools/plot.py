@@ -105,12 +105,6 @@ def draw_evaluations(ax, groups: list[list[RunRecord]], colours: list[str]) -> N
     ax.grid(axis="y", alpha=0.3)
 
 
-def save(fig, out: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    write_atomic(out, buf.getvalue())  # never a half-written picture
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.plot", description=__doc__.split("\n\n")[0])
     p.add_argument("logs", nargs="+", help="train_gpt.py logs of finished runs")
@@ -124,7 +118,9 @@ def main(argv=None) -> int:
     except SubmissionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    save(draw(records), a.out)
+    buf = io.BytesIO()
+    draw(records).savefig(buf, format="png", dpi=110)
+    write_atomic(a.out, buf.getvalue())  # never a half-written picture
     print(f"wrote {a.out}: {len(records)} run(s) in {len(configurations(records))} "
           f"configuration(s)")
     return 0

@@ -816,16 +816,15 @@ def write_folder(out: Path, files: dict[str, bytes], force: bool = False) -> Non
         tmp.mkdir()
         for name, data in files.items():
             write_atomic(tmp / name, data)
-        if not out.exists():
-            os.rename(tmp, out)
-            return
-        os.rename(out, old)
+        if out.exists():
+            os.rename(out, old)
         try:
             os.rename(tmp, out)
         except OSError:
-            os.rename(old, out)
+            if old.exists():
+                os.rename(old, out)
             raise
-        shutil.rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
