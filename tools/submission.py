@@ -376,7 +376,6 @@ def check_consistent(records: Sequence[RunRecord]) -> None:
         seen[record.seed] = record.path
 
 
-
 def recover_script(records: Sequence[RunRecord], given: Path | None = None) -> Script:
     """The logged source, the packed file re-made from it (packing is deterministic: the logged
     Code size tells), or --script."""
@@ -426,7 +425,6 @@ def _given_script(path: Path, source: str | None, code: int) -> Script:
         "their artifact totals counted a script of another size",)
     form = f"packed ({packed[0]})" if packed else "plain"
     return Script(data, form, f"given with --script ({path.name})", runs, warnings)
-
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -541,7 +539,6 @@ def _warnings(records: Sequence[RunRecord], score: str, script: Script | None,
                                      f"{where} {EVAL_S:g} s"}
         out += [f"{r.path}: {text}" for key, text in broken.items() if not met[key]]
     return out + [f"{r.path}: the run warned: {message}" for r in records for message in r.warnings]
-
 
 
 def declared_defaults(source: str) -> dict[str, str]:
@@ -669,7 +666,6 @@ def requirements(script: Script, records: Sequence[RunRecord]) -> str:
     return "\n".join(lines) + "\n"
 
 
-
 def results_table(records: Sequence[RunRecord], s: dict) -> str:
     """A row per seed, then mean and std; a column per score, with its kind."""
     columns = [("steps", lambda r: r.steps, "{:,.1f}"),
@@ -774,7 +770,6 @@ def render_readme(s: dict, records: Sequence[RunRecord]) -> str:
                                   "figure is theirs."]) + "\n"
 
 
-
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -869,7 +864,6 @@ def summary(files: dict[str, bytes], s: dict, records: list[RunRecord], out: Pat
     lines.append(f"wrote {out}/: train_gpt.py ({s['script']['bytes']:,} bytes, "
                  f"{s['script']['form']}), {', '.join(n for n in files if n != 'train_gpt.py')}")
     return "\n".join(lines)
-
 
 
 def _iso_date(text: str) -> str:
