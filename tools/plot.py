@@ -1,14 +1,10 @@
-"""Runs side by side, as a picture: the train loss of each run by step and by training time,
-and each run's evaluation figures (val_bpb) by kind of score.
+"""Runs side by side, as a picture: train loss by step and by training time, and val_bpb by
+kind of score.
 
     python -m tools.plot LOG... --out FILE.png
-    python -m tools.plot examples/cpu_demo/train_seed1337.log logs/legal_demo.txt --out x.png
 
-Each log is read with the record reader (tools.submission.parse_log: a finished train_gpt.py run; any
-other file is refused with one line, and nothing is written). One colour per configuration:
-logs whose recorded settings differ only in SEED are the seeds of one configuration and share
-their colour (a line style each, their mean marked on the evaluation panel); two logs of one
-seed are two configurations, even when the settings the logs record do not tell them apart.
+Logs are read with the record reader (tools.submission.parse_log), so anything but a finished
+run is refused in one line. Seeds of one configuration share a colour (a line style each).
 """
 
 from __future__ import annotations
@@ -20,11 +16,10 @@ from pathlib import Path
 
 from tools._files import write_atomic
 from tools.runlog import EVAL_TAGS, step_times, train_losses
-from tools.submission import RunRecord, SubmissionError, parse_log
+from tools.submission import LOG_KINDS, RunRecord, SubmissionError, parse_log
 
 STYLES = ("-", "--", ":", "-.")
-KIND_WORDS = {"accepted": "accepted", "causal_not_accepted": "causal, not accepted",
-              "not_causal": "not causal"}
+KIND_WORDS = {word: kind for kind, word in LOG_KINDS.items()}  # score: line's word -> the kind
 
 
 def configurations(records: list[RunRecord]) -> list[list[RunRecord]]:
@@ -37,9 +32,8 @@ def configurations(records: list[RunRecord]) -> list[list[RunRecord]]:
         group = next((g for k, g in groups if k == key and r.seed not in {x.seed for x in g}),
                      None)
         if group is None:
-            groups.append((key, [r]))
-        else:
-            group.append(r)
+            groups.append((key, group := []))
+        group.append(r)
     return [g for _, g in groups]
 
 
@@ -111,12 +105,6 @@ def draw_evaluations(ax, groups: list[list[RunRecord]], colours: list[str]) -> N
     ax.grid(axis="y", alpha=0.3)
 
 
-def save(fig, out: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    write_atomic(out, buf.getvalue())  # never a half-written picture
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.plot", description=__doc__.split("\n\n")[0])
     p.add_argument("logs", nargs="+", help="train_gpt.py logs of finished runs")
@@ -130,8 +118,9 @@ def main(argv=None) -> int:
     except SubmissionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    fig = draw(records)
-    save(fig, a.out)
+    buf = io.BytesIO()
+    draw(records).savefig(buf, format="png", dpi=110)
+    write_atomic(a.out, buf.getvalue())  # never a half-written picture
     print(f"wrote {a.out}: {len(records)} run(s) in {len(configurations(records))} "
           f"configuration(s)")
     return 0

@@ -1,22 +1,16 @@
-"""Reading the logs train_gpt.py writes: LINES defines once every line a tool parses, written as
-the line itself with its fields in braces, and names the function that writes it. Pure text: no
-torch, no train_gpt import. A run's `settings:` line holds its whole resolved configuration
-(JSON); the original's published logs predate it and are read from their own lines
-(tools.submission)."""
+"""Reading train_gpt.py logs: LINES defines once every line a tool parses, as the line itself with
+its fields in braces, beside the function that writes it. Pure text: no torch, no train_gpt."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class Format:
-    """One kind of log line: who writes it, its literal start ('' when it starts with a field)
-    and the pattern that reads it (named groups)."""
+class Format(NamedTuple):
     writer: str  # train_gpt.<function>, or the program that prints it
-    prefix: str
-    pattern: re.Pattern
+    prefix: str  # the literal start; '' when the line starts with a field
+    pattern: re.Pattern  # named groups
 
 
 # A field {name:type} of a template; untyped: one word.
@@ -77,7 +71,7 @@ LINES: dict[str, Format] = {
     # a failure after the log opened (the run's last line).
     "warning": _f("train_gpt.misspelt_settings", "WARNING: {message:*}"),
     "error": _f("train_gpt.run", "error: {message:*}"),
-    "eval_only": _f("train_gpt.run", "eval_only artifact:{artifact:*} bytes:{bytes:d}"),
+    "eval_only": _f("train_gpt.read_inputs", "eval_only artifact:{artifact:*} bytes:{bytes:d}"),
     "export_only": _f("train_gpt.trained_model", "export_only weights:{weights:*} bytes:{bytes:d}"),
     # Training.
     "warmup": _f("train_gpt.Trainer.warm_up", "warmup_step:{step:d}/{steps:d}"),
@@ -127,16 +121,14 @@ LINES: dict[str, Format] = {
                  "cuda_allocated_peak_mib:{allocated:n} cuda_reserved_peak_mib:{reserved:n}"),
     "part": _f("tools._gpu_probes.emit", "gpu_check:part {json:*}"),
 }
-# What tools._gpu_probes.memory_line writes (-1: no CUDA); emit writes PART_PREFIX + JSON.
+# What tools._gpu_probes.memory_line writes (-1: no CUDA).
 MEMORY_LINE = ("gpu_check:memory rss_peak_mib:{rss} cuda_allocated_peak_mib:{allocated} "
                "cuda_reserved_peak_mib:{reserved}")
-PART_PREFIX = LINES["part"].prefix
 
 # Evaluation names (tools.submission's --score choices) and their lines' names, in run order.
 EVAL_TAGS = {"roundtrip": "final_int6_roundtrip", "sliding": "final_int6_sliding_window",
              "sliding_s64": "final_int6_sliding_window_s64", "slot": "final_slot",
              "slot_context": "final_slot_context", "legal_ttt": "legal_ttt"}
-POST_EMA = "DIAGNOSTIC post_ema"  # make_artifact's check before export: not a score
 SCORE_KINDS = FIELD_TYPES["kind"].split("|")  # the score: lines' kind words
 CONFIG_LINES = ("tokenizer", "train_loader", "val_loader", "model_params", "mtp", "xsa", "world",
                 "kernel", "attention", "lrs", "batch", "seed", "preset")
@@ -170,8 +162,7 @@ def first(kind: str, log: Log) -> re.Match | None:
 
 
 def last(kind: str, log: Log) -> re.Match | None:
-    found = find(kind, log)
-    return found[-1] if found else None
+    return next(reversed(find(kind, log)), None)
 
 
 def malformed(lines: list[str]) -> str | None:

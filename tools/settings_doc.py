@@ -1,8 +1,6 @@
-"""docs/settings.md, generated from the settings' own declarations in train_gpt.py, so that the
-page cannot drift from the code: each field of the frozen Config sections gives its variable
-(the section's PREFIX + the field name in capitals), its default and the values it accepts (the
-field's `expect`, and the section checks' `need(...)` calls that name it); the trailing comment
-on its declaration gives its meaning.
+"""docs/settings.md, generated from the settings' declarations in train_gpt.py so that it
+cannot drift: variable, default, accepted values (`expect` and the checks' `need(...)` calls)
+and meaning (the declaration's trailing comment).
 
     python -m tools.settings_doc            # writes docs/settings.md
     python -m tools.settings_doc --check    # exit 1 when docs/settings.md is stale
@@ -16,11 +14,13 @@ import io
 import re
 import sys
 import tokenize
+from itertools import takewhile
 from dataclasses import fields
 from pathlib import Path
 
 from tools._common import REPO_ROOT, import_train_gpt
 from tools._files import write_atomic
+from tools.runlog import env_value
 
 PAGE = REPO_ROOT / "docs" / "settings.md"
 # What train_gpt.parse_value accepts for a field whose declaration states nothing more.
@@ -79,15 +79,6 @@ def section_paths(tg) -> dict[type, str]:
     return paths
 
 
-def class_nodes(tree: ast.Module, names: set[str]) -> dict[str, ast.ClassDef]:
-    return {n.name: n for n in tree.body if isinstance(n, ast.ClassDef) and n.name in names}
-
-
-def comments_by_line(source: str) -> dict[int, str]:
-    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
-    return {t.start[0]: t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT}
-
-
 def meanings(node: ast.ClassDef, comments: dict[int, str]) -> dict[str, str]:
     """Field name -> the comments on its declaration's lines."""
     out = {}
@@ -139,9 +130,7 @@ def constraints(nodes: dict[str, ast.ClassDef], classes: dict[str, type], tg) ->
 
 
 def shown(value) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    return "(empty)" if value == "" else str(value)
+    return "(empty)" if value == "" else env_value(value)
 
 
 def cell(text: str) -> str:
@@ -151,8 +140,11 @@ def cell(text: str) -> str:
 def settings_tables(tg, source: str) -> list[str]:
     paths = section_paths(tg)
     classes = {c.__name__: c for c in [*tg.Config.SECTIONS, tg.Config]}
-    nodes = class_nodes(ast.parse(source), set(classes))
-    comments = comments_by_line(source)
+    nodes = {n.name: n for n in ast.parse(source).body
+             if isinstance(n, ast.ClassDef) and n.name in classes}
+    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+    comments = {t.start[0]: t.string.lstrip("#").strip() for t in tokens
+                if t.type == tokenize.COMMENT}
     rules = constraints(nodes, classes, tg)
     lines = []
     for section in tg.Config.SECTIONS:
@@ -174,11 +166,7 @@ def preset_lines(tg) -> list[str]:
              "variables; a variable set in the environment overrides the preset's value.", ""]
     for path in sorted((REPO_ROOT / "presets").glob("*.env")):
         text = path.read_text(encoding="utf-8").splitlines()
-        intro = []
-        for line in text:
-            if not line.startswith("#"):
-                break
-            intro.append(line.lstrip("#").strip())
+        intro = [line.lstrip("#").strip() for line in takewhile(lambda x: x[:1] == "#", text)]
         names = [line.split("=", 1)[0] for line in text if "=" in line and line[0] != "#"]
         lines += [f"- [`{path.stem}`](../presets/{path.name}): {' '.join(intro)}",
                   f"  Sets {', '.join(f'`{n}`' for n in names)}."]
@@ -192,11 +180,9 @@ def removed_lines(tg) -> list[str]:
              "them.", "", "| variable | accepted value | why it was removed |", "|---|---|---|"]
     for name, (default, why) in tg.REMOVED_SETTINGS.items():
         lines.append(f"| `{name}` | `{default}` | {cell(why)} |")
-    if hasattr(tg, "misspelt_settings"):
-        lines += ["", "An upper-case variable within two edits of a setting's name "
-                  "(`SLOT_STPES`) gets a `WARNING:` line in the log naming the setting it "
-                  "resembles."]
-    return lines + [""]
+    return lines + ["", "An upper-case variable within two edits of a setting's name "
+                    "(`SLOT_STPES`) gets a `WARNING:` line in the log naming the setting it "
+                    "resembles.", ""]
 
 
 def render() -> str:
@@ -214,8 +200,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     text = render()
     if args.check:
-        current = args.out.read_text(encoding="utf-8") if args.out.exists() else None
-        if current != text:
+        if not args.out.exists() or args.out.read_text(encoding="utf-8") != text:
             print(f"{args.out} is stale: run `python -m tools.settings_doc`", file=sys.stderr)
             return 1
         print(f"{args.out} is up to date")

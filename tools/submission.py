@@ -1,13 +1,9 @@
-"""Build a record folder, in the form of the challenge's records, from train_gpt.py run logs.
+"""A record folder, in the form of the challenge's records, from train_gpt.py run logs.
 
     python -m tools.submission LOG... --out records/track_10min_16mb/DATE_NAME [--script FILE]
 
-writes the exact script the logs ran (the source at their head, re-packed for a packed run, or
---script for logs without it), the logs, submission.json, README.md and requirements.txt, every
-figure from the logs. Three kinds of score stay apart (SCORES); the headline is the best
-accepted one every log holds unless --score says otherwise. A cut, interrupted, failed or
-malformed log, or logs of different configurations, sources or repeated seeds, are refused in
-one line with nothing written; --force replaces only a folder this tool wrote, as it wrote it.
+Every figure comes from the logs; three kinds of score stay apart (SCORES). Anything but the
+finished runs of one configuration is refused in one line, with nothing written.
 """
 
 from __future__ import annotations
@@ -72,8 +68,6 @@ class SubmissionError(Exception):
     """A refusal: the message names the log (when there is one) and the reason."""
 
 
-# ----------------------------------------------------------------------------- a run's record
-
 SEPARATOR = "=" * 100
 
 
@@ -115,8 +109,7 @@ class RunRecord:
         return self.training_time_ms / 1000.0
 
     @property
-    def eval_time_seconds(self) -> float:
-        """All the run's evaluations together, as their lines report them."""
+    def eval_time_seconds(self) -> float:  # all the run's evaluations together
         return sum(e.eval_time_ms or 0.0 for e in self.evals.values()) / 1000.0
 
     @property
@@ -154,10 +147,8 @@ def split_log(text: str) -> tuple[str | None, list[str], list[str]]:
 
 
 def _check_body(text: str, source: str | None, body: list[str]) -> None:
-    """The refusals that come first: the most telling reason for what is missing. A last line
-    without its newline must be the whole closing line of a finished log: a score: line (or, in
-    the original's published logs, which have no source at their head and no summary, an _exact
-    line) with all its decimals."""
+    """The refusals that name the most telling reason come first. A last line without its
+    newline must be a whole closing line (score:, or _exact in the original's logs)."""
     if body and not text.endswith("\n"):
         m = match("score", body[-1]) or (match("exact", body[-1]) if source is None else None)
         if not (m and all(re.fullmatch(r"\d+\.\d{8}", m[k]) for k in ("val_bpb", "val_loss")
@@ -175,8 +166,7 @@ def _check_body(text: str, source: str | None, body: list[str]) -> None:
 
 
 def _training(body: list[str]) -> tuple[int, int, float, float]:
-    """(steps run, iterations, training ms, step average ms): the last step line's N/M and
-    the last validation line's train_time and step_avg."""
+    """(steps run, iterations, training ms, step average ms), the last from a validation line."""
     steps = [m for line in body if (m := match("train_step", line) or match("val_step", line))]
     if not steps:
         for kind, run in (("eval_only", "EVAL_ONLY"), ("export_only", "EXPORT_ONLY")):
@@ -191,9 +181,8 @@ def _training(body: list[str]) -> tuple[int, int, float, float]:
 
 
 def _evals(body: list[str]) -> dict[str, EvalResult]:
-    """Each evaluation's figures (its _exact line), time and parameters (its result line). The
-    original repeats final_int6_roundtrip_exact after each sliding result: the round trip's
-    own line is the first; the others take their last."""
+    """Each evaluation's figures (_exact line), time and parameters (result line). The round
+    trip's own _exact line is the first: the original repeats it after each sliding result."""
     exact: dict[str, list[re.Match]] = {}
     summary: dict[str, list[re.Match]] = {}
     for kind, found in (("exact", exact), ("result", summary)):
@@ -224,9 +213,8 @@ def _evals(body: list[str]) -> dict[str, EvalResult]:
 
 
 def _score_kinds(body: list[str], evals: dict[str, EvalResult], summary_due: bool) -> None:
-    """The closing score: lines, one per evaluation, each with the figure of its _exact line;
-    their kinds go to the results. Logs of the script before them have none; a log with the
-    settings: line must end with them."""
+    """The closing score: lines (one per evaluation, agreeing with its _exact line) give each
+    result its kind; a log with the settings: line must end with them."""
     scores = {m["name"]: m for m in find("score", body)}
     if not scores and not summary_due:
         return
@@ -240,11 +228,15 @@ def _score_kinds(body: list[str], evals: dict[str, EvalResult], summary_due: boo
                          f"evaluations are {', '.join(evaluated)}: the log is cut in its closing "
                          "summary")
     for tag, m in scores.items():
-        result = evals[known[tag]]
-        if float(m["val_bpb"]) != result.val_bpb:
-            raise ValueError(f"score:{tag} val_bpb:{m['val_bpb']} is not its {result.line} "
-                             f"line's {result.val_bpb:.8f}: the log disagrees with itself")
-        result.kind = m["kind"]
+        name, ours = known[tag], SCORES[known[tag]].kind
+        if float(m["val_bpb"]) != evals[name].val_bpb:
+            raise ValueError(f"score:{tag} val_bpb:{m['val_bpb']} is not its {evals[name].line} "
+                             f"line's {evals[name].val_bpb:.8f}: the log disagrees with itself")
+        if m["kind"] != LOG_KINDS[ours]:
+            raise ValueError(f"its score:{tag} line says kind:{m['kind']}, but tools.submission "
+                             f"counts '{name}' as {ours}: train_gpt.SCORE_KINDS and "
+                             "tools.submission.SCORES disagree")
+        evals[name].kind = m["kind"]
 
 
 LEGACY_FIELDS = ("tokenizer_path", "iterations", "max_wallclock_seconds", "warmup_steps",
@@ -254,8 +246,7 @@ LEGACY_FIELDS = ("tokenizer_path", "iterations", "max_wallclock_seconds", "warmu
 
 def legacy_settings(cfg: dict[str, str], body: list[str], evals: dict[str, EvalResult],
                     compressor: str) -> dict[str, str]:
-    """The settings a log without the settings: line records in its own lines (the original's:
-    its configuration lines, the evaluations it ran and their parameters)."""
+    """The settings of a log without the settings: line (the original's), from its own lines."""
     s = {"PRESET": cfg.get("preset", "none")}
     if "val_pattern" in cfg:  # val_loader:shards pattern=<DATA_PATH>/fineweb_val_*.bin
         s["DATA_PATH"] = os.path.dirname(cfg["val_pattern"])
@@ -334,23 +325,13 @@ def _parse(path: str, data: bytes) -> RunRecord:
 
 
 def parse_log(path: str | os.PathLike) -> RunRecord:
-    """One train_gpt.py log; SubmissionError when it is unreadable, incomplete, cut,
-    interrupted, breaks a line's format, or when its score: lines give a kind other than SCORES
-    does."""
+    """One train_gpt.py log of a finished run; SubmissionError naming the log otherwise."""
     try:
-        record = _parse(str(path), Path(path).read_bytes())
+        return _parse(str(path), Path(path).read_bytes())
     except OSError as exc:
         raise SubmissionError(f"{path}: cannot read ({exc.strerror})") from None
     except ValueError as exc:
         raise SubmissionError(f"{path}: {exc}") from None
-    for name, result in record.evals.items():
-        ours = SCORES[name].kind
-        if result.kind is not None and result.kind != LOG_KINDS[ours]:
-            raise SubmissionError(
-                f"{record.path}: its score:{EVAL_TAGS[name]} line says kind:{result.kind}, but "
-                f"tools.submission counts '{name}' as {ours}: train_gpt.SCORE_KINDS and "
-                "tools.submission.SCORES disagree")
-    return record
 
 
 @dataclass(frozen=True)
@@ -370,8 +351,7 @@ class Baseline:
 
 
 def _identity(record: RunRecord) -> dict[str, str]:
-    """What the seeds of one submission share: every setting and configuration line but the
-    seed (and run id), the script's bytes and the hardware."""
+    """What the seeds of one submission share."""
     return {**{k: v for k, v in record.config.items() if k != "seed"},
             **{k: v for k, v in record.settings.items() if k not in ("SEED", "RUN_ID")},
             "code_bytes": str(record.code_bytes), "gpus": record.hardware}
@@ -396,13 +376,9 @@ def check_consistent(records: Sequence[RunRecord]) -> None:
         seen[record.seed] = record.path
 
 
-# ----------------------------------------------------------------------------- the script
-
-
 def recover_script(records: Sequence[RunRecord], given: Path | None = None) -> Script:
-    """The script the logs ran: the logged source, the packed file re-made from it, or --script.
-    A packed run's log holds the unpacked source and counts the packed file's bytes; packing is
-    deterministic, so re-packing gives the file back at exactly the logged Code size."""
+    """The logged source, the packed file re-made from it (packing is deterministic: the logged
+    Code size tells), or --script."""
     path, source, code = records[0].path, records[0].source, records[0].code_bytes
     if given is not None:
         return _given_script(given, source, code)
@@ -426,8 +402,7 @@ def recover_script(records: Sequence[RunRecord], given: Path | None = None) -> S
 
 
 def _given_script(path: Path, source: str | None, code: int) -> Script:
-    """--script: for logs without their source (checked against the logged Code size), or a
-    packed file the logs' source comes out of."""
+    """--script: for logs without their source, or a packed file of the logged source."""
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -452,28 +427,22 @@ def _given_script(path: Path, source: str | None, code: int) -> Script:
     return Script(data, form, f"given with --script ({path.name})", runs, warnings)
 
 
-# ----------------------------------------------------------------------------- scores
-
-
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     a = np.asarray(values, dtype=float)
     return float(a.mean()), (float(a.std(ddof=1)) if a.size > 1 else 0.0)
 
 
 def shared_scores(records: Sequence[RunRecord]) -> list[str]:
-    """The scores every log has, in SCORES order."""
     return [name for name in SCORES if all(name in r.evals for r in records)]
 
 
-def score_label(name: str, record: RunRecord) -> str:
-    """The score's name for people: a sliding window says its stride."""
+def score_label(name: str, record: RunRecord) -> str:  # a sliding window says its stride
     stride = record.evals[name].params.get("stride") if name in record.evals else None
     return f"{SCORES[name].label} s{stride}" if stride else SCORES[name].label
 
 
 def resolve_score(records: Sequence[RunRecord], score: str | None = None) -> str:
-    """The --score choice; by default the accepted score with the lowest mean val_bpb among
-    those every log has."""
+    """--score, by default the accepted score every log has with the lowest mean val_bpb."""
     if score is None:
         accepted = [name for name in shared_scores(records) if SCORES[name].kind == ACCEPTED]
         if not accepted:
@@ -499,9 +468,8 @@ def aggregate(records: Sequence[RunRecord], name: str) -> dict:
 def acceptance_p_value(losses: Sequence[float], baseline_loss: float | None = None,
                        baseline_losses: Sequence[float] | None = None,
                        min_gain: float = 0.005) -> float | None:
-    """One-sided p-value that the runs' val_loss beats the baseline by at least min_gain nats:
-    Welch's t against the baseline's seeds, or a one-sample t against a single figure. None
-    with fewer than 2 runs or a degenerate sample."""
+    """One-sided p-value that the runs' val_loss beats the baseline by min_gain nats (Welch's t
+    against its seeds, else one-sample t); None with under 2 runs or no spread."""
     if len(losses) < 2:
         return None
     x = np.asarray(losses, dtype=float)
@@ -517,7 +485,6 @@ def acceptance_p_value(losses: Sequence[float], baseline_loss: float | None = No
 
 
 def read_baseline(bpb: float | None, logs: Sequence[str] | None) -> Baseline | None:
-    """--baseline-bpb (a figure) or --baseline-logs (that run's logs, scored by the same rule)."""
     if bpb is not None:
         return Baseline(f"val_bpb {bpb:.8f} (given)", bpb)
     if not logs:
@@ -532,7 +499,6 @@ def read_baseline(bpb: float | None, logs: Sequence[str] | None) -> Baseline | N
 
 
 def compare(records: Sequence[RunRecord], score: str, baseline: Baseline, min_gain: float) -> dict:
-    """The delta to the baseline in bpb and nats, and the one-sided p-value over seeds."""
     losses = [r.evals[score].val_loss for r in records]
     bpbs = [r.evals[score].val_bpb for r in records]
     # On one validation text and tokenizer, nats per token and bits per byte are in one ratio.
@@ -549,7 +515,6 @@ def compare(records: Sequence[RunRecord], score: str, baseline: Baseline, min_ga
 
 
 def seed_compliance(record: RunRecord) -> dict[str, bool]:
-    """Whether one run met the record track's limits."""
     one_step = record.step_avg_ms / 1000  # the cap is checked after each step: one step past it
     return {"train_under_600s": record.training_time_seconds <= TRAIN_S + one_step,
             "artifact_under_16mb": record.artifact_bytes < TOTAL_BYTES,
@@ -559,8 +524,6 @@ def seed_compliance(record: RunRecord) -> dict[str, bool]:
 
 def _warnings(records: Sequence[RunRecord], score: str, script: Script | None,
               track: str) -> list[str]:
-    """A headline that is not accepted, a script of another size, the runs that break the
-    record track's limits (on that track), and the runs' own WARNING lines."""
     kind, out = SCORES[score].kind, list(script.warnings if script else ())
     if kind != ACCEPTED:
         out.insert(0, f"the headline score '{score}' ({score_label(score, records[0])}) is "
@@ -578,13 +541,9 @@ def _warnings(records: Sequence[RunRecord], score: str, script: Script | None,
     return out + [f"{r.path}: the run warned: {message}" for r in records for message in r.warnings]
 
 
-# ----------------------------------------------------------------------------- submission.json
-
-
 def declared_defaults(source: str) -> dict[str, str]:
-    """The settings' defaults as this project's script declares them, read from its source
-    without running it: in a Section class, `name: type = kind(default, ...)` is the setting
-    PREFIX + NAME. {} for a script that declares none (the original's)."""
+    """The settings' defaults read from the script's source without running it (a Section's
+    `name: type = kind(default, ...)` is PREFIX + NAME); {} for the original's."""
     try:
         tree = ast.parse(source)
     except SyntaxError:
@@ -607,7 +566,7 @@ def declared_defaults(source: str) -> dict[str, str]:
 
 
 def same_value(a: str, b: str | None) -> bool:
-    """Two settings' values mean the same: equal text, or equal numbers ('0.5' and '0.50')."""
+    """Equal text, or equal numbers ('0.5' and '0.50')."""
     if a == b or b is None:
         return a == b
     try:
@@ -617,9 +576,8 @@ def same_value(a: str, b: str | None) -> bool:
 
 
 def reproduction(records: Sequence[RunRecord]) -> dict:
-    """The command per seed: every setting that differs from the defaults the script declares
-    (the repository's train_gpt.py's for a log without its source: they are the original's),
-    then the launcher the run used."""
+    """The command per seed: the settings that differ from the script's declared defaults (this
+    repository's for a log without its source), then the launcher."""
     defaults = declared_defaults(records[0].source or "") or declared_defaults(
         (ROOT / "train_gpt.py").read_text(encoding="utf-8"))
     settings = {k: v for k, v in records[0].settings.items()
@@ -637,8 +595,8 @@ def reproduction(records: Sequence[RunRecord]) -> dict:
 def build_submission(records: Sequence[RunRecord], score: str | None = None,
                      meta: dict | None = None, script: Script | None = None,
                      baseline: Baseline | None = None, min_gain: float = 0.005) -> dict:
-    """The submission.json content for the runs of one configuration; meta: name, author,
-    github_id, blurb, track and date (YYYY-MM-DD; default today)."""
+    """submission.json for the runs of one configuration; meta: name, author, github_id, blurb,
+    track, date."""
     if not records:
         raise SubmissionError("no logs given")
     meta = {"name": "", "author": "", "github_id": "", "blurb": "", "track": RECORD_TRACK,
@@ -679,9 +637,8 @@ def build_submission(records: Sequence[RunRecord], score: str | None = None,
 
 
 def requirements(script: Script, records: Sequence[RunRecord]) -> str:
-    """What the script imports beyond the standard library (and the compressor it loads by name),
-    with torch pinned to the version the logs ran; an import inside a try that catches
-    ImportError is optional."""
+    """What the script imports beyond the standard library, torch pinned to the logs' version; an
+    import guarded by `except ImportError` is optional."""
     tree, guarded, found = ast.parse(script.source), set(), {}
     for node in ast.walk(tree):
         if isinstance(node, ast.Try) and any(
@@ -701,20 +658,16 @@ def requirements(script: Script, records: Sequence[RunRecord]) -> str:
     if torch:
         lines.append(f"# The logs ran PyTorch {torch}: install that build from PyTorch's index.")
     lines += [name + (f"=={torch.split('+')[0]}" if name == "torch" and torch else "")
-              for name in sorted(k for k, required in found.items() if required)]
+              for name in sorted(found) if found[name]]
     notes = {"flash_attn_interface": "FlashAttention 3 for Hopper GPUs, built from its own "
                                      "repository; PyTorch SDPA is used without it"}
     lines += [f"# optional: {name} ({notes.get(name, 'imported when installed')})"
-              for name in sorted(k for k, required in found.items() if not required)]
+              for name in sorted(found) if not found[name]]
     return "\n".join(lines) + "\n"
 
 
-# ----------------------------------------------------------------------------- README.md
-
-
 def results_table(records: Sequence[RunRecord], s: dict) -> str:
-    """Markdown: a row per seed, then each column's mean and std over the seeds; one column per
-    score the logs hold, with its kind, the headline marked."""
+    """A row per seed, then mean and std; a column per score, with its kind."""
     columns = [("steps", lambda r: r.steps, "{:,.1f}"),
                ("ms/step", lambda r: r.step_avg_ms, "{:.2f}"),
                ("train s", lambda r: r.training_time_seconds, "{:.1f}"),
@@ -817,16 +770,12 @@ def render_readme(s: dict, records: Sequence[RunRecord]) -> str:
                                   "figure is theirs."]) + "\n"
 
 
-# ----------------------------------------------------------------------------- the folder
-
-
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
 def _check_target(out: Path, force: bool) -> None:
-    """An existing folder is replaced only with --force, and only when this tool wrote it and
-    everything in it is as it wrote it: --force never deletes a file it did not write."""
+    """--force replaces only a folder this tool wrote, as it wrote it."""
     if not out.exists() and not out.is_symlink():
         return
     if not out.is_dir() or out.is_symlink():
@@ -852,8 +801,7 @@ def _check_target(out: Path, force: bool) -> None:
 
 
 def write_folder(out: Path, files: dict[str, bytes], force: bool = False) -> None:
-    """Every file into a temporary sibling, then one rename: a reader never sees half a folder,
-    and a failure leaves the old folder (or none) in place."""
+    """A temporary sibling, then renames: never half a folder, the old one kept on failure."""
     _check_target(out, force)
     out = out.resolve()  # a name to put the siblings beside, even for --out with '..' in it
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -863,22 +811,21 @@ def write_folder(out: Path, files: dict[str, bytes], force: bool = False) -> Non
         tmp.mkdir()
         for name, data in files.items():
             write_atomic(tmp / name, data)
-        if not out.exists():
-            os.rename(tmp, out)
-            return
-        os.rename(out, old)
+        if out.exists():
+            os.rename(out, old)
         try:
             os.rename(tmp, out)
         except OSError:
-            os.rename(old, out)
+            if old.exists():
+                os.rename(old, out)
             raise
-        shutil.rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def plan_folder(args: argparse.Namespace) -> tuple[dict[str, bytes], dict, list[RunRecord]]:
-    """Everything the folder holds, in memory: each refusal happens before anything is written."""
+    """Everything in memory first, so that each refusal comes before anything is written."""
     records = [parse_log(path) for path in args.logs]
     check_consistent(records)
     script = recover_script(records, args.script)
@@ -899,7 +846,6 @@ def plan_folder(args: argparse.Namespace) -> tuple[dict[str, bytes], dict, list[
 
 
 def summary(files: dict[str, bytes], s: dict, records: list[RunRecord], out: Path) -> str:
-    """The console's account: the table, the headline with its kind, the other scores labelled."""
     kind = s["score_kind"] if s["score_kind"] == ACCEPTED else s["score_kind"].upper()
     lines = [results_table(records, s),
              f"score: {s['score_label']} ({kind}), {s['score_line']} over {len(records)} "
@@ -918,9 +864,6 @@ def summary(files: dict[str, bytes], s: dict, records: list[RunRecord], out: Pat
     lines.append(f"wrote {out}/: train_gpt.py ({s['script']['bytes']:,} bytes, "
                  f"{s['script']['form']}), {', '.join(n for n in files if n != 'train_gpt.py')}")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- command line
 
 
 def _iso_date(text: str) -> str:
