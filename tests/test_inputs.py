@@ -59,7 +59,8 @@ def test_a_missing_preset_says_where_presets_are_read():
     with pytest.raises(tg.ConfigError) as e:
         tg.Config.from_env({"PRESET": "nosuch"})
     folder = tg.Path(tg.__file__).resolve().with_name("presets")
-    assert str(e.value) == (f"PRESET='nosuch' is not allowed; expected one of: demo, legal (or unset); "
+    assert str(e.value) == (f"PRESET='nosuch' is not allowed; expected one of: demo, legal "
+                            f"(or unset); "
                             f"presets are read from {folder}")
 
 

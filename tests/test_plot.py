@@ -1,4 +1,5 @@
-"""tools.plot: runs side by side as a picture, read through the record reader (tools.submission.parse_log); the seeds
+"""tools.plot: runs side by side as a picture, read through the record reader
+(tools.submission.parse_log); the seeds
 of one configuration share a colour; anything but a finished run's log is refused with one
 line and nothing is written."""
 

@@ -179,7 +179,8 @@ def removed_lines(tg) -> list[str]:
              "value below, the run stops with one line saying so, instead of silently ignoring "
              "them.", "", "| variable | accepted value | why it was removed |", "|---|---|---|"]
     for name, (default, why) in tg.REMOVED_SETTINGS.items():
-        lines.append(f"| `{name}` | {'unset' if default is None else f'`{default}`'} | {cell(why)} |")
+        value = "unset" if default is None else f"`{default}`"
+        lines.append(f"| `{name}` | {value} | {cell(why)} |")
     return lines + ["", "An upper-case variable that looks like a setting's name misspelt "
                     "(`SLOT_STPES`) gets a `WARNING:` line in the log naming the setting it "
                     "resembles.", ""]
