@@ -258,7 +258,8 @@ def test_ttt_compiles_nothing_inside_its_timer(world, monkeypatch):
         records.append({"graphs": int(torch._dynamo.utils.counters["stats"]["unique_graphs"]),
                         "line": msg})
 
-    monkeypatch.setattr(torch, "compile", lambda *a, **k: real_compile(*a, **{**k, "backend": "eager"}))
+    eager = lambda *a, **k: real_compile(*a, **{**k, "backend": "eager"})  # noqa: E731
+    monkeypatch.setattr(torch, "compile", eager)
     monkeypatch.setattr(tg.Runtime, "log", counting_log)
     monkeypatch.setattr(tg.Runtime, "compiled", spy_compiled)
     monkeypatch.setattr(tg.dist, "all_reduce", lambda t, op=None: None)
