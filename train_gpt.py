@@ -474,10 +474,8 @@ class ScalarList(nn.ParameterList):
 
 
 def rotary_cos_sin(seq_len: int, rope_dims: int, base: float, device, dtype) -> tuple[Tensor, ...]:
-    """Partial-RoPE tables, in float32 then cast to the activation dtype.
-    Seed quirk kept: the rotary module believes training ran at 1024 tokens and rescales the
-    base for longer rows (always in effect at T = 2048). Seed quirk fixed: the original built
-    T <= 1024 tables from bf16 positions."""
+    """Partial-RoPE tables in float32, cast to the activation dtype. Seed quirk kept: the base
+    is rescaled for rows over 1024 tokens (so at T = 2048)."""
     if seq_len > 1024:
         base = base * (seq_len / 1024) ** (rope_dims / (rope_dims - 2))
     dims = torch.arange(0, rope_dims, 2, dtype=torch.float32, device=device) / rope_dims
@@ -854,10 +852,7 @@ def format_counts(table: dict[str, tuple[int, int]]) -> str:
 
 
 def cpu_bf16_matmul(p: Tensor, q: Tensor) -> Tensor:
-    """A bf16 product as a bf16 GEMM forms it: float32 accumulation, one rounding to bf16. CPUs
-    without bf16 matrix units emulate torch's bf16 GEMM about 25x slower than float32; this is
-    the same product up to summation order, which differs between CPU kernels anyway (both stay
-    inside the reference trajectory's tolerances, equally close)."""
+    """A bf16 GEMM's product (float32 sums, one rounding): CPUs emulate bf16 GEMMs ~25x slower."""
     return torch.matmul(p.float(), q.float()).bfloat16()
 
 
@@ -950,25 +945,19 @@ def build_optimizers(model: GPT, cfg: OptimConfig, compiled: bool = False) -> li
     fused = dict(fused=True) if next(model.parameters()).is_cuda else {}
     adam = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, **fused)
     embed_lr = cfg.tied_embed_lr if model.lm_head is None else cfg.embed_lr
-    optimizers = [
-        torch.optim.AdamW([dict(params=groups["embed"], lr=embed_lr, base_lr=embed_lr)],
-                          weight_decay=cfg.adam_wd, **adam),
-        torch.optim.AdamW([dict(params=groups["scalar"], lr=cfg.scalar_lr, base_lr=cfg.scalar_lr)],
-                          weight_decay=cfg.adam_wd, **adam),
-    ]
+    optimizers = [torch.optim.AdamW(groups[name], lr=lr, weight_decay=cfg.adam_wd, **adam)
+                  for name, lr in (("embed", embed_lr), ("scalar", cfg.scalar_lr))]
     # Compiled on CUDA, as the original: eagerly, Newton-Schulz is thousands of small launches a
     # step. Fixed shapes: one graph per matrix shape, none re-traced as dynamic.
     orthogonalize = row_normalized_newton_schulz5 if cfg.muon_row_normalize else newton_schulz5
     orthogonalize = torch.compile(orthogonalize, dynamic=False) if compiled else orthogonalize
-    muon = Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum,
-                backend_steps=cfg.muon_backend_steps, weight_decay=cfg.muon_wd,
-                orthogonalize=orthogonalize)
-    for group in muon.param_groups:
-        group["base_lr"] = cfg.matrix_lr
-    optimizers.append(muon)
+    optimizers.append(Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum,
+                           backend_steps=cfg.muon_backend_steps, weight_decay=cfg.muon_wd,
+                           orthogonalize=orthogonalize))
     if groups["head"]:
-        head = [dict(params=groups["head"], lr=cfg.head_lr, base_lr=cfg.head_lr)]
-        optimizers.append(torch.optim.Adam(head, **adam))
+        optimizers.append(torch.optim.Adam(groups["head"], lr=cfg.head_lr, **adam))
+    for group in (group for opt in optimizers for group in opt.param_groups):
+        group["base_lr"] = group["lr"]  # the schedule scales lr from it
     return optimizers
 
 
@@ -976,43 +965,34 @@ def build_optimizers(model: GPT, cfg: OptimConfig, compiled: bool = False) -> li
 class Schedule:
     """A linear lr warm-down (by steps, or under a wall-clock cap by the time the remaining
     steps will take), Muon's momentum warm-up and late QAT's threshold."""
-    iterations: int
-    warmdown_iters: int
+    train: TrainConfig
+    optim: OptimConfig
     cap_ms: float | None  # None: no wall-clock cap
-    momentum_start: float
-    momentum_end: float
-    momentum_warmup_steps: int
-    late_qat_threshold: float  # <= 0: never
 
     @classmethod
     def of(cls, train: TrainConfig, optim: OptimConfig, cap_seconds: float) -> "Schedule":
-        cap_ms = 1000.0 * cap_seconds if cap_seconds > 0 else None
-        return cls(train.iterations, train.warmdown_iters, cap_ms,
-                   optim.muon_momentum_warmup_start, optim.muon_momentum,
-                   optim.muon_momentum_warmup_steps, train.late_qat_threshold)
+        return cls(train, optim, 1000.0 * cap_seconds if cap_seconds > 0 else None)
 
     def lr_scale(self, step: int, elapsed_ms: float) -> float:
-        if self.warmdown_iters <= 0:
+        iterations, warmdown = self.train.iterations, self.train.warmdown_iters
+        if warmdown <= 0:
             return 1.0
         if self.cap_ms is None:
-            start = max(self.iterations - self.warmdown_iters, 0)
-            if start <= step < self.iterations:
-                return max((self.iterations - step) / self.warmdown_iters, 0.0)
+            if max(iterations - warmdown, 0) <= step < iterations:
+                return max((iterations - step) / warmdown, 0.0)
             return 1.0
-        warmdown_ms = self.warmdown_iters * (elapsed_ms / max(step, 1))
+        warmdown_ms = warmdown * (elapsed_ms / max(step, 1))
         remaining_ms = max(self.cap_ms - elapsed_ms, 0.0)
         return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
 
     def momentum(self, step: int) -> float:
-        if self.momentum_warmup_steps > 0:
-            frac = min(step / self.momentum_warmup_steps, 1.0)
-        else:
-            frac = 1.0
-        return (1 - frac) * self.momentum_start + frac * self.momentum_end
+        o, warmup = self.optim, self.optim.muon_momentum_warmup_steps
+        frac = min(step / warmup, 1.0) if warmup > 0 else 1.0
+        return (1 - frac) * o.muon_momentum_warmup_start + frac * o.muon_momentum
 
     def late_qat(self, lr_scale: float) -> bool:
         """Whether this multiplier switches late QAT on (the loop never switches it off)."""
-        return 0 < self.late_qat_threshold and lr_scale < self.late_qat_threshold
+        return 0 < self.train.late_qat_threshold and lr_scale < self.train.late_qat_threshold
 
 # -----------------------------
 # RUNTIME AND DATA
@@ -1091,14 +1071,13 @@ def start_runtime(cfg: RunConfig) -> Runtime:
     device = torch.device("cpu")
     if use_cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if not use_cuda and cfg.cpu_threads > 0:
-        # One thread per process by default: more threads than free cores ran several times slower.
-        torch.set_num_threads(cfg.cpu_threads)
-    if use_cuda:
         torch.cuda.set_device(device)
         # The original's setting; it reaches SLOT's float32 logit matmul too.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    elif cfg.cpu_threads > 0:
+        # One thread per process by default: more threads than free cores ran several times slower.
+        torch.set_num_threads(cfg.cpu_threads)
     if world_size > 1 and not dist.is_initialized():
         # A rank stuck in a collective ends the run after this long, not gloo's half hour.
         timeout = datetime.timedelta(seconds=cfg.collective_timeout_seconds)
@@ -1156,10 +1135,10 @@ def load_data_shard(path) -> np.ndarray:
     if header.size < HEADER_INTS:
         raise ConfigError(f"{path}: truncated header ({size} bytes; a shard starts with a "
                           f"{HEADER_BYTES}-byte header)")
-    if header[0] != SHARD_MAGIC:
-        raise ConfigError(f"{path}: bad magic {header[0]}; expected {SHARD_MAGIC}")
-    if header[1] != SHARD_VERSION:
-        raise ConfigError(f"{path}: unsupported version {header[1]}; expected {SHARD_VERSION}")
+    for what, value, expected in (("bad magic", header[0], SHARD_MAGIC),
+                                  ("unsupported version", header[1], SHARD_VERSION)):
+        if value != expected:
+            raise ConfigError(f"{path}: {what} {value}; expected {expected}")
     n = int(header[2])
     if n < 0 or size != HEADER_BYTES + 2 * n:
         raise ConfigError(f"{path}: size {size} bytes does not match header token count {n} "
@@ -1190,11 +1169,11 @@ def shard_files(data_path: str, split: str) -> list[str]:
 
 
 class TokenStream:
-    """The train shards in order, wrapping around; each shard's ids checked as it loads."""
+    """The train shards in order, wrapping around (load_data checked each one's ids)."""
 
-    def __init__(self, files: list[str], vocab_size: int):
-        self.files, self.vocab_size, self.file_idx, self.pos = files, vocab_size, 0, 0
-        self.tokens = checked_shard(files[0], vocab_size)
+    def __init__(self, files: list[str]):
+        self.files, self.file_idx, self.pos = files, 0, 0
+        self.tokens = load_data_shard(files[0])
 
     def take(self, n: int) -> np.ndarray:
         """The next n tokens as stored (uint16): each rank widens only its own span."""
@@ -1202,7 +1181,7 @@ class TokenStream:
         while n > 0:
             if self.pos >= self.tokens.size:
                 self.file_idx = (self.file_idx + 1) % len(self.files)
-                self.tokens = checked_shard(self.files[self.file_idx], self.vocab_size)
+                self.tokens = load_data_shard(self.files[self.file_idx])
                 self.pos = 0
                 continue
             k = min(n, self.tokens.size - self.pos)
@@ -1214,8 +1193,8 @@ class TokenStream:
 class DistributedTokenLoader:
     """Each micro-step takes one contiguous chunk; rank r reads its own (local + 1)-token slice."""
 
-    def __init__(self, files: list[str], vocab_size: int, rt: Runtime):
-        self.stream, self.rt = TokenStream(files, vocab_size), rt
+    def __init__(self, files: list[str], rt: Runtime):
+        self.stream, self.rt = TokenStream(files), rt
 
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum: int) -> tuple[Tensor, ...]:
         rank, world = self.rt.rank, self.rt.world_size
@@ -1376,7 +1355,7 @@ class Trainer:
         self.loader = self.new_loader()
 
     def new_loader(self) -> DistributedTokenLoader:
-        return DistributedTokenLoader(self.data.train_files, self.cfg.model.vocab_size, self.rt)
+        return DistributedTokenLoader(self.data.train_files, self.rt)
 
     def gradients(self, qat: bool, recur: bool) -> Tensor:
         """The step's mean loss, its gradients accumulated over the micro-steps."""
