@@ -3,12 +3,9 @@ The SLOT-48 parameter-golf record, rebuilt: an 11-layer GPT trained for 600 s on
 8xH100, packed with this file into < 16,000,000 bytes (int6 + lzma), scored in
 bits per byte on FineWeb with the round trip, sliding windows, SLOT and legal TTT.
 
-One file (its bytes count toward the artifact); every setting an environment variable.
-CUDA (bf16, compile, FlashAttention 3 if installed) or CPU (float32), one process or
-torchrun. Sections: SETTINGS, MODEL, OPTIMIZERS AND SCHEDULE, RUNTIME AND DATA, TRAINING,
-EXPORT, EVALUATION, RUN SAFETY, MAIN (`run()` there is the table of contents).
-Entry points: Config.from_env, build_model, train, export_artifact, read_artifact,
-eval_model, evaluate, sliding_pass, score_windows, eval_ttt.
+One file (its bytes count toward the artifact); CUDA (bf16, compile, FlashAttention 3 if
+installed) or CPU (float32), one process or torchrun. `run()` in MAIN is the table of
+contents; the entry points for tools and tests are listed in README.md.
 """
 
 from __future__ import annotations
@@ -51,10 +48,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # -----------------------------
 # SETTINGS
 # -----------------------------
-# Every setting is an environment variable, read once into frozen sections, one per stage; each
-# field declares the values it accepts beside it, and constraints between fields sit in the
-# section's check(). A bad value stops the run with one line (ConfigError), never a traceback.
-# The model reads only GPTConfig. MAIN reads the environment (over PRESET's file).
+# Environment variables, read once into frozen sections, one per stage: each field declares the
+# values it accepts, each section's check() the constraints between them (docs/settings.md).
 
 
 class ConfigError(Exception):
@@ -76,7 +71,6 @@ def choice(default: str, *choices: str):
 
 
 def kind(expect: str, ok):
-    """A kind of setting: `kind(expect, ok)(default)` declares a field accepting what ok does."""
     return lambda default: setting(default, expect, ok)
 
 
@@ -85,6 +79,7 @@ positive = kind("a positive integer", lambda v: v > 0)
 positive_number = kind("a positive number", lambda v: v > 0)
 nonneg = kind("a number >= 0", lambda v: v >= 0)
 unit = kind("a number in [0, 1)", lambda v: 0 <= v < 1)
+file_path = kind("a file path", lambda v: bool(v) and not v.endswith(("/", os.sep)))
 free = kind("", None)  # any value of the field's type
 
 
@@ -106,7 +101,7 @@ def need(ok: bool, name: str, value, expected: str) -> None:
 
 
 class Section:
-    """A frozen group of settings; each field's variable is PREFIX + its name in capitals."""
+    """A frozen group of settings, each read from PREFIX + its name in capitals."""
     PREFIX = ""
 
     @classmethod
@@ -114,8 +109,7 @@ class Section:
         return cls.PREFIX + f.name.upper()
 
     @classmethod
-    def settings(cls) -> dict[str, object]:
-        """Variable name -> field, this section's own (nested sections excluded)."""
+    def settings(cls) -> dict[str, object]:  # variable -> field, nested sections excluded
         return {cls.env_name(f): f for f in fields(cls) if "ok" in f.metadata}
 
     @classmethod
@@ -131,7 +125,7 @@ class Section:
         return section
 
     def check(self) -> None:
-        """Constraints between this section's fields (one field's own are beside it)."""
+        """Constraints between this section's fields."""
 
 
 def is_file_name(name: str) -> bool:
@@ -306,10 +300,8 @@ class ExportConfig(Section):
     gptq_enabled: bool = free(False)  # full-Hessian GPTQ for the int6 matrices (record 2026-03-29)
     gptq_calibration_batches: int = positive(64)  # for the Hessians
     gptq_reserve_seconds: float = nonneg(10.0)  # taken off the training cap for the calibration
-    artifact: str = setting("final_model.int6.ptz", "a file path",  # EVAL_ONLY reads it
-                            lambda v: bool(v) and not v.endswith(("/", os.sep)))
-    model_path: str = setting("final_model.pt", "a file path",  # the unquantised EMA weights
-                              lambda v: bool(v) and not v.endswith(("/", os.sep)))
+    artifact: str = file_path("final_model.int6.ptz")  # EVAL_ONLY reads it
+    model_path: str = file_path("final_model.pt")  # the unquantised EMA weights
 
     def check(self) -> None:
         artifact = Path(self.artifact).resolve()
@@ -402,9 +394,8 @@ class Config:
             raw["EVAL_SEQ_LEN"] = str(train.train_seq_len)  # <= 0 means TRAIN_SEQ_LEN
         evaluation = EvalConfig.from_values(raw, slot=SlotConfig.from_values(raw),
                                             ttt=TTTConfig.from_values(raw))
-        run = RunConfig.from_values(raw)
-        if not run.run_id:
-            run = RunConfig.from_values({**raw, "RUN_ID": str(uuid.uuid4())})
+        run = RunConfig.from_values({**raw, "RUN_ID": raw.get("RUN_ID", "").strip()
+                                     or str(uuid.uuid4())})
         cfg = cls(run, DataConfig.from_values(raw), GPTConfig.from_values(raw),
                   OptimConfig.from_values(raw), train, ExportConfig.from_values(raw), evaluation)
         cfg.check()
@@ -425,11 +416,8 @@ class Config:
 # -----------------------------
 # MODEL
 # -----------------------------
-# Takes a GPTConfig; returns the GPT: 11 blocks with U-Net skips, GQA attention with partial
-# RoPE, XSA and a value residual, a leaky-ReLU^2 MLP, hashed-bigram and value embeddings, a
-# tied soft-capped head. Every parameter has one declared role (optimizer group, CUDA dtype,
-# artifact format) that the optimizers, the precision layout, the quantiser and GPTQ read: the
-# role table closes the section.
+# Takes a GPTConfig; returns the GPT. Every parameter has one declared role (optimizer group,
+# CUDA dtype, artifact format): the role table closes the section.
 
 
 def rms(x: Tensor) -> Tensor:
@@ -447,9 +435,8 @@ def fake_int6(w: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 class CastedLinear(nn.Linear):
-    """A bias-free linear whose weight follows the input's dtype. `qat` (fake int6 weights) is
-    an argument, not a switch on the class: the warm-up compiles both graphs, so late QAT
-    never recompiles."""
+    """A bias-free linear in the input's dtype. `qat` (fake int6 weights) is an argument, not a
+    class switch: the warm-up compiles both graphs, so late QAT never recompiles."""
 
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False,
                  role: str = "matrix"):
@@ -463,7 +450,6 @@ class CastedLinear(nn.Linear):
 
 
 class Table(nn.Embedding):
-    """An embedding table (the token, bigram and value embeddings)."""
     param_roles = {"weight": "embedding"}
 
 
@@ -497,8 +483,8 @@ FLASH_MODULES = (("fa3", "flash_attn_interface"), ("fa2", "flash_attn.flash_attn
 
 
 def attention_kernel(setting: str, device: torch.device) -> tuple:
-    """(kernel, flash_attn_func or None) for ATTENTION_BACKEND. auto: the original's order on CUDA
-    (FlashAttention 3, the flash-attn package, SDPA's flash), torch's choice on the CPU."""
+    """(kernel, flash_attn_func or None) for ATTENTION_BACKEND. auto: the original's order on
+    CUDA, torch's choice on the CPU."""
     if setting == "auto" and device.type != "cuda":
         return "sdpa", None
     for name, module in FLASH_MODULES:
@@ -599,8 +585,8 @@ class Block(nn.Module):
         return x, v_raw
 
     def parallel(self, x, x0, rope, v_first, ve, qat: bool, lam):
-        """The block on lanes x = [lane0, lane1]: attention reads lane 0, the MLP lane 1 (after
-        this attention wrote it); each adds to both by post [2, 2], resid [2] scales them."""
+        """The block on lanes x = [lane0, lane1]: attention reads lane 0, the MLP lane 1; each
+        adds to both (docs/legal_stack.md)."""
         post, resid = (t.to(x0.dtype)[..., None, None, None] for t in lam)
         mix = self.resid_mix.to(x0.dtype)
         a, v_raw = self.attn(rms(mix[0] * x[0] + mix[1] * x0) * self.ln_scale, rope, v_first, ve,
@@ -611,7 +597,6 @@ class Block(nn.Module):
 
 
 class ScaledEmbedding(nn.Module):
-    """A table, projected to out_dim if narrower (zero init), times a learned scalar."""
     param_roles = {"scale": "scalar"}
 
     def __init__(self, rows: int, dim: int, out_dim: int, scale: float, init_std: float):
@@ -663,8 +648,7 @@ class SmearGate(nn.Module):
 
 
 class GPT(nn.Module):
-    # skip_weights is a gain per decoder layer and width, not a matrix to orthogonalise; so
-    # are the lanes' lambdas.
+    # Gains, not matrices to orthogonalise.
     param_roles = {"skip_weights": "scalar", "parallel_post_lambdas": "scalar",
                    "parallel_resid_lambdas": "scalar"}
 
@@ -711,14 +695,14 @@ class GPT(nn.Module):
 
     def layer_order(self, recur: bool) -> list[int]:
         """The physical layer of each virtual layer: with `recur`, RECUR_LAYERS run again after
-        the last of them (mini depth recurrence, shared weights; docs/legal_stack.md)."""
+        the last of them (docs/legal_stack.md)."""
         L, R = self.cfg.num_layers, self.recur_ids if recur else ()
         cut = R[-1] + 1 if R else L
         return [*range(cut), *R, *range(cut, L)]
 
     def hidden(self, ids: Tensor, qat: bool = False, recur: bool = False) -> Tensor:
-        """Final hidden states after the last RMS norm, [B, T, d]; `qat`: fake int6 weights;
-        `recur`: RECUR_LAYERS run twice. x: one stream, or two lanes [2, B, T, d]."""
+        """Final hidden states after the last RMS norm, [B, T, d]. x: one stream, or two lanes
+        [2, B, T, d]."""
         cfg = self.cfg
         x = self.tok_emb(ids)
         if self.bigram is not None:
@@ -767,8 +751,8 @@ class GPT(nn.Module):
 
 def build_model(cfg: GPTConfig, device: torch.device, seed: int | None = None,
                 attention: str = "auto") -> GPT:
-    """Built on the CPU (the original's draws, seeded without touching the caller's generator),
-    rounded through bf16, then each parameter in its role's dtype on CUDA, float32 on the CPU."""
+    """Built on the CPU (the original's draws, the caller's generator untouched), rounded
+    through bf16, then in each role's dtype on CUDA, float32 on the CPU."""
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.default_generator.manual_seed(seed)
@@ -787,8 +771,7 @@ class Role:
     export: str  # int6 | int8 | fp16; any tensor of at most PASSTHROUGH_MAX_NUMEL values is fp16
 
 
-# What a module declares each of its parameters to be. A control tensor is a scalar named by
-# CONTROL_TENSOR_NAME_PATTERNS: fp16 in the artifact at any size.
+# A control tensor is a scalar named by CONTROL_TENSOR_NAME_PATTERNS: fp16 at any size.
 ROLES = {
     "embedding": Role("embed", torch.bfloat16, "int8"),  # the original keeps its tables bf16
     "head": Role("head", torch.float32, "int8"),
@@ -799,7 +782,7 @@ ROLES = {
 
 
 def parameter_roles(model: nn.Module, control_patterns: tuple[str, ...]) -> dict[str, Role]:
-    """Every parameter's role, from each module's `param_roles`; none or two stops the build."""
+    """Every parameter's role, from its module's `param_roles`; none or two stops the build."""
     declared = {}
     for prefix, module in model.named_modules():
         for local, kind in getattr(module, "param_roles", {}).items():
@@ -821,14 +804,13 @@ def parameter_roles(model: nn.Module, control_patterns: tuple[str, ...]) -> dict
 
 
 def cuda_layout(model: GPT) -> GPT:
-    """The original's CUDA dtypes: each parameter in its role's (tables bf16, the rest float32)."""
     for name, p in model.named_parameters():
         p.data = p.data.to(model.roles[name].cuda_dtype)
     return model
 
 
 def role_summary(model: GPT) -> list[str]:
-    """Tensors/parameters per optimizer group and artifact format: where a new tensor went."""
+    """Counts per optimizer group and artifact format: where a new tensor went."""
     groups, formats = {}, {}
     for name, p in model.named_parameters():
         role = model.roles[name]
@@ -836,19 +818,15 @@ def role_summary(model: GPT) -> list[str]:
         for table, key in ((groups, role.group), (formats, fmt)):
             tensors, params = table.get(key, (0, 0))
             table[key] = (tensors + 1, params + p.numel())
-    return [f"param_groups (tensors/params) {format_counts(groups)}",
-            f"param_formats (tensors/params) {format_counts(formats)}"]
-
-
-def format_counts(table: dict[str, tuple[int, int]]) -> str:
-    return " ".join(f"{key}:{tensors}/{params}" for key, (tensors, params) in table.items())
+    return [f"param_{what} (tensors/params) " + " ".join(
+        f"{key}:{tensors}/{params}" for key, (tensors, params) in table.items())
+        for what, table in (("groups", groups), ("formats", formats))]
 
 # -----------------------------
 # OPTIMIZERS AND SCHEDULE
 # -----------------------------
-# Takes the parameter table and an OptimConfig; returns the record's optimizers (Muon for
-# matrices, AdamW for tables and scalars, Adam for an untied head) and the schedule the
-# training loop asks every step for the lr multiplier, Muon's momentum and late QAT.
+# Takes the parameter table and an OptimConfig; returns the record's optimizers and the
+# schedule (lr multiplier, Muon's momentum, late QAT) the training loop asks every step.
 
 
 def cpu_bf16_matmul(p: Tensor, q: Tensor) -> Tensor:
@@ -857,7 +835,7 @@ def cpu_bf16_matmul(p: Tensor, q: Tensor) -> Tensor:
 
 
 def newton_schulz5(g: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
-    """Approximately orthogonalise g, in bf16 throughout (quintic Newton-Schulz iteration)."""
+    """Approximately orthogonalise g, in bf16 throughout."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.bfloat16()
     x = x / (x.norm() + eps)
@@ -879,14 +857,13 @@ def row_normalized_newton_schulz5(g: Tensor, steps: int) -> Tensor:
 
 
 class Muon(torch.optim.Optimizer):
-    """Nesterov momentum, orthogonalised by Newton-Schulz. Distributed, rank k % world_size
-    orthogonalises parameter k and one all-reduce of a flat bf16 buffer shares the updates."""
+    """Nesterov momentum, orthogonalised; rank k % world_size does parameter k, and one
+    all-reduce of a flat bf16 buffer shares the updates."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
                  orthogonalize=newton_schulz5):
-        defaults = dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
-                        weight_decay=weight_decay)
-        super().__init__(params, defaults)
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
+                                      weight_decay=weight_decay))
         self.orthogonalize = orthogonalize
 
     @torch.no_grad()
@@ -947,8 +924,7 @@ def build_optimizers(model: GPT, cfg: OptimConfig, compiled: bool = False) -> li
     embed_lr = cfg.tied_embed_lr if model.lm_head is None else cfg.embed_lr
     optimizers = [torch.optim.AdamW(groups[name], lr=lr, weight_decay=cfg.adam_wd, **adam)
                   for name, lr in (("embed", embed_lr), ("scalar", cfg.scalar_lr))]
-    # Compiled on CUDA, as the original: eagerly, Newton-Schulz is thousands of small launches a
-    # step. Fixed shapes: one graph per matrix shape, none re-traced as dynamic.
+    # Eagerly, Newton-Schulz is thousands of small launches a step; one graph per shape.
     orthogonalize = row_normalized_newton_schulz5 if cfg.muon_row_normalize else newton_schulz5
     orthogonalize = torch.compile(orthogonalize, dynamic=False) if compiled else orthogonalize
     optimizers.append(Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum,
@@ -998,14 +974,12 @@ class Schedule:
 # RUNTIME AND DATA
 # -----------------------------
 # Where this process runs (rank, device, compile, its log), then DATA_PATH's shards and the
-# tokenizer: the validation tokens, the byte tables that turn nats into bits per byte, and the
-# training files, streamed in the same order on every rank. Headers, the first training
-# shard's ids and the tokenizer are checked first.
+# tokenizer, every one checked before any work: validation tokens, byte tables (nats to bits
+# per byte) and the training files, streamed in the same order on every rank.
 
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where this process runs, and its log."""
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
@@ -1238,8 +1212,8 @@ def load_tokenizer(cfg: DataConfig, vocab_size: int) -> spm.SentencePieceProcess
 
 
 def check_tokenizer_hash(cfg: DataConfig) -> list[str]:
-    """Shards scored with another tokenizer give a meaningless bpb: tools.data's manifest.json
-    beside them records the tokenizer's sha256. Returns a warning without one."""
+    """Shards scored with another tokenizer give a meaningless bpb (the sha256 is in
+    manifest.json beside them). Returns a warning without one."""
     manifest = Path(cfg.data_path) / "manifest.json"
     try:
         expected = json.loads(manifest.read_text(encoding="utf-8"))["tokenizer"]["sha256"]
@@ -1254,7 +1228,7 @@ def check_tokenizer_hash(cfg: DataConfig) -> list[str]:
 
 
 def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int, device) -> tuple[Tensor, ...]:
-    """Per-token UTF-8 byte counts, leading-space flags and boundary flags for val_bpb."""
+    """Per-token UTF-8 byte counts, leading-space and boundary flags."""
     table = max(sp.vocab_size(), vocab_size)
     base_bytes = np.zeros(table, dtype=np.int16)
     leading_space = np.zeros(table, dtype=np.bool_)
@@ -1282,11 +1256,10 @@ def count_bytes(luts, prev_ids: Tensor, target_ids: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class Data:
-    """What every later stage reads: validation tokens on the host, byte tables on the device."""
+    """Validation tokens on the host, byte tables on the device."""
     val_tokens: Tensor
     luts: tuple[Tensor, ...]
     train_files: list[str]
-    train_tokens: int
 
 
 def load_data(cfg: Config, rt: Runtime, training: bool) -> tuple[Data, list[str]]:
@@ -1312,14 +1285,13 @@ def load_data(cfg: Config, rt: Runtime, training: bool) -> tuple[Data, list[str]
                             f"split holds {sum(sizes)}, so it repeats them")
     files = [f for f, n in zip(files, sizes) if n]  # an empty shard is skipped, not spun on
     luts = build_byte_luts(sp, vocab, rt.device)
-    return Data(val_tokens, luts, files, sum(sizes)), warnings
+    return Data(val_tokens, luts, files), warnings
 
 # -----------------------------
 # TRAINING
 # -----------------------------
 # Takes the model, the data and the cap; leaves the EMA weights in the model and returns the
-# compiled hidden-state function and the training time. A compile warm-up (then reset), steps
-# until ITERATIONS or the cap (validation excluded), EMA, late QAT and the warm-down.
+# compiled hidden-state function and the training time.
 
 
 class Diverged(Exception):
@@ -1340,7 +1312,6 @@ def check_finite(value: float, what: str) -> float:
 
 
 class Trainer:
-    """One optimizer step and its parts; the loop in `train` asks the schedule what to run."""
 
     def __init__(self, cfg: Config, rt: Runtime, model: GPT, data: Data):
         self.cfg, self.rt, self.model, self.data = cfg, rt, model, data
@@ -1400,9 +1371,8 @@ class Trainer:
         return Scoring(self.model, self.hidden_fn, tokens, self.data.luts, self.rt, recur)
 
     def warm_up(self) -> None:
-        """Compiles every graph the timed loop uses (the step without and with late QAT, and
-        validation; again recurrent with RECUR_LAYERS), then restores weights, optimizer
-        states and data stream exactly."""
+        """Compiles every graph the timed loop uses (with and without late QAT and recurrence,
+        validation), then restores weights, optimizer states and data stream exactly."""
         t, rt, model = self.cfg.train, self.rt, self.model
         initial_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         initial_opt = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
@@ -1551,7 +1521,7 @@ def over_cap(rt: Runtime, schedule: Schedule, ms: float) -> bool:
 
 
 class EMA:
-    """A float32 exponential moving average of every weight, exported instead of the weights."""
+    """A float32 moving average of every weight, exported instead of the weights."""
 
     def __init__(self, model: GPT, decay: float):
         self.model, self.decay = model, decay
