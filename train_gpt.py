@@ -290,7 +290,6 @@ class TrainConfig(Section):
         return self.late_qat == "on" or (self.late_qat == "record" and not compiled)
 
     def grad_accum_steps(self, world_size: int) -> int:
-        # The original runs 8 // world_size micro-steps; other world sizes run one.
         return ORIGINAL_WORLD // world_size if ORIGINAL_WORLD % world_size == 0 else 1
 
 
@@ -974,8 +973,7 @@ class Schedule:
 # RUNTIME AND DATA
 # -----------------------------
 # Where this process runs (rank, device, compile, its log), then DATA_PATH's shards and the
-# tokenizer, every one checked before any work: validation tokens, byte tables (nats to bits
-# per byte) and the training files, streamed in the same order on every rank.
+# tokenizer, every one checked before any work.
 
 
 @dataclass(frozen=True)
@@ -1050,10 +1048,8 @@ def start_runtime(cfg: RunConfig) -> Runtime:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     elif cfg.cpu_threads > 0:
-        # One thread per process by default: more threads than free cores ran several times slower.
         torch.set_num_threads(cfg.cpu_threads)
     if world_size > 1 and not dist.is_initialized():
-        # A rank stuck in a collective ends the run after this long, not gloo's half hour.
         timeout = datetime.timedelta(seconds=cfg.collective_timeout_seconds)
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout,
                                 device_id=device if use_cuda else None)
@@ -1318,7 +1314,6 @@ class Trainer:
         compiled = rt.compiled(model)
         self.hidden_fn = rt.compiled(model.hidden)
         device_ids = [rt.device.index] if rt.device.type == "cuda" else None
-        # The model has no buffers to broadcast.
         self.ddp = DDP(compiled, device_ids=device_ids) if rt.distributed else compiled
         self.optimizers = build_optimizers(model, cfg.optim, compiled=rt.compile)
         self.muon = next(opt for opt in self.optimizers if isinstance(opt, Muon))
@@ -1333,7 +1328,6 @@ class Trainer:
         t, total = self.cfg.train, torch.zeros((), device=self.rt.device)
         for micro in range(self.accum):
             x, y = self.loader.next_batch(t.train_batch_tokens, t.train_seq_len, self.accum)
-            # DDP all-reduces the gradients on the last micro-step only.
             no_sync = self.rt.distributed and micro < self.accum - 1
             with self.ddp.no_sync() if no_sync else contextlib.nullcontext():
                 with self.rt.autocast():
@@ -1475,8 +1469,7 @@ def train(cfg: Config, rt: Runtime, model: GPT, data: Data, cap_seconds: float) 
 
 
 def lane_table(model: GPT, recur: bool) -> list[str]:
-    """The lanes' lambdas, a line per parallel virtual layer (record 2026-03-31's table; its
-    `final_lane=mlp` misnamed the mean)."""
+    """The lanes' lambdas, a line per parallel virtual layer (record 2026-03-31's table)."""
     S = model.cfg.parallel_start_layer
     rows = [(i, p) for i, p in enumerate(model.layer_order(recur)) if p >= S]
     lines = [f"parallel_residual:converged active=1 start_layer={S} start_mode=physical "
