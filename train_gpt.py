@@ -57,7 +57,7 @@ class ConfigError(Exception):
 
 
 class Interrupted(Exception):
-    """Ctrl-C or SIGTERM: the run stops with one line, logged (`interrupted at step N`)."""
+    """Ctrl-C or SIGTERM: the run stops with one logged line."""
 
 
 def setting(default, expect: str = "", ok=None):
@@ -405,7 +405,6 @@ class Config:
         return max(self.train.train_seq_len, self.eval.seq_len)
 
     def check(self) -> None:
-        """Constraints across sections."""
         need(self.eval.ttt.freeze_blocks <= self.model.num_layers, "TTT_FREEZE_BLOCKS",
              self.eval.ttt.freeze_blocks, f"in [0, NUM_LAYERS={self.model.num_layers}]")
         cap, reserve = self.train.max_wallclock_seconds, self.export.gptq_reserve_seconds
@@ -517,7 +516,6 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
-        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.head_dim = cfg.head_dim
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
         self.vrl_gate = nn.Parameter(torch.tensor(-1.5)) if cfg.vrl_enabled and layer > 0 else None
@@ -531,8 +529,8 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], v_first: Tensor | None,
                 ve: Tensor | None, qat: bool) -> tuple[Tensor, Tensor]:
         B, T, _ = x.shape
-        q = self.c_q(x, qat).reshape(B, T, self.num_heads, self.head_dim)
-        k = self.c_k(x, qat).reshape(B, T, self.num_kv_heads, self.head_dim)
+        q = self.c_q(x, qat).reshape(B, T, -1, self.head_dim)
+        k = self.c_k(x, qat).reshape(B, T, -1, self.head_dim)
         v = self.c_v(x, qat)
         v_raw = v  # layer 0's raw value feeds the value residual of later layers
         if ve is not None:
@@ -540,13 +538,12 @@ class Attention(nn.Module):
         if self.vrl_gate is not None and v_first is not None:
             alpha = torch.sigmoid(self.vrl_gate.to(v.dtype))
             v = (1 - alpha) * v + alpha * v_first
-        v = v.reshape(B, T, self.num_kv_heads, self.head_dim)
+        v = v.reshape(k.shape)
         q, k = apply_rotary(rms(q), *rope), apply_rotary(rms(k), *rope)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
         y = causal_attention(q, k, v, *self.kernel)
         if self.xsa:  # remove each head's component along its (normalised) value vector
-            group = self.num_heads // self.num_kv_heads
-            y = y.reshape(B, T, self.num_kv_heads, group, self.head_dim)
+            y = y.reshape(*k.shape[:3], -1, self.head_dim)  # [B, T, Hkv, group, D]
             v_hat = F.normalize(v, dim=-1).unsqueeze(-2)
             y = y - (y * v_hat).sum(dim=-1, keepdim=True) * v_hat
         return self.proj(y.reshape(B, T, -1), qat), v_raw
@@ -817,9 +814,12 @@ def role_summary(model: GPT) -> list[str]:
         for table, key in ((groups, role.group), (formats, fmt)):
             tensors, params = table.get(key, (0, 0))
             table[key] = (tensors + 1, params + p.numel())
-    return [f"param_{what} (tensors/params) " + " ".join(
-        f"{key}:{tensors}/{params}" for key, (tensors, params) in table.items())
-        for what, table in (("groups", groups), ("formats", formats))]
+    return [f"param_groups (tensors/params) {format_counts(groups)}",
+            f"param_formats (tensors/params) {format_counts(formats)}"]
+
+
+def format_counts(table: dict[str, tuple[int, int]]) -> str:
+    return " ".join(f"{key}:{tensors}/{params}" for key, (tensors, params) in table.items())
 
 # -----------------------------
 # OPTIMIZERS AND SCHEDULE
@@ -1256,6 +1256,7 @@ class Data:
     val_tokens: Tensor
     luts: tuple[Tensor, ...]
     train_files: list[str]
+    train_tokens: int
 
 
 def load_data(cfg: Config, rt: Runtime, training: bool) -> tuple[Data, list[str]]:
@@ -1281,7 +1282,7 @@ def load_data(cfg: Config, rt: Runtime, training: bool) -> tuple[Data, list[str]
                             f"split holds {sum(sizes)}, so it repeats them")
     files = [f for f, n in zip(files, sizes) if n]  # an empty shard is skipped, not spun on
     luts = build_byte_luts(sp, vocab, rt.device)
-    return Data(val_tokens, luts, files), warnings
+    return Data(val_tokens, luts, files, sum(sizes)), warnings
 
 # -----------------------------
 # TRAINING
@@ -1296,7 +1297,7 @@ class Diverged(Exception):
 
 @dataclass(frozen=True)
 class Trained:
-    hidden_fn: object  # model.hidden, compiled on CUDA (validation and the post-EMA check)
+    hidden_fn: object  # model.hidden, compiled on CUDA
     train_ms: float
     recur: bool  # the model as the loop left it runs RECUR_LAYERS twice
 
