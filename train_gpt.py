@@ -497,8 +497,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "sdpa",
                      flash=None) -> Tensor:
     """q [B,T,H,D], k/v [B,T,Hkv,D] -> [B,T,H,D]; query head h reads kv head h // (H/Hkv)."""
     if torch.is_autocast_enabled(q.device.type):
-        # One dtype for all three: torch >= 2.12's CUDA autocast keeps rms_norm, so q and k, in
-        # float32 while v is bf16, and FA3 (not an autocast op) refuses mixed dtypes.
+        # torch >= 2.12's autocast leaves q and k float32 (rms_norm), and FA3 refuses mixed dtypes.
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if flash is not None:
@@ -652,7 +651,7 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg, self.ve_ids, self.recur_ids = cfg, cfg.ve_layer_ids, cfg.recur_ids
         num_skips = min(cfg.num_layers // 2, cfg.num_layers - cfg.num_layers // 2)
-        # Construction order is the order of the random draws: keep it (same SEED, same weights).
+        # Construction order is the random draws' order: keep it.
         self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim))
         if cfg.parallel_residual:  # row p: physical layer p's (no random draw)
             self.parallel_post_lambdas = nn.Parameter(torch.ones(cfg.num_layers, 2, 2))
