@@ -3,12 +3,9 @@ The SLOT-48 parameter-golf record, rebuilt: an 11-layer GPT trained for 600 s on
 8xH100, packed with this file into < 16,000,000 bytes (int6 + lzma), scored in
 bits per byte on FineWeb with the round trip, sliding windows, SLOT and legal TTT.
 
-One file (its bytes count toward the artifact); every setting an environment variable.
-CUDA (bf16, compile, FlashAttention 3 if installed) or CPU (float32), one process or
-torchrun. Sections: SETTINGS, MODEL, OPTIMIZERS AND SCHEDULE, RUNTIME AND DATA, TRAINING,
-EXPORT, EVALUATION, RUN SAFETY, MAIN (`run()` there is the table of contents).
-Entry points: Config.from_env, build_model, train, export_artifact, read_artifact,
-eval_model, evaluate, sliding_pass, score_windows, eval_ttt.
+One file (its bytes count toward the artifact); CUDA (bf16, compile, FlashAttention 3 if
+installed) or CPU (float32), one process or torchrun. `run()` in MAIN is the table of
+contents; the entry points for tools and tests are listed in README.md.
 """
 
 from __future__ import annotations
@@ -51,10 +48,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # -----------------------------
 # SETTINGS
 # -----------------------------
-# Every setting is an environment variable, read once into frozen sections, one per stage; each
-# field declares the values it accepts beside it, and constraints between fields sit in the
-# section's check(). A bad value stops the run with one line (ConfigError), never a traceback.
-# The model reads only GPTConfig. MAIN reads the environment (over PRESET's file).
+# Environment variables, read once into frozen sections, one per stage: each field declares the
+# values it accepts, each section's check() the constraints between them (docs/settings.md).
 
 
 class ConfigError(Exception):
@@ -62,7 +57,7 @@ class ConfigError(Exception):
 
 
 class Interrupted(Exception):
-    """Ctrl-C or SIGTERM: the run stops with one line, logged (`interrupted at step N`)."""
+    """Ctrl-C or SIGTERM: the run stops with one logged line."""
 
 
 def setting(default, expect: str = "", ok=None):
@@ -76,7 +71,6 @@ def choice(default: str, *choices: str):
 
 
 def kind(expect: str, ok):
-    """A kind of setting: `kind(expect, ok)(default)` declares a field accepting what ok does."""
     return lambda default: setting(default, expect, ok)
 
 
@@ -85,6 +79,7 @@ positive = kind("a positive integer", lambda v: v > 0)
 positive_number = kind("a positive number", lambda v: v > 0)
 nonneg = kind("a number >= 0", lambda v: v >= 0)
 unit = kind("a number in [0, 1)", lambda v: 0 <= v < 1)
+file_path = kind("a file path", lambda v: bool(v) and not v.endswith(("/", os.sep)))
 free = kind("", None)  # any value of the field's type
 
 
@@ -106,7 +101,7 @@ def need(ok: bool, name: str, value, expected: str) -> None:
 
 
 class Section:
-    """A frozen group of settings; each field's variable is PREFIX + its name in capitals."""
+    """A frozen group of settings, each read from PREFIX + its name in capitals."""
     PREFIX = ""
 
     @classmethod
@@ -114,8 +109,7 @@ class Section:
         return cls.PREFIX + f.name.upper()
 
     @classmethod
-    def settings(cls) -> dict[str, object]:
-        """Variable name -> field, this section's own (nested sections excluded)."""
+    def settings(cls) -> dict[str, object]:  # variable -> field, nested sections excluded
         return {cls.env_name(f): f for f in fields(cls) if "ok" in f.metadata}
 
     @classmethod
@@ -131,7 +125,7 @@ class Section:
         return section
 
     def check(self) -> None:
-        """Constraints between this section's fields (one field's own are beside it)."""
+        """Constraints between this section's fields."""
 
 
 def is_file_name(name: str) -> bool:
@@ -296,7 +290,6 @@ class TrainConfig(Section):
         return self.late_qat == "on" or (self.late_qat == "record" and not compiled)
 
     def grad_accum_steps(self, world_size: int) -> int:
-        # The original runs 8 // world_size micro-steps; other world sizes run one.
         return ORIGINAL_WORLD // world_size if ORIGINAL_WORLD % world_size == 0 else 1
 
 
@@ -306,10 +299,8 @@ class ExportConfig(Section):
     gptq_enabled: bool = free(False)  # full-Hessian GPTQ for the int6 matrices (record 2026-03-29)
     gptq_calibration_batches: int = positive(64)  # for the Hessians
     gptq_reserve_seconds: float = nonneg(10.0)  # taken off the training cap for the calibration
-    artifact: str = setting("final_model.int6.ptz", "a file path",  # EVAL_ONLY reads it
-                            lambda v: bool(v) and not v.endswith(("/", os.sep)))
-    model_path: str = setting("final_model.pt", "a file path",  # the unquantised EMA weights
-                              lambda v: bool(v) and not v.endswith(("/", os.sep)))
+    artifact: str = file_path("final_model.int6.ptz")  # EVAL_ONLY reads it
+    model_path: str = file_path("final_model.pt")  # the unquantised EMA weights
 
     def check(self) -> None:
         artifact = Path(self.artifact).resolve()
@@ -402,9 +393,8 @@ class Config:
             raw["EVAL_SEQ_LEN"] = str(train.train_seq_len)  # <= 0 means TRAIN_SEQ_LEN
         evaluation = EvalConfig.from_values(raw, slot=SlotConfig.from_values(raw),
                                             ttt=TTTConfig.from_values(raw))
-        run = RunConfig.from_values(raw)
-        if not run.run_id:
-            run = RunConfig.from_values({**raw, "RUN_ID": str(uuid.uuid4())})
+        run = RunConfig.from_values({**raw, "RUN_ID": raw.get("RUN_ID", "").strip()
+                                     or str(uuid.uuid4())})
         cfg = cls(run, DataConfig.from_values(raw), GPTConfig.from_values(raw),
                   OptimConfig.from_values(raw), train, ExportConfig.from_values(raw), evaluation)
         cfg.check()
@@ -415,7 +405,6 @@ class Config:
         return max(self.train.train_seq_len, self.eval.seq_len)
 
     def check(self) -> None:
-        """Constraints across sections."""
         need(self.eval.ttt.freeze_blocks <= self.model.num_layers, "TTT_FREEZE_BLOCKS",
              self.eval.ttt.freeze_blocks, f"in [0, NUM_LAYERS={self.model.num_layers}]")
         cap, reserve = self.train.max_wallclock_seconds, self.export.gptq_reserve_seconds
@@ -425,11 +414,8 @@ class Config:
 # -----------------------------
 # MODEL
 # -----------------------------
-# Takes a GPTConfig; returns the GPT: 11 blocks with U-Net skips, GQA attention with partial
-# RoPE, XSA and a value residual, a leaky-ReLU^2 MLP, hashed-bigram and value embeddings, a
-# tied soft-capped head. Every parameter has one declared role (optimizer group, CUDA dtype,
-# artifact format) that the optimizers, the precision layout, the quantiser and GPTQ read: the
-# role table closes the section.
+# Takes a GPTConfig; returns the GPT. Every parameter has one declared role (optimizer group,
+# CUDA dtype, artifact format): the role table closes the section.
 
 
 def rms(x: Tensor) -> Tensor:
@@ -447,9 +433,8 @@ def fake_int6(w: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 class CastedLinear(nn.Linear):
-    """A bias-free linear whose weight follows the input's dtype. `qat` (fake int6 weights) is
-    an argument, not a switch on the class: the warm-up compiles both graphs, so late QAT
-    never recompiles."""
+    """A bias-free linear in the input's dtype. `qat` (fake int6 weights) is an argument, not a
+    class switch: the warm-up compiles both graphs, so late QAT never recompiles."""
 
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False,
                  role: str = "matrix"):
@@ -463,7 +448,6 @@ class CastedLinear(nn.Linear):
 
 
 class Table(nn.Embedding):
-    """An embedding table (the token, bigram and value embeddings)."""
     param_roles = {"weight": "embedding"}
 
 
@@ -474,10 +458,8 @@ class ScalarList(nn.ParameterList):
 
 
 def rotary_cos_sin(seq_len: int, rope_dims: int, base: float, device, dtype) -> tuple[Tensor, ...]:
-    """Partial-RoPE tables, in float32 then cast to the activation dtype.
-    Seed quirk kept: the rotary module believes training ran at 1024 tokens and rescales the
-    base for longer rows (always in effect at T = 2048). Seed quirk fixed: the original built
-    T <= 1024 tables from bf16 positions."""
+    """Partial-RoPE tables in float32, cast to the activation dtype. Seed quirk kept: the base
+    is rescaled for rows over 1024 tokens (so at T = 2048)."""
     if seq_len > 1024:
         base = base * (seq_len / 1024) ** (rope_dims / (rope_dims - 2))
     dims = torch.arange(0, rope_dims, 2, dtype=torch.float32, device=device) / rope_dims
@@ -499,8 +481,8 @@ FLASH_MODULES = (("fa3", "flash_attn_interface"), ("fa2", "flash_attn.flash_attn
 
 
 def attention_kernel(setting: str, device: torch.device) -> tuple:
-    """(kernel, flash_attn_func or None) for ATTENTION_BACKEND. auto: the original's order on CUDA
-    (FlashAttention 3, the flash-attn package, SDPA's flash), torch's choice on the CPU."""
+    """(kernel, flash_attn_func or None) for ATTENTION_BACKEND. auto: the original's order on
+    CUDA, torch's choice on the CPU."""
     if setting == "auto" and device.type != "cuda":
         return "sdpa", None
     for name, module in FLASH_MODULES:
@@ -515,8 +497,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "sdpa",
                      flash=None) -> Tensor:
     """q [B,T,H,D], k/v [B,T,Hkv,D] -> [B,T,H,D]; query head h reads kv head h // (H/Hkv)."""
     if torch.is_autocast_enabled(q.device.type):
-        # One dtype for all three: torch >= 2.12's CUDA autocast keeps rms_norm, so q and k, in
-        # float32 while v is bf16, and FA3 (not an autocast op) refuses mixed dtypes.
+        # torch >= 2.12's autocast leaves q and k float32 (rms_norm), and FA3 refuses mixed dtypes.
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if flash is not None:
@@ -534,7 +515,6 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
-        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.head_dim = cfg.head_dim
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
         self.vrl_gate = nn.Parameter(torch.tensor(-1.5)) if cfg.vrl_enabled and layer > 0 else None
@@ -548,8 +528,8 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], v_first: Tensor | None,
                 ve: Tensor | None, qat: bool) -> tuple[Tensor, Tensor]:
         B, T, _ = x.shape
-        q = self.c_q(x, qat).reshape(B, T, self.num_heads, self.head_dim)
-        k = self.c_k(x, qat).reshape(B, T, self.num_kv_heads, self.head_dim)
+        q = self.c_q(x, qat).reshape(B, T, -1, self.head_dim)
+        k = self.c_k(x, qat).reshape(B, T, -1, self.head_dim)
         v = self.c_v(x, qat)
         v_raw = v  # layer 0's raw value feeds the value residual of later layers
         if ve is not None:
@@ -557,13 +537,12 @@ class Attention(nn.Module):
         if self.vrl_gate is not None and v_first is not None:
             alpha = torch.sigmoid(self.vrl_gate.to(v.dtype))
             v = (1 - alpha) * v + alpha * v_first
-        v = v.reshape(B, T, self.num_kv_heads, self.head_dim)
+        v = v.reshape(k.shape)
         q, k = apply_rotary(rms(q), *rope), apply_rotary(rms(k), *rope)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
         y = causal_attention(q, k, v, *self.kernel)
         if self.xsa:  # remove each head's component along its (normalised) value vector
-            group = self.num_heads // self.num_kv_heads
-            y = y.reshape(B, T, self.num_kv_heads, group, self.head_dim)
+            y = y.reshape(*k.shape[:3], -1, self.head_dim)  # [B, T, Hkv, group, D]
             v_hat = F.normalize(v, dim=-1).unsqueeze(-2)
             y = y - (y * v_hat).sum(dim=-1, keepdim=True) * v_hat
         return self.proj(y.reshape(B, T, -1), qat), v_raw
@@ -601,8 +580,8 @@ class Block(nn.Module):
         return x, v_raw
 
     def parallel(self, x, x0, rope, v_first, ve, qat: bool, lam):
-        """The block on lanes x = [lane0, lane1]: attention reads lane 0, the MLP lane 1 (after
-        this attention wrote it); each adds to both by post [2, 2], resid [2] scales them."""
+        """The block on lanes x = [lane0, lane1]: attention reads lane 0, the MLP lane 1; each
+        adds to both (docs/legal_stack.md)."""
         post, resid = (t.to(x0.dtype)[..., None, None, None] for t in lam)
         mix = self.resid_mix.to(x0.dtype)
         a, v_raw = self.attn(rms(mix[0] * x[0] + mix[1] * x0) * self.ln_scale, rope, v_first, ve,
@@ -613,7 +592,6 @@ class Block(nn.Module):
 
 
 class ScaledEmbedding(nn.Module):
-    """A table, projected to out_dim if narrower (zero init), times a learned scalar."""
     param_roles = {"scale": "scalar"}
 
     def __init__(self, rows: int, dim: int, out_dim: int, scale: float, init_std: float):
@@ -665,8 +643,7 @@ class SmearGate(nn.Module):
 
 
 class GPT(nn.Module):
-    # skip_weights is a gain per decoder layer and width, not a matrix to orthogonalise; so
-    # are the lanes' lambdas.
+    # Gains, not matrices to orthogonalise.
     param_roles = {"skip_weights": "scalar", "parallel_post_lambdas": "scalar",
                    "parallel_resid_lambdas": "scalar"}
 
@@ -674,7 +651,7 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg, self.ve_ids, self.recur_ids = cfg, cfg.ve_layer_ids, cfg.recur_ids
         num_skips = min(cfg.num_layers // 2, cfg.num_layers - cfg.num_layers // 2)
-        # Construction order is the order of the random draws: keep it (same SEED, same weights).
+        # Construction order is the random draws' order: keep it.
         self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim))
         if cfg.parallel_residual:  # row p: physical layer p's (no random draw)
             self.parallel_post_lambdas = nn.Parameter(torch.ones(cfg.num_layers, 2, 2))
@@ -713,14 +690,14 @@ class GPT(nn.Module):
 
     def layer_order(self, recur: bool) -> list[int]:
         """The physical layer of each virtual layer: with `recur`, RECUR_LAYERS run again after
-        the last of them (mini depth recurrence, shared weights; docs/legal_stack.md)."""
+        the last of them (docs/legal_stack.md)."""
         L, R = self.cfg.num_layers, self.recur_ids if recur else ()
         cut = R[-1] + 1 if R else L
         return [*range(cut), *R, *range(cut, L)]
 
     def hidden(self, ids: Tensor, qat: bool = False, recur: bool = False) -> Tensor:
-        """Final hidden states after the last RMS norm, [B, T, d]; `qat`: fake int6 weights;
-        `recur`: RECUR_LAYERS run twice. x: one stream, or two lanes [2, B, T, d]."""
+        """Final hidden states after the last RMS norm, [B, T, d]. x: one stream, or two lanes
+        [2, B, T, d]."""
         cfg = self.cfg
         x = self.tok_emb(ids)
         if self.bigram is not None:
@@ -769,8 +746,8 @@ class GPT(nn.Module):
 
 def build_model(cfg: GPTConfig, device: torch.device, seed: int | None = None,
                 attention: str = "auto") -> GPT:
-    """Built on the CPU (the original's draws, seeded without touching the caller's generator),
-    rounded through bf16, then each parameter in its role's dtype on CUDA, float32 on the CPU."""
+    """Built on the CPU (the original's draws, the caller's generator untouched), rounded
+    through bf16, then in each role's dtype on CUDA, float32 on the CPU."""
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.default_generator.manual_seed(seed)
@@ -789,8 +766,7 @@ class Role:
     export: str  # int6 | int8 | fp16; any tensor of at most PASSTHROUGH_MAX_NUMEL values is fp16
 
 
-# What a module declares each of its parameters to be. A control tensor is a scalar named by
-# CONTROL_TENSOR_NAME_PATTERNS: fp16 in the artifact at any size.
+# A control tensor is a scalar named by CONTROL_TENSOR_NAME_PATTERNS: fp16 at any size.
 ROLES = {
     "embedding": Role("embed", torch.bfloat16, "int8"),  # the original keeps its tables bf16
     "head": Role("head", torch.float32, "int8"),
@@ -801,7 +777,7 @@ ROLES = {
 
 
 def parameter_roles(model: nn.Module, control_patterns: tuple[str, ...]) -> dict[str, Role]:
-    """Every parameter's role, from each module's `param_roles`; none or two stops the build."""
+    """Every parameter's role, from its module's `param_roles`; none or two stops the build."""
     declared = {}
     for prefix, module in model.named_modules():
         for local, kind in getattr(module, "param_roles", {}).items():
@@ -823,14 +799,13 @@ def parameter_roles(model: nn.Module, control_patterns: tuple[str, ...]) -> dict
 
 
 def cuda_layout(model: GPT) -> GPT:
-    """The original's CUDA dtypes: each parameter in its role's (tables bf16, the rest float32)."""
     for name, p in model.named_parameters():
         p.data = p.data.to(model.roles[name].cuda_dtype)
     return model
 
 
 def role_summary(model: GPT) -> list[str]:
-    """Tensors/parameters per optimizer group and artifact format: where a new tensor went."""
+    """Counts per optimizer group and artifact format: where a new tensor went."""
     groups, formats = {}, {}
     for name, p in model.named_parameters():
         role = model.roles[name]
@@ -848,21 +823,17 @@ def format_counts(table: dict[str, tuple[int, int]]) -> str:
 # -----------------------------
 # OPTIMIZERS AND SCHEDULE
 # -----------------------------
-# Takes the parameter table and an OptimConfig; returns the record's optimizers (Muon for
-# matrices, AdamW for tables and scalars, Adam for an untied head) and the schedule the
-# training loop asks every step for the lr multiplier, Muon's momentum and late QAT.
+# Takes the parameter table and an OptimConfig; returns the record's optimizers and the
+# schedule (lr multiplier, Muon's momentum, late QAT) the training loop asks every step.
 
 
 def cpu_bf16_matmul(p: Tensor, q: Tensor) -> Tensor:
-    """A bf16 product as a bf16 GEMM forms it: float32 accumulation, one rounding to bf16. CPUs
-    without bf16 matrix units emulate torch's bf16 GEMM about 25x slower than float32; this is
-    the same product up to summation order, which differs between CPU kernels anyway (both stay
-    inside the reference trajectory's tolerances, equally close)."""
+    """A bf16 GEMM's product (float32 sums, one rounding): CPUs emulate bf16 GEMMs ~25x slower."""
     return torch.matmul(p.float(), q.float()).bfloat16()
 
 
 def newton_schulz5(g: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
-    """Approximately orthogonalise g, in bf16 throughout (quintic Newton-Schulz iteration)."""
+    """Approximately orthogonalise g, in bf16 throughout."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.bfloat16()
     x = x / (x.norm() + eps)
@@ -884,14 +855,13 @@ def row_normalized_newton_schulz5(g: Tensor, steps: int) -> Tensor:
 
 
 class Muon(torch.optim.Optimizer):
-    """Nesterov momentum, orthogonalised by Newton-Schulz. Distributed, rank k % world_size
-    orthogonalises parameter k and one all-reduce of a flat bf16 buffer shares the updates."""
+    """Nesterov momentum, orthogonalised; rank k % world_size does parameter k, and one
+    all-reduce of a flat bf16 buffer shares the updates."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
                  orthogonalize=newton_schulz5):
-        defaults = dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
-                        weight_decay=weight_decay)
-        super().__init__(params, defaults)
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
+                                      weight_decay=weight_decay))
         self.orthogonalize = orthogonalize
 
     @torch.no_grad()
@@ -950,25 +920,18 @@ def build_optimizers(model: GPT, cfg: OptimConfig, compiled: bool = False) -> li
     fused = dict(fused=True) if next(model.parameters()).is_cuda else {}
     adam = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, **fused)
     embed_lr = cfg.tied_embed_lr if model.lm_head is None else cfg.embed_lr
-    optimizers = [
-        torch.optim.AdamW([dict(params=groups["embed"], lr=embed_lr, base_lr=embed_lr)],
-                          weight_decay=cfg.adam_wd, **adam),
-        torch.optim.AdamW([dict(params=groups["scalar"], lr=cfg.scalar_lr, base_lr=cfg.scalar_lr)],
-                          weight_decay=cfg.adam_wd, **adam),
-    ]
-    # Compiled on CUDA, as the original: eagerly, Newton-Schulz is thousands of small launches a
-    # step. Fixed shapes: one graph per matrix shape, none re-traced as dynamic.
+    optimizers = [torch.optim.AdamW(groups[name], lr=lr, weight_decay=cfg.adam_wd, **adam)
+                  for name, lr in (("embed", embed_lr), ("scalar", cfg.scalar_lr))]
+    # Eagerly, Newton-Schulz is thousands of small launches a step; one graph per shape.
     orthogonalize = row_normalized_newton_schulz5 if cfg.muon_row_normalize else newton_schulz5
     orthogonalize = torch.compile(orthogonalize, dynamic=False) if compiled else orthogonalize
-    muon = Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum,
-                backend_steps=cfg.muon_backend_steps, weight_decay=cfg.muon_wd,
-                orthogonalize=orthogonalize)
-    for group in muon.param_groups:
-        group["base_lr"] = cfg.matrix_lr
-    optimizers.append(muon)
+    optimizers.append(Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum,
+                           backend_steps=cfg.muon_backend_steps, weight_decay=cfg.muon_wd,
+                           orthogonalize=orthogonalize))
     if groups["head"]:
-        head = [dict(params=groups["head"], lr=cfg.head_lr, base_lr=cfg.head_lr)]
-        optimizers.append(torch.optim.Adam(head, **adam))
+        optimizers.append(torch.optim.Adam(groups["head"], lr=cfg.head_lr, **adam))
+    for group in (group for opt in optimizers for group in opt.param_groups):
+        group["base_lr"] = group["lr"]  # the schedule scales lr from it
     return optimizers
 
 
@@ -976,56 +939,44 @@ def build_optimizers(model: GPT, cfg: OptimConfig, compiled: bool = False) -> li
 class Schedule:
     """A linear lr warm-down (by steps, or under a wall-clock cap by the time the remaining
     steps will take), Muon's momentum warm-up and late QAT's threshold."""
-    iterations: int
-    warmdown_iters: int
+    train: TrainConfig
+    optim: OptimConfig
     cap_ms: float | None  # None: no wall-clock cap
-    momentum_start: float
-    momentum_end: float
-    momentum_warmup_steps: int
-    late_qat_threshold: float  # <= 0: never
 
     @classmethod
     def of(cls, train: TrainConfig, optim: OptimConfig, cap_seconds: float) -> "Schedule":
-        cap_ms = 1000.0 * cap_seconds if cap_seconds > 0 else None
-        return cls(train.iterations, train.warmdown_iters, cap_ms,
-                   optim.muon_momentum_warmup_start, optim.muon_momentum,
-                   optim.muon_momentum_warmup_steps, train.late_qat_threshold)
+        return cls(train, optim, 1000.0 * cap_seconds if cap_seconds > 0 else None)
 
     def lr_scale(self, step: int, elapsed_ms: float) -> float:
-        if self.warmdown_iters <= 0:
+        iterations, warmdown = self.train.iterations, self.train.warmdown_iters
+        if warmdown <= 0:
             return 1.0
         if self.cap_ms is None:
-            start = max(self.iterations - self.warmdown_iters, 0)
-            if start <= step < self.iterations:
-                return max((self.iterations - step) / self.warmdown_iters, 0.0)
+            if max(iterations - warmdown, 0) <= step < iterations:
+                return max((iterations - step) / warmdown, 0.0)
             return 1.0
-        warmdown_ms = self.warmdown_iters * (elapsed_ms / max(step, 1))
+        warmdown_ms = warmdown * (elapsed_ms / max(step, 1))
         remaining_ms = max(self.cap_ms - elapsed_ms, 0.0)
         return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
 
     def momentum(self, step: int) -> float:
-        if self.momentum_warmup_steps > 0:
-            frac = min(step / self.momentum_warmup_steps, 1.0)
-        else:
-            frac = 1.0
-        return (1 - frac) * self.momentum_start + frac * self.momentum_end
+        o, warmup = self.optim, self.optim.muon_momentum_warmup_steps
+        frac = min(step / warmup, 1.0) if warmup > 0 else 1.0
+        return (1 - frac) * o.muon_momentum_warmup_start + frac * o.muon_momentum
 
     def late_qat(self, lr_scale: float) -> bool:
         """Whether this multiplier switches late QAT on (the loop never switches it off)."""
-        return 0 < self.late_qat_threshold and lr_scale < self.late_qat_threshold
+        return 0 < self.train.late_qat_threshold and lr_scale < self.train.late_qat_threshold
 
 # -----------------------------
 # RUNTIME AND DATA
 # -----------------------------
 # Where this process runs (rank, device, compile, its log), then DATA_PATH's shards and the
-# tokenizer: the validation tokens, the byte tables that turn nats into bits per byte, and the
-# training files, streamed in the same order on every rank. Headers, the first training
-# shard's ids and the tokenizer are checked first.
+# tokenizer, every one checked before any work.
 
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where this process runs, and its log."""
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
@@ -1091,16 +1042,13 @@ def start_runtime(cfg: RunConfig) -> Runtime:
     device = torch.device("cpu")
     if use_cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if not use_cuda and cfg.cpu_threads > 0:
-        # One thread per process by default: more threads than free cores ran several times slower.
-        torch.set_num_threads(cfg.cpu_threads)
-    if use_cuda:
         torch.cuda.set_device(device)
         # The original's setting; it reaches SLOT's float32 logit matmul too.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    elif cfg.cpu_threads > 0:
+        torch.set_num_threads(cfg.cpu_threads)
     if world_size > 1 and not dist.is_initialized():
-        # A rank stuck in a collective ends the run after this long, not gloo's half hour.
         timeout = datetime.timedelta(seconds=cfg.collective_timeout_seconds)
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout,
                                 device_id=device if use_cuda else None)
@@ -1156,10 +1104,10 @@ def load_data_shard(path) -> np.ndarray:
     if header.size < HEADER_INTS:
         raise ConfigError(f"{path}: truncated header ({size} bytes; a shard starts with a "
                           f"{HEADER_BYTES}-byte header)")
-    if header[0] != SHARD_MAGIC:
-        raise ConfigError(f"{path}: bad magic {header[0]}; expected {SHARD_MAGIC}")
-    if header[1] != SHARD_VERSION:
-        raise ConfigError(f"{path}: unsupported version {header[1]}; expected {SHARD_VERSION}")
+    for what, value, expected in (("bad magic", header[0], SHARD_MAGIC),
+                                  ("unsupported version", header[1], SHARD_VERSION)):
+        if value != expected:
+            raise ConfigError(f"{path}: {what} {value}; expected {expected}")
     n = int(header[2])
     if n < 0 or size != HEADER_BYTES + 2 * n:
         raise ConfigError(f"{path}: size {size} bytes does not match header token count {n} "
@@ -1190,11 +1138,11 @@ def shard_files(data_path: str, split: str) -> list[str]:
 
 
 class TokenStream:
-    """The train shards in order, wrapping around; each shard's ids checked as it loads."""
+    """The train shards in order, wrapping around (load_data checked each one's ids)."""
 
-    def __init__(self, files: list[str], vocab_size: int):
-        self.files, self.vocab_size, self.file_idx, self.pos = files, vocab_size, 0, 0
-        self.tokens = checked_shard(files[0], vocab_size)
+    def __init__(self, files: list[str]):
+        self.files, self.file_idx, self.pos = files, 0, 0
+        self.tokens = load_data_shard(files[0])
 
     def take(self, n: int) -> np.ndarray:
         """The next n tokens as stored (uint16): each rank widens only its own span."""
@@ -1202,7 +1150,7 @@ class TokenStream:
         while n > 0:
             if self.pos >= self.tokens.size:
                 self.file_idx = (self.file_idx + 1) % len(self.files)
-                self.tokens = checked_shard(self.files[self.file_idx], self.vocab_size)
+                self.tokens = load_data_shard(self.files[self.file_idx])
                 self.pos = 0
                 continue
             k = min(n, self.tokens.size - self.pos)
@@ -1214,8 +1162,8 @@ class TokenStream:
 class DistributedTokenLoader:
     """Each micro-step takes one contiguous chunk; rank r reads its own (local + 1)-token slice."""
 
-    def __init__(self, files: list[str], vocab_size: int, rt: Runtime):
-        self.stream, self.rt = TokenStream(files, vocab_size), rt
+    def __init__(self, files: list[str], rt: Runtime):
+        self.stream, self.rt = TokenStream(files), rt
 
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum: int) -> tuple[Tensor, ...]:
         rank, world = self.rt.rank, self.rt.world_size
@@ -1259,8 +1207,8 @@ def load_tokenizer(cfg: DataConfig, vocab_size: int) -> spm.SentencePieceProcess
 
 
 def check_tokenizer_hash(cfg: DataConfig) -> list[str]:
-    """Shards scored with another tokenizer give a meaningless bpb: tools.data's manifest.json
-    beside them records the tokenizer's sha256. Returns a warning without one."""
+    """Shards scored with another tokenizer give a meaningless bpb (the sha256 is in
+    manifest.json beside them). Returns a warning without one."""
     manifest = Path(cfg.data_path) / "manifest.json"
     try:
         expected = json.loads(manifest.read_text(encoding="utf-8"))["tokenizer"]["sha256"]
@@ -1275,7 +1223,7 @@ def check_tokenizer_hash(cfg: DataConfig) -> list[str]:
 
 
 def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int, device) -> tuple[Tensor, ...]:
-    """Per-token UTF-8 byte counts, leading-space flags and boundary flags for val_bpb."""
+    """Per-token UTF-8 byte counts, leading-space and boundary flags."""
     table = max(sp.vocab_size(), vocab_size)
     base_bytes = np.zeros(table, dtype=np.int16)
     leading_space = np.zeros(table, dtype=np.bool_)
@@ -1303,7 +1251,7 @@ def count_bytes(luts, prev_ids: Tensor, target_ids: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class Data:
-    """What every later stage reads: validation tokens on the host, byte tables on the device."""
+    """Validation tokens on the host, byte tables on the device."""
     val_tokens: Tensor
     luts: tuple[Tensor, ...]
     train_files: list[str]
@@ -1339,8 +1287,7 @@ def load_data(cfg: Config, rt: Runtime, training: bool) -> tuple[Data, list[str]
 # TRAINING
 # -----------------------------
 # Takes the model, the data and the cap; leaves the EMA weights in the model and returns the
-# compiled hidden-state function and the training time. A compile warm-up (then reset), steps
-# until ITERATIONS or the cap (validation excluded), EMA, late QAT and the warm-down.
+# compiled hidden-state function and the training time.
 
 
 class Diverged(Exception):
@@ -1349,7 +1296,7 @@ class Diverged(Exception):
 
 @dataclass(frozen=True)
 class Trained:
-    hidden_fn: object  # model.hidden, compiled on CUDA (validation and the post-EMA check)
+    hidden_fn: object  # model.hidden, compiled on CUDA
     train_ms: float
     recur: bool  # the model as the loop left it runs RECUR_LAYERS twice
 
@@ -1361,14 +1308,12 @@ def check_finite(value: float, what: str) -> float:
 
 
 class Trainer:
-    """One optimizer step and its parts; the loop in `train` asks the schedule what to run."""
 
     def __init__(self, cfg: Config, rt: Runtime, model: GPT, data: Data):
         self.cfg, self.rt, self.model, self.data = cfg, rt, model, data
         compiled = rt.compiled(model)
         self.hidden_fn = rt.compiled(model.hidden)
         device_ids = [rt.device.index] if rt.device.type == "cuda" else None
-        # The model has no buffers to broadcast.
         self.ddp = DDP(compiled, device_ids=device_ids) if rt.distributed else compiled
         self.optimizers = build_optimizers(model, cfg.optim, compiled=rt.compile)
         self.muon = next(opt for opt in self.optimizers if isinstance(opt, Muon))
@@ -1376,14 +1321,13 @@ class Trainer:
         self.loader = self.new_loader()
 
     def new_loader(self) -> DistributedTokenLoader:
-        return DistributedTokenLoader(self.data.train_files, self.cfg.model.vocab_size, self.rt)
+        return DistributedTokenLoader(self.data.train_files, self.rt)
 
     def gradients(self, qat: bool, recur: bool) -> Tensor:
         """The step's mean loss, its gradients accumulated over the micro-steps."""
         t, total = self.cfg.train, torch.zeros((), device=self.rt.device)
         for micro in range(self.accum):
             x, y = self.loader.next_batch(t.train_batch_tokens, t.train_seq_len, self.accum)
-            # DDP all-reduces the gradients on the last micro-step only.
             no_sync = self.rt.distributed and micro < self.accum - 1
             with self.ddp.no_sync() if no_sync else contextlib.nullcontext():
                 with self.rt.autocast():
@@ -1421,9 +1365,8 @@ class Trainer:
         return Scoring(self.model, self.hidden_fn, tokens, self.data.luts, self.rt, recur)
 
     def warm_up(self) -> None:
-        """Compiles every graph the timed loop uses (the step without and with late QAT, and
-        validation; again recurrent with RECUR_LAYERS), then restores weights, optimizer
-        states and data stream exactly."""
+        """Compiles every graph the timed loop uses (with and without late QAT and recurrence,
+        validation), then restores weights, optimizer states and data stream exactly."""
         t, rt, model = self.cfg.train, self.rt, self.model
         initial_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         initial_opt = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
@@ -1526,8 +1469,7 @@ def train(cfg: Config, rt: Runtime, model: GPT, data: Data, cap_seconds: float) 
 
 
 def lane_table(model: GPT, recur: bool) -> list[str]:
-    """The lanes' lambdas, a line per parallel virtual layer (record 2026-03-31's table; its
-    `final_lane=mlp` misnamed the mean)."""
+    """The lanes' lambdas, a line per parallel virtual layer (record 2026-03-31's table)."""
     S = model.cfg.parallel_start_layer
     rows = [(i, p) for i, p in enumerate(model.layer_order(recur)) if p >= S]
     lines = [f"parallel_residual:converged active=1 start_layer={S} start_mode=physical "
@@ -1572,7 +1514,7 @@ def over_cap(rt: Runtime, schedule: Schedule, ms: float) -> bool:
 
 
 class EMA:
-    """A float32 exponential moving average of every weight, exported instead of the weights."""
+    """A float32 moving average of every weight, exported instead of the weights."""
 
     def __init__(self, model: GPT, decay: float):
         self.model, self.decay = model, decay

@@ -937,7 +937,7 @@ def test_loader_gives_each_rank_the_old_batches(tmp_path, world, accum):
     global_tokens = 3 * seq_len * world * accum  # three rows per rank and micro-step
     want = old_loader_batches(files, world, accum, global_tokens, seq_len, steps)
     for rank in range(world):
-        loader = tg.DistributedTokenLoader(files, 1024, tg.Runtime(rank=rank, world_size=world))
+        loader = tg.DistributedTokenLoader(files, tg.Runtime(rank=rank, world_size=world))
         for i in range(steps):
             x, y = loader.next_batch(global_tokens, seq_len, accum)
             assert x.dtype == y.dtype == torch.int64
@@ -952,7 +952,7 @@ def test_token_stream_hands_out_stored_tokens(tmp_path):
     paths = [tmp_path / f"fineweb_train_{i:06d}.bin" for i in range(2)]
     for i, path in enumerate(paths):
         path.write_bytes(shard_bytes(tokens=np.arange(100) + 100 * i))
-    stream = tg.TokenStream([str(p) for p in paths], 1024)
+    stream = tg.TokenStream([str(p) for p in paths])
     inside = stream.take(60)
     assert inside.dtype == np.uint16 and np.shares_memory(inside, stream.tokens)
     across = stream.take(60)

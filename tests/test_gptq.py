@@ -218,7 +218,7 @@ def demo_model(gptq_root, one_thread):
     data, _ = tg.load_data(cfg, rt, training=True)
     model = tg.build_model(cfg.model, CPU, seed=cfg.run.seed)
     optimizers = tg.build_optimizers(model, cfg.optim)
-    loader = tg.DistributedTokenLoader(data.train_files, cfg.model.vocab_size, rt)
+    loader = tg.DistributedTokenLoader(data.train_files, rt)
     for _ in range(30):
         x, y = loader.next_batch(cfg.train.train_batch_tokens, cfg.train.train_seq_len, 1)
         model(x, y).backward()
@@ -248,7 +248,7 @@ def test_calibration_matches_hooks_and_reads_training_shards_only(demo_model, mo
             x = args[0].reshape(-1, args[0].size(-1)).double()
             want[name] = want.get(name, 0) + x.T @ x
         handles.append(model.get_submodule(name).register_forward_pre_hook(grab))
-    stream = tg.TokenStream(data.train_files, cfg.model.vocab_size)
+    stream = tg.TokenStream(data.train_files)
     t, accum = cfg.train, cfg.train.grad_accum_steps(1)
     with torch.no_grad():  # each micro-batch: tokens / accum + 1 tokens, the last only a target
         for _ in range(3 * accum):
@@ -467,7 +467,7 @@ def test_calibration_products_may_use_tf32(demo_model, monkeypatch):
     sums = tg.calibrate(cfg, tg.Runtime(), model, data, 0.0, micro_batches=2)
     x = []
     handle = model.blocks[1].mlp.proj.register_forward_pre_hook(lambda m, a: x.append(a[0]))
-    stream = tg.TokenStream(data.train_files, cfg.model.vocab_size)
+    stream = tg.TokenStream(data.train_files)
     t = cfg.train
     with torch.no_grad():
         for _ in range(2):

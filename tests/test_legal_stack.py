@@ -371,7 +371,7 @@ def test_gptq_hessians_sum_both_uses_of_a_recurrent_layer(small_root, monkeypatc
             want[name] = want.get(name, 0) + x.T @ x
             calls[name] = calls.get(name, 0) + 1
         handles.append(model.get_submodule(name).register_forward_pre_hook(grab))
-    stream, t = tg.TokenStream(data.train_files, cfg.model.vocab_size), cfg.train
+    stream, t = tg.TokenStream(data.train_files), cfg.train
     accum = t.grad_accum_steps(1)
     with torch.no_grad():
         for _ in range(2 * accum):

@@ -300,7 +300,7 @@ def test_compiled_small_model_trains_on_real_text(small_root):
     compiled = torch.compile(model, dynamic=False, fullgraph=True, backend="eager")
     optimizers = tg.build_optimizers(model, cfg.optim)
     files = tg.shard_files(cfg.data.data_path, "train")
-    loader = tg.DistributedTokenLoader(files, cfg.model.vocab_size, tg.Runtime())
+    loader = tg.DistributedTokenLoader(files, tg.Runtime())
     losses = []
     try:
         for _ in range(25):
