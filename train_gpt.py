@@ -1698,7 +1698,7 @@ def calibrate(cfg: Config, rt: Runtime, model: GPT, data: Data, train_ms: float,
         return accumulate
 
     handles = [m.register_forward_hook(hook(name)) for name, m in gptq_modules(model).items()]
-    loader = DistributedTokenLoader(data.train_files, cfg.model.vocab_size, rt)
+    loader = DistributedTokenLoader(data.train_files, rt)
     accum, t = cfg.train.grad_accum_steps(rt.world_size), cfg.train
     model.eval()
     with torch.no_grad(), rt.autocast():
