@@ -1676,7 +1676,7 @@ def dequantize_state_dict(container: dict, template: dict[str, Tensor]) -> dict[
         scheme = schemes.get(name)
         if scheme is None:
             continue
-        if isinstance(scheme, str):  # a passthrough
+        if isinstance(scheme, str):
             out[name] = tensors[name].to(ref.dtype)
             continue
         q, scale = tensors[name + ".q"], tensors[name + ".scale"]
@@ -1703,7 +1703,7 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, block: int = 128) -> tuple[Te
     codes = gptq_round(W.repeat(len(scales), 1), Hinv, torch.cat(scales).float(), block)
     found = list(zip(codes.split(W.size(0)), scales))
     errs = [(W - q.float() * s.float()[:, None]).pow(2).mean().item() for q, s in found]
-    q, scale = found[errs.index(min(errs))]  # the least error after GPTQ, the first of equals
+    q, scale = found[errs.index(min(errs))]
     return q[:, torch.argsort(perm)], scale
 
 
@@ -1836,21 +1836,20 @@ def pack_artifact(container: dict, compressor: str) -> bytes:
 
 
 def unpack_artifact(blob: bytes, path) -> dict:
-    foreign = f"{path}: not an artifact of this project (no xz or brotli header)"
+    shuffled = blob.startswith(BROTLI_MAGIC)
+    if shuffled:
+        decompress, blob = codec("brotli").decompress, blob[len(BROTLI_MAGIC):]
+    elif blob.startswith(XZ_MAGIC):
+        decompress = lzma.decompress
+    else:
+        raise ConfigError(f"{path}: not an artifact of this project (no xz or brotli header)")
     try:
-        if blob.startswith(XZ_MAGIC):
-            raw, shuffled = lzma.decompress(blob), False
-        elif blob.startswith(BROTLI_MAGIC):
-            raw, shuffled = codec("brotli").decompress(blob[len(BROTLI_MAGIC):]), True
-        else:
-            raise ConfigError(foreign)
-        container = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except ConfigError:
-        raise
-    except pickle.UnpicklingError:  # (torch's message would advise unsafe loading)
+        container = torch.load(io.BytesIO(decompress(blob)), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+  # (torch's message would advise unsafe loading)
         raise ConfigError(f"{path}: not an artifact of this project (its payload is not a "
                           f"tensor container)") from None
-    except Exception as e:  # lzma.LZMAError, brotli errors, a truncated payload
+    except Exception as e:
         what = str(e).splitlines()[0][:120] if str(e) else ""
         raise ConfigError(f"{path}: damaged, truncated or not an artifact of this project "
                           f"({type(e).__name__}{': ' + what if what else ''})") from None
@@ -2109,7 +2108,7 @@ def sliding_windows(n_targets: int, seq_len: int, stride: int, tail: str) -> Win
     start = np.arange(0, n_targets - seq_len + 1, stride, dtype=np.int64)
     score_from = np.where(start == 0, 0, seq_len - stride)
     remaining = n_targets - (start[-1] + seq_len)
-    if remaining > 0:  # one last full-length window scores exactly the targets left over
+    if remaining > 0:
         start = np.append(start, n_targets - seq_len)
         score_from = np.append(score_from, seq_len - remaining)
     return WindowPlan(start, np.full(len(start), seq_len), score_from)
@@ -2145,11 +2144,11 @@ def window_batch(tokens: np.ndarray, plan: WindowPlan, idx: np.ndarray, rows: in
 class Batch:
     """One batch of the window pass; the masks are on the host."""
     windows: np.ndarray
-    hid: Tensor  # in the autocast dtype
+    hid: Tensor
     y: Tensor
     scored: np.ndarray
     context: np.ndarray
-    pos: Tensor  # flat indices of the scored positions
+    pos: Tensor
     x_pos: Tensor
     y_pos: Tensor
     where: Tensor | None  # per-target collection only
@@ -2187,13 +2186,18 @@ class SlidingScorer(Scorer):
         self.sums.add(nll, b.x_pos, b.y_pos, s.luts, b.where)
 
 
-def slot_loss(delta: Tensor, bias: Tensor, base: Tensor, expand: Tensor, y: Tensor, w: Tensor,
-              weight: Tensor, softcap: float) -> Tensor:
-    """SLOT's loss; a compiled kernel. w is 0 on padding (fixed shapes); `expand` is indices
-    (CPU) or one-hot (CUDA: a matmul backward, no atomic scatter)."""
+def slot_nll(delta: Tensor, bias: Tensor, base: Tensor, expand: Tensor, y: Tensor,
+             weight: Tensor, softcap: float) -> Tensor:
+    """`expand` is indices (CPU) or one-hot (CUDA: a matmul backward, no atomic scatter)."""
     shift = F.linear(delta, weight) + bias
     z = base + (expand @ shift if expand.is_floating_point() else shift[expand])
-    return (F.cross_entropy(softcap * torch.tanh(z / softcap), y, reduction="none") * w).sum()
+    return F.cross_entropy(softcap * torch.tanh(z / softcap), y, reduction="none")
+
+
+def slot_loss(delta: Tensor, bias: Tensor, base: Tensor, expand: Tensor, y: Tensor, w: Tensor,
+              weight: Tensor, softcap: float) -> Tensor:
+    """SLOT's loss; a compiled kernel. w is 0 on padding (fixed shapes)."""
+    return (slot_nll(delta, bias, base, expand, y, weight, softcap) * w).sum()
 
 
 class SlotScorer(Scorer):
@@ -2240,9 +2244,7 @@ class SlotScorer(Scorer):
             else:
                 pos = torch.from_numpy(np.flatnonzero(score)).to(dev)
                 base = F.linear(hid[pos], weight)
-            z = base + (F.linear(delta, weight) + bias)[pos // L]
-            logits = self.softcap * torch.tanh(z / self.softcap)
-            return F.cross_entropy(logits, y[pos], reduction="none")
+            return slot_nll(delta, bias, base, pos // L, y[pos], weight, self.softcap)
 
     def fit(self, delta: Tensor, bias: Tensor, base: Tensor, rows: Tensor, y: Tensor, w: Tensor):
         c, cuda = self.cfg, delta.is_cuda
@@ -2250,9 +2252,8 @@ class SlotScorer(Scorer):
                                 weight_decay=1e-8, **(dict(fused=True) if cuda else {}))
         expand = F.one_hot(rows, delta.size(0)).float() if cuda else rows
         for i in range(c.steps):  # (the fit needs autograd whatever the caller's grad mode)
-            for group in opt.param_groups:
-                cosine = 0.5 * (1 + math.cos(math.pi * i / c.steps))
-                group["lr"] = c.lr_min + (c.lr - c.lr_min) * cosine
+            cosine = 0.5 * (1 + math.cos(math.pi * i / c.steps))
+            opt.param_groups[0]["lr"] = c.lr_min + (c.lr - c.lr_min) * cosine
             opt.zero_grad(set_to_none=True)
             with torch.enable_grad():
                 self.loss_fn(delta, bias, base, expand, y, w, self.weight, self.softcap).backward()
