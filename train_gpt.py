@@ -1902,10 +1902,11 @@ def budget_lines(container: dict, model_bytes: int, compressor: str, code: "Code
         scheme = container["m"].get(name) or container["m"][name.rsplit(".", 1)[0]]
         kind = scheme["type"] if isinstance(scheme, dict) else "passthrough"
         stored[kind] += t.numel() * t.element_size()
-    total = model_bytes + code.size
+    total, source = model_bytes + code.size, len(code.source.encode("utf-8"))
+    script = "plain" if code.size == source else "packed"
     return [f"budget {kind}: {n:,} bytes stored" for kind, n in stored.items()] + [
         f"budget model: {model_bytes:,} bytes after {compressor}",
-        f"budget code: {code.size:,} bytes ({code.kind} script; source {code.source_size:,} bytes)",
+        f"budget code: {code.size:,} bytes ({script} script; source {source:,} bytes)",
         f"budget total: {total:,} bytes, margin {SIZE_LIMIT - total:,} to the "
         f"{SIZE_LIMIT:,}-byte limit"]
 
@@ -1915,20 +1916,6 @@ class Code:
     """This script's source (logged) and the bytes that count (a packed file's)."""
     source: str
     size: int
-
-    @property
-    def source_size(self) -> int:
-        return len(self.source.encode("utf-8"))
-
-    @property
-    def kind(self) -> str:
-        return "plain" if self.size == self.source_size else "packed"
-
-
-@dataclass(frozen=True)
-class Artifact:
-    container: dict
-    nbytes: int
 
 
 def save_weights(cfg: ExportConfig, rt: Runtime, model: GPT) -> int:
@@ -1959,10 +1946,9 @@ def load_weights(cfg: Config, rt: Runtime) -> tuple[GPT, int]:
 
 
 def export_artifact(cfg: Config, rt: Runtime, model: GPT, hessians, weights_bytes: int,
-                    code: Code) -> Artifact:
+                    code: Code) -> dict:
     """Rank 0 quantises and writes; the others read what it wrote."""
-
-    container, blob = None, b""
+    container = None
     if rt.master:
         t0 = time.perf_counter()
         with no_tf32():  # GPTQ solves in float32, as the record did (on the CPU)
@@ -1982,7 +1968,7 @@ def export_artifact(cfg: Config, rt: Runtime, model: GPT, hessians, weights_byte
         dist.barrier()
     if not rt.master:
         container = read_artifact(cfg.export.artifact)
-    return Artifact(container, len(blob) if rt.master else Path(cfg.export.artifact).stat().st_size)
+    return container
 
 
 def log_export(cfg: ExportConfig, rt: Runtime, container: dict, model_bytes: int,
@@ -2449,7 +2435,6 @@ def sliding_pass(cfg: EvalConfig, s: Scoring, stride: int, name: str,
 
 def evaluate(cfg: Config, rt: Runtime, model: GPT, data: Data) -> dict[str, Score]:
     """Every evaluation, in the log's order."""
-
     e, L = cfg.eval, cfg.eval.seq_len
     s = Scoring(model, rt.compiled(model.hidden), data.val_tokens, data.luts, rt,
                 bool(model.recur_ids))
@@ -2855,7 +2840,6 @@ def trained_model(cfg: Config, rt: Runtime, inputs: Inputs) -> tuple[GPT, Traine
 
 def make_artifact(cfg: Config, rt: Runtime, inputs: Inputs, code: Code) -> GPT:
     """Train (or take the kept weights), save, calibrate, export; the evaluation model."""
-
     with stage("training"):
         model, trained, weights_bytes = trained_model(cfg, rt, inputs)
     if not trained.recur:  # calibrated, recorded (sidecar) and scored without recurrence
@@ -2870,9 +2854,8 @@ def make_artifact(cfg: Config, rt: Runtime, inputs: Inputs, code: Code) -> GPT:
         val_loss, val_bpb = sums.result(rt)
         rt.log(f"DIAGNOSTIC post_ema val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
-        artifact = export_artifact(cfg, rt, model, hessians, weights_bytes, code)
-        return eval_model(cfg.model, artifact.container, rt.device, cfg.export.artifact,
-                          rt.attention)
+        container = export_artifact(cfg, rt, model, hessians, weights_bytes, code)
+        return eval_model(cfg.model, container, rt.device, cfg.export.artifact, rt.attention)
 
 
 def run(cfg: Config, code: Code) -> None:
