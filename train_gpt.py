@@ -1593,8 +1593,7 @@ class EMA:
 # -----------------------------
 # EXPORT: quantisation, GPTQ, packing, loading
 # -----------------------------
-# The trained model to the artifact (the original's {"w": tensors, "m": schemes}) and back:
-# the evaluations score what was submitted.
+# Export and load mirror each other: the evaluations score what was submitted.
 
 
 INT6_CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, None)  # None: the row max
@@ -1987,11 +1986,10 @@ def log_export(cfg: ExportConfig, rt: Runtime, container: dict, model_bytes: int
 # -----------------------------
 # EVALUATION
 # -----------------------------
-# Every score of the round-tripped model: one window pass (frozen hidden states) feeds the
-# scorers (sliding window, SLOT, each legal-TTT chunk). See docs/evaluation.md.
+# One window pass feeds every scorer; see docs/evaluation.md.
 
 
-SCORE_KINDS = {  # what the challenge accepts (docs/evaluation.md)
+SCORE_KINDS = {
     "final_int6_roundtrip": "accepted", "final_int6_sliding_window": "accepted",
     "final_int6_sliding_window_s64": "accepted", "legal_ttt": "accepted",
     "final_slot_context": "causal_not_accepted",  # passes the flip test; legality never ruled
@@ -2471,8 +2469,7 @@ def evaluate(cfg: Config, rt: Runtime, model: GPT, data: Data) -> dict[str, Scor
 # -----------------------------
 # RUN SAFETY: atomic writes, sidecars, output locks, logs, signals
 # -----------------------------
-# A run writes each file beside its target and renames it over it, replaces only files of this
-# project, locks its outputs, and turns Ctrl-C / SIGTERM into one line (docs/reliability.md).
+# See docs/reliability.md.
 
 
 class Stopped(Exception):
@@ -2862,7 +2859,6 @@ def run(cfg: Config, code: Code) -> None:
     inputs = read_inputs(cfg, rt)
     lock = output_lock(outputs(cfg), cfg.run.run_id) if rt.master else contextlib.nullcontext()
     with lock:
-        # Every input is valid: from here on the run writes its log and outputs.
         started = time.time()
         rt = replace(rt, log_path=create_log(cfg.run.run_id) if rt.master else None)
         if rt.master:
