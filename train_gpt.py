@@ -1917,7 +1917,7 @@ class Code:
     size: int
 
 
-def save_weights(cfg: ExportConfig, rt: Runtime, model: GPT) -> int:
+def save_weights(cfg: ExportConfig, model: GPT) -> int:
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     try:
@@ -2110,8 +2110,6 @@ def window_batches(n_windows: int, batch_seqs: int, interleave: int) -> list[np.
 
 def window_batch(tokens: np.ndarray, plan: WindowPlan, idx: np.ndarray, rows: int,
                  L: int) -> tuple[np.ndarray, ...]:
-    """Windows idx padded to `rows` rows: inputs, targets, scored and context masks, target
-    indices."""
     ar, k = np.arange(L), len(idx)
     start, score_from = plan.start[idx, None], plan.score_from[idx, None]
     valid = ar < plan.length[idx, None]
@@ -2246,7 +2244,6 @@ class SlotScorer(Scorer):
 
 def score_windows(s: Scoring, plan: WindowPlan, batches: list[np.ndarray], rows: int,
                   seq_len: int, scorers: list, label: str = "") -> None:
-    """One window pass feeding every scorer, each batch timed per scorer."""
     collect = any(sc.sums.nll is not None for sc in scorers)
     sliding = isinstance(scorers[0], SlidingScorer)
     n_mine, k = len(batches[s.rt.rank::s.rt.world_size]), len(scorers) + 1
@@ -2430,7 +2427,6 @@ def sliding_pass(cfg: EvalConfig, s: Scoring, stride: int, name: str,
 
 
 def evaluate(cfg: Config, rt: Runtime, model: GPT, data: Data) -> dict[str, Score]:
-    """Every evaluation, in the log's order."""
     e, L = cfg.eval, cfg.eval.seq_len
     s = Scoring(model, rt.compiled(model.hidden), data.val_tokens, data.luts, rt,
                 bool(model.recur_ids))
@@ -2473,7 +2469,7 @@ def evaluate(cfg: Config, rt: Runtime, model: GPT, data: Data) -> dict[str, Scor
 
 
 class Stopped(Exception):
-    """The run ended early, already logged; main prints `message` (if any) and exits `status`."""
+    """The run ended early, already logged."""
 
     def __init__(self, status: int, message: str | None = None):
         super().__init__(message)
@@ -2816,7 +2812,6 @@ def read_inputs(cfg: Config, rt: Runtime) -> Inputs:
 
 
 def trained_model(cfg: Config, rt: Runtime, inputs: Inputs) -> tuple[GPT, Trained, int]:
-    """The trained, saved model (or EXPORT_ONLY's), its record and weight bytes."""
     if inputs.model is not None:
         model = inputs.model
         log_config(cfg, rt, model, inputs.data)
@@ -2828,12 +2823,11 @@ def trained_model(cfg: Config, rt: Runtime, inputs: Inputs) -> tuple[GPT, Traine
     reserve = gptq_reserve(cfg, rt, model, inputs.data)
     trained = train(cfg, rt, model, inputs.data, cfg.train.max_wallclock_seconds - reserve)
     with stage("export"):  # saved before anything that can fail after training
-        weights_bytes = save_weights(cfg.export, rt, model) if rt.master else 0
+        weights_bytes = save_weights(cfg.export, model) if rt.master else 0
     return model, trained, weights_bytes
 
 
 def make_artifact(cfg: Config, rt: Runtime, inputs: Inputs, code: Code) -> GPT:
-    """Train (or take the kept weights), save, calibrate, export; the evaluation model."""
     with stage("training"):
         model, trained, weights_bytes = trained_model(cfg, rt, inputs)
     if not trained.recur:  # calibrated, recorded (sidecar) and scored without recurrence
