@@ -1992,8 +1992,8 @@ def log_export(cfg: ExportConfig, rt: Runtime, container: dict, model_bytes: int
 SCORE_KINDS = {
     "final_int6_roundtrip": "accepted", "final_int6_sliding_window": "accepted",
     "final_int6_sliding_window_s64": "accepted", "legal_ttt": "accepted",
-    "final_slot_context": "causal_not_accepted",  # passes the flip test; legality never ruled
-    "final_slot": "not_causal",  # fits the very targets it scores
+    "final_slot_context": "causal_not_accepted",
+    "final_slot": "not_causal",
 }
 
 
@@ -2082,7 +2082,7 @@ class WindowPlan:
 
 def sliding_windows(n_targets: int, seq_len: int, stride: int, tail: str) -> WindowPlan:
     """Each window after the first scores only its last `stride` targets."""
-    if tail == "original":  # its short tail windows re-score targets (its published figures)
+    if tail == "original":  # (docs/evaluation.md)
         start = np.arange(0, n_targets, stride, dtype=np.int64)
         length = np.minimum(seq_len, n_targets - start)
         score_from = np.where(start == 0, 0, np.maximum(length - stride, 0))
