@@ -1998,8 +1998,6 @@ SCORE_KINDS = {
 
 
 class Sums:
-    """Float64 sums of nll, scored targets and their bytes; optionally every target's nll."""
-
     def __init__(self, device, collect_targets: int = 0):
         self.loss, self.tokens, self.bytes = (torch.zeros((), dtype=torch.float64, device=device)
                                               for _ in range(3))
@@ -2133,7 +2131,7 @@ class Batch:
     pos: Tensor
     x_pos: Tensor
     y_pos: Tensor
-    where: Tensor | None  # per-target collection only
+    where: Tensor | None
 
 
 def window_pass(s: Scoring, plan: WindowPlan, batches: list[np.ndarray], rows: int,
@@ -2311,8 +2309,6 @@ def ttt_chunk_windows(plan: WindowPlan, n_targets: int, chunk: int) -> np.ndarra
 
 
 class TTTTrainer:
-    """SGD, momentum kept across chunks, on the unfrozen parameters."""
-
     def __init__(self, cfg: TTTConfig, rt: Runtime, model: GPT, seq_len: int):
         self.cfg, self.rt, self.model, self.seq_len = cfg, rt, model, seq_len
         frozen = tuple(f"blocks.{i}." for i in range(cfg.freeze_blocks))
@@ -2598,8 +2594,7 @@ def check_outputs(cfg: Config) -> None:
 
 @contextlib.contextmanager
 def output_lock(paths: list[str], run_id: str) -> Iterator[None]:
-    """`.<name>.lock` beside each output, held (flock) for the run: a second run refuses it,
-    one whose holder died is taken over."""
+    """`.<name>.lock` beside each output, held for the run (docs/reliability.md)."""
     held = []
     try:
         for path in paths:
@@ -2613,8 +2608,6 @@ def output_lock(paths: list[str], run_id: str) -> Iterator[None]:
 
 
 def take_lock(lock: Path, path: str, run_id: str) -> int:
-    """A temporary written and held, then linked as the lock (never seen empty) or renamed
-    over one that nobody holds."""
     tmp = temporary(lock)
     tmp.write_text(json.dumps({"run_id": run_id, "pid": os.getpid()}), encoding="utf-8")
     fd = os.open(tmp, os.O_RDONLY)
@@ -2898,9 +2891,7 @@ def main(source: str | None = None) -> None:
         status, message = 130, "interrupted before the run started"
     if message and int(os.environ.get("LOCAL_RANK", "0")) == 0:  # every rank meets the same input
         print(message, file=sys.stderr, flush=True)
-    # A failing rank leaves at once (no barrier while others may wait in a collective): torchrun
-    # then stops the others. Only a run that succeeded everywhere meets at the barrier.
-    if dist.is_initialized():
+    if dist.is_initialized():  # only a run that succeeded everywhere meets at the barrier
         if status == 0:
             dist.barrier()
             dist.destroy_process_group()
