@@ -1535,9 +1535,7 @@ class EMA:
 # -----------------------------
 # EXPORT: quantisation, GPTQ, packing, loading
 # -----------------------------
-# Takes the trained model; returns the artifact: the quantised container ({"w": tensors,
-# "m": schemes}, the original's layout), written compressed with a sidecar of the model
-# settings. Export and load are mirror images, so the evaluations score what was submitted.
+# Export and load mirror each other: the evaluations score what was submitted.
 
 
 INT6_CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, None)  # None: the row max
@@ -1549,8 +1547,8 @@ XZ_MAGIC = b"\xfd7zXZ\x00"
 
 
 def quantize_int6(t: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row int6 in [-31, 31] with an fp16 scale; the clip is the candidate with the least
-    squared error (first wins ties). torch.round is round-half-to-even, as the original."""
+    """Per-row int6 with an fp16 scale, the clip candidate of least squared error (first of
+    equals)."""
     t32 = t.float()
     if t32.ndim != 2:
         amax = t32.abs().max().item()
@@ -1566,7 +1564,6 @@ def quantize_int6(t: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def int6_clip_scales(t32: Tensor) -> Iterator[Tensor]:
-    """The per-row fp16 scale of each clip candidate, in order: row quantiles of |w|, row max."""
     for q_level in INT6_CLIP_QUANTILES:
         if q_level is None:
             clip = t32.abs().amax(dim=1)
@@ -1576,7 +1573,7 @@ def int6_clip_scales(t32: Tensor) -> Iterator[Tensor]:
 
 
 def quantize_int8(t: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row int8 with a float32 scale used for q and stored as fp16 (0-d float32 for 1-D)."""
+    """The scale quantises in float32 and is stored fp16 (a 1-D tensor's: 0-d float32)."""
     t32 = t.float()
     if t32.ndim != 2:
         clip = 0.0
@@ -1594,14 +1591,13 @@ def quantize_int8(t: Tensor) -> tuple[Tensor, Tensor]:
 
 def quantize_state_dict(state: dict[str, Tensor], roles: dict[str, Role],
                         hessians: dict[str, Tensor] | None = None) -> dict:
-    """Each tensor in its role's format (GPTQ for an int6 matrix with a Hessian, on the
-    Hessian's device); returns the container {"w": tensors, "m": schemes}."""
+    """Each tensor in its role's format (GPTQ where an int6 matrix has a Hessian)."""
     tensors, schemes = {}, {}
     for name, t in state.items():
         t = t.detach().cpu().contiguous()
         fmt = roles[name].export if name in roles else "fp16"  # (no role: not a parameter)
-        if not t.is_floating_point() or t.numel() <= PASSTHROUGH_MAX_NUMEL or fmt == "fp16":
-            small = t.numel() <= PASSTHROUGH_MAX_NUMEL or not t.is_floating_point()
+        small = t.numel() <= PASSTHROUGH_MAX_NUMEL or not t.is_floating_point()
+        if small or fmt == "fp16":
             tensors[name] = t.to(torch.float16) if t.is_floating_point() else t
             schemes[name] = "passthrough" if small else "passthrough_ctrl"
             continue
@@ -1616,13 +1612,12 @@ def quantize_state_dict(state: dict[str, Tensor], roles: dict[str, Role],
 
 
 def dequantize_state_dict(container: dict, template: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Float32 dequantisation, then each tensor in the template's dtype."""
     tensors, schemes, out = container["w"], container["m"], {}
     for name, ref in template.items():
         scheme = schemes.get(name)
         if scheme is None:
             continue
-        if isinstance(scheme, str):  # passthrough, passthrough_ctrl, passthrough_fp16
+        if isinstance(scheme, str):
             out[name] = tensors[name].to(ref.dtype)
             continue
         q, scale = tensors[name + ".q"], tensors[name + ".scale"]
@@ -1632,8 +1627,7 @@ def dequantize_state_dict(container: dict, template: dict[str, Tensor]) -> dict[
 
 
 def gptq_quantize(weight: Tensor, hessian: Tensor, block: int = 128) -> tuple[Tensor, Tensor]:
-    """int6 codes [rows, cols] and fp16 row scales for the least output error under `hessian`
-    (record 2026-03-29's solver)."""
+    """int6 codes and fp16 row scales of least output error under `hessian` (record 2026-03-29)."""
     w32, H = weight.float(), hessian.float().clone()
     dead = H.diagonal() == 0  # an input that is always zero: unit curvature, weights dropped
     H.diagonal()[dead] = 1
@@ -1650,13 +1644,12 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, block: int = 128) -> tuple[Te
     codes = gptq_round(W.repeat(len(scales), 1), Hinv, torch.cat(scales).float(), block)
     found = list(zip(codes.split(W.size(0)), scales))
     errs = [(W - q.float() * s.float()[:, None]).pow(2).mean().item() for q, s in found]
-    q, scale = found[errs.index(min(errs))]  # the least error after GPTQ, the first of equals
+    q, scale = found[errs.index(min(errs))]
     return q[:, torch.argsort(perm)], scale
 
 
 def gptq_round(W: Tensor, Hinv: Tensor, sf: Tensor, block: int) -> Tensor:
-    """Column by column, each rounding error moved onto the later columns by Hinv's row
-    (lazily past the block)."""
+    """Each column's rounding error moved onto the later ones (lazily past the block)."""
     W, q = W.clone(), torch.zeros(W.shape, dtype=torch.int8, device=W.device)
     for i1 in range(0, W.size(1), block):
         i2 = min(i1 + block, W.size(1))
@@ -1671,7 +1664,6 @@ def gptq_round(W: Tensor, Hinv: Tensor, sf: Tensor, block: int) -> Tensor:
 
 
 def gptq_modules(model: GPT) -> dict[str, nn.Module]:
-    """The linears whose weights the table stores int6 (the ones GPTQ solves)."""
     found = {}
     for name, m in model.named_modules():
         if isinstance(m, CastedLinear) and m.weight.numel() > PASSTHROUGH_MAX_NUMEL:
@@ -1682,10 +1674,8 @@ def gptq_modules(model: GPT) -> dict[str, nn.Module]:
 
 def calibrate(cfg: Config, rt: Runtime, model: GPT, data: Data, train_ms: float,
               micro_batches: int = 0) -> dict:
-    """H = mean X^T X over GPTQ_CALIBRATION_BATCHES training batches, X each int6 linear's
-    input (at each use): float64 sums of the training micro-batches (any world size, one
-    artifact), products in TF32 on CUDA. `micro_batches`: only these, their sums returned as
-    they are (timing)."""
+    """H = mean X^T X per int6 linear, summed in float64 over the training micro-batches: one
+    artifact on any world size. `micro_batches`: only these, sums returned as they are."""
     t0, sums, last, batches = time.perf_counter(), {}, {}, cfg.export.gptq_calibration_batches
 
     def hook(name):
@@ -1724,8 +1714,7 @@ def calibrate(cfg: Config, rt: Runtime, model: GPT, data: Data, train_ms: float,
 
 
 def gptq_reserve(cfg: Config, rt: Runtime, model: GPT, data: Data) -> float:
-    """GPTQ_RESERVE_SECONDS, or the calibration's time if longer, measured: set-up and one
-    micro-batch, the others at what a second adds, plus a quarter (the ranks' mean)."""
+    """GPTQ_RESERVE_SECONDS, or the calibration's measured time (plus a quarter) if longer."""
     e, cap = cfg.export, cfg.train.max_wallclock_seconds
     if not e.gptq_enabled or cap <= 0:
         return 0.0
@@ -1747,7 +1736,6 @@ def gptq_reserve(cfg: Config, rt: Runtime, model: GPT, data: Data) -> float:
 
 @contextlib.contextmanager
 def no_tf32():
-    """float32 matmuls in full precision for a stage (GPTQ), restored whatever happens."""
     before = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -1789,22 +1777,20 @@ def pack_artifact(container: dict, compressor: str) -> bytes:
 
 
 def unpack_artifact(blob: bytes, path) -> dict:
-    """Detects the compressor from the bytes; a foreign or damaged file names itself."""
-    foreign = f"{path}: not an artifact of this project (no xz or brotli header)"
+    shuffled = blob.startswith(BROTLI_MAGIC)
+    if shuffled:
+        decompress, blob = codec("brotli").decompress, blob[len(BROTLI_MAGIC):]
+    elif blob.startswith(XZ_MAGIC):
+        decompress = lzma.decompress
+    else:
+        raise ConfigError(f"{path}: not an artifact of this project (no xz or brotli header)")
     try:
-        if blob.startswith(XZ_MAGIC):
-            raw, shuffled = lzma.decompress(blob), False
-        elif blob.startswith(BROTLI_MAGIC):
-            raw, shuffled = codec("brotli").decompress(blob[len(BROTLI_MAGIC):]), True
-        else:
-            raise ConfigError(foreign)
-        container = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except ConfigError:
-        raise
-    except pickle.UnpicklingError:  # (torch's message would advise unsafe loading)
+        container = torch.load(io.BytesIO(decompress(blob)), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+  # (torch's message would advise unsafe loading)
         raise ConfigError(f"{path}: not an artifact of this project (its payload is not a "
                           f"tensor container)") from None
-    except Exception as e:  # lzma.LZMAError, brotli errors, a truncated payload
+    except Exception as e:
         what = str(e).splitlines()[0][:120] if str(e) else ""
         raise ConfigError(f"{path}: damaged, truncated or not an artifact of this project "
                           f"({type(e).__name__}{': ' + what if what else ''})") from None
@@ -1828,7 +1814,6 @@ def artifact_bytes(path) -> bytes:
 
 
 def load_container(model: GPT, container: dict, path) -> GPT:
-    """The container's dequantised weights into `model` (which fixes the expected layout)."""
     template = model.state_dict()
     missing, unexpected = set(template) - set(container["m"]), set(container["m"]) - set(template)
     if missing or unexpected:
@@ -1849,48 +1834,32 @@ def load_container(model: GPT, container: dict, path) -> GPT:
 
 def eval_model(cfg: GPTConfig, container: dict, device: torch.device, path,
                attention: str = "auto") -> GPT:
-    """A fresh model holding the artifact's weights: what every evaluation scores."""
     return load_container(build_model(cfg, device, attention=attention), container, path)
 
 
 def budget_lines(container: dict, model_bytes: int, compressor: str, code: "Code") -> list[str]:
-    """The submission's bytes: stored tensors by scheme (uncompressed), then the totals."""
     stored = dict.fromkeys(("int6", "int8", "passthrough"), 0)
     for name, t in container["w"].items():
         scheme = container["m"].get(name) or container["m"][name.rsplit(".", 1)[0]]
         kind = scheme["type"] if isinstance(scheme, dict) else "passthrough"
         stored[kind] += t.numel() * t.element_size()
-    total = model_bytes + code.size
+    total, source = model_bytes + code.size, len(code.source.encode("utf-8"))
+    script = "plain" if code.size == source else "packed"
     return [f"budget {kind}: {n:,} bytes stored" for kind, n in stored.items()] + [
         f"budget model: {model_bytes:,} bytes after {compressor}",
-        f"budget code: {code.size:,} bytes ({code.kind} script; source {code.source_size:,} bytes)",
+        f"budget code: {code.size:,} bytes ({script} script; source {source:,} bytes)",
         f"budget total: {total:,} bytes, margin {SIZE_LIMIT - total:,} to the "
         f"{SIZE_LIMIT:,}-byte limit"]
 
 
 @dataclass(frozen=True)
 class Code:
-    """This script as run: its source (logged) and the bytes that count (a packed file's)."""
+    """This script's source (logged) and the bytes that count (a packed file's)."""
     source: str
     size: int
 
-    @property
-    def source_size(self) -> int:
-        return len(self.source.encode("utf-8"))
 
-    @property
-    def kind(self) -> str:
-        return "plain" if self.size == self.source_size else "packed"
-
-
-@dataclass(frozen=True)
-class Artifact:
-    container: dict
-    nbytes: int
-
-
-def save_weights(cfg: ExportConfig, rt: Runtime, model: GPT) -> int:
-    """The trained (EMA) weights, before anything that can fail after training; returns bytes."""
+def save_weights(cfg: ExportConfig, model: GPT) -> int:
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     try:
@@ -1902,9 +1871,8 @@ def save_weights(cfg: ExportConfig, rt: Runtime, model: GPT) -> int:
 
 
 def load_weights(cfg: Config, rt: Runtime) -> tuple[GPT, int]:
-    """EXPORT_ONLY: the kept weights of an earlier run, to make its artifact."""
     path = Path(cfg.export.model_path)
-    if not path.is_file() or not is_our_file(path, "weights"):
+    if not path.is_file():
         raise ConfigError(f"MODEL_PATH={str(path)!r}: no weights of this project there; expected "
                           f"the final_model.pt a training run saved")
     model = build_model(cfg.model, rt.device, attention=rt.attention)
@@ -1919,9 +1887,9 @@ def load_weights(cfg: Config, rt: Runtime) -> tuple[GPT, int]:
 
 
 def export_artifact(cfg: Config, rt: Runtime, model: GPT, hessians, weights_bytes: int,
-                    code: Code) -> Artifact:
-    """Rank 0 quantises, writes and hands the container on; the others read what it wrote."""
-    container, blob = None, b""
+                    code: Code) -> dict:
+    """Rank 0 quantises and writes; the others read what it wrote."""
+    container = None
     if rt.master:
         t0 = time.perf_counter()
         with no_tf32():  # GPTQ solves in float32, as the record did (on the CPU)
@@ -1941,7 +1909,7 @@ def export_artifact(cfg: Config, rt: Runtime, model: GPT, hessians, weights_byte
         dist.barrier()
     if not rt.master:
         container = read_artifact(cfg.export.artifact)
-    return Artifact(container, len(blob) if rt.master else Path(cfg.export.artifact).stat().st_size)
+    return container
 
 
 def log_export(cfg: ExportConfig, rt: Runtime, container: dict, model_bytes: int,
@@ -1960,23 +1928,18 @@ def log_export(cfg: ExportConfig, rt: Runtime, container: dict, model_bytes: int
 # -----------------------------
 # EVALUATION
 # -----------------------------
-# Takes the round-tripped model and the validation tokens; returns every score. The round
-# trip scores non-overlapping windows; the rest is one window pass (frozen hidden states)
-# feeding scorers: the sliding window, SLOT (either mode), each legal-TTT chunk. See
-# docs/evaluation.md; SCORE_KINDS says which scores the challenge accepts.
+# One window pass feeds every scorer; see docs/evaluation.md.
 
 
-SCORE_KINDS = {  # what the challenge accepts (docs/evaluation.md)
+SCORE_KINDS = {
     "final_int6_roundtrip": "accepted", "final_int6_sliding_window": "accepted",
     "final_int6_sliding_window_s64": "accepted", "legal_ttt": "accepted",
-    "final_slot_context": "causal_not_accepted",  # passes the flip test; legality never ruled
-    "final_slot": "not_causal",  # fits the very targets it scores
+    "final_slot_context": "causal_not_accepted",
+    "final_slot": "not_causal",
 }
 
 
 class Sums:
-    """Float64 sums of nll, scored targets and their bytes; optionally every target's nll."""
-
     def __init__(self, device, collect_targets: int = 0):
         self.loss, self.tokens, self.bytes = (torch.zeros((), dtype=torch.float64, device=device)
                                               for _ in range(3))
@@ -2002,7 +1965,6 @@ class Sums:
 
 @dataclass(frozen=True)
 class Scoring:
-    """What every evaluation reads."""
     model: GPT
     hidden_fn: object
     tokens: Tensor
@@ -2016,8 +1978,8 @@ class Scoring:
 
 
 def score_sequences(s: Scoring, seq_len: int, batch_tokens: int, collect: bool = False) -> Sums:
-    """Non-overlapping windows, a contiguous share per rank, in batches of batch_tokens / 8
-    tokens; each batch adds its float32 mean nll times its count. Short batches are padded."""
+    """Non-overlapping windows; each batch adds its float32 mean nll times its count (the
+    original's sum)."""
     rt, vocab = s.rt, s.model.cfg.vocab_size
     n_seqs = s.n_targets // seq_len
     first, last = n_seqs * rt.rank // rt.world_size, n_seqs * (rt.rank + 1) // rt.world_size
@@ -2045,8 +2007,8 @@ def score_sequences(s: Scoring, seq_len: int, batch_tokens: int, collect: bool =
 
 @dataclass(frozen=True)
 class WindowPlan:
-    """Evaluation windows: window i reads targets [start, start + length) and scores
-    its positions [score_from, length) (targets start + score_from ...)."""
+    """Window i reads targets [start, start + length) and scores its positions from
+    score_from."""
     start: np.ndarray
     length: np.ndarray
     score_from: np.ndarray
@@ -2059,11 +2021,8 @@ class WindowPlan:
 
 
 def sliding_windows(n_targets: int, seq_len: int, stride: int, tail: str) -> WindowPlan:
-    """Each window after the first scores only its last `stride` targets, so every scored target
-    sees at least seq_len - stride tokens of context."""
-    if tail == "original":
-        # The original's rule: a window at every multiple of the stride; the short ones at the
-        # end re-score targets already scored (kept to reproduce its published figures).
+    """Each window after the first scores only its last `stride` targets."""
+    if tail == "original":  # (docs/evaluation.md)
         start = np.arange(0, n_targets, stride, dtype=np.int64)
         length = np.minimum(seq_len, n_targets - start)
         score_from = np.where(start == 0, 0, np.maximum(length - stride, 0))
@@ -2073,7 +2032,7 @@ def sliding_windows(n_targets: int, seq_len: int, stride: int, tail: str) -> Win
     start = np.arange(0, n_targets - seq_len + 1, stride, dtype=np.int64)
     score_from = np.where(start == 0, 0, seq_len - stride)
     remaining = n_targets - (start[-1] + seq_len)
-    if remaining > 0:  # one last full-length window scores exactly the targets left over
+    if remaining > 0:
         start = np.append(start, n_targets - seq_len)
         score_from = np.append(score_from, seq_len - remaining)
     return WindowPlan(start, np.full(len(start), seq_len), score_from)
@@ -2081,8 +2040,7 @@ def sliding_windows(n_targets: int, seq_len: int, stride: int, tail: str) -> Win
 
 def window_batches(n_windows: int, batch_seqs: int, interleave: int) -> list[np.ndarray]:
     """Windows dealt round-robin into `interleave` lists (the original's 8 ranks), each cut
-    into batches. SLOT normalises its loss per batch and AdamW's eps makes that scale matter:
-    the grouping is part of the result."""
+    into batches: SLOT's result depends on the grouping (docs/evaluation.md)."""
     batches = []
     for v in range(interleave):
         ids = np.arange(v, n_windows, interleave)
@@ -2092,8 +2050,6 @@ def window_batches(n_windows: int, batch_seqs: int, interleave: int) -> list[np.
 
 def window_batch(tokens: np.ndarray, plan: WindowPlan, idx: np.ndarray, rows: int,
                  L: int) -> tuple[np.ndarray, ...]:
-    """Windows idx as `rows` rows of L, on the host: inputs, targets (padding: id 0), the
-    scored and context masks (padding is neither) and target indices."""
     ar, k = np.arange(L), len(idx)
     start, score_from = plan.start[idx, None], plan.score_from[idx, None]
     valid = ar < plan.length[idx, None]
@@ -2108,21 +2064,21 @@ def window_batch(tokens: np.ndarray, plan: WindowPlan, idx: np.ndarray, rows: in
 
 @dataclass
 class Batch:
-    """One batch of the window pass, for the scorers."""
-    windows: np.ndarray  # the plan's window indices in this batch
-    hid: Tensor  # [rows, L, d] final hidden states, in the autocast dtype
-    y: Tensor  # [rows, L] targets
-    scored: np.ndarray  # [rows, L] host masks: the positions each window scores ...
-    context: np.ndarray  # ... and those before them
-    pos: Tensor  # flat indices of the scored positions
-    x_pos: Tensor  # the token before each scored target (for its bytes)
+    """One batch of the window pass; the masks are on the host."""
+    windows: np.ndarray
+    hid: Tensor
+    y: Tensor
+    scored: np.ndarray
+    context: np.ndarray
+    pos: Tensor
+    x_pos: Tensor
     y_pos: Tensor
-    where: Tensor | None  # each scored target's index in the stream (per-target collection)
+    where: Tensor | None
 
 
 def window_pass(s: Scoring, plan: WindowPlan, batches: list[np.ndarray], rows: int,
                 seq_len: int, collect: bool) -> Iterator[Batch]:
-    """This rank's share of the batches, each padded to `rows` windows: one input shape."""
+    """This rank's share, each batch padded to `rows` windows: one input shape."""
     dev, host = s.rt.device, s.tokens.numpy()
     for idx in batches[s.rt.rank::s.rt.world_size]:
         xy, (scored, context), where = window_batch(host, plan, idx, rows, seq_len)
@@ -2136,8 +2092,6 @@ def window_pass(s: Scoring, plan: WindowPlan, batches: list[np.ndarray], rows: i
 
 
 class Scorer:
-    """What a scorer of the window pass holds: its sums and each batch's seconds."""
-
     def __init__(self, name: str, sums: Sums):
         self.name, self.sums, self.times = name, sums, []
 
@@ -2147,8 +2101,6 @@ class Scorer:
 
 
 class SlidingScorer(Scorer):
-    """The sliding-window score: each window's scored positions, read from the frozen states."""
-
     def __call__(self, s: Scoring, b: Batch) -> None:
         with torch.no_grad(), s.rt.autocast():
             hid = b.hid.reshape(-1, b.hid.size(-1))[b.pos]
@@ -2156,21 +2108,23 @@ class SlidingScorer(Scorer):
         self.sums.add(nll, b.x_pos, b.y_pos, s.luts, b.where)
 
 
-def slot_loss(delta: Tensor, bias: Tensor, base: Tensor, expand: Tensor, y: Tensor, w: Tensor,
-              weight: Tensor, softcap: float) -> Tensor:
-    """SLOT's loss at the fit positions; a compiled kernel, hence a tensor per argument. w is
-    1/n there and 0 on padding (fixed shapes). `expand` gives each row its window: indices (a
-    gather: the CPU's) or a one-hot matrix (CUDA's: a matmul backward, no atomic scatter)."""
+def slot_nll(delta: Tensor, bias: Tensor, base: Tensor, expand: Tensor, y: Tensor,
+             weight: Tensor, softcap: float) -> Tensor:
+    """`expand` is indices (CPU) or one-hot (CUDA: a matmul backward, no atomic scatter)."""
     shift = F.linear(delta, weight) + bias
     z = base + (expand @ shift if expand.is_floating_point() else shift[expand])
-    return (F.cross_entropy(softcap * torch.tanh(z / softcap), y, reduction="none") * w).sum()
+    return F.cross_entropy(softcap * torch.tanh(z / softcap), y, reduction="none")
+
+
+def slot_loss(delta: Tensor, bias: Tensor, base: Tensor, expand: Tensor, y: Tensor, w: Tensor,
+              weight: Tensor, softcap: float) -> Tensor:
+    """SLOT's loss; a compiled kernel. w is 0 on padding (fixed shapes)."""
+    return (slot_nll(delta, bias, base, expand, y, weight, softcap) * w).sum()
 
 
 class SlotScorer(Scorer):
-    """A per-window hidden delta and logit bias fitted by AdamW, then scoring the window.
-    "scored" (the original's) fits the scored positions; "context" those before them, which
-    earlier windows scored. Logits are h W^T (once, at the rows read) plus delta W^T + bias:
-    each step is elementwise work, not a matmul over every position."""
+    """A per-window hidden delta and logit bias fitted by AdamW on the scored positions
+    ("scored") or those before them ("context"); see docs/evaluation.md."""
 
     def __init__(self, mode: str, cfg: SlotConfig, s: Scoring, plan: WindowPlan,
                  batches: list[np.ndarray], rows: int):
@@ -2181,8 +2135,7 @@ class SlotScorer(Scorer):
         self.softcap = s.model.cfg.logit_softcap
         self.loss_fn = s.rt.compiled(slot_loss)
         self.counts = plan.length - plan.score_from if mode == "scored" else plan.score_from
-        # Each fit pads to a typical batch's size, or (the batch holding the first or the tail
-        # window) to the largest: two shapes per mode for the compiled loss.
+        # Two fit sizes per mode (typical, largest): two shapes for the compiled loss.
         largest = max(int(self.counts[b].sum()) for b in batches)
         self.sizes = (rows * int(np.median(self.counts)), largest)
 
@@ -2195,7 +2148,7 @@ class SlotScorer(Scorer):
 
     def fit_and_score(self, hid: Tensor, y: Tensor, fit: np.ndarray, score: np.ndarray,
                       size: int) -> Tensor:
-        """Fits on `fit` (host mask, padded to `size`), returns the nll at `score`; no sync."""
+        """Fits on `fit`, returns the nll at `score`; no sync."""
         B, L, dev, weight = hid.size(0), hid.size(1), hid.device, self.weight
         hid, y = hid.reshape(B * L, -1), y.reshape(-1)
         fit_pos = np.flatnonzero(fit)
@@ -2213,9 +2166,7 @@ class SlotScorer(Scorer):
             else:
                 pos = torch.from_numpy(np.flatnonzero(score)).to(dev)
                 base = F.linear(hid[pos], weight)
-            z = base + (F.linear(delta, weight) + bias)[pos // L]
-            logits = self.softcap * torch.tanh(z / self.softcap)
-            return F.cross_entropy(logits, y[pos], reduction="none")
+            return slot_nll(delta, bias, base, pos // L, y[pos], weight, self.softcap)
 
     def fit(self, delta: Tensor, bias: Tensor, base: Tensor, rows: Tensor, y: Tensor, w: Tensor):
         c, cuda = self.cfg, delta.is_cuda
@@ -2223,9 +2174,8 @@ class SlotScorer(Scorer):
                                 weight_decay=1e-8, **(dict(fused=True) if cuda else {}))
         expand = F.one_hot(rows, delta.size(0)).float() if cuda else rows
         for i in range(c.steps):  # (the fit needs autograd whatever the caller's grad mode)
-            for group in opt.param_groups:
-                cosine = 0.5 * (1 + math.cos(math.pi * i / c.steps))
-                group["lr"] = c.lr_min + (c.lr - c.lr_min) * cosine
+            cosine = 0.5 * (1 + math.cos(math.pi * i / c.steps))
+            opt.param_groups[0]["lr"] = c.lr_min + (c.lr - c.lr_min) * cosine
             opt.zero_grad(set_to_none=True)
             with torch.enable_grad():
                 self.loss_fn(delta, bias, base, expand, y, w, self.weight, self.softcap).backward()
@@ -2234,8 +2184,6 @@ class SlotScorer(Scorer):
 
 def score_windows(s: Scoring, plan: WindowPlan, batches: list[np.ndarray], rows: int,
                   seq_len: int, scorers: list, label: str = "") -> None:
-    """One window pass feeding every scorer, each batch timed per scorer (the hidden states
-    count toward the sliding one, or are shared out)."""
     collect = any(sc.sums.nll is not None for sc in scorers)
     sliding = isinstance(scorers[0], SlidingScorer)
     n_mine, k = len(batches[s.rt.rank::s.rt.world_size]), len(scorers) + 1
@@ -2275,7 +2223,6 @@ class Score:
 
 def log_result(rt: Runtime, name: str, sums: Sums, seconds: float, extra: str = "",
                suffix: str = "") -> Score:
-    """An evaluation's two result lines (tools parse the `_exact` one)."""
     val_loss, val_bpb = sums.result(rt)
     rt.log(f"{name} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f}{extra} "
            f"eval_time:{1000 * seconds:.0f}ms{suffix}")
@@ -2284,7 +2231,6 @@ def log_result(rt: Runtime, name: str, sums: Sums, seconds: float, extra: str = 
 
 
 def log_timing(rt: Runtime, sc: Scorer) -> None:
-    """The first batch holds the compilation; the others' mean is the steady state."""
     steady = sum(sc.times[1:]) / (len(sc.times) - 1) if len(sc.times) > 1 else float("nan")
     first = sc.times[0] if sc.times else 0.0
     rt.log(f"eval_timing:{sc.name} batches:{len(sc.times)} first_batch:{first:.4f}s "
@@ -2292,36 +2238,30 @@ def log_timing(rt: Runtime, sc: Scorer) -> None:
 
 
 def log_scores(rt: Runtime, scores: dict[str, Score]) -> None:
-    """The closing summary: every score with its kind (SCORE_KINDS); tools.submission reads it."""
+    """The closing summary; tools.submission reads it."""
     for name, score in scores.items():
         rt.log(f"score:{name} val_bpb:{score.val_bpb:.8f} kind:{SCORE_KINDS[name]}")
 
 
 def ttt_chunk_windows(plan: WindowPlan, n_targets: int, chunk: int) -> np.ndarray:
-    """Chunk bounds in window indices: a window belongs to the chunk of its first scored target
-    (which grows with the index, so each chunk's windows are consecutive)."""
+    """Chunk bounds in window indices: each window in the chunk of its first scored target."""
     n_chunks = -(-n_targets // chunk)
     owner = np.minimum((plan.start + plan.score_from) // chunk, n_chunks - 1)
     return np.searchsorted(owner, np.arange(n_chunks + 1))
 
 
 class TTTTrainer:
-    """SGD (momentum kept across chunks) on the unfrozen parameters, TTT_QAT in the forward."""
-
     def __init__(self, cfg: TTTConfig, rt: Runtime, model: GPT, seq_len: int):
         self.cfg, self.rt, self.model, self.seq_len = cfg, rt, model, seq_len
         frozen = tuple(f"blocks.{i}." for i in range(cfg.freeze_blocks))
-        self.params = []
         for name, p in model.named_parameters():
             p.requires_grad_(not name.startswith(frozen))
-            if p.requires_grad:
-                self.params.append(p)
+        self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.SGD(self.params, lr=cfg.lr, momentum=cfg.momentum)
         self.loss_fn = rt.compiled(self.step_loss)
         self.steps, self.recur = 0, bool(model.recur_ids)
 
     def step_loss(self, x: Tensor, y: Tensor, w: Tensor) -> Tensor:
-        """The training loss, rows weighted by w."""
         with self.rt.autocast():
             logits = self.model.logits(self.model.hidden(x, self.cfg.qat, self.recur), self.cfg.qat)
         vocab = self.model.cfg.vocab_size
@@ -2329,8 +2269,7 @@ class TTTTrainer:
         return (nll * w).sum()
 
     def warm_up(self, s: Scoring, rows: int, n_seqs: int) -> None:
-        """Compiles the scoring and each training step shape before the timer (zeros: nothing
-        changes)."""
+        """Compiles every shape before the timer (zeros: nothing changes)."""
         L, dev, step = self.seq_len, self.rt.device, self.cfg.batch_seqs
         with torch.no_grad(), self.rt.autocast():
             s.hidden_fn(torch.zeros(rows, L, dtype=torch.long, device=dev), recur=s.recur)
@@ -2343,9 +2282,8 @@ class TTTTrainer:
         self.model.eval()
 
     def train_chunk(self, chunk: Tensor, lr: float) -> None:
-        """TTT_EPOCHS passes over the chunk's whole sequences, TTT_BATCH_SEQS a step split over
-        the ranks, each share padded to ceil(n / world) weightless rows (fixed shapes) and
-        weighted 1 / (the step's targets): the summed gradient is the step mean's, any world."""
+        """Each step's rows split over the ranks, padded (fixed shapes) and weighted so that the
+        summed gradient is the step mean's on any world size."""
         L, W, rt, c = self.seq_len, self.rt.world_size, self.rt, self.cfg
         n_seqs = (chunk.numel() - 1) // L
         for group in self.opt.param_groups:
@@ -2378,8 +2316,8 @@ class TTTTrainer:
 
 def eval_ttt(cfg: EvalConfig, rt: Runtime, model: GPT, tokens: Tensor, luts,
              collect: bool = False) -> tuple[Sums, float]:
-    """Legal score-first TTT (record 2026-03-23), adapting `model`: each chunk's windows are
-    scored (final), then it is trained on, except the last. Returns (Sums, seconds)."""
+    """Legal score-first TTT (record 2026-03-23), adapting `model`: each chunk scored, then
+    trained on, except the last."""
     c, L, n_targets = cfg.ttt, cfg.seq_len, tokens.numel() - 1
     if c.float32:
         model.float()
@@ -2388,7 +2326,6 @@ def eval_ttt(cfg: EvalConfig, rt: Runtime, model: GPT, tokens: Tensor, luts,
     n_chunks = len(bounds) - 1
     trainer = TTTTrainer(c, rt, model, L)
     s = Scoring(model, rt.compiled(model.hidden), tokens, luts, rt, trainer.recur)
-    # The sliding evaluation's rows (on any world size): its compiled graph serves.
     rows = min(cfg.slot.batch_seqs, int(np.diff(bounds).max()))
     trainer.warm_up(s, rows, c.chunk_tokens // L if n_chunks > 1 and c.epochs else 0)
     scorer = SlidingScorer("legal_ttt", Sums(rt.device, n_targets if collect else 0))
@@ -2414,8 +2351,7 @@ def eval_ttt(cfg: EvalConfig, rt: Runtime, model: GPT, tokens: Tensor, luts,
 
 def sliding_pass(cfg: EvalConfig, s: Scoring, stride: int, name: str,
                  slot_modes: tuple[str, ...] = (), collect: bool = False) -> list:
-    """One pass at `stride`: the sliding scorer `name` ("": none) and a SLOT scorer per mode,
-    returned filled (each target's nll too with `collect`)."""
+    """One pass at `stride`: the sliding scorer `name` ("": none) and a SLOT scorer per mode."""
     plan = sliding_windows(s.n_targets, cfg.seq_len, stride, cfg.tail)
     interleave = cfg.slot.interleave if slot_modes else 1
     batches = window_batches(len(plan), cfg.slot.batch_seqs, interleave)
@@ -2429,16 +2365,14 @@ def sliding_pass(cfg: EvalConfig, s: Scoring, stride: int, name: str,
 
 
 def evaluate(cfg: Config, rt: Runtime, model: GPT, data: Data) -> dict[str, Score]:
-    """Every evaluation (docs/evaluation.md), on the round-tripped model, in the log's order."""
     e, L = cfg.eval, cfg.eval.seq_len
     s = Scoring(model, rt.compiled(model.hidden), data.val_tokens, data.luts, rt,
                 bool(model.recur_ids))
-    scores = {}
-    t0 = time.perf_counter()
+    clock = Clock(rt)
     sums = score_sequences(s, L, cfg.train.val_batch_size)
-    rt.sync()
-    seconds = time.perf_counter() - t0
-    scores["final_int6_roundtrip"] = log_result(rt, "final_int6_roundtrip", sums, seconds)
+    clock.pause()
+    scores = {"final_int6_roundtrip": log_result(rt, "final_int6_roundtrip", sums, clock.ms / 1000)}
+
     share = e.slot.enabled and e.window_stride == e.stride  # one hidden pass serves both
     slot_scorers = []
     passes = ((e.stride, "final_int6_sliding_window"), (64, "final_int6_sliding_window_s64"))
@@ -2469,14 +2403,11 @@ def evaluate(cfg: Config, rt: Runtime, model: GPT, data: Data) -> dict[str, Scor
 # -----------------------------
 # RUN SAFETY: atomic writes, sidecars, output locks, logs, signals
 # -----------------------------
-# What protects a run and the files around it, gathered here; the stages call it. Every file is
-# written beside its target and renamed over it when complete; a run replaces only files of this
-# project, holds its outputs with a lock (RUN_ID, pid) while it runs, names each artifact's model
-# settings in a sidecar that EVAL_ONLY checks, and turns Ctrl-C / SIGTERM into one line.
+# See docs/reliability.md.
 
 
 class Stopped(Exception):
-    """The run ended early, already logged; main prints `message` (if any) and exits `status`."""
+    """The run ended early, already logged."""
 
     def __init__(self, status: int, message: str | None = None):
         super().__init__(message)
@@ -2491,13 +2422,18 @@ class LostRank(Exception):
     """Another rank was killed or stalled (a collective failed)."""
 
 
-def temporary(path) -> Path:
+def beside(path, suffix: str) -> Path:
+    """A hidden file beside `path`: its temporary or its lock."""
     path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    return path.with_name(f".{path.name}{suffix}")
+
+
+def temporary(path) -> Path:
+    return beside(path, f".{os.getpid()}.tmp")
 
 
 def write_atomic(path, data: bytes) -> None:
-    """Write beside the target, then rename: a crash never leaves a half-written file."""
+    """A crash never leaves a half-written file."""
     tmp = temporary(path)
     try:
         tmp.write_bytes(data)
@@ -2507,7 +2443,6 @@ def write_atomic(path, data: bytes) -> None:
 
 
 def model_settings(cfg: GPTConfig) -> dict[str, object]:
-    """Every setting that shapes the model's computation, by variable name (the sidecar's)."""
     return {GPTConfig.env_name(f): getattr(cfg, f.name) for f in fields(GPTConfig)}
 
 
@@ -2524,7 +2459,7 @@ def write_sidecar(cfg: Config, blob: bytes) -> None:
 
 
 def check_sidecar(cfg: Config, sha256: str) -> str:
-    """Other model settings would score the artifact wrongly, silently; returns a log line."""
+    """Other model settings would score the artifact wrongly, silently."""
     path = sidecar_path(cfg.export.artifact)
     if not path.is_file():
         return f"eval_only: no {path.name} beside the artifact; its model settings are unchecked"
@@ -2547,7 +2482,6 @@ def check_sidecar(cfg: Config, sha256: str) -> str:
 
 
 def is_our_file(path: Path, kind: str) -> bool:
-    """Whether `path` holds an artifact or weights of this project (all a run replaces)."""
     try:
         if kind == "artifact":
             read_artifact(path)
@@ -2569,8 +2503,7 @@ def check_replaceable(cfg: ExportConfig) -> None:
 
 
 def outputs(cfg: Config) -> list[str]:
-    """The files this run writes (besides its log), which it locks and replaces; EVAL_ONLY
-    locks the artifact it evaluates (where a run could replace it)."""
+    """The files this run locks (EVAL_ONLY: the artifact it reads, where a run could write)."""
     artifact = cfg.export.artifact
     if cfg.run.eval_only:
         return [artifact] if os.access(Path(artifact).parent, os.W_OK) else []
@@ -2579,8 +2512,7 @@ def outputs(cfg: Config) -> list[str]:
 
 
 def check_outputs(cfg: Config) -> None:
-    """Every folder the run writes into and name it writes there (the longest: a lock's
-    temporary), before any work."""
+    """Every folder and name the run writes (the longest: a lock's temporary), before any work."""
     logs, e = Path("logs"), cfg.export
     if logs.exists() and not logs.is_dir():
         raise ConfigError("logs: is a file; expected a folder for the run logs (move the "
@@ -2590,7 +2522,7 @@ def check_outputs(cfg: Config) -> None:
         var, value = ("MODEL_PATH", path) if path == e.model_path else ("ARTIFACT", e.artifact)
         if not cfg.run.eval_only and os.path.isdir(value):
             raise ConfigError(f"{var}={value!r} is a directory; expected a file path")
-        probes[f"{var}={value!r}"] = temporary(lock_path(path))
+        probes[f"{var}={value!r}"] = temporary(beside(path, ".lock"))
     for what, probe in probes.items():
         try:
             open(probe, "a").close()
@@ -2602,19 +2534,14 @@ def check_outputs(cfg: Config) -> None:
         check_replaceable(e)
 
 
-def lock_path(path) -> Path:
-    path = Path(path)
-    return path.with_name(f".{path.name}.lock")
-
-
 @contextlib.contextmanager
 def output_lock(paths: list[str], run_id: str) -> Iterator[None]:
-    """`.<name>.lock` (RUN_ID, pid) beside each output, held (flock) for the run's lifetime: a
-    second run refuses it; one whose holder died (the kernel released it) is taken over."""
+    """`.<name>.lock` beside each output, held for the run (docs/reliability.md)."""
     held = []
     try:
         for path in paths:
-            held.append((lock_path(path), take_lock(lock_path(path), path, run_id)))
+            lock = beside(path, ".lock")
+            held.append((lock, take_lock(lock, path, run_id)))
         yield
     finally:
         for lock, fd in held:
@@ -2623,8 +2550,6 @@ def output_lock(paths: list[str], run_id: str) -> Iterator[None]:
 
 
 def take_lock(lock: Path, path: str, run_id: str) -> int:
-    """The lock's descriptor: a temporary written and held, then linked as the lock (never
-    seen empty), or renamed over one that nobody holds."""
     tmp = temporary(lock)
     tmp.write_text(json.dumps({"run_id": run_id, "pid": os.getpid()}), encoding="utf-8")
     fd = os.open(tmp, os.O_RDONLY)
@@ -2656,8 +2581,7 @@ def take_lock(lock: Path, path: str, run_id: str) -> int:
 
 @contextlib.contextmanager
 def stage(name: str) -> Iterator[None]:
-    """Ctrl-C or SIGTERM inside a stage ends the run with `interrupted during <name>`, a failed
-    collective with `rank R lost another rank during <name>`."""
+    """Ctrl-C, SIGTERM or a failed collective inside a stage ends the run with one line."""
     try:
         yield
     except KeyboardInterrupt:
@@ -2670,7 +2594,7 @@ def stage(name: str) -> Iterator[None]:
 
 
 def create_log(run_id: str) -> str:
-    """logs/<RUN_ID>.txt, created exclusively (a name taken becomes <RUN_ID>-2, -3, ...)."""
+    """logs/<RUN_ID>.txt, or -2, -3, ... where taken."""
     os.makedirs("logs", exist_ok=True)
     for n in itertools.count(1):
         path = f"logs/{run_id}.txt" if n == 1 else f"logs/{run_id}-{n}.txt"
@@ -2681,9 +2605,7 @@ def create_log(run_id: str) -> str:
 # -----------------------------
 # MAIN
 # -----------------------------
-# Reads the settings (the environment over PRESET's file), checks every input before the run
-# writes anything, then runs the stages in order: run() is the table of contents. The weights
-# are saved before any evaluation; the run ends with one line.
+# Every input checked before the run writes anything; run() is the table of contents.
 
 
 def parse_value(name: str, raw: str, kind: str):
@@ -2702,8 +2624,8 @@ def parse_value(name: str, raw: str, kind: str):
     return value
 
 
-# Settings the original (or a record we take parts from) had and this script does not: set to
-# anything but their default (None: unset), a run stops instead of silently ignoring them.
+# Settings the original or a record had: set to other than their default (None: unset), a run
+# stops instead of ignoring them.
 REMOVED_SETTINGS = {"MTP_NUM_HEADS": ("0", "the record trains no multi-token heads"),
                     "MTP_LOSS_WEIGHT": ("0.2", "it weighted the multi-token heads"),
                     "DTG_ENABLED": ("0", "the record runs without the gate"),
@@ -2715,7 +2637,6 @@ REMOVED_SETTINGS = {"MTP_NUM_HEADS": ("0", "the record trains no multi-token hea
 
 
 def read_settings(env) -> dict[str, str]:
-    """The variables this script reads, from the environment over PRESET's file."""
     preset = env.get("PRESET", "").strip()
     raw = {**(preset_defaults(preset) if preset else {}), **env}
     off = ("0", "false", "off", "no")
@@ -2728,7 +2649,7 @@ def read_settings(env) -> dict[str, str]:
 
 
 def misspelt_settings(env) -> list[str]:
-    """Warnings for upper-case variables that look like a setting misspelt (SLOT_STPES)."""
+    """Warnings for upper-case variables that look like a misspelt setting (SLOT_STPES)."""
     known = Config.variables() | set(REMOVED_SETTINGS) | {"PRESET"}
     warnings = []
     for name in sorted(env):
@@ -2740,7 +2661,7 @@ def misspelt_settings(env) -> list[str]:
 
 
 def preset_defaults(name: str) -> dict[str, str]:
-    """PRESET=NAME: defaults from presets/NAME.env beside this file (KEY=VALUE lines)."""
+    """Defaults from presets/NAME.env beside this file (KEY=VALUE lines)."""
     path = Path(__file__).resolve().with_name("presets") / f"{name}.env"
     try:
         text = path.read_text(encoding="utf-8")
@@ -2798,7 +2719,6 @@ def log_config(cfg: Config, rt: Runtime, model: GPT, data: Data) -> None:
 
 @dataclass(frozen=True)
 class Inputs:
-    """Everything the run reads, checked before it writes anything."""
     data: Data
     warnings: list[str]
     model: GPT | None = None  # EVAL_ONLY: the artifact's; EXPORT_ONLY: the kept weights
@@ -2827,7 +2747,6 @@ def read_inputs(cfg: Config, rt: Runtime) -> Inputs:
 
 
 def trained_model(cfg: Config, rt: Runtime, inputs: Inputs) -> tuple[GPT, Trained, int]:
-    """The trained, saved model (or EXPORT_ONLY's), its training record and weight bytes."""
     if inputs.model is not None:
         model = inputs.model
         log_config(cfg, rt, model, inputs.data)
@@ -2839,12 +2758,11 @@ def trained_model(cfg: Config, rt: Runtime, inputs: Inputs) -> tuple[GPT, Traine
     reserve = gptq_reserve(cfg, rt, model, inputs.data)
     trained = train(cfg, rt, model, inputs.data, cfg.train.max_wallclock_seconds - reserve)
     with stage("export"):  # saved before anything that can fail after training
-        weights_bytes = save_weights(cfg.export, rt, model) if rt.master else 0
+        weights_bytes = save_weights(cfg.export, model) if rt.master else 0
     return model, trained, weights_bytes
 
 
 def make_artifact(cfg: Config, rt: Runtime, inputs: Inputs, code: Code) -> GPT:
-    """Train (or take the kept weights), save, calibrate, export: returns the evaluation model."""
     with stage("training"):
         model, trained, weights_bytes = trained_model(cfg, rt, inputs)
     if not trained.recur:  # calibrated, recorded (sidecar) and scored without recurrence
@@ -2859,9 +2777,8 @@ def make_artifact(cfg: Config, rt: Runtime, inputs: Inputs, code: Code) -> GPT:
         val_loss, val_bpb = sums.result(rt)
         rt.log(f"DIAGNOSTIC post_ema val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
-        artifact = export_artifact(cfg, rt, model, hessians, weights_bytes, code)
-        return eval_model(cfg.model, artifact.container, rt.device, cfg.export.artifact,
-                          rt.attention)
+        container = export_artifact(cfg, rt, model, hessians, weights_bytes, code)
+        return eval_model(cfg.model, container, rt.device, cfg.export.artifact, rt.attention)
 
 
 def run(cfg: Config, code: Code) -> None:
@@ -2871,7 +2788,6 @@ def run(cfg: Config, code: Code) -> None:
     inputs = read_inputs(cfg, rt)
     lock = output_lock(outputs(cfg), cfg.run.run_id) if rt.master else contextlib.nullcontext()
     with lock:
-        # Every input is valid: from here on the run writes its log and outputs.
         started = time.time()
         rt = replace(rt, log_path=create_log(cfg.run.run_id) if rt.master else None)
         if rt.master:
@@ -2917,9 +2833,7 @@ def main(source: str | None = None) -> None:
         status, message = 130, "interrupted before the run started"
     if message and int(os.environ.get("LOCAL_RANK", "0")) == 0:  # every rank meets the same input
         print(message, file=sys.stderr, flush=True)
-    # A failing rank leaves at once (no barrier while others may wait in a collective): torchrun
-    # then stops the others. Only a run that succeeded everywhere meets at the barrier.
-    if dist.is_initialized():
+    if dist.is_initialized():  # only a run that succeeded everywhere meets at the barrier
         if status == 0:
             dist.barrier()
             dist.destroy_process_group()

@@ -459,9 +459,9 @@ class StageProcess:
         t1 = time.perf_counter()
         gptq = cfg.export.gptq_enabled  # the record's export has none; a preset may ask for it
         hessians = tg.calibrate(cfg, rt, model, data, trained.train_ms) if gptq else None
-        artifact = tg.export_artifact(cfg, rt, model, hessians, 0, self.code)
+        tg.export_artifact(cfg, rt, model, hessians, 0, self.code)
         self.emit(train_s=round(t1 - t0, 2), export_s=round(time.perf_counter() - t1, 2),
-                  artifact_bytes=artifact.nbytes)
+                  artifact_bytes=Path(cfg.export.artifact).stat().st_size)
 
     def evaluated_model(self, world: int):
         """Config, runtime, data, the artifact's model (the initial weights' if none came)."""
