@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
-import difflib
 import fcntl
 import glob
 import hashlib
@@ -285,8 +284,7 @@ class TrainConfig(Section):
     late_qat: str = choice("record", "record", "on", "off")  # record: as the original ran (below)
 
     def late_qat_acts(self, compiled: bool) -> bool:
-        """LATE_QAT=record: as the original's class-wide switch, which acted eagerly but was
-        folded into its compiled graph (its 8xH100 runs never fake-quantised)."""
+        """The original's class switch acted eagerly but was folded into its compiled graph."""
         return self.late_qat == "on" or (self.late_qat == "record" and not compiled)
 
     def grad_accum_steps(self, world_size: int) -> int:
@@ -433,8 +431,7 @@ def fake_int6(w: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 class CastedLinear(nn.Linear):
-    """A bias-free linear in the input's dtype. `qat` (fake int6 weights) is an argument, not a
-    class switch: the warm-up compiles both graphs, so late QAT never recompiles."""
+    """A bias-free linear in the input's dtype; `qat` is an argument, so no recompile."""
 
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False,
                  role: str = "matrix"):
@@ -1202,13 +1199,11 @@ def load_tokenizer(cfg: DataConfig, vocab_size: int) -> spm.SentencePieceProcess
         raise ConfigError(f"VOCAB_SIZE={vocab_size} differs from the tokenizer's size "
                           f"{sp.vocab_size()} ({cfg.tokenizer_path}); expected "
                           f"VOCAB_SIZE={sp.vocab_size()}")
-    check_tokenizer_hash(cfg)
     return sp
 
 
 def check_tokenizer_hash(cfg: DataConfig) -> list[str]:
-    """Shards scored with another tokenizer give a meaningless bpb (the sha256 is in
-    manifest.json beside them). Returns a warning without one."""
+    """Another tokenizer would give a meaningless bpb; without a manifest, a warning."""
     manifest = Path(cfg.data_path) / "manifest.json"
     try:
         expected = json.loads(manifest.read_text(encoding="utf-8"))["tokenizer"]["sha256"]
@@ -1837,21 +1832,6 @@ def eval_model(cfg: GPTConfig, container: dict, device: torch.device, path,
     return load_container(build_model(cfg, device, attention=attention), container, path)
 
 
-def budget_lines(container: dict, model_bytes: int, compressor: str, code: "Code") -> list[str]:
-    stored = dict.fromkeys(("int6", "int8", "passthrough"), 0)
-    for name, t in container["w"].items():
-        scheme = container["m"].get(name) or container["m"][name.rsplit(".", 1)[0]]
-        kind = scheme["type"] if isinstance(scheme, dict) else "passthrough"
-        stored[kind] += t.numel() * t.element_size()
-    total, source = model_bytes + code.size, len(code.source.encode("utf-8"))
-    script = "plain" if code.size == source else "packed"
-    return [f"budget {kind}: {n:,} bytes stored" for kind, n in stored.items()] + [
-        f"budget model: {model_bytes:,} bytes after {compressor}",
-        f"budget code: {code.size:,} bytes ({script} script; source {source:,} bytes)",
-        f"budget total: {total:,} bytes, margin {SIZE_LIMIT - total:,} to the "
-        f"{SIZE_LIMIT:,}-byte limit"]
-
-
 @dataclass(frozen=True)
 class Code:
     """This script's source (logged) and the bytes that count (a packed file's)."""
@@ -1904,7 +1884,7 @@ def export_artifact(cfg: Config, rt: Runtime, model: GPT, hessians, weights_byte
             raise SaveError(f"ARTIFACT={cfg.export.artifact!r}: cannot write the artifact "
                             f"({e.strerror}); the trained weights are kept in "
                             f"{cfg.export.model_path} (EXPORT_ONLY=1 makes the artifact)") from None
-        log_export(cfg.export, rt, container, len(blob), weights_bytes, code)
+        log_export(cfg.export, rt, len(blob), weights_bytes, code)
     if rt.distributed:
         dist.barrier()
     if not rt.master:
@@ -1912,15 +1892,14 @@ def export_artifact(cfg: Config, rt: Runtime, model: GPT, hessians, weights_byte
     return container
 
 
-def log_export(cfg: ExportConfig, rt: Runtime, container: dict, model_bytes: int,
-               weights_bytes: int, code: Code) -> None:
+def log_export(cfg: ExportConfig, rt: Runtime, model_bytes: int, weights_bytes: int,
+               code: Code) -> None:
     total = model_bytes + code.size
     rt.log(f"Serialized model: {weights_bytes} bytes")
     rt.log(f"Code size: {code.size} bytes")
     rt.log(f"Serialized model int6+{cfg.compressor}: {model_bytes} bytes")
     rt.log(f"Total submission size int6+{cfg.compressor}: {total} bytes")
     rt.log(f"Total submission size: {total} bytes")
-    rt.log("\n".join(budget_lines(container, model_bytes, cfg.compressor, code)))
     if total >= SIZE_LIMIT:
         rt.log(f"WARNING: total submission size {total} bytes is over the {SIZE_LIMIT:,}-byte "
                f"limit")
@@ -2648,18 +2627,6 @@ def read_settings(env) -> dict[str, str]:
     return {k: v for k, v in raw.items() if k in known}
 
 
-def misspelt_settings(env) -> list[str]:
-    """Warnings for upper-case variables that look like a misspelt setting (SLOT_STPES)."""
-    known = Config.variables() | set(REMOVED_SETTINGS) | {"PRESET"}
-    warnings = []
-    for name in sorted(env):
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
-        if name.isupper() and name not in known and close:
-            warnings.append(f"WARNING: {name} is not a setting of this script; did you mean "
-                            f"{close[0]}?")
-    return warnings
-
-
 def preset_defaults(name: str) -> dict[str, str]:
     """Defaults from presets/NAME.env beside this file (KEY=VALUE lines)."""
     path = Path(__file__).resolve().with_name("presets") / f"{name}.env"
@@ -2731,7 +2698,6 @@ def read_inputs(cfg: Config, rt: Runtime) -> Inputs:
         codec(cfg.export.compressor)  # a missing codec would otherwise fail at export
     check_outputs(cfg)
     data, warnings = load_data(cfg, rt, training=not cfg.run.eval_only)
-    warnings = misspelt_settings(os.environ) + warnings
     if cfg.run.eval_only:  # a bad artifact stops the run before anything is written
         path = cfg.export.artifact
         blob = artifact_bytes(path)  # read once: the bytes hashed are those evaluated

@@ -143,7 +143,7 @@ def finished_run(small_root, tmp_path_factory):
     """One short training run (RUN_ID=shared, 4 steps, SLOT off) through train_gpt.main in this
     process, in its own folder: its log, artifact, sidecar and kept weights serve several
     modules (tests that write there use copies). It starts over a stale lock whose process is
-    gone, with a misspelt setting in its environment.
+    gone, with a misspelt setting in its environment (ignored).
     Returns (folder, env, status, stdout, stderr)."""
     from tests.test_pipeline import main_in_process
 

@@ -247,15 +247,16 @@ def test_a_removed_setting_set_stops_the_run(name, value, inputs, tmp_path, caps
         assert cfg == tg.Config.from_env({"RUN_ID": "x"})
 
 
-def test_misspelt_settings_are_warned_with_a_suggestion():
-    """A variable within two edits of a setting gets a warning naming the setting meant; other
-    variables (PATH), lower-case names, the settings and the removed ones get none."""
-    assert tg.misspelt_settings({"ITERATION": "2", "SLOT_STPES": "4", "PATH": "/bin"}) == [
-        "WARNING: ITERATION is not a setting of this script; did you mean ITERATIONS?",
-        "WARNING: SLOT_STPES is not a setting of this script; did you mean SLOT_STEPS?"]
+def test_misspelt_settings_are_noted_with_a_suggestion():
+    """tools.preflight notes a variable that looks like a setting misspelt, naming the setting
+    meant; other variables (PATH), lower-case names, the settings and the removed ones get none."""
+    from tools.preflight import misspelt_settings
+    assert misspelt_settings(tg, {"ITERATION": "2", "SLOT_STPES": "4", "PATH": "/bin"}) == [
+        "ITERATION is not a setting of train_gpt.py; did you mean ITERATIONS?",
+        "SLOT_STPES is not a setting of train_gpt.py; did you mean SLOT_STEPS?"]
     quiet = {"ITERATIONS": "2", "SLOT_STEPS": "4", "MTP_NUM_HEADS": "0", "PRESET": "demo",
              "slot_stpes": "4", "HOME": "/home/user", "RANK": "0"}
-    assert tg.misspelt_settings(quiet) == []
+    assert misspelt_settings(tg, quiet) == []
 
 
 # ---------------------------------------------------------------- every setting of the original

@@ -399,7 +399,6 @@ def test_one_and_two_processes_write_the_same_artifact(gptq_root, tmp_path, monk
         assert re.search(r"^gptq:training\+calibration \d+ms under MAX_WALLCLOCK_SECONDS", log,
                          re.M)
         assert re.search(r"^gptq:solved on cpu in \d+ms$", log, re.M)
-        assert re.search(r"^budget int6: [\d,]+ bytes stored$", log, re.M)
     blob = (one / "final_model.int6.ptz").read_bytes()
     assert blob == (two / "final_model.int6.ptz").read_bytes()
 

@@ -24,16 +24,17 @@ def copy_corpus(small_root, tmp_path):
 def test_a_tokenizer_other_than_the_manifests_is_refused(small_root, tmp_path):
     root = copy_corpus(small_root, tmp_path)
     cfg = tg.Config.from_env(tiny_env(root, "tok"))
-    tg.load_tokenizer(cfg.data, cfg.model.vocab_size)  # the manifest's own tokenizer passes
+    assert tg.check_tokenizer_hash(cfg.data) == []  # the manifest's own tokenizer passes
     manifest = root / DEMO / "manifest.json"
     meta = json.loads(manifest.read_text())
     meta["tokenizer"]["sha256"] = "0" * 64
     manifest.write_text(json.dumps(meta))
     with pytest.raises(tg.ConfigError, match=r"TOKENIZER_PATH=.* is not the tokenizer of "
                                              r"DATA_PATH's shards .*manifest\.json: sha256 000000"):
-        tg.load_tokenizer(cfg.data, cfg.model.vocab_size)
-    manifest.unlink()  # no manifest (the challenge's own download has its own): not compared
-    tg.load_tokenizer(cfg.data, cfg.model.vocab_size)
+        tg.load_data(cfg, tg.Runtime(), training=False)
+    manifest.unlink()  # no manifest: not compared, and the run says so
+    assert tg.check_tokenizer_hash(cfg.data) == [
+        f"WARNING: TOKENIZER_PATH is unchecked: no tokenizer sha256 in {manifest}"]
 
 
 def test_a_split_smaller_than_a_step_or_than_gptqs_calibration_warns(small_root, tmp_path):

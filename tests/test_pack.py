@@ -69,6 +69,7 @@ def test_packed_file_unpacks_to_the_source_with_the_smaller_codec(packed, minifi
         b"\\",
         b"\x00",
         b"\x001\x007",
+        b"\x00\x00\x008\x00",
         b"\r\n\r",
         b"\n\\\n",
         b'\\"',
@@ -92,7 +93,8 @@ def test_only_what_must_be_escaped_is(packed):
     assert len(body) - len(blob) - 6 == (
         blob.count(b"\\")
         + blob.count(b"\r")
-        + 3 * blob.count(b"\x00")
+        + len(re.findall(rb"\x00(?![0-7])", blob))  # \0
+        + 3 * len(re.findall(rb"\x00(?=[0-7])", blob))  # \x00 before an octal digit
         + len(re.findall(rb'"(?="|\Z)', blob))
     )
     assert len(body) < 1.04 * len(blob)
@@ -249,8 +251,6 @@ def check_packed_run(plain, path: Path, packed_log: str, unpacked: str) -> None:
     assert packed_log.startswith(unpacked + "\n")
     assert re.search(rf"^Code size: {size} bytes$", packed_log, re.M)
     assert re.search(rf"^Code size: {len(SOURCE.encode())} bytes$", plain_log, re.M)
-    budget = f"budget code: {size:,} bytes (packed script; source {len(unpacked.encode()):,} bytes)"
-    assert budget in packed_log
     model = int(re.search(r"^Serialized model int6\+lzma: (\d+) bytes$", packed_log, re.M).group(1))
     assert re.search(rf"^Total submission size: {model + size} bytes$", packed_log, re.M)
     print(f"packed: {size:,} bytes; plain source {len(SOURCE.encode()):,} bytes")

@@ -134,15 +134,6 @@ def test_a_stale_lock_is_taken_over_and_released(finished):
 
 
 @pytest.mark.slow
-def test_a_misspelt_setting_is_warned_in_the_log(finished):
-    """SLOT_STPES=3 was in the finished run's environment: its log says what was meant."""
-    log = (finished[0] / "logs" / "shared.txt").read_text()
-    assert (
-        "\nWARNING: SLOT_STPES is not a setting of this script; did you mean SLOT_STEPS?\n" in log
-    )
-
-
-@pytest.mark.slow
 def test_a_run_never_appends_to_another_runs_log(finished):
     """EVAL_ONLY with the same RUN_ID writes logs/shared-2.txt and leaves the training log as it
     was:

@@ -40,10 +40,10 @@ MAIN_LINE = b"m.main(s)\n"
 
 # In a triple-quoted literal a raw newline is itself; a backslash would start an escape, a CR
 # would become a newline when Python reads the file, NUL is refused in source, and a quote
-# must not meet two more (or the closing ones). NUL is written \x00: a bare \0 would take a
-# following octal digit into its value.
-ESCAPES = {b"\\": b"\\\\", b"\r": b"\\r", b"\x00": b"\\x00", b'"': b'\\"'}
-NEEDS_ESCAPE = re.compile(rb'[\\\r\x00]|"(?="|\Z)')
+# must not meet two more (or the closing ones). NUL is written \0, or \x00 before an octal
+# digit (which a bare \0 would take into its value).
+ESCAPES = {b"\\": b"\\\\", b"\r": b"\\r", b"\x00": b"\\0", b'"': b'\\"'}
+NEEDS_ESCAPE = re.compile(rb'[\\\r]|\x00(?![0-7])|"(?="|\Z)')
 
 
 def compressed(source: bytes) -> dict[str, bytes]:
@@ -61,7 +61,8 @@ def _decompress(codec: str, blob: bytes) -> bytes:
 
 def literal(blob: bytes) -> bytes:
     """A Python string literal (in a latin-1 file) whose characters are the bytes of `blob`."""
-    return b'"""' + NEEDS_ESCAPE.sub(lambda m: ESCAPES[m.group()], blob) + b'"""'
+    body = NEEDS_ESCAPE.sub(lambda m: ESCAPES[m.group()], blob).replace(b"\x00", b"\\x00")
+    return b'"""' + body + b'"""'
 
 
 def packed_files(source: str) -> dict[str, bytes]:

@@ -11,6 +11,7 @@ and the artifact size of trained-like weights against the limit. Exit 1 if a che
 from __future__ import annotations
 
 import argparse
+import difflib
 import io
 import math
 import os
@@ -95,8 +96,35 @@ def suspicious_vars(tg, env) -> list[str]:
     ignored): the script's own check, and the original's variables that change nothing."""
     notes = [f"{name} is read by the original but changes nothing; train_gpt.py ignores it"
              for name in sorted(env) if name in IGNORED_VARS]
-    return notes + [w.removeprefix("WARNING: ") for w in tg.misspelt_settings(env)
-                    if w.split()[1] not in IGNORED_VARS]
+    return notes + [w for w in misspelt_settings(tg, env) if w.split()[0] not in IGNORED_VARS]
+
+
+def budget_lines(tg, container: dict, model_bytes: int, compressor: str, code) -> list[str]:
+    """The submission's bytes: stored tensors by scheme (uncompressed), then the totals."""
+    stored = dict.fromkeys(("int6", "int8", "passthrough"), 0)
+    for name, t in container["w"].items():
+        scheme = container["m"].get(name) or container["m"][name.rsplit(".", 1)[0]]
+        kind = scheme["type"] if isinstance(scheme, dict) else "passthrough"
+        stored[kind] += t.numel() * t.element_size()
+    total, source = model_bytes + code.size, len(code.source.encode("utf-8"))
+    script = "plain" if code.size == source else "packed"
+    return [f"budget {kind}: {n:,} bytes stored" for kind, n in stored.items()] + [
+        f"budget model: {model_bytes:,} bytes after {compressor}",
+        f"budget code: {code.size:,} bytes ({script} script; source {source:,} bytes)",
+        f"budget total: {total:,} bytes, margin {tg.SIZE_LIMIT - total:,} to the "
+        f"{tg.SIZE_LIMIT:,}-byte limit"]
+
+
+def misspelt_settings(tg, env) -> list[str]:
+    """Upper-case variables that look like a setting misspelt (SLOT_STPES): the script ignores
+    them, so a typo would run the default silently."""
+    known = tg.Config.variables() | set(tg.REMOVED_SETTINGS) | {"PRESET"}
+    notes = []
+    for name in sorted(env):
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        if name.isupper() and name not in known and close:
+            notes.append(f"{name} is not a setting of train_gpt.py; did you mean {close[0]}?")
+    return notes
 
 
 def check_world(ctx: Context):
@@ -246,7 +274,7 @@ def check_artifact(ctx: Context):
         f"{est.counts['fp16']:,} fp16 values; {est.raw_bytes:,} bytes serialised, "
         f"{est.model_bytes:,} after {comp} "
         f"({8 * est.model_bytes / max(est.total_params, 1):.2f} bits/param)",
-        *tg.budget_lines(est.container, est.model_bytes, comp, code),
+        *budget_lines(tg, est.container, est.model_bytes, comp, code),
         f"basis: weight matrices' rows of L2 norm ~{ROW_NORM:g} (Muon's update scale) times "
         f"lognormal(0, {ROW_NORM_SPREAD}); vectors and scalars: init x (1 + {VECTOR_JITTER} "
         f"N(0,1)); the norm calibrated on the seed-42 record's {RECORD_MODEL_BYTES:,} lzma bytes "

@@ -69,7 +69,7 @@ LINES: dict[str, Format] = {
     "settings": _f(_CONFIG, "settings:{json:*}"),
     # Anywhere: a misspelt setting (also short data, GPTQ over the cap, a total over the limit);
     # a failure after the log opened (the run's last line).
-    "warning": _f("train_gpt.misspelt_settings", "WARNING: {message:*}"),
+    "warning": _f("train_gpt.load_data", "WARNING: {message:*}"),
     "error": _f("train_gpt.run", "error: {message:*}"),
     "eval_only": _f("train_gpt.read_inputs", "eval_only artifact:{artifact:*} bytes:{bytes:d}"),
     "export_only": _f("train_gpt.trained_model", "export_only weights:{weights:*} bytes:{bytes:d}"),

@@ -181,9 +181,9 @@ def removed_lines(tg) -> list[str]:
     for name, (default, why) in tg.REMOVED_SETTINGS.items():
         value = "unset" if default is None else f"`{default}`"
         lines.append(f"| `{name}` | {value} | {cell(why)} |")
-    return lines + ["", "An upper-case variable that looks like a setting's name misspelt "
-                    "(`SLOT_STPES`) gets a `WARNING:` line in the log naming the setting it "
-                    "resembles.", ""]
+    return lines + ["", "The script ignores variables it does not read; "
+                    "`python -m tools.preflight` notes an upper-case one that looks like a "
+                    "setting misspelt (`SLOT_STPES`), naming the setting it resembles.", ""]
 
 
 def render() -> str:
