@@ -253,7 +253,7 @@ def test_ttt_compiles_nothing_inside_its_timer(world, monkeypatch):
         graph = compiled(self, fn)
         if getattr(fn, "__name__", "") != "hidden":
             return graph
-        return lambda ids: shapes.add(tuple(ids.shape)) or graph(ids)
+        return lambda ids, **kw: shapes.add(tuple(ids.shape)) or graph(ids, **kw)
 
     def counting_log(self, msg, console=True):
         records.append({"graphs": int(torch._dynamo.utils.counters["stats"]["unique_graphs"]),

@@ -436,7 +436,8 @@ def test_a_training_run_logs_activates_and_evaluates_recurrently(stack_run):
         "recurrence:prewarm active=1 virtual_layers:4", "warmup_step:1/2", "warmup_step:2/2",
         "step:4/12 train_loss", "step:5/12 train_loss",
         "recurrence:activated step:5 layers:[1] virtual_layers:4", "step:5/12 val_loss",
-        "step:6/12 train_loss", "late_qat:enabled step:10 scale:0.3333", "ema:applying EMA weights",
+        "step:6/12 train_loss", "late_qat:enabled step:10 scale:0.3333",
+        "late_qat:applied LATE_QAT=record compile:False", "ema:applying EMA weights",
         "parallel_residual:converged active=1 start_layer=2 start_mode=physical "
         "final_lane=mean used_layers=1", "parallel_residual layer:3 physical:2",
         "DIAGNOSTIC post_ema val_loss"]
@@ -515,7 +516,7 @@ def test_nothing_compiles_after_the_timer_with_the_components(small_root, tmp_pa
         counts.append((int(torch._dynamo.utils.counters["stats"]["unique_graphs"]), msg))
         real_log(self, msg, console)
 
-    env = stack_env(small_root, "compiled", COMPILE=1, TTT_ENABLED=0)
+    env = stack_env(small_root, "compiled", COMPILE=1, TTT_ENABLED=0, LATE_QAT="on")
     monkeypatch.setattr(torch, "compile", lambda *a, **k: real_compile(*a, **{**k,
                                                                         "backend": "eager"}))
     monkeypatch.setattr(tg.Runtime, "log", counting_log)
