@@ -1,11 +1,10 @@
 """The one-shot GPU check: on one CUDA GPU within --budget (330 s; run it under a 380 s limit,
 so that two tries fit in 15 minutes), what the record's configuration must show before a real
-run, and the figures a fix would need (README.md: the stages, checks and figures):
+run, and the figures a fix would need (docs/gpu-check.md: stages, checks, figures):
 
     python3 -m tools.data demo && python3 -m tools.gpu_check --out "$OUT/gpu_check.json"
 
-Exit 0 when every stage passed, 1 otherwise, 2 for bad arguments. --dry-run: the same on the
-CPU, a 2-layer model, dynamo's eager backend (inductor would take minutes there).
+Exit 0: every stage passed, 1 otherwise, 2: bad arguments. --dry-run: a 2-layer CPU run, eager.
 """
 
 from __future__ import annotations
@@ -291,8 +290,7 @@ class StageProcess:
             for m in utils.get_compilation_metrics()])
 
     def runtime(self, cfg, world: int):
-        """train_gpt's Runtime standing for rank 0 of `world` without collectives (one GPU
-        runs rank 0's shapes), every log line read by self.line too."""
+        """train_gpt's Runtime as rank 0 of `world` without collectives; self.line reads its log."""
         base, line = self.tg.start_runtime(cfg.run), self.line
 
         class Watched(type(base)):
@@ -302,7 +300,8 @@ class StageProcess:
                 super().log(msg, console)
                 line(msg)
 
-        return Watched(rank=0, world_size=world, device=base.device, compile=base.compile)
+        return Watched(rank=0, world_size=world, device=base.device, compile=base.compile,
+                       attention=base.attention)
 
     def line(self, msg: str) -> None:
         if re.fullmatch(r"warmup_step:(\d+)/\1", msg):
@@ -449,7 +448,7 @@ class StageProcess:
             cfg = tg.Config.from_env(dict(os.environ, WARMDOWN_ITERS=str(warmdown)))
         rt, self.iterations = self.runtime(cfg, 1), cfg.train.iterations
         data, _ = tg.load_data(cfg, rt, training=True)
-        model = tg.build_model(cfg.model, rt.device, seed=cfg.run.seed)
+        model = tg.build_model(cfg.model, rt.device, cfg.run.seed, rt.attention)
         tg.log_config(cfg, rt, model, data)
         self.emit(vocab=cfg.model.vocab_size, iterations=cfg.train.iterations,
                   tokens_per_step=cfg.train.train_batch_tokens,
@@ -470,10 +469,11 @@ class StageProcess:
         data, _ = tg.load_data(cfg, rt, training=False)
         path = cfg.export.artifact
         if not Path(path).is_file():
-            model = tg.build_model(cfg.model, rt.device, seed=cfg.run.seed)
+            model = tg.build_model(cfg.model, rt.device, cfg.run.seed, rt.attention)
             tg.export_artifact(cfg, rt, model, None, 0, self.code)
             self.emit(artifact="the initial weights (the training stage wrote no artifact)")
-        return cfg, rt, data, tg.eval_model(cfg.model, tg.read_artifact(path), rt.device, path)
+        model = tg.eval_model(cfg.model, tg.read_artifact(path), rt.device, path, rt.attention)
+        return cfg, rt, data, model
 
     def evaluation(self) -> None:
         """evaluate(), each result projected as it comes."""
