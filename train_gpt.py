@@ -48,15 +48,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # SETTINGS
 # -----------------------------
 # Environment variables, read once into frozen sections, one per stage: each field declares the
-# values it accepts, each section's check() the constraints between them (docs/settings.md).
+# values it accepts, each check() the constraints between them; MAIN's Config reads them all.
 
 
 class ConfigError(Exception):
     """A bad setting or input file: printed as one line, no traceback."""
-
-
-class Interrupted(Exception):
-    """Ctrl-C or SIGTERM: the run stops with one logged line."""
 
 
 def setting(default, expect: str = "", ok=None):
@@ -80,23 +76,7 @@ nonneg = kind("a number >= 0", lambda v: v >= 0)
 unit = kind("a number in [0, 1)", lambda v: 0 <= v < 1)
 file_path = kind("a file path", lambda v: bool(v) and not v.endswith(("/", os.sep)))
 free = kind("", None)  # any value of the field's type
-
-
-def layer_ids(text: str) -> tuple[int, ...] | None:
-    """A comma list of distinct layer indices ('9,10') in its order; None if it is not one."""
-    try:
-        ids = tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        return None
-    return ids if len(set(ids)) == len(ids) and min(ids, default=0) >= 0 else None
-
-
 layers = kind("distinct comma-separated layer indices", lambda v: layer_ids(v) is not None)
-
-
-def need(ok: bool, name: str, value, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"{name}={value!r} is not allowed; expected {expected}")
 
 
 class Section:
@@ -111,30 +91,14 @@ class Section:
     def settings(cls) -> dict[str, object]:  # variable -> field, nested sections excluded
         return {cls.env_name(f): f for f in fields(cls) if "ok" in f.metadata}
 
-    @classmethod
-    def from_values(cls, raw: dict[str, str], **nested):
-        values = {}
-        for name, f in cls.settings().items():
-            value = f.default if name not in raw else parse_value(name, raw[name].strip(), f.type)
-            if f.metadata["ok"] is not None:
-                need(f.metadata["ok"](value), name, value, f.metadata["expect"])
-            values[f.name] = value
-        section = cls(**values, **nested)
-        section.check()
-        return section
-
     def check(self) -> None:
         """Constraints between this section's fields."""
-
-
-def is_file_name(name: str) -> bool:
-    return name not in (".", "..") and not set(name) & set("/\\\0") and len(name.encode()) <= 200
 
 
 @dataclass(frozen=True)
 class RunConfig(Section):
     run_id: str = setting("", "a file name without path separators, at most 200 bytes",
-                          is_file_name)  # empty: a random uuid
+                          lambda v: is_file_name(v))  # empty: a random uuid
     seed: int = setting(1337, "an integer in [0, 2**32 - 1] (numpy's seed range)",
                         lambda v: 0 <= v < 2**32)  # python, numpy and torch
     preset: str = free("")  # defaults from presets/PRESET.env, read first
@@ -287,9 +251,6 @@ class TrainConfig(Section):
         """The original's class switch acted eagerly but was folded into its compiled graph."""
         return self.late_qat == "on" or (self.late_qat == "record" and not compiled)
 
-    def grad_accum_steps(self, world_size: int) -> int:
-        return ORIGINAL_WORLD // world_size if ORIGINAL_WORLD % world_size == 0 else 1
-
 
 @dataclass(frozen=True)
 class ExportConfig(Section):
@@ -361,53 +322,6 @@ class EvalConfig(Section):
              self.ttt.chunk_tokens,
              f"at least EVAL_SEQ_LEN={self.seq_len} (a chunk holds whole sequences to train on)")
 
-
-ORIGINAL_WORLD = 8  # the original's 8 GPUs: its batch split, validation batch and SLOT grouping
-
-
-@dataclass(frozen=True)
-class Config:
-    """Every setting, by the stage that reads it."""
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: GPTConfig = field(default_factory=GPTConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-
-    SECTIONS = (RunConfig, DataConfig, GPTConfig, OptimConfig, TrainConfig, ExportConfig,
-                EvalConfig, SlotConfig, TTTConfig)
-
-    @classmethod
-    def variables(cls) -> set[str]:
-        return {name for section in cls.SECTIONS for name in section.settings()}
-
-    @classmethod
-    def from_env(cls, env=None) -> "Config":
-        raw = read_settings(os.environ if env is None else env)
-        train = TrainConfig.from_values(raw)
-        if parse_value("EVAL_SEQ_LEN", raw.get("EVAL_SEQ_LEN", "2048").strip(), "int") <= 0:
-            raw["EVAL_SEQ_LEN"] = str(train.train_seq_len)  # <= 0 means TRAIN_SEQ_LEN
-        evaluation = EvalConfig.from_values(raw, slot=SlotConfig.from_values(raw),
-                                            ttt=TTTConfig.from_values(raw))
-        run = RunConfig.from_values({**raw, "RUN_ID": raw.get("RUN_ID", "").strip()
-                                     or str(uuid.uuid4())})
-        cfg = cls(run, DataConfig.from_values(raw), GPTConfig.from_values(raw),
-                  OptimConfig.from_values(raw), train, ExportConfig.from_values(raw), evaluation)
-        cfg.check()
-        return cfg
-
-    @property
-    def max_seq_len(self) -> int:
-        return max(self.train.train_seq_len, self.eval.seq_len)
-
-    def check(self) -> None:
-        need(self.eval.ttt.freeze_blocks <= self.model.num_layers, "TTT_FREEZE_BLOCKS",
-             self.eval.ttt.freeze_blocks, f"in [0, NUM_LAYERS={self.model.num_layers}]")
-        cap, reserve = self.train.max_wallclock_seconds, self.export.gptq_reserve_seconds
-        need(not self.export.gptq_enabled or cap <= 0 or reserve < cap, "GPTQ_RESERVE_SECONDS",
-             reserve, "less than MAX_WALLCLOCK_SECONDS with GPTQ on")
 
 # -----------------------------
 # MODEL
@@ -972,6 +886,13 @@ class Schedule:
 # tokenizer, every one checked before any work.
 
 
+ORIGINAL_WORLD = 8  # the original's 8 GPUs: its batch split, validation batch and SLOT grouping
+
+
+def grad_accum_steps(world_size: int) -> int:
+    return ORIGINAL_WORLD // world_size if ORIGINAL_WORLD % world_size == 0 else 1
+
+
 @dataclass(frozen=True)
 class Runtime:
     rank: int = 0
@@ -1072,7 +993,7 @@ def check_attention(cfg: Config, rt: Runtime) -> None:
 def check_world(cfg: Config, world_size: int) -> None:
     """Batch divisibility depends on the world size, known only at launch."""
     t = cfg.train
-    accum = t.grad_accum_steps(world_size)
+    accum = grad_accum_steps(world_size)
     unit_tokens = world_size * accum * t.train_seq_len
     if t.train_batch_tokens % unit_tokens:
         raise ConfigError(
@@ -1312,7 +1233,7 @@ class Trainer:
         self.ddp = DDP(compiled, device_ids=device_ids) if rt.distributed else compiled
         self.optimizers = build_optimizers(model, cfg.optim, compiled=rt.compile)
         self.muon = next(opt for opt in self.optimizers if isinstance(opt, Muon))
-        self.accum = cfg.train.grad_accum_steps(rt.world_size)
+        self.accum = grad_accum_steps(rt.world_size)
         self.loader = self.new_loader()
 
     def new_loader(self) -> DistributedTokenLoader:
@@ -1684,7 +1605,7 @@ def calibrate(cfg: Config, rt: Runtime, model: GPT, data: Data, train_ms: float,
 
     handles = [m.register_forward_hook(hook(name)) for name, m in gptq_modules(model).items()]
     loader = DistributedTokenLoader(data.train_files, rt)
-    accum, t = cfg.train.grad_accum_steps(rt.world_size), cfg.train
+    accum, t = grad_accum_steps(rt.world_size), cfg.train
     model.eval()
     with torch.no_grad(), rt.autocast():
         for _ in range(micro_batches or batches * accum):
@@ -1719,7 +1640,7 @@ def gptq_reserve(cfg: Config, rt: Runtime, model: GPT, data: Data) -> float:
         calibrate(cfg, rt, model, data, 0.0, micro_batches=n)
         clock.pause()
         ms.append(clock.ms)
-    micro = e.gptq_calibration_batches * cfg.train.grad_accum_steps(rt.world_size)
+    micro = e.gptq_calibration_batches * grad_accum_steps(rt.world_size)
     mine = 1.25e-3 * (ms[1] + (micro - 1) * max(ms[2] - ms[1], 0.0))
     measured = float(rt.reduce([mine])) / rt.world_size
     reserve = max(e.gptq_reserve_seconds, measured)
@@ -2401,6 +2322,10 @@ class LostRank(Exception):
     """Another rank was killed or stalled (a collective failed)."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM: the run stops with one logged line."""
+
+
 def beside(path, suffix: str) -> Path:
     """A hidden file beside `path`: its temporary or its lock."""
     path = Path(path)
@@ -2587,6 +2512,82 @@ def create_log(run_id: str) -> str:
 # Every input checked before the run writes anything; run() is the table of contents.
 
 
+@dataclass(frozen=True)
+class Config:
+    """Every setting, by the stage that reads it."""
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: GPTConfig = field(default_factory=GPTConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    SECTIONS = (RunConfig, DataConfig, GPTConfig, OptimConfig, TrainConfig, ExportConfig,
+                EvalConfig, SlotConfig, TTTConfig)
+
+    @classmethod
+    def variables(cls) -> set[str]:
+        return {name for section in cls.SECTIONS for name in section.settings()}
+
+    @classmethod
+    def from_env(cls, env=None) -> "Config":
+        raw = read_settings(os.environ if env is None else env)
+        train = read_section(TrainConfig, raw)
+        if parse_value("EVAL_SEQ_LEN", raw.get("EVAL_SEQ_LEN", "2048").strip(), "int") <= 0:
+            raw["EVAL_SEQ_LEN"] = str(train.train_seq_len)  # <= 0 means TRAIN_SEQ_LEN
+        evaluation = read_section(EvalConfig, raw, slot=read_section(SlotConfig, raw),
+                                  ttt=read_section(TTTConfig, raw))
+        run = read_section(RunConfig, {**raw, "RUN_ID": raw.get("RUN_ID", "").strip()
+                                       or str(uuid.uuid4())})
+        cfg = cls(run, read_section(DataConfig, raw), read_section(GPTConfig, raw),
+                  read_section(OptimConfig, raw), train, read_section(ExportConfig, raw),
+                  evaluation)
+        cfg.check()
+        return cfg
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(self.train.train_seq_len, self.eval.seq_len)
+
+    def check(self) -> None:
+        need(self.eval.ttt.freeze_blocks <= self.model.num_layers, "TTT_FREEZE_BLOCKS",
+             self.eval.ttt.freeze_blocks, f"in [0, NUM_LAYERS={self.model.num_layers}]")
+        cap, reserve = self.train.max_wallclock_seconds, self.export.gptq_reserve_seconds
+        need(not self.export.gptq_enabled or cap <= 0 or reserve < cap, "GPTQ_RESERVE_SECONDS",
+             reserve, "less than MAX_WALLCLOCK_SECONDS with GPTQ on")
+
+
+def need(ok: bool, name: str, value, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r} is not allowed; expected {expected}")
+
+
+def read_section(cls, raw: dict[str, str], **nested):
+    values = {}
+    for name, f in cls.settings().items():
+        value = f.default if name not in raw else parse_value(name, raw[name].strip(), f.type)
+        if f.metadata["ok"] is not None:
+            need(f.metadata["ok"](value), name, value, f.metadata["expect"])
+        values[f.name] = value
+    section = cls(**values, **nested)
+    section.check()
+    return section
+
+
+def layer_ids(text: str) -> tuple[int, ...] | None:
+    """A comma list of distinct layer indices ('9,10') in its order; None if it is not one."""
+    try:
+        ids = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        return None
+    return ids if len(set(ids)) == len(ids) and min(ids, default=0) >= 0 else None
+
+
+def is_file_name(name: str) -> bool:
+    return name not in (".", "..") and not set(name) & set("/\\\0") and len(name.encode()) <= 200
+
+
 def parse_value(name: str, raw: str, kind: str):
     booleans = {"1": True, "true": True, "yes": True, "on": True,
                 "0": False, "false": False, "no": False, "off": False}
@@ -2663,7 +2664,7 @@ def log_config(cfg: Config, rt: Runtime, model: GPT, data: Data) -> None:
     rt.log("mtp_num_heads:0 mtp_loss_weight:0.2 mtp_params:0")  # the original's line, no heads
     xsa = [i for i, b in enumerate(model.blocks) if b.attn.xsa]
     rt.log(f"XSA:last_{m.xsa_last_n} active_layers:{xsa}")
-    rt.log(f"world_size:{rt.world_size} grad_accum_steps:{t.grad_accum_steps(rt.world_size)}")
+    rt.log(f"world_size:{rt.world_size} grad_accum_steps:{grad_accum_steps(rt.world_size)}")
     rt.log(f"attention_kernel:{rt.attention} device:{rt.device.type} compile:{rt.compile}")
     rt.log(f"attention_mode:{'gqa' if m.num_kv_heads != m.num_heads else 'mha'} "
            f"num_heads:{m.num_heads} num_kv_heads:{m.num_kv_heads}")

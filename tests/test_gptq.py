@@ -249,7 +249,7 @@ def test_calibration_matches_hooks_and_reads_training_shards_only(demo_model, mo
             want[name] = want.get(name, 0) + x.T @ x
         handles.append(model.get_submodule(name).register_forward_pre_hook(grab))
     stream = tg.TokenStream(data.train_files)
-    t, accum = cfg.train, cfg.train.grad_accum_steps(1)
+    t, accum = cfg.train, tg.grad_accum_steps(1)
     with torch.no_grad():  # each micro-batch: tokens / accum + 1 tokens, the last only a target
         for _ in range(3 * accum):
             span = torch.from_numpy(stream.take(t.train_batch_tokens // accum + 1).astype(np.int64))

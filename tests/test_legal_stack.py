@@ -372,7 +372,7 @@ def test_gptq_hessians_sum_both_uses_of_a_recurrent_layer(small_root, monkeypatc
             calls[name] = calls.get(name, 0) + 1
         handles.append(model.get_submodule(name).register_forward_pre_hook(grab))
     stream, t = tg.TokenStream(data.train_files), cfg.train
-    accum = t.grad_accum_steps(1)
+    accum = tg.grad_accum_steps(1)
     with torch.no_grad():
         for _ in range(2 * accum):
             span = torch.from_numpy(stream.take(t.train_batch_tokens // accum + 1).astype("int64"))

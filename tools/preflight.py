@@ -142,7 +142,7 @@ def check_world(ctx: Context):
         ctx.tg.check_world(ctx.cfg, world)
     except ctx.tg.ConfigError as e:
         raise CheckFailed(str(e)) from None
-    accum = t.grad_accum_steps(world)
+    accum = ctx.tg.grad_accum_steps(world)
     local = t.train_batch_tokens // (world * accum)
     details = [] if 8 % world == 0 else [f"note: {world} does not divide 8, so grad_accum is 1 "
                                          "(the original requires a divisor of 8)"]
