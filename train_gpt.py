@@ -84,12 +84,11 @@ class Section:
     PREFIX = ""
 
     @classmethod
-    def env_name(cls, f) -> str:
-        return cls.PREFIX + f.name.upper()
-
-    @classmethod
     def settings(cls) -> dict[str, object]:  # variable -> field, nested sections excluded
-        return {cls.env_name(f): f for f in fields(cls) if "ok" in f.metadata}
+        return {cls.PREFIX + f.name.upper(): f for f in fields(cls) if "ok" in f.metadata}
+
+    def resolved(self) -> dict[str, object]:  # variable -> value
+        return {name: getattr(self, f.name) for name, f in self.settings().items()}
 
     def check(self) -> None:
         """Constraints between this section's fields."""
@@ -2346,10 +2345,6 @@ def write_atomic(path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def model_settings(cfg: GPTConfig) -> dict[str, object]:
-    return {GPTConfig.env_name(f): getattr(cfg, f.name) for f in fields(GPTConfig)}
-
-
 def sidecar_path(artifact) -> Path:
     return Path(f"{artifact}.json")
 
@@ -2358,7 +2353,7 @@ def write_sidecar(cfg: Config, blob: bytes) -> None:
     """<ARTIFACT>.json: the model settings and the artifact's sha256 (the artifact keeps the
     original's format)."""
     meta = {"format": "train_gpt artifact sidecar", "sha256": hashlib.sha256(blob).hexdigest(),
-            "settings": model_settings(cfg.model)}
+            "settings": cfg.model.resolved()}
     write_atomic(sidecar_path(cfg.export.artifact), (json.dumps(meta, indent=1) + "\n").encode())
 
 
@@ -2376,7 +2371,7 @@ def check_sidecar(cfg: Config, sha256: str) -> str:
     if sha != sha256:
         raise ConfigError(f"{path}: describes another artifact (sha256 differs from "
                           f"{cfg.export.artifact}); remove it to evaluate unchecked")
-    ours = model_settings(cfg.model)
+    ours = cfg.model.resolved()
     diffs = [f"{k}={ours[k]!r} (artifact: {v!r})" for k, v in saved
              if k in ours and ours[k] != v]
     if diffs:
@@ -2681,8 +2676,7 @@ def log_config(cfg: Config, rt: Runtime, model: GPT, data: Data) -> None:
     # Every setting as resolved, for the tools (the lines above are the original's).
     sections = (cfg.run, cfg.data, cfg.model, cfg.optim, cfg.train, cfg.export, cfg.eval,
                 cfg.eval.slot, cfg.eval.ttt)
-    rt.log("settings:" + json.dumps({name: getattr(s, f.name) for s in sections
-                                     for name, f in s.settings().items()}))
+    rt.log("settings:" + json.dumps({k: v for s in sections for k, v in s.resolved().items()}))
 
 
 @dataclass(frozen=True)
