@@ -452,7 +452,7 @@ class StageProcess:
         tg.log_config(cfg, rt, model, data)
         self.emit(vocab=cfg.model.vocab_size, iterations=cfg.train.iterations,
                   tokens_per_step=cfg.train.train_batch_tokens,
-                  grad_accum=cfg.train.grad_accum_steps(1))
+                  grad_accum=tg.grad_accum_steps(1))
         t0 = time.perf_counter()
         trained = tg.train(cfg, rt, model, data, 0.0)
         t1 = time.perf_counter()
