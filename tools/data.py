@@ -1,13 +1,10 @@
 """Data for train_gpt.py: FineWeb shards from the challenge hub, shards made from local text,
 an offline demo corpus, and shard checks (`python -m tools.data --help` lists the commands).
-Shards are tools/_files.py's format, every document starting with BOS (id 1); each shard folder
-this tool writes holds a manifest.json naming its tokenizer by sha256, which train_gpt.py checks.
-"""
+Each shard folder written holds a manifest.json naming its tokenizer by sha256."""
 from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import hashlib
 import io
 import itertools
@@ -33,9 +30,8 @@ from tools._files import ShardError as DataError  # an unusable file or input, n
 
 MAX_VOCAB = 1 << 16  # tokens are stored as uint16
 SHARD_TOKENS, VAL_DOCS, TRAIN_VOCAB = 10**8, 50_000, 1024
-# The challenge tokenizer's trainer settings, as stored in the published fineweb_1024_bpe.model.
-# byte_fallback is off there (no byte pieces): on, it would spend 256 of the 1024 pieces. One
-# thread and every sentence in input order make the model bytes repeatable.
+# The published fineweb_1024_bpe.model's trainer settings (byte_fallback on would spend 256 of
+# its 1024 pieces); one thread and every sentence in input order make the bytes repeatable.
 TOKENIZER_SETTINGS = dict(
     model_type="bpe", character_coverage=0.999, split_digits=True,
     normalization_rule_name="nmt_nfkc", add_dummy_prefix=False, hard_vocab_limit=False,
@@ -56,16 +52,13 @@ DEMO_MAX_BYTES = 4_000_000  # bounds the build time whatever the Python version
 DEMO_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 
 
-# ---------------------------------------------------------------- files and shards
-
 def _save(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, data)
 
 
 def _check_path(path: Path, expected: str, *, output: bool = True) -> None:
-    """Refuse, before any work, an input file that is not there or an output path that cannot
-    be made; expected is "a folder" or the kind of file wanted."""
+    """Refuse a missing input or an output path that cannot be made, before any work."""
     if expected == "a folder" and path.exists() and not path.is_dir():
         raise DataError(f"{path}: exists and is not a folder")
     if expected != "a folder" and path.is_dir():
@@ -77,27 +70,9 @@ def _check_path(path: Path, expected: str, *, output: bool = True) -> None:
         raise DataError(f"{path}: {ancestor} is a file, not a folder")
 
 
-@contextlib.contextmanager
-def _staged(dest: Path):
-    """A scratch folder beside dest, on its file system so that moving results in is a
-    rename; after a failure the parent folders made for it go too."""
-    made = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with tempfile.TemporaryDirectory(prefix=f".{dest.name}.", dir=dest.parent) as stage:
-            yield Path(stage)
-    except BaseException:
-        for folder in made:  # deepest first
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
-
-
 def write_shard(path: str | os.PathLike, tokens) -> None:
     """Write tokens (ids 0..65535) as a shard file, atomically."""
     path, tokens = Path(path), np.asarray(tokens)
-    if tokens.ndim != 1:
-        raise DataError(f"{path}: tokens must be one-dimensional, got shape {tokens.shape}")
     if tokens.size and (tokens.min() < 0 or tokens.max() >= MAX_VOCAB):
         raise DataError(f"{path}: token ids must lie in 0..{MAX_VOCAB - 1}, "
                         f"got {tokens.min()}..{tokens.max()}")
@@ -114,8 +89,6 @@ def verify_shard(path: str | os.PathLike, vocab_size: int | None = None) -> tupl
                         f"the vocabulary of {vocab_size}")
     return tokens.size, top
 
-
-# ---------------------------------------------------------------- tokenizer
 
 def load_tokenizer(path: str | os.PathLike, model: bytes | None = None):
     """The SentencePiece model at path (or model, its bytes), checked for what shards need."""
@@ -134,13 +107,14 @@ def load_tokenizer(path: str | os.PathLike, model: bytes | None = None):
     return sp
 
 
-def train_tokenizer(sentences: Iterable[str], vocab_size: int, out: Path, *,
+def train_tokenizer(documents: Iterable[str], vocab_size: int, out: Path, *,
                     save: bool = True) -> tuple[bytes, spm.SentencePieceProcessor]:
-    """A BPE model trained with the challenge settings: its bytes (saved atomically to out
-    unless save is off; messages name out) and its processor."""
+    """A BPE model trained with the challenge settings on the documents' lines: its bytes (saved
+    atomically to out unless save is off; messages name out) and its processor."""
+    lines = (line for doc in documents for line in doc.splitlines() if line.strip())
     model = io.BytesIO()
     try:  # model_writer keeps input and output paths out of the stored trainer spec
-        spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model,
+        spm.SentencePieceTrainer.train(sentence_iterator=lines, model_writer=model,
                                        vocab_size=vocab_size, minloglevel=2, **TOKENIZER_SETTINGS)
     except RuntimeError as e:
         raise DataError(f"{out}: tokenizer training failed ({e})") from None
@@ -153,12 +127,6 @@ def train_tokenizer(sentences: Iterable[str], vocab_size: int, out: Path, *,
     return model.getvalue(), sp
 
 
-def _sentences(documents: Iterable[str]) -> Iterator[str]:
-    """SentencePiece trains on lines."""
-    for doc in documents:
-        yield from (line for line in doc.splitlines() if line.strip())
-
-
 def encode_documents(sp, documents: Iterable[str], batch: int = 256) -> Iterator[np.ndarray]:
     """Each document as BOS + its ids, the way the challenge encoded FineWeb."""
     docs = iter(documents)
@@ -167,8 +135,7 @@ def encode_documents(sp, documents: Iterable[str], batch: int = 256) -> Iterator
             yield np.array([sp.bos_id(), *ids], dtype=np.uint16)
 
 
-def _save_manifest(folder: Path, extra: dict, model: bytes, model_path: Path,
-                   splits: dict) -> dict:
+def _save_manifest(folder: Path, extra: dict, model: bytes, model_path: Path, splits: dict) -> dict:
     """folder/manifest.json: the shards' splits and their tokenizer, by sha256 (train_gpt.py
     checks TOKENIZER_PATH against it)."""
     tokenizer = {"file": model_path.name, "sha256": hashlib.sha256(model).hexdigest(),
@@ -177,8 +144,6 @@ def _save_manifest(folder: Path, extra: dict, model: bytes, model_path: Path,
     _save(folder / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest
 
-
-# ---------------------------------------------------------------- datasets
 
 def _write_split(docs: Iterable[np.ndarray], stage: Path, split: str, shard_tokens: int) -> dict:
     """One split's token stream cut into shards of exactly shard_tokens (the last may be
@@ -203,14 +168,14 @@ def _write_split(docs: Iterable[np.ndarray], stage: Path, split: str, shard_toke
 
 def write_dataset(token_docs: Iterable[np.ndarray], out_dir: Path, *, val_docs: int,
                   shard_tokens: int, tokenizer: Path, model: bytes | None = None) -> dict:
-    """The first val_docs documents go to val shards, the rest to train shards; manifest.json
-    records what was written. All of it is built in a scratch folder beside out_dir and moves in
-    only when complete (shards first, the manifest last; other files of out_dir stay, shards of
-    an earlier, longer build go); model, a tokenizer trained for this dataset, is saved to
-    tokenizer at that point."""
+    """The first val_docs documents as val shards, the rest as train shards, and manifest.json;
+    built in a scratch folder, they move in only when complete (other files of out_dir stay,
+    stale shards go), and model, when trained for them, is saved to tokenizer."""
     model_bytes = model if model is not None else tokenizer.read_bytes()
-    with _staged(out_dir) as stage:
-        docs = iter(token_docs)
+    # In the nearest existing folder (moving in is a rename): a failure leaves nothing behind.
+    beside = next(p for p in out_dir.parents if p.exists())
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=beside) as scratch:
+        stage, docs = Path(scratch), iter(token_docs)
         splits = {"val": _write_split(itertools.islice(docs, val_docs), stage, "val", shard_tokens)}
         splits["train"] = _write_split(docs, stage, "train", shard_tokens)
         total = sum(entry["documents"] for entry in splits.values())
@@ -223,7 +188,7 @@ def write_dataset(token_docs: Iterable[np.ndarray], out_dir: Path, *, val_docs: 
         if model is not None:
             _save(tokenizer, model)
             print(f"trained {tokenizer} ({manifest['tokenizer']['vocab_size']} pieces)")
-        out_dir.mkdir(exist_ok=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
         keep = [name for entry in splits.values() for name in entry["files"]]
         for name in keep:
             os.replace(stage / name, out_dir / name)
@@ -272,7 +237,7 @@ def build_shards(inputs: list[Path], out_dir: Path, *, tokenizer: Path | None,
     if tokenizer is None:
         _check_path(tokenizer_out, "a file path")
         docs = list(docs)  # read once: the trainer holds every sentence anyway
-        model, sp = train_tokenizer(_sentences(docs), train_vocab, tokenizer_out, save=False)
+        model, sp = train_tokenizer(docs, train_vocab, tokenizer_out, save=False)
         tokenizer = tokenizer_out
     else:
         sp = load_tokenizer(tokenizer)
@@ -280,12 +245,9 @@ def build_shards(inputs: list[Path], out_dir: Path, *, tokenizer: Path | None,
                          shard_tokens=shard_tokens, tokenizer=tokenizer, model=model)
 
 
-# ---------------------------------------------------------------- demo corpus
-
 def demo_documents() -> list[str]:
-    """English prose every CPython ships: the pydoc topics, then per stdlib module its
-    docstrings and comment blocks; shuffled with a fixed seed so that the val split mixes both
-    kinds."""
+    """English prose every CPython ships: the pydoc topics, then stdlib docstrings and comment
+    blocks, shuffled with a fixed seed so that the val split mixes both kinds."""
     from pydoc_data.topics import topics
     docs = [topics[key] for key in sorted(topics)]
     for folder, dirs, files in os.walk(sysconfig.get_paths()["stdlib"]):
@@ -328,14 +290,13 @@ def _module_prose(path: Path) -> str:
 
 
 def build_demo(root: Path) -> dict:
-    data = root / "data"
-    model = data / "tokenizers" / f"demo_{DEMO_VOCAB}_bpe.model"
-    out = data / "datasets" / f"demo_sp{DEMO_VOCAB}"
+    model = root / "data" / "tokenizers" / f"demo_{DEMO_VOCAB}_bpe.model"
+    out = root / "data" / "datasets" / f"demo_sp{DEMO_VOCAB}"
     _check_path(model, "a file path")
     _check_path(out, "a folder")
     docs = demo_documents()
     print(f"demo corpus: {len(docs)} documents, {sum(len(d.encode()) for d in docs):,} bytes")
-    model_bytes, sp = train_tokenizer(_sentences(docs), DEMO_VOCAB, model, save=False)
+    model_bytes, sp = train_tokenizer(docs, DEMO_VOCAB, model, save=False)
     token_docs = list(encode_documents(sp, docs))
     # Val: the first documents up to DEMO_VAL_TOKENS, enough for a CPU eval.
     val_docs = int(np.searchsorted(np.cumsum([t.size for t in token_docs]), DEMO_VAL_TOKENS)) + 1
@@ -347,12 +308,9 @@ def build_demo(root: Path) -> dict:
     return manifest
 
 
-# ---------------------------------------------------------------- download
-
 def _fetch(hub: tuple[str, str], remote: str, dest: Path) -> str:
-    """Bring remote (relative to the hub root) to dest unless a whole copy is there; returns
-    what happened."""
-    # Other files (the .vocab) are whole once there: downloads land by rename.
+    """Bring remote (under the hub root) to dest unless a whole copy is there (a file of another
+    kind, the .vocab, is whole once there: downloads land by rename); say what happened."""
     check = {".bin": read_shard, ".model": load_tokenizer, ".json": _check_json}.get(
         dest.suffix, Path.stat)
     state = "downloaded"
@@ -364,9 +322,8 @@ def _fetch(hub: tuple[str, str], remote: str, dest: Path) -> str:
             print(f"replacing incomplete file: {e}")
             state = "replaced"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    # The hub downloads into this folder beside dest. A failed attempt leaves it, with the hub's
-    # partial file, so that the next attempt resumes from it (huggingface_hub resumes when
-    # force_download is off; versions 1.18 and later restart instead).
+    # A failed attempt leaves the hub's partial file in scratch for the next to resume from
+    # (huggingface_hub resumes unless force_download; versions 1.18 and later restart instead).
     scratch, name = dest.with_name(f".{dest.name}.download"), hub[1] + remote
     if HUB_DOWNLOAD is None:
         from huggingface_hub import hf_hub_download  # only this command needs it
@@ -427,8 +384,7 @@ def _hub_plan(manifest: dict, where: str, variant: str, train_shards: int,
     if tokenizer is None:
         raise DataError(f"{where}: no tokenizer {dataset.get('tokenizer_name')!r} (named by "
                         f"dataset {name!r})")
-    files = [tokenizer[key] for key in ("model_path", "vocab_path", "path")
-             if isinstance(tokenizer.get(key), str) and tokenizer[key]]
+    files = [tokenizer[key] for key in ("model_path", "vocab_path", "path") if tokenizer.get(key)]
     if not files:
         raise DataError(f"{where}: tokenizer {tokenizer['name']!r} lists no files "
                         "(model_path, vocab_path or path)")
@@ -440,12 +396,10 @@ def _hub_plan(manifest: dict, where: str, variant: str, train_shards: int,
 
 
 def download(root: Path, variant: str, train_shards: int, val_shards: int | None,
-             repo_id: str | None, remote_root: str | None) -> None:
-    """The files the hub manifest lists into root/data, then the shard folder's manifest.json;
-    repo_id and remote_root None: the challenge downloader's variables, else its defaults."""
-    repo = os.environ.get(REPO_ENV, HUB_REPO) if repo_id is None else repo_id
-    prefix = (os.environ.get(ROOT_ENV, HUB_ROOT) if remote_root is None else remote_root)
-    hub = (repo, f"{prefix.strip('/')}/" if prefix.strip("/") else "")  # names' prefix: "" or "x/"
+             repo_id: str, remote_root: str) -> None:
+    """The files the hub manifest lists, into root/data, then the shard folder's manifest.json."""
+    prefix = remote_root.strip("/")
+    hub = (repo_id, f"{prefix}/" if prefix else "")  # the hub's file names start with hub[1]
     data = root / "data"
     _check_path(data, "a folder")
     local = data / "manifest.json"
@@ -470,13 +424,9 @@ def download(root: Path, variant: str, train_shards: int, val_shards: int | None
               f"{manifest['tokenizer']['sha256'][:12]}...)")
 
 
-# ---------------------------------------------------------------- verify
-
 def _listing(folder: Path) -> tuple[Path, int | None, dict, set[str]] | None:
-    """What a manifest says a shard folder holds: (the manifest, vocabulary size, shards per
-    split, splits that may hold only their first shards): the folder's manifest.json, or for a
-    download by the challenge's own script (data/datasets/NAME) the hub manifest's entry NAME in
-    data/manifest.json (all of val, a prefix of train)."""
+    """(manifest, vocabulary size, shards per split, splits that may hold a prefix): the folder's
+    manifest.json, or for the challenge script's data/datasets/NAME data/manifest.json's NAME."""
     own, hub = folder / "manifest.json", folder.parent.parent / "manifest.json"
     if own.is_file():
         manifest = _check_json(own)
@@ -529,9 +479,8 @@ def verify_dir(folder: Path, vocab_size: int | None) -> dict[str, int]:
 
 
 def _split_problems(folder: Path, split: str, counts: dict, listing) -> list[str]:
-    """train_gpt.py reads whatever fineweb_<split>_*.bin it finds: a missing split stops it,
-    but a missing shard would go unnoticed (in val, a val_bpb on part of the data), and an
-    empty split made training wait forever."""
+    """train_gpt.py reads whatever fineweb_<split>_*.bin it finds: a missing shard would go
+    unnoticed (in val, a val_bpb on part of the data), an empty split made it wait forever."""
     if not (present := counts[split]):
         return [f"{folder}: no fineweb_{split}_*.bin shards"]
     problems = []
@@ -550,8 +499,6 @@ def _split_problems(folder: Path, split: str, counts: dict, listing) -> list[str
                         f"shard{'s' * (len(present) > 1)}, all empty)")
     return problems
 
-
-# ---------------------------------------------------------------- command line
 
 def _at_least(minimum: int) -> Callable[[str], int]:
     def count(text: str) -> int:
@@ -577,7 +524,7 @@ def _run_shards(args) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tools.data",
-                                     description=__doc__.split("\n")[0])
+                                     description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, run, text: str) -> argparse.ArgumentParser:
@@ -588,17 +535,16 @@ def _parser() -> argparse.ArgumentParser:
 
     p = command("download", lambda a: download(a.root, a.variant, a.train_shards, a.val_shards,
                                                 a.repo_id, a.remote_root),
-                "fetch the challenge shards and tokenizer from the hub: the whole val split, the "
-                "first N train shards and the tokenizer files, then the shard folder's "
-                "manifest.json (complete files are kept, a failed download resumes)")
+                "fetch the challenge shards and tokenizer from the hub: all of val, the first N "
+                "train shards, the tokenizer (whole files are kept, a failed download resumes)")
     p.add_argument("--variant", default="sp1024", help="tokenizer variant")
     p.add_argument("--train-shards", type=_at_least(0), default=80, help="train shards to fetch")
     p.add_argument("--val-shards", type=_at_least(1), default=None,
                    help="val shards to fetch (None: all; fewer give another val_bpb)")
-    p.add_argument("--repo-id", default=None, metavar="OWNER/NAME",
-                   help=f"hub dataset (None: ${REPO_ENV}, else {HUB_REPO})")
-    p.add_argument("--remote-root", default=None, metavar="FOLDER",
-                   help=f"the export's folder in the dataset (None: ${ROOT_ENV}, else {HUB_ROOT})")
+    p.add_argument("--repo-id", default=os.environ.get(REPO_ENV, HUB_REPO), metavar="OWNER/NAME",
+                   help=f"hub dataset (${REPO_ENV} sets the default)")
+    p.add_argument("--remote-root", default=os.environ.get(ROOT_ENV, HUB_ROOT), metavar="FOLDER",
+                   help=f"the export's folder in the dataset (${ROOT_ENV} sets the default)")
     p = command("shards", _run_shards, "tokenize .txt/.jsonl documents into shards: a .txt file "
                 "is one document, a .jsonl file one per line (its \"text\" field); the first "
                 "--val-docs form the val split; DIR/manifest.json lists them")
@@ -617,12 +563,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--val-docs", type=_at_least(0), default=VAL_DOCS, help="val documents")
     p.add_argument("--shard-tokens", type=_at_least(1), default=SHARD_TOKENS,
                    help="tokens per shard")
-    command("demo", lambda a: build_demo(a.root), "build the offline demo corpus, tokenizer and "
-            f"shards under ROOT/data: CPython's own prose, a {DEMO_VOCAB}-piece tokenizer; no "
-            "network, and repeat builds are byte-identical")
-    p = command("verify", lambda a: verify_dir(a.dir, a.vocab_size), "check every shard in a "
-                "folder: format and ids of every .bin shard, each split there, holding tokens "
-                "and numbered without gaps, and the counts its manifest lists")
+    command("demo", lambda a: build_demo(a.root), "build the offline demo corpus under ROOT/data: "
+            f"CPython's own prose, a {DEMO_VOCAB}-piece tokenizer, byte-identical every time")
+    p = command("verify", lambda a: verify_dir(a.dir, a.vocab_size), "check a shard folder: each "
+                ".bin shard, both splits there without gaps, the counts its manifest lists")
     p.add_argument("dir", type=Path, metavar="DIR")
     p.add_argument("--vocab-size", type=_at_least(1), default=None,
                    help="reject ids at or above this (None: the manifest's vocabulary size)")
@@ -639,9 +583,6 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, OSError) as e:  # one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
     return 0
 
 
