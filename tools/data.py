@@ -427,6 +427,13 @@ def download(root: Path, variant: str, train_shards: int, val_shards: int | None
 def _listing(folder: Path) -> tuple[Path, int | None, dict, set[str]] | None:
     """(manifest, vocabulary size, shards per split, splits that may hold a prefix): the folder's
     manifest.json, or for the challenge script's data/datasets/NAME data/manifest.json's NAME."""
+    try:
+        return _read_listing(folder)
+    except (AttributeError, TypeError) as e:  # a list or number where a table belongs
+        raise DataError(f"{folder}: malformed manifest.json ({e})") from None
+
+
+def _read_listing(folder: Path) -> tuple[Path, int | None, dict, set[str]] | None:
     own, hub = folder / "manifest.json", folder.parent.parent / "manifest.json"
     if own.is_file():
         manifest = _check_json(own)
