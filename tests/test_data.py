@@ -132,6 +132,16 @@ def test_verify_command(tmp_path, capsys):
     assert "fineweb_train_000001.bin: token id 9" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("manifest", ['{"splits": []}', '{"splits": {"val": 3}}',
+                                      '{"tokenizer": 5}', "[1]"])
+def test_verify_names_a_malformed_manifest_in_one_line(tmp_path, capsys, manifest):
+    data.write_shard(tmp_path / "fineweb_val_000000.bin", [1, 2, 3])
+    (tmp_path / "manifest.json").write_text(manifest)
+    assert data.main(["verify", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "manifest.json" in err
+
+
 def test_verify_reports_every_problem(tmp_path, capsys):
     data.write_shard(tmp_path / "fineweb_train_000000.bin", [1, 4, 12])
     (tmp_path / "fineweb_train_000002.bin").write_bytes(shard_bytes(magic=7))

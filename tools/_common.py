@@ -1,9 +1,4 @@
-"""Small helpers shared by the reviewer tools (audit, preflight, bench_eval, slot_tf32): each
-tool reaches train_gpt.py through its documented entry points and these, never through another
-tool."""
-
-from __future__ import annotations
-
+"""What the reviewer tools share: they reach train_gpt.py through these, never another tool."""
 import contextlib
 import math
 import sys
@@ -24,8 +19,7 @@ def import_train_gpt():
 
 @contextlib.contextmanager
 def torch_threads(n: int):
-    """Tiny tensors run fastest on one thread (no OpenMP hand-offs, which stall on a busy
-    machine)."""
+    """Tiny tensors run fastest on one thread (no OpenMP hand-offs to stall a busy machine)."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -35,9 +29,7 @@ def torch_threads(n: int):
 
 
 def perturbed_model(tg, model_cfg, seed: int, noise: float):
-    """The seeded initial model (train_gpt.GPTConfig model_cfg) plus seeded noise on every
-    parameter: at initialisation the output projections are zero and the embeddings tiny, so
-    every target would score about ln V whatever the input (or the code) does."""
+    """The seeded model plus seeded noise: unperturbed, its zero output layers score all ln V."""
     model = tg.build_model(model_cfg, torch.device("cpu"), seed=seed)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -48,17 +40,14 @@ def perturbed_model(tg, model_cfg, seed: int, noise: float):
 
 def unit_luts(vocab_size: int, device="cpu"):
     """Byte tables without a tokenizer: every token one byte, no spaces, no boundaries."""
-    return (torch.ones(vocab_size, dtype=torch.int16, device=device),
-            torch.zeros(vocab_size, dtype=torch.bool, device=device),
-            torch.zeros(vocab_size, dtype=torch.bool, device=device))
+    zeros = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+    return torch.ones(vocab_size, dtype=torch.int16, device=device), zeros, zeros.clone()
 
 
 def fit_slot(delta: torch.Tensor, bias: torch.Tensor, slot, loss) -> None:
-    """The original's SLOT fit, written out for the tools' reference SLOTs: AdamW on the
-    window's delta and bias, its lr on a cosine from SLOT_LR to SLOT_LR_MIN over SLOT_STEPS
-    (train_gpt.SlotConfig `slot`); loss() is the batch's fit loss."""
-    opt = torch.optim.AdamW([delta, bias], lr=slot.lr, betas=(0.9, 0.999), eps=1e-5,
-                            weight_decay=1e-8)
+    """The original's SLOT fit: AdamW on the window's delta and bias, lr on a cosine from
+    slot.lr to slot.lr_min over slot.steps; loss() is the batch's fit loss."""
+    opt = torch.optim.AdamW([delta, bias], lr=slot.lr, eps=1e-5, weight_decay=1e-8)
     for i in range(slot.steps):
         cosine = 1 + math.cos(math.pi * i / slot.steps)
         for group in opt.param_groups:

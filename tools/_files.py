@@ -1,16 +1,10 @@
-"""The file formats the tools share with train_gpt.py, without importing torch: the atomic
-writer and the token shard. train_gpt.py keeps its own copies (it must stay one file);
-tests/test_data.py checks that both accept and refuse the same shards and write the same bytes."""
-
-from __future__ import annotations
-
+"""The atomic writer and the token shard without torch (train_gpt.py keeps twin copies)."""
 import os
 from pathlib import Path
 
 import numpy as np
 
-# A shard: 256 little-endian int32 header words (magic, version, token count, zeros), then
-# the tokens as little-endian uint16.
+# A shard: 256 little-endian int32 (magic, version, token count, zeros), then uint16 tokens.
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 HEADER_BYTES = HEADER_INTS * 4
 
@@ -38,7 +32,7 @@ def shard_bytes(tokens: np.ndarray) -> bytes:
 
 
 def read_shard(path) -> np.ndarray:
-    """A shard's tokens as a read-only uint16 memory map, with load_data_shard's checks."""
+    """A shard's tokens (a read-only uint16 memory map), checked as train_gpt.load_data_shard."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -56,6 +50,4 @@ def read_shard(path) -> np.ndarray:
     if n < 0 or size != HEADER_BYTES + 2 * n:
         raise ShardError(f"{path}: size {size} bytes does not match header token count {n} "
                          f"(expected {HEADER_BYTES + 2 * max(n, 0)} bytes)")
-    if n == 0:
-        return np.zeros(0, dtype=np.uint16)
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,))

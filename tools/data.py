@@ -1,17 +1,13 @@
 """Data for train_gpt.py: FineWeb shards from the challenge hub, shards made from local text,
 an offline demo corpus, and shard checks (`python -m tools.data --help` lists the commands).
-
-Shard file: 256 little-endian int32 (magic, version, token count N, zeros), then N
-little-endian uint16 tokens; every document starts with BOS (id 1). Each shard folder this tool
-writes holds a manifest.json naming its tokenizer by sha256, which train_gpt.py checks.
-"""
+Each shard folder written holds a manifest.json naming its tokenizer by sha256."""
 from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import hashlib
 import io
+import itertools
 import json
 import os
 import random
@@ -19,6 +15,7 @@ import re
 import shutil
 import sys
 import sysconfig
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -26,18 +23,15 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import sentencepiece as spm
 
-# The shard format, its reader and the atomic writer, without torch: the data tools run
-# before any PyTorch is installed. tests/test_data.py holds them to train_gpt.py's own copies.
-# read_shard checks a shard as train_gpt.load_data_shard does (same verdicts, same messages).
-from tools._files import HEADER_INTS, ShardError, read_shard, shard_bytes, write_atomic
-from tools._files import SHARD_MAGIC as MAGIC
-from tools._files import SHARD_VERSION as VERSION
+# The shard format without torch: the data tools run before any PyTorch is installed.
+from tools._files import HEADER_INTS, read_shard, shard_bytes, write_atomic
+from tools._files import SHARD_MAGIC as MAGIC, SHARD_VERSION as VERSION
+from tools._files import ShardError as DataError  # an unusable file or input, named in the message
 
 MAX_VOCAB = 1 << 16  # tokens are stored as uint16
 SHARD_TOKENS, VAL_DOCS, TRAIN_VOCAB = 10**8, 50_000, 1024
-# The challenge tokenizer's trainer settings, as stored in the published fineweb_1024_bpe.model.
-# byte_fallback is off there (no byte pieces): on, it would spend 256 of the 1024 pieces. One
-# thread and every sentence in input order make the model bytes repeatable.
+# The published fineweb_1024_bpe.model's trainer settings (byte_fallback on would spend 256 of
+# its 1024 pieces); one thread and every sentence in input order make the bytes repeatable.
 TOKENIZER_SETTINGS = dict(
     model_type="bpe", character_coverage=0.999, split_digits=True,
     normalization_rule_name="nmt_nfkc", add_dummy_prefix=False, hard_vocab_limit=False,
@@ -58,67 +52,27 @@ DEMO_MAX_BYTES = 4_000_000  # bounds the build time whatever the Python version
 DEMO_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 
 
-# A file or input is unusable; the message names it and says what is wrong. The shard reader's
-# own error, so that its refusals need no translating.
-DataError = ShardError
+def _save(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, data)
 
 
-# ---------------------------------------------------------------- files and shards
-
-def _save_file(path: Path, data: bytes) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, data)
-    except OSError as e:
-        raise DataError(f"{path}: cannot write ({e.strerror})") from None
-
-
-def _require_file(path: Path, expected: str) -> None:
-    if path.is_dir():
-        raise DataError(f"{path}: is a folder; expected {expected}")
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
-
-
-def _check_target(path: Path, *, folder: bool) -> None:
-    """Refuse an output path that cannot be made, before any work."""
-    if folder and path.exists() and not path.is_dir():
+def _check_path(path: Path, expected: str, *, output: bool = True) -> None:
+    """Refuse a missing input or an output path that cannot be made, before any work."""
+    if expected == "a folder" and path.exists() and not path.is_dir():
         raise DataError(f"{path}: exists and is not a folder")
-    if not folder and path.is_dir():
-        raise DataError(f"{path}: is a folder; expected a file path")
+    if expected != "a folder" and path.is_dir():
+        raise DataError(f"{path}: is a folder; expected {expected}")
+    if not output and not path.exists():
+        raise DataError(f"{path}: no such file")
     ancestor = next(p for p in (path.parent, *path.parent.parents) if p.exists())
     if not ancestor.is_dir():
         raise DataError(f"{path}: {ancestor} is a file, not a folder")
 
 
-@contextlib.contextmanager
-def _staged(dest: Path):
-    """A scratch folder beside dest, on its file system so that moving results in is a
-    rename. It goes on exit; after a failure so do the parent folders made for it."""
-    made = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]
-    stage = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(stage, ignore_errors=True)
-        stage.mkdir()
-    except OSError as e:
-        raise DataError(f"{dest}: cannot write beside it ({e.strerror})") from None
-    done = False
-    try:
-        yield stage
-        done = True
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-        for folder in made if not done else ():  # deepest first
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-
-
 def write_shard(path: str | os.PathLike, tokens) -> None:
     """Write tokens (ids 0..65535) as a shard file, atomically."""
     path, tokens = Path(path), np.asarray(tokens)
-    if tokens.ndim != 1:
-        raise DataError(f"{path}: tokens must be one-dimensional, got shape {tokens.shape}")
     if tokens.size and (tokens.min() < 0 or tokens.max() >= MAX_VOCAB):
         raise DataError(f"{path}: token ids must lie in 0..{MAX_VOCAB - 1}, "
                         f"got {tokens.min()}..{tokens.max()}")
@@ -136,16 +90,12 @@ def verify_shard(path: str | os.PathLike, vocab_size: int | None = None) -> tupl
     return tokens.size, top
 
 
-# ---------------------------------------------------------------- tokenizer
-
-def load_tokenizer(path: str | os.PathLike) -> spm.SentencePieceProcessor:
+def load_tokenizer(path: str | os.PathLike, model: bytes | None = None):
+    """The SentencePiece model at path (or model, its bytes), checked for what shards need."""
     path = Path(path)
-    _require_file(path, "a SentencePiece .model file")
-    return _tokenizer_from(path.read_bytes(), path)
-
-
-def _tokenizer_from(model: bytes, path: Path) -> spm.SentencePieceProcessor:
-    """The model's processor, checked for what shards need; messages name path."""
+    if model is None:
+        _check_path(path, "a SentencePiece .model file", output=False)
+        model = path.read_bytes()
     try:
         sp = spm.SentencePieceProcessor(model_proto=model)
     except (OSError, RuntimeError) as e:
@@ -157,42 +107,24 @@ def _tokenizer_from(model: bytes, path: Path) -> spm.SentencePieceProcessor:
     return sp
 
 
-def train_tokenizer(sentences: Iterable[str], vocab_size: int, out: Path):
-    """Train a BPE model with the challenge settings and save it atomically."""
-    model, sp = _train_model(sentences, vocab_size, out)
-    _save_file(out, model)
-    return sp
-
-
-def _train_model(sentences: Iterable[str], vocab_size: int,
-                 out: Path) -> tuple[bytes, spm.SentencePieceProcessor]:
-    """The trained model's bytes, not yet saved anywhere; messages name out, its destination."""
-    errors = []
-
-    def guarded():
-        try:
-            yield from sentences
-        except DataError as e:
-            errors.append(e)
-            raise
-
+def train_tokenizer(documents: Iterable[str], vocab_size: int, out: Path, *,
+                    save: bool = True) -> tuple[bytes, spm.SentencePieceProcessor]:
+    """A BPE model trained with the challenge settings on the documents' lines: its bytes (saved
+    atomically to out unless save is off; messages name out) and its processor."""
+    lines = (line for doc in documents for line in doc.splitlines() if line.strip())
     model = io.BytesIO()
     try:  # model_writer keeps input and output paths out of the stored trainer spec
-        spm.SentencePieceTrainer.train(sentence_iterator=guarded(), model_writer=model,
+        spm.SentencePieceTrainer.train(sentence_iterator=lines, model_writer=model,
                                        vocab_size=vocab_size, minloglevel=2, **TOKENIZER_SETTINGS)
-    except RuntimeError as e:  # SentencePiece's wrapping of an error raised reading the input
-        raise errors[0] if errors else DataError(f"{out}: tokenizer training failed ({e})")
+    except RuntimeError as e:
+        raise DataError(f"{out}: tokenizer training failed ({e})") from None
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
     if sp.vocab_size() != vocab_size:  # hard_vocab_limit off: a small corpus gives fewer pieces
         raise DataError(f"{out}: the text only supports {sp.vocab_size()} pieces, "
                         f"not {vocab_size}; give more text or a smaller --vocab-size")
+    if save:
+        _save(out, model.getvalue())
     return model.getvalue(), sp
-
-
-def _sentences(documents: Iterable[str]) -> Iterator[str]:
-    """SentencePiece trains on lines."""
-    for doc in documents:
-        yield from (line for line in doc.splitlines() if line.strip())
 
 
 def encode_documents(sp, documents: Iterable[str], batch: int = 256) -> Iterator[np.ndarray]:
@@ -203,85 +135,64 @@ def encode_documents(sp, documents: Iterable[str], batch: int = 256) -> Iterator
             yield np.array([sp.bos_id(), *ids], dtype=np.uint16)
 
 
-# ---------------------------------------------------------------- datasets
-
-class _SplitWriter:
-    """Cuts one split's token stream into shards of exactly shard_tokens (the last may be
-    shorter); a document may run on into the next shard."""
-
-    def __init__(self, out_dir: Path, split: str, shard_tokens: int):
-        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
-        self.pending, self.pending_tokens, self.documents, self.tokens = [], 0, 0, 0
-        self.files: list[str] = []
-        self.sizes: list[int] = []
-
-    def add(self, tokens: np.ndarray) -> None:
-        self.pending.append(tokens)
-        self.pending_tokens += tokens.size
-        self.documents += 1
-        self.tokens += tokens.size
-        while self.pending_tokens >= self.shard_tokens:
-            stream = np.concatenate(self.pending)
-            self._write(stream[:self.shard_tokens])
-            self.pending = [stream[self.shard_tokens:]]
-            self.pending_tokens = self.pending[0].size
-
-    def close(self) -> None:
-        if self.pending_tokens:
-            self._write(np.concatenate(self.pending))
-
-    def _write(self, tokens: np.ndarray) -> None:
-        name = f"fineweb_{self.split}_{len(self.files):06d}.bin"
-        write_shard(self.out_dir / name, tokens)
-        self.files.append(name)
-        self.sizes.append(tokens.size)
-
-    def summary(self) -> dict:
-        return {"documents": self.documents, "tokens": self.tokens,
-                "shards": len(self.files), "files": self.files}
+def _save_manifest(folder: Path, extra: dict, model: bytes, model_path: Path, splits: dict) -> dict:
+    """folder/manifest.json: the shards' splits and their tokenizer, by sha256 (train_gpt.py
+    checks TOKENIZER_PATH against it)."""
+    tokenizer = {"file": model_path.name, "sha256": hashlib.sha256(model).hexdigest(),
+                 "vocab_size": load_tokenizer(model_path, model).vocab_size()}
+    manifest = {"format": FORMAT, **extra, "tokenizer": tokenizer, "splits": splits}
+    _save(folder / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+    return manifest
 
 
-def _tokenizer_entry(model: bytes, path: Path) -> dict:
-    """The manifest's record of the tokenizer the shards were made with (train_gpt.py checks
-    TOKENIZER_PATH against its sha256)."""
-    return {"file": path.name, "sha256": hashlib.sha256(model).hexdigest(),
-            "vocab_size": _tokenizer_from(model, path).vocab_size()}
+def _write_split(docs: Iterable[np.ndarray], stage: Path, split: str, shard_tokens: int) -> dict:
+    """One split's token stream cut into shards of exactly shard_tokens (the last may be
+    shorter; a document may run on into the next shard); returns its manifest entry."""
+    entry = {"documents": 0, "tokens": 0, "shards": 0, "files": []}
+    pending, held = [], 0
+    for doc in itertools.chain(docs, [None]):
+        if doc is not None:
+            pending.append(doc)
+            held += doc.size
+            entry["documents"] += 1
+            entry["tokens"] += doc.size
+        while held >= shard_tokens or (doc is None and held):
+            stream = np.concatenate(pending)
+            entry["files"].append(f"fineweb_{split}_{entry['shards']:06d}.bin")
+            entry["shards"] += 1
+            write_shard(stage / entry["files"][-1], stream[:shard_tokens])
+            pending = [stream[shard_tokens:]]
+            held = pending[0].size
+    return entry
 
 
 def write_dataset(token_docs: Iterable[np.ndarray], out_dir: Path, *, val_docs: int,
                   shard_tokens: int, tokenizer: Path, model: bytes | None = None) -> dict:
-    """The first val_docs documents go to val shards, the rest to train shards; manifest.json
-    records what was written. All of it is built in a scratch folder beside out_dir and moves in
-    only when complete (shards first, the manifest last; other files of out_dir stay, shards of
-    an earlier, longer build go); model, a tokenizer trained for this dataset, is saved to
-    tokenizer at that point."""
-    _check_target(out_dir, folder=True)
-    if model is None:
-        _require_file(tokenizer, "a SentencePiece .model file")
+    """The first val_docs documents as val shards, the rest as train shards, and manifest.json;
+    built in a scratch folder, they move in only when complete (other files of out_dir stay,
+    stale shards go), and model, when trained for them, is saved to tokenizer."""
     model_bytes = model if model is not None else tokenizer.read_bytes()
-    with _staged(out_dir) as stage:
-        writers = {split: _SplitWriter(stage, split, shard_tokens) for split in ("val", "train")}
-        for i, tokens in enumerate(token_docs):
-            writers["val" if i < val_docs else "train"].add(tokens)
-        total = sum(w.documents for w in writers.values())
-        for split, writer in writers.items():
-            writer.close()
-            if not writer.documents:
+    # In the nearest existing folder (moving in is a rename): a failure leaves nothing behind.
+    beside = next(p for p in out_dir.parents if p.exists())
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=beside) as scratch:
+        stage, docs = Path(scratch), iter(token_docs)
+        splits = {"val": _write_split(itertools.islice(docs, val_docs), stage, "val", shard_tokens)}
+        splits["train"] = _write_split(docs, stage, "train", shard_tokens)
+        total = sum(entry["documents"] for entry in splits.values())
+        for split, entry in splits.items():
+            if not entry["documents"]:
                 raise DataError(f"{out_dir}: no {split} documents ({total} documents in all, "
                                 f"the first {val_docs} for val)")
-        manifest = {"format": FORMAT, "shard_tokens": shard_tokens,
-                    "tokenizer": _tokenizer_entry(model_bytes, tokenizer),
-                    "splits": {split: writer.summary() for split, writer in writers.items()}}
-        write_atomic(stage / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+        manifest = _save_manifest(stage, {"shard_tokens": shard_tokens}, model_bytes, tokenizer,
+                                  splits)
         if model is not None:
-            _save_file(tokenizer, model)
+            _save(tokenizer, model)
             print(f"trained {tokenizer} ({manifest['tokenizer']['vocab_size']} pieces)")
-        out_dir.mkdir(exist_ok=True)
-        for writer in writers.values():
-            for name, size in zip(writer.files, writer.sizes):
-                os.replace(stage / name, out_dir / name)
-                print(f"wrote {out_dir / name}: {size:,} tokens")
-        keep = {name for writer in writers.values() for name in writer.files}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        keep = [name for entry in splits.values() for name in entry["files"]]
+        for name in keep:
+            os.replace(stage / name, out_dir / name)
+            print(f"wrote {out_dir / name}: {read_shard(out_dir / name).size:,} tokens")
         for path in sorted(out_dir.glob("fineweb_*_*.bin")):
             if path.name not in keep:
                 path.unlink()
@@ -311,8 +222,6 @@ def read_documents(paths: Iterable[Path]) -> Iterator[str]:
                     yield record["text"]
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        except OSError as e:
-            raise DataError(f"{path}: cannot read ({e.strerror})") from None
 
 
 def build_shards(inputs: list[Path], out_dir: Path, *, tokenizer: Path | None,
@@ -322,43 +231,32 @@ def build_shards(inputs: list[Path], out_dir: Path, *, tokenizer: Path | None,
     for path in inputs:
         if path.suffix not in (".txt", ".jsonl"):
             raise DataError(f"{path}: unsupported input (expected .txt or .jsonl)")
-        _require_file(path, "a .txt or .jsonl file")
-    _check_target(out_dir, folder=True)
-    model = None
+        _check_path(path, "a .txt or .jsonl file", output=False)
+    _check_path(out_dir, "a folder")
+    model, docs = None, read_documents(inputs)
     if tokenizer is None:
-        _check_target(tokenizer_out, folder=False)
-        model, sp = _train_model(_sentences(read_documents(inputs)), train_vocab, tokenizer_out)
+        _check_path(tokenizer_out, "a file path")
+        docs = list(docs)  # read once: the trainer holds every sentence anyway
+        model, sp = train_tokenizer(docs, train_vocab, tokenizer_out, save=False)
         tokenizer = tokenizer_out
     else:
         sp = load_tokenizer(tokenizer)
-    return write_dataset(encode_documents(sp, read_documents(inputs)), out_dir, val_docs=val_docs,
+    return write_dataset(encode_documents(sp, docs), out_dir, val_docs=val_docs,
                          shard_tokens=shard_tokens, tokenizer=tokenizer, model=model)
 
 
-# ---------------------------------------------------------------- demo corpus
-
 def demo_documents() -> list[str]:
-    """English prose every CPython ships: the pydoc topics, then per stdlib module its
-    docstrings and comment blocks; shuffled with a fixed seed so that the val split mixes both
-    kinds."""
+    """English prose every CPython ships: the pydoc topics, then stdlib docstrings and comment
+    blocks, shuffled with a fixed seed so that the val split mixes both kinds."""
     from pydoc_data.topics import topics
     docs = [topics[key] for key in sorted(topics)]
-    size = sum(len(doc) for doc in docs)
-    for doc in _stdlib_prose():
-        if size >= DEMO_MAX_BYTES:
-            break
-        docs.append(doc)
-        size += len(doc)
-    random.Random(DEMO_SEED).shuffle(docs)
-    return docs
-
-
-def _stdlib_prose() -> Iterator[str]:
     for folder, dirs, files in os.walk(sysconfig.get_paths()["stdlib"]):
         dirs[:] = sorted(d for d in dirs if d not in DEMO_SKIP_DIRS)  # walk order = sorted
         for name in sorted(f for f in files if f.endswith(".py")):
-            if doc := _module_prose(Path(folder, name)):
-                yield doc
+            if sum(map(len, docs)) < DEMO_MAX_BYTES and (doc := _module_prose(Path(folder, name))):
+                docs.append(doc)
+    random.Random(DEMO_SEED).shuffle(docs)
+    return docs
 
 
 def _module_prose(path: Path) -> str:
@@ -392,14 +290,13 @@ def _module_prose(path: Path) -> str:
 
 
 def build_demo(root: Path) -> dict:
-    data = root / "data"
-    model = data / "tokenizers" / f"demo_{DEMO_VOCAB}_bpe.model"
-    out = data / "datasets" / f"demo_sp{DEMO_VOCAB}"
-    _check_target(model, folder=False)
-    _check_target(out, folder=True)
+    model = root / "data" / "tokenizers" / f"demo_{DEMO_VOCAB}_bpe.model"
+    out = root / "data" / "datasets" / f"demo_sp{DEMO_VOCAB}"
+    _check_path(model, "a file path")
+    _check_path(out, "a folder")
     docs = demo_documents()
     print(f"demo corpus: {len(docs)} documents, {sum(len(d.encode()) for d in docs):,} bytes")
-    model_bytes, sp = _train_model(_sentences(docs), DEMO_VOCAB, model)
+    model_bytes, sp = train_tokenizer(docs, DEMO_VOCAB, model, save=False)
     token_docs = list(encode_documents(sp, docs))
     # Val: the first documents up to DEMO_VAL_TOKENS, enough for a CPU eval.
     val_docs = int(np.searchsorted(np.cumsum([t.size for t in token_docs]), DEMO_VAL_TOKENS)) + 1
@@ -411,11 +308,11 @@ def build_demo(root: Path) -> dict:
     return manifest
 
 
-# ---------------------------------------------------------------- download
-
-def _fetch(hub: tuple[str, str], remote: str, dest: Path, check: Callable[[Path], object]) -> str:
-    """Bring remote (relative to the hub root) to dest unless a complete copy is there;
-    returns what happened."""
+def _fetch(hub: tuple[str, str], remote: str, dest: Path) -> str:
+    """Bring remote (under the hub root) to dest unless a whole copy is there (a file of another
+    kind, the .vocab, is whole once there: downloads land by rename); say what happened."""
+    check = {".bin": read_shard, ".model": load_tokenizer, ".json": _check_json}.get(
+        dest.suffix, Path.stat)
     state = "downloaded"
     if dest.exists():
         try:
@@ -424,14 +321,10 @@ def _fetch(hub: tuple[str, str], remote: str, dest: Path, check: Callable[[Path]
         except DataError as e:
             print(f"replacing incomplete file: {e}")
             state = "replaced"
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"{dest.parent}: cannot create ({e.strerror})") from None
-    # The hub downloads into this folder beside dest. A failed attempt leaves it, with the hub's
-    # partial file, so that the next attempt resumes from it (huggingface_hub resumes when
-    # force_download is off; versions 1.18 and later restart instead).
-    scratch, name = dest.with_name(f".{dest.name}.download"), _remote(hub, remote)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # A failed attempt leaves the hub's partial file in scratch for the next to resume from
+    # (huggingface_hub resumes unless force_download; versions 1.18 and later restart instead).
+    scratch, name = dest.with_name(f".{dest.name}.download"), hub[1] + remote
     if HUB_DOWNLOAD is None:
         from huggingface_hub import hf_hub_download  # only this command needs it
     try:
@@ -450,10 +343,6 @@ def _fetch(hub: tuple[str, str], remote: str, dest: Path, check: Callable[[Path]
     return state
 
 
-def _remote(hub: tuple[str, str], relative: str) -> str:
-    return f"{hub[1]}/{relative}" if hub[1] else relative
-
-
 def _check_json(path: Path) -> dict:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
@@ -464,38 +353,21 @@ def _check_json(path: Path) -> dict:
     return manifest
 
 
-def _check_text(path: Path) -> None:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not readable UTF-8 text ({e})") from None
-    if not text.strip():
-        raise DataError(f"{path}: empty")
-
-
-def _entries(manifest: dict, section: str) -> list[dict]:
-    entries = manifest.get(section)
-    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
-
-
 def _named(manifest: dict, section: str, name) -> dict | None:
-    return next((e for e in _entries(manifest, section) if e.get("name") == name), None)
+    return next((e for e in manifest.get(section, []) if e.get("name") == name), None)
 
 
 def _hub_plan(manifest: dict, where: str, variant: str, train_shards: int,
               val_shards: int | None) -> dict[str, list[str]]:
     """The files to fetch ("val", "train": shards; "tokenizer": files, all under the hub root),
-    read from the manifest the way the challenge's downloader reads it: the "datasets" entry
-    named fineweb10B_<variant> gives the shard counts in "stats" and a "tokenizer_name"; that
-    "tokenizers" entry lists the tokenizer files under model_path, vocab_path and path.
-    Anything missing stops the download, naming where (the manifest) and what."""
+    read from the manifest as the challenge's downloader reads it; a gap stops the download."""
     name = f"fineweb10B_{variant}"
     dataset = _named(manifest, "datasets", name)
     if dataset is None:
-        names = [e.get("name") for e in _entries(manifest, "datasets")]
+        names = [e.get("name") for e in manifest.get("datasets", [])]
         raise DataError(f"{where}: no dataset {name!r} (it lists {names or 'none'}); "
                         "check --variant and --remote-root")
-    stats = dataset.get("stats") if isinstance(dataset.get("stats"), dict) else {}
+    stats = dataset.get("stats", {})
     counts = {split: stats.get(f"files_{split}") for split in ("train", "val")}
     if missing := [f"stats.files_{k}" for k, v in counts.items() if not isinstance(v, int)]:
         raise DataError(f"{where}: dataset {name!r} has no shard counts "
@@ -512,8 +384,7 @@ def _hub_plan(manifest: dict, where: str, variant: str, train_shards: int,
     if tokenizer is None:
         raise DataError(f"{where}: no tokenizer {dataset.get('tokenizer_name')!r} (named by "
                         f"dataset {name!r})")
-    files = [tokenizer[key] for key in ("model_path", "vocab_path", "path")
-             if isinstance(tokenizer.get(key), str) and tokenizer[key]]
+    files = [tokenizer[key] for key in ("model_path", "vocab_path", "path") if tokenizer.get(key)]
     if not files:
         raise DataError(f"{where}: tokenizer {tokenizer['name']!r} lists no files "
                         "(model_path, vocab_path or path)")
@@ -525,24 +396,21 @@ def _hub_plan(manifest: dict, where: str, variant: str, train_shards: int,
 
 
 def download(root: Path, variant: str, train_shards: int, val_shards: int | None,
-             hub: tuple[str, str]) -> None:
-    """The shards and tokenizer files as the hub manifest lists them, into root/data (the
-    tokenizer files into data/tokenizers); then the shard folder's own manifest.json, with the
-    tokenizer's sha256, for train_gpt.py to check TOKENIZER_PATH against."""
+             repo_id: str, remote_root: str) -> None:
+    """The files the hub manifest lists, into root/data, then the shard folder's manifest.json."""
+    prefix = remote_root.strip("/")
+    hub = (repo_id, f"{prefix}/" if prefix else "")  # the hub's file names start with hub[1]
     data = root / "data"
-    _check_target(data, folder=True)
+    _check_path(data, "a folder")
     local = data / "manifest.json"
-    state = _fetch(hub, "manifest.json", local, _check_json)
+    state = _fetch(hub, "manifest.json", local)
     print(f"manifest.json: {local.stat().st_size:,} bytes ({state})")
-    where = f"{local} (hub dataset {hub[0]}, {_remote(hub, 'manifest.json')})"
+    where = f"{local} (hub dataset {hub[0]}, {hub[1]}manifest.json)"
     plan = _hub_plan(_check_json(local), where, variant, train_shards, val_shards)
     fetched = [(remote, data / remote) for remote in plan["val"] + plan["train"]]
-    fetched += [(remote, data / "tokenizers" / remote.rsplit("/", 1)[-1])
-                for remote in plan["tokenizer"]]
+    fetched += [(remote, data / "tokenizers" / Path(remote).name) for remote in plan["tokenizer"]]
     for i, (remote, dest) in enumerate(fetched, 1):
-        check = (read_shard if dest.suffix == ".bin" else load_tokenizer if dest.suffix == ".model"
-                 else _check_json if dest.suffix == ".json" else _check_text)
-        state = _fetch(hub, remote, dest, check)
+        state = _fetch(hub, remote, dest)
         print(f"[{i}/{len(fetched)}] {dest.name}: {dest.stat().st_size:,} bytes ({state})")
     model = next((dest for _, dest in fetched if dest.suffix == ".model"), None)
     if model is not None:
@@ -550,49 +418,33 @@ def download(root: Path, variant: str, train_shards: int, val_shards: int | None
         splits = {split: {"shards": len(plan[split]), "files": [Path(f).name for f in plan[split]],
                           "tokens": sum(read_shard(data / f).size for f in plan[split])}
                   for split in ("val", "train")}
-        manifest = {"format": FORMAT, "source": f"hub dataset {hub[0]}, {_remote(hub, '')}",
-                    "tokenizer": _tokenizer_entry(model.read_bytes(), model), "splits": splits}
-        _save_file(folder / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+        manifest = _save_manifest(folder, {"source": f"hub dataset {hub[0]}, {hub[1]}"},
+                                  model.read_bytes(), model, splits)
         print(f"wrote {folder / 'manifest.json'} (tokenizer {model.name}, sha256 "
               f"{manifest['tokenizer']['sha256'][:12]}...)")
 
 
-def hub_source(repo: str | None, root: str | None) -> tuple[str, str]:
-    """The export's hub dataset and folder: the options, else the challenge downloader's
-    environment variables, else the challenge's own."""
-    repo = repo if repo is not None else os.environ.get(REPO_ENV, HUB_REPO)
-    root = (root if root is not None else os.environ.get(ROOT_ENV, HUB_ROOT)).strip("/")
-    if not repo.strip():
-        raise DataError(f"hub repository id is empty (--repo-id or {REPO_ENV})")
-    if ".." in root.split("/"):
-        raise DataError(f"remote root {root!r} (--remote-root or {ROOT_ENV}) "
-                        "must stay inside the repository")
-    return repo, root
-
-
-# ---------------------------------------------------------------- verify
-
 def _listing(folder: Path) -> tuple[Path, int | None, dict, set[str]] | None:
-    """What a manifest says a shard folder holds: (the manifest, vocabulary size, shards per
-    split, splits that may hold only their first shards). The folder's manifest.json as this tool
-    writes it, or else, for a download by the challenge's own script (data/datasets/NAME),
-    the hub manifest's entry NAME in data/manifest.json: all of val, a prefix of train."""
-    def number(entry, key):
-        value = entry.get(key) if isinstance(entry, dict) else None
-        return value if isinstance(value, int) else None
+    """(manifest, vocabulary size, shards per split, splits that may hold a prefix): the folder's
+    manifest.json, or for the challenge script's data/datasets/NAME data/manifest.json's NAME."""
+    try:
+        return _read_listing(folder)
+    except (AttributeError, TypeError) as e:  # a list or number where a table belongs
+        raise DataError(f"{folder}: malformed manifest.json ({e})") from None
 
+
+def _read_listing(folder: Path) -> tuple[Path, int | None, dict, set[str]] | None:
     own, hub = folder / "manifest.json", folder.parent.parent / "manifest.json"
     if own.is_file():
         manifest = _check_json(own)
-        splits = manifest.get("splits") if isinstance(manifest.get("splits"), dict) else {}
-        return (own, number(manifest.get("tokenizer"), "vocab_size"),
-                {split: number(splits.get(split), "shards") for split in ("val", "train")}, set())
+        splits = manifest.get("splits", {})
+        return (own, manifest.get("tokenizer", {}).get("vocab_size"),
+                {split: splits.get(split, {}).get("shards") for split in ("val", "train")}, set())
     if folder.parent.name == "datasets" and hub.is_file():
         if (entry := _named(_check_json(hub), "datasets", folder.name)) is not None:
-            stats = entry.get("stats")
-            return (hub, number(entry, "vocab_size"),
-                    {split: number(stats, f"files_{split}") for split in ("val", "train")},
-                    {"train"})
+            stats = entry.get("stats", {})
+            return (hub, entry.get("vocab_size"),
+                    {split: stats.get(f"files_{split}") for split in ("val", "train")}, {"train"})
     return None
 
 
@@ -609,78 +461,58 @@ def verify_dir(folder: Path, vocab_size: int | None) -> dict[str, int]:
         print(f"vocabulary: {vocab_size} pieces (from {listing[0]})")
     elif vocab_size is None:
         print("vocabulary: unknown (no --vocab-size, no manifest): token ids are not checked")
-    problems, totals, unreadable = [], {}, set()  # unreadable: splits with an uncounted shard
-    numbers: dict[str, list[int]] = {"val": [], "train": []}
+    problems, totals = [], {}
+    counts = {"val": {}, "train": {}}  # per split, shard number -> tokens (None: unreadable)
     for path in paths:
         named = re.fullmatch(r"fineweb_(train|val)_(\d{6})\.bin", path.name)
-        split = named.group(1) if named else "other"
-        if named:
-            numbers[split].append(int(named.group(2)))
+        split, count = named.group(1) if named else "other", None
         try:
             count, top = verify_shard(path, vocab_size)
+            totals[split] = totals.get(split, 0) + count
+            print(f"{path.name}: {count:,} tokens, max id {top}")
         except DataError as e:
             problems.append(str(e))
-            unreadable.add(split)
-            continue
-        totals[split] = totals.get(split, 0) + count
-        print(f"{path.name}: {count:,} tokens, max id {top}")
-    problems += _layout_problems(folder, numbers, listing)
-    for split in ("val", "train"):  # on an empty train split training waited forever
-        if numbers[split] and split not in unreadable and not totals.get(split):
-            problems.append(f"{folder}: the {split} split holds 0 tokens "
-                            f"({_plural(len(numbers[split]), 'shard')}, all empty)")
+        if named:
+            counts[split][int(named.group(2))] = count
+    problems += [p for split in counts for p in _split_problems(folder, split, counts, listing)]
     for split, count in totals.items():
         print(f"total {split}: {count:,} tokens")
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     if problems:
-        raise DataError(f"{folder}: {_plural(len(problems), 'problem')} (listed above)")
+        raise DataError(f"{folder}: {len(problems)} problem{'s' * (len(problems) > 1)} "
+                        "(listed above)")
     return totals
 
 
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
-
-
-def _layout_problems(folder: Path, numbers: dict[str, list[int]], listing) -> list[str]:
-    """train_gpt.py reads whatever fineweb_<split>_*.bin it finds: a missing split stops it,
-    but a missing shard would go unnoticed (in val, a val_bpb on part of the data)."""
+def _split_problems(folder: Path, split: str, counts: dict, listing) -> list[str]:
+    """train_gpt.py reads whatever fineweb_<split>_*.bin it finds: a missing shard would go
+    unnoticed (in val, a val_bpb on part of the data), an empty split made it wait forever."""
+    if not (present := counts[split]):
+        return [f"{folder}: no fineweb_{split}_*.bin shards"]
     problems = []
-    for split, present in numbers.items():
-        if not present:
-            problems.append(f"{folder}: no fineweb_{split}_*.bin shards")
-            continue
-        if gaps := sorted(set(range(max(present))) - set(present)):
-            names = ", ".join(f"fineweb_{split}_{i:06d}.bin" for i in gaps[:5])
-            more = f" and {len(gaps) - 5} more" if len(gaps) > 5 else ""
-            problems.append(f"{folder}: {names}{more} missing (shards are numbered from 000000 "
-                            "without gaps)")
-        listed = listing[2].get(split) if listing is not None else None
-        if listed is not None and (len(present) > listed or
-                                   (len(present) < listed and split not in listing[3])):
-            problems.append(f"{folder}: {len(present)} {split} shards, but {listing[0]} lists "
-                            f"{listed}")
+    if gaps := sorted(set(range(max(present))) - set(present)):
+        names = ", ".join(f"fineweb_{split}_{i:06d}.bin" for i in gaps[:5])
+        more = f" and {len(gaps) - 5} more" if len(gaps) > 5 else ""
+        problems.append(f"{folder}: {names}{more} missing (shards are numbered from 000000 "
+                        "without gaps)")
+    listed = listing[2].get(split) if listing is not None else None
+    if listed is not None and (len(present) > listed or
+                               (len(present) < listed and split not in listing[3])):
+        problems.append(f"{folder}: {len(present)} {split} shards, but {listing[0]} lists "
+                        f"{listed}")
+    if not any(present.values()) and None not in present.values():
+        problems.append(f"{folder}: the {split} split holds 0 tokens ({len(present)} "
+                        f"shard{'s' * (len(present) > 1)}, all empty)")
     return problems
 
 
-# ---------------------------------------------------------------- command line
-
-def _count(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
-        return value
-    return parse
-
-
-def _variant(text: str) -> str:
-    if not re.fullmatch(r"sp\d+", text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a SentencePiece variant like sp1024")
-    return text
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def count(text: str) -> int:
+        if int(text) < minimum:  # argparse reports a ValueError as an invalid count
+            raise argparse.ArgumentTypeError(f"{text} is below {minimum}")
+        return int(text)
+    return count
 
 
 def _run_shards(args) -> None:
@@ -699,7 +531,7 @@ def _run_shards(args) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tools.data",
-                                     description=__doc__.split("\n\n")[0])
+                                     description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, run, text: str) -> argparse.ArgumentParser:
@@ -709,23 +541,20 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     p = command("download", lambda a: download(a.root, a.variant, a.train_shards, a.val_shards,
-                                                hub_source(a.repo_id, a.remote_root)),
-                "fetch the challenge shards and tokenizer from the hub: the whole val split, the "
-                "first N train shards and the tokenizer files, as the export's manifest.json "
-                "lists them, then the shard folder's manifest.json with the tokenizer's sha256 "
-                "(complete files are kept, corrupt ones fetched again, a failed download resumes)")
-    p.add_argument("--variant", type=_variant, default="sp1024", help="tokenizer variant")
-    p.add_argument("--train-shards", type=_count(0), default=80, help="train shards to fetch")
-    p.add_argument("--val-shards", type=_count(1), default=None,
-                   help="val shards to fetch (None: all the manifest lists; fewer give a "
-                   "val_bpb that is not the challenge's)")
-    p.add_argument("--repo-id", default=None, metavar="OWNER/NAME",
-                   help=f"hub dataset (None: ${REPO_ENV}, else {HUB_REPO})")
-    p.add_argument("--remote-root", default=None, metavar="FOLDER",
-                   help=f"the export's folder in the dataset (None: ${ROOT_ENV}, else {HUB_ROOT})")
+                                                a.repo_id, a.remote_root),
+                "fetch the challenge shards and tokenizer from the hub: all of val, the first N "
+                "train shards, the tokenizer (whole files are kept, a failed download resumes)")
+    p.add_argument("--variant", default="sp1024", help="tokenizer variant")
+    p.add_argument("--train-shards", type=_at_least(0), default=80, help="train shards to fetch")
+    p.add_argument("--val-shards", type=_at_least(1), default=None,
+                   help="val shards to fetch (None: all; fewer give another val_bpb)")
+    p.add_argument("--repo-id", default=os.environ.get(REPO_ENV, HUB_REPO), metavar="OWNER/NAME",
+                   help=f"hub dataset (${REPO_ENV} sets the default)")
+    p.add_argument("--remote-root", default=os.environ.get(ROOT_ENV, HUB_ROOT), metavar="FOLDER",
+                   help=f"the export's folder in the dataset (${ROOT_ENV} sets the default)")
     p = command("shards", _run_shards, "tokenize .txt/.jsonl documents into shards: a .txt file "
-                "is one document, a .jsonl file one per line (its \"text\" field), each BOS + "
-                "ids; the first --val-docs form the val split; DIR/manifest.json lists them")
+                "is one document, a .jsonl file one per line (its \"text\" field); the first "
+                "--val-docs form the val split; DIR/manifest.json lists them")
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help=".txt or .jsonl file")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     source = p.add_mutually_exclusive_group(required=True)
@@ -734,20 +563,19 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--train-tokenizer", action="store_true",
                         help="train a BPE tokenizer on the inputs with the challenge settings; "
                         "needs --tokenizer-out")
-    p.add_argument("--vocab-size", type=_count(5), default=None,
+    p.add_argument("--vocab-size", type=_at_least(5), default=None,
                    help=f"pieces when training (None: {TRAIN_VOCAB})")
     p.add_argument("--tokenizer-out", type=Path, metavar="PATH",
                    help="where the trained model is saved (required with --train-tokenizer)")
-    p.add_argument("--val-docs", type=_count(0), default=VAL_DOCS, help="val documents")
-    p.add_argument("--shard-tokens", type=_count(1), default=SHARD_TOKENS, help="tokens per shard")
-    command("demo", lambda a: build_demo(a.root), "build the offline demo corpus, tokenizer and "
-            f"shards: CPython's own prose, a {DEMO_VOCAB}-piece tokenizer, under ROOT/data; no "
-            "network, and repeat builds are byte-identical")
-    p = command("verify", lambda a: verify_dir(a.dir, a.vocab_size), "check every shard in a "
-                "folder: magic, version, size and ids of every .bin shard, each split there, "
-                "holding tokens and numbered without gaps, and the counts its manifest lists")
+    p.add_argument("--val-docs", type=_at_least(0), default=VAL_DOCS, help="val documents")
+    p.add_argument("--shard-tokens", type=_at_least(1), default=SHARD_TOKENS,
+                   help="tokens per shard")
+    command("demo", lambda a: build_demo(a.root), "build the offline demo corpus under ROOT/data: "
+            f"CPython's own prose, a {DEMO_VOCAB}-piece tokenizer, byte-identical every time")
+    p = command("verify", lambda a: verify_dir(a.dir, a.vocab_size), "check a shard folder: each "
+                ".bin shard, both splits there without gaps, the counts its manifest lists")
     p.add_argument("dir", type=Path, metavar="DIR")
-    p.add_argument("--vocab-size", type=_count(1), default=None,
+    p.add_argument("--vocab-size", type=_at_least(1), default=None,
                    help="reject ids at or above this (None: the manifest's vocabulary size)")
     for name in ("download", "demo"):
         commands.choices[name].add_argument("--root", type=Path, default=Path("."),
@@ -759,12 +587,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         args.run(args)
-    except DataError as e:
+    except (DataError, OSError) as e:  # one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
     return 0
 
 
