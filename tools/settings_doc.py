@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import ast
+import inspect
 import io
 import re
 import sys
 import tokenize
+from dataclasses import fields, is_dataclass
 from itertools import takewhile
-from dataclasses import fields
 from pathlib import Path
 
 from tools._common import REPO_ROOT, import_train_gpt
@@ -66,101 +67,87 @@ NOTES = """## Notes on some settings
 """
 
 
-def section_paths(tg) -> dict[type, str]:
-    """Each section class -> its place in Config ("run", "eval.slot", ...)."""
-    paths, todo = {}, [(tg.Config, "")]
-    while todo:
-        cls, prefix = todo.pop(0)
-        for f in fields(cls):
-            sub = f.default_factory if callable(f.default_factory) else None
-            if isinstance(sub, type) and issubclass(sub, tg.Section):
-                paths[sub] = prefix + f.name
-                todo.append((sub, prefix + f.name + "."))
+def section_paths(config, prefix: str = "") -> dict[type, str]:
+    """Each section class -> its place in a Config ("run", "eval.slot", ...)."""
+    paths = {}
+    for f in fields(config):
+        section = getattr(config, f.name)
+        if is_dataclass(section):
+            paths[type(section)] = prefix + f.name
+            paths |= section_paths(section, f"{prefix}{f.name}.")
     return paths
 
 
-def meanings(node: ast.ClassDef, comments: dict[int, str]) -> dict[str, str]:
-    """Field name -> the comments on its declaration's lines."""
-    out = {}
-    for stmt in node.body:
-        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+def declarations(cls) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """A class's own source, wherever it sits: (field -> the comments on its declaration's
+    lines, variable -> the expectations of the `need(ok, NAME, value, expected)` calls in its
+    check())."""
+    source = inspect.getsource(cls)
+    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+    comments = {t.start[0]: t.string.lstrip("#").strip() for t in tokens
+                if t.type == tokenize.COMMENT}
+    meanings, rules = {}, {}
+    for stmt in ast.parse(source).body[0].body:
+        if isinstance(stmt, ast.AnnAssign):
             lines = range(stmt.lineno, stmt.end_lineno + 1)
-            out[stmt.target.id] = " ".join(comments[i] for i in lines if i in comments)
-    return out
+            meanings[stmt.target.id] = " ".join(comments[i] for i in lines if i in comments)
+        elif isinstance(stmt, ast.FunctionDef) and stmt.name == "check":
+            for call in ast.walk(stmt):
+                if (isinstance(call, ast.Call) and getattr(call.func, "id", "") == "need"
+                        and isinstance(call.args[1], ast.Constant)):
+                    rules.setdefault(call.args[1].value, []).append(rendered(call.args[3], cls))
+    return meanings, rules
 
 
-def variable_of(expr: ast.expr, owner: type, tg) -> str:
-    """`self.model.num_layers` in a check of `owner` -> NUM_LAYERS (a property: its name)."""
+def setting_of(expr: ast.expr, owner: type) -> str:
+    """`self.model.num_layers` in a check of `owner` -> NUM_LAYERS (a property, a local: its
+    name)."""
     chain = []
     while isinstance(expr, ast.Attribute):
         chain.insert(0, expr.attr)
         expr = expr.value
-    cls = owner
+    if not chain:
+        return ast.unparse(expr)
+    section = owner()
     for name in chain[:-1]:
-        cls = {f.name: f for f in fields(cls)}[name].default_factory
-    by_field = {f.name: env for env, f in cls.settings().items()} if chain else {}
-    return by_field.get(chain[-1], chain[-1]) if chain else ast.unparse(expr)
+        section = getattr(section, name)
+    return {f.name: env for env, f in section.settings().items()}.get(chain[-1], chain[-1])
 
 
-def rendered(node: ast.expr, owner: type, tg) -> str:
+def rendered(node: ast.expr, owner: type) -> str:
     """An expectation as the page shows it: an f-string's fields become the settings they read
     (`NUM_LAYERS={self.num_layers}` -> NUM_LAYERS)."""
-    if isinstance(node, ast.Constant):
-        return str(node.value)
-    if not isinstance(node, ast.JoinedStr):
-        return ast.unparse(node)
-    text = "".join(v.value if isinstance(v, ast.Constant) else variable_of(v.value, owner, tg)
-                   for v in node.values)
+    parts = node.values if isinstance(node, ast.JoinedStr) else [node]
+    text = "".join(v.value if isinstance(v, ast.Constant) else setting_of(v.value, owner)
+                   for v in parts)
     return re.sub(r"\b(\w+)=\1\b", r"\1", text)
-
-
-def constraints(nodes: dict[str, ast.ClassDef], classes: dict[str, type], tg) -> dict:
-    """Variable -> the expectations of the `need(ok, NAME, value, expected)` calls in checks."""
-    out: dict[str, list[str]] = {}
-    for name, node in nodes.items():
-        for fn in node.body:
-            if not (isinstance(fn, ast.FunctionDef) and fn.name == "check"):
-                continue
-            for call in ast.walk(fn):
-                if (isinstance(call, ast.Call) and getattr(call.func, "id", "") == "need"
-                        and isinstance(call.args[1], ast.Constant)):
-                    text = rendered(call.args[3], classes[name], tg)
-                    out.setdefault(call.args[1].value, []).append(text)
-    return out
-
-
-def shown(value) -> str:
-    return "(empty)" if value == "" else env_value(value)
 
 
 def cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def settings_tables(tg, source: str) -> list[str]:
-    paths = section_paths(tg)
-    classes = {c.__name__: c for c in [*tg.Config.SECTIONS, tg.Config]}
-    nodes = {n.name: n for n in ast.parse(source).body
-             if isinstance(n, ast.ClassDef) and n.name in classes}
-    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
-    comments = {t.start[0]: t.string.lstrip("#").strip() for t in tokens
-                if t.type == tokenize.COMMENT}
-    rules = constraints(nodes, classes, tg)
-    lines = []
+def settings_tables(tg) -> list[str]:
+    rules, lines = {}, []
+    for cls in (*tg.Config.SECTIONS, tg.Config):
+        for name, expected in declarations(cls)[1].items():
+            rules.setdefault(name, []).extend(expected)
+    paths = section_paths(tg.Config())
     for section in tg.Config.SECTIONS:
         prefix = f"; variables `{section.PREFIX}*`" if section.PREFIX else ""
         lines += [f"## {paths[section]} (`{section.__name__}`{prefix})", "",
                   "| variable | default | accepted | meaning |", "|---|---|---|---|"]
-        meaning = meanings(nodes[section.__name__], comments)
+        meaning = declarations(section)[0]
         for name, f in section.settings().items():
             accepted = [f.metadata["expect"] or BY_TYPE[f.type], *rules.get(name, [])]
-            lines.append(f"| `{name}` | `{shown(f.default)}` | {cell('; '.join(accepted))} | "
-                         f"{cell(meaning.get(f.name, ''))} |")
+            default = "(empty)" if f.default == "" else env_value(f.default)
+            lines.append(f"| `{name}` | `{default}` | {cell('; '.join(accepted))} | "
+                         f"{cell(meaning[f.name])} |")
         lines.append("")
     return lines
 
 
-def preset_lines(tg) -> list[str]:
+def preset_lines() -> list[str]:
     lines = ["## Presets", "",
              "`PRESET=NAME` reads `presets/NAME.env` (`KEY=VALUE` lines) before the other "
              "variables; a variable set in the environment overrides the preset's value.", ""]
@@ -188,26 +175,23 @@ def removed_lines(tg) -> list[str]:
 
 def render() -> str:
     tg = import_train_gpt()
-    source = Path(tg.__file__).read_text(encoding="utf-8")
-    body = [HEAD, *settings_tables(tg, source), NOTES, *preset_lines(tg), *removed_lines(tg)]
+    body = [HEAD, *settings_tables(tg), NOTES, *preset_lines(), *removed_lines(tg)]
     return "\n".join(body).rstrip("\n") + "\n"
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.settings_doc", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m tools.settings_doc", description=__doc__)
     p.add_argument("--check", action="store_true", help="exit 1 if the page is stale")
     p.add_argument("--out", type=Path, default=PAGE, help="the page (default docs/settings.md)")
-    args = p.parse_args(argv)
-    text = render()
-    if args.check:
-        if not args.out.exists() or args.out.read_text(encoding="utf-8") != text:
-            print(f"{args.out} is stale: run `python -m tools.settings_doc`", file=sys.stderr)
-            return 1
+    args, text = p.parse_args(argv), render()
+    if not args.check:
+        write_atomic(args.out, text.encode("utf-8"))
+        print(f"wrote {args.out}")
+    elif args.out.is_file() and args.out.read_text(encoding="utf-8") == text:
         print(f"{args.out} is up to date")
-        return 0
-    write_atomic(args.out, text.encode("utf-8"))
-    print(f"wrote {args.out}")
+    else:
+        print(f"{args.out} is stale: run `python -m tools.settings_doc`", file=sys.stderr)
+        return 1
     return 0
 
 
