@@ -13,29 +13,31 @@ from __future__ import annotations
 import ast
 import lzma
 import re
+from functools import partial
 
 import brotli
 
-LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
+RAW_LZMA2 = dict(format=lzma.FORMAT_RAW,
+                 filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}])
+CODECS = {  # codec: (compress, decompress); the decoder ignores the encoder's preset
+    "lzma": (partial(lzma.compress, **RAW_LZMA2), partial(lzma.decompress, **RAW_LZMA2)),
+    "brotli": (partial(brotli.compress, quality=11), brotli.decompress),
+}
 
 # Every byte is one latin-1 character. The decoder's default LZMA2 dictionary (8 MiB) exceeds
 # any source, so it need not be spelt out.
 CODING_LINE = b"# -*- coding: latin-1 -*-\n"
-DECOMPRESS = {
-    "lzma": (
-        b"import lzma as L,sys,types\ns=L.decompress(",
-        b'.encode("latin-1"),L.FORMAT_RAW,filters=[{"id":L.FILTER_LZMA2}]).decode()\n',
-    ),
+DECOMPRESS = {  # the loader's code before and after the literal
+    "lzma": (b"import lzma as L,sys,types\ns=L.decompress(",
+             b'.encode("latin-1"),L.FORMAT_RAW,filters=[{"id":L.FILTER_LZMA2}]).decode()\n'),
     "brotli": (b"import brotli as L,sys,types\ns=L.decompress(", b'.encode("latin-1")).decode()\n'),
 }
 # A module of its own, registered in sys.modules under a name that is not "__main__": the
 # script's `if __name__ == "__main__"` stays quiet, and dataclasses (which look the class's
 # module up there) and torch.compile see an ordinary module.
 MODULE_NAME = "train_gpt_packed"
-EXEC_LINE = (
-    f'm=types.ModuleType("{MODULE_NAME}");m.__file__=__file__;sys.modules[m.__name__]=m;'
-    f'exec(compile(s,__file__,"exec"),m.__dict__)\n'
-).encode("ascii")
+EXEC_LINE = (f'm=types.ModuleType("{MODULE_NAME}");m.__file__=__file__;sys.modules[m.__name__]=m;'
+             f'exec(compile(s,__file__,"exec"),m.__dict__)\n').encode("ascii")
 MAIN_LINE = b"m.main(s)\n"
 
 # In a triple-quoted literal a raw newline is itself; a backslash would start an escape, a CR
@@ -47,16 +49,7 @@ NEEDS_ESCAPE = re.compile(rb'[\\\r]|\x00(?![0-7])|"(?="|\Z)')
 
 
 def compressed(source: bytes) -> dict[str, bytes]:
-    return {
-        "lzma": lzma.compress(source, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS),
-        "brotli": brotli.compress(source, quality=11),
-    }
-
-
-def _decompress(codec: str, blob: bytes) -> bytes:
-    if codec == "lzma":
-        return lzma.decompress(blob, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2}])
-    return brotli.decompress(blob)
+    return {codec: compress(source) for codec, (compress, _) in CODECS.items()}
 
 
 def literal(blob: bytes) -> bytes:
@@ -67,11 +60,9 @@ def literal(blob: bytes) -> bytes:
 
 def packed_files(source: str) -> dict[str, bytes]:
     """The packed file's bytes with each codec."""
-    files = {}
-    for codec, blob in compressed(source.encode("utf-8")).items():
-        head, tail = DECOMPRESS[codec]
-        files[codec] = CODING_LINE + head + literal(blob) + tail + EXEC_LINE + MAIN_LINE
-    return files
+    blobs = compressed(source.encode("utf-8"))
+    return {codec: CODING_LINE + head + literal(blobs[codec]) + tail + EXEC_LINE + MAIN_LINE
+            for codec, (head, tail) in DECOMPRESS.items()}
 
 
 def unpacked(data: bytes) -> tuple[str, str] | None:
@@ -80,13 +71,11 @@ def unpacked(data: bytes) -> tuple[str, str] | None:
     ast.literal_eval: nothing is executed."""
     for codec, (head, tail) in DECOMPRESS.items():
         prefix, suffix = CODING_LINE + head, tail + EXEC_LINE + MAIN_LINE
-        if not (data.startswith(prefix) and data.endswith(suffix)):
-            continue
-        try:
-            text = ast.literal_eval(data[len(prefix):len(data) - len(suffix)].decode("latin-1"))
-            source = _decompress(codec, text.encode("latin-1")).decode("utf-8")
-        except (ValueError, SyntaxError, TypeError, AttributeError, lzma.LZMAError,
-                brotli.error, UnicodeError):
-            return None
-        return (codec, source) if packed_files(source)[codec] == data else None
+        if data.startswith(prefix) and data.endswith(suffix):
+            try:
+                body = data[len(prefix):len(data) - len(suffix)].decode("latin-1")
+                source = CODECS[codec][1](ast.literal_eval(body).encode("latin-1")).decode()
+            except Exception:  # not a literal of compressed UTF-8: not a packed file
+                return None
+            return (codec, source) if packed_files(source)[codec] == data else None
     return None
