@@ -33,21 +33,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tools.bench_eval",
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--layers", type=int, default=2,
-                   help="NUM_LAYERS (a deeper body makes the ratios more like the record's)")
+    p.add_argument("--layers", type=int, default=2, help="NUM_LAYERS")
     p.add_argument("--dim", type=int, default=128, help="MODEL_DIM (4 heads, 2 kv heads)")
     p.add_argument("--record", action="store_true",
-                   help="the record's own model (26.9M parameters; for a GPU): ignores --layers "
-                        "and --dim")
+                   help="the record's own model (26.9M parameters, for a GPU), not --layers/--dim")
     p.add_argument("--seq-len", type=int, default=2048, help="EVAL_SEQ_LEN = TRAIN_SEQ_LEN")
     p.add_argument("--stride", type=int, default=96, help="EVAL_STRIDE")
     p.add_argument("--slot-steps", type=int, default=48, help="SLOT_STEPS")
     p.add_argument("--tokens", type=int, default=16384, help="validation targets")
-    p.add_argument("--orig-windows", type=int, default=2,
-                   help="windows to time the original-style SLOT on (0 skips it)")
-    p.add_argument("--ttt-chunk", type=int, default=4096,
-                   help="TTT_CHUNK_TOKENS for (e) (two 2048-token sequences; the record's 32768 "
-                        "needs a stream of several times that; 0 skips (e))")
+    p.add_argument("--orig-windows", type=int, default=2, help="windows timing (d) (0: no (d))")
+    p.add_argument("--ttt-chunk", type=int, default=4096, help="TTT_CHUNK_TOKENS (0: no (e))")
     p.add_argument("--strict", action="store_true",
                    help="exit 1 when a ratio misses its target (every ratio is printed first)")
     return p.parse_args(argv)
