@@ -115,13 +115,14 @@ def setup(a: argparse.Namespace):
 
 
 def timed(rt, fn):
-    """(fn's result, (wall, CPU seconds of this process)): on a shared CPU the CPU seconds of a
-    one-thread run are the steadier measure (waiting for a core is not in them)."""
+    """(fn's result, its seconds): CPU seconds of this process on a CPU (steadier on a shared
+    machine: waiting for a core is not in them), wall seconds on a GPU."""
+    clock = time.process_time if rt.device.type == "cpu" else time.perf_counter
     rt.sync()
-    w0, c0 = time.perf_counter(), time.process_time()
+    start = clock()
     out = fn()
     rt.sync()
-    return out, (time.perf_counter() - w0, time.process_time() - c0)
+    return out, clock() - start
 
 
 def compare_slot_styles(s, e, k: int):
@@ -140,12 +141,12 @@ def compare_slot_styles(s, e, k: int):
     orig, t_orig = timed(rt, lambda: slot_nll(batch, scorer.weight, e.slot,
                                               s.model.cfg.logit_softcap, everywhere=True))
     gap = float(((fast - orig).abs() / orig.abs().clamp_min(1e-6)).max())
-    return tuple(t / len(idx) for t in t_fast), tuple(t / len(idx) for t in t_orig), len(idx), gap
+    return t_fast / len(idx), t_orig / len(idx), len(idx), gap
 
 
 def run_suite(cfg, s):
     """train_gpt.evaluate on this model's artifact, as the record runs it (its loading timed
-    too), its log lines silenced; returns ((wall, CPU) seconds, [(score name, its seconds)])."""
+    too), its log lines silenced; returns (its seconds, [(score name, its wall seconds)])."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "bench.int6.ptz")
         container = tg.quantize_state_dict(s.model.state_dict(), s.model.roles)
@@ -161,17 +162,15 @@ def run_suite(cfg, s):
 
 
 def time_evaluations(a, env: dict, cfg, s, n_windows: int):
-    """Every timing of the table: rows (name, (wall, CPU) seconds, val_bpb), the suite's parts
-    and the ratios (of CPU seconds on a CPU, of wall seconds on a GPU)."""
+    """Every timing of the table: rows (name, seconds, val_bpb), the suite's parts, the ratios."""
     e, rt = cfg.eval, s.rt
-    use = int(rt.device.type == "cpu")
     warm = tg.Scoring(s.model, s.hidden_fn, s.tokens[:e.seq_len + e.stride + 1], s.luts, rt)
     tg.sliding_pass(e, warm, e.stride, "sliding", ("scored",))  # kernels (and compilation) warm
     (sliding,), t_a = timed(rt, lambda: tg.sliding_pass(e, s, e.stride, "sliding"))
     (slot,), t_b = timed(rt, lambda: tg.sliding_pass(e, s, e.stride, "", ("scored",)))
     rows = [(f"(a) sliding s{e.stride}", t_a, sliding.sums.result(rt)[1]),
             (f"(b) SLOT-{e.slot.steps} (fast)", t_b, slot.sums.result(rt)[1])]
-    ratios = [Ratio("SLOT / sliding", t_b[use] / t_a[use], 1.5, 7.5)]
+    ratios = [Ratio("SLOT / sliding", t_b / t_a, 1.5, 7.5)]
     if a.ttt_chunk > 0:
         ttt_eval = tg.Config.from_env({**env, "TTT_ENABLED": "1",
                                        "TTT_CHUNK_TOKENS": str(a.ttt_chunk)}).eval
@@ -185,17 +184,17 @@ def time_evaluations(a, env: dict, cfg, s, n_windows: int):
         n_chunks = -(-s.n_targets // a.ttt_chunk)
         rows.append((f"(e) legal TTT ({n_chunks - 1} of {n_chunks} chunks trained)", t_e,
                      sums.result(rt)[1]))
-        ratios.append(Ratio("TTT / sliding", t_e[use] / t_a[use], 1.5))
+        ratios.append(Ratio("TTT / sliding", t_e / t_a, 1.5))
     t_c, parts = run_suite(cfg, s)
     rows.append(("(c) suite (evaluate)", t_c, None))
-    ratios.append(Ratio("suite / sliding", t_c[use] / t_a[use], 3, 10))
+    ratios.append(Ratio("suite / sliding", t_c / t_a, 3, 10))
     if a.orig_windows > 0:
         fast_w, orig_w, k, gap = compare_slot_styles(s, e, a.orig_windows)
-        t_d = tuple(b + (o - f) * n_windows for b, o, f in zip(t_b, orig_w, fast_w))
+        t_d = t_b + (orig_w - fast_w) * n_windows
         rows.append((f"(d) original-style SLOT (est. from {k} windows)", t_d, None))
-        ratios += [Ratio("original-style SLOT / fast SLOT", t_d[use] / t_b[use]),
-                   Ratio("  SLOT fit per window: original / fast", orig_w[use] / fast_w[use],
-                         note=f"({orig_w[use]:.3f}s vs {fast_w[use]:.3f}s; max rel. nll gap "
+        ratios += [Ratio("original-style SLOT / fast SLOT", t_d / t_b),
+                   Ratio("  SLOT fit per window: original / fast", orig_w / fast_w,
+                         note=f"({orig_w:.3f}s vs {fast_w:.3f}s; max rel. nll gap "
                               f"{gap:.1e})")]
     return rows, parts, ratios
 
@@ -215,10 +214,9 @@ def main(argv=None) -> int:
     except tg.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"\n{'evaluation':<46}{'wall s':>10}{'cpu s' if cpu else '':>10}{'val_bpb':>10}")
-    for name, (wall, cpu_s), bpb in rows:
-        print(f"{name:<46}{wall:>10.2f}{f'{cpu_s:.2f}' if cpu else '':>10}"
-              f"{'' if bpb is None else f'{bpb:.4f}':>10}")
+    print(f"\n{'evaluation':<46}{'cpu s' if cpu else 'wall s':>10}{'val_bpb':>10}")
+    for name, sec, bpb in rows:
+        print(f"{name:<46}{sec:>10.2f}{'' if bpb is None else f'{bpb:.4f}':>10}")
     print("".join(f"    {name:<42}{sec:>10.2f}\n" for name, sec in parts), end="")
     title = f"ratio (of {'CPU' if cpu else 'wall'} seconds)"
     print(f"\n{title:<46}{'value':>10}{'target':>10}{'original':>10}")

@@ -3,11 +3,10 @@
     python -m tools.slot_tf32 --artifact final_model.int6.ptz [--batches 8]
 
 Model and data settings come from the environment, as for train_gpt.py (PRESET=demo for the CPU
-demo's artifact). On CUDA SLOT's float32 logit matmul runs in TF32 (10 mantissa bits). The
-original rounds h + delta; this project computes h W^T once and adds delta W^T each step, so
-it rounds h and delta apart. This runs SLOT both ways on the same frozen hidden states, with
-and without emulated TF32, and prints the relative change of the mean scored loss (= of
-val_bpb): an estimate of size, the hardware's rounding may differ.
+demo's artifact). On CUDA SLOT's float32 logit matmul runs in TF32, which rounds h + delta in
+the original's (h + delta) W^T, h and delta apart in this project's h W^T + delta W^T. This
+runs both on the same hidden states, with and without emulated TF32, and prints the relative
+change of the mean scored loss (= of val_bpb): its size; the hardware's rounding may differ.
 """
 
 from __future__ import annotations
@@ -79,9 +78,8 @@ def slot_nll(b: SlotBatch, weight, slot, softcap: float, split: bool = False, tf
 
 
 def compare(batches: list[SlotBatch], weight, slot, softcap: float) -> dict[str, float]:
-    """Relative changes of the mean scored loss, the largest per-target gap under TF32, and the
-    gap between this tool's float32 split and the script's own SLOT scorer (which ties the
-    emulation to the script's SLOT). slot: train_gpt.SlotConfig."""
+    """The relative changes of the mean scored loss, the largest per-target gap under TF32, and
+    the gap of this tool's float32 split to the script's SLOT (which ties the two together)."""
     full_f32, full_tf32, split_f32, split_tf32 = (
         torch.cat([slot_nll(b, weight, slot, softcap, split, tf32).double() for b in batches])
         for split in (False, True) for tf32 in (False, True))
@@ -100,9 +98,8 @@ def compare(batches: list[SlotBatch], weight, slot, softcap: float) -> dict[str,
 
 
 def slot_batches(e, s, n_batches: int) -> list[SlotBatch]:
-    """The first SLOT batches of the stream as the evaluation groups them (train_gpt.EvalConfig
-    `e`, train_gpt.Scoring `s`), each with the script's SLOT scorer's nll of it: the scorer is
-    fed the very batches the window pass yields, with per-target collection."""
+    """The first SLOT batches as the evaluation groups them (train_gpt.EvalConfig `e`, Scoring
+    `s`), each with the nll the script's SLOT scorer gives the very batch the pass yields."""
     plan = tg.sliding_windows(s.n_targets, e.seq_len, e.window_stride, e.tail)
     batches = tg.window_batches(len(plan), e.slot.batch_seqs, e.slot.interleave)[:n_batches]
     rows = max(len(b) for b in batches)
