@@ -49,8 +49,7 @@ def run(args) -> int:
                             stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         lines.append(line)
-        step = runlog.match("train_step", line)
-        if first_step is None and step and step["step"] == "1":
+        if (step := runlog.match("train_step", line)) and step["step"] == "1":
             first_step = time.perf_counter() - started
         if args.verbose:
             print(line, end="")
@@ -74,7 +73,7 @@ def report(log: str, env: dict[str, str], cuda: bool, first_step: float | None, 
     print(f"device: {'cuda' if cuda else 'cpu'} x{world}   config: {settings}")
     print(f"step time: {ms_per_step:.2f} ms (steps {s0}..{s1})   "
           f"tokens/s per process: {tok_s:,.0f}")
-    if first_step is not None:
+    if first_step is not None:  # TRAIN_LOG_EVERY set to skip step 1
         print(f"launch to first step: {first_step:.1f} s")
     if peak := runlog.first("peak", log):
         print(f"peak memory: {peak['allocated']} MiB (original: {ORIGINAL_PEAK_MIB} MiB per GPU)")

@@ -70,11 +70,11 @@ def slot_nll(b: SlotBatch, weight, slot, softcap: float, split: bool = False, tf
     def nll():
         z = base + linear(delta, weight)[rows_b] if split else linear(rows + delta[rows_b], weight)
         logits = softcap * torch.tanh((z + bias[rows_b]) / softcap)
-        return F.cross_entropy(logits, targets, reduction="none")[keep]
+        return F.cross_entropy(logits, targets, reduction="none")
 
-    fit_slot(delta, bias, slot, lambda: nll().mean())
+    fit_slot(delta, bias, slot, lambda: (nll() * keep).sum() / keep.sum())  # no sync: no [keep]
     with torch.no_grad():
-        return nll()
+        return nll()[keep]
 
 
 def compare(batches: list[SlotBatch], weight, slot, softcap: float) -> dict[str, float]:
