@@ -16,10 +16,9 @@ from pathlib import Path
 
 from tools._files import write_atomic
 from tools.runlog import EVAL_TAGS, step_times, train_losses
-from tools.submission import LOG_KINDS, RunRecord, SubmissionError, parse_log
+from tools.submission import SCORES, RunRecord, SubmissionError, parse_log
 
 STYLES = ("-", "--", ":", "-.")
-KIND_WORDS = {word: kind for kind, word in LOG_KINDS.items()}  # score: line's word -> the kind
 
 
 def configurations(records: list[RunRecord]) -> list[list[RunRecord]]:
@@ -78,7 +77,7 @@ def draw(records: list[RunRecord]):
 
 def draw_evaluations(ax, groups: list[list[RunRecord]]) -> None:
     """val_bpb of every evaluation a run holds, grouped by evaluation; each seed a point, the
-    configuration's mean a short line; the tick says the score's kind."""
+    configuration's mean a short line; the tick says the score's kind (tools.submission's)."""
     names = [n for n in EVAL_TAGS if any(n in r.evals for g in groups for r in g)]
     width = 0.8 / len(groups)
     for gi, group in enumerate(groups):
@@ -90,9 +89,7 @@ def draw_evaluations(ax, groups: list[list[RunRecord]]) -> None:
                 ax.hlines(mean, x - width / 2.5, x + width / 2.5, color=f"C{gi % 10}", linewidth=2)
                 ax.annotate(f"{mean:.4f}", (x, mean), textcoords="offset points", xytext=(0, 4),
                             ha="center", fontsize=7, color=f"C{gi % 10}")
-    kinds = [{r.evals[n].kind for g in groups for r in g if n in r.evals} - {None} for n in names]
-    ticks = [f"{EVAL_TAGS[n]}\n{KIND_WORDS.get(min(k), '') if len(k) == 1 else ''}"
-             for n, k in zip(names, kinds)]
+    ticks = [f"{EVAL_TAGS[n]}\n{SCORES[n].kind}" for n in names]  # the kind parse_log checks
     ax.set_xticks(range(len(names)), ticks, fontsize=7, rotation=20, ha="right")
     ax.set(ylabel="val_bpb", title="evaluations (val_bpb, lower is better)")
     ax.grid(axis="y", alpha=0.3)
