@@ -134,7 +134,7 @@ def test_audit_scores_every_target_through_the_entry_points(one_thread):
     are the sliding window's."""
     s = audit.AuditSettings()
     cfg = audit.tiny_config(tg, s)
-    model = audit.random_model(tg, cfg, s.seed)
+    model = perturbed_model(tg, cfg.model, s.seed, audit.WEIGHT_NOISE).eval()
     tokens = torch.randint(0, cfg.model.vocab_size, (s.targets + 1,),
                            generator=torch.Generator().manual_seed(0))
     luts = unit_luts(cfg.model.vocab_size)

@@ -22,10 +22,10 @@ import torch
 
 from tools._common import import_train_gpt, perturbed_model, torch_threads, unit_luts
 
-MODES = ("standard", "sliding", "scored", "context", "ttt")
-LABELS = {"standard": "standard", "sliding": "sliding window", "scored": "SLOT scored",
-          "context": "SLOT context", "ttt": "legal TTT"}
-EXPECTED_CAUSAL = {"standard": True, "sliding": True, "scored": False, "context": True, "ttt": True}
+# mode: (its label, the verdict expected)
+MODES = {"standard": ("standard", "causal"), "sliding": ("sliding window", "causal"),
+         "scored": ("SLOT scored", "NOT causal"), "context": ("SLOT context", "causal"),
+         "ttt": ("legal TTT", "causal")}
 # Float32 on the CPU is deterministic row by row: a causal mode repeats earlier targets' nll
 # bit for bit (measured: 0.0), so any threshold well above rounding noise works.
 THRESHOLD = 1e-6
@@ -41,7 +41,7 @@ class AuditSettings:
     targets: int = 320
     slot_steps: int = 48
     eval_tail: str = "once"
-    modes: tuple[str, ...] = MODES
+    modes: tuple[str, ...] = tuple(MODES)
     threshold: float = THRESHOLD
 
 
@@ -72,7 +72,7 @@ class ModeResult:
 
     @property
     def as_expected(self) -> bool:
-        return self.verdict == ("causal" if EXPECTED_CAUSAL[self.mode] else "NOT causal")
+        return self.verdict == MODES[self.mode][1]
 
 
 @dataclass
@@ -87,21 +87,14 @@ class AuditReport:
 
 def tiny_config(tg, s: AuditSettings):
     """A small model with every feature of the record's (bigram and VE projections, VRL, XSA,
-    U-Net skip, GQA, partial RoPE) and the record's SLOT settings."""
-    env = dict(
-        VOCAB_SIZE="64", NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1",
-        MLP_MULT="2", BIGRAM_VOCAB_SIZE="64", BIGRAM_DIM="16", VE_DIM="8", VE_LAYERS="1",
-        XSA_LAST_N="2", TRAIN_SEQ_LEN=str(s.seq_len), EVAL_SEQ_LEN=str(s.seq_len),
-        EVAL_STRIDE=str(s.stride),
-        VAL_BATCH_SIZE=str(8 * 2 * s.seq_len),  # two sequences a standard batch: batching is run
-        SLOT_STEPS=str(s.slot_steps), EVAL_TAIL=s.eval_tail, RUN_ID="audit", SEED=str(s.seed),
-        TTT_CHUNK_TOKENS=str(2 * s.seq_len),  # chunks of two sequences: several are trained on
-    )
-    return tg.Config.from_env(env)
-
-
-def random_model(tg, cfg, seed: int):
-    return perturbed_model(tg, cfg.model, seed, WEIGHT_NOISE).eval()
+    U-Net skip, GQA, partial RoPE) and the record's SLOT settings; standard batches and TTT
+    chunks of two sequences, so that batching runs and several chunks are trained on."""
+    env = dict(VOCAB_SIZE=64, NUM_LAYERS=2, MODEL_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1, MLP_MULT=2,
+               BIGRAM_VOCAB_SIZE=64, BIGRAM_DIM=16, VE_DIM=8, VE_LAYERS=1, XSA_LAST_N=2,
+               TRAIN_SEQ_LEN=s.seq_len, EVAL_SEQ_LEN=s.seq_len, EVAL_STRIDE=s.stride,
+               VAL_BATCH_SIZE=8 * 2 * s.seq_len, SLOT_STEPS=s.slot_steps, EVAL_TAIL=s.eval_tail,
+               RUN_ID="audit", SEED=s.seed, TTT_CHUNK_TOKENS=2 * s.seq_len)
+    return tg.Config.from_env({k: str(v) for k, v in env.items()})
 
 
 def flip_positions(plan, k: int, seed: int) -> list[int]:
@@ -140,17 +133,14 @@ def score_targets(tg, model, tokens, cfg, luts, modes) -> dict[str, torch.Tensor
     return out
 
 
-def flipped(tokens: torch.Tensor, p: int, vocab_size: int,
-            rng: np.random.Generator) -> torch.Tensor:
-    """Target p is token p + 1: replace it by a different token."""
-    out = tokens.clone()
-    out[p + 1] = (int(out[p + 1]) + int(rng.integers(1, vocab_size))) % vocab_size
-    return out
-
-
 def run_audit(s: AuditSettings = AuditSettings()) -> AuditReport:
     """Score every target, then again after each flip, and compare, mode by mode."""
-    check_settings(s)
+    if not s.modes or set(s.modes) - set(MODES):
+        raise ValueError(f"--modes {','.join(s.modes)!r}: expected a comma-separated subset of "
+                         f"{','.join(MODES)}")
+    if not 0 < s.stride < s.seq_len or min(s.positions, s.slot_steps) < 1:
+        raise ValueError(f"expected 0 < --stride < --seq-len (got {s.stride}, {s.seq_len}) and "
+                         f"--positions, --slot-steps >= 1")
     tg = import_train_gpt()
     t0 = time.perf_counter()
     cfg = tiny_config(tg, s)
@@ -163,27 +153,15 @@ def run_audit(s: AuditSettings = AuditSettings()) -> AuditReport:
     results = [ModeResult(m, s.threshold) for m in MODES if m in s.modes]
     modes = [r.mode for r in results]
     with torch_threads(1):  # not no_grad: SLOT fits its delta and bias by gradient
-        model = random_model(tg, cfg, s.seed)
+        model = perturbed_model(tg, cfg.model, s.seed, WEIGHT_NOISE).eval()
         base = score_targets(tg, model, tokens, cfg, luts, modes)
         for p in positions:
-            after = score_targets(tg, model, flipped(tokens, p, vocab, rng), cfg, luts, modes)
+            changed = tokens.clone()  # target p is token p + 1: another token there
+            changed[p + 1] = (int(tokens[p + 1]) + int(rng.integers(1, vocab))) % vocab
+            after = score_targets(tg, model, changed, cfg, luts, modes)
             for r in results:
                 r.record(p, (after[r.mode] - base[r.mode]).abs())
     return AuditReport(s, cfg, len(plan), positions, results, time.perf_counter() - t0)
-
-
-def check_settings(s: AuditSettings) -> None:
-    unknown = [m for m in s.modes if m not in MODES]
-    if unknown or not s.modes:
-        raise ValueError(f"--modes {','.join(s.modes)!r}: expected a comma-separated subset of "
-                         f"{','.join(MODES)}")
-    if not 0 < s.stride < s.seq_len:
-        raise ValueError(f"--stride {s.stride}: expected 0 < stride < seq_len={s.seq_len}")
-    if s.targets <= s.seq_len:
-        raise ValueError(f"--targets {s.targets}: expected more than seq_len={s.seq_len} "
-                         f"(flips go in later windows)")
-    if s.positions < 1 or s.seq_len < 4 or s.slot_steps < 1:
-        raise ValueError("--positions, --slot-steps must be >= 1 and --seq-len >= 4")
 
 
 def format_report(r: AuditReport) -> str:
@@ -201,7 +179,7 @@ def format_report(r: AuditReport) -> str:
         format_table(r.results), "",
         f"threshold {s.threshold:g}: a larger change of an earlier target's nll means the mode "
         "reads later tokens; 'at/after p' shows each flip did change something"]
-    lines += [f"{LABELS[x.mode]}: flipping target {x.worst_position} moved the nll of target "
+    lines += [f"{MODES[x.mode][0]}: flipping target {x.worst_position} moved the nll of target "
               f"{x.worst_target} by {x.max_earlier:.3g}" for x in r.results
               if x.verdict == "NOT causal"]
     if noise := [x.max_earlier for x in r.results if x.verdict == "causal"]:
@@ -213,9 +191,8 @@ def format_report(r: AuditReport) -> str:
 def format_table(results: list[ModeResult]) -> str:
     header = ("mode", "verdict", "max |dnll| before p", "min |dnll| at/after p", "positions",
               "expected")
-    rows = [header] + [(LABELS[x.mode], x.verdict, f"{x.max_earlier:.3g}", f"{x.min_effect:.3g}",
-                        str(x.flips), "causal" if EXPECTED_CAUSAL[x.mode] else "NOT causal")
-                       for x in results]
+    rows = [header] + [(MODES[x.mode][0], x.verdict, f"{x.max_earlier:.3g}",
+                        f"{x.min_effect:.3g}", str(x.flips), MODES[x.mode][1]) for x in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
                      for row in rows)
@@ -230,13 +207,9 @@ def exit_code(results: list[ModeResult], strict: bool) -> int:
     return 1 if failing(results, strict) else 0
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(
-        prog="python -m tools.audit", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Flip test (docs/evaluation.md) of train_gpt.py's evaluation modes on a small "
-                    "random model. Exit 0 when the verdicts are as expected (standard, sliding, "
-                    "SLOT context and TTT causal; SLOT scored not causal); with --strict, exit 1 "
-                    "when any mode is not causal.")
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.audit", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = AuditSettings()
     for option, help_text in (("seed", "model, stream and flip positions"),
                               ("positions", "targets to flip"), ("stride", "sliding/SLOT stride"),
@@ -246,28 +219,20 @@ def parse_args(argv):
                        help=help_text)
     p.add_argument("--eval-tail", choices=("once", "original"), default=d.eval_tail,
                    help="EVAL_TAIL rule")
-    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset",
+                   type=lambda text: tuple(m.strip() for m in text.split(",") if m.strip()))
     p.add_argument("--threshold", type=float, default=d.threshold, help="largest allowed change")
-    p.add_argument("--strict", action="store_true", help="exit 1 if any mode is not causal")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    a = parse_args(argv)
-    modes = tuple(m.strip() for m in a.modes.split(",") if m.strip())
-    settings = AuditSettings(seed=a.seed, positions=a.positions, seq_len=a.seq_len,
-                             stride=a.stride, targets=a.targets, slot_steps=a.slot_steps,
-                             eval_tail=a.eval_tail, modes=modes, threshold=a.threshold)
-    tg = import_train_gpt()
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 if any mode is not causal (else: if any verdict is unexpected)")
+    a = p.parse_args(argv)
     try:
-        report = run_audit(settings)
-    except (ValueError, tg.ConfigError) as e:
+        report = run_audit(AuditSettings(**{k: v for k, v in vars(a).items() if k != "strict"}))
+    except (ValueError, import_train_gpt().ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_report(report))
-    if bad := [LABELS[x.mode] for x in failing(report.results, a.strict)]:
-        what = "not causal" if a.strict else "not as expected"
-        print(f"result: FAIL ({', '.join(bad)}: {what})")
+    if bad := [MODES[x.mode][0] for x in failing(report.results, a.strict)]:
+        print(f"result: FAIL ({', '.join(bad)}: {'not causal' if a.strict else 'not as expected'})")
         return 1
     why = "" if a.strict else " (verdicts as expected; SLOT scored fits the targets it scores)"
     print("result: PASS" + why)

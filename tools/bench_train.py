@@ -25,24 +25,21 @@ ORIGINAL_MS_PER_STEP, ORIGINAL_PEAK_MIB = 91.25, 22524
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of one H100 SXM
 
 
-def bench_env(args, cuda: bool) -> dict[str, str]:
-    """The record's own model on CUDA; a small one on the CPU (its start-up is what matters)."""
-    env = dict(TRAIN_BATCH_TOKENS="786432") if cuda else dict(PRESET="demo")
-    env.update(ITERATIONS=str(args.steps), WARMUP_STEPS=str(args.warmup),
-               MAX_WALLCLOCK_SECONDS="0", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="1",
-               WARMDOWN_ITERS="0", RUN_ID="bench", DATA_PATH=str(args.data),
-               TOKENIZER_PATH=str(args.tokenizer))
-    return {**env, **dict(item.partition("=")[::2] for item in args.set)}
-
-
 def run(args) -> int:
+    """The script for args.steps steps in a subprocess, stopped when training is over unless
+    --end-to-end: the record's own model on CUDA, a small one on the CPU (start-up matters)."""
     import torch
 
     cuda = torch.cuda.is_available()
     if args.data == DEMO_DATA and not DEMO_DATA.exists():
         subprocess.run([sys.executable, "-m", "tools.data", "demo", "--root", str(ROOT)],
                        check=True, cwd=ROOT)
-    env = bench_env(args, cuda)
+    env = dict(TRAIN_BATCH_TOKENS="786432") if cuda else dict(PRESET="demo")
+    env.update(ITERATIONS=str(args.steps), WARMUP_STEPS=str(args.warmup),
+               MAX_WALLCLOCK_SECONDS="0", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="1",
+               WARMDOWN_ITERS="0", RUN_ID="bench", DATA_PATH=str(args.data),
+               TOKENIZER_PATH=str(args.tokenizer))
+    env.update(item.partition("=")[::2] for item in args.set)  # --set VAR=VALUE last
     cmd = [sys.executable, str(ROOT / "train_gpt.py")]
     if args.nproc > 1:
         cmd = ["torchrun", "--standalone", f"--nproc_per_node={args.nproc}", cmd[1]]
@@ -52,8 +49,7 @@ def run(args) -> int:
                             stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         lines.append(line)
-        step = runlog.match("train_step", line)
-        if first_step is None and step and step["step"] == "1":
+        if (step := runlog.match("train_step", line)) and step["step"] == "1":
             first_step = time.perf_counter() - started
         if args.verbose:
             print(line, end="")
@@ -77,7 +73,7 @@ def report(log: str, env: dict[str, str], cuda: bool, first_step: float | None, 
     print(f"device: {'cuda' if cuda else 'cpu'} x{world}   config: {settings}")
     print(f"step time: {ms_per_step:.2f} ms (steps {s0}..{s1})   "
           f"tokens/s per process: {tok_s:,.0f}")
-    if first_step is not None:
+    if first_step is not None:  # TRAIN_LOG_EVERY set to skip step 1
         print(f"launch to first step: {first_step:.1f} s")
     if peak := runlog.first("peak", log):
         print(f"peak memory: {peak['allocated']} MiB (original: {ORIGINAL_PEAK_MIB} MiB per GPU)")
@@ -96,17 +92,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=30, help="training steps to run (default 30)")
-    p.add_argument("--warmup", type=int, default=5,
-                   help="compile warm-up steps (WARMUP_STEPS, default 5)")
+    p.add_argument("--warmup", type=int, default=5, help="WARMUP_STEPS, compiling (default 5)")
     p.add_argument("--skip", type=int, default=5, help="steps left out of the average (default 5)")
     p.add_argument("--nproc", type=int, default=1, help="processes (torchrun) (default 1)")
-    p.add_argument("--end-to-end", action="store_true",
-                   help="also run every evaluation and print its time")
-    p.add_argument("--data", type=Path, default=DEMO_DATA,
-                   help="shard folder (default: the demo corpus)")
+    p.add_argument("--end-to-end", action="store_true", help="also time every evaluation")
+    p.add_argument("--data", type=Path, default=DEMO_DATA, help="shards (default: the demo's)")
     p.add_argument("--tokenizer", type=Path, default=DEMO_TOKENIZER)
-    p.add_argument("--set", action="append", default=[], metavar="VAR=VALUE",
-                   help="override a setting")
+    p.add_argument("--set", action="append", default=[], metavar="VAR=VALUE", help="a setting")
     p.add_argument("-v", "--verbose", action="store_true", help="echo the run's output")
     return run(p.parse_args(argv))
 

@@ -16,10 +16,9 @@ from pathlib import Path
 
 from tools._files import write_atomic
 from tools.runlog import EVAL_TAGS, step_times, train_losses
-from tools.submission import LOG_KINDS, RunRecord, SubmissionError, parse_log
+from tools.submission import SCORES, RunRecord, SubmissionError, parse_log
 
 STYLES = ("-", "--", ":", "-.")
-KIND_WORDS = {word: kind for kind, word in LOG_KINDS.items()}  # score: line's word -> the kind
 
 
 def configurations(records: list[RunRecord]) -> list[list[RunRecord]]:
@@ -45,27 +44,25 @@ def labels(groups: list[list[RunRecord]]) -> list[str]:
     for g in groups:
         first = Path(g[0].path)
         name = first.stem if stems.count(first.stem) == 1 else f"{first.parent.name}/{first.stem}"
-        seeds = ", ".join(str(r.seed) for r in g)
-        out.append(f"{name} (seed{'s' if len(g) > 1 else ''} {seeds})")
+        out.append(f"{name} (seed{'s' if len(g) > 1 else ''} {', '.join(str(r.seed) for r in g)})")
     return out
 
 
 def draw(records: list[RunRecord]):
-    """The figure: train loss by step, by training time, and the evaluations by kind."""
+    """The figure: train loss by step, by training time, and the evaluations by kind; a
+    configuration's colour is matplotlib's cycle colour Cn."""
     import matplotlib
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
     groups = configurations(records)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, (by_step, by_time, evals) = plt.subplots(1, 3, figsize=(16, 4.8),
                                                   gridspec_kw=dict(width_ratios=(1, 1, 1.3)))
     for gi, (group, label) in enumerate(zip(groups, labels(groups))):
-        colour = colours[gi % len(colours)]
         for si, r in enumerate(group):
             text = r.data.decode("utf-8")
             losses, times = train_losses(text), step_times(text)
-            style = dict(color=colour, linestyle=STYLES[si % len(STYLES)], linewidth=1.2,
+            style = dict(color=f"C{gi % 10}", linestyle=STYLES[si % len(STYLES)], linewidth=1.2,
                          label=label if si == 0 else None)
             by_step.plot([s for s, _ in losses], [v for _, v in losses], **style)
             by_time.plot([ms / 1000 for _, ms in times], [v for _, v in losses], **style)
@@ -73,34 +70,27 @@ def draw(records: list[RunRecord]):
         ax.set(xlabel=xlabel, ylabel="train loss", title=f"train loss by {by}")
         ax.grid(alpha=0.3)
     by_step.legend(fontsize=8)
-    draw_evaluations(evals, groups, colours)
+    draw_evaluations(evals, groups)
     fig.tight_layout()
     return fig
 
 
-def draw_evaluations(ax, groups: list[list[RunRecord]], colours: list[str]) -> None:
+def draw_evaluations(ax, groups: list[list[RunRecord]]) -> None:
     """val_bpb of every evaluation a run holds, grouped by evaluation; each seed a point, the
-    configuration's mean a short line; the tick says the score's kind."""
+    configuration's mean a short line; the tick says the score's kind (tools.submission's)."""
     names = [n for n in EVAL_TAGS if any(n in r.evals for g in groups for r in g)]
-    width = 0.8 / max(len(groups), 1)
+    width = 0.8 / len(groups)
     for gi, group in enumerate(groups):
-        colour = colours[gi % len(colours)]
         for xi, name in enumerate(names):
-            values = [r.evals[name].val_bpb for r in group if name in r.evals]
-            if not values:
-                continue
-            x = xi - 0.4 + width * (gi + 0.5)
-            ax.scatter([x] * len(values), values, color=colour, s=18, zorder=3)
-            mean = sum(values) / len(values)
-            ax.hlines(mean, x - width / 2.5, x + width / 2.5, color=colour, linewidth=2)
-            ax.annotate(f"{mean:.4f}", (x, mean), textcoords="offset points", xytext=(0, 4),
-                        ha="center", fontsize=7, color=colour)
-    kinds = []
-    for name in names:
-        found = {r.evals[name].kind for g in groups for r in g if name in r.evals} - {None}
-        kinds.append(KIND_WORDS.get(found.pop(), "") if len(found) == 1 else "")
-    ax.set_xticks(range(len(names)), [f"{EVAL_TAGS[n]}\n{k}" for n, k in zip(names, kinds)],
-                  fontsize=7, rotation=20, ha="right")
+            if values := [r.evals[name].val_bpb for r in group if name in r.evals]:
+                x = xi - 0.4 + width * (gi + 0.5)
+                mean = sum(values) / len(values)
+                ax.scatter([x] * len(values), values, color=f"C{gi % 10}", s=18, zorder=3)
+                ax.hlines(mean, x - width / 2.5, x + width / 2.5, color=f"C{gi % 10}", linewidth=2)
+                ax.annotate(f"{mean:.4f}", (x, mean), textcoords="offset points", xytext=(0, 4),
+                            ha="center", fontsize=7, color=f"C{gi % 10}")
+    ticks = [f"{EVAL_TAGS[n]}\n{SCORES[n].kind}" for n in names]  # the kind parse_log checks
+    ax.set_xticks(range(len(names)), ticks, fontsize=7, rotation=20, ha="right")
     ax.set(ylabel="val_bpb", title="evaluations (val_bpb, lower is better)")
     ax.grid(axis="y", alpha=0.3)
 

@@ -3,14 +3,10 @@
     python -m tools.slot_tf32 --artifact final_model.int6.ptz [--batches 8]
 
 Model and data settings come from the environment, as for train_gpt.py (PRESET=demo for the CPU
-demo's artifact). On CUDA both scripts run SLOT's float32 logit matmul with TF32 (the
-original's setting), which keeps 10 of float32's 23 mantissa bits of each operand. The
-original computes (h + delta) W^T, so TF32 rounds h + delta; this project computes h W^T once
-per batch and adds delta W^T each step (what makes its SLOT fast), so TF32 rounds h and delta
-apart: in float32 the same number, under TF32 two roundings of it. This tool runs SLOT both
-ways on the same frozen hidden states, with and without emulated TF32 (operands rounded to
-nearest in the forward and backward matmuls), and prints the relative change of the mean
-scored loss (= of val_bpb): an estimate of size, the hardware's rounding may differ.
+demo's artifact). On CUDA SLOT's float32 logit matmul runs in TF32, which rounds h + delta in
+the original's (h + delta) W^T, h and delta apart in this project's h W^T + delta W^T. This
+runs both on the same hidden states, with and without emulated TF32, and prints the relative
+change of the mean scored loss (= of val_bpb): its size; the hardware's rounding may differ.
 """
 
 from __future__ import annotations
@@ -58,61 +54,52 @@ class SlotBatch:
     script: torch.Tensor  # train_gpt's SLOT nll of those targets, in the mask's order
 
 
-def slot_nll(b: SlotBatch, weight, slot, softcap: float, split: bool, tf32: bool) -> torch.Tensor:
-    """SLOT (scored mode) on one batch of windows, written out here; `split` is this project's
-    h W^T + delta W^T, otherwise the original's (h + delta) W^T. Logits are computed only at the
-    scored rows: each row's logits do not depend on the others."""
+def slot_nll(b: SlotBatch, weight, slot, softcap: float, split: bool = False, tf32: bool = False,
+             everywhere: bool = False) -> torch.Tensor:
+    """SLOT (scored mode) on one batch of windows, written out; `split` is this project's
+    h W^T + delta W^T, otherwise the original's (h + delta) W^T. Logits only at the scored
+    positions (each row's logits do not depend on the others), or, `everywhere`, at every
+    position as the original computes them (its cost, for tools.bench_eval)."""
     linear = TF32Linear.apply if tf32 else F.linear
-    rows_b, cols = b.scored.nonzero(as_tuple=True)
-    rows, targets = b.hid[rows_b, cols], b.y[rows_b, cols]
-    delta = torch.zeros(b.hid.size(0), b.hid.size(-1), requires_grad=True)
-    bias = torch.zeros(b.hid.size(0), weight.size(0), requires_grad=True)
+    rows_b, cols = (torch.ones_like(b.scored) if everywhere else b.scored).nonzero(as_tuple=True)
+    rows, targets, keep = b.hid[rows_b, cols], b.y[rows_b, cols], b.scored[rows_b, cols]
+    delta = torch.zeros(b.hid.size(0), b.hid.size(-1), device=rows.device, requires_grad=True)
+    bias = torch.zeros(b.hid.size(0), weight.size(0), device=rows.device, requires_grad=True)
     base = linear(rows, weight).detach() if split else None
 
-    def logits():
+    def nll():
         z = base + linear(delta, weight)[rows_b] if split else linear(rows + delta[rows_b], weight)
-        return softcap * torch.tanh((z + bias[rows_b]) / softcap)
+        logits = softcap * torch.tanh((z + bias[rows_b]) / softcap)
+        return F.cross_entropy(logits, targets, reduction="none")
 
-    fit_slot(delta, bias, slot, lambda: F.cross_entropy(logits(), targets, reduction="sum")
-             .div(rows_b.numel()))
+    fit_slot(delta, bias, slot, lambda: (nll() * keep).sum() / keep.sum())  # no sync: no [keep]
     with torch.no_grad():
-        return F.cross_entropy(logits(), targets, reduction="none")
-
-
-VARIANTS = {  # name: (split, tf32)
-    "full_f32": (False, False), "split_f32": (True, False), "full_tf32": (False, True),
-    "split_tf32": (True, True),
-}
+        return nll()[keep]
 
 
 def compare(batches: list[SlotBatch], weight, slot, softcap: float) -> dict[str, float]:
-    """Relative changes of the mean scored loss, the largest per-target gap under TF32, and the
-    gap between this tool's float32 split and the script's own SLOT scorer (which ties the
-    emulation to the script's SLOT). slot: train_gpt.SlotConfig."""
-    nll = {name: [] for name in VARIANTS}
-    for b in batches:
-        for name, (split, tf32) in VARIANTS.items():
-            nll[name].append(slot_nll(b, weight, slot, softcap, split, tf32).double())
-    nll = {k: torch.cat(v) for k, v in nll.items()}
+    """The relative changes of the mean scored loss, the largest per-target gap under TF32, and
+    the gap of this tool's float32 split to the script's SLOT (which ties the two together)."""
+    full_f32, full_tf32, split_f32, split_tf32 = (
+        torch.cat([slot_nll(b, weight, slot, softcap, split, tf32).double() for b in batches])
+        for split in (False, True) for tf32 in (False, True))
     script = torch.cat([b.script for b in batches])
 
     def rel(a, b):
-        return float((nll[a].mean() - nll[b].mean()) / nll[b].mean())
+        return float((a.mean() - b.mean()) / b.mean())
 
     return dict(
-        split_vs_full_f32=rel("split_f32", "full_f32"),
-        tf32_vs_f32_original=rel("full_tf32", "full_f32"),
-        split_vs_full_tf32=rel("split_tf32", "full_tf32"),
-        max_target_gap_tf32=float((nll["split_tf32"] - nll["full_tf32"]).abs().max()),
-        script_vs_tool=float((script - nll["split_f32"]).abs().max()),
-        targets=int(script.numel()), mean_nll=float(nll["full_f32"].mean()),
+        split_vs_full_f32=rel(split_f32, full_f32), tf32_vs_f32_original=rel(full_tf32, full_f32),
+        split_vs_full_tf32=rel(split_tf32, full_tf32),
+        max_target_gap_tf32=float((split_tf32 - full_tf32).abs().max()),
+        script_vs_tool=float((script - split_f32).abs().max()),
+        targets=int(script.numel()), mean_nll=float(full_f32.mean()),
     )
 
 
 def slot_batches(e, s, n_batches: int) -> list[SlotBatch]:
-    """The first SLOT batches of the stream as the evaluation groups them (train_gpt.EvalConfig
-    `e`, train_gpt.Scoring `s`), each with the script's SLOT scorer's nll of it: the scorer is
-    fed the very batches the window pass yields, with per-target collection."""
+    """The first SLOT batches as the evaluation groups them (train_gpt.EvalConfig `e`, Scoring
+    `s`), each with the nll the script's SLOT scorer gives the very batch the pass yields."""
     plan = tg.sliding_windows(s.n_targets, e.seq_len, e.window_stride, e.tail)
     batches = tg.window_batches(len(plan), e.slot.batch_seqs, e.slot.interleave)[:n_batches]
     rows = max(len(b) for b in batches)
@@ -126,16 +113,6 @@ def slot_batches(e, s, n_batches: int) -> list[SlotBatch]:
     return out
 
 
-def artifact_batches(cfg, path, n_batches: int) -> tuple[list[SlotBatch], torch.Tensor]:
-    """The artifact's model on the first SLOT batches of the validation stream."""
-    cpu = torch.device("cpu")
-    model = tg.eval_model(cfg.model, tg.read_artifact(path), cpu, path)
-    files = tg.shard_files(cfg.data.data_path, "val")
-    tokens = tg.load_validation_tokens(files, cfg.max_seq_len, cfg.model.vocab_size)
-    s = tg.Scoring(model, model.hidden, tokens, unit_luts(cfg.model.vocab_size), tg.Runtime())
-    return slot_batches(cfg.eval, s, n_batches), model.head_weight().detach().float()
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.slot_tf32",
                                 description=__doc__.split("\n\n")[0],
@@ -143,24 +120,27 @@ def main(argv=None) -> int:
     p.add_argument("--artifact", default="final_model.int6.ptz", help="an artifact of train_gpt.py")
     p.add_argument("--batches", type=int, default=8, help="SLOT batches to run (default 8)")
     a = p.parse_args(argv)
-    try:
+    try:  # the artifact's model on the first SLOT batches of the validation stream
         cfg = tg.Config.from_env({**os.environ, "ARTIFACT": a.artifact})
-        batches, weight = artifact_batches(cfg, a.artifact, a.batches)
+        model = tg.eval_model(cfg.model, tg.read_artifact(a.artifact), torch.device("cpu"),
+                              a.artifact)
+        files = tg.shard_files(cfg.data.data_path, "val")
+        tokens = tg.load_validation_tokens(files, cfg.max_seq_len, cfg.model.vocab_size)
     except tg.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    slot = cfg.eval.slot
-    r = compare(batches, weight, slot, cfg.model.logit_softcap)
+    s = tg.Scoring(model, model.hidden, tokens, unit_luts(cfg.model.vocab_size), tg.Runtime())
+    batches, slot = slot_batches(cfg.eval, s, a.batches), cfg.eval.slot
+    r = compare(batches, model.head_weight().detach().float(), slot, cfg.model.logit_softcap)
     print(f"{len(batches)} SLOT batches, {r['targets']:,} scored targets, SLOT_STEPS={slot.steps}, "
           f"mean loss {r['mean_nll']:.4f}")
     print("relative change of the mean scored loss (= of val_bpb):")
-    rows = (("float32: this project's split vs the original's (h + delta) W^T",
-             "split_vs_full_f32"),
-            ("the original itself, TF32 vs float32", "tf32_vs_f32_original"),
-            ("TF32: this project's split vs the original's (h + delta) W^T", "split_vs_full_tf32"))
-    width = max(len(label) for label, _ in rows)
-    for label, key in rows:
-        print(f"  {label:<{width}}  {r[key]:+.1e}")
+    versus = "this project's split vs the original's (h + delta) W^T"
+    rows = {f"float32: {versus}": "split_vs_full_f32",
+            "the original itself, TF32 vs float32": "tf32_vs_f32_original",
+            f"TF32: {versus}": "split_vs_full_tf32"}
+    for label, key in rows.items():
+        print(f"  {label:<{len(versus) + 9}}  {r[key]:+.1e}")
     print(f"largest per-target loss gap under TF32: {r['max_target_gap_tf32']:.1e}")
     print(f"train_gpt's SLOT scorer vs this tool's float32 split: largest per-target gap "
           f"{r['script_vs_tool']:.1e}")
