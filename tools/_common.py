@@ -1,4 +1,4 @@
-"""What the reviewer tools share: they reach train_gpt.py through these, never another tool."""
+"""What the reviewer tools share, the import of train_gpt.py among it."""
 import contextlib
 import math
 import sys
