@@ -3,8 +3,7 @@
     python -m tools.submission LOG... --out records/track_10min_16mb/DATE_NAME [--script FILE]
 
 Every figure comes from the logs; three kinds of score stay apart (SCORES). Anything but the
-finished runs of one configuration is refused in one line, with nothing written.
-"""
+finished runs of one configuration is refused in one line, with nothing written."""
 
 from __future__ import annotations
 
@@ -18,8 +17,8 @@ import math
 import os
 import re
 import shlex
-import shutil
 import sys
+import tempfile
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -117,38 +116,22 @@ class RunRecord:
         return f"{self.num_gpus}x {self.gpu_type}" if self.num_gpus else self.gpu_type
 
 
-def _number(text: str, key: str, where: str) -> float:
-    try:
-        value = float(text.removesuffix("ms"))
-    except ValueError:
-        raise ValueError(f"malformed '{where}' line: no number for {key}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"'{where}' line: {key} is {text}, not a finite number")
-    return value
-
-
 def split_log(text: str) -> tuple[str | None, list[str], list[str]]:
-    """(source, versions block, body). The source is None when the log's head was removed (the
-    original's published logs start at 'Running Python')."""
-    head = SEPARATOR + "\nRunning Python "
-    if (end := text.find("\n" + head)) > 0:
-        source, rest = text[:end], text[end + 1:]
-    elif text.startswith(head):
-        source, rest = None, text
-    elif text.startswith("Running Python "):
-        source, rest = None, SEPARATOR + "\n" + text
-    else:
+    """(source, versions block, body); no source (None) in the original's published logs."""
+    head = "\n" + SEPARATOR + "\nRunning Python "
+    if text.startswith("Running Python "):
+        text = SEPARATOR + "\n" + text
+    source, found, rest = ("\n" + text).partition(head)
+    if not found:
         raise ValueError("no 'Running Python' header after the source: not a train_gpt.py log")
     lines = rest.splitlines()
-    rows = [i for i, line in enumerate(lines) if line.rstrip() == SEPARATOR][:2]
-    if len(rows) < 2:
+    if (end := next((i for i, line in enumerate(lines) if line.rstrip() == SEPARATOR), 0)) == 0:
         raise ValueError("the versions block has no closing row of '=': the log is cut")
-    return source, lines[rows[0] + 1:rows[1]], lines[rows[1] + 1:]
+    return source[1:] or None, ["Running Python " + lines[0], *lines[1:end]], lines[end + 1:]
 
 
 def _check_body(text: str, source: str | None, body: list[str]) -> None:
-    """The refusals that name the most telling reason come first. A last line without its
-    newline must be a whole closing line (score:, or _exact in the original's logs)."""
+    """The most telling refusal first; a last line without its newline must be whole."""
     if body and not text.endswith("\n"):
         m = match("score", body[-1]) or (match("exact", body[-1]) if source is None else None)
         if not (m and all(re.fullmatch(r"\d+\.\d{8}", m[k]) for k in ("val_bpb", "val_loss")
@@ -169,20 +152,17 @@ def _training(body: list[str]) -> tuple[int, int, float, float]:
     """(steps run, iterations, training ms, step average ms), the last from a validation line."""
     steps = [m for line in body if (m := match("train_step", line) or match("val_step", line))]
     if not steps:
-        for kind, run in (("eval_only", "EVAL_ONLY"), ("export_only", "EXPORT_ONLY")):
-            if last(kind, body):
-                raise ValueError(f"an {run} log (no training): a submission needs the training "
-                                 "run's log")
+        if run := next((k for k in ("eval_only", "export_only") if last(k, body)), None):
+            raise ValueError(f"an {run.upper()} log (no training): a submission needs the "
+                             "training run's log")
         raise ValueError("no 'step:N/M' line: training did not run or the log is cut")
-    timed = [m for m in steps if m.re is LINES["val_step"].pattern] or [steps[-1]]
-    train_ms = _number(timed[-1]["train_time"], "train_time", "step")
-    step_avg_ms = _number(timed[-1]["step_avg"], "step_avg", "step")
-    return int(steps[-1]["step"]), int(steps[-1]["iterations"]), train_ms, step_avg_ms
+    timed = [m for m in steps if m.re is LINES["val_step"].pattern] or steps
+    return (int(steps[-1]["step"]), int(steps[-1]["iterations"]), float(timed[-1]["train_time"]),
+            float(timed[-1]["step_avg"]))
 
 
 def _evals(body: list[str]) -> dict[str, EvalResult]:
-    """Each evaluation's figures (_exact line), time and parameters (result line). The round
-    trip's own _exact line is the first: the original repeats it after each sliding result."""
+    """Each evaluation's figures (_exact line), time and parameters (result line)."""
     exact: dict[str, list[re.Match]] = {}
     summary: dict[str, list[re.Match]] = {}
     for kind, found in (("exact", exact), ("result", summary)):
@@ -195,12 +175,11 @@ def _evals(body: list[str]) -> dict[str, EvalResult]:
         if tag in summary and tag not in exact:
             raise ValueError(f"'{tag}' has no {tag}_exact line: the log is cut in its evaluations")
         if tag in exact:
-            pick = 0 if name == "roundtrip" else -1
-            figures, line = exact[tag][pick], summary[tag][pick] if tag in summary else None
+            pick = 0 if name == "roundtrip" else -1  # the original repeats it after sliding
+            figures, line = exact[tag][pick], summary.get(tag, [None])[pick]
             evals[name] = EvalResult(
-                _number(figures["val_loss"], "val_loss", tag + "_exact"),
-                _number(figures["val_bpb"], "val_bpb", tag + "_exact"), tag + "_exact",
-                _number(line["ms"], "eval_time", tag) if line else None,
+                float(figures["val_loss"]), float(figures["val_bpb"]), tag + "_exact",
+                float(line["ms"]) if line else None,
                 dict(w.split(":", 1) for w in (line["extra"] + line["suffix"]).split() if ":" in w)
                 if line else {})
     started = [m["label"] for m in find("progress", body)] + ["legal_ttt"] * bool(
@@ -213,8 +192,7 @@ def _evals(body: list[str]) -> dict[str, EvalResult]:
 
 
 def _score_kinds(body: list[str], evals: dict[str, EvalResult], summary_due: bool) -> None:
-    """The closing score: lines (one per evaluation, agreeing with its _exact line) give each
-    result its kind; a log with the settings: line must end with them."""
+    """Each result's kind, from its closing score: line (which a settings: line makes due)."""
     scores = {m["name"]: m for m in find("score", body)}
     if not scores and not summary_due:
         return
@@ -284,11 +262,9 @@ def legacy_settings(cfg: dict[str, str], body: list[str], evals: dict[str, EvalR
 
 
 def _parse(path: str, data: bytes) -> RunRecord:
-    try:
-        text = data.decode("utf-8")  # strictly: the source at its head must come back byte for byte
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"not UTF-8 text (byte {exc.start}): not a train_gpt.py log") from None
-    text = text.replace("\r\n", "\n")  # a log that went through a system writing CRLF
+    # Strict UTF-8 (a ValueError): the source at its head must come back byte for byte. CRLF: a
+    # log that went through a system writing them.
+    text = data.decode("utf-8").replace("\r\n", "\n")
     source, env, body = split_log(text)
     _check_body(text, source, body)
     if (seed := last("seed", body)) is None:
@@ -350,22 +326,21 @@ class Baseline:
     losses: tuple[float, ...] = ()  # per-seed val_loss (nats) from its logs; empty for a figure
 
 
-def _identity(record: RunRecord) -> dict[str, str]:
-    """What the seeds of one submission share."""
-    return {**{k: v for k, v in record.config.items() if k != "seed"},
-            **{k: v for k, v in record.settings.items() if k not in ("SEED", "RUN_ID")},
-            "code_bytes": str(record.code_bytes), "gpus": record.hardware}
-
-
 def check_consistent(records: Sequence[RunRecord]) -> None:
     """Refuse logs of different sources, configurations and repeated seeds."""
+    def identity(r: RunRecord) -> dict[str, str]:  # what the seeds of one submission share
+        return {**{k: v for k, v in r.config.items() if k != "seed"},
+                **{k: v for k, v in r.settings.items() if k not in ("SEED", "RUN_ID")},
+                "code_bytes": str(r.code_bytes), "gpus": r.hardware}
+
     first_record, seen = records[0], {}
     if differ := [r.path for r in records[1:] if r.source != first_record.source]:
         raise SubmissionError(f"{', '.join(differ)}: the source at the log's head differs from "
                               f"{first_record.path}'s (or only one carries it): one record holds "
                               "one script")
+    a = identity(first_record)
     for record in records:
-        a, b = _identity(first_record), _identity(record)
+        b = identity(record)
         if keys := sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)):
             diffs = "; ".join(f"{k} {a.get(k, 'absent')} vs {b.get(k, 'absent')}" for k in keys)
             raise SubmissionError(f"{record.path}: config differs from {first_record.path}: "
@@ -377,8 +352,7 @@ def check_consistent(records: Sequence[RunRecord]) -> None:
 
 
 def recover_script(records: Sequence[RunRecord], given: Path | None = None) -> Script:
-    """The logged source, the packed file re-made from it (packing is deterministic: the logged
-    Code size tells), or --script."""
+    """The logged source, the packed file re-made from it (Code size tells), or --script."""
     path, source, code = records[0].path, records[0].source, records[0].code_bytes
     if given is not None:
         return _given_script(given, source, code)
@@ -542,12 +516,8 @@ def _warnings(records: Sequence[RunRecord], score: str, script: Script | None,
 
 
 def declared_defaults(source: str) -> dict[str, str]:
-    """The settings' defaults read from the script's source without running it (a Section's
-    `name: type = kind(default, ...)` is PREFIX + NAME); {} for the original's."""
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
-        return {}
+    """The defaults of a script's settings (a Section's `name: type = kind(default, ...)`)."""
+    tree = ast.parse(source)  # it ran: it parses
     names = {t.id: node.value for node in tree.body if isinstance(node, ast.Assign)
              for t in node.targets if isinstance(t, ast.Name)}
     out = {}
@@ -567,17 +537,13 @@ def declared_defaults(source: str) -> dict[str, str]:
 
 def same_value(a: str, b: str | None) -> bool:
     """Equal text, or equal numbers ('0.5' and '0.50')."""
-    if a == b or b is None:
-        return a == b
-    try:
+    with contextlib.suppress(TypeError, ValueError):
         return float(a) == float(b)
-    except ValueError:
-        return False
+    return a == b
 
 
 def reproduction(records: Sequence[RunRecord]) -> dict:
-    """The command per seed: the settings that differ from the script's declared defaults (this
-    repository's for a log without its source), then the launcher."""
+    """The command per seed: the settings that differ from the script's defaults, the launcher."""
     defaults = declared_defaults(records[0].source or "") or declared_defaults(
         (ROOT / "train_gpt.py").read_text(encoding="utf-8"))
     settings = {k: v for k, v in records[0].settings.items()
@@ -595,13 +561,12 @@ def reproduction(records: Sequence[RunRecord]) -> dict:
 def build_submission(records: Sequence[RunRecord], score: str | None = None,
                      meta: dict | None = None, script: Script | None = None,
                      baseline: Baseline | None = None, min_gain: float = 0.005) -> dict:
-    """submission.json for the runs of one configuration; meta: name, author, github_id, blurb,
-    track, date."""
+    """submission.json; meta: name, author, github_id, blurb, track, date."""
     if not records:
         raise SubmissionError("no logs given")
     meta = {"name": "", "author": "", "github_id": "", "blurb": "", "track": RECORD_TRACK,
-            "date": datetime.date.today().isoformat(),
-            **{k: v for k, v in (meta or {}).items() if v}}
+            "date": datetime.date.today(), **{k: v for k, v in (meta or {}).items() if v}}
+    meta["date"] = str(meta["date"])  # --date gives a datetime.date
     check_consistent(records)
     score = resolve_score(records, score)
     head, per_seed = aggregate(records, score), [seed_compliance(r) for r in records]
@@ -637,8 +602,7 @@ def build_submission(records: Sequence[RunRecord], score: str | None = None,
 
 
 def requirements(script: Script, records: Sequence[RunRecord]) -> str:
-    """What the script imports beyond the standard library, torch pinned to the logs' version; an
-    import guarded by `except ImportError` is optional."""
+    """What the script imports beyond the standard library (optional: guarded by ImportError)."""
     tree, guarded, found = ast.parse(script.source), set(), {}
     for node in ast.walk(tree):
         if isinstance(node, ast.Try) and any(
@@ -770,10 +734,6 @@ def render_readme(s: dict, records: Sequence[RunRecord]) -> str:
                                   "figure is theirs."]) + "\n"
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def _check_target(out: Path, force: bool) -> None:
     """--force replaces only a folder this tool wrote, as it wrote it."""
     if not out.exists() and not out.is_symlink():
@@ -793,7 +753,8 @@ def _check_target(out: Path, force: bool) -> None:
                               "does not list the files it wrote): --force replaces only such a "
                               "folder")
     foreign = sorted(p.name for p in out.iterdir() if p.name != "submission.json" and (
-        not p.is_file() or p.is_symlink() or written.get(p.name) != _sha256(p.read_bytes())))
+        not p.is_file() or p.is_symlink()
+        or written.get(p.name) != hashlib.sha256(p.read_bytes()).hexdigest()))
     if foreign:
         raise SubmissionError(f"{out}: holds files this tool did not write, or changed since "
                               f"({', '.join(foreign[:5])}): --force replaces only a folder as "
@@ -801,27 +762,23 @@ def _check_target(out: Path, force: bool) -> None:
 
 
 def write_folder(out: Path, files: dict[str, bytes], force: bool = False) -> None:
-    """A temporary sibling, then renames: never half a folder, the old one kept on failure."""
+    """A hidden sibling, then renames: never half a folder, the old one kept on failure."""
     _check_target(out, force)
-    out = out.resolve()  # a name to put the siblings beside, even for --out with '..' in it
+    out = out.resolve()  # a name to put the sibling beside, even for --out with '..' in it
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = (out.with_name(f".{out.name}.{os.getpid()}.{end}") for end in ("tmp", "old"))
-    shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier run of this process id
-    try:
-        tmp.mkdir()
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+        new, old = Path(tmp, "new"), Path(tmp, "old")
+        new.mkdir()
         for name, data in files.items():
-            write_atomic(tmp / name, data)
+            write_atomic(new / name, data)
         if out.exists():
             os.rename(out, old)
         try:
-            os.rename(tmp, out)
+            os.rename(new, out)
         except OSError:
             if old.exists():
                 os.rename(old, out)
             raise
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def plan_folder(args: argparse.Namespace) -> tuple[dict[str, bytes], dict, list[RunRecord]]:
@@ -834,13 +791,9 @@ def plan_folder(args: argparse.Namespace) -> tuple[dict[str, bytes], dict, list[
     submission = build_submission(records, args.score, meta, script, baseline, args.min_gain)
     files = {"train_gpt.py": script.data, **{f"train_seed{r.seed}.log": r.data for r in records},
              "requirements.txt": requirements(script, records).encode("utf-8")}
-    # The JSON and README are small; with them the folder must stay under the validator's cap.
-    if (total := sum(map(len, files.values())) + 200_000) >= TOTAL_BYTES:
-        submission["warnings"].append(f"the record folder holds about {total:,} bytes, not under "
-                                      f"the challenge's {TOTAL_BYTES:,}")
     files["README.md"] = render_readme(submission, records).encode("utf-8")
     submission["written_by"] = WRITTEN_BY
-    submission["files"] = {name: _sha256(data) for name, data in files.items()}
+    submission["files"] = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
     files["submission.json"] = (json.dumps(submission, indent=2, allow_nan=False) + "\n").encode()
     return files, submission, records
 
@@ -866,35 +819,22 @@ def summary(files: dict[str, bytes], s: dict, records: list[RunRecord], out: Pat
     return "\n".join(lines)
 
 
-def _iso_date(text: str) -> str:
-    try:
-        return datetime.date.fromisoformat(text).isoformat()
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a YYYY-MM-DD date: {text!r}") from None
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tools.submission",
                                 description="Write a record folder from train_gpt.py logs.")
     p.add_argument("logs", nargs="+", metavar="LOG", help="run log, one per seed")
-    p.add_argument("--out", required=True, type=Path,
-                   help="the record folder to write (must not exist)")
+    p.add_argument("--out", required=True, type=Path, help="the record folder (must not exist)")
     p.add_argument("--force", action="store_true",
                    help="replace a record folder this tool wrote, if nothing in it changed")
     p.add_argument("--script", type=Path, metavar="FILE",
                    help="the script that ran, for logs without their source (or a packed file)")
     p.add_argument("--score", choices=tuple(SCORES),
-                   help="the headline score (default: the accepted one with the lowest mean "
-                        "val_bpb that every log has; slot_context is causal but not accepted, "
-                        "slot not causal)")
-    for option, text in (("--name", "submission name"), ("--author", None), ("--github-id", None),
-                         ("--blurb", "one-paragraph description")):
-        p.add_argument(option, default="", help=text)
+                   help="the headline score (default: the best accepted one every log has)")
+    for option in ("--name", "--author", "--github-id", "--blurb"):
+        p.add_argument(option, default="")
     p.add_argument("--track", default=RECORD_TRACK,
-                   help="challenge track (default %(default)s: warns when a run is not on "
-                        "8xH100, trains or evaluates over 600 s or has a total of 16,000,000 "
-                        "bytes or more)")
-    p.add_argument("--date", type=_iso_date, help="YYYY-MM-DD (default: today)")
+                   help="challenge track (default %(default)s: warns on its limits)")
+    p.add_argument("--date", type=datetime.date.fromisoformat, help="YYYY-MM-DD (default: today)")
     baseline = p.add_mutually_exclusive_group()
     baseline.add_argument("--baseline-bpb", type=float, metavar="BPB",
                           help="the record to beat: its val_bpb")
