@@ -20,6 +20,7 @@ import shlex
 import sys
 import tempfile
 import textwrap
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,11 +164,10 @@ def _training(body: list[str]) -> tuple[int, int, float, float]:
 
 def _evals(body: list[str]) -> dict[str, EvalResult]:
     """Each evaluation's figures (_exact line), time and parameters (result line)."""
-    exact: dict[str, list[re.Match]] = {}
-    summary: dict[str, list[re.Match]] = {}
+    exact, summary = defaultdict(list), defaultdict(list)
     for kind, found in (("exact", exact), ("result", summary)):
         for m in find(kind, body):
-            found.setdefault(m["name"], []).append(m)
+            found[m["name"]].append(m)
     if "final_int6_roundtrip" not in exact:
         raise ValueError("no final_int6_roundtrip_exact line: the log stops before its evaluations")
     evals = {}
@@ -319,13 +319,6 @@ class Script:
     warnings: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class Baseline:
-    what: str  # how it was given, for the README and the JSON
-    bpb: float  # mean val_bpb
-    losses: tuple[float, ...] = ()  # per-seed val_loss (nats) from its logs; empty for a figure
-
-
 def check_consistent(records: Sequence[RunRecord]) -> None:
     """Refuse logs of different sources, configurations and repeated seeds."""
     def identity(r: RunRecord) -> dict[str, str]:  # what the seeds of one submission share
@@ -458,31 +451,27 @@ def acceptance_p_value(losses: Sequence[float], baseline_loss: float | None = No
     return None if math.isnan(p) else p
 
 
-def read_baseline(bpb: float | None, logs: Sequence[str] | None) -> Baseline | None:
-    if bpb is not None:
-        return Baseline(f"val_bpb {bpb:.8f} (given)", bpb)
-    if not logs:
-        return None
-    records = [parse_log(path) for path in logs]
-    check_consistent(records)
-    name = resolve_score(records)
-    head = aggregate(records, name)
-    names = ", ".join(Path(r.path).name for r in records)
-    return Baseline(f"{len(records)} log(s) ({names}), {head['label']}", head["val_bpb"],
-                    tuple(r.evals[name].val_loss for r in records))
-
-
-def compare(records: Sequence[RunRecord], score: str, baseline: Baseline, min_gain: float) -> dict:
+def compare(records: Sequence[RunRecord], score: str, baseline: float | Sequence[str],
+            min_gain: float) -> dict:
+    """This run against a baseline: its val_bpb, or its logs (their best accepted score)."""
     losses = [r.evals[score].val_loss for r in records]
     bpbs = [r.evals[score].val_bpb for r in records]
-    # On one validation text and tokenizer, nats per token and bits per byte are in one ratio.
-    nats_per_bpb = float(np.mean(losses) / np.mean(bpbs))
-    base_loss = float(np.mean(baseline.losses)) if baseline.losses else baseline.bpb * nats_per_bpb
-    p = acceptance_p_value(losses, base_loss, baseline.losses or None, min_gain)
-    test = "Welch's t, one-sided" if len(baseline.losses) > 1 else "one-sample t, one-sided"
-    return {"what": baseline.what, "val_bpb": baseline.bpb, "val_loss": base_loss,
-            "val_loss_from_bpb": not baseline.losses,
-            "delta_bpb": float(np.mean(bpbs)) - baseline.bpb,
+    if isinstance(baseline, float):
+        # On one validation text and tokenizer, nats per token and bits per byte are in one ratio.
+        what, bpb, base_losses = f"val_bpb {baseline:.8f} (given)", baseline, []
+        base_loss = bpb * float(np.mean(losses) / np.mean(bpbs))
+    else:
+        base = [parse_log(path) for path in baseline]
+        check_consistent(base)
+        head = aggregate(base, name := resolve_score(base))
+        names = ", ".join(Path(r.path).name for r in base)
+        what, bpb = f"{len(base)} log(s) ({names}), {head['label']}", head["val_bpb"]
+        base_losses = [r.evals[name].val_loss for r in base]
+        base_loss = float(np.mean(base_losses))
+    p = acceptance_p_value(losses, base_loss, base_losses or None, min_gain)
+    test = "Welch's t, one-sided" if len(base_losses) > 1 else "one-sample t, one-sided"
+    return {"what": what, "val_bpb": bpb, "val_loss": base_loss,
+            "val_loss_from_bpb": not base_losses, "delta_bpb": float(np.mean(bpbs)) - bpb,
             "delta_nats": float(np.mean(losses)) - base_loss, "min_gain_nats": min_gain,
             "p_value": p, "test": test if p is not None else
             f"needs at least 2 seeds with spread (got {len(bpbs)})"}
@@ -549,9 +538,8 @@ def reproduction(records: Sequence[RunRecord]) -> dict:
     settings = {k: v for k, v in records[0].settings.items()
                 if k not in ("SEED", "RUN_ID") and not same_value(v, defaults.get(k))}
     world = int(records[0].config.get("world_size", "1"))
-    launch = "python train_gpt.py"
-    if world > 1:
-        launch = f"torchrun --standalone --nproc_per_node={world} train_gpt.py"
+    launch = f"torchrun --standalone --nproc_per_node={world}" if world > 1 else "python"
+    launch += " train_gpt.py"
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in settings.items())
     return {"settings": settings, "launch": launch,
             "commands": {str(r.seed): " ".join(filter(None, [env, f"SEED={r.seed}", launch]))
@@ -560,10 +548,9 @@ def reproduction(records: Sequence[RunRecord]) -> dict:
 
 def build_submission(records: Sequence[RunRecord], score: str | None = None,
                      meta: dict | None = None, script: Script | None = None,
-                     baseline: Baseline | None = None, min_gain: float = 0.005) -> dict:
-    """submission.json; meta: name, author, github_id, blurb, track, date."""
-    if not records:
-        raise SubmissionError("no logs given")
+                     baseline: float | Sequence[str] | None = None,
+                     min_gain: float = 0.005) -> dict:
+    """submission.json; meta: name, author, github_id, blurb, track, date; baseline: compare."""
     meta = {"name": "", "author": "", "github_id": "", "blurb": "", "track": RECORD_TRACK,
             "date": datetime.date.today(), **{k: v for k, v in (meta or {}).items() if v}}
     meta["date"] = str(meta["date"])  # --date gives a datetime.date
@@ -596,7 +583,7 @@ def build_submission(records: Sequence[RunRecord], score: str | None = None,
         "compliance": {**{key: all(s[key] for s in per_seed) for key in per_seed[0]},
                        "score_accepted": SCORES[score].kind == ACCEPTED,
                        "per_seed": {str(r.seed): s for r, s in zip(records, per_seed)}},
-        "baseline": compare(records, score, baseline, min_gain) if baseline else None,
+        "baseline": None if baseline is None else compare(records, score, baseline, min_gain),
         "warnings": _warnings(records, score, script, meta["track"]),
     }
 
@@ -736,11 +723,11 @@ def render_readme(s: dict, records: Sequence[RunRecord]) -> str:
 
 def _check_target(out: Path, force: bool) -> None:
     """--force replaces only a folder this tool wrote, as it wrote it."""
-    if not out.exists() and not out.is_symlink():
-        return
-    if not out.is_dir() or out.is_symlink():
+    if out.is_symlink() or out.exists() and not out.is_dir():
         raise SubmissionError(f"{out}: exists and is not a folder; expected a new folder for the "
                               "record")
+    if not out.exists():
+        return
     if not force:
         raise SubmissionError(f"{out}: exists; --force replaces it")
     try:
@@ -784,10 +771,9 @@ def write_folder(out: Path, files: dict[str, bytes], force: bool = False) -> Non
 def plan_folder(args: argparse.Namespace) -> tuple[dict[str, bytes], dict, list[RunRecord]]:
     """Everything in memory first, so that each refusal comes before anything is written."""
     records = [parse_log(path) for path in args.logs]
-    check_consistent(records)
     script = recover_script(records, args.script)
     meta = {k: getattr(args, k) for k in ("name", "author", "github_id", "blurb", "track", "date")}
-    baseline = read_baseline(args.baseline_bpb, args.baseline_logs)
+    baseline = args.baseline_logs if args.baseline_bpb is None else args.baseline_bpb
     submission = build_submission(records, args.score, meta, script, baseline, args.min_gain)
     files = {"train_gpt.py": script.data, **{f"train_seed{r.seed}.log": r.data for r in records},
              "requirements.txt": requirements(script, records).encode("utf-8")}
