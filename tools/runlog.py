@@ -37,8 +37,7 @@ LINES: dict[str, Format] = {
     # The versions block; nvidia-smi's device row: "|   0  NVIDIA H100 80GB HBM3   On  |   00...".
     "python": _f("train_gpt.log_header", "Running Python {version}{rest:*}"),
     "pytorch": _f("train_gpt.log_header", "Running PyTorch {version}{rest:*}"),
-    "driver": _f("nvidia-smi", "",
-                 r"Driver Version: (?P<driver>\S+) +CUDA Version: (?P<cuda>\S+)"),
+    "driver": _f("nvidia-smi", "", r"Driver Version: (?P<driver>\S+) +CUDA Version: (?P<cuda>\S+)"),
     "gpu": _f("nvidia-smi", "", r"^\| +(?P<index>\d+) +(?P<name>\S.*?) +(?:On|Off) +\| +"
                 r"[0-9A-Fa-f]+:[0-9A-Fa-f:]+\.\d"),
     # The configuration, before training.

@@ -89,32 +89,22 @@ class RunRecord:
     seed: int
     steps: int  # steps actually run: the last step line's N
     iterations: int
-    training_time_ms: float
-    step_avg_ms: float  # on the line training_time_ms was read from
+    training_time_seconds: float
+    step_avg_ms: float  # on the line the training time was read from
+    eval_time_seconds: float  # all the run's evaluations together
     artifact_bytes: int
     model_bytes: int | None
     code_bytes: int
     compressor: str
     num_gpus: int
     gpu_type: str
+    hardware: str  # "8x <gpu_type>", or "cpu"
     versions: dict[str, str]  # python, pytorch and, with GPUs, driver and cuda
     config: dict[str, str]  # the configuration lines' fields (config())
     settings: dict[str, str]  # setting -> value as its variable spells it; SEED included
     evals: dict[str, EvalResult]  # keyed by evaluation name (EVAL_TAGS)
     stop_reason: str | None = None
     warnings: list[str] = field(default_factory=list)  # the run's WARNING lines, as logged
-
-    @property
-    def training_time_seconds(self) -> float:
-        return self.training_time_ms / 1000.0
-
-    @property
-    def eval_time_seconds(self) -> float:  # all the run's evaluations together
-        return sum(e.eval_time_ms or 0.0 for e in self.evals.values()) / 1000.0
-
-    @property
-    def hardware(self) -> str:
-        return f"{self.num_gpus}x {self.gpu_type}" if self.num_gpus else self.gpu_type
 
 
 def split_log(text: str) -> tuple[str | None, list[str], list[str]]:
@@ -286,15 +276,18 @@ def _parse(path: str, data: bytes) -> RunRecord:
                 {"SEED": seed["seed"], **legacy_settings(run_config, body, evals,
                                                          artifact["compressor"])})
     gpus = {int(m["index"]): m["name"] for m in find("gpu", env)}
+    gpu_type = ", ".join(sorted(set(gpus.values()))) or "cpu"
     versions = {k: m["version"] for k in ("python", "pytorch") if (m := last(k, env))}
     if driver := first("driver", env):
         versions.update(driver=driver["driver"], cuda=driver["cuda"])
     return RunRecord(
         path=path, data=data, source=source, seed=int(seed["seed"]), steps=steps,
-        iterations=iterations, training_time_ms=train_ms, step_avg_ms=step_avg_ms,
+        iterations=iterations, training_time_seconds=train_ms / 1000, step_avg_ms=step_avg_ms,
+        eval_time_seconds=sum(e.eval_time_ms or 0.0 for e in evals.values()) / 1000,
         artifact_bytes=int(artifact["bytes"]), model_bytes=int(model["bytes"]) if model else None,
         code_bytes=int(code["bytes"]), compressor=artifact["compressor"], num_gpus=len(gpus),
-        gpu_type=", ".join(sorted(set(gpus.values()))) or "cpu", versions=versions,
+        gpu_type=gpu_type, hardware=f"{len(gpus)}x {gpu_type}" if gpus else gpu_type,
+        versions=versions,
         config=run_config, settings=settings, evals=evals,
         stop_reason=stop["reason"] if stop else None,
         warnings=[m["message"] for m in find("warning", body)])
@@ -375,9 +368,8 @@ def _given_script(path: Path, source: str | None, code: int) -> Script:
     except OSError as exc:
         raise SubmissionError(f"--script {path}: cannot read ({exc.strerror})") from None
     packed = _packed.unpacked(data)
-    runs = packed[1] if packed else None
     try:
-        runs = runs or data.decode("utf-8")
+        runs = packed[1] if packed else data.decode("utf-8")
         compile(runs, str(path), "exec")
     except UnicodeDecodeError:
         raise SubmissionError(f"--script {path}: not UTF-8 text, so not a train_gpt.py") from None
@@ -442,8 +434,8 @@ def acceptance_p_value(losses: Sequence[float], baseline_loss: float | None = No
     x = np.asarray(losses, dtype=float)
     if baseline_losses is not None and len(baseline_losses) > 1:
         # Shifting the new losses by min_gain tests mean(baseline) - mean(new) > min_gain.
-        result = stats.ttest_ind(np.asarray(baseline_losses, dtype=float), x + min_gain,
-                                 equal_var=False, alternative="greater")
+        result = stats.ttest_ind(baseline_losses, x + min_gain, equal_var=False,
+                                 alternative="greater")
     else:
         figure = float(np.mean(baseline_losses)) if baseline_losses is not None else baseline_loss
         result = stats.ttest_1samp(figure - x - min_gain, 0.0, alternative="greater")
