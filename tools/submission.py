@@ -346,14 +346,13 @@ def recover_script(records: Sequence[RunRecord], given: Path | None = None) -> S
         raise SubmissionError(f"{path}: no source at the log's head (removed, as in the "
                               "original's published logs): give the script that ran with "
                               "--script FILE")
-    if len(source.encode("utf-8")) == code:
-        return Script(source.encode("utf-8"), "plain", "the full source at the head of every log",
-                      source)
     files = _packed.packed_files(source)
-    for codec, data in files.items():
+    origin = "the full source at the head of every log"
+    for form, data in {"plain": source.encode("utf-8"),
+                       **{f"packed ({c})": d for c, d in files.items()}}.items():
         if len(data) == code:
-            origin = f"re-packed ({codec}) from the full source at the head of every log"
-            return Script(data, f"packed ({codec})", origin, source)
+            return Script(data, form, origin if form == "plain" else f"re-{form} from {origin}",
+                          source)
     sizes = " or ".join(f"{len(d):,} ({c})" for c, d in files.items())
     raise SubmissionError(
         f"{path}: Code size {code:,} bytes is not the logged source's "
@@ -722,11 +721,10 @@ def _check_target(out: Path, force: bool) -> None:
         return
     if not force:
         raise SubmissionError(f"{out}: exists; --force replaces it")
-    try:
+    written = None
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
         mark = json.loads((out / "submission.json").read_text(encoding="utf-8"))
         written = mark["files"] if mark.get("written_by") == WRITTEN_BY else None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        written = None
     if not isinstance(written, dict):
         raise SubmissionError(f"{out}: not a record folder this tool wrote (its submission.json "
                               "does not list the files it wrote): --force replaces only such a "
