@@ -129,12 +129,9 @@ def _check_body(text: str, source: str | None, body: list[str]) -> None:
                           if k in m.groupdict())):
             raise ValueError(f"its last line, '{body[-1][:120]}', ends mid-line: the log was cut "
                              "while it was being written")
-    if stopped := last("interrupted", body):
-        raise ValueError(f"the run was interrupted ('{stopped.group(0).strip()}'): not a "
-                         "finished run")
-    if failed := last("error", body):
-        raise ValueError(f"the run stopped with an error ('{failed.group(0)[:200]}'): not a "
-                         "finished run")
+    for kind, what in (("interrupted", "was interrupted"), ("error", "stopped with an error")):
+        if m := last(kind, body):
+            raise ValueError(f"the run {what} ('{m.group(0).strip()[:200]}'): not a finished run")
     if problem := malformed(body):
         raise ValueError(problem)
 
@@ -287,8 +284,7 @@ def _parse(path: str, data: bytes) -> RunRecord:
         artifact_bytes=int(artifact["bytes"]), model_bytes=int(model["bytes"]) if model else None,
         code_bytes=int(code["bytes"]), compressor=artifact["compressor"], num_gpus=len(gpus),
         gpu_type=gpu_type, hardware=f"{len(gpus)}x {gpu_type}" if gpus else gpu_type,
-        versions=versions,
-        config=run_config, settings=settings, evals=evals,
+        versions=versions, config=run_config, settings=settings, evals=evals,
         stop_reason=stop["reason"] if stop else None,
         warnings=[m["message"] for m in find("warning", body)])
 
@@ -395,7 +391,7 @@ def shared_scores(records: Sequence[RunRecord]) -> list[str]:
 
 
 def score_label(name: str, record: RunRecord) -> str:  # a sliding window says its stride
-    stride = record.evals[name].params.get("stride") if name in record.evals else None
+    stride = record.evals[name].params.get("stride")
     return f"{SCORES[name].label} s{stride}" if stride else SCORES[name].label
 
 
