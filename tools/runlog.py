@@ -123,6 +123,11 @@ EVAL_TAGS = {"roundtrip": "final_int6_roundtrip", "sliding": "final_int6_sliding
              "slot_context": "final_slot_context", "legal_ttt": "legal_ttt"}
 SCORE_KINDS = FIELD_TYPES["kind"].split("|")  # the score: lines' kind words
 CONFIG_LINES = [k for k, fmt in LINES.items() if fmt.writer == _CONFIG and k != "settings"]
+# (literal line start, the format such a line must keep); evaluation lines start with their names.
+PREFIXED = [(fmt.prefix, k) for k, fmt in LINES.items()
+            if fmt.writer.startswith("train_gpt.") and fmt.prefix]
+PREFIXED += [(tag + end, k) for tag in EVAL_TAGS.values()
+             for end, k in ((" val_loss:", "result"), ("_exact ", "exact"))]
 
 Log = str | list[str]
 
@@ -149,14 +154,10 @@ def last(kind: str, log: Log) -> re.Match | None:
 
 
 def malformed(lines: list[str]) -> str | None:
-    """The first line that starts as one of train_gpt.py's lines (evaluation lines start with
-    their names) but breaks that format, with the format and its writer; None when none does."""
+    """The first line that starts as one of train_gpt.py's lines (PREFIXED) but breaks that
+    format, with the format and its writer; None when every such line keeps its format."""
     for number, line in enumerate(lines, 1):
-        kinds = [k for k, fmt in LINES.items() if fmt.writer.startswith("train_gpt.")
-                 and fmt.prefix and line.startswith(fmt.prefix)]
-        for tag in EVAL_TAGS.values():
-            kinds += ["result"] * line.startswith(f"{tag} val_loss:")
-            kinds += ["exact"] * line.startswith(f"{tag}_exact ")
+        kinds = [k for prefix, k in PREFIXED if line.startswith(prefix)]
         if kinds and not any(match(kind, line) for kind in kinds):
             writers = " / ".join(sorted({LINES[k].writer for k in kinds}))
             return (f"line {number} of the run's lines, '{line[:120]}', is not in the format "
