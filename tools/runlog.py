@@ -4,6 +4,7 @@ its fields in braces, beside the function that writes it. Pure text: no torch, n
 from __future__ import annotations
 
 import re
+from functools import partial
 from typing import NamedTuple
 
 
@@ -13,15 +14,16 @@ class Format(NamedTuple):
     pattern: re.Pattern  # named groups
 
 
-# A field {name:type} of a template; untyped: one word.
-FIELD_TYPES = {"": r"\S+", "d": r"\d+", "n": r"-?\d+", "*": r".*", "bool": "True|False",
-               "kind": "accepted|causal_not_accepted|not_causal"}
+# A field {name:type} of a template; untyped: one word; f: a finite number (no nan, no inf).
+FIELD_TYPES = {"": r"\S+", "d": r"\d+", "n": r"-?\d+", "f": r"-?\d+(?:\.\d+)?", "*": r".*",
+               "bool": "True|False", "kind": "accepted|causal_not_accepted|not_causal"}
 
 
-def _f(writer: str, template: str) -> Format:
-    """The format of lines written as `template`, whose {name:type} fields are read as groups.
-    re.M: a pattern reads one line, or every line of a whole log at once (finditer); none can
-    match a newline, so both give the same matches."""
+def _f(writer: str, template: str, regex: str | None = None) -> Format:
+    """Lines written as `template`, its {name:type} fields read as groups, or read by `regex`
+    (`template` then only their literal start). re.M: a whole log reads as its lines."""
+    if regex is not None:
+        return Format(writer, template, re.compile(regex, re.M))
     pattern, pos = "^", 0
     for m in re.finditer(r"\{(\w+)(?::(\w+|\*))?\}", template):
         pattern += re.escape(template[pos:m.start()]) + f"(?P<{m[1]}>{FIELD_TYPES[m[2] or '']})"
@@ -30,18 +32,13 @@ def _f(writer: str, template: str) -> Format:
                                                              + "$", re.M))
 
 
-def _raw(writer: str, prefix: str, pattern: str) -> Format:
-    return Format(writer, prefix, re.compile(pattern, re.M))
-
-
 _CONFIG, _RESULT = "train_gpt.log_config", "train_gpt.log_result"
 LINES: dict[str, Format] = {
     # The versions block; nvidia-smi's device row: "|   0  NVIDIA H100 80GB HBM3   On  |   00...".
     "python": _f("train_gpt.log_header", "Running Python {version}{rest:*}"),
     "pytorch": _f("train_gpt.log_header", "Running PyTorch {version}{rest:*}"),
-    "driver": _raw("nvidia-smi", "",
-                   r"Driver Version: (?P<driver>\S+) +CUDA Version: (?P<cuda>\S+)"),
-    "gpu": _raw("nvidia-smi", "", r"^\| +(?P<index>\d+) +(?P<name>\S.*?) +(?:On|Off) +\| +"
+    "driver": _f("nvidia-smi", "", r"Driver Version: (?P<driver>\S+) +CUDA Version: (?P<cuda>\S+)"),
+    "gpu": _f("nvidia-smi", "", r"^\| +(?P<index>\d+) +(?P<name>\S.*?) +(?:On|Off) +\| +"
                 r"[0-9A-Fa-f]+:[0-9A-Fa-f:]+\.\d"),
     # The configuration, before training.
     "tokenizer": _f(_CONFIG, "val_bpb:enabled tokenizer_kind={tokenizer_kind} "
@@ -67,8 +64,7 @@ LINES: dict[str, Format] = {
     "seed": _f(_CONFIG, "seed:{seed:d}"),
     "preset": _f(_CONFIG, "preset:{preset} cpu_threads:{cpu_threads:d}"),
     "settings": _f(_CONFIG, "settings:{json:*}"),
-    # Anywhere: a misspelt setting (also short data, GPTQ over the cap, a total over the limit);
-    # a failure after the log opened (the run's last line).
+    # Anywhere: a misspelt setting, short data...; a failure after the log opened (its last line).
     "warning": _f("train_gpt.load_data", "WARNING: {message:*}"),
     "error": _f("train_gpt.run", "error: {message:*}"),
     "eval_only": _f("train_gpt.read_inputs", "eval_only artifact:{artifact:*} bytes:{bytes:d}"),
@@ -77,18 +73,18 @@ LINES: dict[str, Format] = {
     "warmup": _f("train_gpt.Trainer.warm_up", "warmup_step:{step:d}/{steps:d}"),
     "val_step": _f("train_gpt.train", "step:{step:d}/{iterations:d} val_loss:{val_loss} "
                                       "val_bpb:{val_bpb} train_time:{train_time:d}ms "
-                                      "step_avg:{step_avg}ms"),
+                                      "step_avg:{step_avg:f}ms"),
     "train_step": _f("train_gpt.log_train_step", "step:{step:d}/{iterations:d} train_loss:"
-                     "{train_loss} train_time:{train_time:d}ms step_avg:{step_avg}ms"),
+                     "{train_loss} train_time:{train_time:d}ms step_avg:{step_avg:f}ms"),
     "late_qat": _f("train_gpt.train", "late_qat:enabled step:{step:d} scale:{scale}"),
     "stop": _f("train_gpt.train", "stopping_early: {reason} train_time:{train_time:d}ms "
                                   "step:{step:d}/{iterations:d}"),
     "peak": _f("train_gpt.train", "peak memory allocated: {allocated:d} MiB reserved: "
                                   "{reserved:d} MiB"),
     "ema": _f("train_gpt.train", "ema:applying EMA weights"),
-    # Ctrl-C / SIGTERM (train and stage raise it, run logs it): the run's last line.
-    "interrupted": _raw("train_gpt.run", "interrupted ", r"^interrupted (?:at step (?P<step>\d+)/"
-                        r"(?P<iterations>\d+)|during (?P<stage>\w+))$"),
+    # Ctrl-C / SIGTERM: the run's last line.
+    "interrupted": _f("train_gpt.run", "interrupted ", r"^interrupted (?:at step (?P<step>\d+)/"
+                      r"(?P<iterations>\d+)|during (?P<stage>\w+))$"),
     # Export.
     "gptq": _f("train_gpt.calibrate", "gptq:calibration batches:{batches:d} inputs:{inputs:d} "
                                       "time:{ms:d}ms"),
@@ -96,16 +92,14 @@ LINES: dict[str, Format] = {
     "model": _f("train_gpt.log_export", "Serialized model int6+{compressor}: {bytes:d} bytes"),
     "artifact": _f("train_gpt.log_export",
                    "Total submission size int6+{compressor}: {bytes:d} bytes"),
-    # Evaluation: <name> val_loss:%.4f val_bpb:%.4f[ stride:S | steps:N lr:X] eval_time:Nms
-    # [ mode:M] (also make_artifact's `DIAGNOSTIC post_ema`), then <name>_exact with 8 decimals
+    # Evaluation (also make_artifact's `DIAGNOSTIC post_ema`), then <name>_exact with 8 decimals
     # (evaluate repeats each sliding result on a final_int6_roundtrip_exact line).
-    "result": _raw(_RESULT, "", r"^(?P<name>\S.*?) val_loss:(?P<val_loss>\S+) val_bpb:"
-                   r"(?P<val_bpb>\S+)(?P<extra>.*?) eval_time:(?P<ms>\d+)ms(?P<suffix>.*)$"),
-    "exact": _f(_RESULT, "{name}_exact val_loss:{val_loss} val_bpb:{val_bpb}{rest:*}"),
+    "result": _f(_RESULT, "", r"^(?P<name>\S.*?) val_loss:(?P<val_loss>\S+) val_bpb:"
+                 r"(?P<val_bpb>\S+)(?P<extra>.*?) eval_time:(?P<ms>\d+)ms(?P<suffix>.*)$"),
+    "exact": _f(_RESULT, "{name}_exact val_loss:{val_loss:f} val_bpb:{val_bpb:f}{rest:*}"),
     "progress": _f("train_gpt.score_windows", "eval_progress:{label} {percent}% "
                                               "elapsed:{elapsed:d}s eta:{eta:n}s"),
-    # After each sliding or SLOT result: this rank's batches, the first one's seconds
-    # (compilation included) and the mean of the others (nan with one batch).
+    # After each sliding or SLOT result: the first batch's seconds and the others' mean.
     "timing": _f("train_gpt.log_timing", "eval_timing:{name} batches:{batches:d} "
                                          "first_batch:{first}s steady_batch:{steady}s"),
     "ttt_start": _f("train_gpt.eval_ttt", "legal_ttt:start chunks:{chunks:d} windows:{windows:d} "
@@ -116,10 +110,8 @@ LINES: dict[str, Format] = {
                                           "elapsed:{elapsed}s eta:{eta}s"),
     # The closing summary, one line per evaluation, with its kind (train_gpt.SCORE_KINDS).
     "score": _f("train_gpt.log_scores", "score:{name} val_bpb:{val_bpb} kind:{kind:kind}"),
-    # gpu_check's child processes (tools._gpu_probes) report themselves in these.
     "memory": _f("tools._gpu_probes.memory_line", "gpu_check:memory rss_peak_mib:{rss:d} "
                  "cuda_allocated_peak_mib:{allocated:n} cuda_reserved_peak_mib:{reserved:n}"),
-    "part": _f("tools._gpu_probes.emit", "gpu_check:part {json:*}"),
 }
 # What tools._gpu_probes.memory_line writes (-1: no CUDA).
 MEMORY_LINE = ("gpu_check:memory rss_peak_mib:{rss} cuda_allocated_peak_mib:{allocated} "
@@ -130,16 +122,12 @@ EVAL_TAGS = {"roundtrip": "final_int6_roundtrip", "sliding": "final_int6_sliding
              "sliding_s64": "final_int6_sliding_window_s64", "slot": "final_slot",
              "slot_context": "final_slot_context", "legal_ttt": "legal_ttt"}
 SCORE_KINDS = FIELD_TYPES["kind"].split("|")  # the score: lines' kind words
-CONFIG_LINES = ("tokenizer", "train_loader", "val_loader", "model_params", "mtp", "xsa", "world",
-                "kernel", "attention", "lrs", "batch", "seed", "preset")
-# Literal line starts -> the formats a line starting so must match (evaluation lines start with
-# their names).
-PREFIXED: dict[str, tuple[str, ...]] = {}
-for _kind, _fmt in LINES.items():
-    if _fmt.writer.startswith("train_gpt.") and _fmt.prefix:
-        PREFIXED[_fmt.prefix] = PREFIXED.get(_fmt.prefix, ()) + (_kind,)
-for _tag in EVAL_TAGS.values():
-    PREFIXED.update({f"{_tag} val_loss:": ("result",), f"{_tag}_exact ": ("exact",)})
+CONFIG_LINES = [k for k, fmt in LINES.items() if fmt.writer == _CONFIG and k != "settings"]
+# (literal line start, the format such a line must keep); evaluation lines start with their names.
+PREFIXED = [(fmt.prefix, k) for k, fmt in LINES.items()
+            if fmt.writer.startswith("train_gpt.") and fmt.prefix]
+PREFIXED += [(tag + end, k) for tag in EVAL_TAGS.values()
+             for end, k in ((" val_loss:", "result"), ("_exact ", "exact"))]
 
 Log = str | list[str]
 
@@ -166,10 +154,10 @@ def last(kind: str, log: Log) -> re.Match | None:
 
 
 def malformed(lines: list[str]) -> str | None:
-    """The first line that starts as one of train_gpt.py's lines but breaks that format, with
-    the format it breaks and its writer; None when every such line keeps its format."""
+    """The first line that starts as one of train_gpt.py's lines (PREFIXED) but breaks that
+    format, with the format and its writer; None when every such line keeps its format."""
     for number, line in enumerate(lines, 1):
-        kinds = [k for prefix, ks in PREFIXED.items() if line.startswith(prefix) for k in ks]
+        kinds = [k for prefix, k in PREFIXED if line.startswith(prefix)]
         if kinds and not any(match(kind, line) for kind in kinds):
             writers = " / ".join(sorted({LINES[k].writer for k in kinds}))
             return (f"line {number} of the run's lines, '{line[:120]}', is not in the format "
@@ -193,14 +181,13 @@ def env_value(value) -> str:
     return str(int(value)) if isinstance(value, bool) else str(value)
 
 
-def step_times(log: Log) -> list[tuple[int, float]]:
-    """(step, cumulative train_time ms) of every logged training step."""
-    return [(int(m["step"]), float(m["train_time"])) for m in find("train_step", log)]
+def _per_step(field: str, log: Log) -> list[tuple[int, float]]:
+    """(step, `field`) of every logged training step."""
+    return [(int(m["step"]), float(m[field])) for m in find("train_step", log)]
 
 
-def train_losses(log: Log) -> list[tuple[int, float]]:
-    """(step, train_loss) of every logged training step."""
-    return [(int(m["step"]), float(m["train_loss"])) for m in find("train_step", log)]
+step_times = partial(_per_step, "train_time")  # (step, cumulative train_time ms)
+train_losses = partial(_per_step, "train_loss")
 
 
 def mean_step_ms(steps: list[tuple[int, float]], skip: int) -> tuple[float, int, int]:

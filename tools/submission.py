@@ -3,8 +3,7 @@
     python -m tools.submission LOG... --out records/track_10min_16mb/DATE_NAME [--script FILE]
 
 Every figure comes from the logs; three kinds of score stay apart (SCORES). Anything but the
-finished runs of one configuration is refused in one line, with nothing written.
-"""
+finished runs of one configuration is refused in one line, with nothing written."""
 
 from __future__ import annotations
 
@@ -18,9 +17,10 @@ import math
 import os
 import re
 import shlex
-import shutil
 import sys
+import tempfile
 import textwrap
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,14 +89,16 @@ class RunRecord:
     seed: int
     steps: int  # steps actually run: the last step line's N
     iterations: int
-    training_time_ms: float
-    step_avg_ms: float  # on the line training_time_ms was read from
+    training_time_seconds: float
+    step_avg_ms: float  # on the line the training time was read from
+    eval_time_seconds: float  # all the run's evaluations together
     artifact_bytes: int
     model_bytes: int | None
     code_bytes: int
     compressor: str
     num_gpus: int
     gpu_type: str
+    hardware: str  # "8x <gpu_type>", or "cpu"
     versions: dict[str, str]  # python, pytorch and, with GPUs, driver and cuda
     config: dict[str, str]  # the configuration lines' fields (config())
     settings: dict[str, str]  # setting -> value as its variable spells it; SEED included
@@ -104,63 +106,32 @@ class RunRecord:
     stop_reason: str | None = None
     warnings: list[str] = field(default_factory=list)  # the run's WARNING lines, as logged
 
-    @property
-    def training_time_seconds(self) -> float:
-        return self.training_time_ms / 1000.0
-
-    @property
-    def eval_time_seconds(self) -> float:  # all the run's evaluations together
-        return sum(e.eval_time_ms or 0.0 for e in self.evals.values()) / 1000.0
-
-    @property
-    def hardware(self) -> str:
-        return f"{self.num_gpus}x {self.gpu_type}" if self.num_gpus else self.gpu_type
-
-
-def _number(text: str, key: str, where: str) -> float:
-    try:
-        value = float(text.removesuffix("ms"))
-    except ValueError:
-        raise ValueError(f"malformed '{where}' line: no number for {key}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"'{where}' line: {key} is {text}, not a finite number")
-    return value
-
 
 def split_log(text: str) -> tuple[str | None, list[str], list[str]]:
-    """(source, versions block, body). The source is None when the log's head was removed (the
-    original's published logs start at 'Running Python')."""
-    head = SEPARATOR + "\nRunning Python "
-    if (end := text.find("\n" + head)) > 0:
-        source, rest = text[:end], text[end + 1:]
-    elif text.startswith(head):
-        source, rest = None, text
-    elif text.startswith("Running Python "):
-        source, rest = None, SEPARATOR + "\n" + text
-    else:
+    """(source, versions block, body); no source (None) in the original's published logs."""
+    head = "\n" + SEPARATOR + "\nRunning Python "
+    if text.startswith("Running Python "):
+        text = SEPARATOR + "\n" + text
+    source, found, rest = ("\n" + text).partition(head)
+    if not found:
         raise ValueError("no 'Running Python' header after the source: not a train_gpt.py log")
     lines = rest.splitlines()
-    rows = [i for i, line in enumerate(lines) if line.rstrip() == SEPARATOR][:2]
-    if len(rows) < 2:
+    if (end := next((i for i, line in enumerate(lines) if line.rstrip() == SEPARATOR), 0)) == 0:
         raise ValueError("the versions block has no closing row of '=': the log is cut")
-    return source, lines[rows[0] + 1:rows[1]], lines[rows[1] + 1:]
+    return source[1:] or None, ["Running Python " + lines[0], *lines[1:end]], lines[end + 1:]
 
 
 def _check_body(text: str, source: str | None, body: list[str]) -> None:
-    """The refusals that name the most telling reason come first. A last line without its
-    newline must be a whole closing line (score:, or _exact in the original's logs)."""
+    """The most telling refusal first; a last line without its newline must be whole."""
     if body and not text.endswith("\n"):
         m = match("score", body[-1]) or (match("exact", body[-1]) if source is None else None)
         if not (m and all(re.fullmatch(r"\d+\.\d{8}", m[k]) for k in ("val_bpb", "val_loss")
                           if k in m.groupdict())):
             raise ValueError(f"its last line, '{body[-1][:120]}', ends mid-line: the log was cut "
                              "while it was being written")
-    if stopped := last("interrupted", body):
-        raise ValueError(f"the run was interrupted ('{stopped.group(0).strip()}'): not a "
-                         "finished run")
-    if failed := last("error", body):
-        raise ValueError(f"the run stopped with an error ('{failed.group(0)[:200]}'): not a "
-                         "finished run")
+    for kind, what in (("interrupted", "was interrupted"), ("error", "stopped with an error")):
+        if m := last(kind, body):
+            raise ValueError(f"the run {what} ('{m.group(0).strip()[:200]}'): not a finished run")
     if problem := malformed(body):
         raise ValueError(problem)
 
@@ -169,25 +140,21 @@ def _training(body: list[str]) -> tuple[int, int, float, float]:
     """(steps run, iterations, training ms, step average ms), the last from a validation line."""
     steps = [m for line in body if (m := match("train_step", line) or match("val_step", line))]
     if not steps:
-        for kind, run in (("eval_only", "EVAL_ONLY"), ("export_only", "EXPORT_ONLY")):
-            if last(kind, body):
-                raise ValueError(f"an {run} log (no training): a submission needs the training "
-                                 "run's log")
+        if run := next((k for k in ("eval_only", "export_only") if last(k, body)), None):
+            raise ValueError(f"an {run.upper()} log (no training): a submission needs the "
+                             "training run's log")
         raise ValueError("no 'step:N/M' line: training did not run or the log is cut")
-    timed = [m for m in steps if m.re is LINES["val_step"].pattern] or [steps[-1]]
-    train_ms = _number(timed[-1]["train_time"], "train_time", "step")
-    step_avg_ms = _number(timed[-1]["step_avg"], "step_avg", "step")
-    return int(steps[-1]["step"]), int(steps[-1]["iterations"]), train_ms, step_avg_ms
+    timed = [m for m in steps if m.re is LINES["val_step"].pattern] or steps
+    return (int(steps[-1]["step"]), int(steps[-1]["iterations"]), float(timed[-1]["train_time"]),
+            float(timed[-1]["step_avg"]))
 
 
 def _evals(body: list[str]) -> dict[str, EvalResult]:
-    """Each evaluation's figures (_exact line), time and parameters (result line). The round
-    trip's own _exact line is the first: the original repeats it after each sliding result."""
-    exact: dict[str, list[re.Match]] = {}
-    summary: dict[str, list[re.Match]] = {}
+    """Each evaluation's figures (_exact line), time and parameters (result line)."""
+    exact, summary = defaultdict(list), defaultdict(list)
     for kind, found in (("exact", exact), ("result", summary)):
         for m in find(kind, body):
-            found.setdefault(m["name"], []).append(m)
+            found[m["name"]].append(m)
     if "final_int6_roundtrip" not in exact:
         raise ValueError("no final_int6_roundtrip_exact line: the log stops before its evaluations")
     evals = {}
@@ -195,12 +162,11 @@ def _evals(body: list[str]) -> dict[str, EvalResult]:
         if tag in summary and tag not in exact:
             raise ValueError(f"'{tag}' has no {tag}_exact line: the log is cut in its evaluations")
         if tag in exact:
-            pick = 0 if name == "roundtrip" else -1
-            figures, line = exact[tag][pick], summary[tag][pick] if tag in summary else None
+            pick = 0 if name == "roundtrip" else -1  # the original repeats it after sliding
+            figures, line = exact[tag][pick], summary.get(tag, [None])[pick]
             evals[name] = EvalResult(
-                _number(figures["val_loss"], "val_loss", tag + "_exact"),
-                _number(figures["val_bpb"], "val_bpb", tag + "_exact"), tag + "_exact",
-                _number(line["ms"], "eval_time", tag) if line else None,
+                float(figures["val_loss"]), float(figures["val_bpb"]), tag + "_exact",
+                float(line["ms"]) if line else None,
                 dict(w.split(":", 1) for w in (line["extra"] + line["suffix"]).split() if ":" in w)
                 if line else {})
     started = [m["label"] for m in find("progress", body)] + ["legal_ttt"] * bool(
@@ -213,8 +179,7 @@ def _evals(body: list[str]) -> dict[str, EvalResult]:
 
 
 def _score_kinds(body: list[str], evals: dict[str, EvalResult], summary_due: bool) -> None:
-    """The closing score: lines (one per evaluation, agreeing with its _exact line) give each
-    result its kind; a log with the settings: line must end with them."""
+    """Each result's kind, from its closing score: line (which a settings: line makes due)."""
     scores = {m["name"]: m for m in find("score", body)}
     if not scores and not summary_due:
         return
@@ -284,11 +249,9 @@ def legacy_settings(cfg: dict[str, str], body: list[str], evals: dict[str, EvalR
 
 
 def _parse(path: str, data: bytes) -> RunRecord:
-    try:
-        text = data.decode("utf-8")  # strictly: the source at its head must come back byte for byte
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"not UTF-8 text (byte {exc.start}): not a train_gpt.py log") from None
-    text = text.replace("\r\n", "\n")  # a log that went through a system writing CRLF
+    # Strict UTF-8 (a ValueError): the source at its head must come back byte for byte. CRLF: a
+    # log that went through a system writing them.
+    text = data.decode("utf-8").replace("\r\n", "\n")
     source, env, body = split_log(text)
     _check_body(text, source, body)
     if (seed := last("seed", body)) is None:
@@ -310,16 +273,18 @@ def _parse(path: str, data: bytes) -> RunRecord:
                 {"SEED": seed["seed"], **legacy_settings(run_config, body, evals,
                                                          artifact["compressor"])})
     gpus = {int(m["index"]): m["name"] for m in find("gpu", env)}
+    gpu_type = ", ".join(sorted(set(gpus.values()))) or "cpu"
     versions = {k: m["version"] for k in ("python", "pytorch") if (m := last(k, env))}
     if driver := first("driver", env):
         versions.update(driver=driver["driver"], cuda=driver["cuda"])
     return RunRecord(
         path=path, data=data, source=source, seed=int(seed["seed"]), steps=steps,
-        iterations=iterations, training_time_ms=train_ms, step_avg_ms=step_avg_ms,
+        iterations=iterations, training_time_seconds=train_ms / 1000, step_avg_ms=step_avg_ms,
+        eval_time_seconds=sum(e.eval_time_ms or 0.0 for e in evals.values()) / 1000,
         artifact_bytes=int(artifact["bytes"]), model_bytes=int(model["bytes"]) if model else None,
         code_bytes=int(code["bytes"]), compressor=artifact["compressor"], num_gpus=len(gpus),
-        gpu_type=", ".join(sorted(set(gpus.values()))) or "cpu", versions=versions,
-        config=run_config, settings=settings, evals=evals,
+        gpu_type=gpu_type, hardware=f"{len(gpus)}x {gpu_type}" if gpus else gpu_type,
+        versions=versions, config=run_config, settings=settings, evals=evals,
         stop_reason=stop["reason"] if stop else None,
         warnings=[m["message"] for m in find("warning", body)])
 
@@ -343,29 +308,21 @@ class Script:
     warnings: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class Baseline:
-    what: str  # how it was given, for the README and the JSON
-    bpb: float  # mean val_bpb
-    losses: tuple[float, ...] = ()  # per-seed val_loss (nats) from its logs; empty for a figure
-
-
-def _identity(record: RunRecord) -> dict[str, str]:
-    """What the seeds of one submission share."""
-    return {**{k: v for k, v in record.config.items() if k != "seed"},
-            **{k: v for k, v in record.settings.items() if k not in ("SEED", "RUN_ID")},
-            "code_bytes": str(record.code_bytes), "gpus": record.hardware}
-
-
 def check_consistent(records: Sequence[RunRecord]) -> None:
     """Refuse logs of different sources, configurations and repeated seeds."""
+    def identity(r: RunRecord) -> dict[str, str]:  # what the seeds of one submission share
+        return {**{k: v for k, v in r.config.items() if k != "seed"},
+                **{k: v for k, v in r.settings.items() if k not in ("SEED", "RUN_ID")},
+                "code_bytes": str(r.code_bytes), "gpus": r.hardware}
+
     first_record, seen = records[0], {}
     if differ := [r.path for r in records[1:] if r.source != first_record.source]:
         raise SubmissionError(f"{', '.join(differ)}: the source at the log's head differs from "
                               f"{first_record.path}'s (or only one carries it): one record holds "
                               "one script")
+    a = identity(first_record)
     for record in records:
-        a, b = _identity(first_record), _identity(record)
+        b = identity(record)
         if keys := sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)):
             diffs = "; ".join(f"{k} {a.get(k, 'absent')} vs {b.get(k, 'absent')}" for k in keys)
             raise SubmissionError(f"{record.path}: config differs from {first_record.path}: "
@@ -377,8 +334,7 @@ def check_consistent(records: Sequence[RunRecord]) -> None:
 
 
 def recover_script(records: Sequence[RunRecord], given: Path | None = None) -> Script:
-    """The logged source, the packed file re-made from it (packing is deterministic: the logged
-    Code size tells), or --script."""
+    """The logged source, the packed file re-made from it (Code size tells), or --script."""
     path, source, code = records[0].path, records[0].source, records[0].code_bytes
     if given is not None:
         return _given_script(given, source, code)
@@ -386,14 +342,13 @@ def recover_script(records: Sequence[RunRecord], given: Path | None = None) -> S
         raise SubmissionError(f"{path}: no source at the log's head (removed, as in the "
                               "original's published logs): give the script that ran with "
                               "--script FILE")
-    if len(source.encode("utf-8")) == code:
-        return Script(source.encode("utf-8"), "plain", "the full source at the head of every log",
-                      source)
     files = _packed.packed_files(source)
-    for codec, data in files.items():
+    origin = "the full source at the head of every log"
+    for form, data in {"plain": source.encode("utf-8"),
+                       **{f"packed ({c})": d for c, d in files.items()}}.items():
         if len(data) == code:
-            origin = f"re-packed ({codec}) from the full source at the head of every log"
-            return Script(data, f"packed ({codec})", origin, source)
+            return Script(data, form, origin if form == "plain" else f"re-{form} from {origin}",
+                          source)
     sizes = " or ".join(f"{len(d):,} ({c})" for c, d in files.items())
     raise SubmissionError(
         f"{path}: Code size {code:,} bytes is not the logged source's "
@@ -408,9 +363,8 @@ def _given_script(path: Path, source: str | None, code: int) -> Script:
     except OSError as exc:
         raise SubmissionError(f"--script {path}: cannot read ({exc.strerror})") from None
     packed = _packed.unpacked(data)
-    runs = packed[1] if packed else None
     try:
-        runs = runs or data.decode("utf-8")
+        runs = packed[1] if packed else data.decode("utf-8")
         compile(runs, str(path), "exec")
     except UnicodeDecodeError:
         raise SubmissionError(f"--script {path}: not UTF-8 text, so not a train_gpt.py") from None
@@ -437,7 +391,7 @@ def shared_scores(records: Sequence[RunRecord]) -> list[str]:
 
 
 def score_label(name: str, record: RunRecord) -> str:  # a sliding window says its stride
-    stride = record.evals[name].params.get("stride") if name in record.evals else None
+    stride = record.evals[name].params.get("stride")
     return f"{SCORES[name].label} s{stride}" if stride else SCORES[name].label
 
 
@@ -475,8 +429,8 @@ def acceptance_p_value(losses: Sequence[float], baseline_loss: float | None = No
     x = np.asarray(losses, dtype=float)
     if baseline_losses is not None and len(baseline_losses) > 1:
         # Shifting the new losses by min_gain tests mean(baseline) - mean(new) > min_gain.
-        result = stats.ttest_ind(np.asarray(baseline_losses, dtype=float), x + min_gain,
-                                 equal_var=False, alternative="greater")
+        result = stats.ttest_ind(baseline_losses, x + min_gain, equal_var=False,
+                                 alternative="greater")
     else:
         figure = float(np.mean(baseline_losses)) if baseline_losses is not None else baseline_loss
         result = stats.ttest_1samp(figure - x - min_gain, 0.0, alternative="greater")
@@ -484,31 +438,27 @@ def acceptance_p_value(losses: Sequence[float], baseline_loss: float | None = No
     return None if math.isnan(p) else p
 
 
-def read_baseline(bpb: float | None, logs: Sequence[str] | None) -> Baseline | None:
-    if bpb is not None:
-        return Baseline(f"val_bpb {bpb:.8f} (given)", bpb)
-    if not logs:
-        return None
-    records = [parse_log(path) for path in logs]
-    check_consistent(records)
-    name = resolve_score(records)
-    head = aggregate(records, name)
-    names = ", ".join(Path(r.path).name for r in records)
-    return Baseline(f"{len(records)} log(s) ({names}), {head['label']}", head["val_bpb"],
-                    tuple(r.evals[name].val_loss for r in records))
-
-
-def compare(records: Sequence[RunRecord], score: str, baseline: Baseline, min_gain: float) -> dict:
+def compare(records: Sequence[RunRecord], score: str, baseline: float | Sequence[str],
+            min_gain: float) -> dict:
+    """This run against a baseline: its val_bpb, or its logs (their best accepted score)."""
     losses = [r.evals[score].val_loss for r in records]
     bpbs = [r.evals[score].val_bpb for r in records]
-    # On one validation text and tokenizer, nats per token and bits per byte are in one ratio.
-    nats_per_bpb = float(np.mean(losses) / np.mean(bpbs))
-    base_loss = float(np.mean(baseline.losses)) if baseline.losses else baseline.bpb * nats_per_bpb
-    p = acceptance_p_value(losses, base_loss, baseline.losses or None, min_gain)
-    test = "Welch's t, one-sided" if len(baseline.losses) > 1 else "one-sample t, one-sided"
-    return {"what": baseline.what, "val_bpb": baseline.bpb, "val_loss": base_loss,
-            "val_loss_from_bpb": not baseline.losses,
-            "delta_bpb": float(np.mean(bpbs)) - baseline.bpb,
+    if isinstance(baseline, float):
+        # On one validation text and tokenizer, nats per token and bits per byte are in one ratio.
+        what, bpb, base_losses = f"val_bpb {baseline:.8f} (given)", baseline, []
+        base_loss = bpb * float(np.mean(losses) / np.mean(bpbs))
+    else:
+        base = [parse_log(path) for path in baseline]
+        check_consistent(base)
+        head = aggregate(base, name := resolve_score(base))
+        names = ", ".join(Path(r.path).name for r in base)
+        what, bpb = f"{len(base)} log(s) ({names}), {head['label']}", head["val_bpb"]
+        base_losses = [r.evals[name].val_loss for r in base]
+        base_loss = float(np.mean(base_losses))
+    p = acceptance_p_value(losses, base_loss, base_losses or None, min_gain)
+    test = "Welch's t, one-sided" if len(base_losses) > 1 else "one-sample t, one-sided"
+    return {"what": what, "val_bpb": bpb, "val_loss": base_loss,
+            "val_loss_from_bpb": not base_losses, "delta_bpb": float(np.mean(bpbs)) - bpb,
             "delta_nats": float(np.mean(losses)) - base_loss, "min_gain_nats": min_gain,
             "p_value": p, "test": test if p is not None else
             f"needs at least 2 seeds with spread (got {len(bpbs)})"}
@@ -542,12 +492,8 @@ def _warnings(records: Sequence[RunRecord], score: str, script: Script | None,
 
 
 def declared_defaults(source: str) -> dict[str, str]:
-    """The settings' defaults read from the script's source without running it (a Section's
-    `name: type = kind(default, ...)` is PREFIX + NAME); {} for the original's."""
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
-        return {}
+    """The defaults of a script's settings (a Section's `name: type = kind(default, ...)`)."""
+    tree = ast.parse(source)  # it ran: it parses
     names = {t.id: node.value for node in tree.body if isinstance(node, ast.Assign)
              for t in node.targets if isinstance(t, ast.Name)}
     out = {}
@@ -567,25 +513,20 @@ def declared_defaults(source: str) -> dict[str, str]:
 
 def same_value(a: str, b: str | None) -> bool:
     """Equal text, or equal numbers ('0.5' and '0.50')."""
-    if a == b or b is None:
-        return a == b
-    try:
+    with contextlib.suppress(TypeError, ValueError):
         return float(a) == float(b)
-    except ValueError:
-        return False
+    return a == b
 
 
 def reproduction(records: Sequence[RunRecord]) -> dict:
-    """The command per seed: the settings that differ from the script's declared defaults (this
-    repository's for a log without its source), then the launcher."""
+    """The command per seed: the settings that differ from the script's defaults, the launcher."""
     defaults = declared_defaults(records[0].source or "") or declared_defaults(
         (ROOT / "train_gpt.py").read_text(encoding="utf-8"))
     settings = {k: v for k, v in records[0].settings.items()
                 if k not in ("SEED", "RUN_ID") and not same_value(v, defaults.get(k))}
     world = int(records[0].config.get("world_size", "1"))
-    launch = "python train_gpt.py"
-    if world > 1:
-        launch = f"torchrun --standalone --nproc_per_node={world} train_gpt.py"
+    launch = f"torchrun --standalone --nproc_per_node={world}" if world > 1 else "python"
+    launch += " train_gpt.py"
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in settings.items())
     return {"settings": settings, "launch": launch,
             "commands": {str(r.seed): " ".join(filter(None, [env, f"SEED={r.seed}", launch]))
@@ -594,14 +535,12 @@ def reproduction(records: Sequence[RunRecord]) -> dict:
 
 def build_submission(records: Sequence[RunRecord], score: str | None = None,
                      meta: dict | None = None, script: Script | None = None,
-                     baseline: Baseline | None = None, min_gain: float = 0.005) -> dict:
-    """submission.json for the runs of one configuration; meta: name, author, github_id, blurb,
-    track, date."""
-    if not records:
-        raise SubmissionError("no logs given")
+                     baseline: float | Sequence[str] | None = None,
+                     min_gain: float = 0.005) -> dict:
+    """submission.json; meta: name, author, github_id, blurb, track, date; baseline: compare."""
     meta = {"name": "", "author": "", "github_id": "", "blurb": "", "track": RECORD_TRACK,
-            "date": datetime.date.today().isoformat(),
-            **{k: v for k, v in (meta or {}).items() if v}}
+            "date": datetime.date.today(), **{k: v for k, v in (meta or {}).items() if v}}
+    meta["date"] = str(meta["date"])  # --date gives a datetime.date
     check_consistent(records)
     score = resolve_score(records, score)
     head, per_seed = aggregate(records, score), [seed_compliance(r) for r in records]
@@ -631,14 +570,13 @@ def build_submission(records: Sequence[RunRecord], score: str | None = None,
         "compliance": {**{key: all(s[key] for s in per_seed) for key in per_seed[0]},
                        "score_accepted": SCORES[score].kind == ACCEPTED,
                        "per_seed": {str(r.seed): s for r, s in zip(records, per_seed)}},
-        "baseline": compare(records, score, baseline, min_gain) if baseline else None,
+        "baseline": None if baseline is None else compare(records, score, baseline, min_gain),
         "warnings": _warnings(records, score, script, meta["track"]),
     }
 
 
 def requirements(script: Script, records: Sequence[RunRecord]) -> str:
-    """What the script imports beyond the standard library, torch pinned to the logs' version; an
-    import guarded by `except ImportError` is optional."""
+    """What the script imports beyond the standard library (optional: guarded by ImportError)."""
     tree, guarded, found = ast.parse(script.source), set(), {}
     for node in ast.walk(tree):
         if isinstance(node, ast.Try) and any(
@@ -770,30 +708,26 @@ def render_readme(s: dict, records: Sequence[RunRecord]) -> str:
                                   "figure is theirs."]) + "\n"
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def _check_target(out: Path, force: bool) -> None:
     """--force replaces only a folder this tool wrote, as it wrote it."""
-    if not out.exists() and not out.is_symlink():
-        return
-    if not out.is_dir() or out.is_symlink():
+    if out.is_symlink() or out.exists() and not out.is_dir():
         raise SubmissionError(f"{out}: exists and is not a folder; expected a new folder for the "
                               "record")
+    if not out.exists():
+        return
     if not force:
         raise SubmissionError(f"{out}: exists; --force replaces it")
-    try:
+    written = None
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
         mark = json.loads((out / "submission.json").read_text(encoding="utf-8"))
         written = mark["files"] if mark.get("written_by") == WRITTEN_BY else None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        written = None
     if not isinstance(written, dict):
         raise SubmissionError(f"{out}: not a record folder this tool wrote (its submission.json "
                               "does not list the files it wrote): --force replaces only such a "
                               "folder")
     foreign = sorted(p.name for p in out.iterdir() if p.name != "submission.json" and (
-        not p.is_file() or p.is_symlink() or written.get(p.name) != _sha256(p.read_bytes())))
+        not p.is_file() or p.is_symlink()
+        or written.get(p.name) != hashlib.sha256(p.read_bytes()).hexdigest()))
     if foreign:
         raise SubmissionError(f"{out}: holds files this tool did not write, or changed since "
                               f"({', '.join(foreign[:5])}): --force replaces only a folder as "
@@ -801,46 +735,37 @@ def _check_target(out: Path, force: bool) -> None:
 
 
 def write_folder(out: Path, files: dict[str, bytes], force: bool = False) -> None:
-    """A temporary sibling, then renames: never half a folder, the old one kept on failure."""
+    """A hidden sibling, then renames: never half a folder, the old one kept on failure."""
     _check_target(out, force)
-    out = out.resolve()  # a name to put the siblings beside, even for --out with '..' in it
+    out = out.resolve()  # a name to put the sibling beside, even for --out with '..' in it
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = (out.with_name(f".{out.name}.{os.getpid()}.{end}") for end in ("tmp", "old"))
-    shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier run of this process id
-    try:
-        tmp.mkdir()
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+        new, old = Path(tmp, "new"), Path(tmp, "old")
+        new.mkdir()
         for name, data in files.items():
-            write_atomic(tmp / name, data)
+            write_atomic(new / name, data)
         if out.exists():
             os.rename(out, old)
         try:
-            os.rename(tmp, out)
+            os.rename(new, out)
         except OSError:
             if old.exists():
                 os.rename(old, out)
             raise
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def plan_folder(args: argparse.Namespace) -> tuple[dict[str, bytes], dict, list[RunRecord]]:
     """Everything in memory first, so that each refusal comes before anything is written."""
     records = [parse_log(path) for path in args.logs]
-    check_consistent(records)
     script = recover_script(records, args.script)
     meta = {k: getattr(args, k) for k in ("name", "author", "github_id", "blurb", "track", "date")}
-    baseline = read_baseline(args.baseline_bpb, args.baseline_logs)
+    baseline = args.baseline_logs if args.baseline_bpb is None else args.baseline_bpb
     submission = build_submission(records, args.score, meta, script, baseline, args.min_gain)
     files = {"train_gpt.py": script.data, **{f"train_seed{r.seed}.log": r.data for r in records},
              "requirements.txt": requirements(script, records).encode("utf-8")}
-    # The JSON and README are small; with them the folder must stay under the validator's cap.
-    if (total := sum(map(len, files.values())) + 200_000) >= TOTAL_BYTES:
-        submission["warnings"].append(f"the record folder holds about {total:,} bytes, not under "
-                                      f"the challenge's {TOTAL_BYTES:,}")
     files["README.md"] = render_readme(submission, records).encode("utf-8")
     submission["written_by"] = WRITTEN_BY
-    submission["files"] = {name: _sha256(data) for name, data in files.items()}
+    submission["files"] = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
     files["submission.json"] = (json.dumps(submission, indent=2, allow_nan=False) + "\n").encode()
     return files, submission, records
 
@@ -866,35 +791,22 @@ def summary(files: dict[str, bytes], s: dict, records: list[RunRecord], out: Pat
     return "\n".join(lines)
 
 
-def _iso_date(text: str) -> str:
-    try:
-        return datetime.date.fromisoformat(text).isoformat()
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a YYYY-MM-DD date: {text!r}") from None
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tools.submission",
                                 description="Write a record folder from train_gpt.py logs.")
     p.add_argument("logs", nargs="+", metavar="LOG", help="run log, one per seed")
-    p.add_argument("--out", required=True, type=Path,
-                   help="the record folder to write (must not exist)")
+    p.add_argument("--out", required=True, type=Path, help="the record folder (must not exist)")
     p.add_argument("--force", action="store_true",
                    help="replace a record folder this tool wrote, if nothing in it changed")
     p.add_argument("--script", type=Path, metavar="FILE",
                    help="the script that ran, for logs without their source (or a packed file)")
     p.add_argument("--score", choices=tuple(SCORES),
-                   help="the headline score (default: the accepted one with the lowest mean "
-                        "val_bpb that every log has; slot_context is causal but not accepted, "
-                        "slot not causal)")
-    for option, text in (("--name", "submission name"), ("--author", None), ("--github-id", None),
-                         ("--blurb", "one-paragraph description")):
-        p.add_argument(option, default="", help=text)
+                   help="the headline score (default: the best accepted one every log has)")
+    for option in ("--name", "--author", "--github-id", "--blurb"):
+        p.add_argument(option, default="")
     p.add_argument("--track", default=RECORD_TRACK,
-                   help="challenge track (default %(default)s: warns when a run is not on "
-                        "8xH100, trains or evaluates over 600 s or has a total of 16,000,000 "
-                        "bytes or more)")
-    p.add_argument("--date", type=_iso_date, help="YYYY-MM-DD (default: today)")
+                   help="challenge track (default %(default)s: warns on its limits)")
+    p.add_argument("--date", type=datetime.date.fromisoformat, help="YYYY-MM-DD (default: today)")
     baseline = p.add_mutually_exclusive_group()
     baseline.add_argument("--baseline-bpb", type=float, metavar="BPB",
                           help="the record to beat: its val_bpb")
