@@ -1977,10 +1977,10 @@ class Batch:
 
 def window_pass(s: Scoring, plan: WindowPlan, batches: list[np.ndarray], rows: int,
                 seq_len: int, collect: bool) -> Iterator[Batch]:
-    """This rank's share, each batch padded to `rows` windows: one input shape."""
+    """This rank's share, each batch padded to `rows` windows (0: none): one input shape."""
     dev, host = s.rt.device, s.tokens.numpy()
     for idx in batches[s.rt.rank::s.rt.world_size]:
-        xy, (scored, context), where = window_batch(host, plan, idx, rows, seq_len)
+        xy, (scored, context), where = window_batch(host, plan, idx, rows or len(idx), seq_len)
         x, y = torch.from_numpy(xy).to(dev)
         pos = torch.from_numpy(np.flatnonzero(scored)).to(dev)
         where_t = torch.from_numpy(where[scored]).to(dev) if collect else None
@@ -2226,7 +2226,8 @@ def eval_ttt(cfg: EvalConfig, rt: Runtime, model: GPT, tokens: Tensor, luts,
     trainer = TTTTrainer(c, rt, model, L)
     s = Scoring(model, rt.compiled(model.hidden), tokens, luts, rt, trainer.recur)
     rows = min(cfg.slot.batch_seqs, int(np.diff(bounds).max()))
-    trainer.warm_up(s, rows, c.chunk_tokens // L if n_chunks > 1 and c.epochs else 0)
+    if rt.compile:  # eager runs (CPU) have nothing to compile, and score unpadded batches
+        trainer.warm_up(s, rows, c.chunk_tokens // L if n_chunks > 1 and c.epochs else 0)
     scorer = SlidingScorer("legal_ttt", Sums(rt.device, n_targets if collect else 0))
     rt.log(f"legal_ttt:start chunks:{n_chunks} windows:{len(plan)} chunk_tokens:{c.chunk_tokens} "
            f"stride:{cfg.window_stride} lr:{c.lr} epochs:{c.epochs} "
@@ -2236,7 +2237,7 @@ def eval_ttt(cfg: EvalConfig, rt: Runtime, model: GPT, tokens: Tensor, luts,
     for ci in range(n_chunks):
         chunk_plan = plan[bounds[ci]:bounds[ci + 1]]
         batches = window_batches(len(chunk_plan), rows, 1)
-        score_windows(s, chunk_plan, batches, rows, L, [scorer])
+        score_windows(s, chunk_plan, batches, rows * rt.compile, L, [scorer])
         if ci < n_chunks - 1 and c.epochs > 0:
             lr = c.lr * 0.5 * (1 + math.cos(math.pi * ci / max(n_chunks - 1, 1)))
             trainer.train_chunk(tokens[ci * c.chunk_tokens:(ci + 1) * c.chunk_tokens + 1], lr)
