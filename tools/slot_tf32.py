@@ -2,11 +2,9 @@
 
     python -m tools.slot_tf32 --artifact final_model.int6.ptz [--batches 8]
 
-Model and data settings come from the environment, as for train_gpt.py (PRESET=demo for the CPU
-demo's artifact). On CUDA SLOT's float32 logit matmul runs in TF32, which rounds h + delta in
-the original's (h + delta) W^T, h and delta apart in this project's h W^T + delta W^T. This
-runs both on the same hidden states, with and without emulated TF32, and prints the relative
-change of the mean scored loss (= of val_bpb): its size; the hardware's rounding may differ.
+Settings come from the environment, as for train_gpt.py (PRESET=demo for the demo's artifact).
+CUDA's TF32 rounds h + delta in the original's (h + delta) W^T, h and delta apart in this
+project's h W^T + delta W^T: both run here with and without emulated TF32.
 """
 
 from __future__ import annotations
@@ -56,10 +54,9 @@ class SlotBatch:
 
 def slot_nll(b: SlotBatch, weight, slot, softcap: float, split: bool = False, tf32: bool = False,
              everywhere: bool = False) -> torch.Tensor:
-    """SLOT (scored mode) on one batch of windows, written out; `split` is this project's
-    h W^T + delta W^T, otherwise the original's (h + delta) W^T. Logits only at the scored
-    positions (each row's logits do not depend on the others), or, `everywhere`, at every
-    position as the original computes them (its cost, for tools.bench_eval)."""
+    """SLOT (scored mode) written out, `split` as this project's h W^T + delta W^T, else as the
+    original's (h + delta) W^T; logits at the scored positions (rows are independent), or,
+    `everywhere`, at every position as the original (its cost, for tools.bench_eval)."""
     linear = TF32Linear.apply if tf32 else F.linear
     rows_b, cols = (torch.ones_like(b.scored) if everywhere else b.scored).nonzero(as_tuple=True)
     rows, targets, keep = b.hid[rows_b, cols], b.y[rows_b, cols], b.scored[rows_b, cols]
@@ -84,17 +81,17 @@ def compare(batches: list[SlotBatch], weight, slot, softcap: float) -> dict[str,
         torch.cat([slot_nll(b, weight, slot, softcap, split, tf32).double() for b in batches])
         for split in (False, True) for tf32 in (False, True))
     script = torch.cat([b.script for b in batches])
-
-    def rel(a, b):
-        return float((a.mean() - b.mean()) / b.mean())
-
     return dict(
-        split_vs_full_f32=rel(split_f32, full_f32), tf32_vs_f32_original=rel(full_tf32, full_f32),
-        split_vs_full_tf32=rel(split_tf32, full_tf32),
+        split_vs_full_f32=rel_change(split_f32, full_f32),
+        tf32_vs_f32_original=rel_change(full_tf32, full_f32),
+        split_vs_full_tf32=rel_change(split_tf32, full_tf32),
         max_target_gap_tf32=float((split_tf32 - full_tf32).abs().max()),
         script_vs_tool=float((script - split_f32).abs().max()),
-        targets=int(script.numel()), mean_nll=float(full_f32.mean()),
-    )
+        targets=int(script.numel()), mean_nll=float(full_f32.mean()))
+
+
+def rel_change(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.mean() - b.mean()) / b.mean())
 
 
 def slot_batches(e, s, n_batches: int) -> list[SlotBatch]:
@@ -115,10 +112,10 @@ def slot_batches(e, s, n_batches: int) -> list[SlotBatch]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.slot_tf32",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--artifact", default="final_model.int6.ptz", help="an artifact of train_gpt.py")
-    p.add_argument("--batches", type=int, default=8, help="SLOT batches to run (default 8)")
+    p.add_argument("--batches", type=int, default=8, help="SLOT batches to run")
     a = p.parse_args(argv)
     try:  # the artifact's model on the first SLOT batches of the validation stream
         cfg = tg.Config.from_env({**os.environ, "ARTIFACT": a.artifact})
