@@ -95,9 +95,8 @@ def flip_positions(plan, k: int, seed: int) -> list[int]:
     rng = np.random.default_rng(seed)
     candidates = [w for w in range(1, len(plan)) if plan.length[w] - plan.score_from[w] >= 2]
     windows = rng.choice(candidates, size=k, replace=k > len(candidates))
-    positions = {int(plan.start[w] + rng.integers(plan.score_from[w] + 1, plan.length[w]))
-                 for w in windows}
-    return sorted(positions)
+    return sorted({int(plan.start[w] + rng.integers(plan.score_from[w] + 1, plan.length[w]))
+                   for w in windows})
 
 
 def score_targets(tg, model, tokens, cfg, luts, modes) -> dict[str, torch.Tensor]:

@@ -46,18 +46,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 @dataclass(frozen=True)
 class Ratio:
-    """One printed ratio; target: the most it may be (None: no target), original: the
-    original's figure, for comparison; note: text printed after the value instead."""
     name: str
     value: float
-    target: float | None = None
-    original: float | None = None
-    note: str = ""
+    target: float | None = None  # the most it may be
+    original: float | None = None  # the original's figure, for comparison
+    note: str = ""  # printed after the value instead of the two
 
     @property
     def misses(self) -> bool:
-        # The figure printed is the one judged (1.504 prints 1.50 and meets <= 1.5);
-        # NaN never meets a target.
+        # The figure printed is judged (1.504 prints 1.50, meets <= 1.5); NaN meets no target.
         return self.target is not None and not round(self.value, 2) <= self.target
 
 
@@ -85,8 +82,7 @@ def report_ratios(ratios: list[Ratio], strict: bool) -> int:
 
 def setup(a: argparse.Namespace):
     """The settings (as a run's environment), their Config, and the Scoring of a model whose
-    every matrix is random (the zero-initialised projections too: nothing trivially cheap) on
-    a random stream (real text would change no timing and give no meaningful val_bpb)."""
+    every matrix is random (nothing trivially cheap) on a random stream (text changes no timing)."""
     ve_layers = ",".join(str(i) for i in range(max(a.layers - 2, 0), a.layers))
     env = dict(TRAIN_SEQ_LEN=a.seq_len, EVAL_SEQ_LEN=a.seq_len, EVAL_STRIDE=a.stride,
                SLOT_STEPS=a.slot_steps, SLOT_MODE="scored", RUN_ID="bench_eval",
@@ -122,8 +118,7 @@ def timed(rt, fn):
 
 def compare_slot_styles(s, e, k: int):
     """Per-window seconds of the fast SLOT (the script's scorer, its loss uncompiled) and the
-    original-style one (tools.slot_tf32's, logits at every position) on windows 1..k (full
-    ones that score their last `stride` targets), both on the window pass's hidden states."""
+    original-style one (tools.slot_tf32's) on the hidden states of full windows 1..k."""
     rt = s.rt
     plain = tg.Scoring(s.model, s.hidden_fn, s.tokens, s.luts, tg.Runtime(device=rt.device))
     plan = tg.sliding_windows(s.n_targets, e.seq_len, e.stride, e.tail)
@@ -157,8 +152,7 @@ def run_suite(cfg, s):
 
 
 def time_evaluations(a, env: dict, cfg, s, n_windows: int):
-    """Every timing of the table: rows (name, seconds, val_bpb; the suite's parts indented) and
-    the ratios."""
+    """Every timing of the table: its rows (name, seconds, val_bpb) and the ratios."""
     e, rt = cfg.eval, s.rt
     warm = tg.Scoring(s.model, s.hidden_fn, s.tokens[:e.seq_len + e.stride + 1], s.luts, rt)
     tg.sliding_pass(e, warm, e.stride, "sliding", ("scored",))  # kernels (and compilation) warm
@@ -190,8 +184,7 @@ def time_evaluations(a, env: dict, cfg, s, n_windows: int):
         rows.append((f"(d) original-style SLOT (est. from {k} windows)", t_d, None))
         ratios += [Ratio("original-style SLOT / fast SLOT", t_d / t_b),
                    Ratio("  SLOT fit per window: original / fast", orig_w / fast_w,
-                         note=f"({orig_w:.3f}s vs {fast_w:.3f}s; max rel. nll gap "
-                              f"{gap:.1e})")]
+                         note=f"({orig_w:.3f}s vs {fast_w:.3f}s; max rel. nll gap {gap:.1e})")]
     return rows, ratios
 
 

@@ -20,6 +20,15 @@ import torch.nn.functional as F
 from tools._common import fit_slot, import_train_gpt, unit_luts
 
 tg = import_train_gpt()
+REPORT = """
+{batches} SLOT batches, {targets:,} scored targets, SLOT_STEPS={steps}, mean loss {mean_nll:.4f}
+relative change of the mean scored loss (= of val_bpb):
+  float32: this project's split vs the original's (h + delta) W^T  {split_vs_full_f32:+.1e}
+  the original itself, TF32 vs float32                             {tf32_vs_f32_original:+.1e}
+  TF32: this project's split vs the original's (h + delta) W^T     {split_vs_full_tf32:+.1e}
+largest per-target loss gap under TF32: {max_target_gap_tf32:.1e}
+train_gpt's SLOT scorer vs this tool's float32 split: largest per-target gap {script_vs_tool:.1e}
+""".strip()
 
 
 def round_tf32(x: torch.Tensor) -> torch.Tensor:
@@ -112,10 +121,9 @@ def slot_batches(e, s, n_batches: int) -> list[SlotBatch]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.slot_tf32",
-                                description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                description=__doc__.split("\n")[0])
     p.add_argument("--artifact", default="final_model.int6.ptz", help="an artifact of train_gpt.py")
-    p.add_argument("--batches", type=int, default=8, help="SLOT batches to run")
+    p.add_argument("--batches", type=int, default=8, help="SLOT batches to run (default 8)")
     a = p.parse_args(argv)
     try:  # the artifact's model on the first SLOT batches of the validation stream
         cfg = tg.Config.from_env({**os.environ, "ARTIFACT": a.artifact})
@@ -129,18 +137,7 @@ def main(argv=None) -> int:
     s = tg.Scoring(model, model.hidden, tokens, unit_luts(cfg.model.vocab_size), tg.Runtime())
     batches, slot = slot_batches(cfg.eval, s, a.batches), cfg.eval.slot
     r = compare(batches, model.head_weight().detach().float(), slot, cfg.model.logit_softcap)
-    print(f"{len(batches)} SLOT batches, {r['targets']:,} scored targets, SLOT_STEPS={slot.steps}, "
-          f"mean loss {r['mean_nll']:.4f}")
-    print("relative change of the mean scored loss (= of val_bpb):")
-    versus = "this project's split vs the original's (h + delta) W^T"
-    rows = {f"float32: {versus}": "split_vs_full_f32",
-            "the original itself, TF32 vs float32": "tf32_vs_f32_original",
-            f"TF32: {versus}": "split_vs_full_tf32"}
-    for label, key in rows.items():
-        print(f"  {label:<{len(versus) + 9}}  {r[key]:+.1e}")
-    print(f"largest per-target loss gap under TF32: {r['max_target_gap_tf32']:.1e}")
-    print(f"train_gpt's SLOT scorer vs this tool's float32 split: largest per-target gap "
-          f"{r['script_vs_tool']:.1e}")
+    print(REPORT.format(batches=len(batches), steps=slot.steps, **r))
     return 0
 
 
