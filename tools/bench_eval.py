@@ -197,8 +197,7 @@ def main(argv=None) -> int:
         print(f"device:{s.rt.device} threads:{torch.get_num_threads()} layers:{m.num_layers} "
               f"dim:{m.model_dim} vocab:{m.vocab_size} "
               f"params:{sum(p.numel() for p in s.model.parameters()):,} L:{e.seq_len} "
-              f"stride:{e.stride} targets:{s.n_targets:,} windows:{n_windows} "
-              f"slot_steps:{e.slot.steps} slot_batch:{e.slot.batch_seqs} stream:random")
+              f"targets:{s.n_targets:,} windows:{n_windows} slot_batch:{e.slot.batch_seqs}")
         rows, ratios = time_evaluations(a, env, cfg, s, n_windows)
     except tg.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
