@@ -69,11 +69,14 @@ class ModeResult:
     def as_expected(self) -> bool:
         return self.verdict == MODES[self.mode][1]
 
+    def fails(self, strict: bool) -> bool:
+        """With strict, every mode not causal fails the run; else every unexpected verdict."""
+        return self.verdict != "causal" if strict else not self.as_expected
+
 
 @dataclass
 class AuditReport:
     settings: AuditSettings
-    n_windows: int
     positions: list[int]
     results: list[ModeResult]
 
@@ -147,7 +150,7 @@ def run_audit(s: AuditSettings = AuditSettings()) -> AuditReport:
             after = score_targets(tg, model, changed, cfg, luts, modes)
             for r in results:
                 r.record(p, (after[r.mode] - base[r.mode]).abs())
-    return AuditReport(s, len(plan), positions, results)
+    return AuditReport(s, positions, results)
 
 
 def format_report(r: AuditReport) -> str:
@@ -155,7 +158,7 @@ def format_report(r: AuditReport) -> str:
     lines = [
         "flip test (docs/evaluation.md): change the target at p, look for a change before p",
         f"a small random model with the record's features, SLOT-{s.slot_steps}; {s.targets} random "
-        f"targets in {r.n_windows} windows of {s.seq_len}, stride {s.stride}",
+        f"targets, windows of {s.seq_len}, stride {s.stride}",
         f"flipped targets ({len(r.positions)}): {', '.join(map(str, r.positions))}", "",
         format_table(r.results), "",
         f"threshold {THRESHOLD:g}: a larger change of an earlier target's nll means the mode "
@@ -176,13 +179,8 @@ def format_table(results: list[ModeResult]) -> str:
                      for row in rows)
 
 
-def failing(results: list[ModeResult], strict: bool) -> list[ModeResult]:
-    """The modes that fail the run: with strict, every one not causal."""
-    return [x for x in results if (x.verdict != "causal" if strict else not x.as_expected)]
-
-
 def exit_code(results: list[ModeResult], strict: bool) -> int:
-    return 1 if failing(results, strict) else 0
+    return 1 if any(x.fails(strict) for x in results) else 0
 
 
 def main(argv=None) -> int:
@@ -202,7 +200,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_report(report))
-    if bad := [MODES[x.mode][0] for x in failing(report.results, a.strict)]:
+    if bad := [MODES[x.mode][0] for x in report.results if x.fails(a.strict)]:
         print(f"result: FAIL ({', '.join(bad)}: {'not causal' if a.strict else 'not as expected'})")
         return 1
     why = "" if a.strict else " (verdicts as expected; SLOT scored fits the targets it scores)"
