@@ -4,8 +4,7 @@
 
 (a) the sliding window, (b) SLOT, (c) the whole suite (train_gpt.evaluate), (d) an
 original-style SLOT (logits everywhere; timed on a few windows, extrapolated), (e) legal TTT;
-then the ratios to (a), one over its target marked MISSES TARGET (--strict: exit 1). The
-CPU-sized body is ~50x smaller than the record's: --record on a GPU for its proportions.
+then the ratios to (a), one over its target marked MISSES TARGET (--strict: exit 1).
 """
 
 from __future__ import annotations
@@ -33,16 +32,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tools.bench_eval",
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--layers", type=int, default=2, help="NUM_LAYERS")
-    p.add_argument("--dim", type=int, default=128, help="MODEL_DIM (4 heads, 2 kv heads)")
-    p.add_argument("--record", action="store_true",
-                   help="the record's own model (26.9M parameters, for a GPU), not --layers/--dim")
-    p.add_argument("--seq-len", type=int, default=2048, help="EVAL_SEQ_LEN = TRAIN_SEQ_LEN")
-    p.add_argument("--stride", type=int, default=96, help="EVAL_STRIDE")
-    p.add_argument("--slot-steps", type=int, default=48, help="SLOT_STEPS")
-    p.add_argument("--tokens", type=int, default=16384, help="validation targets")
-    p.add_argument("--orig-windows", type=int, default=2, help="windows timing (d) (0: no (d))")
-    p.add_argument("--ttt-chunk", type=int, default=4096, help="TTT_CHUNK_TOKENS (0: no (e))")
+    for option, default, help_text in (
+            ("layers", 2, "NUM_LAYERS"), ("dim", 128, "MODEL_DIM (4 heads, 2 kv heads)"),
+            ("seq-len", 2048, "EVAL_SEQ_LEN = TRAIN_SEQ_LEN"), ("stride", 96, "EVAL_STRIDE"),
+            ("slot-steps", 48, "SLOT_STEPS"), ("tokens", 16384, "validation targets"),
+            ("orig-windows", 2, "windows timing (d), 0: none"),
+            ("ttt-chunk", 4096, "TTT_CHUNK_TOKENS, 0: no (e)")):
+        p.add_argument(f"--{option}", type=int, default=default, help=help_text)
     p.add_argument("--strict", action="store_true",
                    help="exit 1 when a ratio misses its target (every ratio is printed first)")
     return p.parse_args(argv)
@@ -50,18 +46,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 @dataclass(frozen=True)
 class Ratio:
-    """One printed ratio; target: the most it may be (None: no target), original: the
-    original's figure, for comparison; note: text printed after the value instead."""
     name: str
     value: float
-    target: float | None = None
-    original: float | None = None
-    note: str = ""
+    target: float | None = None  # the most it may be
+    original: float | None = None  # the original's figure, for comparison
+    note: str = ""  # printed after the value instead of the two
 
     @property
     def misses(self) -> bool:
-        # The figure printed is the one judged (1.504 prints 1.50 and meets <= 1.5);
-        # NaN never meets a target.
+        # The figure printed is judged (1.504 prints 1.50, meets <= 1.5); NaN meets no target.
         return self.target is not None and not round(self.value, 2) <= self.target
 
 
@@ -89,14 +82,12 @@ def report_ratios(ratios: list[Ratio], strict: bool) -> int:
 
 def setup(a: argparse.Namespace):
     """The settings (as a run's environment), their Config, and the Scoring of a model whose
-    every matrix is random (the zero-initialised projections too: nothing trivially cheap) on
-    a random stream (real text would change no timing and give no meaningful val_bpb)."""
+    every matrix is random (nothing trivially cheap) on a random stream (text changes no timing)."""
+    ve_layers = ",".join(str(i) for i in range(max(a.layers - 2, 0), a.layers))
     env = dict(TRAIN_SEQ_LEN=a.seq_len, EVAL_SEQ_LEN=a.seq_len, EVAL_STRIDE=a.stride,
-               SLOT_STEPS=a.slot_steps, SLOT_MODE="scored", RUN_ID="bench_eval")
-    if not a.record:
-        ve_layers = ",".join(str(i) for i in range(max(a.layers - 2, 0), a.layers))
-        env.update(NUM_LAYERS=a.layers, MODEL_DIM=a.dim, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=3,
-                   BIGRAM_DIM=32, VE_DIM=32, VE_LAYERS=ve_layers, XSA_LAST_N=a.layers)
+               SLOT_STEPS=a.slot_steps, SLOT_MODE="scored", RUN_ID="bench_eval",
+               NUM_LAYERS=a.layers, MODEL_DIM=a.dim, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=3,
+               BIGRAM_DIM=32, VE_DIM=32, VE_LAYERS=ve_layers, XSA_LAST_N=a.layers)
     env = {k: str(v) for k, v in env.items()}
     cfg = tg.Config.from_env(env)
     if a.tokens < cfg.eval.seq_len:
@@ -127,8 +118,7 @@ def timed(rt, fn):
 
 def compare_slot_styles(s, e, k: int):
     """Per-window seconds of the fast SLOT (the script's scorer, its loss uncompiled) and the
-    original-style one (tools.slot_tf32's, logits at every position) on windows 1..k (full
-    ones that score their last `stride` targets), both on the window pass's hidden states."""
+    original-style one (tools.slot_tf32's) on the hidden states of full windows 1..k."""
     rt = s.rt
     plain = tg.Scoring(s.model, s.hidden_fn, s.tokens, s.luts, tg.Runtime(device=rt.device))
     plan = tg.sliding_windows(s.n_targets, e.seq_len, e.stride, e.tail)
@@ -162,7 +152,7 @@ def run_suite(cfg, s):
 
 
 def time_evaluations(a, env: dict, cfg, s, n_windows: int):
-    """Every timing of the table: rows (name, seconds, val_bpb), the suite's parts, the ratios."""
+    """Every timing of the table: its rows (name, seconds, val_bpb) and the ratios."""
     e, rt = cfg.eval, s.rt
     warm = tg.Scoring(s.model, s.hidden_fn, s.tokens[:e.seq_len + e.stride + 1], s.luts, rt)
     tg.sliding_pass(e, warm, e.stride, "sliding", ("scored",))  # kernels (and compilation) warm
@@ -186,7 +176,7 @@ def time_evaluations(a, env: dict, cfg, s, n_windows: int):
                      sums.result(rt)[1]))
         ratios.append(Ratio("TTT / sliding", t_e / t_a, 1.5))
     t_c, parts = run_suite(cfg, s)
-    rows.append(("(c) suite (evaluate)", t_c, None))
+    rows += [("(c) suite (evaluate)", t_c, None)] + [(f"    {n}", sec, None) for n, sec in parts]
     ratios.append(Ratio("suite / sliding", t_c / t_a, 3, 10))
     if a.orig_windows > 0:
         fast_w, orig_w, k, gap = compare_slot_styles(s, e, a.orig_windows)
@@ -194,9 +184,8 @@ def time_evaluations(a, env: dict, cfg, s, n_windows: int):
         rows.append((f"(d) original-style SLOT (est. from {k} windows)", t_d, None))
         ratios += [Ratio("original-style SLOT / fast SLOT", t_d / t_b),
                    Ratio("  SLOT fit per window: original / fast", orig_w / fast_w,
-                         note=f"({orig_w:.3f}s vs {fast_w:.3f}s; max rel. nll gap "
-                              f"{gap:.1e})")]
-    return rows, parts, ratios
+                         note=f"({orig_w:.3f}s vs {fast_w:.3f}s; max rel. nll gap {gap:.1e})")]
+    return rows, ratios
 
 
 def main(argv=None) -> int:
@@ -208,16 +197,14 @@ def main(argv=None) -> int:
         print(f"device:{s.rt.device} threads:{torch.get_num_threads()} layers:{m.num_layers} "
               f"dim:{m.model_dim} vocab:{m.vocab_size} "
               f"params:{sum(p.numel() for p in s.model.parameters()):,} L:{e.seq_len} "
-              f"stride:{e.stride} targets:{s.n_targets:,} windows:{n_windows} "
-              f"slot_steps:{e.slot.steps} slot_batch:{e.slot.batch_seqs} stream:random")
-        rows, parts, ratios = time_evaluations(a, env, cfg, s, n_windows)
+              f"targets:{s.n_targets:,} windows:{n_windows} slot_batch:{e.slot.batch_seqs}")
+        rows, ratios = time_evaluations(a, env, cfg, s, n_windows)
     except tg.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"\n{'evaluation':<46}{'cpu s' if cpu else 'wall s':>10}{'val_bpb':>10}")
     for name, sec, bpb in rows:
-        print(f"{name:<46}{sec:>10.2f}{'' if bpb is None else f'{bpb:.4f}':>10}")
-    print("".join(f"    {name:<42}{sec:>10.2f}\n" for name, sec in parts), end="")
+        print(f"{name:<46}{sec:>10.2f}{'' if bpb is None else f'{bpb:.4f}':>10}".rstrip())
     title = f"ratio (of {'CPU' if cpu else 'wall'} seconds)"
     print(f"\n{title:<46}{'value':>10}{'target':>10}{'original':>10}")
     return report_ratios(ratios, a.strict)

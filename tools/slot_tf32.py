@@ -2,11 +2,9 @@
 
     python -m tools.slot_tf32 --artifact final_model.int6.ptz [--batches 8]
 
-Model and data settings come from the environment, as for train_gpt.py (PRESET=demo for the CPU
-demo's artifact). On CUDA SLOT's float32 logit matmul runs in TF32, which rounds h + delta in
-the original's (h + delta) W^T, h and delta apart in this project's h W^T + delta W^T. This
-runs both on the same hidden states, with and without emulated TF32, and prints the relative
-change of the mean scored loss (= of val_bpb): its size; the hardware's rounding may differ.
+Settings come from the environment, as for train_gpt.py (PRESET=demo for the demo's artifact).
+CUDA's TF32 rounds h + delta in the original's (h + delta) W^T, h and delta apart in this
+project's h W^T + delta W^T: both run here with and without emulated TF32.
 """
 
 from __future__ import annotations
@@ -22,6 +20,15 @@ import torch.nn.functional as F
 from tools._common import fit_slot, import_train_gpt, unit_luts
 
 tg = import_train_gpt()
+REPORT = """
+{batches} SLOT batches, {targets:,} scored targets, SLOT_STEPS={steps}, mean loss {mean_nll:.4f}
+relative change of the mean scored loss (= of val_bpb):
+  float32: this project's split vs the original's (h + delta) W^T  {split_vs_full_f32:+.1e}
+  the original itself, TF32 vs float32                             {tf32_vs_f32_original:+.1e}
+  TF32: this project's split vs the original's (h + delta) W^T     {split_vs_full_tf32:+.1e}
+largest per-target loss gap under TF32: {max_target_gap_tf32:.1e}
+train_gpt's SLOT scorer vs this tool's float32 split: largest per-target gap {script_vs_tool:.1e}
+""".strip()
 
 
 def round_tf32(x: torch.Tensor) -> torch.Tensor:
@@ -56,10 +63,9 @@ class SlotBatch:
 
 def slot_nll(b: SlotBatch, weight, slot, softcap: float, split: bool = False, tf32: bool = False,
              everywhere: bool = False) -> torch.Tensor:
-    """SLOT (scored mode) on one batch of windows, written out; `split` is this project's
-    h W^T + delta W^T, otherwise the original's (h + delta) W^T. Logits only at the scored
-    positions (each row's logits do not depend on the others), or, `everywhere`, at every
-    position as the original computes them (its cost, for tools.bench_eval)."""
+    """SLOT (scored mode) written out, `split` as this project's h W^T + delta W^T, else as the
+    original's (h + delta) W^T; logits at the scored positions (rows are independent), or,
+    `everywhere`, at every position as the original (its cost, for tools.bench_eval)."""
     linear = TF32Linear.apply if tf32 else F.linear
     rows_b, cols = (torch.ones_like(b.scored) if everywhere else b.scored).nonzero(as_tuple=True)
     rows, targets, keep = b.hid[rows_b, cols], b.y[rows_b, cols], b.scored[rows_b, cols]
@@ -84,17 +90,17 @@ def compare(batches: list[SlotBatch], weight, slot, softcap: float) -> dict[str,
         torch.cat([slot_nll(b, weight, slot, softcap, split, tf32).double() for b in batches])
         for split in (False, True) for tf32 in (False, True))
     script = torch.cat([b.script for b in batches])
-
-    def rel(a, b):
-        return float((a.mean() - b.mean()) / b.mean())
-
     return dict(
-        split_vs_full_f32=rel(split_f32, full_f32), tf32_vs_f32_original=rel(full_tf32, full_f32),
-        split_vs_full_tf32=rel(split_tf32, full_tf32),
+        split_vs_full_f32=rel_change(split_f32, full_f32),
+        tf32_vs_f32_original=rel_change(full_tf32, full_f32),
+        split_vs_full_tf32=rel_change(split_tf32, full_tf32),
         max_target_gap_tf32=float((split_tf32 - full_tf32).abs().max()),
         script_vs_tool=float((script - split_f32).abs().max()),
-        targets=int(script.numel()), mean_nll=float(full_f32.mean()),
-    )
+        targets=int(script.numel()), mean_nll=float(full_f32.mean()))
+
+
+def rel_change(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.mean() - b.mean()) / b.mean())
 
 
 def slot_batches(e, s, n_batches: int) -> list[SlotBatch]:
@@ -115,8 +121,7 @@ def slot_batches(e, s, n_batches: int) -> list[SlotBatch]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.slot_tf32",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                description=__doc__.split("\n")[0])
     p.add_argument("--artifact", default="final_model.int6.ptz", help="an artifact of train_gpt.py")
     p.add_argument("--batches", type=int, default=8, help="SLOT batches to run (default 8)")
     a = p.parse_args(argv)
@@ -132,18 +137,7 @@ def main(argv=None) -> int:
     s = tg.Scoring(model, model.hidden, tokens, unit_luts(cfg.model.vocab_size), tg.Runtime())
     batches, slot = slot_batches(cfg.eval, s, a.batches), cfg.eval.slot
     r = compare(batches, model.head_weight().detach().float(), slot, cfg.model.logit_softcap)
-    print(f"{len(batches)} SLOT batches, {r['targets']:,} scored targets, SLOT_STEPS={slot.steps}, "
-          f"mean loss {r['mean_nll']:.4f}")
-    print("relative change of the mean scored loss (= of val_bpb):")
-    versus = "this project's split vs the original's (h + delta) W^T"
-    rows = {f"float32: {versus}": "split_vs_full_f32",
-            "the original itself, TF32 vs float32": "tf32_vs_f32_original",
-            f"TF32: {versus}": "split_vs_full_tf32"}
-    for label, key in rows.items():
-        print(f"  {label:<{len(versus) + 9}}  {r[key]:+.1e}")
-    print(f"largest per-target loss gap under TF32: {r['max_target_gap_tf32']:.1e}")
-    print(f"train_gpt's SLOT scorer vs this tool's float32 split: largest per-target gap "
-          f"{r['script_vs_tool']:.1e}")
+    print(REPORT.format(batches=len(batches), steps=slot.steps, **r))
     return 0
 
 
