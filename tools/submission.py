@@ -531,14 +531,13 @@ def build_submission(records: Sequence[RunRecord], score: str | None = None,
                      baseline: float | Sequence[str] | None = None,
                      min_gain: float = 0.005) -> dict:
     """submission.json; meta: name, author, github_id, blurb, track, date; baseline: compare."""
-    meta = {"name": "", "author": "", "github_id": "", "blurb": "", "track": RECORD_TRACK,
-            "date": datetime.date.today(), **{k: v for k, v in (meta or {}).items() if v}}
-    meta["date"] = str(meta["date"])  # --date gives a datetime.date
+    meta = {"name": "", "author": "", "github_id": "", "date": datetime.date.today(),
+            "track": RECORD_TRACK, "blurb": "", **{k: v for k, v in (meta or {}).items() if v}}
     check_consistent(records)
     scores, per_seed = aggregate(records), [seed_compliance(r) for r in records]
     head = scores[score := resolve_score(records, scores, score)]
     return {
-        **{k: meta[k] for k in ("name", "author", "github_id", "date", "track", "blurb")},
+        **meta, "date": str(meta["date"]),  # --date gives a datetime.date
         **{k: head[k] for k in ("val_loss", "val_bpb", "val_loss_std", "val_bpb_std")},
         "seeds": [r.seed for r in records],
         # the score's own evaluation time (None only where its line has none), all the run's beside
