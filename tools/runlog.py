@@ -4,6 +4,7 @@ its fields in braces, beside the function that writes it. Pure text: no torch, n
 from __future__ import annotations
 
 import re
+import string
 from functools import partial
 from typing import NamedTuple
 
@@ -22,17 +23,16 @@ FIELD_TYPES = {"": r"\S+", "d": r"\d+", "n": r"-?\d+", "f": r"-?\d+(?:\.\d+)?", 
 def _f(writer: str, template: str, regex: str | None = None) -> Format:
     """Lines written as `template`, its {name:type} fields read as groups, or read by `regex`
     (`template` then only their literal start). re.M: a whole log reads as its lines."""
-    if regex is not None:
-        return Format(writer, template, re.compile(regex, re.M))
-    pattern, pos = "^", 0
-    for m in re.finditer(r"\{(\w+)(?::(\w+|\*))?\}", template):
-        pattern += re.escape(template[pos:m.start()]) + f"(?P<{m[1]}>{FIELD_TYPES[m[2] or '']})"
-        pos = m.end()
-    return Format(writer, template.split("{")[0], re.compile(pattern + re.escape(template[pos:])
-                                                             + "$", re.M))
+    if regex is None:
+        regex = "^" + "".join(re.escape(text) + (f"(?P<{name}>{FIELD_TYPES[spec]})" if name else "")
+                              for text, name, spec, _ in string.Formatter().parse(template)) + "$"
+    return Format(writer, template.split("{")[0], re.compile(regex, re.M))
 
 
 _CONFIG, _RESULT = "train_gpt.log_config", "train_gpt.log_result"
+_MEMORY = ("gpu_check:memory rss_peak_mib:{rss:d} cuda_allocated_peak_mib:{allocated:n} "
+           "cuda_reserved_peak_mib:{reserved:n}")
+MEMORY_LINE = re.sub(r":\w+\}", "}", _MEMORY)  # what tools._gpu_probes.memory_line writes
 LINES: dict[str, Format] = {
     # The versions block; nvidia-smi's device row: "|   0  NVIDIA H100 80GB HBM3   On  |   00...".
     "python": _f("train_gpt.log_header", "Running Python {version}{rest:*}"),
@@ -110,12 +110,8 @@ LINES: dict[str, Format] = {
                                           "elapsed:{elapsed}s eta:{eta}s"),
     # The closing summary, one line per evaluation, with its kind (train_gpt.SCORE_KINDS).
     "score": _f("train_gpt.log_scores", "score:{name} val_bpb:{val_bpb} kind:{kind:kind}"),
-    "memory": _f("tools._gpu_probes.memory_line", "gpu_check:memory rss_peak_mib:{rss:d} "
-                 "cuda_allocated_peak_mib:{allocated:n} cuda_reserved_peak_mib:{reserved:n}"),
+    "memory": _f("tools._gpu_probes.memory_line", _MEMORY),  # -1: no CUDA
 }
-# What tools._gpu_probes.memory_line writes (-1: no CUDA).
-MEMORY_LINE = ("gpu_check:memory rss_peak_mib:{rss} cuda_allocated_peak_mib:{allocated} "
-               "cuda_reserved_peak_mib:{reserved}")
 
 # Evaluation names (tools.submission's --score choices) and their lines' names, in run order.
 EVAL_TAGS = {"roundtrip": "final_int6_roundtrip", "sliding": "final_int6_sliding_window",

@@ -62,13 +62,11 @@ RECORD_TRACK = "10min_16mb"
 TRAIN_S, TOTAL_BYTES, EVAL_S = 600.0, 16_000_000, 600.0  # the record track's limits, on 8xH100
 WRITTEN_BY = "tools.submission"  # submission.json's mark on a folder this tool wrote
 ROOT = Path(__file__).resolve().parent.parent
+SEPARATOR = "=" * 100
 
 
 class SubmissionError(Exception):
     """A refusal: the message names the log (when there is one) and the reason."""
-
-
-SEPARATOR = "=" * 100
 
 
 @dataclass
@@ -216,11 +214,9 @@ def legacy_settings(cfg: dict[str, str], body: list[str], evals: dict[str, EvalR
     if "val_pattern" in cfg:  # val_loader:shards pattern=<DATA_PATH>/fineweb_val_*.bin
         s["DATA_PATH"] = os.path.dirname(cfg["val_pattern"])
     s.update({name.upper(): cfg[name] for name in LEGACY_FIELDS if name in cfg})
-    tied = cfg.get("tie_embeddings", "True") == "True"  # head_lr is logged as 0.0 then
-    if "embed_lr" in cfg:
-        s["TIED_EMBED_LR" if tied else "EMBED_LR"] = cfg["embed_lr"]
-    if "head_lr" in cfg and not tied:
-        s["HEAD_LR"] = cfg["head_lr"]
+    if "embed_lr" in cfg:  # one line holds the lrs; head_lr is logged as 0.0 when tied
+        s.update({"TIED_EMBED_LR": cfg["embed_lr"]} if cfg["tie_embeddings"] == "True" else
+                 {"EMBED_LR": cfg["embed_lr"], "HEAD_LR": cfg["head_lr"]})
     if cfg.get("cpu_threads", "0") != "0":  # 0: a CUDA run, which ignores the setting
         s["CPU_THREADS"] = cfg["cpu_threads"]
     if "compile" in cfg and (cfg["compile"] == "True") != (cfg.get("device") == "cuda"):
@@ -386,24 +382,17 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(a.mean()), (float(a.std(ddof=1)) if a.size > 1 else 0.0)
 
 
-def shared_scores(records: Sequence[RunRecord]) -> list[str]:
-    return [name for name in SCORES if all(name in r.evals for r in records)]
-
-
-def score_label(name: str, record: RunRecord) -> str:  # a sliding window says its stride
-    stride = record.evals[name].params.get("stride")
-    return f"{SCORES[name].label} s{stride}" if stride else SCORES[name].label
-
-
-def resolve_score(records: Sequence[RunRecord], score: str | None = None) -> str:
+def resolve_score(records: Sequence[RunRecord], scores: dict[str, dict],
+                  score: str | None = None) -> str:
     """--score, by default the accepted score every log has with the lowest mean val_bpb."""
     if score is None:
-        accepted = [name for name in shared_scores(records) if SCORES[name].kind == ACCEPTED]
+        accepted = [name for name, x in scores.items() if x["kind"] == ACCEPTED]
         if not accepted:
             raise SubmissionError(f"{', '.join(r.path for r in records)}: no accepted score "
                                   "(round trip, sliding window, legal TTT) in every log; --score "
                                   "chooses another kind")
-        return min(accepted, key=lambda name: _mean_std([r.evals[name].val_bpb for r in records]))
+        return min(accepted, key=lambda name: (scores[name]["val_bpb"],
+                                               scores[name]["val_bpb_std"]))
     for record in records:
         if score not in record.evals:
             raise SubmissionError(f"{record.path}: no {EVAL_TAGS[score]}_exact line for score "
@@ -411,29 +400,34 @@ def resolve_score(records: Sequence[RunRecord], score: str | None = None) -> str
     return score
 
 
-def aggregate(records: Sequence[RunRecord], name: str) -> dict:
-    loss_mean, loss_std = _mean_std([r.evals[name].val_loss for r in records])
-    bpb_mean, bpb_std = _mean_std([r.evals[name].val_bpb for r in records])
-    return {"label": score_label(name, records[0]), "kind": SCORES[name].kind,
-            "line": records[0].evals[name].line, "val_loss": loss_mean, "val_bpb": bpb_mean,
-            "val_loss_std": loss_std, "val_bpb_std": bpb_std}
+def aggregate(records: Sequence[RunRecord]) -> dict[str, dict]:
+    """Every score all the logs have: its label (a sliding window says its stride), kind, log
+    line, and the mean and std of its figures."""
+    out = {}
+    for name in (n for n in SCORES if all(n in r.evals for r in records)):
+        stride = records[0].evals[name].params.get("stride")
+        (loss, loss_std), (bpb, bpb_std) = (_mean_std([getattr(r.evals[name], k) for r in records])
+                                            for k in ("val_loss", "val_bpb"))
+        out[name] = {"label": SCORES[name].label + f" s{stride}" * bool(stride),
+                     "kind": SCORES[name].kind, "line": records[0].evals[name].line,
+                     "val_loss": loss, "val_bpb": bpb, "val_loss_std": loss_std,
+                     "val_bpb_std": bpb_std}
+    return out
 
 
-def acceptance_p_value(losses: Sequence[float], baseline_loss: float | None = None,
-                       baseline_losses: Sequence[float] | None = None,
+def acceptance_p_value(losses: Sequence[float], baseline_losses: Sequence[float],
                        min_gain: float = 0.005) -> float | None:
     """One-sided p-value that the runs' val_loss beats the baseline by min_gain nats (Welch's t
     against its seeds, else one-sample t); None with under 2 runs or no spread."""
     if len(losses) < 2:
         return None
     x = np.asarray(losses, dtype=float)
-    if baseline_losses is not None and len(baseline_losses) > 1:
+    if len(baseline_losses) > 1:
         # Shifting the new losses by min_gain tests mean(baseline) - mean(new) > min_gain.
         result = stats.ttest_ind(baseline_losses, x + min_gain, equal_var=False,
                                  alternative="greater")
     else:
-        figure = float(np.mean(baseline_losses)) if baseline_losses is not None else baseline_loss
-        result = stats.ttest_1samp(figure - x - min_gain, 0.0, alternative="greater")
+        result = stats.ttest_1samp(baseline_losses[0] - x - min_gain, 0.0, alternative="greater")
     p = float(result.pvalue)
     return None if math.isnan(p) else p
 
@@ -443,22 +437,22 @@ def compare(records: Sequence[RunRecord], score: str, baseline: float | Sequence
     """This run against a baseline: its val_bpb, or its logs (their best accepted score)."""
     losses = [r.evals[score].val_loss for r in records]
     bpbs = [r.evals[score].val_bpb for r in records]
-    if isinstance(baseline, float):
+    if given := isinstance(baseline, float):
         # On one validation text and tokenizer, nats per token and bits per byte are in one ratio.
-        what, bpb, base_losses = f"val_bpb {baseline:.8f} (given)", baseline, []
-        base_loss = bpb * float(np.mean(losses) / np.mean(bpbs))
+        what, bpb = f"val_bpb {baseline:.8f} (given)", baseline
+        base_losses = [bpb * float(np.mean(losses) / np.mean(bpbs))]
     else:
         base = [parse_log(path) for path in baseline]
         check_consistent(base)
-        head = aggregate(base, name := resolve_score(base))
+        scores = aggregate(base)
+        head = scores[name := resolve_score(base, scores)]
         names = ", ".join(Path(r.path).name for r in base)
         what, bpb = f"{len(base)} log(s) ({names}), {head['label']}", head["val_bpb"]
         base_losses = [r.evals[name].val_loss for r in base]
-        base_loss = float(np.mean(base_losses))
-    p = acceptance_p_value(losses, base_loss, base_losses or None, min_gain)
+    base_loss, p = float(np.mean(base_losses)), acceptance_p_value(losses, base_losses, min_gain)
     test = "Welch's t, one-sided" if len(base_losses) > 1 else "one-sample t, one-sided"
-    return {"what": what, "val_bpb": bpb, "val_loss": base_loss,
-            "val_loss_from_bpb": not base_losses, "delta_bpb": float(np.mean(bpbs)) - bpb,
+    return {"what": what, "val_bpb": bpb, "val_loss": base_loss, "val_loss_from_bpb": given,
+            "delta_bpb": float(np.mean(bpbs)) - bpb,
             "delta_nats": float(np.mean(losses)) - base_loss, "min_gain_nats": min_gain,
             "p_value": p, "test": test if p is not None else
             f"needs at least 2 seeds with spread (got {len(bpbs)})"}
@@ -472,11 +466,11 @@ def seed_compliance(record: RunRecord) -> dict[str, bool]:
             "hardware_8xh100": record.num_gpus == 8 and "H100" in record.gpu_type}
 
 
-def _warnings(records: Sequence[RunRecord], score: str, script: Script | None,
+def _warnings(records: Sequence[RunRecord], score: str, label: str, script: Script | None,
               track: str) -> list[str]:
     kind, out = SCORES[score].kind, list(script.warnings if script else ())
     if kind != ACCEPTED:
-        out.insert(0, f"the headline score '{score}' ({score_label(score, records[0])}) is "
+        out.insert(0, f"the headline score '{score}' ({label}) is "
                       f"{kind}: {KIND_WHY[kind]}")
     for r in records if track == RECORD_TRACK else ():
         met, where = seed_compliance(r), f"the {track} track's"
@@ -497,9 +491,8 @@ def declared_defaults(source: str) -> dict[str, str]:
     names = {t.id: node.value for node in tree.body if isinstance(node, ast.Assign)
              for t in node.targets if isinstance(t, ast.Name)}
     out = {}
-    for cls in tree.body:
-        if not (isinstance(cls, ast.ClassDef) and "Section" in map(ast.unparse, cls.bases)):
-            continue
+    for cls in (c for c in tree.body
+                if isinstance(c, ast.ClassDef) and "Section" in map(ast.unparse, c.bases)):
         prefix = next((ast.literal_eval(s.value) for s in cls.body if isinstance(s, ast.Assign)
                        and ast.unparse(s.targets[0]) == "PREFIX"), "")
         for s in cls.body:
@@ -538,14 +531,13 @@ def build_submission(records: Sequence[RunRecord], score: str | None = None,
                      baseline: float | Sequence[str] | None = None,
                      min_gain: float = 0.005) -> dict:
     """submission.json; meta: name, author, github_id, blurb, track, date; baseline: compare."""
-    meta = {"name": "", "author": "", "github_id": "", "blurb": "", "track": RECORD_TRACK,
-            "date": datetime.date.today(), **{k: v for k, v in (meta or {}).items() if v}}
-    meta["date"] = str(meta["date"])  # --date gives a datetime.date
+    meta = {"name": "", "author": "", "github_id": "", "date": datetime.date.today(),
+            "track": RECORD_TRACK, "blurb": "", **{k: v for k, v in (meta or {}).items() if v}}
     check_consistent(records)
-    score = resolve_score(records, score)
-    head, per_seed = aggregate(records, score), [seed_compliance(r) for r in records]
+    scores, per_seed = aggregate(records), [seed_compliance(r) for r in records]
+    head = scores[score := resolve_score(records, scores, score)]
     return {
-        **{k: meta[k] for k in ("name", "author", "github_id", "date", "track", "blurb")},
+        **meta, "date": str(meta["date"]),  # --date gives a datetime.date
         **{k: head[k] for k in ("val_loss", "val_bpb", "val_loss_std", "val_bpb_std")},
         "seeds": [r.seed for r in records],
         # the score's own evaluation time (None only where its line has none), all the run's beside
@@ -559,7 +551,7 @@ def build_submission(records: Sequence[RunRecord], score: str | None = None,
         "bytes_code": len(script.data) if script else records[0].code_bytes,
         "score": score, "score_label": head["label"], "score_kind": head["kind"],
         "score_line": head["line"],
-        "scores": {name: aggregate(records, name) for name in shared_scores(records)},
+        "scores": scores,
         "score_kinds": KIND_WHY, "hardware": records[0].hardware,
         "num_gpus": records[0].num_gpus, "gpu_type": records[0].gpu_type,
         "versions": records[0].versions,
@@ -571,7 +563,7 @@ def build_submission(records: Sequence[RunRecord], score: str | None = None,
                        "score_accepted": SCORES[score].kind == ACCEPTED,
                        "per_seed": {str(r.seed): s for r, s in zip(records, per_seed)}},
         "baseline": None if baseline is None else compare(records, score, baseline, min_gain),
-        "warnings": _warnings(records, score, script, meta["track"]),
+        "warnings": _warnings(records, score, head["label"], script, meta["track"]),
     }
 
 
@@ -606,19 +598,18 @@ def requirements(script: Script, records: Sequence[RunRecord]) -> str:
 
 def results_table(records: Sequence[RunRecord], s: dict) -> str:
     """A row per seed, then mean and std; a column per score, with its kind."""
-    columns = [("steps", lambda r: r.steps, "{:,.1f}"),
-               ("ms/step", lambda r: r.step_avg_ms, "{:.2f}"),
-               ("train s", lambda r: r.training_time_seconds, "{:.1f}"),
-               ("eval s", lambda r: r.eval_time_seconds, "{:.1f}"),
-               ("artifact bytes", lambda r: r.artifact_bytes, "{:,.1f}")]
+    columns = [(head, [getattr(r, attr) for r in records], fmt) for head, attr, fmt in (
+        ("steps", "steps", "{:,.1f}"), ("ms/step", "step_avg_ms", "{:.2f}"),
+        ("train s", "training_time_seconds", "{:.1f}"), ("eval s", "eval_time_seconds", "{:.1f}"),
+        ("artifact bytes", "artifact_bytes", "{:,.1f}"))]
     columns += [(f"{b['label']} bpb ({b['kind']}{', the score' * (name == s['score'])})",
-                 lambda r, name=name: r.evals[name].val_bpb, "{:.8f}")
+                 [r.evals[name].val_bpb for r in records], "{:.8f}")
                 for name, b in s["scores"].items()]
     rows = [["seed", *(h for h, _, _ in columns)], ["---:"] * (len(columns) + 1)]
-    rows += [[str(r.seed), *(f"{v:,}" if isinstance(v := get(r), int) else fmt.format(v)
-                             for _, get, fmt in columns)] for r in records]
-    rows += [[label, *(fmt.format(_mean_std([get(r) for r in records])[i])
-                       for _, get, fmt in columns)] for i, label in enumerate(("mean", "std"))]
+    rows += [[str(r.seed), *(f"{v[i]:,}" if isinstance(v[i], int) else fmt.format(v[i])
+                             for _, v, fmt in columns)] for i, r in enumerate(records)]
+    rows += [[label, *(fmt.format(_mean_std(v)[i]) for _, v, fmt in columns)]
+             for i, label in enumerate(("mean", "std"))]
     return "".join("| " + " | ".join(row) + " |\n" for row in rows)
 
 
@@ -668,9 +659,6 @@ def render_readme(s: dict, records: Sequence[RunRecord]) -> str:
     track = "" if s["track"] == RECORD_TRACK else (
         f" (this folder's track, `{s['track']}`, is not the record track: for comparison)")
 
-    def yes(ok: bool, figure: str) -> str:
-        return f"{'yes' if ok else '**no**'} ({figure})"
-
     lines = [*_readme_head(s), "", "## Per seed", "", results_table(records, s).rstrip("\n"),
              *_baseline_lines(s["baseline"]), "", "## Reproduction", "", "```bash",
              *(f"export {line}" for line in exports),
@@ -690,13 +678,12 @@ def render_readme(s: dict, records: Sequence[RunRecord]) -> str:
              "under 16,000,000 bytes, evaluation 600 s (all the logged evaluations together), "
              "on 8×H100.", "", "| seed | training | total bytes | evaluation | 8×H100 |",
              "|---:|---|---|---|---|"]
-    for r in records:
-        met = s["compliance"]["per_seed"][str(r.seed)]
-        cells = (yes(met["train_under_600s"], f"{r.training_time_seconds:.1f} s"),
-                 yes(met["artifact_under_16mb"], f"{r.artifact_bytes:,}"),
-                 yes(met["eval_under_600s"], f"{r.eval_time_seconds:.1f} s"),
-                 yes(met["hardware_8xh100"], r.hardware))
-        lines.append(f"| {r.seed} | " + " | ".join(cells) + " |")
+    for r in records:  # the figures in seed_compliance's order
+        figures = (f"{r.training_time_seconds:.1f} s", f"{r.artifact_bytes:,}",
+                   f"{r.eval_time_seconds:.1f} s", r.hardware)
+        met = s["compliance"]["per_seed"][str(r.seed)].values()
+        lines.append(f"| {r.seed} | " + " | ".join(
+            f"{'yes' if ok else '**no**'} ({x})" for ok, x in zip(met, figures)) + " |")
     lines += ["", "## Files", "",
               f"- `train_gpt.py`: the script the logs ran, {script['form']}, "
               f"{script['bytes']:,} bytes; {script['origin']}.",
@@ -779,9 +766,6 @@ def summary(files: dict[str, bytes], s: dict, records: list[RunRecord], out: Pat
     lines += [f"beside it, {b['kind']}: {b['label']}, {b['line']}: val_bpb {b['val_bpb']:.8f} "
               f"(std {b['val_bpb_std']:.8f})" for name, b in s["scores"].items()
               if name != s["score"]]
-    lines.append(f"artifact: {s['bytes_total']:,} bytes (max of the seeds), "
-                 f"{'under' if s['bytes_total'] < TOTAL_BYTES else 'OVER'} the "
-                 f"{TOTAL_BYTES:,}-byte cap")
     if (b := s["baseline"]) is not None:
         p = f"{b['p_value']:.6g}" if b["p_value"] is not None else b["test"]
         lines.append(f"vs baseline {b['what']}: {b['delta_bpb']:+.8f} bpb, {b['delta_nats']:+.8f} "
