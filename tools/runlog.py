@@ -30,9 +30,6 @@ def _f(writer: str, template: str, regex: str | None = None) -> Format:
 
 
 _CONFIG, _RESULT = "train_gpt.log_config", "train_gpt.log_result"
-_MEMORY = ("gpu_check:memory rss_peak_mib:{rss:d} cuda_allocated_peak_mib:{allocated:n} "
-           "cuda_reserved_peak_mib:{reserved:n}")
-MEMORY_LINE = re.sub(r":\w+\}", "}", _MEMORY)  # what tools._gpu_probes.memory_line writes
 LINES: dict[str, Format] = {
     # The versions block; nvidia-smi's device row: "|   0  NVIDIA H100 80GB HBM3   On  |   00...".
     "python": _f("train_gpt.log_header", "Running Python {version}{rest:*}"),
@@ -110,7 +107,6 @@ LINES: dict[str, Format] = {
                                           "elapsed:{elapsed}s eta:{eta}s"),
     # The closing summary, one line per evaluation, with its kind (train_gpt.SCORE_KINDS).
     "score": _f("train_gpt.log_scores", "score:{name} val_bpb:{val_bpb} kind:{kind:kind}"),
-    "memory": _f("tools._gpu_probes.memory_line", _MEMORY),  # -1: no CUDA
 }
 
 # Evaluation names (tools.submission's --score choices) and their lines' names, in run order.
