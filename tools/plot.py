@@ -1,11 +1,6 @@
-"""Runs side by side, as a picture: train loss by step and by training time, and val_bpb by
-kind of score.
-
-    python -m tools.plot LOG... --out FILE.png
-
-Logs are read with the record reader (tools.submission.parse_log), so anything but a finished
-run is refused in one line. Seeds of one configuration share a colour (a line style each).
-"""
+"""Runs side by side as a picture: train loss by step and by training time, and val_bpb by kind
+of score (`python -m tools.plot LOG... --out FILE.png`). Logs are read by
+tools.submission.parse_log: anything but a finished run is refused in one line."""
 
 from __future__ import annotations
 
@@ -37,8 +32,7 @@ def configurations(records: list[RunRecord]) -> list[list[RunRecord]]:
 
 
 def labels(groups: list[list[RunRecord]]) -> list[str]:
-    """Each configuration by its first log's name (with its folder where names repeat), and
-    its seeds."""
+    """Each configuration by its first log's name (with its folder where names repeat), seeds."""
     stems = [Path(r.path).stem for g in groups for r in g]
     out = []
     for g in groups:
@@ -49,15 +43,13 @@ def labels(groups: list[list[RunRecord]]) -> list[str]:
 
 
 def draw(records: list[RunRecord]):
-    """The figure: train loss by step, by training time, and the evaluations by kind; a
-    configuration's colour is matplotlib's cycle colour Cn."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
+    """Train loss by step, by training time, and the evaluations by kind; a configuration's
+    colour is the cycle colour Cn, each seed a line style."""
+    from matplotlib.figure import Figure  # no pyplot: no backend, no global figure list
 
     groups = configurations(records)
-    fig, (by_step, by_time, evals) = plt.subplots(1, 3, figsize=(16, 4.8),
-                                                  gridspec_kw=dict(width_ratios=(1, 1, 1.3)))
+    fig = Figure(figsize=(16, 4.8), layout="tight")
+    by_step, by_time, evals = fig.subplots(1, 3, gridspec_kw=dict(width_ratios=(1, 1, 1.3)))
     for gi, (group, label) in enumerate(zip(groups, labels(groups))):
         for si, r in enumerate(group):
             text = r.data.decode("utf-8")
@@ -71,7 +63,6 @@ def draw(records: list[RunRecord]):
         ax.grid(alpha=0.3)
     by_step.legend(fontsize=8)
     draw_evaluations(evals, groups)
-    fig.tight_layout()
     return fig
 
 
@@ -96,14 +87,13 @@ def draw_evaluations(ax, groups: list[list[RunRecord]]) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.plot", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.plot", description=__doc__)
     p.add_argument("logs", nargs="+", help="train_gpt.py logs of finished runs")
     p.add_argument("--out", required=True, type=Path, help="the picture (.png)")
     a = p.parse_args(argv)
-    if a.out.suffix.lower() != ".png" or not a.out.parent.is_dir():
-        print(f"error: --out {a.out}: expected a .png file in an existing folder", file=sys.stderr)
-        return 2
     try:
+        if a.out.suffix.lower() != ".png" or not a.out.parent.is_dir():
+            raise SubmissionError(f"--out {a.out}: expected a .png file in an existing folder")
         records = [parse_log(path) for path in a.logs]
     except SubmissionError as e:
         print(f"error: {e}", file=sys.stderr)
