@@ -25,8 +25,7 @@ H100_BF16_FLOPS = 989e12  # dense bf16 peak of one H100 SXM
 
 
 def run(args) -> int:
-    """The script for args.steps steps in a subprocess, stopped when training is over: the
-    record's own model on CUDA, a small one on the CPU (start-up matters)."""
+    """args.steps steps of the record's model on CUDA, the demo's on the CPU; no evaluations."""
     import torch
 
     cuda = torch.cuda.is_available()

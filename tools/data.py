@@ -89,13 +89,11 @@ def verify_shard(path: str | os.PathLike, vocab_size: int | None = None) -> tupl
     return tokens.size, top
 
 
-def load_tokenizer(path: Path, model: bytes | None = None):
-    """The SentencePiece model at path (or model, its bytes), checked for what shards need."""
-    if model is None:
-        _check_path(path, "a SentencePiece .model file", output=False)
-        model = path.read_bytes()
+def load_tokenizer(path: Path):
+    """The SentencePiece model at path, checked for what shards need."""
+    _check_path(path, "a SentencePiece .model file", output=False)
     try:
-        sp = spm.SentencePieceProcessor(model_proto=model)
+        sp = spm.SentencePieceProcessor(model_proto=path.read_bytes())
     except (OSError, RuntimeError) as e:
         raise DataError(f"{path}: not a usable SentencePiece model ({e})") from None
     if sp.vocab_size() > MAX_VOCAB:
@@ -135,7 +133,7 @@ def encode_documents(sp, documents: Iterable[str], batch: int = 256) -> Iterator
 def _save_manifest(folder: Path, extra: dict, model: bytes, model_path: Path, splits: dict) -> dict:
     """folder/manifest.json: train_gpt.py checks TOKENIZER_PATH against its tokenizer sha256."""
     tokenizer = {"file": model_path.name, "sha256": hashlib.sha256(model).hexdigest(),
-                 "vocab_size": load_tokenizer(model_path, model).vocab_size()}
+                 "vocab_size": spm.SentencePieceProcessor(model_proto=model).vocab_size()}
     manifest = {"format": FORMAT, **extra, "tokenizer": tokenizer, "splits": splits}
     _save(folder / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest
@@ -166,7 +164,6 @@ def write_dataset(token_docs: Iterable[np.ndarray], out_dir: Path, *, val_docs: 
                   shard_tokens: int, tokenizer: Path, model: bytes | None = None) -> dict:
     """The first val_docs documents as val shards, the rest as train shards, and manifest.json,
     moved in only once complete (stale shards go); model, when given, is saved to tokenizer."""
-    model_bytes = model if model is not None else tokenizer.read_bytes()
     # In the nearest existing folder (moving in is a rename): a failure leaves nothing behind.
     beside = next(p for p in out_dir.parents if p.exists())
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=beside) as scratch:
@@ -178,8 +175,8 @@ def write_dataset(token_docs: Iterable[np.ndarray], out_dir: Path, *, val_docs: 
             if not entry["documents"]:
                 raise DataError(f"{out_dir}: no {split} documents ({total} documents in all, "
                                 f"the first {val_docs} for val)")
-        manifest = _save_manifest(stage, {"shard_tokens": shard_tokens}, model_bytes, tokenizer,
-                                  splits)
+        manifest = _save_manifest(stage, {"shard_tokens": shard_tokens},
+                                  model or tokenizer.read_bytes(), tokenizer, splits)
         if model is not None:
             _save(tokenizer, model)
             print(f"trained {tokenizer} ({manifest['tokenizer']['vocab_size']} pieces)")
@@ -309,18 +306,16 @@ def build_demo(root: Path) -> dict:
 
 def _fetch(hub: tuple[str, str], remote: str, dest: Path) -> str:
     """Bring remote to dest unless a whole copy is there (downloads land by rename); returns
-    what happened."""
+    its size and what happened."""
     check = {".bin": read_shard, ".model": load_tokenizer, ".json": _check_json}.get(
         dest.suffix, Path.stat)
-    state = "downloaded"
     if dest.exists():
         try:
             check(dest)
-            return "present"
+            return f"{dest.stat().st_size:,} bytes (present)"
         except DataError as e:
             print(f"replacing incomplete file: {e}")
-            state = "replaced"
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    state = "replaced" if dest.exists() else "downloaded"
     # A failed attempt leaves the hub's partial file in scratch for the next to resume from
     # (huggingface_hub resumes unless force_download; versions 1.18 and later restart instead).
     scratch, name = dest.with_name(f".{dest.name}.download"), hub[1] + remote
@@ -338,7 +333,7 @@ def _fetch(hub: tuple[str, str], remote: str, dest: Path) -> str:
         raise DataError(f"downloaded {name} is unusable: {e}") from None
     finally:  # whole, good or bad: the hub would hand a bad file back again unchanged
         shutil.rmtree(scratch, ignore_errors=True)
-    return state
+    return f"{dest.stat().st_size:,} bytes ({state})"
 
 
 def _check_json(path: Path) -> dict:
@@ -373,9 +368,6 @@ def _hub_plan(manifest: dict, where: str, args) -> dict[str, list[str]]:
         if asked[split] > counts[split]:
             raise DataError(f"{args.variant}: the hub has {counts[split]} {kind} shards, "
                             f"{asked[split]} were asked for")
-    if asked["val"] < counts["val"]:
-        print(f"note: {asked['val']} of {counts['val']} val shards; "
-              "a val_bpb on part of the val split is not the challenge's")
     tokenizer = _named(manifest, "tokenizers", dataset.get("tokenizer_name"))
     if tokenizer is None:
         raise DataError(f"{where}: no tokenizer {dataset.get('tokenizer_name')!r} (named by "
@@ -398,25 +390,22 @@ def download(args) -> None:
     data = args.root / "data"
     _check_path(data, "a folder")
     local = data / "manifest.json"
-    state = _fetch(hub, "manifest.json", local)
-    print(f"manifest.json: {local.stat().st_size:,} bytes ({state})")
+    print(f"manifest.json: {_fetch(hub, 'manifest.json', local)}")
     where = f"{local} (hub dataset {hub[0]}, {hub[1]}manifest.json)"
     plan = _hub_plan(_check_json(local), where, args)
     fetched = [(remote, data / remote) for remote in plan["val"] + plan["train"]]
     fetched += [(remote, data / "tokenizers" / Path(remote).name) for remote in plan["tokenizer"]]
     for i, (remote, dest) in enumerate(fetched, 1):
-        state = _fetch(hub, remote, dest)
-        print(f"[{i}/{len(fetched)}] {dest.name}: {dest.stat().st_size:,} bytes ({state})")
+        print(f"[{i}/{len(fetched)}] {dest.name}: {_fetch(hub, remote, dest)}")
     model = next((dest for _, dest in fetched if dest.suffix == ".model"), None)
     if model is not None:
         folder = data / "datasets" / f"fineweb10B_{args.variant}"
         splits = {split: {"shards": len(plan[split]), "files": [Path(f).name for f in plan[split]],
                           "tokens": sum(read_shard(data / f).size for f in plan[split])}
                   for split in ("val", "train")}
-        manifest = _save_manifest(folder, {"source": f"hub dataset {hub[0]}, {hub[1]}"},
-                                  model.read_bytes(), model, splits)
-        print(f"wrote {folder / 'manifest.json'} (tokenizer {model.name}, sha256 "
-              f"{manifest['tokenizer']['sha256'][:12]}...)")
+        _save_manifest(folder, {"source": f"hub dataset {hub[0]}, {hub[1]}"}, model.read_bytes(),
+                       model, splits)
+        print(f"wrote {folder / 'manifest.json'} (tokenizer {model.name})")
 
 
 def _listing(folder: Path) -> tuple[Path, int | None, dict, set[str]] | None:

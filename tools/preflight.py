@@ -1,7 +1,6 @@
 """Preflight: check a train_gpt.py configuration (its environment variables, PRESET included)
 on a CPU with no data before a GPU run, each check of CHECKS a line; exit 1 if one fails.
 
-    python -m tools.preflight
     PRESET=demo python -m tools.preflight --no-compile
     NUM_LAYERS=12 MODEL_DIM=576 python -m tools.preflight --world-size 8 --packed
 """
@@ -39,9 +38,8 @@ VECTOR_JITTER = 0.1  # vectors and scalars: their initial value times (1 + 0.1 N
 RECORD_PARAMS, RECORD_MODEL_BYTES = 26_862_694, 15_689_612
 
 
-# Each check returns (status, summary, details); an exception is a failed check. ctx: the parsed
-# arguments, env, and what the checks found (tg, cfg, model, code: the train_gpt.Code the
-# submission counts; estimate: a Future); a check is skipped when what it NEEDS is missing.
+# Each check returns (status, summary, details) or raises (a failure); ctx holds args, env and
+# what the checks found (tg, cfg, model, code, estimate), each NEEDED by later checks.
 def check_import(ctx):
     ctx.tg = import_train_gpt()
     return "PASS", (f"train_gpt.py imported (torch {torch.__version__}, Python "
@@ -183,9 +181,6 @@ def check_artifact(ctx):
     total, comp, source = est.model_bytes + code.size, export.compressor, len(code.source.encode())
     margin = limit - total
     details = [
-        f"quantised: {est.counts['int6']:,} int6 + {est.counts['int8']:,} int8 + "
-        f"{est.counts['fp16']:,} fp16 values; {8 * est.model_bytes / est.total_params:.2f} "
-        f"bits/param after {comp}",
         *(f"budget {kind}: {n:,} bytes stored" for kind, n in est.stored.items()),
         f"budget model: {est.model_bytes:,} bytes after {comp}",
         f"budget code: {code.size:,} bytes ({'plain' if code.size == source else 'packed'} "
@@ -193,9 +188,8 @@ def check_artifact(ctx):
         f"budget total: {total:,} bytes, margin {margin:,} to the {limit:,}-byte limit",
         f"basis: trained-like weights (matrix rows of L2 norm ~{ROW_NORM:g}), calibrated with "
         f"lzma on the seed-42 record's {RECORD_MODEL_BYTES:,} bytes",
-        *(["note: GPTQ_ENABLED=1 is estimated with the clip search: GPTQ needs the trained "
-           "weights and their Hessians (on a trained demo model its artifact was 0.7% larger)"]
-          if export.gptq_enabled else []),
+        *(["note: GPTQ_ENABLED=1 estimated with the clip search (GPTQ needs trained weights; on "
+           "a trained demo model its artifact was 0.7% larger)"] if export.gptq_enabled else []),
         *([f"the record's shape: {100 * (est.model_bytes / RECORD_MODEL_BYTES - 1):+.2f}% "
            "model bytes against its artifact"] if est.total_params == RECORD_PARAMS else [])]
     line = (f"estimated {est.model_bytes:,} model + {code.size:,} code = {total:,} bytes "
@@ -263,9 +257,8 @@ def main(argv=None, env=None, out=None) -> int:
     p.add_argument("--world-size", type=int, default=env.get("WORLD_SIZE", 8),
                    help="GPUs of the planned run (default: $WORLD_SIZE, else the record's 8)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile check")
-    p.add_argument("--compile-backend", default="inductor",
-                   choices=("inductor", "aot_eager", "eager"),
-                   help="the record's inductor; aot_eager is faster and still finds graph breaks")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile's backend: the "
+                   "record's inductor; aot_eager is faster and still finds graph breaks")
     p.add_argument("--no-artifact", action="store_true", help="skip the artifact-size estimate")
     p.add_argument("--packed", action="store_true", help="count the code as tools.pack's file")
     args, out, t0 = p.parse_args(argv), sys.stdout if out is None else out, time.perf_counter()
