@@ -1,8 +1,7 @@
-"""Training speed of train_gpt.py on its real loop: the script in a subprocess for a few steps,
-read through its own log lines: step time, tokens/s, peak memory, MFU on CUDA, launch to the
-first step. Needs shards: by default the demo corpus, built when missing.
+"""Training speed of train_gpt.py on its real loop, read from its own log lines: step time,
+tokens/s, peak memory, MFU on CUDA, launch to the first step (evaluations: tools.bench_eval).
 
-    python -m tools.bench_train [--end-to-end]   # --end-to-end: every evaluation's time too
+    python -m tools.bench_train [--nproc 8]   # shards: by default the demo's, built when missing
 """
 
 from __future__ import annotations
@@ -26,8 +25,7 @@ H100_BF16_FLOPS = 989e12  # dense bf16 peak of one H100 SXM
 
 
 def run(args) -> int:
-    """The script for args.steps steps in a subprocess, stopped when training is over unless
-    --end-to-end: the record's own model on CUDA, a small one on the CPU (start-up matters)."""
+    """args.steps steps of the record's model on CUDA, the demo's on the CPU; no evaluations."""
     import torch
 
     cuda = torch.cuda.is_available()
@@ -51,9 +49,7 @@ def run(args) -> int:
         lines.append(line)
         if (step := runlog.match("train_step", line)) and step["step"] == "1":
             first_step = time.perf_counter() - started
-        if args.verbose:
-            print(line, end="")
-        if not args.end_to_end and runlog.match("ema", line):  # training is over: no evaluations
+        if runlog.match("ema", line):  # training is over: no evaluations
             proc.terminate()
             break
     if proc.wait() not in (0, 130):  # 130: our SIGTERM, which the script logs as an interrupt
@@ -84,8 +80,6 @@ def report(log: str, env: dict[str, str], cuda: bool, first_step: float | None, 
         original_tok_s = 786432 / (ORIGINAL_MS_PER_STEP / 1000) / 8
         print(f"MFU (vs H100 dense bf16 peak): {flops * tok_s / H100_BF16_FLOPS:.1%}   tokens/s "
               f"per GPU vs original {original_tok_s:,.0f}: {tok_s / original_tok_s:.2f}x")
-    for ev in runlog.eval_times(log):
-        print(f"eval {ev['name']}: {ev['ms'] / 1000:.1f} s")
 
 
 def main(argv=None) -> int:
@@ -95,11 +89,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=5, help="WARMUP_STEPS, compiling (default 5)")
     p.add_argument("--skip", type=int, default=5, help="steps left out of the average (default 5)")
     p.add_argument("--nproc", type=int, default=1, help="processes (torchrun) (default 1)")
-    p.add_argument("--end-to-end", action="store_true", help="also time every evaluation")
     p.add_argument("--data", type=Path, default=DEMO_DATA, help="shards (default: the demo's)")
     p.add_argument("--tokenizer", type=Path, default=DEMO_TOKENIZER)
     p.add_argument("--set", action="append", default=[], metavar="VAR=VALUE", help="a setting")
-    p.add_argument("-v", "--verbose", action="store_true", help="echo the run's output")
     return run(p.parse_args(argv))
 
 

@@ -43,8 +43,7 @@ FORMAT = {"magic": MAGIC, "version": VERSION, "header_int32": HEADER_INTS,
 HUB_REPO, HUB_ROOT = "willdepueoai/parameter-golf", "datasets"  # the export's folder in the repo
 # The challenge's own downloader reads these to point at another export.
 REPO_ENV, ROOT_ENV = "MATCHED_FINEWEB_REPO_ID", "MATCHED_FINEWEB_REMOTE_ROOT_PREFIX"
-# Tests put a stand-in here; it is called like huggingface_hub.hf_hub_download.
-HUB_DOWNLOAD: Callable[..., str] | None = None
+HUB_DOWNLOAD: Callable[..., str] | None = None  # tests' stand-in for hf_hub_download
 
 DEMO_SEED, DEMO_VOCAB, DEMO_VAL_TOKENS = 1337, 1024, 80_000
 DEMO_MAX_BYTES = 4_000_000  # bounds the build time whatever the Python version
@@ -90,14 +89,11 @@ def verify_shard(path: str | os.PathLike, vocab_size: int | None = None) -> tupl
     return tokens.size, top
 
 
-def load_tokenizer(path: str | os.PathLike, model: bytes | None = None):
-    """The SentencePiece model at path (or model, its bytes), checked for what shards need."""
-    path = Path(path)
-    if model is None:
-        _check_path(path, "a SentencePiece .model file", output=False)
-        model = path.read_bytes()
+def load_tokenizer(path: Path):
+    """The SentencePiece model at path, checked for what shards need."""
+    _check_path(path, "a SentencePiece .model file", output=False)
     try:
-        sp = spm.SentencePieceProcessor(model_proto=model)
+        sp = spm.SentencePieceProcessor(model_proto=path.read_bytes())
     except (OSError, RuntimeError) as e:
         raise DataError(f"{path}: not a usable SentencePiece model ({e})") from None
     if sp.vocab_size() > MAX_VOCAB:
@@ -109,8 +105,7 @@ def load_tokenizer(path: str | os.PathLike, model: bytes | None = None):
 
 def train_tokenizer(documents: Iterable[str], vocab_size: int, out: Path, *,
                     save: bool = True) -> tuple[bytes, spm.SentencePieceProcessor]:
-    """A BPE model trained with the challenge settings on the documents' lines: its bytes (saved
-    atomically to out unless save is off; messages name out) and its processor."""
+    """(model bytes, processor) of BPE with the challenge settings, saved unless save is off."""
     lines = (line for doc in documents for line in doc.splitlines() if line.strip())
     model = io.BytesIO()
     try:  # model_writer keeps input and output paths out of the stored trainer spec
@@ -136,18 +131,17 @@ def encode_documents(sp, documents: Iterable[str], batch: int = 256) -> Iterator
 
 
 def _save_manifest(folder: Path, extra: dict, model: bytes, model_path: Path, splits: dict) -> dict:
-    """folder/manifest.json: the shards' splits and their tokenizer, by sha256 (train_gpt.py
-    checks TOKENIZER_PATH against it)."""
+    """folder/manifest.json: train_gpt.py checks TOKENIZER_PATH against its tokenizer sha256."""
     tokenizer = {"file": model_path.name, "sha256": hashlib.sha256(model).hexdigest(),
-                 "vocab_size": load_tokenizer(model_path, model).vocab_size()}
+                 "vocab_size": spm.SentencePieceProcessor(model_proto=model).vocab_size()}
     manifest = {"format": FORMAT, **extra, "tokenizer": tokenizer, "splits": splits}
     _save(folder / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest
 
 
 def _write_split(docs: Iterable[np.ndarray], stage: Path, split: str, shard_tokens: int) -> dict:
-    """One split's token stream cut into shards of exactly shard_tokens (the last may be
-    shorter; a document may run on into the next shard); returns its manifest entry."""
+    """The split's manifest entry; its tokens in shards of exactly shard_tokens (the last may be
+    shorter): a document may run on into the next shard."""
     entry = {"documents": 0, "tokens": 0, "shards": 0, "files": []}
     pending, held = [], 0
     for doc in itertools.chain(docs, [None]):
@@ -168,10 +162,8 @@ def _write_split(docs: Iterable[np.ndarray], stage: Path, split: str, shard_toke
 
 def write_dataset(token_docs: Iterable[np.ndarray], out_dir: Path, *, val_docs: int,
                   shard_tokens: int, tokenizer: Path, model: bytes | None = None) -> dict:
-    """The first val_docs documents as val shards, the rest as train shards, and manifest.json;
-    built in a scratch folder, they move in only when complete (other files of out_dir stay,
-    stale shards go), and model, when trained for them, is saved to tokenizer."""
-    model_bytes = model if model is not None else tokenizer.read_bytes()
+    """The first val_docs documents as val shards, the rest as train shards, and manifest.json,
+    moved in only once complete (stale shards go); model, when given, is saved to tokenizer."""
     # In the nearest existing folder (moving in is a rename): a failure leaves nothing behind.
     beside = next(p for p in out_dir.parents if p.exists())
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=beside) as scratch:
@@ -183,8 +175,8 @@ def write_dataset(token_docs: Iterable[np.ndarray], out_dir: Path, *, val_docs: 
             if not entry["documents"]:
                 raise DataError(f"{out_dir}: no {split} documents ({total} documents in all, "
                                 f"the first {val_docs} for val)")
-        manifest = _save_manifest(stage, {"shard_tokens": shard_tokens}, model_bytes, tokenizer,
-                                  splits)
+        manifest = _save_manifest(stage, {"shard_tokens": shard_tokens},
+                                  model or tokenizer.read_bytes(), tokenizer, splits)
         if model is not None:
             _save(tokenizer, model)
             print(f"trained {tokenizer} ({manifest['tokenizer']['vocab_size']} pieces)")
@@ -202,8 +194,7 @@ def write_dataset(token_docs: Iterable[np.ndarray], out_dir: Path, *, val_docs: 
 
 
 def read_documents(paths: Iterable[Path]) -> Iterator[str]:
-    """A .txt file is one document; a .jsonl file has one per line, in its "text" field
-    (blank lines skipped)."""
+    """A .txt file is one document; a .jsonl file one per line, in its "text" field."""
     for path in paths:
         try:
             if path.suffix == ".txt":
@@ -224,25 +215,30 @@ def read_documents(paths: Iterable[Path]) -> Iterator[str]:
             raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def build_shards(inputs: list[Path], out_dir: Path, *, tokenizer: Path | None,
-                 train_vocab: int | None, tokenizer_out: Path | None,
-                 val_docs: int, shard_tokens: int) -> dict:
-    """Shards from .txt/.jsonl inputs, with a given or a freshly trained tokenizer."""
-    for path in inputs:
+def build_shards(args) -> dict:
+    """The shards command: .txt/.jsonl inputs tokenized with a given or a freshly trained model."""
+    if args.train_tokenizer and args.tokenizer_out is None:
+        args.parser.error("--train-tokenizer needs --tokenizer-out PATH, where the trained "
+                          "model is saved (the shards' manifest refers to it)")
+    for option, value in (("--tokenizer-out", args.tokenizer_out),
+                          ("--vocab-size", args.vocab_size)):
+        if args.tokenizer and value is not None:
+            args.parser.error(f"{option} applies to --train-tokenizer, not to --tokenizer")
+    for path in args.inputs:
         if path.suffix not in (".txt", ".jsonl"):
             raise DataError(f"{path}: unsupported input (expected .txt or .jsonl)")
         _check_path(path, "a .txt or .jsonl file", output=False)
-    _check_path(out_dir, "a folder")
-    model, docs = None, read_documents(inputs)
+    _check_path(args.out, "a folder")
+    model, docs, tokenizer = None, read_documents(args.inputs), args.tokenizer
     if tokenizer is None:
-        _check_path(tokenizer_out, "a file path")
+        _check_path(args.tokenizer_out, "a file path")
         docs = list(docs)  # read once: the trainer holds every sentence anyway
-        model, sp = train_tokenizer(docs, train_vocab, tokenizer_out, save=False)
-        tokenizer = tokenizer_out
+        tokenizer, vocab = args.tokenizer_out, args.vocab_size or TRAIN_VOCAB
+        model, sp = train_tokenizer(docs, vocab, tokenizer, save=False)
     else:
         sp = load_tokenizer(tokenizer)
-    return write_dataset(encode_documents(sp, docs), out_dir, val_docs=val_docs,
-                         shard_tokens=shard_tokens, tokenizer=tokenizer, model=model)
+    return write_dataset(encode_documents(sp, docs), args.out, val_docs=args.val_docs,
+                         shard_tokens=args.shard_tokens, tokenizer=tokenizer, model=model)
 
 
 def demo_documents() -> list[str]:
@@ -263,8 +259,7 @@ def _module_prose(path: Path) -> str:
     """Docstrings and runs of full-line comments with words in them, in source order."""
     try:
         source = path.read_text(encoding="utf-8")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # odd escapes in old modules are not our concern
+        with warnings.catch_warnings(action="ignore"):  # odd escapes in old modules
             tree = ast.parse(source)
     except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
         return ""
@@ -292,8 +287,6 @@ def _module_prose(path: Path) -> str:
 def build_demo(root: Path) -> dict:
     model = root / "data" / "tokenizers" / f"demo_{DEMO_VOCAB}_bpe.model"
     out = root / "data" / "datasets" / f"demo_sp{DEMO_VOCAB}"
-    _check_path(model, "a file path")
-    _check_path(out, "a folder")
     docs = demo_documents()
     print(f"demo corpus: {len(docs)} documents, {sum(len(d.encode()) for d in docs):,} bytes")
     model_bytes, sp = train_tokenizer(docs, DEMO_VOCAB, model, save=False)
@@ -309,27 +302,24 @@ def build_demo(root: Path) -> dict:
 
 
 def _fetch(hub: tuple[str, str], remote: str, dest: Path) -> str:
-    """Bring remote (under the hub root) to dest unless a whole copy is there (a file of another
-    kind, the .vocab, is whole once there: downloads land by rename); say what happened."""
+    """Bring remote to dest unless a whole copy is there (downloads land by rename); returns
+    its size and what happened."""
     check = {".bin": read_shard, ".model": load_tokenizer, ".json": _check_json}.get(
         dest.suffix, Path.stat)
-    state = "downloaded"
     if dest.exists():
         try:
             check(dest)
-            return "present"
+            return f"{dest.stat().st_size:,} bytes (present)"
         except DataError as e:
             print(f"replacing incomplete file: {e}")
-            state = "replaced"
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    state = "replaced" if dest.exists() else "downloaded"
     # A failed attempt leaves the hub's partial file in scratch for the next to resume from
     # (huggingface_hub resumes unless force_download; versions 1.18 and later restart instead).
     scratch, name = dest.with_name(f".{dest.name}.download"), hub[1] + remote
-    if HUB_DOWNLOAD is None:
-        from huggingface_hub import hf_hub_download  # only this command needs it
+    if (fetch := HUB_DOWNLOAD) is None:
+        from huggingface_hub import hf_hub_download as fetch  # only this command needs it
     try:
-        got = (HUB_DOWNLOAD or hf_hub_download)(repo_id=hub[0], filename=name, repo_type="dataset",
-                                                local_dir=str(scratch))
+        got = fetch(repo_id=hub[0], filename=name, repo_type="dataset", local_dir=str(scratch))
     except Exception as e:  # connection, HTTP and not-found errors have no common base
         raise DataError(f"could not download {name} from the Hugging Face hub dataset "
                         f"{hub[0]}: {e}") from None
@@ -340,7 +330,7 @@ def _fetch(hub: tuple[str, str], remote: str, dest: Path) -> str:
         raise DataError(f"downloaded {name} is unusable: {e}") from None
     finally:  # whole, good or bad: the hub would hand a bad file back again unchanged
         shutil.rmtree(scratch, ignore_errors=True)
-    return state
+    return f"{dest.stat().st_size:,} bytes ({state})"
 
 
 def _check_json(path: Path) -> dict:
@@ -357,11 +347,9 @@ def _named(manifest: dict, section: str, name) -> dict | None:
     return next((e for e in manifest.get(section, []) if e.get("name") == name), None)
 
 
-def _hub_plan(manifest: dict, where: str, variant: str, train_shards: int,
-              val_shards: int | None) -> dict[str, list[str]]:
-    """The files to fetch ("val", "train": shards; "tokenizer": files, all under the hub root),
-    read from the manifest as the challenge's downloader reads it; a gap stops the download."""
-    name = f"fineweb10B_{variant}"
+def _hub_plan(manifest: dict, where: str, args) -> dict[str, list[str]]:
+    """The files per "val", "train", "tokenizer", read as the challenge's downloader does."""
+    name = f"fineweb10B_{args.variant}"
     dataset = _named(manifest, "datasets", name)
     if dataset is None:
         names = [e.get("name") for e in manifest.get("datasets", [])]
@@ -372,14 +360,11 @@ def _hub_plan(manifest: dict, where: str, variant: str, train_shards: int,
     if missing := [f"stats.files_{k}" for k, v in counts.items() if not isinstance(v, int)]:
         raise DataError(f"{where}: dataset {name!r} has no shard counts "
                         f"({' and '.join(missing)} missing)")
-    asked = {"train": train_shards, "val": counts["val"] if val_shards is None else val_shards}
+    asked = {"train": args.train_shards, "val": args.val_shards or counts["val"]}
     for split, kind in (("train", "training"), ("val", "val")):
         if asked[split] > counts[split]:
-            raise DataError(f"{variant}: the hub has {counts[split]} {kind} shards, "
+            raise DataError(f"{args.variant}: the hub has {counts[split]} {kind} shards, "
                             f"{asked[split]} were asked for")
-    if asked["val"] < counts["val"]:
-        print(f"note: {asked['val']} of {counts['val']} val shards; "
-              "a val_bpb on part of the val split is not the challenge's")
     tokenizer = _named(manifest, "tokenizers", dataset.get("tokenizer_name"))
     if tokenizer is None:
         raise DataError(f"{where}: no tokenizer {dataset.get('tokenizer_name')!r} (named by "
@@ -395,66 +380,54 @@ def _hub_plan(manifest: dict, where: str, variant: str, train_shards: int,
             for split in ("val", "train")} | {"tokenizer": files}
 
 
-def download(root: Path, variant: str, train_shards: int, val_shards: int | None,
-             repo_id: str, remote_root: str) -> None:
-    """The files the hub manifest lists, into root/data, then the shard folder's manifest.json."""
-    prefix = remote_root.strip("/")
-    hub = (repo_id, f"{prefix}/" if prefix else "")  # the hub's file names start with hub[1]
-    data = root / "data"
+def download(args) -> None:
+    """The files the hub manifest lists, into ROOT/data, then the shard folder's manifest.json."""
+    prefix = args.remote_root.strip("/")
+    hub = (args.repo_id, f"{prefix}/" if prefix else "")  # the hub's file names start with hub[1]
+    data = args.root / "data"
     _check_path(data, "a folder")
     local = data / "manifest.json"
-    state = _fetch(hub, "manifest.json", local)
-    print(f"manifest.json: {local.stat().st_size:,} bytes ({state})")
+    print(f"manifest.json: {_fetch(hub, 'manifest.json', local)}")
     where = f"{local} (hub dataset {hub[0]}, {hub[1]}manifest.json)"
-    plan = _hub_plan(_check_json(local), where, variant, train_shards, val_shards)
+    plan = _hub_plan(_check_json(local), where, args)
     fetched = [(remote, data / remote) for remote in plan["val"] + plan["train"]]
     fetched += [(remote, data / "tokenizers" / Path(remote).name) for remote in plan["tokenizer"]]
     for i, (remote, dest) in enumerate(fetched, 1):
-        state = _fetch(hub, remote, dest)
-        print(f"[{i}/{len(fetched)}] {dest.name}: {dest.stat().st_size:,} bytes ({state})")
+        print(f"[{i}/{len(fetched)}] {dest.name}: {_fetch(hub, remote, dest)}")
     model = next((dest for _, dest in fetched if dest.suffix == ".model"), None)
     if model is not None:
-        folder = data / "datasets" / f"fineweb10B_{variant}"
+        folder = data / "datasets" / f"fineweb10B_{args.variant}"
         splits = {split: {"shards": len(plan[split]), "files": [Path(f).name for f in plan[split]],
                           "tokens": sum(read_shard(data / f).size for f in plan[split])}
                   for split in ("val", "train")}
-        manifest = _save_manifest(folder, {"source": f"hub dataset {hub[0]}, {hub[1]}"},
-                                  model.read_bytes(), model, splits)
-        print(f"wrote {folder / 'manifest.json'} (tokenizer {model.name}, sha256 "
-              f"{manifest['tokenizer']['sha256'][:12]}...)")
+        _save_manifest(folder, {"source": f"hub dataset {hub[0]}, {hub[1]}"}, model.read_bytes(),
+                       model, splits)
+        print(f"wrote {folder / 'manifest.json'} (tokenizer {model.name})")
 
 
 def _listing(folder: Path) -> tuple[Path, int | None, dict, set[str]] | None:
     """(manifest, vocabulary size, shards per split, splits that may hold a prefix): the folder's
     manifest.json, or for the challenge script's data/datasets/NAME data/manifest.json's NAME."""
+    own, hub = folder / "manifest.json", folder.parent.parent / "manifest.json"
     try:
-        return _read_listing(folder)
+        if own.is_file():
+            manifest = _check_json(own)
+            counts = {split: e.get("shards") for split, e in manifest.get("splits", {}).items()}
+            return own, manifest.get("tokenizer", {}).get("vocab_size"), counts, set()
+        if folder.parent.name == "datasets" and hub.is_file():
+            if (entry := _named(_check_json(hub), "datasets", folder.name)) is not None:
+                stats = entry.get("stats", {})
+                counts = {split: stats.get(f"files_{split}") for split in ("val", "train")}
+                return hub, entry.get("vocab_size"), counts, {"train"}
     except (AttributeError, TypeError) as e:  # a list or number where a table belongs
         raise DataError(f"{folder}: malformed manifest.json ({e})") from None
-
-
-def _read_listing(folder: Path) -> tuple[Path, int | None, dict, set[str]] | None:
-    own, hub = folder / "manifest.json", folder.parent.parent / "manifest.json"
-    if own.is_file():
-        manifest = _check_json(own)
-        splits = manifest.get("splits", {})
-        return (own, manifest.get("tokenizer", {}).get("vocab_size"),
-                {split: splits.get(split, {}).get("shards") for split in ("val", "train")}, set())
-    if folder.parent.name == "datasets" and hub.is_file():
-        if (entry := _named(_check_json(hub), "datasets", folder.name)) is not None:
-            stats = entry.get("stats", {})
-            return (hub, entry.get("vocab_size"),
-                    {split: stats.get(f"files_{split}") for split in ("val", "train")}, {"train"})
     return None
 
 
 def verify_dir(folder: Path, vocab_size: int | None) -> dict[str, int]:
-    """Check every .bin shard in folder, the shard numbering and the counts its manifest
-    lists; print every problem, then fail if there was one. Returns token totals per split."""
+    """Check every shard, the numbering and the manifest's counts; token totals per split."""
     if not folder.is_dir():
         raise DataError(f"{folder}: {'not a folder' if folder.exists() else 'no such folder'}")
-    if not (paths := sorted(folder.glob("*.bin"))):
-        raise DataError(f"{folder}: no .bin shards")
     listing = _listing(folder)
     if vocab_size is None and listing is not None and listing[1] is not None:
         vocab_size = listing[1]
@@ -463,7 +436,7 @@ def verify_dir(folder: Path, vocab_size: int | None) -> dict[str, int]:
         print("vocabulary: unknown (no --vocab-size, no manifest): token ids are not checked")
     problems, totals = [], {}
     counts = {"val": {}, "train": {}}  # per split, shard number -> tokens (None: unreadable)
-    for path in paths:
+    for path in sorted(folder.glob("*.bin")):
         named = re.fullmatch(r"fineweb_(train|val)_(\d{6})\.bin", path.name)
         split, count = named.group(1) if named else "other", None
         try:
@@ -515,23 +488,8 @@ def _at_least(minimum: int) -> Callable[[str], int]:
     return count
 
 
-def _run_shards(args) -> None:
-    if args.train_tokenizer and args.tokenizer_out is None:
-        args.parser.error("--train-tokenizer needs --tokenizer-out PATH, where the trained "
-                          "model is saved (the shards' manifest refers to it)")
-    for option, value in (("--tokenizer-out", args.tokenizer_out),
-                          ("--vocab-size", args.vocab_size)):
-        if args.tokenizer and value is not None:
-            args.parser.error(f"{option} applies to --train-tokenizer, not to --tokenizer")
-    build_shards(args.inputs, args.out, tokenizer=args.tokenizer,
-                 train_vocab=(args.vocab_size or TRAIN_VOCAB) if args.train_tokenizer else None,
-                 tokenizer_out=args.tokenizer_out, val_docs=args.val_docs,
-                 shard_tokens=args.shard_tokens)
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m tools.data",
-                                     description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tools.data", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, run, text: str) -> argparse.ArgumentParser:
@@ -540,31 +498,26 @@ def _parser() -> argparse.ArgumentParser:
         p.set_defaults(run=run, parser=p)
         return p
 
-    p = command("download", lambda a: download(a.root, a.variant, a.train_shards, a.val_shards,
-                                                a.repo_id, a.remote_root),
-                "fetch the challenge shards and tokenizer from the hub: all of val, the first N "
-                "train shards, the tokenizer (whole files are kept, a failed download resumes)")
+    p = command("download", download, "fetch from the hub: all val shards, the first N train "
+                "shards, the tokenizer (whole files are kept, a failed download resumes)")
     p.add_argument("--variant", default="sp1024", help="tokenizer variant")
     p.add_argument("--train-shards", type=_at_least(0), default=80, help="train shards to fetch")
-    p.add_argument("--val-shards", type=_at_least(1), default=None,
-                   help="val shards to fetch (None: all; fewer give another val_bpb)")
+    p.add_argument("--val-shards", type=_at_least(1), help="val shards (None: all; fewer give "
+                   "another val_bpb)")
     p.add_argument("--repo-id", default=os.environ.get(REPO_ENV, HUB_REPO), metavar="OWNER/NAME",
                    help=f"hub dataset (${REPO_ENV} sets the default)")
     p.add_argument("--remote-root", default=os.environ.get(ROOT_ENV, HUB_ROOT), metavar="FOLDER",
                    help=f"the export's folder in the dataset (${ROOT_ENV} sets the default)")
-    p = command("shards", _run_shards, "tokenize .txt/.jsonl documents into shards: a .txt file "
-                "is one document, a .jsonl file one per line (its \"text\" field); the first "
-                "--val-docs form the val split; DIR/manifest.json lists them")
+    p = command("shards", build_shards, "tokenize .txt files (one document each) and .jsonl files "
+                "(one per line, its \"text\"): the first --val-docs form the val split")
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help=".txt or .jsonl file")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--tokenizer", type=Path, metavar="MODEL",
-                        help="SentencePiece model to use")
+    source.add_argument("--tokenizer", type=Path, metavar="MODEL", help="SentencePiece model")
     source.add_argument("--train-tokenizer", action="store_true",
                         help="train a BPE tokenizer on the inputs with the challenge settings; "
                         "needs --tokenizer-out")
-    p.add_argument("--vocab-size", type=_at_least(5), default=None,
-                   help=f"pieces when training (None: {TRAIN_VOCAB})")
+    p.add_argument("--vocab-size", type=_at_least(5), help=f"pieces to train (None: {TRAIN_VOCAB})")
     p.add_argument("--tokenizer-out", type=Path, metavar="PATH",
                    help="where the trained model is saved (required with --train-tokenizer)")
     p.add_argument("--val-docs", type=_at_least(0), default=VAL_DOCS, help="val documents")
@@ -573,10 +526,10 @@ def _parser() -> argparse.ArgumentParser:
     command("demo", lambda a: build_demo(a.root), "build the offline demo corpus under ROOT/data: "
             f"CPython's own prose, a {DEMO_VOCAB}-piece tokenizer, byte-identical every time")
     p = command("verify", lambda a: verify_dir(a.dir, a.vocab_size), "check a shard folder: each "
-                ".bin shard, both splits there without gaps, the counts its manifest lists")
+                "shard, both splits without gaps, the counts its manifest lists")
     p.add_argument("dir", type=Path, metavar="DIR")
-    p.add_argument("--vocab-size", type=_at_least(1), default=None,
-                   help="reject ids at or above this (None: the manifest's vocabulary size)")
+    p.add_argument("--vocab-size", type=_at_least(1), help="reject ids from this on (None: the "
+                   "manifest's)")
     for name in ("download", "demo"):
         commands.choices[name].add_argument("--root", type=Path, default=Path("."),
                                             help="folder that holds data/")

@@ -1,11 +1,6 @@
-"""Runs side by side, as a picture: train loss by step and by training time, and val_bpb by
-kind of score.
-
-    python -m tools.plot LOG... --out FILE.png
-
-Logs are read with the record reader (tools.submission.parse_log), so anything but a finished
-run is refused in one line. Seeds of one configuration share a colour (a line style each).
-"""
+"""Runs side by side as a picture: train loss by step and by training time, and val_bpb by kind
+of score (`python -m tools.plot LOG... --out FILE.png`). Logs are read by
+tools.submission.parse_log: anything but a finished run is refused in one line."""
 
 from __future__ import annotations
 
@@ -37,8 +32,7 @@ def configurations(records: list[RunRecord]) -> list[list[RunRecord]]:
 
 
 def labels(groups: list[list[RunRecord]]) -> list[str]:
-    """Each configuration by its first log's name (with its folder where names repeat), and
-    its seeds."""
+    """Each configuration by its first log's name (with its folder where names repeat), seeds."""
     stems = [Path(r.path).stem for g in groups for r in g]
     out = []
     for g in groups:
@@ -49,61 +43,52 @@ def labels(groups: list[list[RunRecord]]) -> list[str]:
 
 
 def draw(records: list[RunRecord]):
-    """The figure: train loss by step, by training time, and the evaluations by kind; a
-    configuration's colour is matplotlib's cycle colour Cn."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
+    """Train loss by step and by training time; per evaluation (the tick says its kind), each
+    seed's val_bpb a point and the configuration's mean a short line. A configuration's colour
+    is the cycle colour Cn, each seed a line style."""
+    from matplotlib.figure import Figure  # no pyplot: no backend, no global figure list
 
     groups = configurations(records)
-    fig, (by_step, by_time, evals) = plt.subplots(1, 3, figsize=(16, 4.8),
-                                                  gridspec_kw=dict(width_ratios=(1, 1, 1.3)))
+    names = [n for n in EVAL_TAGS if any(n in r.evals for g in groups for r in g)]
+    width = 0.8 / len(groups)
+    fig = Figure(figsize=(16, 4.8), layout="tight")
+    by_step, by_time, evals = fig.subplots(1, 3, gridspec_kw=dict(width_ratios=(1, 1, 1.3)))
     for gi, (group, label) in enumerate(zip(groups, labels(groups))):
+        colour = f"C{gi % 10}"
         for si, r in enumerate(group):
             text = r.data.decode("utf-8")
             losses, times = train_losses(text), step_times(text)
-            style = dict(color=f"C{gi % 10}", linestyle=STYLES[si % len(STYLES)], linewidth=1.2,
+            style = dict(color=colour, linestyle=STYLES[si % len(STYLES)], linewidth=1.2,
                          label=label if si == 0 else None)
             by_step.plot([s for s, _ in losses], [v for _, v in losses], **style)
             by_time.plot([ms / 1000 for _, ms in times], [v for _, v in losses], **style)
-    for ax, xlabel, by in ((by_step, "step", "step"), (by_time, "training time (s)", "time")):
-        ax.set(xlabel=xlabel, ylabel="train loss", title=f"train loss by {by}")
-        ax.grid(alpha=0.3)
-    by_step.legend(fontsize=8)
-    draw_evaluations(evals, groups)
-    fig.tight_layout()
-    return fig
-
-
-def draw_evaluations(ax, groups: list[list[RunRecord]]) -> None:
-    """val_bpb of every evaluation a run holds, grouped by evaluation; each seed a point, the
-    configuration's mean a short line; the tick says the score's kind (tools.submission's)."""
-    names = [n for n in EVAL_TAGS if any(n in r.evals for g in groups for r in g)]
-    width = 0.8 / len(groups)
-    for gi, group in enumerate(groups):
         for xi, name in enumerate(names):
             if values := [r.evals[name].val_bpb for r in group if name in r.evals]:
                 x = xi - 0.4 + width * (gi + 0.5)
                 mean = sum(values) / len(values)
-                ax.scatter([x] * len(values), values, color=f"C{gi % 10}", s=18, zorder=3)
-                ax.hlines(mean, x - width / 2.5, x + width / 2.5, color=f"C{gi % 10}", linewidth=2)
-                ax.annotate(f"{mean:.4f}", (x, mean), textcoords="offset points", xytext=(0, 4),
-                            ha="center", fontsize=7, color=f"C{gi % 10}")
+                evals.scatter([x] * len(values), values, color=colour, s=18, zorder=3)
+                evals.hlines(mean, x - width / 2.5, x + width / 2.5, color=colour, linewidth=2)
+                evals.annotate(f"{mean:.4f}", (x, mean), textcoords="offset points",
+                               xytext=(0, 4), ha="center", fontsize=7, color=colour)
+    for ax, xlabel, by in ((by_step, "step", "step"), (by_time, "training time (s)", "time")):
+        ax.set(xlabel=xlabel, ylabel="train loss", title=f"train loss by {by}")
+        ax.grid(alpha=0.3)
+    by_step.legend(fontsize=8)
     ticks = [f"{EVAL_TAGS[n]}\n{SCORES[n].kind}" for n in names]  # the kind parse_log checks
-    ax.set_xticks(range(len(names)), ticks, fontsize=7, rotation=20, ha="right")
-    ax.set(ylabel="val_bpb", title="evaluations (val_bpb, lower is better)")
-    ax.grid(axis="y", alpha=0.3)
+    evals.set_xticks(range(len(names)), ticks, fontsize=7, rotation=20, ha="right")
+    evals.set(ylabel="val_bpb", title="evaluations (val_bpb, lower is better)")
+    evals.grid(axis="y", alpha=0.3)
+    return fig
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.plot", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.plot", description=__doc__)
     p.add_argument("logs", nargs="+", help="train_gpt.py logs of finished runs")
     p.add_argument("--out", required=True, type=Path, help="the picture (.png)")
     a = p.parse_args(argv)
-    if a.out.suffix.lower() != ".png" or not a.out.parent.is_dir():
-        print(f"error: --out {a.out}: expected a .png file in an existing folder", file=sys.stderr)
-        return 2
     try:
+        if a.out.suffix.lower() != ".png" or not a.out.parent.is_dir():
+            raise SubmissionError(f"--out {a.out}: expected a .png file in an existing folder")
         records = [parse_log(path) for path in a.logs]
     except SubmissionError as e:
         print(f"error: {e}", file=sys.stderr)

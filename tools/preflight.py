@@ -1,7 +1,6 @@
 """Preflight: check a train_gpt.py configuration (its environment variables, PRESET included)
 on a CPU with no data before a GPU run, each check of CHECKS a line; exit 1 if one fails.
 
-    python -m tools.preflight
     PRESET=demo python -m tools.preflight --no-compile
     NUM_LAYERS=12 MODEL_DIM=576 python -m tools.preflight --world-size 8 --packed
 """
@@ -15,8 +14,8 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -39,9 +38,8 @@ VECTOR_JITTER = 0.1  # vectors and scalars: their initial value times (1 + 0.1 N
 RECORD_PARAMS, RECORD_MODEL_BYTES = 26_862_694, 15_689_612
 
 
-# Each check returns (status, summary, details); an exception is a failed check. ctx: the parsed
-# arguments, env, and what the checks found (tg, cfg, model, code: the train_gpt.Code the
-# submission counts; estimate: a Future); a check is skipped when what it NEEDS is missing.
+# Each check returns (status, summary, details) or raises (a failure); ctx holds args, env and
+# what the checks found (tg, cfg, model, code, estimate), each NEEDED by later checks.
 def check_import(ctx):
     ctx.tg = import_train_gpt()
     return "PASS", (f"train_gpt.py imported (torch {torch.__version__}, Python "
@@ -62,15 +60,13 @@ def check_config(ctx):
 
 
 def suspicious_vars(tg, env) -> list[str]:
-    """Variables train_gpt.py does not read but that look like one it does (a typo is silently
-    ignored): the script's own check, and the original's variables that change nothing."""
+    """The original's variables that change nothing, and misspelt settings."""
     return [f"{name} is read by the original but changes nothing; train_gpt.py ignores it"
             for name in sorted(env) if name in IGNORED_VARS] + misspelt_settings(tg, env)
 
 
 def misspelt_settings(tg, env) -> list[str]:
-    """Upper-case variables that look like a setting misspelt (SLOT_STPES): the script ignores
-    them, so a typo would run the default silently."""
+    """Upper-case variables like a setting misspelt (SLOT_STPES): a typo would run the default."""
     known = tg.Config.variables() | set(tg.REMOVED_SETTINGS) | {"PRESET", *IGNORED_VARS}
     return [f"{name} is not a setting of train_gpt.py; did you mean {close[0]}?"
             for name in sorted(env) if name.isupper() and name not in known
@@ -92,9 +88,8 @@ def check_world(ctx):
 
 
 def check_model(ctx):
-    """The model as the run builds it (SEED), and its parameter table's counts: where each
-    tensor goes (optimizer group, artifact format). The artifact estimate starts here, in the
-    background: quantile and lzma release the GIL, so it overlaps the compile check."""
+    """The model as the run builds it, with its parameter table's counts. The artifact estimate
+    starts here in the background: quantile and lzma release the GIL, overlapping compile."""
     t0 = time.perf_counter()
     ctx.model = ctx.tg.build_model(ctx.cfg.model, torch.device("cpu"), seed=ctx.cfg.run.seed)
     n = sum(p.numel() for p in ctx.model.parameters())  # as train_gpt.py's model_params line
@@ -112,10 +107,9 @@ def sample_batch(cfg):
 
 
 def check_forward(ctx):
-    """At initialisation the output projections are zero and the tied embedding tiny (std
-    TIED_EMBED_INIT_STD), so the logits are near 0 and the loss on random targets near ln V. The
-    input token's own logit is about std * d / sqrt(2) (1.8 at the default), which moves the loss
-    by ~0.01 at V = 1024; a wrong init scale, a broken norm or a NaN moves it much more."""
+    """At init (zero output projections, a tiny tied embedding) the loss on random targets is
+    near ln V (the input token's own logit moves it ~0.01 at V = 1024); a wrong init scale, a
+    broken norm or a NaN moves it much more."""
     x, y = sample_batch(ctx.cfg)
     with torch.no_grad():
         loss = ctx.model.eval()(x, y).item()
@@ -127,10 +121,8 @@ def check_forward(ctx):
 
 
 def shrunk_config(env):
-    """The configuration of `env` with 2 layers and 16-dim heads (same head counts, MLP ratio,
-    vocab, bigram table, RoPE dims, softcap...), keeping which optional parts exist: bigram/VE
-    projections, VE on a layer, XSA on all or only the last layer, VRL. Built from the
-    environment with those variables changed, as a run would read it."""
+    """`env` read as a run would with 2 layers and 16-dim heads, the rest kept (head counts,
+    vocab, RoPE dims...) and which optional parts exist: bigram/VE projections, VE, XSA, VRL."""
     config = import_train_gpt().Config.from_env
     m = config(env).model
     head_dim = min(m.head_dim, max(16, m.rope_dims))
@@ -149,26 +141,20 @@ def shrunk_config(env):
 
 
 def check_compile(ctx):
+    """GPT.forward in train mode on the late-QAT path (the superset of the training forward) of
+    a shrunk copy with perturbed weights, compiled with fullgraph=True, against eager."""
     small = shrunk_config(ctx.env)
     m, backend = small.model, ctx.args.compile_backend
     model = perturbed_model(ctx.tg, m, SEED, noise=0.05).train()
     x, y = sample_batch(small)
-    parts = (f"{'bigram_dim ' + str(m.bigram_dim) if m.bigram_vocab_size else 'no bigram'}, "
-             f"{f've_dim {m.ve_dim} on layer(s) {m.ve_layers}' if m.ve_enabled else 'no VE'}, "
-             f"VRL {'on' if m.vrl_enabled else 'off'}")
-    desc = [f"compiled: GPT.forward (train mode, late-QAT path on) of a shrunk copy: 2 layers, "
-            f"d={m.model_dim} ({m.num_heads}x{m.head_dim} heads, {m.num_kv_heads} kv), "
-            f"MLP x{m.mlp_mult:g}, {parts}, XSA last {m.xsa_last_n}; batch 2x{x.size(1)}; "
-            f"torch.compile(fullgraph=True, dynamic=False, backend={backend!r}); weights "
-            "perturbed"]
+    desc = [f"compiled: a shrunk copy ({m.num_layers} layers, d={m.model_dim}, {m.num_heads}x"
+            f"{m.head_dim} heads, {m.num_kv_heads} kv), batch 2x{x.size(1)}, backend={backend!r}"]
     t0 = time.perf_counter()
-    try:  # the late-QAT branch is the superset of the training forward
+    try:
         with torch.no_grad():
             eager = model(x, y, qat=True, recur=True).item()
             fn = torch.compile(model, dynamic=False, fullgraph=True, backend=backend)
             compiled = fn(x, y, qat=True, recur=True).item()
-    except Exception as e:  # a graph break under fullgraph, a lowering error, no C++ compiler...
-        return "FAIL", error_line(e), desc
     finally:
         torch._dynamo.reset()
     diff = abs(eager - compiled)
@@ -176,10 +162,6 @@ def check_compile(ctx):
             f"(compile + run {time.perf_counter() - t0:.0f} s)")
     ok = diff < COMPILE_TOLERANCE
     return ("PASS" if ok else "FAIL"), line + ("" if ok else f" >= {COMPILE_TOLERANCE}"), desc
-
-
-def error_line(e: Exception) -> str:
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or ['(no message)'])[0]}"
 
 
 def check_code(ctx):
@@ -199,23 +181,15 @@ def check_artifact(ctx):
     total, comp, source = est.model_bytes + code.size, export.compressor, len(code.source.encode())
     margin = limit - total
     details = [
-        f"quantised: {est.counts['int6']:,} int6 + {est.counts['int8']:,} int8 + "
-        f"{est.counts['fp16']:,} fp16 values; {8 * est.model_bytes / est.total_params:.2f} "
-        f"bits/param after {comp}",
         *(f"budget {kind}: {n:,} bytes stored" for kind, n in est.stored.items()),
         f"budget model: {est.model_bytes:,} bytes after {comp}",
         f"budget code: {code.size:,} bytes ({'plain' if code.size == source else 'packed'} "
         f"script; source {source:,} bytes)",
         f"budget total: {total:,} bytes, margin {margin:,} to the {limit:,}-byte limit",
-        f"basis: weight matrices' rows of L2 norm ~{ROW_NORM:g} (Muon's update scale) times "
-        f"lognormal(0, {ROW_NORM_SPREAD}); vectors and scalars: init x (1 + {VECTOR_JITTER} "
-        f"N(0,1)); the norm calibrated on the seed-42 record's {RECORD_MODEL_BYTES:,} lzma bytes "
-        "(3.5 / 4.5 give -4.2% / +2.1% there)",
-        *([f"note: calibrated with lzma; COMPRESSOR={comp} is estimated with the same weights"]
-          if comp != "lzma" else []),
-        *(["note: GPTQ_ENABLED=1 is estimated with the clip search: GPTQ needs the trained "
-           "weights and their Hessians (on a trained demo model its artifact was 0.7% larger)"]
-          if export.gptq_enabled else []),
+        f"basis: trained-like weights (matrix rows of L2 norm ~{ROW_NORM:g}), calibrated with "
+        f"lzma on the seed-42 record's {RECORD_MODEL_BYTES:,} bytes",
+        *(["note: GPTQ_ENABLED=1 estimated with the clip search (GPTQ needs trained weights; on "
+           "a trained demo model its artifact was 0.7% larger)"] if export.gptq_enabled else []),
         *([f"the record's shape: {100 * (est.model_bytes / RECORD_MODEL_BYTES - 1):+.2f}% "
            "model bytes against its artifact"] if est.total_params == RECORD_PARAMS else [])]
     line = (f"estimated {est.model_bytes:,} model + {code.size:,} code = {total:,} bytes "
@@ -223,16 +197,6 @@ def check_artifact(ctx):
     if margin <= 0:
         return "FAIL", f"{line} (over by {-margin:,})", details
     return "PASS", f"{line} (margin {margin:,}, {100 * margin / limit:.1f}%)", details
-
-
-@dataclass
-class ArtifactEstimate:
-    blob: bytes  # the compressed container, as pack_artifact writes it
-    model_bytes: int  # its size
-    counts: dict  # values stored as int6 / int8 / fp16 (passthrough)
-    total_params: int
-    stored: dict  # bytes stored (uncompressed) by scheme: int6 / int8 / passthrough
-    container: dict  # the quantised tensors
 
 
 def trained_like_state(tg, roles: dict, state: dict, seed: int = SEED) -> dict:
@@ -250,9 +214,9 @@ def trained_like_state(tg, roles: dict, state: dict, seed: int = SEED) -> dict:
 
 
 def estimate_artifact(tg, roles: dict, state: dict, compressor: str = "lzma",
-                      seed: int = SEED) -> ArtifactEstimate:
-    """Quantise trained-like weights of this shape with train_gpt's own quantize_state_dict
-    (each tensor in its role's format) and compress them with pack_artifact."""
+                      seed: int = SEED) -> SimpleNamespace:
+    """Trained-like weights of this shape quantised (container) and packed (blob, model_bytes)
+    by train_gpt itself; counts: values per int6 / int8 / fp16, stored: bytes per scheme."""
     container = tg.quantize_state_dict(trained_like_state(tg, roles, state, seed), roles)
     counts, stored = dict(int6=0, int8=0, fp16=0), dict(int6=0, int8=0, passthrough=0)
     for name, scheme in container["m"].items():
@@ -262,7 +226,8 @@ def estimate_artifact(tg, roles: dict, state: dict, compressor: str = "lzma",
         stored[kind] += sum(t.numel() * t.element_size() for t in held)
         counts[kind if kind != "passthrough" else "fp16"] += held[0].numel()
     blob = tg.pack_artifact(container, compressor)
-    return ArtifactEstimate(blob, len(blob), counts, sum(counts.values()), stored, container)
+    return SimpleNamespace(blob=blob, model_bytes=len(blob), counts=counts, stored=stored,
+                           total_params=sum(counts.values()), container=container)
 
 
 CHECKS = (("import", check_import), ("config", check_config), ("world", check_world),
@@ -280,8 +245,9 @@ def run_check(name: str, fn, ctx) -> tuple[str, str, list[str]]:
         return "SKIP", f"--no-{name}", []
     try:
         return fn(ctx)
-    except Exception as e:  # train_gpt's ConfigError says what is wrong in one line
-        return "FAIL", str(e) if type(e).__name__ == "ConfigError" else error_line(e), []
+    except Exception as e:  # a ConfigError says what is wrong in one line; else the first line
+        name, first = type(e).__name__, (str(e).strip().splitlines() or ["(no message)"])[0]
+        return "FAIL", str(e) if name == "ConfigError" else f"{name}: {first}", []
 
 
 def main(argv=None, env=None, out=None) -> int:
@@ -291,17 +257,14 @@ def main(argv=None, env=None, out=None) -> int:
     p.add_argument("--world-size", type=int, default=env.get("WORLD_SIZE", 8),
                    help="GPUs of the planned run (default: $WORLD_SIZE, else the record's 8)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile check")
-    p.add_argument("--compile-backend", default="inductor",
-                   choices=("inductor", "aot_eager", "eager"),
-                   help="the record's inductor; aot_eager is faster and still finds graph breaks")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile's backend: the "
+                   "record's inductor; aot_eager is faster and still finds graph breaks")
     p.add_argument("--no-artifact", action="store_true", help="skip the artifact-size estimate")
     p.add_argument("--packed", action="store_true", help="count the code as tools.pack's file")
     args, out, t0 = p.parse_args(argv), sys.stdout if out is None else out, time.perf_counter()
-    print("preflight: train_gpt.py configuration from the environment, on the CPU, no data",
-          file=out)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        ctx = argparse.Namespace(args=args, env=env, pool=pool, tg=None, cfg=None, model=None,
-                                 code=None, estimate=None)
+        ctx = SimpleNamespace(args=args, env=env, pool=pool, tg=None, cfg=None, model=None,
+                              code=None, estimate=None)
         statuses = {}
         for name, fn in CHECKS:
             status, summary, details = run_check(name, fn, ctx)
