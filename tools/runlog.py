@@ -190,10 +190,3 @@ def mean_step_ms(steps: list[tuple[int, float]], skip: int) -> tuple[float, int,
     (s0, t0), (s1, t1) = steps[min(skip, len(steps) - 2)], steps[-1]
     return (t1 - t0) / (s1 - s0), s0, s1
 
-
-def eval_times(log: Log) -> list[dict]:
-    """Every evaluation line with an eval_time, in log order: name, ms, val_loss, val_bpb and the
-    rest of the line (stride, steps, mode)."""
-    return [dict(name=m["name"], ms=int(m["ms"]), val_loss=float(m["val_loss"]),
-                 val_bpb=float(m["val_bpb"]), detail=(m["extra"] + m["suffix"]).strip())
-            for m in find("result", log)]
