@@ -1,9 +1,11 @@
-"""docs/settings.md is generated from train_gpt.py's setting declarations (tools.settings_doc):
-it must be the page the declarations give today, list every setting once, and show defaults
-that, set explicitly, change nothing."""
+"""docs/settings.md's tables are generated from train_gpt.py's setting declarations
+(tools.settings_doc): they must be what the declarations give today, list every setting once,
+and show defaults that, set explicitly, change nothing."""
 
 import dataclasses
 import re
+
+import pytest
 
 import train_gpt as tg
 from tools import settings_doc
@@ -66,3 +68,17 @@ def test_check_exits_1_on_a_stale_page_and_leaves_it(tmp_path, capsys):
     assert settings_doc.main(["--out", str(page)]) == 0
     assert settings_doc.main(["--check", "--out", str(page)]) == 0
     assert page.read_text(encoding="utf-8") == PAGE.read_text(encoding="utf-8")
+
+
+def test_the_prose_is_kept_and_a_page_without_markers_is_refused(tmp_path, monkeypatch):
+    """The generator rewrites only what lies between its markers."""
+    page = tmp_path / "settings.md"
+    text = PAGE.read_text(encoding="utf-8")
+    page.write_text(text.replace("## Notes on some settings", "## Notes, edited by hand")
+                    .replace("| `SEED` |", "| `SEED_EDITED` |"), encoding="utf-8")
+    monkeypatch.setattr(settings_doc, "PAGE", page)
+    assert settings_doc.render() == text.replace("## Notes on some settings",
+                                                 "## Notes, edited by hand")
+    page.write_text(text.replace("<!-- end removed -->", ""), encoding="utf-8")
+    with pytest.raises(SystemExit, match="no markers for removed"):
+        settings_doc.render()
