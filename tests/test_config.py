@@ -250,13 +250,13 @@ def test_a_removed_setting_set_stops_the_run(name, value, inputs, tmp_path, caps
 def test_misspelt_settings_are_noted_with_a_suggestion():
     """tools.preflight notes a variable that looks like a setting misspelt, naming the setting
     meant; other variables (PATH), lower-case names, the settings and the removed ones get none."""
-    from tools.preflight import misspelt_settings
-    assert misspelt_settings(tg, {"ITERATION": "2", "SLOT_STPES": "4", "PATH": "/bin"}) == [
+    from tools.preflight import suspicious_vars
+    assert suspicious_vars(tg, {"ITERATION": "2", "SLOT_STPES": "4", "PATH": "/bin"}) == [
         "ITERATION is not a setting of train_gpt.py; did you mean ITERATIONS?",
         "SLOT_STPES is not a setting of train_gpt.py; did you mean SLOT_STEPS?"]
     quiet = {"ITERATIONS": "2", "SLOT_STEPS": "4", "MTP_NUM_HEADS": "0", "PRESET": "demo",
              "slot_stpes": "4", "HOME": "/home/user", "RANK": "0"}
-    assert misspelt_settings(tg, quiet) == []
+    assert suspicious_vars(tg, quiet) == []
 
 
 # ---------------------------------------------------------------- every setting of the original

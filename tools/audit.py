@@ -14,6 +14,7 @@ import contextlib
 import copy
 import io
 import sys
+from collections import namedtuple
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,11 +75,7 @@ class ModeResult:
         return self.verdict != "causal" if strict else not self.as_expected
 
 
-@dataclass
-class AuditReport:
-    settings: AuditSettings
-    positions: list[int]
-    results: list[ModeResult]
+AuditReport = namedtuple("AuditReport", "settings positions results")  # results: [ModeResult]
 
 
 def tiny_config(tg, s: AuditSettings):
@@ -103,8 +100,7 @@ def flip_positions(plan, k: int, seed: int) -> list[int]:
 
 
 def score_targets(tg, model, tokens, cfg, luts, modes) -> dict[str, torch.Tensor]:
-    """Every target's nll (float64, 0 where a mode scores nothing) for each mode asked for,
-    through the evaluation's own entry points with per-target collection."""
+    """Every target's nll (0 where a mode scores nothing) by the evaluation's own entry points."""
     rt = tg.Runtime()
     s = tg.Scoring(model, model.hidden, tokens, luts, rt)
     out = {}
@@ -140,14 +136,13 @@ def run_audit(s: AuditSettings = AuditSettings()) -> AuditReport:
     tokens = torch.from_numpy(rng.integers(0, vocab, s.targets + 1))
     luts = unit_luts(vocab)
     results = [ModeResult(m) for m in MODES if m in s.modes]
-    modes = [r.mode for r in results]
     with torch_threads(1):  # not no_grad: SLOT fits its delta and bias by gradient
         model = perturbed_model(tg, cfg.model, s.seed, WEIGHT_NOISE).eval()
-        base = score_targets(tg, model, tokens, cfg, luts, modes)
+        base = score_targets(tg, model, tokens, cfg, luts, s.modes)
         for p in positions:
             changed = tokens.clone()  # target p is token p + 1: another token there
             changed[p + 1] = (int(tokens[p + 1]) + int(rng.integers(1, vocab))) % vocab
-            after = score_targets(tg, model, changed, cfg, luts, modes)
+            after = score_targets(tg, model, changed, cfg, luts, s.modes)
             for r in results:
                 r.record(p, (after[r.mode] - base[r.mode]).abs())
     return AuditReport(s, positions, results)

@@ -35,9 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for option, default, help_text in (
             ("layers", 2, "NUM_LAYERS"), ("dim", 128, "MODEL_DIM (4 heads, 2 kv heads)"),
             ("seq-len", 2048, "EVAL_SEQ_LEN = TRAIN_SEQ_LEN"), ("stride", 96, "EVAL_STRIDE"),
-            ("slot-steps", 48, "SLOT_STEPS"), ("tokens", 16384, "validation targets"),
-            ("orig-windows", 2, "windows timing (d), 0: none"),
-            ("ttt-chunk", 4096, "TTT_CHUNK_TOKENS, 0: no (e)")):
+            ("slot-steps", 48, "SLOT_STEPS"), ("tokens", 16384, "validation targets")):
         p.add_argument(f"--{option}", type=int, default=default, help=help_text)
     p.add_argument("--strict", action="store_true",
                    help="exit 1 when a ratio misses its target (every ratio is printed first)")
@@ -81,15 +79,14 @@ def report_ratios(ratios: list[Ratio], strict: bool) -> int:
 
 
 def setup(a: argparse.Namespace):
-    """The settings (as a run's environment), their Config, and the Scoring of a model whose
-    every matrix is random (nothing trivially cheap) on a random stream (text changes no timing)."""
+    """The Config and the Scoring of a random-matrix model (nothing trivially cheap)."""
     ve_layers = ",".join(str(i) for i in range(max(a.layers - 2, 0), a.layers))
     env = dict(TRAIN_SEQ_LEN=a.seq_len, EVAL_SEQ_LEN=a.seq_len, EVAL_STRIDE=a.stride,
                SLOT_STEPS=a.slot_steps, SLOT_MODE="scored", RUN_ID="bench_eval",
                NUM_LAYERS=a.layers, MODEL_DIM=a.dim, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=3,
-               BIGRAM_DIM=32, VE_DIM=32, VE_LAYERS=ve_layers, XSA_LAST_N=a.layers)
-    env = {k: str(v) for k, v in env.items()}
-    cfg = tg.Config.from_env(env)
+               BIGRAM_DIM=32, VE_DIM=32, VE_LAYERS=ve_layers, XSA_LAST_N=a.layers,
+               TTT_CHUNK_TOKENS=max(4096, a.seq_len))  # TTT's chunks: at least a window
+    cfg = tg.Config.from_env({k: str(v) for k, v in env.items()})
     if a.tokens < cfg.eval.seq_len:
         raise tg.ConfigError(f"--tokens={a.tokens}: expected more than one window of "
                              f"{cfg.eval.seq_len}")
@@ -100,9 +97,9 @@ def setup(a: argparse.Namespace):
         for p in model.parameters():
             if p.ndim == 2:
                 p.copy_(torch.randn(p.shape, generator=g) * p.size(1) ** -0.5)
-    tokens = torch.randint(0, cfg.model.vocab_size, (a.tokens + 1,), generator=g)
+    tokens = torch.randint(0, cfg.model.vocab_size, (a.tokens + 1,), generator=g)  # any text
     luts = unit_luts(cfg.model.vocab_size, rt.device)
-    return env, cfg, tg.Scoring(model, rt.compiled(model.hidden), tokens, luts, rt)
+    return cfg, tg.Scoring(model, rt.compiled(model.hidden), tokens, luts, rt)
 
 
 def timed(rt, fn):
@@ -116,20 +113,19 @@ def timed(rt, fn):
     return out, clock() - start
 
 
-def compare_slot_styles(s, e, k: int):
+def compare_slot_styles(s, e, k: int = 2):
     """Per-window seconds of the fast SLOT (the script's scorer, its loss uncompiled) and the
     original-style one (tools.slot_tf32's) on the hidden states of full windows 1..k."""
-    rt = s.rt
-    plain = tg.Scoring(s.model, s.hidden_fn, s.tokens, s.luts, tg.Runtime(device=rt.device))
+    plain = tg.Scoring(s.model, s.hidden_fn, s.tokens, s.luts, tg.Runtime(device=s.rt.device))
     plan = tg.sliding_windows(s.n_targets, e.seq_len, e.stride, e.tail)
     idx = np.arange(1, min(k, len(plan) - 1) + 1)
     scorer = tg.SlotScorer("scored", e.slot, plain, plan, [idx], len(idx))
     b = next(tg.window_pass(plain, plan, [idx], len(idx), e.seq_len, collect=False))
-    hid, scored = b.hid.float(), torch.from_numpy(b.scored).to(rt.device)
-    fast, t_fast = timed(rt, lambda: scorer.fit_and_score(hid, b.y, b.scored, b.scored, 0))
+    hid, scored = b.hid.float(), torch.from_numpy(b.scored).to(s.rt.device)
+    fast, t_fast = timed(s.rt, lambda: scorer.fit_and_score(hid, b.y, b.scored, b.scored, 0))
     batch = SlotBatch(hid, b.y, scored, fast)
-    orig, t_orig = timed(rt, lambda: slot_nll(batch, scorer.weight, e.slot,
-                                              s.model.cfg.logit_softcap, everywhere=True))
+    orig, t_orig = timed(s.rt, lambda: slot_nll(batch, scorer.weight, e.slot,
+                                                s.model.cfg.logit_softcap, everywhere=True))
     gap = float(((fast - orig).abs() / orig.abs().clamp_min(1e-6)).max())
     return t_fast / len(idx), t_orig / len(idx), len(idx), gap
 
@@ -151,7 +147,7 @@ def run_suite(cfg, s):
     return seconds, [(name, score.seconds) for name, score in scores.items()]
 
 
-def time_evaluations(a, env: dict, cfg, s, n_windows: int):
+def time_evaluations(cfg, s, n_windows: int):
     """Every timing of the table: its rows (name, seconds, val_bpb) and the ratios."""
     e, rt = cfg.eval, s.rt
     warm = tg.Scoring(s.model, s.hidden_fn, s.tokens[:e.seq_len + e.stride + 1], s.luts, rt)
@@ -161,44 +157,40 @@ def time_evaluations(a, env: dict, cfg, s, n_windows: int):
     rows = [(f"(a) sliding s{e.stride}", t_a, sliding.sums.result(rt)[1]),
             (f"(b) SLOT-{e.slot.steps} (fast)", t_b, slot.sums.result(rt)[1])]
     ratios = [Ratio("SLOT / sliding", t_b / t_a, 1.5, 7.5)]
-    if a.ttt_chunk > 0:
-        ttt_eval = tg.Config.from_env({**env, "TTT_ENABLED": "1",
-                                       "TTT_CHUNK_TOKENS": str(a.ttt_chunk)}).eval
 
-        def ttt(stream):  # on a copy: TTT adapts the model it runs on
-            with contextlib.redirect_stdout(io.StringIO()):
-                return tg.eval_ttt(ttt_eval, rt, copy.deepcopy(s.model), stream, s.luts)
+    def ttt(stream):  # on a copy: TTT adapts the model it runs on
+        with contextlib.redirect_stdout(io.StringIO()):
+            return tg.eval_ttt(e, rt, copy.deepcopy(s.model), stream, s.luts)
 
-        ttt(s.tokens[:2 * a.ttt_chunk + 1])  # a trained chunk and a scored one: graphs compiled
-        (sums, _), t_e = timed(rt, lambda: ttt(s.tokens))
-        n_chunks = -(-s.n_targets // a.ttt_chunk)
-        rows.append((f"(e) legal TTT ({n_chunks - 1} of {n_chunks} chunks trained)", t_e,
-                     sums.result(rt)[1]))
-        ratios.append(Ratio("TTT / sliding", t_e / t_a, 1.5))
+    ttt(s.tokens[:2 * e.ttt.chunk_tokens + 1])  # a trained chunk and a scored one: compiled
+    (sums, _), t_e = timed(rt, lambda: ttt(s.tokens))
+    n_chunks = -(-s.n_targets // e.ttt.chunk_tokens)
+    rows.append((f"(e) legal TTT ({n_chunks - 1} of {n_chunks} chunks trained)", t_e,
+                 sums.result(rt)[1]))
+    ratios.append(Ratio("TTT / sliding", t_e / t_a, 1.5))
     t_c, parts = run_suite(cfg, s)
     rows += [("(c) suite (evaluate)", t_c, None)] + [(f"    {n}", sec, None) for n, sec in parts]
     ratios.append(Ratio("suite / sliding", t_c / t_a, 3, 10))
-    if a.orig_windows > 0:
-        fast_w, orig_w, k, gap = compare_slot_styles(s, e, a.orig_windows)
-        t_d = t_b + (orig_w - fast_w) * n_windows
-        rows.append((f"(d) original-style SLOT (est. from {k} windows)", t_d, None))
-        ratios += [Ratio("original-style SLOT / fast SLOT", t_d / t_b),
-                   Ratio("  SLOT fit per window: original / fast", orig_w / fast_w,
-                         note=f"({orig_w:.3f}s vs {fast_w:.3f}s; max rel. nll gap {gap:.1e})")]
+    fast_w, orig_w, k, gap = compare_slot_styles(s, e)
+    t_d = t_b + (orig_w - fast_w) * n_windows
+    rows.append((f"(d) original-style SLOT (est. from {k} windows)", t_d, None))
+    ratios += [Ratio("original-style SLOT / fast SLOT", t_d / t_b),
+               Ratio("  SLOT fit per window: original / fast", orig_w / fast_w,
+                     note=f"({orig_w:.3f}s vs {fast_w:.3f}s; max rel. nll gap {gap:.1e})")]
     return rows, ratios
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
     try:
-        env, cfg, s = setup(a)
+        cfg, s = setup(a)
         m, e, cpu = cfg.model, cfg.eval, s.rt.device.type == "cpu"
         n_windows = len(tg.sliding_windows(s.n_targets, e.seq_len, e.stride, e.tail))
         print(f"device:{s.rt.device} threads:{torch.get_num_threads()} layers:{m.num_layers} "
               f"dim:{m.model_dim} vocab:{m.vocab_size} "
               f"params:{sum(p.numel() for p in s.model.parameters()):,} L:{e.seq_len} "
               f"targets:{s.n_targets:,} windows:{n_windows} slot_batch:{e.slot.batch_seqs}")
-        rows, ratios = time_evaluations(a, env, cfg, s, n_windows)
+        rows, ratios = time_evaluations(cfg, s, n_windows)
     except tg.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

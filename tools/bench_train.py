@@ -7,6 +7,7 @@ tokens/s, peak memory, MFU on CUDA, launch to the first step (evaluations: tools
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -14,13 +15,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from tools import runlog
+from tools import data, runlog
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_DATA = ROOT / "data" / "datasets" / "demo_sp1024"
 DEMO_TOKENIZER = ROOT / "data" / "tokenizers" / "demo_1024_bpe.model"
-# The record on 8xH100 (published): 786,432 tokens per step, one micro-step of 48 rows per GPU.
-ORIGINAL_MS_PER_STEP, ORIGINAL_PEAK_MIB = 91.25, 22524
+# The record on 8xH100 (published: 786,432 tokens per 91.25 ms step): per GPU, tokens/s and MiB.
+ORIGINAL_TOK_S, ORIGINAL_PEAK_MIB = 786432 / 0.09125 / 8, 22524
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of one H100 SXM
 
 
@@ -30,14 +31,12 @@ def run(args) -> int:
 
     cuda = torch.cuda.is_available()
     if args.data == DEMO_DATA and not DEMO_DATA.exists():
-        subprocess.run([sys.executable, "-m", "tools.data", "demo", "--root", str(ROOT)],
-                       check=True, cwd=ROOT)
+        data.build_demo(ROOT)
     env = dict(TRAIN_BATCH_TOKENS="786432") if cuda else dict(PRESET="demo")
     env.update(ITERATIONS=str(args.steps), WARMUP_STEPS=str(args.warmup),
                MAX_WALLCLOCK_SECONDS="0", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="1",
                WARMDOWN_ITERS="0", RUN_ID="bench", DATA_PATH=str(args.data),
                TOKENIZER_PATH=str(args.tokenizer))
-    env.update(item.partition("=")[::2] for item in args.set)  # --set VAR=VALUE last
     cmd = [sys.executable, str(ROOT / "train_gpt.py")]
     if args.nproc > 1:
         cmd = ["torchrun", "--standalone", f"--nproc_per_node={args.nproc}", cmd[1]]
@@ -60,7 +59,7 @@ def run(args) -> int:
     return 0
 
 
-def report(log: str, env: dict[str, str], cuda: bool, first_step: float | None, skip: int) -> None:
+def report(log: str, env: dict[str, str], cuda: bool, first_step: float, skip: int) -> None:
     ms_per_step, s0, s1 = runlog.mean_step_ms(runlog.step_times(log), skip)
     config = runlog.config(log)
     world = int(config["world_size"])
@@ -69,17 +68,16 @@ def report(log: str, env: dict[str, str], cuda: bool, first_step: float | None, 
     print(f"device: {'cuda' if cuda else 'cpu'} x{world}   config: {settings}")
     print(f"step time: {ms_per_step:.2f} ms (steps {s0}..{s1})   "
           f"tokens/s per process: {tok_s:,.0f}")
-    if first_step is not None:  # TRAIN_LOG_EVERY set to skip step 1
-        print(f"launch to first step: {first_step:.1f} s")
+    print(f"launch to first step: {first_step:.1f} s")
     if peak := runlog.first("peak", log):
         print(f"peak memory: {peak['allocated']} MiB (original: {ORIGINAL_PEAK_MIB} MiB per GPU)")
     if cuda:
         # 6 x parameters in matmuls (forward + backward), plus causal attention's 6 x L x T x d.
-        layers, dim = int(env.get("NUM_LAYERS", 11)), int(env.get("MODEL_DIM", 512))
-        flops = 6 * int(config["model_params"]) + 6 * layers * int(config["train_seq_len"]) * dim
-        original_tok_s = 786432 / (ORIGINAL_MS_PER_STEP / 1000) / 8
+        s = json.loads(runlog.first("settings", log)["json"])  # every setting as the run read it
+        attention = 6 * s["NUM_LAYERS"] * s["TRAIN_SEQ_LEN"] * s["MODEL_DIM"]
+        flops = 6 * int(config["model_params"]) + attention
         print(f"MFU (vs H100 dense bf16 peak): {flops * tok_s / H100_BF16_FLOPS:.1%}   tokens/s "
-              f"per GPU vs original {original_tok_s:,.0f}: {tok_s / original_tok_s:.2f}x")
+              f"per GPU vs original {ORIGINAL_TOK_S:,.0f}: {tok_s / ORIGINAL_TOK_S:.2f}x")
 
 
 def main(argv=None) -> int:
@@ -91,7 +89,6 @@ def main(argv=None) -> int:
     p.add_argument("--nproc", type=int, default=1, help="processes (torchrun) (default 1)")
     p.add_argument("--data", type=Path, default=DEMO_DATA, help="shards (default: the demo's)")
     p.add_argument("--tokenizer", type=Path, default=DEMO_TOKENIZER)
-    p.add_argument("--set", action="append", default=[], metavar="VAR=VALUE", help="a setting")
     return run(p.parse_args(argv))
 
 

@@ -5,11 +5,9 @@ tools.submission.parse_log: anything but a finished run is refused in one line."
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 from pathlib import Path
 
-from tools._files import write_atomic
 from tools.runlog import EVAL_TAGS, step_times, train_losses
 from tools.submission import SCORES, RunRecord, SubmissionError, parse_log
 
@@ -44,8 +42,7 @@ def labels(groups: list[list[RunRecord]]) -> list[str]:
 
 def draw(records: list[RunRecord]):
     """Train loss by step and by training time; per evaluation (the tick says its kind), each
-    seed's val_bpb a point and the configuration's mean a short line. A configuration's colour
-    is the cycle colour Cn, each seed a line style."""
+    seed's val_bpb a point, its mean a short line. Colour Cn per configuration, a style per seed."""
     from matplotlib.figure import Figure  # no pyplot: no backend, no global figure list
 
     groups = configurations(records)
@@ -93,9 +90,7 @@ def main(argv=None) -> int:
     except SubmissionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    buf = io.BytesIO()
-    draw(records).savefig(buf, format="png", dpi=110)
-    write_atomic(a.out, buf.getvalue())  # never a half-written picture
+    draw(records).savefig(a.out, format="png", dpi=110)
     print(f"wrote {a.out}: {len(records)} run(s) in {len(configurations(records))} "
           f"configuration(s)")
     return 0

@@ -60,17 +60,14 @@ def check_config(ctx):
 
 
 def suspicious_vars(tg, env) -> list[str]:
-    """The original's variables that change nothing, and misspelt settings."""
-    return [f"{name} is read by the original but changes nothing; train_gpt.py ignores it"
-            for name in sorted(env) if name in IGNORED_VARS] + misspelt_settings(tg, env)
-
-
-def misspelt_settings(tg, env) -> list[str]:
-    """Upper-case variables like a setting misspelt (SLOT_STPES): a typo would run the default."""
+    """The original's variables that change nothing, and upper-case variables like a setting
+    misspelt (SLOT_STPES): a typo would run the default."""
     known = tg.Config.variables() | set(tg.REMOVED_SETTINGS) | {"PRESET", *IGNORED_VARS}
-    return [f"{name} is not a setting of train_gpt.py; did you mean {close[0]}?"
-            for name in sorted(env) if name.isupper() and name not in known
-            and (close := difflib.get_close_matches(name, known, n=1, cutoff=0.8))]
+    return [f"{name} is read by the original but changes nothing; train_gpt.py ignores it"
+            for name in sorted(env) if name in IGNORED_VARS] + [
+        f"{name} is not a setting of train_gpt.py; did you mean {close[0]}?"
+        for name in sorted(env) if name.isupper() and name not in known
+        and (close := difflib.get_close_matches(name, known, n=1, cutoff=0.8))]
 
 
 def check_world(ctx):
@@ -261,7 +258,7 @@ def main(argv=None, env=None, out=None) -> int:
                    "record's inductor; aot_eager is faster and still finds graph breaks")
     p.add_argument("--no-artifact", action="store_true", help="skip the artifact-size estimate")
     p.add_argument("--packed", action="store_true", help="count the code as tools.pack's file")
-    args, out, t0 = p.parse_args(argv), sys.stdout if out is None else out, time.perf_counter()
+    args, t0 = p.parse_args(argv), time.perf_counter()  # out None: print's sys.stdout
     with ThreadPoolExecutor(max_workers=1) as pool:
         ctx = SimpleNamespace(args=args, env=env, pool=pool, tg=None, cfg=None, model=None,
                               code=None, estimate=None)
@@ -269,8 +266,8 @@ def main(argv=None, env=None, out=None) -> int:
         for name, fn in CHECKS:
             status, summary, details = run_check(name, fn, ctx)
             statuses[name] = status
-            print(f"{status:<4}  {name:<8}  {summary}", file=out, flush=True)
-            print("".join(f"{'':<16}{line}\n" for line in details), end="", file=out, flush=True)
+            print(f"{status:<4}  {name:<8}  {summary}", *details, sep="\n" + " " * 16, file=out,
+                  flush=True)
     failed = [name for name, status in statuses.items() if status == "FAIL"]
     verdict = f"FAIL ({', '.join(failed)})" if failed else "PASS"
     counts = list(statuses.values())
