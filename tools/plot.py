@@ -5,9 +5,11 @@ tools.submission.parse_log: anything but a finished run is refused in one line."
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from pathlib import Path
 
+from tools._files import write_atomic
 from tools.runlog import EVAL_TAGS, step_times, train_losses
 from tools.submission import SCORES, RunRecord, SubmissionError, parse_log
 
@@ -90,7 +92,9 @@ def main(argv=None) -> int:
     except SubmissionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    draw(records).savefig(a.out, format="png", dpi=110)
+    picture = io.BytesIO()
+    draw(records).savefig(picture, format="png", dpi=110)
+    write_atomic(a.out, picture.getvalue())  # an earlier picture stays whole until this one is
     print(f"wrote {a.out}: {len(records)} run(s) in {len(configurations(records))} "
           f"configuration(s)")
     return 0
