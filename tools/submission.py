@@ -394,8 +394,7 @@ def resolve_score(records: Sequence[RunRecord], scores: dict[str, dict],
 
 
 def aggregate(records: Sequence[RunRecord]) -> dict[str, dict]:
-    """Every score all the logs have: its label (a sliding window says its stride), kind, log
-    line, and the mean and std of its figures."""
+    """Each score all the logs have: its label (with its stride), kind, log line, means, stds."""
     out = {}
     for name in (n for n in SCORES if all(n in r.evals for r in records)):
         stride = records[0].evals[name].params.get("stride")
@@ -544,11 +543,9 @@ def build_submission(records: Sequence[RunRecord], score: str | None = None,
         "bytes_total": max(r.artifact_bytes for r in records),
         "bytes_code": len(script.data) if script else records[0].code_bytes,
         "score": score, "score_label": head["label"], "score_kind": head["kind"],
-        "score_line": head["line"],
-        "scores": scores,
-        "score_kinds": KIND_WHY, "hardware": records[0].hardware,
-        "num_gpus": records[0].num_gpus, "gpu_type": records[0].gpu_type,
-        "versions": records[0].versions,
+        "score_line": head["line"], "scores": scores, "score_kinds": KIND_WHY,
+        "hardware": records[0].hardware, "num_gpus": records[0].num_gpus,
+        "gpu_type": records[0].gpu_type, "versions": records[0].versions,
         "training_time_seconds": max(r.training_time_seconds for r in records),
         "script": script and {"form": script.form, "origin": script.origin,
                               "bytes": len(script.data)},
@@ -719,12 +716,7 @@ def write_folder(out: Path, files: dict[str, bytes], force: bool = False) -> Non
             write_atomic(new / name, data)
         if out.exists():
             os.rename(out, old)
-        try:
-            os.rename(new, out)
-        except OSError:
-            if old.exists():
-                os.rename(old, out)
-            raise
+        os.rename(new, out)  # in the folder where the rename before it worked: nothing to undo
 
 
 def plan_folder(args: argparse.Namespace) -> tuple[dict[str, bytes], dict, list[RunRecord]]:
