@@ -131,10 +131,7 @@ def match(kind: str, line: str) -> re.Match | None:
 
 def find(kind: str, log: Log) -> list[re.Match]:
     """Every `kind` line of a log (a whole text, or its lines), in order."""
-    pattern = LINES[kind].pattern
-    if isinstance(log, str):
-        return list(pattern.finditer(log))
-    return [m for m in map(pattern.search, log) if m]
+    return list(LINES[kind].pattern.finditer(log if isinstance(log, str) else "\n".join(log)))
 
 
 def first(kind: str, log: Log) -> re.Match | None:

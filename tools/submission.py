@@ -244,51 +244,49 @@ def legacy_settings(cfg: dict[str, str], body: list[str], evals: dict[str, EvalR
             for k, v in s.items() if (k, v) != ("PRESET", "none")}
 
 
-def _parse(path: str, data: bytes) -> RunRecord:
-    # Strict UTF-8 (a ValueError): the source at its head must come back byte for byte. CRLF: a
-    # log that went through a system writing them.
-    text = data.decode("utf-8").replace("\r\n", "\n")
-    source, env, body = split_log(text)
-    _check_body(text, source, body)
-    if (seed := last("seed", body)) is None:
-        raise ValueError("no 'seed:S' line")
-    steps, iterations, train_ms, step_avg_ms = _training(body)
-    stop = last("stop", body)
-    if steps < iterations and stop is None:
-        raise ValueError(f"training ends at step {steps}/{iterations} without a stopping_early "
-                         "line: the log is cut")
-    if (artifact := last("artifact", body)) is None:
-        raise ValueError("no 'Total submission size int6+...' line (artifact size): the log "
-                         "stops before it")
-    if (code := last("code", body)) is None:
-        raise ValueError("no 'Code size' line")
-    evals, logged = _evals(body), last("settings", body)
-    _score_kinds(body, evals, summary_due=logged is not None)
-    run_config, model = config(body), last("model", body)
-    settings = ({k: env_value(v) for k, v in json.loads(logged["json"]).items()} if logged else
-                {"SEED": seed["seed"], **legacy_settings(run_config, body, evals,
-                                                         artifact["compressor"])})
-    gpus = {int(m["index"]): m["name"] for m in find("gpu", env)}
-    gpu_type = ", ".join(sorted(set(gpus.values()))) or "cpu"
-    versions = {k: m["version"] for k in ("python", "pytorch") if (m := last(k, env))}
-    if driver := first("driver", env):
-        versions.update(driver=driver["driver"], cuda=driver["cuda"])
-    return RunRecord(
-        path=path, data=data, source=source, seed=int(seed["seed"]), steps=steps,
-        iterations=iterations, training_time_seconds=train_ms / 1000, step_avg_ms=step_avg_ms,
-        eval_time_seconds=sum(e.eval_time_ms or 0.0 for e in evals.values()) / 1000,
-        artifact_bytes=int(artifact["bytes"]), model_bytes=int(model["bytes"]) if model else None,
-        code_bytes=int(code["bytes"]), compressor=artifact["compressor"], num_gpus=len(gpus),
-        gpu_type=gpu_type, hardware=f"{len(gpus)}x {gpu_type}" if gpus else gpu_type,
-        versions=versions, config=run_config, settings=settings, evals=evals,
-        stop_reason=stop["reason"] if stop else None,
-        warnings=[m["message"] for m in find("warning", body)])
-
-
 def parse_log(path: str | os.PathLike) -> RunRecord:
     """One train_gpt.py log of a finished run; SubmissionError naming the log otherwise."""
     try:
-        return _parse(str(path), Path(path).read_bytes())
+        data = Path(path).read_bytes()
+        # Strict UTF-8 (a ValueError): the source at its head must come back byte for byte. CRLF: a
+        # log that went through a system writing them.
+        text = data.decode("utf-8").replace("\r\n", "\n")
+        source, env, body = split_log(text)
+        _check_body(text, source, body)
+        if (seed := last("seed", body)) is None:
+            raise ValueError("no 'seed:S' line")
+        steps, iterations, train_ms, step_avg_ms = _training(body)
+        stop = last("stop", body)
+        if steps < iterations and stop is None:
+            raise ValueError(f"training ends at step {steps}/{iterations} without a stopping_early "
+                             "line: the log is cut")
+        if (artifact := last("artifact", body)) is None:
+            raise ValueError("no 'Total submission size int6+...' line (artifact size): the log "
+                             "stops before it")
+        if (code := last("code", body)) is None:
+            raise ValueError("no 'Code size' line")
+        evals, logged = _evals(body), last("settings", body)
+        _score_kinds(body, evals, summary_due=logged is not None)
+        run_config, model = config(body), last("model", body)
+        settings = ({k: env_value(v) for k, v in json.loads(logged["json"]).items()} if logged else
+                    {"SEED": seed["seed"], **legacy_settings(run_config, body, evals,
+                                                             artifact["compressor"])})
+        gpus = {int(m["index"]): m["name"] for m in find("gpu", env)}
+        gpu_type = ", ".join(sorted(set(gpus.values()))) or "cpu"
+        versions = {k: m["version"] for k in ("python", "pytorch") if (m := last(k, env))}
+        if driver := first("driver", env):
+            versions.update(driver=driver["driver"], cuda=driver["cuda"])
+        return RunRecord(
+            path=str(path), data=data, source=source, seed=int(seed["seed"]), steps=steps,
+            iterations=iterations, training_time_seconds=train_ms / 1000, step_avg_ms=step_avg_ms,
+            eval_time_seconds=sum(e.eval_time_ms or 0.0 for e in evals.values()) / 1000,
+            artifact_bytes=int(artifact["bytes"]), code_bytes=int(code["bytes"]),
+            model_bytes=int(model["bytes"]) if model else None,
+            compressor=artifact["compressor"], num_gpus=len(gpus),
+            gpu_type=gpu_type, hardware=f"{len(gpus)}x {gpu_type}" if gpus else gpu_type,
+            versions=versions, config=run_config, settings=settings, evals=evals,
+            stop_reason=stop["reason"] if stop else None,
+            warnings=[m["message"] for m in find("warning", body)])
     except OSError as exc:
         raise SubmissionError(f"{path}: cannot read ({exc.strerror})") from None
     except ValueError as exc:
@@ -385,14 +383,9 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 def resolve_score(records: Sequence[RunRecord], scores: dict[str, dict],
                   score: str | None = None) -> str:
     """--score, by default the accepted score every log has with the lowest mean val_bpb."""
-    if score is None:
-        accepted = [name for name, x in scores.items() if x["kind"] == ACCEPTED]
-        if not accepted:
-            raise SubmissionError(f"{', '.join(r.path for r in records)}: no accepted score "
-                                  "(round trip, sliding window, legal TTT) in every log; --score "
-                                  "chooses another kind")
-        return min(accepted, key=lambda name: (scores[name]["val_bpb"],
-                                               scores[name]["val_bpb_std"]))
+    if score is None:  # there is one: every log has its round trip (_evals)
+        return min((name for name, x in scores.items() if x["kind"] == ACCEPTED),
+                   key=lambda name: (scores[name]["val_bpb"], scores[name]["val_bpb_std"]))
     for record in records:
         if score not in record.evals:
             raise SubmissionError(f"{record.path}: no {EVAL_TAGS[score]}_exact line for score "
@@ -401,8 +394,7 @@ def resolve_score(records: Sequence[RunRecord], scores: dict[str, dict],
 
 
 def aggregate(records: Sequence[RunRecord]) -> dict[str, dict]:
-    """Every score all the logs have: its label (a sliding window says its stride), kind, log
-    line, and the mean and std of its figures."""
+    """Each score all the logs have: its label (with its stride), kind, log line, means, stds."""
     out = {}
     for name in (n for n in SCORES if all(n in r.evals for r in records)):
         stride = records[0].evals[name].params.get("stride")
@@ -458,30 +450,30 @@ def compare(records: Sequence[RunRecord], score: str, baseline: float | Sequence
             f"needs at least 2 seeds with spread (got {len(bpbs)})"}
 
 
-def seed_compliance(record: RunRecord) -> dict[str, bool]:
-    one_step = record.step_avg_ms / 1000  # the cap is checked after each step: one step past it
-    return {"train_under_600s": record.training_time_seconds <= TRAIN_S + one_step,
-            "artifact_under_16mb": record.artifact_bytes < TOTAL_BYTES,
-            "eval_under_600s": record.eval_time_seconds <= EVAL_S,
-            "hardware_8xh100": record.num_gpus == 8 and "H100" in record.gpu_type}
+def seed_compliance(r: RunRecord) -> dict[str, tuple[bool, str, str]]:
+    """The record track's limits: check -> (met, the run's figure, the warning when not met)."""
+    one_step = r.step_avg_ms / 1000  # the cap is checked after each step: one step past it
+    train, evals = f"{r.training_time_seconds:,.1f} s", f"{r.eval_time_seconds:,.1f} s"
+    where = f"the {RECORD_TRACK} track's"
+    return {"train_under_600s": (r.training_time_seconds <= TRAIN_S + one_step, train,
+                                 f"training took {train}, over {where} {TRAIN_S:g} s"),
+            "artifact_under_16mb": (r.artifact_bytes < TOTAL_BYTES, f"{r.artifact_bytes:,}",
+                                    f"artifact {r.artifact_bytes:,} bytes, not under {where} "
+                                    f"{TOTAL_BYTES:,}-byte cap"),
+            "eval_under_600s": (r.eval_time_seconds <= EVAL_S, evals,
+                                f"the evaluations took {evals}, over {where} {EVAL_S:g} s"),
+            "hardware_8xh100": (r.num_gpus == 8 and "H100" in r.gpu_type, r.hardware,
+                                f"trained on {r.hardware}; {where} time limits are on 8xH100")}
 
 
 def _warnings(records: Sequence[RunRecord], score: str, label: str, script: Script | None,
               track: str) -> list[str]:
     kind, out = SCORES[score].kind, list(script.warnings if script else ())
     if kind != ACCEPTED:
-        out.insert(0, f"the headline score '{score}' ({label}) is "
-                      f"{kind}: {KIND_WHY[kind]}")
-    for r in records if track == RECORD_TRACK else ():
-        met, where = seed_compliance(r), f"the {track} track's"
-        broken = {"hardware_8xh100": f"trained on {r.hardware}; {where} time limits are on 8xH100",
-                  "train_under_600s": f"training took {r.training_time_seconds:,.1f} s, over "
-                                      f"{where} {TRAIN_S:g} s",
-                  "artifact_under_16mb": f"artifact {r.artifact_bytes:,} bytes, not under "
-                                         f"{where} {TOTAL_BYTES:,}-byte cap",
-                  "eval_under_600s": f"the evaluations took {r.eval_time_seconds:,.1f} s, over "
-                                     f"{where} {EVAL_S:g} s"}
-        out += [f"{r.path}: {text}" for key, text in broken.items() if not met[key]]
+        out.insert(0, f"the headline score '{score}' ({label}) is {kind}: {KIND_WHY[kind]}")
+    for r in records if track == RECORD_TRACK else ():  # hardware first: it explains the times
+        checks = sorted(seed_compliance(r).items(), key=lambda c: c[0] != "hardware_8xh100")
+        out += [f"{r.path}: {text}" for _, (met, _, text) in checks if not met]
     return out + [f"{r.path}: the run warned: {message}" for r in records for message in r.warnings]
 
 
@@ -534,7 +526,8 @@ def build_submission(records: Sequence[RunRecord], score: str | None = None,
     meta = {"name": "", "author": "", "github_id": "", "date": datetime.date.today(),
             "track": RECORD_TRACK, "blurb": "", **{k: v for k, v in (meta or {}).items() if v}}
     check_consistent(records)
-    scores, per_seed = aggregate(records), [seed_compliance(r) for r in records]
+    scores = aggregate(records)
+    per_seed = [{k: met for k, (met, _, _) in seed_compliance(r).items()} for r in records]
     head = scores[score := resolve_score(records, scores, score)]
     return {
         **meta, "date": str(meta["date"]),  # --date gives a datetime.date
@@ -550,11 +543,9 @@ def build_submission(records: Sequence[RunRecord], score: str | None = None,
         "bytes_total": max(r.artifact_bytes for r in records),
         "bytes_code": len(script.data) if script else records[0].code_bytes,
         "score": score, "score_label": head["label"], "score_kind": head["kind"],
-        "score_line": head["line"],
-        "scores": scores,
-        "score_kinds": KIND_WHY, "hardware": records[0].hardware,
-        "num_gpus": records[0].num_gpus, "gpu_type": records[0].gpu_type,
-        "versions": records[0].versions,
+        "score_line": head["line"], "scores": scores, "score_kinds": KIND_WHY,
+        "hardware": records[0].hardware, "num_gpus": records[0].num_gpus,
+        "gpu_type": records[0].gpu_type, "versions": records[0].versions,
         "training_time_seconds": max(r.training_time_seconds for r in records),
         "script": script and {"form": script.form, "origin": script.origin,
                               "bytes": len(script.data)},
@@ -596,7 +587,13 @@ def requirements(script: Script, records: Sequence[RunRecord]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def results_table(records: Sequence[RunRecord], s: dict) -> str:
+def _table(head: Sequence[str], rows: Sequence[Sequence[str]], left: int = 0) -> list[str]:
+    """A Markdown table: its first `left` columns aligned left, the figures after them right."""
+    rule = ["---"] * left + ["---:"] * (len(head) - left)
+    return ["| " + " | ".join(row) + " |" for row in (head, rule, *rows)]
+
+
+def results_table(records: Sequence[RunRecord], s: dict) -> list[str]:
     """A row per seed, then mean and std; a column per score, with its kind."""
     columns = [(head, [getattr(r, attr) for r in records], fmt) for head, attr, fmt in (
         ("steps", "steps", "{:,.1f}"), ("ms/step", "step_avg_ms", "{:.2f}"),
@@ -605,12 +602,11 @@ def results_table(records: Sequence[RunRecord], s: dict) -> str:
     columns += [(f"{b['label']} bpb ({b['kind']}{', the score' * (name == s['score'])})",
                  [r.evals[name].val_bpb for r in records], "{:.8f}")
                 for name, b in s["scores"].items()]
-    rows = [["seed", *(h for h, _, _ in columns)], ["---:"] * (len(columns) + 1)]
-    rows += [[str(r.seed), *(f"{v[i]:,}" if isinstance(v[i], int) else fmt.format(v[i])
-                             for _, v, fmt in columns)] for i, r in enumerate(records)]
+    rows = [[str(r.seed), *(f"{v[i]:,}" if isinstance(v[i], int) else fmt.format(v[i])
+                            for _, v, fmt in columns)] for i, r in enumerate(records)]
     rows += [[label, *(fmt.format(_mean_std(v)[i]) for _, v, fmt in columns)]
              for i, label in enumerate(("mean", "std"))]
-    return "".join("| " + " | ".join(row) + " |\n" for row in rows)
+    return _table(["seed", *(h for h, _, _ in columns)], rows)
 
 
 def _readme_head(s: dict) -> list[str]:
@@ -626,31 +622,25 @@ def _readme_head(s: dict) -> list[str]:
     lines += ["", s["blurb"]] * bool(s["blurb"]) + ["", "Kinds of score:"]
     lines += [f"- **{k}**: {', '.join(sorted({x.label for x in SCORES.values() if x.kind == k}))}"
               f": {why}." for k, why in KIND_WHY.items()]
-    lines += ["", "## Scores (mean over the seeds)", "",
-              "| score | kind | log line | val_bpb | std | val_loss (nats) | std |",
-              "|---|---|---|---:|---:|---:|---:|"]
-    for name, x in s["scores"].items():
-        label = f"**{x['label']} (the score)**" if name == s["score"] else x["label"]
-        lines.append(f"| {label} | {x['kind']} | `{x['line']}` | {x['val_bpb']:.8f} | "
-                     f"{x['val_bpb_std']:.8f} | {x['val_loss']:.8f} | {x['val_loss_std']:.8f} |")
-    return lines
+    head = ("score", "kind", "log line", "val_bpb", "std", "val_loss (nats)", "std")
+    rows = [[f"**{x['label']} (the score)**" if name == s["score"] else x["label"], x["kind"],
+             f"`{x['line']}`", *(f"{x[k]:.8f}" for k in ("val_bpb", "val_bpb_std", "val_loss",
+                                                         "val_loss_std"))]
+            for name, x in s["scores"].items()]
+    return lines + ["", "## Scores (mean over the seeds)", "", *_table(head, rows, left=3)]
 
 
-def _baseline_lines(b: dict | None) -> list[str]:
-    lines = ["", "## Against a baseline", ""]
-    if b is None:
-        return lines + ["No baseline was given (`--baseline-bpb` or `--baseline-logs`): no "
-                        "delta, no p-value."]
-    p = f"{b['p_value']:.3g} ({b['test']})" if b["p_value"] is not None else f"none: {b['test']}"
-    return lines + [
-        f"- baseline: {b['what']}: val_bpb {b['val_bpb']:.8f}, val_loss {b['val_loss']:.8f} nats"
-        + " (from its bpb, with this run's nats per bpb)" * b["val_loss_from_bpb"],
-        f"- delta: {b['delta_bpb']:+.8f} bpb, {b['delta_nats']:+.8f} nats",
-        f"- p-value that this run beats the baseline by at least {b['min_gain_nats']} nats: {p}"]
+def _baseline_lines(b: dict) -> list[str]:
+    """The comparison with the baseline, for the README and the console."""
+    p = f"{b['p_value']:.6g} ({b['test']})" if b["p_value"] is not None else f"none: {b['test']}"
+    return [f"baseline: {b['what']}: val_bpb {b['val_bpb']:.8f}, val_loss {b['val_loss']:.8f} "
+            "nats" + " (from its bpb, with this run's nats per bpb)" * b["val_loss_from_bpb"],
+            f"delta: {b['delta_bpb']:+.8f} bpb, {b['delta_nats']:+.8f} nats",
+            f"p-value (beats it by >= {b['min_gain_nats']} nats): {p}"]
 
 
 def render_readme(s: dict, records: Sequence[RunRecord]) -> str:
-    rep, v, cfg = s["reproduction"], s["versions"], records[0].config
+    rep, v, cfg, b = s["reproduction"], s["versions"], records[0].config, s["baseline"]
     preset = rep["settings"].get("PRESET")
     kind, script = s["score_kind"], s["script"]
     driver = f" (driver {v['driver']}, CUDA {v['cuda']})" if "driver" in v else ""
@@ -658,10 +648,14 @@ def render_readme(s: dict, records: Sequence[RunRecord]) -> str:
                             86, break_long_words=False, break_on_hyphens=False)
     track = "" if s["track"] == RECORD_TRACK else (
         f" (this folder's track, `{s['track']}`, is not the record track: for comparison)")
-
-    lines = [*_readme_head(s), "", "## Per seed", "", results_table(records, s).rstrip("\n"),
-             *_baseline_lines(s["baseline"]), "", "## Reproduction", "", "```bash",
-             *(f"export {line}" for line in exports),
+    compliance = [[str(r.seed), *(f"{'yes' if ok else '**no**'} ({x})"
+                                  for ok, x, _ in seed_compliance(r).values())] for r in records]
+    lines = [*_readme_head(s), "", "## Per seed", "", *results_table(records, s), "",
+             "## Against a baseline", "",
+             *([f"- {line}" for line in _baseline_lines(b)] if b else [
+                 "No baseline was given (`--baseline-bpb` or `--baseline-logs`): no delta, no "
+                 "p-value."]),
+             "", "## Reproduction", "", "```bash", *(f"export {line}" for line in exports),
              *(f"SEED={seed} {rep['launch']}" for seed in s["seeds"]), "```", "",
              "The settings listed are every setting that differs from the script's defaults, as "
              "the logs record them (a log without its settings: line records some: the others "
@@ -671,25 +665,17 @@ def render_readme(s: dict, records: Sequence[RunRecord]) -> str:
              f"- {s['hardware']}{driver}, world size {cfg.get('world_size', '?')}",
              f"- Python {v.get('python', 'not logged')}, PyTorch {v.get('pytorch', 'not logged')}",
              "", "## Compliance", "",
-             f"- Score: the headline, {s['score_label']}, "
-             f"{'is accepted' if kind == ACCEPTED else f'is **not** accepted ({kind})'}: "
-             f"{s['score_kinds'][kind]}.",
+             f"- Score: the headline, {s['score_label']}, is {kind}: {s['score_kinds'][kind]}.",
              f"- The record track's limits{track}: training 600 s, artifact total (model + code) "
              "under 16,000,000 bytes, evaluation 600 s (all the logged evaluations together), "
-             "on 8×H100.", "", "| seed | training | total bytes | evaluation | 8×H100 |",
-             "|---:|---|---|---|---|"]
-    for r in records:  # the figures in seed_compliance's order
-        figures = (f"{r.training_time_seconds:.1f} s", f"{r.artifact_bytes:,}",
-                   f"{r.eval_time_seconds:.1f} s", r.hardware)
-        met = s["compliance"]["per_seed"][str(r.seed)].values()
-        lines.append(f"| {r.seed} | " + " | ".join(
-            f"{'yes' if ok else '**no**'} ({x})" for ok, x in zip(met, figures)) + " |")
-    lines += ["", "## Files", "",
-              f"- `train_gpt.py`: the script the logs ran, {script['form']}, "
-              f"{script['bytes']:,} bytes; {script['origin']}.",
-              f"- {', '.join(f'`train_seed{seed}.log`' for seed in s['seeds'])}: the run logs, "
-              "as written.",
-              "- `submission.json`: these figures; `requirements.txt`: what the script imports."]
+             "on 8×H100.", "",
+             *_table(("seed", "training", "total bytes", "evaluation", "8×H100"), compliance, 5),
+             "", "## Files", "",
+             f"- `train_gpt.py`: the script the logs ran, {script['form']}, "
+             f"{script['bytes']:,} bytes; {script['origin']}.",
+             f"- {', '.join(f'`train_seed{seed}.log`' for seed in s['seeds'])}: the run logs, "
+             "as written.",
+             "- `submission.json`: these figures; `requirements.txt`: what the script imports."]
     lines += ["", "## Warnings", "", *(f"- {w}" for w in s["warnings"])] * bool(s["warnings"])
     return "\n".join(lines + ["", "Generated by `python -m tools.submission` from the logs: every "
                                   "figure is theirs."]) + "\n"
@@ -697,9 +683,6 @@ def render_readme(s: dict, records: Sequence[RunRecord]) -> str:
 
 def _check_target(out: Path, force: bool) -> None:
     """--force replaces only a folder this tool wrote, as it wrote it."""
-    if out.is_symlink() or out.exists() and not out.is_dir():
-        raise SubmissionError(f"{out}: exists and is not a folder; expected a new folder for the "
-                              "record")
     if not out.exists():
         return
     if not force:
@@ -733,12 +716,7 @@ def write_folder(out: Path, files: dict[str, bytes], force: bool = False) -> Non
             write_atomic(new / name, data)
         if out.exists():
             os.rename(out, old)
-        try:
-            os.rename(new, out)
-        except OSError:
-            if old.exists():
-                os.rename(old, out)
-            raise
+        os.rename(new, out)  # in the folder where the rename before it worked: nothing to undo
 
 
 def plan_folder(args: argparse.Namespace) -> tuple[dict[str, bytes], dict, list[RunRecord]]:
@@ -759,17 +737,14 @@ def plan_folder(args: argparse.Namespace) -> tuple[dict[str, bytes], dict, list[
 
 def summary(files: dict[str, bytes], s: dict, records: list[RunRecord], out: Path) -> str:
     kind = s["score_kind"] if s["score_kind"] == ACCEPTED else s["score_kind"].upper()
-    lines = [results_table(records, s),
+    lines = [*results_table(records, s), "",
              f"score: {s['score_label']} ({kind}), {s['score_line']} over {len(records)} "
              f"seed(s): val_loss {s['val_loss']:.8f} (std {s['val_loss_std']:.8f}), "
              f"val_bpb {s['val_bpb']:.8f} (std {s['val_bpb_std']:.8f})"]
     lines += [f"beside it, {b['kind']}: {b['label']}, {b['line']}: val_bpb {b['val_bpb']:.8f} "
               f"(std {b['val_bpb_std']:.8f})" for name, b in s["scores"].items()
               if name != s["score"]]
-    if (b := s["baseline"]) is not None:
-        p = f"{b['p_value']:.6g}" if b["p_value"] is not None else b["test"]
-        lines.append(f"vs baseline {b['what']}: {b['delta_bpb']:+.8f} bpb, {b['delta_nats']:+.8f} "
-                     f"nats; p-value (beats it by >= {b['min_gain_nats']} nats): {p}")
+    lines += _baseline_lines(s["baseline"]) if s["baseline"] else []
     lines.append(f"wrote {out}/: train_gpt.py ({s['script']['bytes']:,} bytes, "
                  f"{s['script']['form']}), {', '.join(n for n in files if n != 'train_gpt.py')}")
     return "\n".join(lines)
@@ -806,11 +781,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         files, submission, records = plan_folder(args)
         write_folder(args.out, files, args.force)
-    except SubmissionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"error: cannot write {args.out}: {exc}", file=sys.stderr)
+    except (SubmissionError, OSError) as exc:  # an OSError: writing the folder failed
+        where = "" if isinstance(exc, SubmissionError) else f"cannot write {args.out}: "
+        print(f"error: {where}{exc}", file=sys.stderr)
         return 2
     print(summary(files, submission, records, args.out))
     for warning in submission["warnings"]:
