@@ -17,20 +17,18 @@ from functools import partial
 
 import brotli
 
+# Every byte is one latin-1 character.
+CODING_LINE = b"# -*- coding: latin-1 -*-\n"
 RAW_LZMA2 = dict(format=lzma.FORMAT_RAW,
                  filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}])
-CODECS = {  # codec: (compress, decompress); the decoder ignores the encoder's preset
-    "lzma": (partial(lzma.compress, **RAW_LZMA2), partial(lzma.decompress, **RAW_LZMA2)),
-    "brotli": (partial(brotli.compress, quality=11), brotli.decompress),
-}
-
-# Every byte is one latin-1 character. The decoder's default LZMA2 dictionary (8 MiB) exceeds
-# any source, so it need not be spelt out.
-CODING_LINE = b"# -*- coding: latin-1 -*-\n"
-DECOMPRESS = {  # the loader's code before and after the literal
-    "lzma": (b"import lzma as L,sys,types\ns=L.decompress(",
+# codec: (compress, decompress, the loader's code before and after the literal); the loader's
+# decoder ignores the preset, and its default dictionary (8 MiB) exceeds any source.
+CODECS = {
+    "lzma": (partial(lzma.compress, **RAW_LZMA2), partial(lzma.decompress, **RAW_LZMA2),
+             b"import lzma as L,sys,types\ns=L.decompress(",
              b'.encode("latin-1"),L.FORMAT_RAW,filters=[{"id":L.FILTER_LZMA2}]).decode()\n'),
-    "brotli": (b"import brotli as L,sys,types\ns=L.decompress(", b'.encode("latin-1")).decode()\n'),
+    "brotli": (partial(brotli.compress, quality=11), brotli.decompress,
+               b"import brotli as L,sys,types\ns=L.decompress(", b'.encode("latin-1")).decode()\n'),
 }
 # A module of its own, registered in sys.modules under a name that is not "__main__": the
 # script's `if __name__ == "__main__"` stays quiet, and dataclasses (which look the class's
@@ -49,7 +47,7 @@ NEEDS_ESCAPE = re.compile(rb'[\\\r]|\x00(?![0-7])|"(?="|\Z)')
 
 
 def compressed(source: bytes) -> dict[str, bytes]:
-    return {codec: compress(source) for codec, (compress, _) in CODECS.items()}
+    return {codec: compress(source) for codec, (compress, *_) in CODECS.items()}
 
 
 def literal(blob: bytes) -> bytes:
@@ -62,19 +60,19 @@ def packed_files(source: str) -> dict[str, bytes]:
     """The packed file's bytes with each codec."""
     blobs = compressed(source.encode("utf-8"))
     return {codec: CODING_LINE + head + literal(blobs[codec]) + tail + EXEC_LINE + MAIN_LINE
-            for codec, (head, tail) in DECOMPRESS.items()}
+            for codec, (_, _, head, tail) in CODECS.items()}
 
 
 def unpacked(data: bytes) -> tuple[str, str] | None:
     """(codec, source) of a packed file; None when `data` is not exactly a file this format
     writes (so a file that does anything else is never taken for one). The literal is read by
     ast.literal_eval: nothing is executed."""
-    for codec, (head, tail) in DECOMPRESS.items():
+    for codec, (_, decompress, head, tail) in CODECS.items():
         prefix, suffix = CODING_LINE + head, tail + EXEC_LINE + MAIN_LINE
         if data.startswith(prefix) and data.endswith(suffix):
             try:
                 body = data[len(prefix):len(data) - len(suffix)].decode("latin-1")
-                source = CODECS[codec][1](ast.literal_eval(body).encode("latin-1")).decode()
+                source = decompress(ast.literal_eval(body).encode("latin-1")).decode()
             except Exception:  # not a literal of compressed UTF-8: not a packed file
                 return None
             return (codec, source) if packed_files(source)[codec] == data else None

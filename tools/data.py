@@ -24,9 +24,8 @@ import numpy as np
 import sentencepiece as spm
 
 # The shard format without torch: the data tools run before any PyTorch is installed.
-from tools._files import HEADER_INTS, read_shard, shard_bytes, write_atomic
-from tools._files import SHARD_MAGIC as MAGIC, SHARD_VERSION as VERSION
-from tools._files import ShardError as DataError  # an unusable file or input, named in the message
+from tools._files import (HEADER_INTS, SHARD_MAGIC as MAGIC, SHARD_VERSION as VERSION,
+                          ShardError as DataError, read_shard, shard_bytes, write_atomic)
 
 MAX_VOCAB = 1 << 16  # tokens are stored as uint16
 SHARD_TOKENS, VAL_DOCS, TRAIN_VOCAB = 10**8, 50_000, 1024
@@ -49,11 +48,6 @@ DEMO_SEED, DEMO_VOCAB, DEMO_VAL_TOKENS = 1337, 1024, 80_000
 DEMO_MAX_BYTES = 4_000_000  # bounds the build time whatever the Python version
 # Test suites are mostly code; site-packages is not part of CPython.
 DEMO_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
-
-
-def _save(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, data)
 
 
 def _check_path(path: Path, expected: str, *, output: bool = True) -> None:
@@ -118,7 +112,7 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, out: Path, *,
         raise DataError(f"{out}: the text only supports {sp.vocab_size()} pieces, "
                         f"not {vocab_size}; give more text or a smaller --vocab-size")
     if save:
-        _save(out, model.getvalue())
+        write_atomic(out, model.getvalue())
     return model.getvalue(), sp
 
 
@@ -130,13 +124,12 @@ def encode_documents(sp, documents: Iterable[str], batch: int = 256) -> Iterator
             yield np.array([sp.bos_id(), *ids], dtype=np.uint16)
 
 
-def _save_manifest(folder: Path, extra: dict, model: bytes, model_path: Path, splits: dict) -> dict:
+def _save_manifest(folder: Path, extra: dict, model: Path, splits: dict) -> None:
     """folder/manifest.json: train_gpt.py checks TOKENIZER_PATH against its tokenizer sha256."""
-    tokenizer = {"file": model_path.name, "sha256": hashlib.sha256(model).hexdigest(),
-                 "vocab_size": spm.SentencePieceProcessor(model_proto=model).vocab_size()}
+    tokenizer = {"file": model.name, "sha256": hashlib.sha256(model.read_bytes()).hexdigest(),
+                 "vocab_size": spm.SentencePieceProcessor(model_file=str(model)).vocab_size()}
     manifest = {"format": FORMAT, **extra, "tokenizer": tokenizer, "splits": splits}
-    _save(folder / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
-    return manifest
+    write_atomic(folder / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
 
 
 def _write_split(docs: Iterable[np.ndarray], stage: Path, split: str, shard_tokens: int) -> dict:
@@ -161,7 +154,7 @@ def _write_split(docs: Iterable[np.ndarray], stage: Path, split: str, shard_toke
 
 
 def write_dataset(token_docs: Iterable[np.ndarray], out_dir: Path, *, val_docs: int,
-                  shard_tokens: int, tokenizer: Path, model: bytes | None = None) -> dict:
+                  shard_tokens: int, tokenizer: Path, model: bytes | None = None) -> None:
     """The first val_docs documents as val shards, the rest as train shards, and manifest.json,
     moved in only once complete (stale shards go); model, when given, is saved to tokenizer."""
     # In the nearest existing folder (moving in is a rename): a failure leaves nothing behind.
@@ -175,22 +168,19 @@ def write_dataset(token_docs: Iterable[np.ndarray], out_dir: Path, *, val_docs: 
             if not entry["documents"]:
                 raise DataError(f"{out_dir}: no {split} documents ({total} documents in all, "
                                 f"the first {val_docs} for val)")
-        manifest = _save_manifest(stage, {"shard_tokens": shard_tokens},
-                                  model or tokenizer.read_bytes(), tokenizer, splits)
         if model is not None:
-            _save(tokenizer, model)
-            print(f"trained {tokenizer} ({manifest['tokenizer']['vocab_size']} pieces)")
+            tokenizer.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(tokenizer, model)
+            print(f"wrote the trained tokenizer {tokenizer}")
+        _save_manifest(stage, {"shard_tokens": shard_tokens}, tokenizer, splits)
         out_dir.mkdir(parents=True, exist_ok=True)
-        keep = [name for entry in splits.values() for name in entry["files"]]
-        for name in keep:
-            os.replace(stage / name, out_dir / name)
-            print(f"wrote {out_dir / name}: {read_shard(out_dir / name).size:,} tokens")
         for path in sorted(out_dir.glob("fineweb_*_*.bin")):
-            if path.name not in keep:
+            if not (stage / path.name).exists():
                 path.unlink()
                 print(f"removed stale {path}")
-        os.replace(stage / "manifest.json", out_dir / "manifest.json")
-    return manifest
+        for path in sorted(stage.iterdir()):  # the shards, then manifest.json
+            os.replace(path, out_dir / path.name)
+            print(f"wrote {out_dir / path.name}")
 
 
 def read_documents(paths: Iterable[Path]) -> Iterator[str]:
@@ -215,7 +205,7 @@ def read_documents(paths: Iterable[Path]) -> Iterator[str]:
             raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def build_shards(args) -> dict:
+def build_shards(args) -> None:
     """The shards command: .txt/.jsonl inputs tokenized with a given or a freshly trained model."""
     if args.train_tokenizer and args.tokenizer_out is None:
         args.parser.error("--train-tokenizer needs --tokenizer-out PATH, where the trained "
@@ -229,16 +219,15 @@ def build_shards(args) -> dict:
             raise DataError(f"{path}: unsupported input (expected .txt or .jsonl)")
         _check_path(path, "a .txt or .jsonl file", output=False)
     _check_path(args.out, "a folder")
-    model, docs, tokenizer = None, read_documents(args.inputs), args.tokenizer
-    if tokenizer is None:
-        _check_path(args.tokenizer_out, "a file path")
+    model, docs, tokenizer = None, read_documents(args.inputs), args.tokenizer or args.tokenizer_out
+    if args.train_tokenizer:
+        _check_path(tokenizer, "a file path")
         docs = list(docs)  # read once: the trainer holds every sentence anyway
-        tokenizer, vocab = args.tokenizer_out, args.vocab_size or TRAIN_VOCAB
-        model, sp = train_tokenizer(docs, vocab, tokenizer, save=False)
+        model, sp = train_tokenizer(docs, args.vocab_size or TRAIN_VOCAB, tokenizer, save=False)
     else:
         sp = load_tokenizer(tokenizer)
-    return write_dataset(encode_documents(sp, docs), args.out, val_docs=args.val_docs,
-                         shard_tokens=args.shard_tokens, tokenizer=tokenizer, model=model)
+    write_dataset(encode_documents(sp, docs), args.out, val_docs=args.val_docs,
+                  shard_tokens=args.shard_tokens, tokenizer=tokenizer, model=model)
 
 
 def demo_documents() -> list[str]:
@@ -284,7 +273,7 @@ def _module_prose(path: Path) -> str:
     return "\n\n".join(text for _, text in sorted(parts))
 
 
-def build_demo(root: Path) -> dict:
+def build_demo(root: Path) -> None:
     model = root / "data" / "tokenizers" / f"demo_{DEMO_VOCAB}_bpe.model"
     out = root / "data" / "datasets" / f"demo_sp{DEMO_VOCAB}"
     docs = demo_documents()
@@ -293,17 +282,15 @@ def build_demo(root: Path) -> dict:
     token_docs = list(encode_documents(sp, docs))
     # Val: the first documents up to DEMO_VAL_TOKENS, enough for a CPU eval.
     val_docs = int(np.searchsorted(np.cumsum([t.size for t in token_docs]), DEMO_VAL_TOKENS)) + 1
-    manifest = write_dataset(token_docs, out, val_docs=val_docs, shard_tokens=SHARD_TOKENS,
-                             tokenizer=model, model=model_bytes)
+    write_dataset(token_docs, out, val_docs=val_docs, shard_tokens=SHARD_TOKENS, tokenizer=model,
+                  model=model_bytes)
     # Without the preset train_gpt.py would build the 27M-parameter record model.
     print(f"to train on it (from the repository root): PRESET=demo DATA_PATH={out} "
           f"TOKENIZER_PATH={model} python train_gpt.py")
-    return manifest
 
 
 def _fetch(hub: tuple[str, str], remote: str, dest: Path) -> str:
-    """Bring remote to dest unless a whole copy is there (downloads land by rename); returns
-    its size and what happened."""
+    """Bring remote to dest (by rename) unless a whole copy is there: its size and what happened."""
     check = {".bin": read_shard, ".model": load_tokenizer, ".json": _check_json}.get(
         dest.suffix, Path.stat)
     if dest.exists():
@@ -350,32 +337,29 @@ def _named(manifest: dict, section: str, name) -> dict | None:
 def _hub_plan(manifest: dict, where: str, args) -> dict[str, list[str]]:
     """The files per "val", "train", "tokenizer", read as the challenge's downloader does."""
     name = f"fineweb10B_{args.variant}"
-    dataset = _named(manifest, "datasets", name)
-    if dataset is None:
-        names = [e.get("name") for e in manifest.get("datasets", [])]
-        raise DataError(f"{where}: no dataset {name!r} (it lists {names or 'none'}); "
-                        "check --variant and --remote-root")
-    stats = dataset.get("stats", {})
-    counts = {split: stats.get(f"files_{split}") for split in ("train", "val")}
-    if missing := [f"stats.files_{k}" for k, v in counts.items() if not isinstance(v, int)]:
-        raise DataError(f"{where}: dataset {name!r} has no shard counts "
-                        f"({' and '.join(missing)} missing)")
+    dataset = _named(manifest, "datasets", name) or {}
+    counts = {split: dataset.get("stats", {}).get(f"files_{split}") for split in ("train", "val")}
+    missing = [f"stats.files_{k}" for k, v in counts.items() if not isinstance(v, int)]
+    tokenizer = _named(manifest, "tokenizers", dataset.get("tokenizer_name")) or {}
+    files = [tokenizer[key] for key in ("model_path", "vocab_path", "path") if tokenizer.get(key)]
+    outside = [repr(f) for f in files if f.startswith("/") or ".." in f.split("/")]
+    listed = [e.get("name") for e in manifest.get("datasets", [])] or "none"
+    for failed, problem in [
+            (not dataset, f"no dataset {name!r} (it lists {listed}); check --variant and "
+                          "--remote-root"),
+            (missing, f"dataset {name!r} has no shard counts ({' and '.join(missing)} missing)"),
+            (not tokenizer, f"no tokenizer {dataset.get('tokenizer_name')!r} (named by dataset "
+                            f"{name!r})"),
+            (not files, f"tokenizer {tokenizer.get('name')!r} lists no files (model_path, "
+                        "vocab_path or path)"),
+            (outside, f"tokenizer file {', '.join(outside)} is not a path inside the export")]:
+        if failed:
+            raise DataError(f"{where}: {problem}")
     asked = {"train": args.train_shards, "val": args.val_shards or counts["val"]}
     for split, kind in (("train", "training"), ("val", "val")):
         if asked[split] > counts[split]:
             raise DataError(f"{args.variant}: the hub has {counts[split]} {kind} shards, "
                             f"{asked[split]} were asked for")
-    tokenizer = _named(manifest, "tokenizers", dataset.get("tokenizer_name"))
-    if tokenizer is None:
-        raise DataError(f"{where}: no tokenizer {dataset.get('tokenizer_name')!r} (named by "
-                        f"dataset {name!r})")
-    files = [tokenizer[key] for key in ("model_path", "vocab_path", "path") if tokenizer.get(key)]
-    if not files:
-        raise DataError(f"{where}: tokenizer {tokenizer['name']!r} lists no files "
-                        "(model_path, vocab_path or path)")
-    for remote in files:
-        if remote.startswith("/") or ".." in remote.split("/"):
-            raise DataError(f"{where}: tokenizer file {remote!r} is not a path inside the export")
     return {split: [f"datasets/{name}/fineweb_{split}_{i:06d}.bin" for i in range(asked[split])]
             for split in ("val", "train")} | {"tokenizer": files}
 
@@ -385,7 +369,6 @@ def download(args) -> None:
     prefix = args.remote_root.strip("/")
     hub = (args.repo_id, f"{prefix}/" if prefix else "")  # the hub's file names start with hub[1]
     data = args.root / "data"
-    _check_path(data, "a folder")
     local = data / "manifest.json"
     print(f"manifest.json: {_fetch(hub, 'manifest.json', local)}")
     where = f"{local} (hub dataset {hub[0]}, {hub[1]}manifest.json)"
@@ -400,12 +383,11 @@ def download(args) -> None:
         splits = {split: {"shards": len(plan[split]), "files": [Path(f).name for f in plan[split]],
                           "tokens": sum(read_shard(data / f).size for f in plan[split])}
                   for split in ("val", "train")}
-        _save_manifest(folder, {"source": f"hub dataset {hub[0]}, {hub[1]}"}, model.read_bytes(),
-                       model, splits)
+        _save_manifest(folder, {"source": f"hub dataset {hub[0]}, {hub[1]}"}, model, splits)
         print(f"wrote {folder / 'manifest.json'} (tokenizer {model.name})")
 
 
-def _listing(folder: Path) -> tuple[Path, int | None, dict, set[str]] | None:
+def _listing(folder: Path) -> tuple[Path | None, int | None, dict, set[str]]:
     """(manifest, vocabulary size, shards per split, splits that may hold a prefix): the folder's
     manifest.json, or for the challenge script's data/datasets/NAME data/manifest.json's NAME."""
     own, hub = folder / "manifest.json", folder.parent.parent / "manifest.json"
@@ -421,17 +403,19 @@ def _listing(folder: Path) -> tuple[Path, int | None, dict, set[str]] | None:
                 return hub, entry.get("vocab_size"), counts, {"train"}
     except (AttributeError, TypeError) as e:  # a list or number where a table belongs
         raise DataError(f"{folder}: malformed manifest.json ({e})") from None
-    return None
+    return None, None, {}, set()
 
 
 def verify_dir(folder: Path, vocab_size: int | None) -> dict[str, int]:
-    """Check every shard, the numbering and the manifest's counts; token totals per split."""
+    """Check every shard, the numbering and the manifest's counts; token totals per split.
+    train_gpt.py reads whatever fineweb_<split>_*.bin it finds: a missing shard would go
+    unnoticed (in val, a val_bpb on part of the data), an empty split made it wait forever."""
     if not folder.is_dir():
         raise DataError(f"{folder}: {'not a folder' if folder.exists() else 'no such folder'}")
-    listing = _listing(folder)
-    if vocab_size is None and listing is not None and listing[1] is not None:
-        vocab_size = listing[1]
-        print(f"vocabulary: {vocab_size} pieces (from {listing[0]})")
+    source, listed_vocab, listed, prefixes = _listing(folder)
+    if vocab_size is None and listed_vocab is not None:
+        vocab_size = listed_vocab
+        print(f"vocabulary: {vocab_size} pieces (from {source})")
     elif vocab_size is None:
         print("vocabulary: unknown (no --vocab-size, no manifest): token ids are not checked")
     problems, totals = [], {}
@@ -447,7 +431,20 @@ def verify_dir(folder: Path, vocab_size: int | None) -> dict[str, int]:
             problems.append(str(e))
         if named:
             counts[split][int(named.group(2))] = count
-    problems += [p for split in counts for p in _split_problems(folder, split, counts, listing)]
+    for split, present in counts.items():
+        found, expected = len(present), listed.get(split)
+        gaps = sorted(set(range(max(present, default=0))) - set(present))
+        names = ", ".join(f"fineweb_{split}_{i:06d}.bin" for i in gaps[:5])
+        more = f" and {len(gaps) - 5} more" if len(gaps) > 5 else ""
+        checks = [
+            (not present, f"no fineweb_{split}_*.bin shards"),
+            (gaps, f"{names}{more} missing (shards are numbered from 000000 without gaps)"),
+            (present and expected is not None and
+             (found > expected or found < expected and split not in prefixes),
+             f"{found} {split} shards, but {source} lists {expected}"),
+            (present and not any(present.values()) and None not in present.values(),
+             f"the {split} split holds 0 tokens ({found} shard{'s' * (found > 1)}, all empty)")]
+        problems += [f"{folder}: {problem}" for failed, problem in checks if failed]
     for split, count in totals.items():
         print(f"total {split}: {count:,} tokens")
     for problem in problems:
@@ -456,28 +453,6 @@ def verify_dir(folder: Path, vocab_size: int | None) -> dict[str, int]:
         raise DataError(f"{folder}: {len(problems)} problem{'s' * (len(problems) > 1)} "
                         "(listed above)")
     return totals
-
-
-def _split_problems(folder: Path, split: str, counts: dict, listing) -> list[str]:
-    """train_gpt.py reads whatever fineweb_<split>_*.bin it finds: a missing shard would go
-    unnoticed (in val, a val_bpb on part of the data), an empty split made it wait forever."""
-    if not (present := counts[split]):
-        return [f"{folder}: no fineweb_{split}_*.bin shards"]
-    problems = []
-    if gaps := sorted(set(range(max(present))) - set(present)):
-        names = ", ".join(f"fineweb_{split}_{i:06d}.bin" for i in gaps[:5])
-        more = f" and {len(gaps) - 5} more" if len(gaps) > 5 else ""
-        problems.append(f"{folder}: {names}{more} missing (shards are numbered from 000000 "
-                        "without gaps)")
-    listed = listing[2].get(split) if listing is not None else None
-    if listed is not None and (len(present) > listed or
-                               (len(present) < listed and split not in listing[3])):
-        problems.append(f"{folder}: {len(present)} {split} shards, but {listing[0]} lists "
-                        f"{listed}")
-    if not any(present.values()) and None not in present.values():
-        problems.append(f"{folder}: the {split} split holds 0 tokens ({len(present)} "
-                        f"shard{'s' * (len(present) > 1)}, all empty)")
-    return problems
 
 
 def _at_least(minimum: int) -> Callable[[str], int]:
@@ -491,15 +466,17 @@ def _at_least(minimum: int) -> Callable[[str], int]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tools.data", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    root = argparse.ArgumentParser(add_help=False)
+    root.add_argument("--root", type=Path, default=Path("."), help="folder that holds data/")
 
-    def command(name: str, run, text: str) -> argparse.ArgumentParser:
-        p = commands.add_parser(name, help=text.split(":")[0], description=text,
+    def command(name: str, run, text: str, *parents) -> argparse.ArgumentParser:
+        p = commands.add_parser(name, help=text.split(":")[0], description=text, parents=parents,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         p.set_defaults(run=run, parser=p)
         return p
 
     p = command("download", download, "fetch from the hub: all val shards, the first N train "
-                "shards, the tokenizer (whole files are kept, a failed download resumes)")
+                "shards, the tokenizer (whole files are kept, a failed download resumes)", root)
     p.add_argument("--variant", default="sp1024", help="tokenizer variant")
     p.add_argument("--train-shards", type=_at_least(0), default=80, help="train shards to fetch")
     p.add_argument("--val-shards", type=_at_least(1), help="val shards (None: all; fewer give "
@@ -524,15 +501,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-tokens", type=_at_least(1), default=SHARD_TOKENS,
                    help="tokens per shard")
     command("demo", lambda a: build_demo(a.root), "build the offline demo corpus under ROOT/data: "
-            f"CPython's own prose, a {DEMO_VOCAB}-piece tokenizer, byte-identical every time")
+            f"CPython's own prose, a {DEMO_VOCAB}-piece tokenizer, byte-identical every time", root)
     p = command("verify", lambda a: verify_dir(a.dir, a.vocab_size), "check a shard folder: each "
                 "shard, both splits without gaps, the counts its manifest lists")
     p.add_argument("dir", type=Path, metavar="DIR")
     p.add_argument("--vocab-size", type=_at_least(1), help="reject ids from this on (None: the "
                    "manifest's)")
-    for name in ("download", "demo"):
-        commands.choices[name].add_argument("--root", type=Path, default=Path("."),
-                                            help="folder that holds data/")
     return parser
 
 

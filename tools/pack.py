@@ -1,9 +1,7 @@
-"""Pack train_gpt.py into a self-extracting submission file (format: tools/_packed.py): the
-smaller of its raw LZMA2 and brotli streams, as it is in a latin-1 string literal (escapes cost
-about 2%; base85 cost 25%).
+"""Pack train_gpt.py into a self-extracting submission file (format: tools/_packed.py) with the
+smaller of its raw LZMA2 and brotli streams.
 
-    python -m tools.pack train_gpt.py records/x/train_gpt.py
-    python -m tools.pack --minify train_gpt.py OUT.py   # python-minifier first (if installed)
+    python -m tools.pack [--minify] train_gpt.py records/x/train_gpt.py
 """
 
 from __future__ import annotations
