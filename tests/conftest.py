@@ -30,9 +30,9 @@ if WORKER:
     torch.set_num_threads(1)
     os.environ.update(OMP_NUM_THREADS="1", CPU_THREADS="1")
 # The longest modules first, so that no worker is left with one of them at the end.
-SLOW_MODULES = ("test_ttt.py", "test_gpu_check.py", "test_compile.py", "test_tools.py",
-                "test_pipeline.py", "test_gptq.py", "test_reliability.py", "test_pack.py",
-                "test_safety.py")
+SLOW_MODULES = ("test_ttt.py", "test_gpu_check.py", "test_legal_stack.py", "test_compile.py",
+                "test_safety.py", "test_gptq.py", "test_tools.py", "test_submission.py",
+                "test_pipeline.py", "test_pack.py", "test_reliability.py")
 DEMO = Path("data") / "datasets" / "demo_sp1024"
 DEMO_TOKENIZER = Path("data") / "tokenizers" / "demo_1024_bpe.model"
 SMALL_VAL_TOKENS = 16_385  # 256 sequences of 64: evaluations 6x cheaper than the whole demo split
