@@ -2237,7 +2237,7 @@ def eval_ttt(cfg: EvalConfig, rt: Runtime, model: GPT, tokens: Tensor, luts,
     for ci in range(n_chunks):
         chunk_plan = plan[bounds[ci]:bounds[ci + 1]]
         batches = window_batches(len(chunk_plan), rows, 1)
-        score_windows(s, chunk_plan, batches, rows * rt.compile, L, [scorer])
+        score_windows(s, chunk_plan, batches, rows if rt.compile else 0, L, [scorer])
         if ci < n_chunks - 1 and c.epochs > 0:
             lr = c.lr * 0.5 * (1 + math.cos(math.pi * ci / max(n_chunks - 1, 1)))
             trainer.train_chunk(tokens[ci * c.chunk_tokens:(ci + 1) * c.chunk_tokens + 1], lr)
